@@ -1,0 +1,235 @@
+"""Save and load every artifact of the pipeline, atomically.
+
+One module owns the on-disk formats:
+
+* checkpoints (``best.pt``, ``last.pt``, ``best_sae.pt``, ``last_sae.pt``): dicts of
+  tensors and plain JSON-able values, written to a temp file then renamed, read back
+  with ``torch.load(weights_only=True)`` so a malicious pickle never executes;
+* JSON files (``metrics.json``, ``summary.json``, ``label_decoder.json``, configs);
+* JSONL files (``neurons.jsonl``, ``llm_output.jsonl``): whole lines only, so a crash
+  never leaves half a record, and readers drop a torn tail.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .config import UserError
+
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
+
+# Which script produces which artifact: used to tell users what to run first.
+PRODUCER = {
+    "classifier": "train_standard_cnn.py",
+    "sae": "train_sae.py",
+    "report": "sae_summarize.py",
+    "llm": "sae_summary_to_llm.py",
+}
+
+
+# ----------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+def read_json(path: str | os.PathLike, producer: str | None = None) -> Any:
+    """Read a JSON file; a missing or corrupt one is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing_message(path, producer))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.__class__.__name__}); delete it and rerun")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def missing_message(path: Path, producer: str | None) -> str:
+    """The one-line error for a missing artifact, naming the script that makes it."""
+    script = PRODUCER.get(producer or "", producer)
+    hint = f"; run {script} first" if script else ""
+    return f"{path} not found{hint}"
+
+
+# ----------------------------------------------------------------------------- JSONL
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as a single ``write`` of a whole line, then fsync."""
+    line = json.dumps(record, default=_json_default, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Read whole records of a JSONL file; a torn last line (crash mid-write) is dropped.
+
+    With ``repair=True`` the torn tail is also cut from the file so appends stay clean.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    records, good_end = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end != len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """Atomically write a whole JSONL file."""
+    text = "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records)
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    yield from read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """Atomically save a checkpoint dict (tensors and plain values only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check what it is.
+
+    Parameters
+    ----------
+    path : checkpoint file.
+    kind : ``"classifier"`` or ``"sae"``; checked against the checkpoint's ``kind`` field.
+
+    Raises
+    ------
+    UserError
+        Missing, truncated, not a checkpoint, unsafe pickle, or the wrong kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing_message(path, kind))
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise UserError(f"{path} refused: it holds objects a safe load will not run ({first})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
+        raise UserError(f"{path} is truncated or not a checkpoint ({first}); rerun {PRODUCER.get(kind, 'its stage')}")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {kind} checkpoint (found {found!r})")
+    return ckpt
+
+
+def tensor_fingerprint(state_dict: dict) -> str:
+    """A short SHA-256 over a state dict's names, shapes and values (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not torch.is_tensor(tensor):
+            continue
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- label decoder
+def write_label_decoder(path: str | os.PathLike, class_names: list[str]) -> Path:
+    """``{"0": "airplane", ...}``."""
+    return write_json(path, {str(i): name for i, name in enumerate(class_names)})
+
+
+def read_label_decoder(path: str | os.PathLike) -> list[str]:
+    data = read_json(path, "classifier")
+    return [data[str(i)] for i in range(len(data))]
+
+
+# ----------------------------------------------------------------------------- classifier
+def classifier_checkpoint(model: torch.nn.Module, *, arch: dict, preprocess: dict, dataset: dict,
+                          split: dict, class_names: list[str], config: dict, epoch: int,
+                          metrics: dict, **extra) -> dict:
+    """The self-describing classifier checkpoint: everything later stages need."""
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().to("cpu")
+             for k, v in model.state_dict().items()}
+    ckpt = {
+        "kind": "classifier", "format": CHECKPOINT_FORMAT, "arch": dict(arch), "model": state,
+        "preprocess": dict(preprocess), "dataset": dict(dataset),
+        "split": {k: torch.as_tensor(v, dtype=torch.int64) for k, v in split.items()},
+        "class_names": list(class_names), "config": dict(config), "epoch": int(epoch),
+        "metrics": dict(metrics), "fingerprint": tensor_fingerprint(state),
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the classifier from its checkpoint; returns (model in eval mode, checkpoint)."""
+    from .model import build_classifier
+
+    ckpt = load_checkpoint(path, "classifier")
+    model = build_classifier(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not match its recorded architecture ({str(exc).splitlines()[0]})")
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,212 @@
+"""Configuration shared by the five scripts.
+
+Every script keeps its settings as an UPPER_CASE constants block with a short
+comment per line. This module turns that block into a config:
+
+* ``python SCRIPT.py --key=value``: ``key`` is a constant's name, case-insensitive;
+  values parse as Python literals, else as strings.
+* ``--config=FILE.yaml`` supplies defaults; command-line keys win.
+* ``main(**overrides)`` takes the same keys, for notebooks.
+* ``--help`` lists every constant with its comment and default.
+
+Unknown keys and wrong types raise :class:`UserError` with the valid keys listed.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import json
+import os
+import sys
+import tokenize
+from pathlib import Path
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+class Config(dict):
+    """A dict with attribute access (``cfg.TOP_K``); keys are the constant names."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+def module_constants(namespace: dict) -> dict:
+    """The UPPER_CASE, JSON-able constants of a script's global namespace, in order."""
+    out = {}
+    for name, value in namespace.items():
+        if name.isupper() and not name.startswith("_") and _is_plain(value):
+            out[name] = value
+    return out
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
+
+
+def constant_comments(source: str) -> dict:
+    """Map ``NAME -> comment`` for lines of the form ``NAME = value  # comment``."""
+    comments, last_name = {}, None
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return comments
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 0 and tok.string.isupper():
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            last_name = tok.string if nxt is not None and nxt.string == "=" else None
+        elif tok.type == tokenize.COMMENT and last_name and last_name not in comments:
+            comments[last_name] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.NEWLINE:
+            last_name = None
+    return comments
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as a Python literal, else keep it as a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default``; convert where it is safe."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} expects True or False, got {value!r}")
+    if isinstance(default, int) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+    elif isinstance(default, str):
+        return value if isinstance(value, str) else str(value)
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, (int, str, float)):
+            return [value]
+    elif isinstance(default, dict) and isinstance(value, dict):
+        return value
+    raise UserError(f"{name} expects {type(default).__name__}, got {value!r}")
+
+
+def make_config(defaults: dict, overrides: dict | None = None) -> Config:
+    """Merge case-insensitive ``overrides`` into ``defaults``, checking keys and types."""
+    by_lower = {k.lower(): k for k in defaults}
+    cfg = Config(defaults)
+    for key, value in (overrides or {}).items():
+        name = by_lower.get(str(key).lower())
+        if name is None:
+            valid = ", ".join(k.lower() for k in defaults)
+            raise UserError(f"unknown setting '{key}'; valid keys: {valid}")
+        if isinstance(value, str) and not isinstance(defaults[name], str):
+            value = parse_value(value)
+        cfg[name] = coerce(name, value, defaults[name])
+    return cfg
+
+
+def load_yaml_overrides(path: str) -> dict:
+    """Read a ``--config=FILE.yaml`` of ``key: value`` pairs."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of key: value")
+    return data
+
+
+def parse_argv(argv: list[str]) -> tuple[dict, bool]:
+    """Split ``--key=value`` arguments into overrides; return (overrides, wants_help)."""
+    cli, yaml_path, wants_help = {}, None, False
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            wants_help = True
+            continue
+        if not arg.startswith("--"):
+            raise UserError(f"arguments look like --key=value, got '{arg}' (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:  # a bare --flag means True
+            value = "True"
+        if key.lower() == "config":
+            yaml_path = value
+        else:
+            cli[key] = value
+    overrides = load_yaml_overrides(yaml_path) if yaml_path else {}
+    lowered = {k.lower(): k for k in overrides}
+    for key, value in cli.items():  # command-line keys win over the YAML file
+        overrides.pop(lowered.get(key.lower(), key), None)
+        overrides[key] = value
+    return overrides, wants_help
+
+
+def help_text(doc: str | None, defaults: dict, comments: dict) -> str:
+    """The ``--help`` page: the script's docstring, then every constant."""
+    lines = [(doc or "").strip(), "", "Settings (--key=value, case-insensitive; --config=FILE.yaml):"]
+    for name, value in defaults.items():
+        lines.append(f"  --{name.lower():<22} {json.dumps(value, default=str):<28} {comments.get(name, '')}")
+    return "\n".join(lines)
+
+
+def save_effective_config(cfg: dict, out_dir: str | os.PathLike, name: str = "config.json") -> Path:
+    """Write the effective config of a stage into its output folder (atomically)."""
+    from .artifacts import write_json
+
+    path = Path(out_dir) / name
+    write_json(path, dict(cfg))
+    return path
+
+
+def run_cli(main: Callable[..., Any], namespace: dict, argv: list[str] | None = None) -> None:
+    """Entry point for a script's ``__main__`` guard: parse argv, run ``main``, map errors.
+
+    A :class:`UserError` (bad input, missing file, offline download) prints one line
+    and exits with code 2; Ctrl-C exits with 130.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = module_constants(namespace)
+    try:
+        overrides, wants_help = parse_argv(argv)
+        if wants_help:
+            source = inspect.getsource(sys.modules[namespace["__name__"]])
+            print(help_text(namespace.get("__doc__"), defaults, constant_comments(source)))
+            return
+        make_config(defaults, overrides)  # validate before any work starts
+        result = main(**overrides)
+    except UserError as exc:
+        script = Path(namespace.get("__file__", "script")).name
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(result, int) and not isinstance(result, bool):
+        sys.exit(result)

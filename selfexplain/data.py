@@ -1,0 +1,297 @@
+"""Data layer: decode once into a uint8 cache, split once, batch and augment on tensors.
+
+Every source (``synthetic``, ``tu-berlin``, ``parquet``, ``folder``) ends up as the same
+:class:`ImageSet`: a memory-mapped uint8 array (N, S, S) of white-background sketches at
+``IMAGE_SIZE``, integer labels and class names, cached on disk under a key built from
+the source's fingerprint and the size, so every stage and epoch reads the cache.
+
+Model inputs are "ink" images: ``ink = 1 - pixel/255`` (strokes 1, paper 0), then
+standardised with the training mean and std stored in the classifier checkpoint.
+Working in ink space makes zero padding in augmentation mean white paper.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .artifacts import read_json, write_json
+from .config import UserError
+
+DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
+
+
+@dataclass
+class ImageSet:
+    """A decoded dataset: ``images[i]`` is a (S, S) uint8 sketch of class ``labels[i]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    names: list[str]
+    parts: list | None = None  # synthetic only: per image [{"part", "box"}]
+    part_types: list[str] | None = None
+    skipped: list[dict] = field(default_factory=list)  # [{"source", "reason"}]
+    spec: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) -> dict:
+    """The JSON-able description of a dataset that checkpoints record."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown DATASET '{dataset}'; choose one of {', '.join(DATASETS)}")
+    if image_size < 32 or image_size % 32:
+        raise UserError(f"IMAGE_SIZE must be a multiple of 32 and >= 32, got {image_size}")
+    spec = {"dataset": dataset, "data_root": data_root, "image_size": int(image_size)}
+    spec.update(extra)
+    return spec
+
+
+# ----------------------------------------------------------------------------- cache
+def load_dataset(spec: dict, cache_dir: str | os.PathLike = "cache", progress: bool = True) -> ImageSet:
+    """Load a dataset through its on-disk cache, building the cache on first use."""
+    if spec["dataset"] == "synthetic":
+        key_src = {k: spec.get(k) for k in ("dataset", "image_size", "per_class", "seed")}
+        source = None
+    else:
+        from . import sources
+
+        source = sources.describe_source(spec["dataset"], spec["data_root"])
+        key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"]}
+    key_src["version"] = CACHE_VERSION
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"
+    if not (folder / "meta.json").is_file():
+        _build_cache(spec, source, folder, progress)
+    return _open_cache(folder, spec)
+
+
+def _open_cache(folder: Path, spec: dict) -> ImageSet:
+    meta = read_json(folder / "meta.json")
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    labels = np.load(folder / "labels.npy")
+    return ImageSet(images=images, labels=labels, class_names=meta["class_names"], names=meta["names"],
+                    parts=meta.get("parts"), part_types=meta.get("part_types"),
+                    skipped=meta.get("skipped", []), spec=spec)
+
+
+def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) -> None:
+    """Decode everything into ``folder`` via a temp folder renamed at the end (atomic)."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if source is None:
+        meta = _cache_synthetic(spec, tmp, progress)
+    else:
+        meta = _cache_source(spec, source, tmp, progress)
+    write_json(tmp / "meta.json", meta)
+    if folder.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, folder)
+
+
+def _cache_synthetic(spec: dict, tmp: Path, progress: bool) -> dict:
+    from .synthetic import generate_synthetic
+
+    data = generate_synthetic(spec.get("per_class", 300), spec["image_size"], seed=spec.get("seed", 0),
+                              progress=progress)
+    np.save(tmp / "images.npy", data["images"])
+    np.save(tmp / "labels.npy", data["labels"].astype(np.int64))
+    names = [f"synthetic#{i}" for i in range(len(data["labels"]))]
+    return {"class_names": data["class_names"], "names": names, "parts": data["parts"],
+            "part_types": data["part_types"], "skipped": []}
+
+
+def _decode_chunk(args: tuple) -> list:
+    """Worker: decode a chunk of (name, payload) pairs; returns arrays or error reasons."""
+    from .sources import BadImage, decode_image
+
+    items, size = args
+    out = []
+    for name, payload in items:
+        try:
+            out.append((name, decode_image(payload, size), None))
+        except BadImage as exc:
+            out.append((name, None, str(exc)))
+    return out
+
+
+def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
+    """Stream a real source through parallel decoding into a memory-mapped array."""
+    from .sources import iter_source
+
+    size, total = spec["image_size"], source["num_items"]
+    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(total, size, size))
+    labels, names, skipped = [], [], []
+    bar = tqdm(total=total, desc=f"decode {spec['dataset']}", unit="img", disable=None if progress else True)
+    workers = 0 if sys.platform == "win32" else min(4, os.cpu_count() or 1)
+
+    def consume(results, chunk_labels):
+        for (name, array, reason), label in zip(results, chunk_labels):
+            if array is None:
+                skipped.append({"source": name, "reason": reason})
+                print(f"skipped {name}: {reason}", file=sys.stderr)
+            else:
+                images[len(labels)] = array
+                labels.append(label)
+                names.append(name)
+        bar.update(len(results))
+
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        pending = []
+        for chunk in _chunks(iter_source(source), 64):
+            args = ([(n, p) for n, p, _ in chunk], size)
+            chunk_labels = [lab for _, _, lab in chunk]
+            if pool is None:
+                consume(_decode_chunk(args), chunk_labels)
+                continue
+            pending.append((pool.submit(_decode_chunk, args), chunk_labels))
+            while len(pending) > 2 * workers:  # bound memory: payloads in flight
+                fut, lab = pending.pop(0)
+                consume(fut.result(), lab)
+        for fut, lab in pending:
+            consume(fut.result(), lab)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        bar.close()
+    images.flush()
+    kept = len(labels)
+    del images
+    if kept < total:  # shrink the file to the images that decoded
+        full = np.load(tmp / "images.npy", mmap_mode="r")
+        np.save(tmp / "images_kept.npy", full[:kept])
+        del full
+        os.replace(tmp / "images_kept.npy", tmp / "images.npy")
+    if kept == 0:
+        raise UserError(f"no readable images in {source['data_root']} ({len(skipped)} skipped)")
+    np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+    return {"class_names": source["class_names"], "names": names, "skipped": skipped}
+
+
+def _chunks(iterable, n: int) -> Iterator[list]:
+    chunk = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------- split
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Split indices per class into train/val/test; every class with >= 3 images is in all three."""
+    rng = np.random.default_rng(seed)
+    split = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = len(idx)
+        n_val = max(1, round(n * val_fraction)) if n >= 3 and val_fraction > 0 else 0
+        n_test = max(1, round(n * test_fraction)) if n >= 3 and test_fraction > 0 else 0
+        split["val"].append(idx[:n_val])
+        split["test"].append(idx[n_val:n_val + n_test])
+        split["train"].append(idx[n_val + n_test:])
+    return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in split.items()}
+
+
+# ----------------------------------------------------------------------------- tensors
+def ink_mean_std(images: np.ndarray, indices: np.ndarray, max_images: int = 2000) -> tuple[float, float]:
+    """Mean and std of ink (1 - pixel/255) over a sample of training images."""
+    sample = np.sort(np.random.default_rng(0).permutation(indices)[:max_images])
+    ink = 1.0 - np.asarray(images[sample], dtype=np.float64) / 255.0
+    return float(ink.mean()), float(max(ink.std(), 1e-3))
+
+
+def to_input(batch_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, S, S) white-background sketches -> standardised ink (B, 1, S, S) float."""
+    ink = 1.0 - batch_uint8.unsqueeze(1).float() / 255.0
+    return (ink - mean) / std
+
+
+def batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,
+            shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+            start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+    """Yield (uint8 images (B, S, S), labels (B,), indices) from the cache.
+
+    ``start`` skips the first batches (used to resume mid-epoch deterministically).
+    """
+    order = np.random.default_rng(seed).permutation(indices) if shuffle else np.asarray(indices)
+    n_batches = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
+    for b in range(start, n_batches):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        sorted_idx = np.sort(idx)  # memmap reads are faster in order
+        yield torch.from_numpy(np.ascontiguousarray(images[sorted_idx])), torch.from_numpy(labels[sorted_idx]), sorted_idx
+
+
+def augment(ink: torch.Tensor, generator: torch.Generator | None = None, degrees: float = 12.0,
+            scale: tuple[float, float] = (0.85, 1.1), translate: float = 0.08, flip: bool = True,
+            thickness_p: float = 0.3) -> torch.Tensor:
+    """Random affine (white fill), horizontal flip and stroke thickness, on a batch.
+
+    ``ink`` is (B, 1, S, S) with paper 0 (before standardisation), so zero padding is
+    white paper. Thickness: dilate (max-pool) or erode (min-pool) a random subset.
+    """
+    b = ink.shape[0]
+    dev = ink.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator).to(dev)
+
+    angle = (rand(b) * 2 - 1) * math.radians(degrees)
+    s = scale[0] + rand(b) * (scale[1] - scale[0])
+    sign = torch.where(rand(b) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos * sign, -sin, (rand(b) * 2 - 1) * translate], 1),
+                         torch.stack([sin * sign, cos, (rand(b) * 2 - 1) * translate], 1)], 1)
+    grid = F.affine_grid(theta.to(ink.dtype), list(ink.shape), align_corners=False)
+    out = F.grid_sample(ink, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if thickness_p > 0:
+        which = rand(b)
+        thick = F.max_pool2d(out, 3, stride=1, padding=1)
+        thin = -F.max_pool2d(-out, 3, stride=1, padding=1)
+        pick_thick = (which < thickness_p / 2).view(b, 1, 1, 1)
+        pick_thin = ((which >= thickness_p / 2) & (which < thickness_p)).view(b, 1, 1, 1)
+        out = torch.where(pick_thick, thick, torch.where(pick_thin, thin, out))
+    return out
+
+
+def load_user_image(path_or_pil, image_size: int) -> np.ndarray:
+    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError."""
+    from PIL import Image
+
+    from .sources import BadImage, decode_image
+
+    if isinstance(path_or_pil, Image.Image):
+        import io
+
+        buf = io.BytesIO()
+        path_or_pil.save(buf, format="PNG")
+        payload = buf.getvalue()
+    else:
+        path = Path(path_or_pil)
+        if not path.is_file():
+            raise UserError(f"image not found: {path}")
+        payload = path
+    try:
+        return decode_image(payload, image_size)
+    except BadImage as exc:
+        raise UserError(f"cannot read image {path_or_pil}: {exc}") from None

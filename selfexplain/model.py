@@ -1,0 +1,69 @@
+"""The classifier: torchvision's ResNet-18 with a 1-channel stem, split at layer4.
+
+``features(x)`` returns the layer4 map A (B, 512, H/32, W/32) and ``head(A)`` applies
+global average pooling and the linear layer, so later stages can splice an SAE
+reconstruction between the two.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from .config import UserError
+
+
+class SketchResNet(nn.Module):
+    """ResNet-18 for 1-channel sketches.
+
+    Parameters
+    ----------
+    num_classes : number of output classes.
+    in_channels : input channels (1 for sketches).
+    pretrained : start from ImageNet weights, the RGB stem averaged to one channel.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, pretrained: bool = False):
+        super().__init__()
+        net = torchvision.models.resnet18(weights=None, num_classes=1000)
+        if pretrained:
+            net.load_state_dict(_imagenet_state_dict())
+        rgb = net.conv1.weight.data
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if pretrained:
+            net.conv1.weight.data.copy_(rgb.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.fc = nn.Linear(512, num_classes)
+        self.num_classes = num_classes
+        self.feature_dim = 512
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional map A, shape (B, 512, H/32, W/32)."""
+        x = self.stem(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Logits from a layer4 map: ``fc(GAP(A))``."""
+        return self.fc(feature_map.mean(dim=(2, 3)).to(self.fc.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _imagenet_state_dict() -> dict:
+    """ImageNet ResNet-18 weights through torchvision's cache, or a clear error offline."""
+    try:
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, SSL, HTTP errors: all mean "cannot be had"
+        raise UserError(
+            "PRETRAINED=True needs the ImageNet ResNet-18 weights, which could not be downloaded "
+            f"({exc.__class__.__name__}); put resnet18-f37072fd.pth in $TORCH_HOME/hub/checkpoints "
+            "or use --pretrained=False"
+        ) from None
+
+
+def build_classifier(arch: dict) -> SketchResNet:
+    """Rebuild the model from the ``arch`` dict stored in a checkpoint (never pretrained)."""
+    return SketchResNet(num_classes=arch["num_classes"], in_channels=arch.get("in_channels", 1))

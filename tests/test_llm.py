@@ -1,0 +1,378 @@
+"""Stage 4 (sae_summary_to_llm.py) and selfexplain.llm against a real local HTTP server.
+
+The server (tests/fake_llm_server.py) speaks the OpenAI chat-completions API and
+Replicate's predictions API as the official clients use them; each test scripts its
+replies per neuron and attempt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+
+import sae_summary_to_llm as stage  # noqa: E402
+from fake_llm_server import FakeLLMServer, Reply  # noqa: E402
+from selfexplain import llm  # noqa: E402
+from selfexplain.artifacts import read_jsonl  # noqa: E402
+from selfexplain.config import UserError  # noqa: E402
+
+OPENAI_KEY = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+REPLICATE_TOKEN = "r8_DoNotLeakThisToken0123456789abcd"
+CLASSES = ["wheel", "bicycle", "house", "sun", "fish", "clock"]
+DEAD = 2  # neuron 2 is dead in the fixture
+LIVE = [0, 1, 3, 4, 5]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No LLM settings, no proxies, no .env from the developer's folder; tiny backoff."""
+    for key in ("REPLICATE_API_TOKEN", "OPENAI_API_KEY", "OPENAI_BASE_URL", "REPLICATE_API_BASE_URL",
+                "REPLICATE_BASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(llm, "POLL_INTERVAL", 0.05)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()  # a .env file read by a test must not leak into the next one
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def report(tmp_path) -> Path:
+    """A stage-3 report: six neurons (one dead), three 16x16 PNG thumbnails each."""
+    out = tmp_path / "neuron_report"
+    (out / "thumbs").mkdir(parents=True)
+    with open(out / "neurons.jsonl", "w") as fh:
+        for i in range(6):
+            examples = []
+            for j in range(3):
+                thumb = f"thumbs/n{i:04d}_{j}.png"
+                Image.new("L", (16, 16), color=40 * j).save(out / thumb)
+                examples.append({"image_index": 10 * i + j, "activation": 3.0 - j, "class": CLASSES[(i + j) % 6],
+                                 "thumb": thumb})
+            neuron = {
+                "neuron_id": i, "dead": i == DEAD, "threshold": 0.5, "frequency": 0.01 * (i + 1),
+                "mean_on_activation": 2.5, "score": 1.0 / (i + 1),
+                "top_classes": [] if i == DEAD else [
+                    {"class": CLASSES[i], "index": i, "pmi": 2.0, "p_class_given_on": 0.4, "lens": 0.8, "knockout": -0.3},
+                    {"class": CLASSES[(i + 1) % 6], "index": (i + 1) % 6, "pmi": 1.1, "p_class_given_on": 0.2,
+                     "lens": 0.3, "knockout": -0.1}],
+                "anti_classes": [{"class": CLASSES[(i + 3) % 6], "index": (i + 3) % 6, "pmi": -1.5, "lens": -0.4}],
+                "where": {"row": 0.8, "col": 0.2, "description": "lower left"},
+                "auto_summary": f"fires on {CLASSES[i]}", "top_examples": examples, "sprite": f"sprites/n{i:04d}.png"}
+            fh.write(json.dumps(neuron) + "\n")
+    return out
+
+
+def answers(report: Path) -> dict[int, dict]:
+    records = read_jsonl(report / "llm_output.jsonl")
+    assert len(records) == len({r["neuron_id"] for r in records}), "one line per neuron"
+    return {r["neuron_id"]: r for r in records}
+
+
+def run_openai(report, srv, monkeypatch, **overrides) -> int:
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    settings = dict(report_dir=str(report), backend="openai", base_url=srv.openai_url, backoff=0.01, workers=2)
+    return stage.main(**{**settings, **overrides})
+
+
+def run_replicate(report, srv, monkeypatch, **overrides) -> int:
+    monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
+    monkeypatch.setenv("REPLICATE_API_BASE_URL", srv.replicate_url)
+    settings = dict(report_dir=str(report), backend="replicate", backoff=0.01, workers=2)
+    return stage.main(**{**settings, **overrides})
+
+
+RUNNERS = {"openai": run_openai, "replicate": run_replicate}
+TOKENS = {"openai": OPENAI_KEY, "replicate": REPLICATE_TOKEN}
+
+
+# ----------------------------------------------------------------------------- answers
+@pytest.mark.parametrize("raw, concept", [
+    ('Concept: "Round wheel with spokes."', "Round wheel with spokes"),
+    ("**pointed triangular roof**", "pointed triangular roof"),
+    ("```\nlong parallel legs\n```", "long parallel legs"),
+    ("<think>circles... maybe wheels</think>\nAnswer: circular outline", "circular outline"),
+    ("Concept:\n- fish tail fin\nbecause the examples show fish", "fish tail fin"),
+    ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen", " ".join(
+        "one two three four five six seven eight nine ten eleven twelve".split())),
+])
+def test_parse_concept_cleans_answers(raw, concept):
+    assert llm.parse_concept(raw, max_words=12) == concept
+
+
+@pytest.mark.parametrize("raw", ["", "  \n ", "!!! ??? ...", "12345 678", "I'm sorry, I can't help with that."])
+def test_parse_concept_rejects_garbage(raw):
+    with pytest.raises(llm.MalformedAnswer):
+        llm.parse_concept(raw)
+
+
+def test_prompt_names_classes_and_examples(report):
+    neuron = read_jsonl(report / "neurons.jsonl")[0]
+    text = llm.neuron_prompt(neuron, max_words=12, attached=neuron["top_examples"][:2])
+    assert "Neuron #0" in text and "- wheel: PMI +2.00; 40%; lens +0.80" in text and "lower left" in text
+    assert "1. wheel (3.00); 2. bicycle (2.00)." in text  # the attached images, in order
+    assert "12 words" in llm.system_prompt(12)
+
+
+# ----------------------------------------------------------------------------- offline and auto
+def test_offline_answers_every_live_neuron_and_reruns_ask_nothing(report, capsys):
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    got = answers(report)
+    assert sorted(got) == LIVE  # the dead neuron is skipped
+    assert all(r["backend"] == "offline" and r["answer"].startswith("offline: ") for r in got.values())
+    assert got[0]["answer"] == "offline: strokes typical of wheel/bicycle, lower left"
+    assert "1 dead skipped" in capsys.readouterr().out
+    before = (report / "llm_output.jsonl").read_bytes()
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    assert (report / "llm_output.jsonl").read_bytes() == before
+    assert llm.load_concepts(report)[0].startswith("offline: ")
+
+
+def test_auto_chooses_offline_without_settings(capsys):
+    backend = llm.make_backend("auto")
+    assert backend.name == "offline"
+    assert "offline backend" in capsys.readouterr().err
+    assert backend.ask("system", "Neuron #1", fallback="offline: wheel") == "offline: wheel"
+
+
+def test_auto_reads_env_and_dotenv(tmp_path, monkeypatch):
+    with FakeLLMServer() as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.openai_url)
+        backend = llm.make_backend("auto")
+        assert (backend.name, backend.model) == ("openai", "fake-vision-1")  # listed by the server
+        (tmp_path / ".env").write_text(f"REPLICATE_API_TOKEN={REPLICATE_TOKEN}\n")
+        assert llm.make_backend("auto").name == "replicate"  # replicate wins when its token is set
+
+
+def test_server_with_several_models_asks_which(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    with FakeLLMServer(model_id=["llava:7b", "qwen2.5vl:7b"]) as srv:
+        with pytest.raises(UserError, match="llava:7b, qwen2.5vl:7b"):
+            llm.make_backend("openai", base_url=srv.openai_url)
+
+
+def test_missing_neurons_file_says_what_to_run(tmp_path):
+    with pytest.raises(UserError, match="sae_summarize.py"):
+        stage.main(report_dir=str(tmp_path / "nowhere"), backend="offline")
+
+
+def test_only_and_limit_select_neurons(report):
+    assert stage.main(report_dir=str(report), backend="offline", only=[DEAD, 4]) == 0
+    assert sorted(answers(report)) == [DEAD, 4]  # ONLY may name a dead neuron
+    assert stage.main(report_dir=str(report), backend="offline", limit=2) == 0
+    assert sorted(answers(report)) == [0, 1, DEAD, 4]
+    with pytest.raises(UserError, match="99"):
+        stage.main(report_dir=str(report), backend="offline", only=[99])
+
+
+# ----------------------------------------------------------------------------- real server
+def test_openai_success_sends_stats_and_images(report, monkeypatch):
+    with FakeLLMServer(token=OPENAI_KEY) as srv:
+        assert run_openai(report, srv, monkeypatch, n_images=2) == 0
+        asked = srv.requests("openai")
+    got = answers(report)
+    assert sorted(got) == LIVE
+    assert got[3] == {**got[3], "answer": "shape number 3", "backend": "openai", "model": "fake-vision-1",
+                      "images": 2, "attempts": 1}
+    chats = [e for e in asked if e["path"] == "/v1/chat/completions"]
+    assert sorted(e["neuron_id"] for e in chats) == LIVE
+    assert all(e["images"] == 2 for e in chats)  # two real PNGs as data: URLs per neuron
+    assert chats[0]["system"] == llm.system_prompt(12)
+    text3 = next(e["text"] for e in chats if e["neuron_id"] == 3)
+    assert "- sun: PMI +2.00; 40%; lens +0.80" in text3 and "fish" in text3  # class names decoded
+
+
+def test_replicate_success_uses_models_endpoint_and_one_tiled_image(report, monkeypatch):
+    with FakeLLMServer(token=REPLICATE_TOKEN) as srv:
+        assert run_replicate(report, srv, monkeypatch) == 0
+        creates = [e for e in srv.requests("replicate") if e.get("attempt")]
+    got = answers(report)
+    assert sorted(got) == LIVE and got[4]["answer"] == "shape number 4"
+    assert got[4]["model"] == "anthropic/claude-4-sonnet"
+    assert {e["path"] for e in creates} == {"/v1/models/anthropic/claude-4-sonnet/predictions"}
+    assert all(e["prefer"] == "wait=60" and e["images"] == 1 for e in creates)
+    assert creates[0]["input"]["system_prompt"] == llm.system_prompt(12)
+
+
+def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
+    monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
+    slow = Reply(kind="slow", delay=1.3, text="spiky sun rays")
+    with FakeLLMServer(script=lambda *_: slow, max_wait=0.5) as srv:  # the server ends the wait early
+        backend = llm.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=5.0)
+        assert backend.ask("be brief", "Neuron #7 what is it?") == "spiky sun rays"  # Prefer: wait ends, then polls
+        create = srv.requests("replicate")[0]
+    assert (create["path"], create["version"]) == ("/v1/predictions", "abc123")
+    assert create["input"]["prompt"].startswith("be brief")  # llava takes no system prompt: merged
+    assert any(e.get("poll") for e in srv.requests("replicate"))
+
+
+@pytest.mark.parametrize("api", ["openai", "replicate"])
+def test_429_honours_retry_after_then_succeeds(api, report, monkeypatch):
+    waits = []
+    monkeypatch.setattr(llm, "_sleep", waits.append)
+
+    def script(_, nid, attempt):
+        if nid == 3 and attempt == 1:
+            return Reply(kind="status", status=429, headers={"Retry-After": "7"}, detail="slow down")
+        return Reply(text=f"Concept: shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert RUNNERS[api](report, srv, monkeypatch) == 0
+    got = answers(report)
+    assert sorted(got) == LIVE and got[3]["attempts"] == 2 and got[3]["answer"] == "shape 3"
+    assert 7.0 in waits  # the server's Retry-After, not our own backoff
+
+
+@pytest.mark.parametrize("api", ["openai", "replicate"])
+def test_5xx_until_give_up_lists_the_neuron_and_exits_1(api, report, monkeypatch, capsys):
+    def script(_, nid, attempt):
+        return Reply(kind="status", status=503, detail="overloaded") if nid == 3 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert RUNNERS[api](report, srv, monkeypatch, retries=2) == 1
+        assert srv.attempts[(api, 3)] == 3  # one try plus two retries, no more (client retries are off)
+    assert sorted(answers(report)) == [0, 1, 4, 5]  # nothing written for neuron 3
+    summary = json.loads((report / "llm_summary.json").read_text())
+    assert [f["neuron_id"] for f in summary["failed"]] == [3] and "503" in summary["failed"][0]["error"]
+    assert "neuron 3: failed" in capsys.readouterr().out
+
+
+def test_cli_exit_code_says_when_neurons_failed(report, monkeypatch):
+    from selfexplain.config import run_cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    script = lambda _, nid, attempt: Reply(kind="status", status=500) if nid == 0 else Reply(text="wheel")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        argv = [f"--report_dir={report}", "--backend=openai", f"--base_url={srv.openai_url}", "--backoff=0.01",
+                "--retries=1"]
+        with pytest.raises(SystemExit) as failed:
+            run_cli(stage.main, vars(stage), argv)
+        assert failed.value.code == 1
+        with pytest.raises(SystemExit) as resumed:  # only neuron 0 is asked again, and fails again
+            run_cli(stage.main, vars(stage), argv + ["--only=[1, 0]"])
+        assert resumed.value.code == 1 and srv.attempts[("openai", 0)] == 4 and srv.attempts[("openai", 1)] == 1
+    assert sorted(answers(report)) == [1, 3, 4, 5]
+
+
+def test_malformed_answers_are_retried_then_reported(report, monkeypatch):
+    def script(_, nid, attempt):
+        if nid == 1:
+            return Reply(text="" if attempt == 1 else "Concept: **pointed roof**")
+        return Reply(text="?!?! ...") if nid == 4 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, retries=2) == 1
+        assert srv.attempts[("openai", 4)] == 3
+    got = answers(report)
+    assert got[1]["answer"] == "pointed roof" and got[1]["attempts"] == 2
+    assert 4 not in got and sorted(got) == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("api", ["openai", "replicate"])
+def test_slow_answers_time_out_then_fail(api, report, monkeypatch):
+    def script(_, nid, attempt):
+        return Reply(kind="slow", delay=30.0, text="late") if nid == 5 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert RUNNERS[api](report, srv, monkeypatch, timeout=1.0, retries=1) == 1
+        assert srv.attempts[(api, 5)] == 2
+        if api == "replicate":  # timed-out predictions are cancelled, not left running
+            assert sum(e["path"].endswith("/cancel") for e in srv.requests("replicate")) == 2
+    assert sorted(answers(report)) == [0, 1, 3, 4]
+    failed = json.loads((report / "llm_summary.json").read_text())["failed"]
+    assert failed[0]["neuron_id"] == 5 and "timed out" in failed[0]["error"]
+
+
+def test_bad_token_stops_the_run_with_a_clear_error(report, monkeypatch):
+    with FakeLLMServer(token="sk-the-right-key-0123456789") as srv:
+        with pytest.raises(UserError, match="401"):
+            run_openai(report, srv, monkeypatch, workers=1, model="m")
+        assert len([e for e in srv.log if e["status"] == 401]) < len(LIVE)  # stopped early
+    assert answers(report) == {}
+
+
+@pytest.mark.parametrize("api", ["openai", "replicate"])
+def test_token_never_appears_in_logs_or_files(api, report, monkeypatch, capsys):
+    token = TOKENS[api]
+
+    def script(_, nid, attempt):  # a server that echoes the token back in errors and answers
+        if nid == 1:
+            return Reply(kind="status", status=500, detail=f"upstream rejected Bearer {token}")
+        return Reply(text=f"shape {nid} {token}" if attempt == 1 else f"shape {nid}")
+
+    with FakeLLMServer(token=token, script=script) as srv:
+        assert RUNNERS[api](report, srv, monkeypatch, retries=1) == 1
+        assert srv.answered()  # the token was used to authenticate
+    out = capsys.readouterr()
+    core = token[3:24]  # also catches a token that answer parsing reshaped
+    assert core not in out.out + out.err
+    for path in report.rglob("*"):
+        if path.is_file():
+            assert core.encode() not in path.read_bytes(), path
+
+
+def test_offline_answers_are_replaced_by_a_real_backend(report, monkeypatch):
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    with FakeLLMServer() as srv:
+        assert run_openai(report, srv, monkeypatch) == 0
+    got = answers(report)  # one line per neuron, all from the LLM now
+    assert sorted(got) == LIVE and {r["backend"] for r in got.values()} == {"openai"}
+    assert llm.load_concepts(report)[0] == "shape number 0"
+
+
+def test_killed_run_resumes_without_asking_twice_or_losing_a_neuron(report, monkeypatch, tmp_path):
+    """SIGKILL a run mid-way (one request held open), tear its tail, rerun: each neuron once."""
+    held = {"on": True}
+
+    def script(_, nid, attempt):
+        return Reply(kind="hold") if held["on"] and nid >= 4 else Reply(text=f"shape {nid}")
+
+    out = report / "llm_output.jsonl"
+    with FakeLLMServer(token=OPENAI_KEY, script=script) as srv:
+        env = {**os.environ, "OPENAI_API_KEY": OPENAI_KEY}
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "sae_summary_to_llm.py"), f"--report_dir={report}", "--backend=openai",
+             f"--base_url={srv.openai_url}", "--model=m", "--workers=2", "--backoff=0.01"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        # kill only once every delivered answer is on disk and a request hangs
+        while not (srv.held() and len(read_jsonl(out)) == sum(srv.answered().values()) > 0):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        srv.release()
+        first = set(srv.answered())
+        assert first and first < set(LIVE)
+        with open(out, "a") as fh:
+            fh.write('{"neuron_id": 5, "answ')  # what a torn write would leave
+        held["on"] = False
+        assert run_openai(report, srv, monkeypatch, model="m") == 0
+        answered = srv.answered()
+    assert answered == Counter({i: 1 for i in LIVE})  # each neuron answered exactly once overall
+    assert sorted(answers(report)) == LIVE
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_backend_ask_api_for_stage_5(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    with FakeLLMServer(script=lambda *_: Reply(text="It is a bicycle because of the two wheels.")) as srv:
+        backend = llm.make_backend("openai", "gpt-test", srv.openai_url, timeout=5.0, retries=0)
+        assert (backend.name, backend.model) == ("openai", "gpt-test")
+        sentence = backend.ask(llm.load_prompt("explain_system_prompt"), "predicted bicycle: wheel 60%")
+    assert sentence == "It is a bicycle because of the two wheels."
+    assert llm.load_concepts(Path("nowhere")) == {}

@@ -1,0 +1,273 @@
+"""Real-data sources: parquet in the Hugging Face schema, image folders, awkward images,
+and the TU-Berlin download through the real huggingface_hub client against a fake hub."""
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hf_fixtures import (PYTHON, TU_BERLIN_FILES, FakeHubServer, bad_image_payloads, closed_port_url, hub_env,
+                         make_hf_parquet, make_image_folder, png_bytes, sketch)
+from selfexplain.config import UserError
+from selfexplain.sources import BadImage, decode_image, describe_source, iter_source, parquet_class_names
+
+CLASSES = ["airplane", "alarm clock", "angel", "ant"]
+
+
+@pytest.fixture(scope="module")
+def payloads():
+    return bad_image_payloads()
+
+
+# ----------------------------------------------------------------------------- parquet
+def test_parquet_source_reads_names_from_hf_metadata_and_streams_every_row(tmp_path):
+    manifest = make_hf_parquet(tmp_path, n_per_class=3, class_names=CLASSES)
+    source = describe_source("parquet", str(tmp_path))
+    assert source["class_names"] == CLASSES
+    assert source["files"] == sorted(TU_BERLIN_FILES)
+    assert source["num_items"] == 12 and source["data_root"] == str(tmp_path.resolve())
+    items = list(iter_source(source))
+    assert len(items) == 12
+    expected = [(f"{rel}#{i}", lab) for rel in sorted(manifest) for i, lab in enumerate(manifest[rel])]
+    assert [(name, label) for name, _, label in items] == expected
+    # the payload is the PNG of that class: label + 1 spokes, so more ink for higher labels
+    ink = {lab: [] for lab in range(4)}
+    for _, payload, label in items:
+        ink[label].append((decode_image(payload, 64) < 128).sum())
+    means = [np.mean(ink[lab]) for lab in range(4)]
+    assert means == sorted(means) and means[0] > 0
+
+
+def test_class_names_fall_back_to_readme_then_to_label_numbers(tmp_path):
+    with_card = tmp_path / "card"
+    make_hf_parquet(with_card, 1, CLASSES, with_metadata=False, readme=True)
+    assert describe_source("parquet", str(with_card))["class_names"] == CLASSES
+    bare = tmp_path / "bare"
+    make_hf_parquet(bare, 1, CLASSES, with_metadata=False, split_files=("part.parquet",))
+    files = sorted(bare.glob("*.parquet"))
+    assert parquet_class_names(files, None) == ["class_0", "class_1", "class_2", "class_3"]
+
+
+def test_parquet_folder_is_searched_recursively_and_hidden_files_are_skipped(tmp_path):
+    make_hf_parquet(tmp_path, 1, CLASSES, split_files=("a/b/one.parquet", "two.parquet"))
+    make_hf_parquet(tmp_path / ".cache", 1, CLASSES, split_files=("stale.parquet",))
+    source = describe_source("parquet", str(tmp_path))
+    assert source["files"] == ["a/b/one.parquet", "two.parquet"] and source["num_items"] == 4
+
+
+def test_bad_parquet_inputs_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        describe_source("parquet", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no \*\.parquet"):
+        describe_source("parquet", str(tmp_path / "empty"))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    pq.write_table(pa.table({"img": [b"x"], "y": [0]}), wrong / "x.parquet")
+    with pytest.raises(UserError, match="expected columns 'image' and 'label'"):
+        describe_source("parquet", str(wrong))
+    more_labels = tmp_path / "more"
+    make_hf_parquet(more_labels, 1, CLASSES)
+    meta = {b"huggingface": b'{"info": {"features": {"label": {"names": ["a", "b"], "_type": "ClassLabel"}}}}'}
+    for path in more_labels.rglob("*.parquet"):  # names say 2 classes, labels go up to 3
+        pq.write_table(pq.read_table(path).replace_schema_metadata(meta), path)
+    with pytest.raises(UserError, match=r"labels span \d\.\.\d but there are 2 class names") as info:
+        describe_source("parquet", str(more_labels))
+    assert "\n" not in str(info.value)
+
+
+def test_fingerprint_changes_when_a_file_changes(tmp_path):
+    make_hf_parquet(tmp_path, 1, CLASSES, split_files=("x.parquet", "y.parquet"))
+    first = describe_source("parquet", str(tmp_path))["fingerprint"]
+    assert describe_source("parquet", str(tmp_path))["fingerprint"] == first
+    make_hf_parquet(tmp_path, 2, CLASSES, split_files=("x.parquet", "y.parquet"))
+    assert describe_source("parquet", str(tmp_path))["fingerprint"] != first
+
+
+# ----------------------------------------------------------------------------- folder
+def test_folder_source_uses_sorted_class_folders_and_skips_clutter(tmp_path):
+    names = ["cat", "Zebra", "apple"]
+    expected = make_image_folder(tmp_path, names, n_per_class=3)
+    source = describe_source("folder", str(tmp_path))
+    assert source["class_names"] == sorted(names)  # empty, hidden folders and loose files are no classes
+    assert sorted(source["files"]) == sorted(expected) and source["num_items"] == 9
+    for name, payload, label in iter_source(source):
+        assert isinstance(payload, Path) and name in expected
+        assert source["class_names"][label] == names[expected[name]]
+        image = decode_image(payload, 32)  # png, PNG, jpg and bmp all decode
+        assert image.shape == (32, 32) and image.dtype == np.uint8
+        assert image[0, 0] > 200 and image.min() < 100
+
+
+def test_folder_without_class_folders_is_a_user_error(tmp_path):
+    sketch(0).save(tmp_path / "loose.png")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(UserError, match="no class sub-folders with images"):
+        describe_source("folder", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("name, reason", [
+    ("zero_bytes", "empty file"),
+    ("not_an_image", "not an image"),
+    ("truncated_png", "truncated"),
+    ("huge_header", "too large (400000000 pixels)"),
+    ("large_header", "too large (8000x8000)"),
+])
+def test_unusable_payloads_raise_bad_image_with_reason(payloads, name, reason):
+    with pytest.raises(BadImage) as info:
+        decode_image(payloads[name], 32)
+    assert str(info.value) == reason
+
+
+def test_empty_file_on_disk_is_bad_image(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(BadImage, match="empty file"):
+        decode_image(tmp_path / "x.png", 32)
+
+
+def test_oversized_header_is_refused_before_any_pixel_is_decoded(payloads, monkeypatch):
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("pixel data was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(BadImage, match=r"too large \(8000x8000\)"):
+        decode_image(payloads["large_header"], 224)
+
+
+@pytest.mark.parametrize("name", ["rgba_transparent", "la_transparent", "palette_transparent", "png_16bit"])
+def test_transparent_and_16bit_images_become_dark_strokes_on_white(payloads, name):
+    image = decode_image(payloads[name], 64)  # same size: no resampling blur
+    assert image.shape == (64, 64) and image.dtype == np.uint8
+    assert image[2, 60] == 255 and image[60, 60] == 255  # background -> white paper
+    diagonal = image[np.arange(12, 52), np.arange(12, 52)]
+    assert diagonal.max() < 40  # the stroke stays dark
+    if name == "png_16bit":
+        assert abs(int(image[44, 6]) - 128) <= 2  # 16-bit mid-grey scaled, not clipped to white
+
+
+def test_non_square_images_are_centred_on_white_square():
+    tall = Image.new("L", (20, 40), 0)  # all ink, 20 wide, 40 tall
+    image = decode_image(png_bytes(tall), 40)
+    assert (image[:, :10] == 255).all() and (image[:, 30:] == 255).all()
+    assert (image[:, 10:30] == 0).all()
+
+
+def test_bytes_str_and_path_payloads_decode_the_same(tmp_path):
+    data = png_bytes(sketch(2, 96))
+    (tmp_path / "s.png").write_bytes(data)
+    a = decode_image(data, 48)
+    assert np.array_equal(a, decode_image(tmp_path / "s.png", 48))
+    assert np.array_equal(a, decode_image(str(tmp_path / "s.png"), 48))
+
+
+@pytest.mark.parametrize("size", [224, 112])
+def test_thin_strokes_of_a_1111px_sketch_survive_downscaling(size):
+    big = sketch(0, 1111, width=3)  # one horizontal spoke, 3 px thick, from the centre rightwards
+    image = decode_image(png_bytes(big), size)
+    c = size // 2
+    band = image[c - 4:c + 5, c + 4:int(size * 0.85)]  # columns along the stroke
+    assert band.min(axis=0).max() < 100  # every column of the stroke keeps a dark pixel
+    assert (band < 128).sum(axis=0).max() <= 3  # ... without turning into a thick bar
+    assert (image[:c - 8] == 255).mean() > 0.99  # paper stays clean
+
+
+# ----------------------------------------------------------------------------- tu-berlin
+def _hub_files(tmp_path: Path) -> tuple[dict[str, bytes], dict[str, list[int]]]:
+    src = tmp_path / "hub_src"
+    manifest = make_hf_parquet(src, 2, CLASSES, readme=True)
+    files = {rel: (src / rel).read_bytes() for rel in manifest}
+    files["README.md"] = (src / "README.md").read_bytes()
+    files["data/preview.csv"] = b"not,fetched\n"  # outside allow_patterns
+    files[".gitattributes"] = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
+    return files, manifest
+
+
+def _describe_in_subprocess(root: Path, env: dict) -> subprocess.CompletedProcess:
+    code = "import sys; from selfexplain.sources import describe_source; " \
+           "print(describe_source('tu-berlin', sys.argv[1])['num_items'])"
+    return subprocess.run([PYTHON, "-c", code, str(root)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_tu_berlin_downloads_through_huggingface_hub_then_reads_offline(tmp_path, monkeypatch):
+    files, manifest = _hub_files(tmp_path)
+    root = tmp_path / "tu"
+    with FakeHubServer(files) as hub:
+        done = _describe_in_subprocess(root, hub_env(hub.url, tmp_path / "hf_home"))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "8"
+        assert sorted(hub.downloads()) == sorted([*TU_BERLIN_FILES, "README.md"])
+    for rel in TU_BERLIN_FILES:
+        assert (root / rel).read_bytes() == files[rel]
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a complete copy must not be downloaded again")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    source = describe_source("tu-berlin", str(root))
+    assert source["class_names"] == CLASSES and source["num_items"] == 8
+    labels = [label for _, _, label in iter_source(source)]
+    assert labels == [lab for rel in sorted(manifest) for lab in manifest[rel]]
+
+
+def test_tu_berlin_interrupted_download_fetches_only_missing_shards(tmp_path):
+    files, _ = _hub_files(tmp_path)
+    root = tmp_path / "tu"
+    have = TU_BERLIN_FILES[0]
+    (root / have).parent.mkdir(parents=True)
+    (root / have).write_bytes(files[have])
+    with FakeHubServer(files) as hub:
+        done = _describe_in_subprocess(root, hub_env(hub.url, tmp_path / "hf_home"))
+        assert done.returncode == 0, done.stderr
+        assert sorted(hub.downloads()) == sorted([*TU_BERLIN_FILES[1:], "README.md"])
+
+
+CLI_SCRIPT = '''
+"""Tiny stage that reads a dataset (test helper)."""
+from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.sources import describe_source
+
+DATASET = "tu-berlin"  # which source
+DATA_ROOT = ""  # where it lives
+
+
+def main(**overrides):
+    cfg = make_config(module_constants(globals()), overrides)
+    print(describe_source(cfg.DATASET, cfg.DATA_ROOT)["num_items"])
+
+
+if __name__ == "__main__":
+    run_cli(main, globals())
+'''
+
+
+@pytest.mark.parametrize("offline", ["closed_port", "HF_HUB_OFFLINE"])
+def test_tu_berlin_offline_is_one_line_user_error_with_ways_out(tmp_path, offline):
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent(CLI_SCRIPT))
+    root = tmp_path / "data" / "tu-berlin"
+    extra = {"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {}
+    env = hub_env(closed_port_url(), tmp_path / "hf_home", **extra)
+    done = subprocess.run([PYTHON, str(script), f"--data_root={root}"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "kmewhort/tu-berlin-png" in lines[0] and "--dataset=synthetic" in lines[0]
+    assert f"DATA_ROOT={root}" in lines[0]
+    assert not root.exists() or not list(root.rglob("*.parquet"))
+
+
+def test_unknown_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="tu-berlin, parquet, folder"):
+        describe_source("imagenet", None)
