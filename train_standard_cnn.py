@@ -75,16 +75,6 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare_inputs(batch_uint8, prep, device, augment: bool, generator=None, channels_last=True):
-    """uint8 batch -> standardised (augmented) model input on ``device``."""
-    x = batch_uint8.to(device, non_blocking=True)
-    ink = 1.0 - x.unsqueeze(1).float() / 255.0
-    if augment:
-        ink = data.augment(ink, generator)
-    x = (ink - prep["mean"]) / prep["std"]
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 # ----------------------------------------------------------------------------- train / eval
 def train_epoch(model, optimizer, loader, cfg, prep, runtime, step, total_steps, generator, bar=None):
     """One pass over ``loader``; returns (mean loss, accuracy, images, next step)."""
@@ -96,7 +86,7 @@ def train_epoch(model, optimizer, loader, cfg, prep, runtime, step, total_steps,
     correct = torch.zeros((), device=runtime.device)
     seen = 0
     for i, (xb, yb, _) in enumerate(loader):
-        x = prepare_inputs(xb, prep, runtime.device, cfg.AUGMENT, generator, cfg.CHANNELS_LAST)
+        x = data.model_input(xb, prep, runtime.device, cfg.AUGMENT, generator, cfg.CHANNELS_LAST)
         y = yb.to(runtime.device, non_blocking=True)
         with autocast(runtime.device, cfg.AMP):
             logits = model(x)
@@ -130,7 +120,7 @@ def evaluate(model, images, labels, indices, prep, runtime, cfg, batch_size=256)
     shard = indices[runtime.rank::runtime.world_size]
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)  # loss, correct, n, feat sum, zeros
     for xb, yb, _ in data.batches(images, labels, shard, batch_size):
-        x = prepare_inputs(xb, prep, runtime.device, False, channels_last=cfg.CHANNELS_LAST)
+        x = data.model_input(xb, prep, runtime.device, channels_last=cfg.CHANNELS_LAST)
         y = yb.to(runtime.device)
         with autocast(runtime.device, cfg.AMP):
             feats = net.features(x)
@@ -262,7 +252,8 @@ def finish(cfg, imageset, split, prep, state, runtime, log) -> dict:
                "test_loss": test["loss"], "best_epoch": ckpt["epoch"], "epochs": state["epoch"],
                "num_classes": len(imageset.class_names), "num_images": len(imageset),
                "split_sizes": {k: len(v) for k, v in split.items()}, "skipped_images": imageset.skipped,
-               "history": state["history"], "fingerprint": ckpt["fingerprint"]}
+               "history": state["history"], "fingerprint": ckpt["fingerprint"],
+               "world_size": runtime.world_size, "device": str(runtime.device)}
     if runtime.is_main:
         artifacts.write_json(f"{cfg.OUT_DIR}/metrics.json", metrics)
         log(f"best epoch {ckpt['epoch']}: val_acc {val['accuracy']:.4f} test_acc {test['accuracy']:.4f} "

@@ -233,3 +233,37 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     except RuntimeError as exc:
         raise UserError(f"{path} does not match its recorded architecture ({str(exc).splitlines()[0]})")
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- SAE
+def sae_checkpoint(sae: torch.nn.Module, *, classifier_fingerprint: str, classifier_path: str, config: dict,
+                   epoch: int, metrics: dict, usage_ema: torch.Tensor, **extra) -> dict:
+    """The SAE checkpoint: weights, μ, σ, M, K, usage EMA and the classifier's fingerprint."""
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in sae.state_dict().items()}
+    ckpt = {
+        "kind": "sae", "format": CHECKPOINT_FORMAT, "d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k,
+        "state": state, "mu": state["mu"], "sigma": state["sigma"], "usage_ema": usage_ema.detach().to("cpu"),
+        "classifier_fingerprint": classifier_fingerprint, "classifier_path": str(classifier_path),
+        "config": dict(config), "epoch": int(epoch), "metrics": dict(metrics),
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def load_sae(path: str | os.PathLike, classifier_ckpt: dict | None = None,
+             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the SAE; with ``classifier_ckpt``, refuse a pair trained on another classifier."""
+    from .sae import TopKSAE
+
+    ckpt = load_checkpoint(path, "sae")
+    if classifier_ckpt is not None and ckpt["classifier_fingerprint"] != classifier_ckpt["fingerprint"]:
+        raise UserError(
+            f"{path} was trained on classifier {ckpt['classifier_fingerprint']} ({ckpt['classifier_path']}) "
+            f"but the classifier given is {classifier_ckpt['fingerprint']}; retrain with train_sae.py or "
+            "point CLASSIFIER_CKPT at the matching checkpoint")
+    sae = TopKSAE(ckpt["d_in"], ckpt["n_latents"], ckpt["k"])
+    try:
+        sae.load_state_dict(ckpt["state"])
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not match its recorded shape ({str(exc).splitlines()[0]})")
+    return sae.to(device).eval(), ckpt

@@ -221,10 +221,18 @@ def ink_mean_std(images: np.ndarray, indices: np.ndarray, max_images: int = 2000
     return float(ink.mean()), float(max(ink.std(), 1e-3))
 
 
-def to_input(batch_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (B, S, S) white-background sketches -> standardised ink (B, 1, S, S) float."""
-    ink = 1.0 - batch_uint8.unsqueeze(1).float() / 255.0
-    return (ink - mean) / std
+def model_input(batch_uint8: torch.Tensor, prep: dict, device: torch.device | str = "cpu", augment_batch: bool = False,
+                generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, S, S) white-background sketches -> standardised ink (B, 1, S, S) on ``device``.
+
+    ``prep`` is the checkpoint's preprocessing record ({"mean", "std", ...}).
+    """
+    x = batch_uint8.to(device, non_blocking=True)
+    ink = 1.0 - x.unsqueeze(1).float() / 255.0
+    if augment_batch:
+        ink = augment(ink, generator)
+    x = (ink - prep["mean"]) / prep["std"]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,

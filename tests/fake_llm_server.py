@@ -231,8 +231,10 @@ def _make_handler(server: FakeLLMServer):
                        "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
                        "message": {"role": "assistant", "content": reply.text}}],
                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-            delivered = self._send(200, payload)
-            server.record(**entry, status=200, answered=delivered and reply.kind == "ok")
+            entry = server.record(**entry, status=200, answered=reply.kind == "ok")  # counted before it is sent,
+            if not self._send(200, payload):  # so a client never holds an answer the count lacks
+                with server.lock:
+                    entry["answered"] = False
 
         # -------------------------------------------------------------- replicate
         def _create_prediction(self, body: dict, model: str) -> None:
@@ -270,17 +272,19 @@ def _make_handler(server: FakeLLMServer):
                     pred["status"] = "succeeded"
                 done = pred["status"] == "succeeded"
                 first_delivery = done and not pred["answered"]
+                if first_delivery:  # counted before it is sent (see _chat)
+                    pred["answered"] = True
+                    entry = dict(api="replicate", path=self.path, neuron_id=pred["neuron_id"], status=status,
+                                 answered=True)
+                    server.log.append(entry)
                 payload = dict(id=pid, model=pred["model"], version=pred["version"], input=pred["input"],
                                status=pred["status"], logs="", error=None, metrics={},
                                output=re.findall(r"\S+\s*", pred["text"]) if done else None,  # streamed tokens
                                created_at="2025-01-01T00:00:00Z", started_at=None, completed_at=None,
                                urls={"get": f"{server.base}/v1/predictions/{pid}",
                                      "cancel": f"{server.base}/v1/predictions/{pid}/cancel"})
-            delivered = self._send(status, payload)
-            if first_delivery and delivered:
+            if not self._send(status, payload) and first_delivery:
                 with server.lock:
-                    pred["answered"] = True
-                server.record(api="replicate", path=self.path, neuron_id=pred["neuron_id"], status=status,
-                              answered=True)
+                    entry["answered"] = pred["answered"] = False
 
     return Handler

@@ -1,0 +1,39 @@
+# make demo  : the five stages on the built-in synthetic sketches (CPU, a few minutes)
+# make test  : the whole test suite
+# make bench : the benchmarks; rewrites bench/RESULTS.md
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench figures install clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train_standard_cnn.py
+	$(PY) train_sae.py
+	$(PY) sae_summarize.py
+	$(PY) sae_summary_to_llm.py --backend=offline
+	$(PY) why_did_you.py --image=test:0 --overlay=neuron_report/why_test0.png
+	@echo "overlay: neuron_report/why_test0.png"
+	@echo "neuron atlas: file://$(CURDIR)/neuron_report/index.html"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -r bench/requirements-bench.txt
+	$(PY) bench/run_all.py
+
+figures: $(STAMP)
+	$(PY) assets/make_figures.py
+
+clean:
+	rm -rf runs neuron_report cache

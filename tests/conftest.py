@@ -1,0 +1,56 @@
+"""Shared pytest fixtures: seeding, and a tiny trained pipeline built once per session."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The tiny synthetic config every pipeline test shares (64 px -> 2x2 layer4 map).
+TINY_DATA = dict(dataset="synthetic", synthetic_per_class=24, image_size=64, seed=0)
+TINY_CNN = dict(TINY_DATA, epochs=2, batch_size=32, lr=3e-3, tensorboard=False, amp="off")
+
+
+@pytest.fixture
+def seed():
+    """Seed every RNG the code uses; returns the seed."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-image cache for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, cache_dir) -> Path:
+    """A classifier trained for seconds on the tiny synthetic set; returns its run folder."""
+    import train_standard_cnn
+
+    out = tmp_path_factory.mktemp("standard_cnn")
+    train_standard_cnn.main(**TINY_CNN, out_dir=str(out), cache_dir=str(cache_dir))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sae(tmp_path_factory, tiny_classifier) -> Path:
+    """An SAE trained for seconds on the tiny classifier; returns its run folder."""
+    import train_sae
+
+    out = tmp_path_factory.mktemp("sae_topk")
+    train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(out), latent_dim=64, top_k=4,
+                   epochs=3, tensorboard=False)
+    return out

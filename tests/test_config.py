@@ -1,0 +1,74 @@
+"""The configuration contract: --key=value, YAML defaults, --help, type checks."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from selfexplain.config import UserError, constant_comments, make_config, module_constants, parse_argv
+
+DEFAULTS = {"TOP_K": 20, "LR": 1e-3, "OUT_DIR": "runs/x", "RESUME": False, "ONLY": None, "SIZES": [1, 2]}
+
+
+def test_keys_are_case_insensitive_and_values_parse_as_literals():
+    cfg = make_config(DEFAULTS, {"top_k": "32", "Lr": "0.5", "resume": "True", "only": "[1, 2]"})
+    assert cfg.TOP_K == 32 and cfg.LR == 0.5 and cfg.RESUME is True and cfg.ONLY == [1, 2]
+
+
+def test_string_settings_keep_raw_text():
+    assert make_config(DEFAULTS, {"out_dir": "123"}).OUT_DIR == "123"
+
+
+def test_int_accepted_for_float_but_not_string_for_int():
+    assert make_config(DEFAULTS, {"lr": 1}).LR == 1.0
+    with pytest.raises(UserError, match="TOP_K expects int"):
+        make_config(DEFAULTS, {"top_k": "many"})
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UserError) as err:
+        make_config(DEFAULTS, {"topk": 3})
+    assert "top_k" in str(err.value) and "out_dir" in str(err.value)
+
+
+def test_yaml_supplies_defaults_and_command_line_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("top_k: 8\nlr: 0.1\n")
+    overrides, wants_help = parse_argv([f"--config={path}", "--TOP_K=16"])
+    cfg = make_config(DEFAULTS, overrides)
+    assert not wants_help and cfg.TOP_K == 16 and cfg.LR == 0.1
+
+
+def test_missing_yaml_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        parse_argv([f"--config={tmp_path / 'nope.yaml'}"])
+
+
+def test_comments_are_read_from_the_constants_block():
+    src = 'TOP_K = 20  # active latents\nOUT_DIR = "x"   # where things go\nx = 1\n'
+    assert constant_comments(src) == {"TOP_K": "active latents", "OUT_DIR": "where things go"}
+
+
+def test_module_constants_skip_private_and_non_plain():
+    ns = {"A": 1, "_B": 2, "C": object(), "lower": 3, "D": "s"}
+    assert module_constants(ns) == {"A": 1, "D": "s"}
+
+
+def test_cli_help_bad_key_and_effective_config(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "train_standard_cnn.py", *a], capture_output=True, text=True)
+    helped = run("--help")
+    assert helped.returncode == 0 and "--image_size" in helped.stdout and "multiple of 32" in helped.stdout
+    bad = run("--imagesize=64")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "unknown setting 'imagesize'" in bad.stderr and "image_size" in bad.stderr
+    wrong = run("--epochs=two")
+    assert wrong.returncode == 2 and "EPOCHS expects int" in wrong.stderr
+
+
+def test_scripts_import_without_side_effects(tmp_path):
+    code = ("import os, sys; sys.path.insert(0, %r); os.chdir(%r); "
+            "import train_standard_cnn, train_sae, sae_summarize, sae_summary_to_llm, why_did_you; "
+            "print(sorted(os.listdir('.')))") % (str(__import__('pathlib').Path(__file__).parents[1]), str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().replace("'", '"')) == []

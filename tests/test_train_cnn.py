@@ -1,0 +1,111 @@
+"""Stage 1: checkpoints, metrics, resume after SIGKILL, DDP, pretrained offline."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CNN
+from selfexplain import artifacts, data
+from selfexplain.config import UserError
+
+
+def test_checkpoint_describes_itself_and_round_trips(tiny_classifier, cache_dir):
+    model, ckpt = artifacts.load_classifier(tiny_classifier / "best.pt")
+    assert ckpt["dataset"]["dataset"] == "synthetic" and ckpt["preprocess"]["image_size"] == 64
+    assert set(ckpt["split"]) == {"train", "val", "test"} and len(ckpt["fingerprint"]) == 16
+    images = data.load_dataset(ckpt["dataset"], cache_dir, progress=False)
+    x = data.model_input(torch.from_numpy(images.images[:4].copy()), ckpt["preprocess"])
+    with torch.no_grad():
+        fmap = model.features(x)
+        assert fmap.shape == (4, 512, 2, 2)
+        assert torch.allclose(model.head(fmap), model(x))
+    again, ckpt2 = artifacts.load_classifier(tiny_classifier / "best.pt")
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert ckpt2["fingerprint"] == artifacts.tensor_fingerprint(again.state_dict())
+
+
+def test_stage_outputs(tiny_classifier):
+    metrics = json.loads((tiny_classifier / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and "val_accuracy" in metrics and len(metrics["history"]) == 2
+    decoder = json.loads((tiny_classifier / "label_decoder.json").read_text())
+    assert decoder["0"] == "bicycle" and len(decoder) == metrics["num_classes"]
+    assert json.loads((tiny_classifier / "config.json").read_text())["IMAGE_SIZE"] == 64
+    last = artifacts.load_checkpoint(tiny_classifier / "last.pt", "classifier")
+    assert "optimizer" in last and last["epoch"] == 2
+
+
+def _launch(args, env=None):
+    cmd = [sys.executable, str(ROOT / "train_standard_cnn.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _flags(**kw):
+    return [f"--{k}={v}" for k, v in kw.items()]
+
+
+def test_resume_after_sigkill_loses_at_most_the_epoch_in_progress(tmp_path, cache_dir):
+    cfg = dict(TINY_CNN, epochs=4, out_dir=tmp_path, cache_dir=cache_dir, synthetic_per_class=24)
+    proc = _launch(_flags(**cfg))
+    last = tmp_path / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), "no epoch finished"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = artifacts.load_checkpoint(last, "classifier")
+    assert 1 <= saved["epoch"] < 4
+    resumed = _launch(_flags(**cfg, resume=True))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resumed from {tmp_path}/last.pt after epoch {saved['epoch']}" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert metrics["history"][: saved["epoch"]] == saved["history"]  # finished epochs kept as they were
+
+
+def test_ddp_two_processes_gloo(tmp_path, cache_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_standard_cnn.py"), *_flags(**dict(TINY_CNN, epochs=1), out_dir=tmp_path,
+                                                          cache_dir=cache_dir, device="cpu")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "world 2" in out.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 1
+    artifacts.load_classifier(tmp_path / "best.pt")
+
+
+def test_pretrained_without_weights_is_a_clear_error(tmp_path, monkeypatch):
+    from selfexplain.model import SketchResNet
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(UserError, match="--pretrained=False"):
+        SketchResNet(10, pretrained=True)
+
+
+def test_pretrained_stem_averages_rgb(monkeypatch):
+    import torchvision
+
+    from selfexplain import model as model_mod
+
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    monkeypatch.setattr(model_mod, "_imagenet_state_dict", lambda: reference)
+    net = model_mod.SketchResNet(7, pretrained=True)
+    assert torch.allclose(net.stem[0].weight, reference["conv1.weight"].mean(1, keepdim=True))
+    assert torch.equal(net.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
