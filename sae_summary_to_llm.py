@@ -118,7 +118,8 @@ def ask_neuron(backend: llm.Backend, neuron: dict, cfg, report_dir: Path, system
     """One neuron's record for llm_output.jsonl (raises :class:`llm.LLMError` on failure)."""
     pairs = attachable_examples(neuron, report_dir, cfg.N_IMAGES) if cfg.IMAGES and backend.accepts_images else []
     text = llm.neuron_prompt(neuron, cfg.MAX_WORDS, attached=[e for e, _ in pairs])
-    answer = backend.ask_detailed(system, text, [p for _, p in pairs], parse=partial(llm.parse_concept, max_words=cfg.MAX_WORDS),
+    parse = partial(llm.parse_concept, max_words=cfg.MAX_WORDS)
+    answer = backend.ask_detailed(system, text, [p for _, p in pairs], parse=parse,
                                   fallback=llm.offline_label(neuron, cfg.MAX_WORDS))
     return {"neuron_id": neuron["neuron_id"], "answer": answer.text, "backend": backend.name,
             "model": backend.model, "prompt_version": version, "attempts": answer.attempts,
@@ -144,7 +145,8 @@ def ask_all(backend: llm.Backend, neurons: list[dict], cfg, report_dir: Path, ou
             except CancelledError:
                 continue
             except Exception as exc:  # noqa: BLE001  every failure is listed, none dropped silently
-                failures[nid] = backend.scrub(str(exc) if isinstance(exc, llm.LLMError) else f"{type(exc).__name__}: {exc}")
+                message = str(exc) if isinstance(exc, llm.LLMError) else f"{type(exc).__name__}: {exc}"
+                failures[nid] = backend.scrub(message)
                 log(f"neuron {nid}: failed: {failures[nid]}")
                 if getattr(exc, "fatal", False) and fatal is None:
                     fatal = failures[nid]

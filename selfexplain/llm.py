@@ -119,7 +119,8 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 # ----------------------------------------------------------------------------- answers
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
-_PREFIX = re.compile(r"^(final answer|answer|concept|label|the concept is|this neuron detects|neuron)\s*[:\-–]\s*", re.I)
+_PREFIX = re.compile(r"^(final answer|answer|concept|label|the concept is|this neuron detects|neuron)\s*[:\-–]\s*",
+                     re.I)
 _REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|as an ai)", re.I)
 
 
@@ -398,7 +399,8 @@ class OpenAIBackend(Backend):
             _notice(f"could not list models at {self.client.base_url} ({type(exc).__name__}); using the default")
             return ""
         if len(names) > 1:  # picking one at random would surprise: ask instead
-            raise UserError(f"{self.client.base_url} serves several models; set MODEL to one of: {', '.join(names[:8])}")
+            listed = ", ".join(names[:8])
+            raise UserError(f"{self.client.base_url} serves several models; set MODEL to one of: {listed}")
         return names[0] if names else ""
 
     def _request(self, system, text, images, fallback):
@@ -467,7 +469,10 @@ class ReplicateBackend(Backend):
         self._local.retry_after = response.headers.get("retry-after")
 
     def _input(self, system: str, text: str, images: list[Path]) -> dict:
-        payload = {"prompt": text, self.system_field: system} if self.system_field else {"prompt": f"{system}\n\n{text}"}
+        if self.system_field:
+            payload = {"prompt": text, self.system_field: system}
+        else:  # the model takes no system prompt: it leads the prompt instead
+            payload = {"prompt": f"{system}\n\n{text}"}
         if images and self.image_field == "image":
             payload["image"] = data_url(tile_png(images)) if len(images) > 1 else data_url(png_bytes(images[0]))
         elif images:

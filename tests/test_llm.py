@@ -19,9 +19,8 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
-import sae_summary_to_llm as stage  # noqa: E402
+import sae_summary_to_llm as stage  # conftest puts the repo root on sys.path
 from fake_llm_server import FakeLLMServer, Reply  # noqa: E402
 from selfexplain import llm  # noqa: E402
 from selfexplain.artifacts import read_jsonl  # noqa: E402
