@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from selfexplain import artifacts, data, report, stats
 from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
@@ -45,9 +44,11 @@ ANTI_CLASSES = 3                               # classes listed as avoided per n
 WEAK_PMI = 0.5                                 # best PMI below this reads as "weak/unclear" in the summary
 MAX_PER_CLASS = 0                              # summarise at most this many training images per class (0 = all)
 BATCH_SIZE = 128                               # images per forward pass
+FEATURE_CACHE_MB = 1024                        # keep layer4 maps in memory up to this size (skips pass 2's backbone)
 THUMB_SIZE = 80                                # side of each example thumbnail in pixels
 HEAT_ALPHA = 0.6                               # opacity of the red activation overlay at the peak
 DEVICE = "auto"                                # auto | cpu | cuda
+CHANNELS_LAST = True                           # channels_last memory format (faster convs, same maths)
 AMP = "off"                                    # off keeps the closed-form contributions exact; auto | bf16 | fp16
 NUM_THREADS = 0                                # CPU intra-op threads (0 = torch default)
 SEED = 0                                       # seeds the per-class sample
@@ -66,6 +67,8 @@ def select_images(train: np.ndarray, labels: np.ndarray, max_per_class: int, see
 def load_models(cfg, device):
     """Classifier, SAE (checked to belong together) and the dataset the classifier was trained on."""
     model, ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, device)
+    if cfg.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
     sae, sae_ckpt = artifacts.load_sae(cfg.SAE_CKPT, ckpt, device)
     imageset = data.load_dataset(ckpt["dataset"], cfg.CACHE_DIR)
     return model, ckpt, sae, sae_ckpt, imageset
@@ -73,13 +76,15 @@ def load_models(cfg, device):
 
 # ----------------------------------------------------------------------------- pass 1
 @torch.no_grad()
-def collect(model, sae, images, indices, prep, device, batch_size=128, amp="off", progress=True) -> dict:
+def collect(model, sae, images, indices, prep, device, batch_size=128, amp="off", progress=True,
+            cache_mb: float = 0) -> dict:
     """One pass: per-image max/mean of Top-K and dense codes, token counts, position moments.
 
     Returns a dict of numpy arrays aligned with ``indices`` (which must be sorted):
     ``top_max``, ``top_mean``, ``dense_max``, ``dense_mean`` (N, M) float32; ``logits`` and
     ``sae_logits`` (N, classes) (the classifier's and the SAE decomposition's, without ε);
-    ``tokens_active`` (M,), ``n_tokens``, ``grid`` (H, W) and position sums (see stats.weighted_position).
+    ``tokens_active`` (M,), ``n_tokens``, ``grid`` (H, W) and position sums (see stats.weighted_position);
+    ``fmaps``: the layer4 maps (N, C, H, W) on the CPU when they fit in ``cache_mb``, else None.
     """
     lens = logit_lens(sae, model.fc.weight)
     bias = bias_logits(sae, model.fc.weight, model.fc.bias)
@@ -87,10 +92,14 @@ def collect(model, sae, images, indices, prep, device, batch_size=128, amp="off"
     m = sae.n_latents
     moments = {k: torch.zeros(m, dtype=torch.float64, device=device) for k in ("w", "r", "c", "rr", "cc")}
     active = torch.zeros(m, dtype=torch.float64, device=device)
-    n_tokens, grid = 0, None
+    n_tokens, grid, fmaps = 0, None, []
     for _, fmap, logits in iter_feature_maps(model, images, indices, prep, device, batch_size, amp, progress,
                                              desc="pass 1: codes"):
         grid = tuple(fmap.shape[2:])
+        if fmaps is not None and len(indices) * fmap[0].numel() * 4 <= cache_mb * 2 ** 20:
+            fmaps.append(fmap.cpu())
+        else:
+            fmaps = None
         rows, cols = (torch.as_tensor(a, device=device, dtype=torch.float32) for a in stats.token_grid(*grid))
         z = sae.codes_for_map(fmap)                                           # (B, T, M) Top-K
         dense = sae.codes_for_map(fmap, dense=True)
@@ -110,7 +119,8 @@ def collect(model, sae, images, indices, prep, device, batch_size=128, amp="off"
         raise UserError("no images to summarise (empty training split?)")
     result = {k: np.concatenate(v) for k, v in out.items()}
     result.update({k: v.cpu().numpy() for k, v in moments.items()})
-    result.update(tokens_active=active.cpu().numpy(), n_tokens=n_tokens, grid=grid)
+    result.update(tokens_active=active.cpu().numpy(), n_tokens=n_tokens, grid=grid,
+                  fmaps=torch.cat(fmaps) if fmaps else None)
     return result
 
 
@@ -127,15 +137,24 @@ def top_examples(top_max: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def example_token_maps(model, sae, images, indices, rows, prep, device, batch_size=128, amp="off",
-                       progress=True) -> np.ndarray:
-    """Top-K token maps of each neuron on its example images: (M, E, T) float32 (0 where none)."""
+                       progress=True, fmaps: torch.Tensor | None = None) -> np.ndarray:
+    """Top-K token maps of each neuron on its example images: (M, E, T) float32 (0 where none).
+
+    Uses the layer4 maps kept by :func:`collect` when given (``fmaps``, aligned with
+    ``indices``), else runs the backbone again on the example images only.
+    """
     m, e = rows.shape
     needed = np.unique(rows[rows >= 0])
     maps = np.zeros((m, e, 0), dtype=np.float32)
     neuron_of, slot_of = np.nonzero(rows >= 0)
     pair_rows = rows[neuron_of, slot_of]
-    for batch_idx, fmap, _ in iter_feature_maps(model, images, indices[needed], prep, device, batch_size, amp,
-                                                progress, desc="pass 2: examples"):
+    if fmaps is not None:
+        source = ((indices[needed[i:i + batch_size]], fmaps[needed[i:i + batch_size]].to(device))
+                  for i in range(0, len(needed), batch_size))
+    else:
+        source = ((idx, fmap) for idx, fmap, _ in iter_feature_maps(
+            model, images, indices[needed], prep, device, batch_size, amp, progress, desc="pass 2: examples"))
+    for batch_idx, fmap in source:
         z = sae.codes_for_map(fmap)                                           # (B, T, M)
         if maps.shape[2] == 0:
             maps = np.zeros((m, e, z.shape[1]), dtype=np.float32)
@@ -298,7 +317,7 @@ def main(**overrides) -> dict:
     labels, prep = imageset.labels[indices], ckpt["preprocess"]
     print(f"summarising {sae.n_latents} neurons (K={sae.k}) on {len(indices)} training images, device {device}")
     run = dict(prep=prep, device=device, batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
-    acts = collect(model, sae, imageset.images, indices, **run)
+    acts = collect(model, sae, imageset.images, indices, **run, cache_mb=cfg.FEATURE_CACHE_MB)
     timings["pass1"] = time.time() - t0
 
     t = time.time()
@@ -307,7 +326,7 @@ def main(**overrides) -> dict:
     rows, values = top_examples(acts["top_max"], cfg.TOP_EXAMPLES)
     timings["stats"] = time.time() - t
     t = time.time()
-    maps = example_token_maps(model, sae, imageset.images, indices, rows, **run)
+    maps = example_token_maps(model, sae, imageset.images, indices, rows, **run, fmaps=acts.pop("fmaps"))
     recovery, parts = concept_recovery(acts, rows, maps, imageset, indices, prep["image_size"])
     timings["pass2_and_recovery"] = time.time() - t
 

@@ -161,6 +161,17 @@ def ask_all(backend: llm.Backend, neurons: list[dict], cfg, report_dir: Path, ou
     return failures
 
 
+def _refresh_atlas(report_dir: Path) -> None:
+    """Rebuild index.html so the atlas shows the new concepts."""
+    from selfexplain import report
+
+    try:
+        report.write_index_html(report_dir)
+        log(f"atlas updated: {report_dir / 'index.html'}")
+    except Exception as exc:  # the answers are saved; a stale page is not worth failing the run
+        log(f"could not refresh {report_dir / 'index.html'}: {exc.__class__.__name__}: {exc}")
+
+
 # ----------------------------------------------------------------------------- main
 def main(**overrides) -> int:
     cfg = make_config(module_constants(globals()), overrides)
@@ -184,6 +195,7 @@ def main(**overrides) -> int:
         "already_answered": len(chosen) - len(todo), "dead_skipped": n_dead,
         "failed": [{"neuron_id": i, "error": e} for i, e in sorted(failures.items())]})
     log(f"wrote {len(todo) - len(failures)} answers to {out_path}")
+    _refresh_atlas(report_dir)
     if failures:
         log(f"{len(failures)} neurons failed (rerun to retry them): {sorted(failures)}")
         return 1

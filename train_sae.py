@@ -13,7 +13,8 @@ memory-mapped .npy in CACHE_DIR when larger than TOKEN_RAM_GB), then the SAE tra
 shuffled token batches. Tokens are standardised per channel (μ, σ over the training
 split), s = W_e ã + b_e, z = TopK(ReLU(s)), â = D z + b_d with unit-norm decoder columns.
 
-Defaults are sized for the 64-112 px synthetic demo (M=512, K=16). For TU-Berlin at
+Defaults are sized for the 64 px synthetic demo (M=128, K=8: 12 classes need few latents;
+M=512 left a third of them dead). For TU-Berlin at
 224 px use M=2048, K=20 (density 0.01), BATCH_SIZE=4096, EPOCHS≈20.
 
 Dead latents: a latent's usage EMA tracks the share of tokens it fires on (time constant
@@ -45,9 +46,9 @@ from selfexplain.sae import TopKSAE
 CLASSIFIER_CKPT = "runs/standard_cnn/best.pt"  # stage-1 checkpoint (dataset, split, preprocessing come from it)
 OUT_DIR = "runs/sae_topk"      # where checkpoints, metrics and logs go
 CACHE_DIR = "cache"            # decoded-image cache; token memmaps go under CACHE_DIR/sae_tokens
-LATENT_DIM = 512               # M, number of latents (TU-Berlin: 2048)
-TOP_K = 16                     # K, active latents per token (TU-Berlin: 20)
-EPOCHS = 40                    # passes over the cached training tokens
+LATENT_DIM = 128               # M, number of latents (demo; TU-Berlin: 2048)
+TOP_K = 8                      # K, active latents per token (demo; TU-Berlin: 20)
+EPOCHS = 30                    # passes over the cached training tokens
 BATCH_SIZE = 512               # tokens per optimiser step (per process under DDP; TU-Berlin: 4096)
 LR = 2e-3                      # peak Adam learning rate
 WARMUP_FRACTION = 0.05         # share of steps warming up linearly, then cosine to 0
@@ -59,6 +60,7 @@ RESAMPLE_STOP = 0.8            # no resampling after this share of the epochs (l
 USAGE_EMA_EPOCHS = 0.25        # usage EMA time constant, in epochs of training tokens
 DEAD_USAGE = 0.01              # dead when usage EMA < DEAD_USAGE x K/M
 TOKEN_RAM_GB = 4.0             # keep cached tokens in RAM up to this size, else memmap on disk
+MAX_IMAGES = 0                 # cache tokens of at most this many images per split (0 = all; for CPU trials)
 FEATURE_BATCH = 256            # images per backbone forward when caching tokens
 AMP = "auto"                   # auto | bf16 | fp16 | off (auto: fp32 on CPUs without native bf16)
 DEVICE = "auto"                # auto | cpu | cuda
@@ -87,6 +89,13 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def subsample(indices: np.ndarray, max_images: int, seed: int) -> np.ndarray:
+    """At most ``max_images`` of ``indices`` (a seeded random subset, kept sorted); 0 = all."""
+    if max_images <= 0 or len(indices) <= max_images:
+        return indices
+    return np.sort(np.random.default_rng(seed).permutation(indices)[:max_images])
+
+
 def build_caches(cfg, clf_ckpt, model, runtime, log):
     """Cache this rank's shard of train and val tokens; return (train, val, μ, σ, labels)."""
     imageset = data.load_dataset(clf_ckpt["dataset"], cfg.CACHE_DIR, progress=runtime.is_main)
@@ -95,8 +104,10 @@ def build_caches(cfg, clf_ckpt, model, runtime, log):
     t0 = time.time()
     stores = {}
     for name in ("train", "val"):
-        shard = split[name][runtime.rank::runtime.world_size]
-        path = f"{cfg.CACHE_DIR}/sae_tokens/{clf_ckpt['fingerprint']}-{name}-r{runtime.rank}of{runtime.world_size}.npy"
+        chosen = subsample(split[name], cfg.MAX_IMAGES, cfg.SEED)
+        shard = chosen[runtime.rank::runtime.world_size]
+        path = (f"{cfg.CACHE_DIR}/sae_tokens/{clf_ckpt['fingerprint']}-{name}-n{len(chosen)}-"
+                f"r{runtime.rank}of{runtime.world_size}.npy")
         stores[name], sums = st.cache_tokens(
             model, imageset.images, shard, prep, runtime.device, ram_gb=cfg.TOKEN_RAM_GB / runtime.world_size,
             disk_path=path, batch_size=cfg.FEATURE_BATCH, amp=cfg.AMP, progress=runtime.is_main,
@@ -126,6 +137,7 @@ def main(**overrides) -> dict:
     set_threads(cfg.NUM_THREADS)
     log = print if runtime.is_main else (lambda *a, **k: None)
     model, clf_ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, runtime.device)
+    model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)
     for p in model.parameters():
         p.requires_grad_(False)
     train, val, mu, sigma, labels = build_caches(cfg, clf_ckpt, model, runtime, log)
@@ -178,6 +190,10 @@ def fit(cfg, sae, optimizer, model, clf_ckpt, train, val, labels, state, runtime
         barrier(runtime)
     if writer is not None:
         writer.close()
+    if runtime.distributed:
+        if not st.replicas_agree(sae, runtime):
+            raise RuntimeError("DDP ranks ended with different SAE weights")
+        log(f"all {runtime.world_size} ranks hold identical SAE weights")
     return finish(cfg, state, runtime, log)
 
 
@@ -253,7 +269,7 @@ def finish(cfg, state, runtime, log) -> dict:
     keys = ("val_fvu", "val_l0", "val_dead_fraction", "val_spliced_accuracy", "val_classifier_accuracy")
     metrics = {k: best[k] for k in keys}
     metrics.update(best_epoch=best["epoch"], epochs=state["epoch"], latent_dim=cfg.LATENT_DIM, top_k=cfg.TOP_K,
-                   dead_latents=cfg.DEAD_LATENTS, tokens_per_s=float(np.mean([r["tokens_per_s"] for r in state["history"]])),
+                   dead_latents=cfg.DEAD_LATENTS, world_size=runtime.world_size, tokens_per_s=float(np.mean([r["tokens_per_s"] for r in state["history"]])),
                    history=state["history"])
     if runtime.is_main:
         artifacts.write_json(f"{cfg.OUT_DIR}/metrics.json", metrics)

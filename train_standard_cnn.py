@@ -34,7 +34,7 @@ from selfexplain.model import SketchResNet
 DATASET = "synthetic"          # synthetic | tu-berlin | parquet | folder
 DATA_ROOT = ""                 # source folder ('' = data/<dataset>); unused for synthetic
 SYNTHETIC_PER_CLASS = 300      # synthetic only: images generated per class
-IMAGE_SIZE = 112               # side of the square input (multiple of 32); 224 for TU-Berlin
+IMAGE_SIZE = 64                # side of the square input (multiple of 32): 64 -> 2x2 layer4 map; 224 for TU-Berlin
 CACHE_DIR = "cache"            # decoded uint8 image cache, keyed by source and size
 OUT_DIR = "runs/standard_cnn"  # where checkpoints, metrics and logs go
 EPOCHS = 5                     # passes over the training split
@@ -174,6 +174,10 @@ def main(**overrides) -> dict:
     imageset = data.load_dataset(build_spec(cfg), cfg.CACHE_DIR, progress=runtime.is_main)
     if imageset.skipped:
         log(f"skipped {len(imageset.skipped)} unreadable images (listed in metrics.json)")
+    if cfg.EPOCHS == 0:  # cache-only run: decode the data, train nothing
+        log(f"EPOCHS=0: {len(imageset)} images cached in {cfg.CACHE_DIR}; nothing trained")
+        cleanup(runtime)
+        return {"num_images": len(imageset), "skipped_images": imageset.skipped}
     model = SketchResNet(len(imageset.class_names), pretrained=cfg.PRETRAINED).to(runtime.device)
     if cfg.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from selfexplain import data, explain
+from selfexplain.explain import explain_image, explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
 from selfexplain.config import UserError, make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
 
@@ -32,9 +33,9 @@ IMAGE = "test:0"                           # image file, [list], folder/, or tes
 CLASSIFIER_CKPT = "runs/standard_cnn/best.pt"  # stage 1 checkpoint
 SAE_CKPT = "runs/sae_topk/best_sae.pt"     # stage 2 checkpoint (must match the classifier)
 REPORT_DIR = "neuron_report"               # stage 3/4 outputs: neurons.jsonl, llm_output.jsonl
-N = 5                                      # concepts cited per image
-PERCENTILE = 99.0                          # top_neuron_ids_for_image: per-image score percentile threshold
-AGG = "max"                                # top_neuron_ids_for_image: max | mean | sum over tokens
+N = 5                                      # concepts cited per image (also caps the most-active list)
+PERCENTILE = 99.0                          # most-active list: neurons above this percentile of the image's scores
+AGG = "max"                                # most-active list: max | mean | sum of each neuron's code over tokens
 RANDOM_DRAWS = 8                           # random active-neuron sets for the faithfulness baseline
 JSON = False                               # print one JSON object per image instead of text
 OVERLAY = ""                               # PNG path for the heat-map overlay ('' = none; several images get _<name> suffixes)
@@ -122,13 +123,17 @@ def format_text(exp: explain.Explanation) -> str:
              f"predicted: {exp.predicted_class} ({exp.probability:.1%}){truth}",
              f"top-5: {top5}", "because of (share of the positive evidence, contribution to the logit):"]
     for n in exp.neurons:
-        lines.append(f"  {n.share:6.1%}  {n.concept}  [neuron {n.neuron_id}, {n.contribution:+.3f}]")
+        lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}]")
     cited = sum(n.contribution for n in exp.neurons)
     lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "
                  f"+ SAE error {exp.error:.3f}")
     f = exp.faithfulness
     lines.append(f"faithfulness: removing the cited neurons lowers the logit by {f['cited_drop']:.3f}; "
                  f"as many random active neurons: {f['random_drop']:.3f}")
+    active = exp.extra.get("top_active")
+    if active:
+        listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
+        lines.append(f"most active ({active['agg']} over tokens, >= p{active['percentile']:g}): {listed or 'none'}")
     lines.append(exp.sentence)
     if exp.extra.get("llm_sentence"):
         lines.append(f"LLM: {exp.extra['llm_sentence']}")
@@ -162,11 +167,15 @@ def main(**overrides) -> list[dict]:
     cfg = make_config(module_constants(globals()), overrides)
     if cfg.N < 0 or cfg.RANDOM_DRAWS < 1 or cfg.BATCH_SIZE < 1:
         raise UserError("need N >= 0, RANDOM_DRAWS >= 1 and BATCH_SIZE >= 1")
+    explain.check_percentile(cfg.PERCENTILE, max(cfg.N, 1))
+    if cfg.AGG not in explain.AGGS:
+        raise UserError(f"AGG must be one of {', '.join(explain.AGGS)}, got {cfg.AGG!r}")
     entries = image_list(cfg.IMAGE)
     models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE))
     names, images, truths = load_inputs(entries, models, cfg)
     explanations = explain.explain_images(images, cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.N,
-                                          cfg.RANDOM_DRAWS, cfg.SEED, models.device, cfg.BATCH_SIZE)
+                                          cfg.RANDOM_DRAWS, cfg.SEED, models.device, cfg.BATCH_SIZE,
+                                          active=(max(cfg.N, 1), cfg.PERCENTILE, cfg.AGG))
     backend = None
     if cfg.LLM:
         from selfexplain.llm import make_backend  # lazy: network clients only when asked for

@@ -142,6 +142,7 @@ class Analysis:
     indices: torch.Tensor      # (B, T, K) their latent ids
     z_mean: torch.Tensor       # (B, M) mean over tokens of the Top-K code
     z_max: torch.Tensor        # (B, M) max over tokens
+    z_sum: torch.Tensor        # (B, M) sum over tokens
     residual: torch.Tensor     # (B, C, H, W) the SAE error map A - Â
     error: torch.Tensor        # (B, classes) W · GAP(A - Â)
     hw: tuple[int, int]
@@ -166,7 +167,7 @@ def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
 def analyse(models: Models, batch_uint8: np.ndarray) -> Analysis:
     """One fp32 pass: classifier features and logits, SAE code, reconstruction error."""
     clf, sae = models.classifier, models.sae
-    x = data.model_input(torch.from_numpy(np.ascontiguousarray(batch_uint8)), clf_prep(models), models.device)
+    x = data.model_input(torch.from_numpy(np.ascontiguousarray(batch_uint8)), models.classifier_ckpt["preprocess"], models.device)
     fmap = clf.features(x).float()
     logits = clf.head(fmap).float()
     b, c, h, w = fmap.shape
@@ -175,22 +176,27 @@ def analyse(models: Models, batch_uint8: np.ndarray) -> Analysis:
     residual = fmap - recon
     error = residual.mean(dim=(2, 3)) @ clf.fc.weight.float().t()
     values, indices = values.reshape(b, h * w, -1), indices.reshape(b, h * w, -1)
-    z = torch.zeros(b, h * w, sae.n_latents, device=fmap.device).scatter_(2, indices, values)
-    return Analysis(logits, logits.softmax(-1), values, indices, z.mean(1), z.amax(1), residual, error, (h, w))
-
-
-def clf_prep(models: Models) -> dict:
-    return models.classifier_ckpt["preprocess"]
+    # per-image sums and maxima over tokens straight from the sparse code (no dense (B, T, M) tensor)
+    zeros = torch.zeros(b, sae.n_latents, device=fmap.device)
+    z_sum = zeros.scatter_add(1, indices.flatten(1), values.flatten(1))
+    z_max = zeros.scatter_reduce(1, indices.flatten(1), values.flatten(1), "amax")  # codes are >= 0
+    return Analysis(logits, logits.softmax(-1), values, indices, z_sum / (h * w), z_max, z_sum, residual, error, (h, w))
 
 
 def token_scores(analysis: Analysis, agg: str) -> torch.Tensor:
     """Per-neuron scores (B, M): max, mean or sum over tokens of the Top-K code."""
     if agg not in AGGS:
         raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {agg!r}")
-    if agg == "max":
-        return analysis.z_max
-    t = analysis.values.shape[1]
-    return analysis.z_mean if agg == "mean" else analysis.z_mean * t
+    return {"max": analysis.z_max, "mean": analysis.z_mean, "sum": analysis.z_sum}[agg]
+
+
+def most_active(scores: torch.Tensor, n: int, percentile: float) -> tuple[list[int], list[float], float]:
+    """Neurons with score >= the ``percentile`` of this image's M scores and > 0, highest first, at most ``n``."""
+    scores = scores.cpu().numpy().astype(np.float64)
+    threshold = float(np.percentile(scores, percentile))
+    keep = np.flatnonzero((scores >= threshold) & (scores > 0))
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:n]
+    return [int(i) for i in keep], [float(scores[i]) for i in keep], threshold
 
 
 def heatmap(analysis: Analysis, b: int, neuron_id: int) -> np.ndarray:
@@ -280,11 +286,13 @@ def random_active_sets(active: np.ndarray, size: int, draws: int, rng: np.random
 
 
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
-                n_cite: int = 5, n_random: int = 8, seed: int = 0, index: int | None = None) -> Explanation:
+                n_cite: int = 5, n_random: int = 8, seed: int = 0, index: int | None = None,
+                active: tuple[int, float, str] | None = None) -> Explanation:
     """Build image ``b``'s explanation from a batch :class:`Analysis`.
 
     ``index`` (default ``b``) seeds the random draws with ``seed``, so an image gets the
-    same draws whatever batch it lands in.
+    same draws whatever batch it lands in. ``active = (n, percentile, agg)`` also records
+    the most active neurons (as :func:`top_neuron_ids_for_image`) in ``extra["top_active"]``.
     """
     probs = analysis.probs[b]
     pred = int(analysis.logits[b].argmax())
@@ -296,9 +304,9 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     cited = [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
                          float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
                          heatmap(analysis, b, i)) for i in cited_ids]
-    active = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
+    active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
     rng = np.random.default_rng([seed, b if index is None else index])
-    sets = [[], cited_ids] + random_active_sets(active, len(cited_ids), n_random, rng)
+    sets = [[], cited_ids] + random_active_sets(active_ids, len(cited_ids), n_random, rng)
     ablated = ablated_logits(models, analysis, b, sets, pred) if cited_ids else np.zeros(1)
     faith = {"cited_drop": float(ablated[0] - ablated[1]) if cited_ids else 0.0,
              "random_drop": float(np.mean(ablated[0] - ablated[2:])) if len(ablated) > 2 else 0.0}
@@ -310,21 +318,33 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
               for p, i in zip(top_p, top_i)],
         logit=float(analysis.logits[b, pred]), neurons=cited, others=float(contrib.sum()) - cited_sum,
         bias=float(models.bias[pred]), error=float(analysis.error[b, pred]), faithfulness=faith,
-        sentence=compose_sentence(cls, prob, cited))
+        sentence=compose_sentence(cls, prob, cited), extra=_top_active(analysis, b, active))
+
+
+def _top_active(analysis: Analysis, b: int, active: tuple[int, float, str] | None) -> dict:
+    if active is None:
+        return {}
+    n, percentile, agg = active
+    ids, scores, threshold = most_active(token_scores(analysis, agg)[b], n, percentile)
+    return {"top_active": {"agg": agg, "percentile": percentile, "threshold": threshold,
+                           "neuron_ids": ids, "scores": scores}}
 
 
 def explain_images(images: Sequence, classifier_ckpt: str | Path = "runs/standard_cnn/best.pt",
                    sae_ckpt: str | Path = "runs/sae_topk/best_sae.pt", report_dir: str | Path = "neuron_report",
                    n_cite: int = 5, n_random: int = 8, seed: int = 0, device: str = "auto",
-                   batch_size: int = 64) -> list[Explanation]:
-    """Explain several images (paths, PIL images or uint8 arrays), batched through the models."""
+                   batch_size: int = 64, active: tuple[int, float, str] | None = None) -> list[Explanation]:
+    """Explain several images (paths, PIL images or uint8 arrays), batched through the models.
+
+    ``active = (n, percentile, agg)`` adds the most active neurons to each explanation.
+    """
     models = load_models(classifier_ckpt, sae_ckpt, device)
     concepts = load_concepts(report_dir)
     out = []
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)
         analysis = analyse(models, batch)
-        out += [explain_one(models, analysis, b, names[b], concepts, n_cite, n_random, seed, start + b)
+        out += [explain_one(models, analysis, b, names[b], concepts, n_cite, n_random, seed, start + b, active)
                 for b in range(len(batch))]
     return out
 
@@ -334,6 +354,11 @@ def explain_image(pil_or_path, classifier_ckpt: str | Path = "runs/standard_cnn/
                   n_cite: int = 5, n_random: int = 8, seed: int = 0, device: str = "auto") -> Explanation:
     """Explain one image; see the module docstring for what every field means."""
     return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, n_cite, n_random, seed, device)[0]
+
+
+def check_percentile(percentile: float, n: int) -> None:
+    if not 0 <= percentile <= 100 or n < 1:
+        raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {percentile}, {n}")
 
 
 def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = "runs/standard_cnn/best.pt",
@@ -350,22 +375,17 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = "runs/st
     neurons with score >= threshold and > 0, highest first, at most ``N``; ``scores``
     their scores; ``top5`` a list of ``{"class", "index", "probability"}``.
     """
-    if not 0 <= percentile <= 100 or N < 1:
-        raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {percentile}, {N}")
+    check_percentile(percentile, N)
     models = load_models(classifier_ckpt, sae_ckpt, device)
     batch, _ = to_uint8([pil_or_path], models.image_size)
     analysis = analyse(models, batch)
-    scores = token_scores(analysis, agg)[0].cpu().numpy().astype(np.float64)
-    threshold = float(np.percentile(scores, percentile))
-    keep = np.flatnonzero((scores >= threshold) & (scores > 0))
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:N]
+    ids, scores, threshold = most_active(token_scores(analysis, agg)[0], N, percentile)
     probs = analysis.probs[0]
     top_p, top_i = probs.topk(min(5, len(probs)))
     top5 = [{"class": models.class_names[int(i)], "index": int(i), "probability": float(p)}
             for p, i in zip(top_p, top_i)]
     pred = int(top_i[0])
-    return ([int(i) for i in keep], [float(scores[i]) for i in keep], threshold, models.class_names[pred],
-            float(probs[pred]), top5)
+    return ids, scores, threshold, models.class_names[pred], float(probs[pred]), top5
 
 
 # ----------------------------------------------------------------------------- overlay

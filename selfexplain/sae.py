@@ -70,7 +70,7 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------------------ decoding
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """â = Σ_k values_k d_{indices_k} + b_d, gathering only the active columns."""
-        out = F.embedding_bag(indices, self.D.t(), per_sample_weights=values.to(self.D.dtype), mode="sum")
+        out = F.embedding_bag(indices, self.D.t().contiguous(), per_sample_weights=values.to(self.D.dtype), mode="sum")
         return out + self.b_d
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def _csr_grad(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, n_row
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=x.device)
     crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
     vals = grads.reshape(-1)[order].to(x.dtype)
-    s = torch.sparse_csr_tensor(crow, cols, vals, (n_rows, n))
+    s = torch.sparse_csr_tensor(crow, cols, vals, (n_rows, n), check_invariants=False)
     return s @ x, torch.zeros(n_rows, dtype=x.dtype, device=x.device).index_add_(0, rows, grads.reshape(-1).to(x.dtype))
 
 
@@ -261,9 +261,11 @@ def resample_dead_(sae: TopKSAE, optimizer, dead_idx: torch.Tensor, x_sample: to
     """Re-initialise ``dead_idx`` latents from tokens the SAE reconstructs badly.
 
     Tokens of ``x_sample`` are drawn with probability ∝ squared error²; each dead latent
-    gets the unit residual direction e/||e|| of its token as decoder column, the same
-    direction as encoder row, scaled so its pre-activation on that token equals the
-    token's current largest one (so it enters the token's top K), and b_e = 0. Adam's
+    gets its token's unit direction (x - b_d)/||x - b_d|| as decoder column (residual
+    directions of different tokens share -x̂ components and made revived latents crowd
+    each other out of the top K), the same direction as encoder row, scaled so its pre-activation on that token just exceeds the
+    token's current K-th largest (so it enters the token's top K; the scale is capped at
+    twice the median encoder row norm), and b_e = 0. Adam's
     moments of those rows are zeroed. Under DDP rank 0 decides and broadcasts.
     Returns the indices of the chosen tokens (rows of ``x_sample``).
     """
@@ -274,12 +276,14 @@ def resample_dead_(sae: TopKSAE, optimizer, dead_idx: torch.Tensor, x_sample: to
         recon, values, _ = sae(x_sample)
         err = (x_sample - recon).pow(2).sum(1)
         pick = torch.multinomial(err.pow(2) + 1e-12, n, replacement=n > len(err), generator=generator)
-        resid = (x_sample - recon)[pick]
-        direction = resid / resid.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        top1 = sae.pre_acts(x_sample[pick]).max(1).values.clamp_min(1e-3)
-        proj = (direction * x_sample[pick]).sum(1)
-        alive_norm = sae.W_e.norm(dim=1).mean()
-        scale = (top1 * 1.01 / proj.clamp_min(1e-6)).clamp(max=10 * alive_norm)
+        token = x_sample[pick]
+        centred = token - sae.b_d  # what D z has to add for this token
+        direction = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        kth = sae.pre_acts(token).topk(sae.k, dim=1).values[:, -1].clamp_min(1e-3)
+        # aim just above the token's K-th pre-activation; the median-norm cap stops a
+        # ratchet (scales taken from earlier resampled rows growing every round)
+        proj = (direction * token).sum(1).clamp_min(0.1 * token.norm(dim=1).clamp_min(1e-6))
+        scale = (kth * 1.05 / proj).clamp(max=2 * sae.W_e.norm(dim=1).median())
         sae.D[:, dead_idx] = direction.t().to(sae.D.dtype)
         sae.W_e[dead_idx] = (direction * scale[:, None]).to(sae.W_e.dtype)
         sae.b_e[dead_idx] = 0
@@ -373,3 +377,15 @@ def evaluate_sae(sae: TopKSAE, head, store: TokenStore, labels: np.ndarray, runt
     out.update(classifier_accuracy=correct[0].item() / n, spliced_accuracy=correct[1].item() / n)
     sae.train()
     return out
+
+
+def replicas_agree(sae: TopKSAE, runtime: Runtime) -> bool:
+    """True when every rank holds the same SAE weights (checked via a broadcast checksum)."""
+    if not runtime.distributed:
+        return True
+    mine = torch.stack([p.detach().double().sum() for p in sae.parameters()]
+                       + [p.detach().double().abs().sum() for p in sae.parameters()])
+    ref = broadcast(mine.clone(), runtime)
+    ok = torch.tensor([float(torch.equal(mine, ref))], device=mine.device)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())

@@ -46,11 +46,11 @@ def tiny_classifier(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sae(tmp_path_factory, tiny_classifier) -> Path:
+def tiny_sae(tmp_path_factory, tiny_classifier, cache_dir) -> Path:
     """An SAE trained for seconds on the tiny classifier; returns its run folder."""
     import train_sae
 
     out = tmp_path_factory.mktemp("sae_topk")
     train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(out), latent_dim=64, top_k=4,
-                   epochs=3, tensorboard=False)
+                   epochs=3, tensorboard=False, cache_dir=str(cache_dir))
     return out

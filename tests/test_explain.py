@@ -1,0 +1,232 @@
+"""Stage 5: exact decomposition, faithfulness, top neurons, caching, concepts and the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from selfexplain import artifacts, data, explain
+from selfexplain.config import UserError
+from selfexplain.sae import TopKSAE
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_classifier, tiny_sae):
+    return {"classifier_ckpt": str(tiny_classifier / "best.pt"), "sae_ckpt": str(tiny_sae / "best_sae.pt")}
+
+
+@pytest.fixture(scope="module")
+def test_images(ckpts, cache_dir):
+    """The tiny classifier's held-out test split as uint8 arrays, with labels."""
+    ckpt = artifacts.load_checkpoint(ckpts["classifier_ckpt"], "classifier")
+    images = data.load_dataset(ckpt["dataset"], cache_dir, progress=False)
+    idx = ckpt["split"]["test"].numpy()
+    return [np.array(images.images[i]) for i in idx], images.labels[idx]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, test_images):
+    """Three test sketches saved as PNG files."""
+    folder = tmp_path_factory.mktemp("sketches")
+    for k in range(3):
+        Image.fromarray(test_images[0][k * 5]).save(folder / f"sketch_{k}.png")
+    return folder
+
+
+def _explain(images, ckpts, tmp_path, **kw):
+    return explain.explain_images(images, report_dir=str(tmp_path), device="cpu", **ckpts, **kw)
+
+
+def test_logit_decomposes_exactly(ckpts, test_images, tmp_path):
+    images, _ = test_images
+    exps = _explain(images, ckpts, tmp_path)
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    x = data.model_input(torch.from_numpy(np.stack(images)), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        fmap = models.classifier.features(x)
+        logits = models.classifier.head(fmap)
+        recon_logits = models.classifier.head(models.sae.reconstruct_map(fmap))  # no error term
+    for b, e in enumerate(exps):
+        cited = sum(n.contribution for n in e.neurons)
+        assert e.logit == pytest.approx(float(logits[b, e.predicted_index]), abs=1e-4)
+        assert cited + e.others + e.bias + e.error == pytest.approx(e.logit, abs=1e-3)
+        # neurons + bias alone are what the head makes of the SAE reconstruction
+        assert cited + e.others + e.bias == pytest.approx(float(recon_logits[b, e.predicted_index]), abs=1e-3)
+        # the real ablation pass removes exactly the closed-form contributions
+        assert e.faithfulness["cited_drop"] == pytest.approx(cited, abs=1e-3)
+
+
+def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):
+    images, _ = test_images
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    analysis = explain.analyse(models, np.stack(images[:6]))
+    for b in range(6):
+        e = explain.explain_one(models, analysis, b, "x", {}, n_cite=3)
+        contrib = (analysis.z_mean[b] * models.lens[:, e.predicted_index]).double().numpy()
+        positive = np.sort(contrib[contrib > 0])[::-1]
+        assert [n.contribution for n in e.neurons] == pytest.approx(positive[:3].tolist(), abs=1e-6)
+        assert [n.share for n in e.neurons] == pytest.approx((positive[:3] / positive.sum()).tolist(), abs=1e-6)
+        assert e.sentence.startswith(f"Predicted {e.predicted_class} (")
+        for n in e.neurons:
+            assert n.concept == f"neuron {n.neuron_id}" and n.concept in e.sentence
+            assert n.heatmap.shape == analysis.hw and n.heatmap.max() == pytest.approx(n.activation_max, rel=1e-5)
+            assert n.heatmap.mean() == pytest.approx(n.activation, rel=1e-5)
+
+
+def test_cited_neurons_matter_more_than_random_active_ones(ckpts, test_images, tmp_path):
+    images, _ = test_images
+    exps = _explain(images, ckpts, tmp_path, n_cite=3, n_random=8, seed=0)
+    cited = np.mean([e.faithfulness["cited_drop"] for e in exps])
+    random = np.mean([e.faithfulness["random_drop"] for e in exps])
+    assert cited > 0 and cited >= 3 * random, (cited, random)
+    again = _explain(images[:4], ckpts, tmp_path, n_cite=3, n_random=8, seed=0)  # seeded draws
+    assert [e.faithfulness for e in again] == [e.faithfulness for e in exps[:4]]
+
+
+def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
+    images, _ = test_images
+    batch = _explain(images[:3], ckpts, tmp_path, batch_size=2)
+    for k, e in enumerate(batch):
+        one = explain.explain_image(images[k], report_dir=str(tmp_path), device="cpu", **ckpts)
+        assert one.predicted_index == e.predicted_index and one.logit == pytest.approx(e.logit, abs=1e-4)
+        assert [n.neuron_id for n in one.neurons] == [n.neuron_id for n in e.neurons]
+    from_file = explain.explain_image(image_dir / "sketch_0.png", report_dir=str(tmp_path), device="cpu", **ckpts)
+    assert from_file.image.endswith("sketch_0.png") and from_file.predicted_index == batch[0].predicted_index
+
+
+@pytest.mark.parametrize("agg", ["max", "mean", "sum"])
+def test_top_neuron_ids_threshold_semantics(ckpts, test_images, agg):
+    image = test_images[0][0]
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    x = data.model_input(torch.from_numpy(image[None].copy()), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        z = models.sae.codes_for_map(models.classifier.features(x))[0]  # (T, M) Top-K code
+        probs = models.classifier(x).softmax(-1)[0]
+    expected = {"max": z.amax(0), "mean": z.mean(0), "sum": z.sum(0)}[agg].double().numpy()
+    ids, scores, threshold, cls, prob, top5 = explain.top_neuron_ids_for_image(
+        image, N=20, percentile=90.0, agg=agg, device="cpu", **ckpts)
+    assert threshold == pytest.approx(np.percentile(expected, 90.0), rel=1e-5, abs=1e-6)
+    want = [i for i in np.argsort(-expected, kind="stable") if expected[i] >= threshold and expected[i] > 0][:20]
+    assert ids == [int(i) for i in want] and scores == pytest.approx(expected[want].tolist(), rel=1e-5)
+    assert cls == models.class_names[int(probs.argmax())] and prob == pytest.approx(float(probs.max()), rel=1e-5)
+    assert [t["index"] for t in top5] == probs.topk(5).indices.tolist()
+    few = explain.top_neuron_ids_for_image(image, N=2, percentile=0.0, agg=agg, device="cpu", **ckpts)[0]
+    assert few == ids[:2]  # percentile 0 keeps every active neuron; N caps the list
+    everything = explain.top_neuron_ids_for_image(image, N=10_000, percentile=0.0, agg=agg, device="cpu", **ckpts)[0]
+    assert sorted(everything) == np.flatnonzero(expected > 0).tolist()
+
+
+def test_bad_agg_is_a_user_error(ckpts, test_images):
+    with pytest.raises(UserError, match="AGG"):
+        explain.top_neuron_ids_for_image(test_images[0][0], agg="median", device="cpu", **ckpts)
+
+
+def test_models_load_once_per_process(ckpts, test_images, tmp_path):
+    image = test_images[0][0]
+    explain.explain_image(image, report_dir=str(tmp_path), device="cpu", **ckpts)
+    before = explain.LOAD_COUNT["models"]
+    explain.explain_image(image, report_dir=str(tmp_path), device="cpu", **ckpts)
+    explain.top_neuron_ids_for_image(image, device="cpu", **ckpts)
+    assert explain.LOAD_COUNT["models"] == before
+    # a checkpoint rewritten in place (new mtime) is picked up
+    sae_path = ckpts["sae_ckpt"]
+    stat = os.stat(sae_path)
+    os.utime(sae_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    explain.top_neuron_ids_for_image(image, device="cpu", **ckpts)
+    assert explain.LOAD_COUNT["models"] == before + 1
+
+
+def test_mismatched_sae_is_refused(ckpts, tmp_path):
+    other = TopKSAE(512, 16, 2)
+    path = artifacts.save_checkpoint(artifacts.sae_checkpoint(
+        other, classifier_fingerprint="0" * 16, classifier_path="elsewhere", config={}, epoch=0, metrics={},
+        usage_ema=torch.zeros(16)), tmp_path / "best_sae.pt")
+    with pytest.raises(UserError, match="trained on classifier"):
+        explain.load_models(ckpts["classifier_ckpt"], path, "cpu")
+
+
+def test_concepts_fall_back_from_llm_to_stats_to_id(ckpts, test_images, tmp_path, capsys):
+    image = test_images[0][0]
+    empty = tmp_path / "empty"
+    plain = explain.explain_image(image, report_dir=str(empty), device="cpu", n_cite=3, **ckpts)
+    assert "no concepts" in capsys.readouterr().err
+    a, b, c = [n.neuron_id for n in plain.neurons]
+    report = tmp_path / "report"
+    report.mkdir()
+    artifacts.write_jsonl(report / "neurons.jsonl", [
+        {"neuron_id": a, "auto_summary": "stats for a", "top_classes": []},
+        {"neuron_id": b, "auto_summary": "stats for b", "top_classes": []}])
+    artifacts.write_jsonl(report / "llm_output.jsonl", [
+        {"neuron_id": a, "answer": "wheel-like circles", "backend": "offline", "model": "offline"}])
+    e = explain.explain_image(image, report_dir=str(report), device="cpu", n_cite=3, **ckpts)
+    assert [n.concept for n in e.neurons] == ["wheel-like circles", "stats for b", f"neuron {c}"]
+    assert "wheel-like circles (" in e.sentence and "no concepts" not in capsys.readouterr().err
+
+
+def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
+    import why_did_you
+
+    out = why_did_you.main(image="test:1", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu",
+                           llm=True, backend="offline", json=True, **ckpts)
+    assert len(out) == 1 and (tmp_path / "test_images" / "test_1.png").is_file()
+    assert out[0]["llm_sentence"] == out[0]["sentence"]  # the offline backend answers with the composed sentence
+    assert out[0]["true_class"] in explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu").class_names
+    with pytest.raises(UserError, match="test split has"):
+        why_did_you.main(image="test:100000", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
+
+
+# ----------------------------------------------------------------------------- CLI (subprocess)
+def _cli(ckpts, tmp_path, *args):
+    flags = [f"--{k}={v}" for k, v in ckpts.items()] + [f"--report_dir={tmp_path}", "--device=cpu", *args]
+    return subprocess.run([sys.executable, str(ROOT / "why_did_you.py"), *flags], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
+            "bias", "error", "faithfulness", "sentence"}
+
+
+def test_cli_text_output_and_overlay(ckpts, image_dir, tmp_path):
+    out = _cli(ckpts, tmp_path, f"--image={image_dir / 'sketch_0.png'}", f"--overlay={tmp_path / 'why.png'}")
+    assert out.returncode == 0, out.stderr
+    assert "predicted: " in out.stdout and "top-5: " in out.stdout and "faithfulness:" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("Predicted ")
+    with Image.open(tmp_path / "why.png") as im:
+        assert im.format == "PNG" and im.width == 384 and im.height > 384
+
+
+def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path):
+    out = _cli(ckpts, tmp_path, f"--image={image_dir}", "--json=True", f"--overlay={tmp_path / 'ov.png'}", "--n=3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for line, name in zip(lines, sorted(p.name for p in image_dir.iterdir())):
+        rec = json.loads(line)
+        assert CONTRACT <= set(rec) and rec["image"].endswith(name)
+        assert len(rec["top5"]) == 5 and rec["top5"][0]["index"] == rec["predicted_index"]
+        assert set(rec["faithfulness"]) == {"cited_drop", "random_drop"} and len(rec["neurons"]) <= 3
+        assert all({"neuron_id", "concept", "activation", "contribution", "share"} <= set(n) for n in rec["neurons"])
+        total = sum(n["contribution"] for n in rec["neurons"]) + rec["others"] + rec["bias"] + rec["error"]
+        assert total == pytest.approx(rec["logit"], abs=1e-3)
+        assert (tmp_path / f"ov_{name[:-4]}.png").is_file()
+        active = rec["top_active"]  # PERCENTILE / AGG: the most active neurons, as top_neuron_ids_for_image
+        assert active["agg"] == "max" and len(active["neuron_ids"]) <= 3
+        assert active["scores"] == sorted(active["scores"], reverse=True)
+        assert all(s >= active["threshold"] and s > 0 for s in active["scores"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "not_an_image"])
+def test_cli_bad_input_is_one_line_and_exit_2(ckpts, image_dir, tmp_path, kind):
+    path = tmp_path / f"{kind}.png"
+    if kind == "corrupt":
+        path.write_bytes((image_dir / "sketch_0.png").read_bytes()[:60])  # a truncated PNG
+    elif kind == "not_an_image":
+        path.write_text("just some text\n")
+    out = _cli(ckpts, tmp_path, f"--image={path}", "--json=True")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("why_did_you.py: error:") and kind in out.stderr

@@ -1,0 +1,162 @@
+"""Stage 3 (sae_summarize.py): exact knockout, outputs, concept recovery, clear errors."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sae_summarize
+from selfexplain import artifacts, data, stats
+from selfexplain.config import UserError
+from selfexplain.features import iter_feature_maps
+from selfexplain.sae import TopKSAE, logit_lens
+
+
+def _make_sae(folder: Path, classifier_dir: Path, m: int = 48, k: int = 4, fingerprint: str | None = None) -> Path:
+    """A small SAE with μ, σ from real training tokens (random weights are enough here)."""
+    model, ckpt = artifacts.load_classifier(classifier_dir / "best.pt")
+    imageset = data.load_dataset(ckpt["dataset"], classifier_dir.parent / "cache_unused")
+    idx = ckpt["split"]["train"].numpy()[:64]
+    fmap = torch.cat([f for _, f, _ in iter_feature_maps(model, imageset.images, idx, ckpt["preprocess"], "cpu",
+                                                         amp="off")])
+    tokens = fmap.permute(0, 2, 3, 1).reshape(-1, fmap.shape[1])
+    torch.manual_seed(1)
+    sae = TopKSAE(fmap.shape[1], m, k)
+    sae.mu.copy_(tokens.mean(0))
+    sae.sigma.copy_(tokens.std(0).clamp_min(1e-3))
+    with torch.no_grad():
+        sae.b_d.normal_(0, 0.1)
+    ckpt_sae = artifacts.sae_checkpoint(sae, classifier_fingerprint=fingerprint or ckpt["fingerprint"],
+                                        classifier_path=str(classifier_dir / "best.pt"), config={}, epoch=1,
+                                        metrics={}, usage_ema=torch.zeros(m))
+    return artifacts.save_checkpoint(ckpt_sae, folder / "best_sae.pt")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_classifier, cache_dir):
+    folder = tmp_path_factory.mktemp("sae_s3")
+    sae_path = _make_sae(folder, tiny_classifier)
+    # the tiny classifier's dataset cache lives in the session cache dir
+    return {"classifier": tiny_classifier / "best.pt", "sae": sae_path, "cache": cache_dir}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, pipeline):
+    out = tmp_path_factory.mktemp("report")
+    summary = sae_summarize.main(classifier_ckpt=str(pipeline["classifier"]), sae_ckpt=str(pipeline["sae"]),
+                                 cache_dir=str(pipeline["cache"]), out_dir=str(out), top_examples=3, thumb_size=32,
+                                 batch_size=32)
+    return out, summary
+
+
+def test_knockout_equals_forward_pass_without_the_neuron(seed, pipeline):
+    """Removing neuron i from the reconstruction moves every logit by exactly −mean_tokens(z_i)·w_i."""
+    model, ckpt = artifacts.load_classifier(pipeline["classifier"])
+    sae, _ = artifacts.load_sae(pipeline["sae"], ckpt)
+    imageset = data.load_dataset(ckpt["dataset"], pipeline["cache"])
+    idx = np.sort(ckpt["split"]["train"].numpy()[:6])
+    acts = sae_summarize.collect(model, sae, imageset.images, idx, ckpt["preprocess"], torch.device("cpu"),
+                                 batch_size=8, progress=False, cache_mb=64)
+    fmap = acts["fmaps"]
+    active = np.argsort(-acts["top_mean"].mean(0))[:6]                            # the strongest neurons
+    assert acts["top_mean"][:, active].min(1).max() > 0
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        measured, full, codes = _knockout_forward(model, sae, fmap, active, dtype)
+        # fp32: the report's own per-image mean codes; fp64: the same quantity in fp64
+        codes = acts["top_mean"] if dtype == torch.float32 else codes
+        lens = logit_lens(sae.to(dtype), model.fc.weight.to(dtype)).detach().double().numpy()
+        sae.float()
+        if dtype == torch.float32:  # the report's own decomposition reproduces the spliced fp32 logits
+            assert np.abs(acts["sae_logits"] - full).max() <= tol * np.abs(full).max()
+        for k, i in enumerate(active):
+            predicted = -codes[:, i, None] * lens[i][None, :]            # Δ⁻ per image and class
+            # fp32 subtracts two logits of size |logit|: that, not the algebra, limits the match
+            scale = max(np.abs(predicted).max(), np.abs(full).max() if dtype == torch.float32 else 0.0)
+            assert np.abs(measured[k] - predicted).max() <= tol * scale
+            assert np.allclose(stats.knockout(codes[:, [i]], lens[[i]]),
+                               predicted.mean(0, keepdims=True))
+
+
+@torch.no_grad()
+def _knockout_forward(model, sae, fmap, neurons, dtype):
+    """Real forward passes through the SAE reconstruction with each neuron's Top-K entry zeroed."""
+    b, c, h, w = fmap.shape
+    sae = sae.to(dtype)
+    fc = torch.nn.Linear(c, model.fc.out_features).to(dtype)
+    fc.load_state_dict(model.fc.state_dict())
+    z = sae.encode(sae.map_to_tokens(fmap).to(dtype))                                # (B*T, M) Top-K code
+
+    def logits_from(code):
+        recon = sae.unstandardize(sae.decode(code)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return fc(recon.mean(dim=(2, 3))).double()                                 # = model.head
+
+    full = logits_from(z)
+    out = []
+    for i in neurons:
+        z_off = z.clone()
+        z_off[:, i] = 0
+        out.append((logits_from(z_off) - full).numpy())
+    return out, full.numpy(), z.reshape(b, h * w, -1).mean(1).double().numpy()
+
+
+def test_report_files_and_records(report):
+    out, summary = report
+    records = artifacts.read_jsonl(out / "neurons.jsonl")
+    assert len(records) == summary["n_neurons"] == 48
+    assert [r["neuron_id"] for r in records] == list(range(48))
+    keys = {"neuron_id", "dead", "threshold", "frequency", "token_frequency", "mean_on_activation", "max_activation",
+            "score", "top_classes", "anti_classes", "where", "auto_summary", "top_examples", "sprite", "parts"}
+    live = [r for r in records if not r["dead"]]
+    assert live and all(keys <= set(r) for r in records)
+    for r in live:
+        assert r["top_examples"] and (out / r["sprite"]).is_file()
+        acts = [e["activation"] for e in r["top_examples"]]
+        assert acts == sorted(acts, reverse=True) and acts[0] == pytest.approx(r["max_activation"], rel=1e-5)
+        assert all((out / e["thumb"]).is_file() for e in r["top_examples"])
+        assert {"class", "index", "pmi", "p_class_given_on", "lens", "knockout"} <= set(r["top_classes"][0])
+        assert 0 <= r["where"]["row"] <= 1 and r["where"]["description"]
+        assert r["auto_summary"].endswith(".")
+    for r in records:
+        if r["dead"]:
+            assert r["top_examples"] == [] and r["sprite"] is None and r["score"] == 0
+    scored = [r for r in live if r["score"] > 0]
+    assert scored  # some neuron is specific to a class it supports
+    for r in scored:  # the score's class is supported: positive lens, negative knockout
+        for c in r["top_classes"]:
+            if c["class"] == r["score_class"]:
+                assert c["lens"] > 0 and c["knockout"] < 0
+    assert (out / "index.html").is_file() and (out / "summary.json").is_file()
+
+
+def test_summary_has_concept_recovery_per_part(report):
+    _, summary = report
+    rec = summary["concept_recovery"]
+    from selfexplain.synthetic import PART_TYPES
+
+    assert set(rec["per_part"]) == set(PART_TYPES)
+    for row in rec["per_part"].values():
+        assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["in_box_share"] <= 1.0
+    assert rec["mean_best_auroc"] == pytest.approx(np.mean([r["auroc"] for r in rec["per_part"].values()]))
+    assert rec["mean_best_auroc"] >= 0.5  # the best of many neurons beats chance
+    assert summary["classifier"]["fingerprint"] == summary["sae"]["classifier_fingerprint"]
+    assert summary["dead_fraction"] == summary["n_dead"] / summary["n_neurons"]
+
+
+def test_max_per_class_samples_each_class():
+    labels = np.repeat(np.arange(3), 10)
+    train = np.arange(30)
+    picked = sae_summarize.select_images(train, labels, 4, seed=0)
+    assert np.bincount(labels[picked]).tolist() == [4, 4, 4] and np.all(np.diff(picked) > 0)
+    assert len(sae_summarize.select_images(train, labels, 0, seed=0)) == 30
+
+
+def test_clear_errors(tmp_path, pipeline, tiny_classifier):
+    with pytest.raises(UserError, match="train_sae.py"):
+        sae_summarize.main(classifier_ckpt=str(pipeline["classifier"]), sae_ckpt=str(tmp_path / "nope.pt"),
+                           cache_dir=str(pipeline["cache"]), out_dir=str(tmp_path / "r"))
+    other = _make_sae(tmp_path, tiny_classifier, fingerprint="0123456789abcdef")
+    with pytest.raises(UserError, match="trained on classifier"):
+        sae_summarize.main(classifier_ckpt=str(pipeline["classifier"]), sae_ckpt=str(other),
+                           cache_dir=str(pipeline["cache"]), out_dir=str(tmp_path / "r"))
+    with pytest.raises(UserError, match="QUANTILE"):
+        sae_summarize.main(quantile=1.5)
