@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -r bench/requirements-bench.txt
+	$(PY) -m pip install --quiet --no-deps -r bench/requirements-bench.txt
 	$(PY) bench/run_all.py
 
 figures: $(STAMP)

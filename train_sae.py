@@ -13,7 +13,7 @@ memory-mapped .npy in CACHE_DIR when larger than TOKEN_RAM_GB), then the SAE tra
 shuffled token batches. Tokens are standardised per channel (μ, σ over the training
 split), s = W_e ã + b_e, z = TopK(ReLU(s)), â = D z + b_d with unit-norm decoder columns.
 
-Defaults are sized for the 64 px synthetic demo (M=128, K=8: 12 classes need few latents;
+Defaults are sized for the 64 px synthetic demo (M=64, K=8: 9 parts and 12 classes need few latents;
 M=512 left a third of them dead). For TU-Berlin at
 224 px use M=2048, K=20 (density 0.01), BATCH_SIZE=4096, EPOCHS≈20.
 
@@ -29,7 +29,6 @@ optimiser state), metrics.json, config.json and TensorBoard logs in OUT_DIR/tb.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -46,7 +45,7 @@ from selfexplain.sae import TopKSAE
 CLASSIFIER_CKPT = "runs/standard_cnn/best.pt"  # stage-1 checkpoint (dataset, split, preprocessing come from it)
 OUT_DIR = "runs/sae_topk"      # where checkpoints, metrics and logs go
 CACHE_DIR = "cache"            # decoded-image cache; token memmaps go under CACHE_DIR/sae_tokens
-LATENT_DIM = 128               # M, number of latents (demo; TU-Berlin: 2048)
+LATENT_DIM = 64                # M, number of latents (demo; TU-Berlin: 2048)
 TOP_K = 8                      # K, active latents per token (demo; TU-Berlin: 20)
 EPOCHS = 30                    # passes over the cached training tokens
 BATCH_SIZE = 512               # tokens per optimiser step (per process under DDP; TU-Berlin: 4096)
@@ -164,7 +163,7 @@ def fit(cfg, sae, optimizer, model, clf_ckpt, train, val, labels, state, runtime
     n_steps = steps_per_epoch(train, cfg.BATCH_SIZE, runtime)
     total_steps = max(1, cfg.EPOCHS * n_steps)
     tau = cfg.USAGE_EMA_EPOCHS * n_steps * cfg.BATCH_SIZE * runtime.world_size
-    writer = _tensorboard(cfg) if runtime.is_main else None
+    writer = artifacts.open_tensorboard(cfg.OUT_DIR, cfg.TENSORBOARD) if runtime.is_main else None
     log(f"SAE M={cfg.LATENT_DIM} K={cfg.TOP_K}, {n_steps} steps/epoch of {cfg.BATCH_SIZE} tokens x "
         f"{runtime.world_size} ranks, dead latents: {cfg.DEAD_LATENTS}, device {runtime.device}")
     for epoch in range(state["epoch"] + 1, cfg.EPOCHS + 1):
@@ -277,17 +276,6 @@ def finish(cfg, state, runtime, log) -> dict:
             f"{best['val_dead_fraction']:.3f} spliced_acc {best['val_spliced_accuracy']:.4f} "
             f"(classifier {best['val_classifier_accuracy']:.4f}) -> {cfg.OUT_DIR}/best_sae.pt")
     return metrics
-
-
-def _tensorboard(cfg):
-    if not cfg.TENSORBOARD:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional at run time
-        print("tensorboard not installed: no TensorBoard logs", file=sys.stderr)
-        return None
-    return SummaryWriter(f"{cfg.OUT_DIR}/tb")
 
 
 def _log_tensorboard(writer, row, epoch) -> None:

@@ -16,7 +16,6 @@ ask for the dataset again.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
@@ -37,8 +36,8 @@ SYNTHETIC_PER_CLASS = 300      # synthetic only: images generated per class
 IMAGE_SIZE = 64                # side of the square input (multiple of 32): 64 -> 2x2 layer4 map; 224 for TU-Berlin
 CACHE_DIR = "cache"            # decoded uint8 image cache, keyed by source and size
 OUT_DIR = "runs/standard_cnn"  # where checkpoints, metrics and logs go
-EPOCHS = 5                     # passes over the training split
-BATCH_SIZE = 64                # images per optimiser micro-batch (per process under DDP)
+EPOCHS = 4                     # passes over the training split
+BATCH_SIZE = 32                # images per optimiser micro-batch (per process under DDP)
 ACCUM_STEPS = 1                # micro-batches per optimiser step (gradient accumulation)
 LR = 3e-3                      # peak AdamW learning rate
 WEIGHT_DECAY = 0.05            # AdamW weight decay
@@ -210,7 +209,7 @@ def fit(cfg, model, optimizer, imageset, split, prep, state, runtime, log) -> di
     per_rank = len(split["train"]) // runtime.world_size
     batches_per_epoch = per_rank // cfg.BATCH_SIZE if cfg.MAX_BATCHES <= 0 else min(cfg.MAX_BATCHES, per_rank // cfg.BATCH_SIZE)
     total_steps = max(1, cfg.EPOCHS * batches_per_epoch // cfg.ACCUM_STEPS)
-    writer = _tensorboard(cfg) if runtime.is_main else None
+    writer = artifacts.open_tensorboard(cfg.OUT_DIR, cfg.TENSORBOARD) if runtime.is_main else None
     generator = torch.Generator().manual_seed(cfg.SEED * 1000 + state["epoch"] + 7919 * runtime.rank)
     log(f"{len(imageset)} images, {len(imageset.class_names)} classes, split "
         f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])}, device {runtime.device}, world {runtime.world_size}")
@@ -263,17 +262,6 @@ def finish(cfg, imageset, split, prep, state, runtime, log) -> dict:
         log(f"best epoch {ckpt['epoch']}: val_acc {val['accuracy']:.4f} test_acc {test['accuracy']:.4f} "
             f"-> {cfg.OUT_DIR}/best.pt")
     return metrics
-
-
-def _tensorboard(cfg):
-    if not cfg.TENSORBOARD:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional at run time
-        print("tensorboard not installed: no TensorBoard logs", file=sys.stderr)
-        return None
-    return SummaryWriter(f"{cfg.OUT_DIR}/tb")
 
 
 def _log_tensorboard(writer, row, val, epoch):

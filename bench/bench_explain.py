@@ -46,7 +46,7 @@ ROUNDS = 3                                     # alternating rounds
 BATCH = 64                                     # images in the batch timing
 RANDOM_DRAWS = 8                               # random sets per faithfulness check (why_did_you's default)
 THREADS = 0                                    # torch intra-op threads (0 = torch default)
-OUT = "bench/RESULTS_explain.md"               # markdown written here
+OUT = "bench/results/explain.md"               # markdown written here (merged into RESULTS.md)
 
 
 def standins(cfg, folder: Path) -> tuple[Path, Path, np.ndarray]:

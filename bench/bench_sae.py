@@ -9,7 +9,7 @@ Usage
 All three train on the same cached, standardised layer4 tokens (train_sae's cache), with
 the same M, K, batch, Adam learning rate and number of steps, fp32, same thread count;
 reports tokens/s (training steps only) and validation FVU side by side, prints the table
-and writes it to bench/RESULTS_sae.md.
+and writes it to bench/results/sae.md.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ STEPS = 30                     # timed optimiser steps per implementation (after
 WARMUP = 3                     # untimed steps first
 LR = 1e-3                      # Adam learning rate, all implementations
 NUM_THREADS = 0                # CPU threads (0 = torch default)
-OUT = "bench/RESULTS_sae.md"   # where the table goes
+OUT = "bench/results/sae.md"   # where the table goes (bench/run_all.py merges it into RESULTS.md)
 SEED = 0                       # init and batch order
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+
 import subprocess
 import sys
 import time

@@ -193,6 +193,21 @@ def tensor_fingerprint(state_dict: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- TensorBoard
+def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True):
+    """A SummaryWriter on ``out_dir/tb``, or None when disabled or tensorboard is missing."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        import sys
+
+        print("tensorboard not installed: no TensorBoard logs", file=sys.stderr)
+        return None
+    return SummaryWriter(str(Path(out_dir) / "tb"))
+
+
 # ----------------------------------------------------------------------------- label decoder
 def write_label_decoder(path: str | os.PathLike, class_names: list[str]) -> Path:
     """``{"0": "airplane", ...}``."""

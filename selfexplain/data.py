@@ -31,7 +31,7 @@ from .artifacts import read_json, write_json
 from .config import UserError
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
+CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
         bar.close()
     images.flush()
     kept = len(labels)
-    del images
+    images = None  # close the memmap before shrinking the file
     if kept < total:  # shrink the file to the images that decoded
         full = np.load(tmp / "images.npy", mmap_mode="r")
         np.save(tmp / "images_kept.npy", full[:kept])

@@ -26,6 +26,7 @@ from .distributed import Runtime, all_reduce_sum, autocast, broadcast
 from .features import iter_feature_maps, tokens_of
 from .sae import TopKSAE
 
+# The sparse weight-gradient product uses CSR tensors; torch flags them as beta on every call.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
@@ -359,7 +360,7 @@ def evaluate_sae(sae: TopKSAE, head, store: TokenStore, labels: np.ndarray, runt
     correct = torch.zeros(3, dtype=torch.float64, device=sae.mu.device)  # own, spliced, images
     for start in range(0, len(store.image_index), batch_images):
         img = store.image_index[start:start + batch_images]
-        a = torch.from_numpy(np.asarray(store.tokens[start * per_img:(start + len(img)) * per_img]))
+        a = torch.from_numpy(np.array(store.tokens[start * per_img:(start + len(img)) * per_img]))
         a = a.to(sae.mu.device).float()
         x = sae.standardize(a)
         values, idx = sae.encode_topk(x)

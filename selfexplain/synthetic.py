@@ -1,15 +1,19 @@
 """The built-in procedural sketch dataset (``DATASET=synthetic``, the offline default).
 
-Every class is a layout of parts drawn from a small shared vocabulary (a wheel in the
-bicycle, the car and the ferris wheel; a circle in the sun, the face and the clock; a
-triangle in the bicycle frame, the house roof and the fish tail, ...). On top of the
-class parts, each image may get a few small *distractor* parts placed off to the side,
-independently of its class, so that "has a wheel" and "is a car" are different facts.
-Every part (class or distractor) is recorded with a tight pixel box: that ground truth
-lets stage 3 check whether SAE neurons recover real concepts.
+The dataset is *compositional*: 9 part types (circle, triangle, zigzag, ...) and 12
+classes, each class a set of 3 parts. The classes are the 12 lines of the affine plane
+AG(2, 3) whose 9 points are the parts, so every pair of parts lies in exactly one class,
+two classes share at most one part and every part is in exactly 4 classes. No part (and
+no pair of parts' positions) gives the class away: the classifier has to detect each part
+wherever it is, which is what makes stage 3's SAE neurons part detectors.
 
-Drawing: each part is a few polylines in a canonical frame; the whole composition is
-flipped, rotated (±15°), scaled and moved at random, every polyline gets smooth
+Layout: the 3 class parts go into 3 of the 4 image quadrants chosen at random (a little
+jitter, random rotation, each 30-42% of the image), so they never overlap. With
+probability ``DISTRACTOR_PROB`` one smaller *distractor* part of a type outside the class
+goes into the free quadrant; the image stays unambiguous, since no other class's 3 parts
+fit in the 4. A stray stroke or two adds clutter.
+
+Drawing: each part is a few polylines in a canonical frame; every polyline gets smooth
 "hand" wobble, strokes are drawn with PIL at 2-4x resolution and box-filtered down so
 they stay smooth and visible from 64 to 224 px. A sample's randomness comes from
 ``np.random.default_rng([seed, class_index, j])`` only, so the output is byte-identical
@@ -27,32 +31,27 @@ from tqdm import tqdm
 
 from .config import UserError
 
-PART_TYPES = ["wheel", "circle", "triangle", "zigzag", "spokes",
-              "rectangle", "arc", "dots", "cross", "wave"]
-CLASS_NAMES = ["bicycle", "car", "sun", "face", "clock", "house",
-               "fish", "crown", "storm", "ferris_wheel", "medkit", "sailboat"]
-# The parts that define each class, with counts: always present in that class's images.
-CLASS_PARTS = {
-    "bicycle": {"wheel": 2, "triangle": 1},
-    "car": {"rectangle": 1, "arc": 1, "wheel": 2},
-    "sun": {"circle": 1, "spokes": 1},
-    "face": {"circle": 1, "dots": 1, "arc": 1},
-    "clock": {"circle": 1, "dots": 1},
-    "house": {"rectangle": 2, "triangle": 1, "cross": 1},
-    "fish": {"arc": 2, "triangle": 1, "dots": 1},
-    "crown": {"rectangle": 1, "zigzag": 1, "dots": 1},
-    "storm": {"arc": 3, "zigzag": 1},
-    "ferris_wheel": {"wheel": 1, "spokes": 1, "triangle": 1},
-    "medkit": {"rectangle": 1, "cross": 1, "arc": 1},
-    "sailboat": {"arc": 1, "triangle": 1, "wave": 1},
-}
-DISTRACTOR_TYPES = list(PART_TYPES)  # any part may turn up as a small distractor
-DISTRACTOR_PROB = 0.1  # chance per distractor type per image (about one per image)
-MAX_DISTRACTORS = 3  # keep images readable
-ROTATION_DEG = 15.0  # the whole composition turns by up to this much
-MAIN_SIZE = (0.58, 0.8)  # longest side of the class composition, fraction of the image
-DISTRACTOR_SIZE = (0.12, 0.18)  # longest side of a distractor, fraction of the image
-MARGIN = 0.04  # blank border kept around the composition, fraction of the image
+# Part i is the point (i // 3, i % 3) of AG(2, 3).
+PART_TYPES = ["circle", "triangle", "zigzag", "spokes", "rectangle",
+              "arc", "dots", "cross", "spiral"]
+
+
+def _affine_plane_lines() -> list:
+    """The 12 lines of AG(2, 3) as sorted triples of part indices (point (x, y) = 3x + y)."""
+    lines = [[3 * x + (m * x + b) % 3 for x in range(3)] for m in range(3) for b in range(3)]
+    lines += [[3 * b + y for y in range(3)] for b in range(3)]  # the vertical lines x = b
+    return [sorted(line) for line in lines]
+
+
+# A class is named after its parts (readable in explanations); one of each part.
+CLASS_PARTS = {"-".join(PART_TYPES[i] for i in line): {PART_TYPES[i]: 1 for i in line}
+               for line in _affine_plane_lines()}
+CLASS_NAMES = list(CLASS_PARTS)
+DISTRACTOR_TYPES = list(PART_TYPES)  # any part may be a distractor (in classes that lack it)
+DISTRACTOR_PROB = 0.3  # chance that an image gets its one distractor
+PART_SIZE = (0.36, 0.44)  # longest side of a class part, fraction of the image
+DISTRACTOR_SIZE = (0.22, 0.30)  # longest side of the distractor, fraction of the image
+CELL_MARGIN = 0.03  # blank kept inside each quadrant's border, fraction of the image
 STROKE_WIDTH = (0.017, 0.026)  # stroke width as a fraction of the image size
 MIN_STROKE_PX = 1.5  # never thinner than this in output pixels (small images)
 WOBBLE = 0.008  # hand-drawn wobble amplitude, fraction of the image
@@ -86,11 +85,6 @@ def _rect(x0, y0, x1, y1) -> Stroke:
     return _poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
 
 
-def _wheel(cx, cy, r, rng, hub=None) -> list:
-    hub = rng.uniform(0.18, 0.28) if hub is None else hub
-    return [_loop(cx, cy, r, rng, 0.05), _loop(cx, cy, r * hub, rng, 0.05)]
-
-
 def _spokes(cx, cy, r0, r1, n, rng) -> list:
     a = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(n) / n + rng.normal(0, 0.05, n)
     c, s = np.cos(a), np.sin(a)
@@ -104,11 +98,6 @@ def _zigzag(x0, x1, y_base, y_peak, teeth) -> Stroke:
     return _line(np.stack([xs, ys], 1))
 
 
-def _wave(x0, x1, y, amp, periods, phase=0.0) -> Stroke:
-    x = np.linspace(x0, x1, 16 * periods)
-    return _line(np.stack([x, y + amp * np.sin(phase + 2 * np.pi * periods * (x - x0) / (x1 - x0))], 1))
-
-
 def _cross(cx, cy, arm, rng) -> list:
     a = rng.uniform(-0.1, 0.1)
     c, s = arm * np.cos(a), arm * np.sin(a)
@@ -119,164 +108,35 @@ def _dots(centres, r) -> list:
     return [("dot", np.asarray(p, dtype=float), r) for p in centres]
 
 
-def _bump(x0, x1, y, h) -> Stroke:
-    """An arc from (x0, y) to (x1, y) bulging by h (negative h bulges up)."""
-    t = np.linspace(0, 1, 32)
-    return _line(np.stack([x0 + (x1 - x0) * t, y + h * np.sin(np.pi * t)], 1))
+# ----------------------------------------------------------------------------- parts
+_DICE = {3: [(-1, -1), (0, 0), (1, 1)], 4: [(-1, -1), (1, -1), (-1, 1), (1, 1)],
+         5: [(-1, -1), (1, -1), (0, 0), (-1, 1), (1, 1)]}  # dice faces: dots stay apart
 
 
-# ----------------------------------------------------------------------------- classes
-# Each builder draws one class in a canonical frame (y down, roughly [-1, 1]) and returns
-# [(part type or None, strokes)]; None marks unrecorded details (handlebar, clock hands).
-def _bicycle(rng):
-    r, d = rng.uniform(0.38, 0.46), rng.uniform(0.72, 0.85)
-    crank = (rng.uniform(-0.05, 0.1), 0.3)
-    seat = (rng.uniform(-0.3, -0.15), rng.uniform(-0.45, -0.3))
-    head = (d - rng.uniform(0.22, 0.3), seat[1] + rng.uniform(-0.05, 0.05))
-    bar = (head[0] + rng.uniform(0.0, 0.1), head[1] - rng.uniform(0.15, 0.22))
-    details = [_line([seat, head]), _line([crank, head]), _line([bar, (d, 0.3)]),
-               _line([(bar[0] - 0.12, bar[1]), (bar[0] + 0.08, bar[1] - 0.04)]),
-               _line([(seat[0] - 0.12, seat[1] - 0.05), (seat[0] + 0.1, seat[1] - 0.05)])]
-    return [("wheel", _wheel(-d, 0.3, r, rng)), ("wheel", _wheel(d, 0.3, r, rng)),
-            ("triangle", [_poly([(-d, 0.3), seat, crank])]), (None, details)]
-
-
-def _car(rng):
-    half, top, bottom = rng.uniform(0.95, 1.1), -rng.uniform(0.15, 0.25), rng.uniform(0.25, 0.35)
-    cx, rx, ry = rng.uniform(-0.15, 0.1), rng.uniform(0.45, 0.6), rng.uniform(0.35, 0.5)
-    r = rng.uniform(0.22, 0.28)
-    return [("rectangle", [_rect(-half, top, half, bottom)]),
-            ("arc", [_line(_ellipse(cx, top, rx, ry, np.pi, 2 * np.pi, 32))]),
-            ("wheel", _wheel(-0.55 * half, bottom, r, rng)),
-            ("wheel", _wheel(0.55 * half, bottom, r, rng)),
-            (None, [_line([(cx, top), (cx, top - ry)])])]
-
-
-def _sun(rng):
-    r = rng.uniform(0.38, 0.5)
-    r0 = r + rng.uniform(0.1, 0.18)
-    return [("circle", [_loop(0, 0, r, rng)]),
-            ("spokes", _spokes(0, 0, r0, r0 + rng.uniform(0.3, 0.45), int(rng.integers(8, 13)), rng))]
-
-
-def _face(rng):
-    ex, ey, er = rng.uniform(0.28, 0.38), -rng.uniform(0.15, 0.3), rng.uniform(0.07, 0.1)
-    a = rng.uniform(0.15, 0.4)
-    smile = _ellipse(0, rng.uniform(0.0, 0.15), rng.uniform(0.35, 0.5), rng.uniform(0.25, 0.4),
-                     a, np.pi - a, 32)
-    return [("circle", [_loop(0, 0, 1.0, rng)]), ("dots", _dots([(-ex, ey), (ex, ey)], er)),
-            ("arc", [_line(smile)])]
-
-
-def _clock(rng):
-    rt = rng.uniform(0.78, 0.85)
-    t = 2 * np.pi * np.arange(12) / 12
-    ha, ma = rng.uniform(0, 2 * np.pi, 2)
-    hands = [_line([(0, 0), (0.45 * np.cos(ha), 0.45 * np.sin(ha))]),
-             _line([(0, 0), (0.65 * np.cos(ma), 0.65 * np.sin(ma))])]
-    return [("circle", [_loop(0, 0, 1.0, rng)]),
-            ("dots", _dots(np.stack([rt * np.cos(t), rt * np.sin(t)], 1), rng.uniform(0.045, 0.06))),
-            (None, hands + _dots([(0, 0)], 0.05))]
-
-
-def _house(rng):
-    w, h, peak = rng.uniform(0.6, 0.8), rng.uniform(0.8, 1.0), rng.uniform(0.6, 0.8)
-    side = rng.choice([-1.0, 1.0])
-    dx, dh = side * rng.uniform(0.15, 0.35), rng.uniform(0.4, 0.5)
-    wx, wy, ws = -side * w * 0.5, h * rng.uniform(0.3, 0.4), rng.uniform(0.15, 0.2)
-    ov = rng.uniform(0.05, 0.15)
-    return [("rectangle", [_rect(-w, 0, w, h)]),
-            ("triangle", [_poly([(-w - ov, 0), (rng.uniform(-0.1, 0.1), -peak), (w + ov, 0)])]),
-            ("rectangle", [_rect(dx - 0.14, h - dh, dx + 0.14, h)]),
-            ("cross", _cross(wx, wy, ws * 0.8, rng)),
-            (None, [_rect(wx - ws, wy - ws, wx + ws, wy + ws)])]
-
-
-def _fish(rng):
-    x0, x1, h = -rng.uniform(0.75, 0.9), rng.uniform(0.45, 0.6), rng.uniform(0.35, 0.5)
-    tx, th = x1 + rng.uniform(0.35, 0.45), rng.uniform(0.3, 0.4)
-    eye = (x0 + rng.uniform(0.25, 0.35), -rng.uniform(0.05, 0.15))
-    return [("arc", [_bump(x0, x1, 0, -h)]), ("arc", [_bump(x0, x1, 0, h)]),
-            ("triangle", [_poly([(x1 - 0.05, 0), (tx, -th), (tx, th)])]),
-            ("dots", _dots([eye], rng.uniform(0.06, 0.08)))]
-
-
-def _crown(rng):
-    half, top, bottom = rng.uniform(0.75, 0.9), 0.15, rng.uniform(0.45, 0.55)
-    teeth = int(rng.integers(3, 6))
-    jx = np.linspace(-half, half, 5)[1:-1] if teeth % 2 else np.array([-half / 2, half / 2])
-    return [("rectangle", [_rect(-half, top, half, bottom)]),
-            ("zigzag", [_zigzag(-half, half, top, -rng.uniform(0.45, 0.65), teeth)]),
-            ("dots", _dots([(x, (top + bottom) / 2) for x in jx], rng.uniform(0.06, 0.08)))]
-
-
-def _storm(rng):
-    r = rng.uniform(0.25, 0.32, 3) * np.array([1.0, 1.4, 1.0])
-    cx = [-0.85 + r[0], -0.4 + r[1], 0.85 - r[2]]
-    bumps = [_line(_ellipse(x, 0, q, q * rng.uniform(0.85, 1.05), np.pi, 2 * np.pi, 32))
-             for x, q in zip(cx, r)]
-    bx, jag = rng.uniform(-0.15, 0.15), rng.uniform(0.15, 0.25)
-    bolt = [(bx + 0.05, 0.08), (bx - jag, 0.5), (bx + jag, 0.45), (bx - 0.05, 1.0)]
-    return [("arc", [b]) for b in bumps] + [("zigzag", [_poly(bolt, closed=False)]),
-                                            (None, [_line([(-0.85, 0), (0.85, 0)])])]
-
-
-def _ferris_wheel(rng):
-    r, cy, foot = rng.uniform(0.65, 0.75), -0.25, rng.uniform(0.5, 0.65)
-    hub = rng.uniform(0.12, 0.18)
-    return [("wheel", _wheel(0, cy, r, rng, hub)),
-            ("spokes", _spokes(0, cy, r * hub, r * 0.95, int(rng.integers(6, 10)), rng)),
-            ("triangle", [_poly([(-foot, 0.95), (0, cy), (foot, 0.95)])])]
-
-
-def _medkit(rng):
-    half, top, bottom = rng.uniform(0.8, 0.95), -0.35, rng.uniform(0.45, 0.6)
-    rx, ry = rng.uniform(0.25, 0.35), rng.uniform(0.2, 0.3)
-    return [("rectangle", [_rect(-half, top, half, bottom)]),
-            ("cross", _cross(0, (top + bottom) / 2, rng.uniform(0.22, 0.3), rng)),
-            ("arc", [_line(_ellipse(0, top, rx, ry, np.pi, 2 * np.pi, 32))])]
-
-
-def _sailboat(rng):
-    rx, ry, deck = rng.uniform(0.8, 0.95), rng.uniform(0.3, 0.4), 0.25
-    mx, sail_w = rng.uniform(-0.15, 0.0), rng.uniform(0.55, 0.7)
-    wy = deck + ry + rng.uniform(0.12, 0.2)
-    return [("arc", [_line(_ellipse(0, deck, rx, ry, 0, np.pi, 32))]),
-            ("triangle", [_poly([(mx, deck - 0.05), (mx, -rng.uniform(0.9, 1.1)),
-                                 (mx + sail_w, deck - 0.05)])]),
-            ("wave", [_wave(-1.1, 1.1, wy, 0.06, int(rng.integers(3, 6)), rng.uniform(0, 6.3))]),
-            (None, [_line([(-rx, deck), (rx, deck)])])]
-
-
-CLASS_BUILDERS = {"bicycle": _bicycle, "car": _car, "sun": _sun, "face": _face,
-                  "clock": _clock, "house": _house, "fish": _fish, "crown": _crown,
-                  "storm": _storm, "ferris_wheel": _ferris_wheel, "medkit": _medkit,
-                  "sailboat": _sailboat}
-
-
-def _distractor(ptype, rng) -> list:
-    """One small stand-alone part of type ``ptype`` in a canonical [-0.5, 0.5] frame."""
-    if ptype == "wheel":
-        return _wheel(0, 0, 0.5, rng)
+def _part(ptype, rng) -> list:
+    """The strokes of one part of type ``ptype`` in a canonical [-0.5, 0.5] frame."""
     if ptype == "circle":
         return [_loop(0, 0, 0.5, rng)]
     if ptype == "triangle":
         return [_poly([(-0.5, 0.4), (rng.uniform(-0.2, 0.2), -0.45), (0.5, 0.4)])]
     if ptype == "zigzag":
-        return [_zigzag(-0.5, 0.5, 0.2, -0.2, int(rng.integers(2, 4)))]
-    if ptype == "spokes":
-        return _spokes(0, 0, 0.12, 0.5, int(rng.integers(5, 9)), rng)
+        return [_zigzag(-0.5, 0.5, 0.25, -0.25, int(rng.integers(3, 5)))]
+    if ptype == "spokes":  # a star burst: many rays, unlike the 4 arms of the cross
+        return _spokes(0, 0, 0.1, 0.5, int(rng.integers(7, 10)), rng)
     if ptype == "rectangle":
-        return [_rect(-0.5, -rng.uniform(0.2, 0.4), 0.5, rng.uniform(0.2, 0.4))]
-    if ptype == "arc":
-        return [_bump(-0.5, 0.5, 0.15, -rng.uniform(0.3, 0.45))]
+        return [_rect(-0.5, -rng.uniform(0.25, 0.4), 0.5, rng.uniform(0.25, 0.4))]
+    if ptype == "arc":  # a half-open bowl, not a closed circle
+        return [_line(_ellipse(0, -0.15, 0.5, rng.uniform(0.45, 0.6), 0.15, np.pi - 0.15, 32))]
     if ptype == "dots":
-        n = int(rng.integers(2, 5))
-        return _dots(rng.uniform(-0.45, 0.45, (n, 2)), 0.09)
+        pts = np.array(_DICE[int(rng.integers(3, 6))], dtype=float) * 0.38
+        return _dots(pts + rng.normal(0, 0.03, pts.shape), 0.11)
     if ptype == "cross":
-        return _cross(0, 0, 0.45, rng)
-    if ptype == "wave":
-        return [_wave(-0.5, 0.5, 0, 0.15, 2, rng.uniform(0, 6.3))]
+        return _cross(0, 0, 0.5, rng)
+    if ptype == "spiral":  # a coiled open line: nested turns, unlike the single closed circle
+        t = np.linspace(0.0, 1.0, 72)
+        angle = 2 * np.pi * rng.uniform(2.0, 2.5) * t + rng.uniform(0, 2 * np.pi)
+        radius = 0.08 + 0.42 * t
+        return [_line(np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1))]
     raise ValueError(f"unknown part type {ptype!r}")
 
 
@@ -316,22 +176,6 @@ def _fit(parts, rng, size, angle_deg, flip):
     s = size / max(ext[2] - ext[0], ext[3] - ext[1])
     parts = _transform(parts, s * np.eye(2), -s * ext[:2])
     return parts, s * (ext[2:] - ext[:2])
-
-
-def _overlap(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Intersection area of each candidate box (k, 4) with ``box`` (4,)."""
-    w = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-    h = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
-    return w * h
-
-
-def _free_spot(wh, occupied, canvas, margin, rng, tries=24) -> np.ndarray:
-    """Top-left corner for a ``wh`` box that overlaps the ``occupied`` boxes least."""
-    hi = np.maximum(canvas - margin - wh, margin)
-    corners = rng.uniform(margin, hi, (tries, 2))
-    cand = np.concatenate([corners, corners + wh], 1)
-    cost = sum(_overlap(cand, b) for b in occupied)
-    return corners[int(np.argmin(cost))]
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -422,23 +266,25 @@ def supersample_factor(image_size: int) -> int:
     return max(2, int(round(224 / image_size)))
 
 
+def _in_cell(ptype, cell, size_range, canvas: int, rng) -> list:
+    """One part of ``ptype``, randomly turned and sized, at a random spot in quadrant ``cell``."""
+    size = rng.uniform(*size_range) * canvas
+    part, wh = _fit([(ptype, _part(ptype, rng))], rng, size, 180.0, bool(rng.random() < 0.5))
+    half, margin = canvas / 2, CELL_MARGIN * canvas
+    lo = np.array([cell % 2, cell // 2]) * half + margin
+    corner = rng.uniform(lo, np.maximum(lo + half - 2 * margin - wh, lo))
+    return _transform(part, np.eye(2), corner)
+
+
 def _compose(class_index: int, canvas: int, rng) -> list:
-    """Class parts placed at random, then distractors in free-ish spots, then clutter."""
-    margin = MARGIN * canvas
-    flip = bool(rng.random() < 0.5)
-    size = rng.uniform(*MAIN_SIZE) * canvas
-    main, wh = _fit(CLASS_BUILDERS[CLASS_NAMES[class_index]](rng), rng, size, ROTATION_DEG, flip)
-    corner = rng.uniform(margin, np.maximum(canvas - margin - wh, margin))
-    main = _transform(main, np.eye(2), corner)
-    parts = [(t, s, False) for t, s in main]
-    occupied = [np.concatenate([corner, corner + wh])]
-    wanted = [t for t in DISTRACTOR_TYPES if rng.random() < DISTRACTOR_PROB][:MAX_DISTRACTORS]
-    for ptype in wanted:
-        size = rng.uniform(*DISTRACTOR_SIZE) * canvas
-        small, wh = _fit([(ptype, _distractor(ptype, rng))], rng, size, 180.0, False)
-        corner = _free_spot(wh, occupied, canvas, margin, rng)
-        occupied.append(np.concatenate([corner, corner + wh]))
-        parts += [(t, s, True) for t, s in _transform(small, np.eye(2), corner)]
+    """Class parts in 3 random quadrants, maybe one distractor in the 4th, then clutter."""
+    own = list(CLASS_PARTS[CLASS_NAMES[class_index]])
+    cells = rng.permutation(4)
+    parts = [(t, s, False) for k, ptype in enumerate(own)
+             for t, s in _in_cell(ptype, cells[k], PART_SIZE, canvas, rng)]
+    if rng.random() < DISTRACTOR_PROB:
+        ptype = str(rng.choice([t for t in DISTRACTOR_TYPES if t not in own]))
+        parts += [(t, s, True) for t, s in _in_cell(ptype, cells[3], DISTRACTOR_SIZE, canvas, rng)]
     parts += [(t, s, False) for t, s in _clutter(canvas, rng)]
     return parts
 

@@ -1,5 +1,4 @@
 """Data layer: cache, split, augmentation, bad images end to end."""
-import json
 
 import numpy as np
 import torch

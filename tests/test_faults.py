@@ -1,6 +1,5 @@
 """Fault handling: bad checkpoints, malicious pickles, missing stages, kills mid-run."""
 import os
-import pickle
 import signal
 import subprocess
 import sys

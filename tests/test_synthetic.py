@@ -1,5 +1,6 @@
 """The built-in synthetic sketch dataset: shapes, determinism, part ground truth."""
 from collections import Counter
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def seed():
 
 @pytest.fixture(scope="module")
 def data():
-    """20 images per class at 64 px: enough for every distractor type to turn up."""
+    """20 images per class at 64 px: enough for distractors of every type to turn up."""
     return generate_synthetic(20, 64, seed=0)
 
 
@@ -52,14 +53,20 @@ def test_samples_independent_of_order_and_count():
     assert np.array_equal(image, small["images"][4]) and parts == small["parts"][4]
 
 
-def test_vocabulary_is_shared_between_classes():
-    assert len(CLASS_NAMES) >= 12 and len(PART_TYPES) >= 8
-    assert list(CLASS_PARTS) == CLASS_NAMES
-    uses = Counter(t for parts in CLASS_PARTS.values() for t in parts)
-    for ptype in PART_TYPES:
-        assert uses[ptype] >= 2 or ptype in DISTRACTOR_TYPES, ptype
-    assert sum(uses[t] >= 2 for t in PART_TYPES) >= 8  # most parts define several classes
-    assert len({tuple(sorted(p.items())) for p in CLASS_PARTS.values()}) == len(CLASS_NAMES)
+def test_classes_are_the_lines_of_the_affine_plane():
+    """12 classes of 3 parts over 9 part types: each pair of parts in exactly one class."""
+    assert len(CLASS_NAMES) == 12 and len(PART_TYPES) == 9 and len(set(PART_TYPES)) == 9
+    assert list(CLASS_PARTS) == CLASS_NAMES and len(set(CLASS_NAMES)) == 12
+    sets = [set(parts) for parts in CLASS_PARTS.values()]
+    assert all(len(s) == 3 and s <= set(PART_TYPES) for s in sets)
+    assert all(sum(parts.values()) == 3 for parts in CLASS_PARTS.values())  # one of each
+    uses = Counter(t for s in sets for t in s)
+    assert all(uses[t] == 4 for t in PART_TYPES)
+    assert all(len(a & b) <= 1 for k, a in enumerate(sets) for b in sets[k + 1:])
+    pairs = Counter(frozenset(p) for s in sets for p in combinations(sorted(s), 2))
+    assert len(pairs) == 36 and set(pairs.values()) == {1}  # every pair of parts exactly once
+    for name, parts in CLASS_PARTS.items():  # names say which parts to look for
+        assert all(t in name for t in parts)
 
 
 @pytest.mark.parametrize("size", [64, 112])
@@ -79,23 +86,44 @@ def test_boxes_are_inside_and_tight(size):
             assert max(int(s.min()) for s in sides) < 160, part
 
 
-def test_class_parts_always_present(data):
+def test_class_parts_always_present_and_apart(data):
     for label, parts in zip(data["labels"], data["parts"]):
-        own = Counter(p["part"] for p in parts if not p["distractor"])
-        assert own == Counter(CLASS_PARTS[CLASS_NAMES[label]])
+        own = [p for p in parts if not p["distractor"]]
+        assert Counter(p["part"] for p in own) == Counter(CLASS_PARTS[CLASS_NAMES[label]])
+        boxes = [p["box"] for p in parts]
+        for k, a in enumerate(boxes):  # parts never overlap, so each one stays readable
+            for b in boxes[k + 1:]:
+                assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
 
 
-def test_distractors_occur_independently_of_class(data):
-    per_class = Counter()
+def test_at_most_one_distractor_of_a_foreign_type(data):
+    with_distractor, per_class = 0, Counter()
     for label, parts in zip(data["labels"], data["parts"]):
+        extra = [p["part"] for p in parts if p["distractor"]]
+        assert len(extra) <= 1
+        if extra:
+            name = CLASS_NAMES[label]
+            assert extra[0] not in CLASS_PARTS[name]
+            # still unambiguous: no other class has all its parts among the 4 drawn
+            drawn = set(CLASS_PARTS[name]) | set(extra)
+            assert [c for c in CLASS_NAMES if set(CLASS_PARTS[c]) <= drawn] == [name]
+            with_distractor += 1
+            per_class[name] += 1
+    assert 0.2 <= with_distractor / len(data["labels"]) <= 0.4
+    assert len(per_class) == len(CLASS_NAMES)  # every class gets some
+    types = Counter(p["part"] for parts in data["parts"] for p in parts if p["distractor"])
+    assert set(types) == set(DISTRACTOR_TYPES)  # and every part type turns up as one
+
+
+def test_layout_varies_within_a_class(data):
+    """Parts move around: position says nothing about which part it is."""
+    where = {}
+    for parts in data["parts"]:
         for p in parts:
-            if p["distractor"]:
-                per_class[(p["part"], CLASS_NAMES[label])] += 1
-    for ptype in DISTRACTOR_TYPES:  # each distractor turns up in classes that lack it
-        foreign = [c for c in CLASS_NAMES if ptype not in CLASS_PARTS[c] and per_class[(ptype, c)]]
-        assert len(foreign) >= 2, ptype
-    for name in CLASS_NAMES:  # and every class gets some
-        assert sum(v for (t, c), v in per_class.items() if c == name) >= 3, name
+            if not p["distractor"]:
+                x0, y0, x1, y1 = p["box"]
+                where.setdefault(p["part"], set()).add((x0 + x1 >= 64, y0 + y1 >= 64))
+    assert all(len(where[t]) == 4 for t in PART_TYPES)  # every part seen in every quadrant
 
 
 def test_bad_arguments_are_user_errors():

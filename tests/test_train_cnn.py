@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def test_stage_outputs(tiny_classifier):
     metrics = json.loads((tiny_classifier / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and "val_accuracy" in metrics and len(metrics["history"]) == 2
     decoder = json.loads((tiny_classifier / "label_decoder.json").read_text())
-    assert decoder["0"] == "bicycle" and len(decoder) == metrics["num_classes"]
+    assert decoder["0"] == "circle-spokes-dots" and len(decoder) == metrics["num_classes"]
     assert json.loads((tiny_classifier / "config.json").read_text())["IMAGE_SIZE"] == 64
     last = artifacts.load_checkpoint(tiny_classifier / "last.pt", "classifier")
     assert "optimizer" in last and last["epoch"] == 2

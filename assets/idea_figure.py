@@ -1,0 +1,54 @@
+"""assets/idea.png from a real demo explanation: the sketch, the concepts' heat maps and
+their exact contributions to the predicted logit (which add up to it)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from selfexplain import artifacts, data, explain  # noqa: E402
+
+CLASSIFIER_CKPT = ROOT / "runs/standard_cnn/best.pt"
+SAE_CKPT = ROOT / "runs/sae_topk/best_sae.pt"
+REPORT_DIR = ROOT / "neuron_report"
+CACHE_DIR = ROOT / "cache"
+TEST_INDEX = 0  # which held-out test sketch to explain
+
+
+def idea_figure(path: Path) -> None:
+    ckpt = artifacts.load_checkpoint(CLASSIFIER_CKPT, "classifier")
+    images = data.load_dataset(ckpt["dataset"], CACHE_DIR, progress=False)
+    idx = int(ckpt["split"]["test"][TEST_INDEX])
+    sketch = np.asarray(images.images[idx])
+    exp = explain.explain_images([sketch], CLASSIFIER_CKPT, SAE_CKPT, REPORT_DIR)[0]
+    overlay = explain.render_overlay(sketch, exp, size=384, max_concepts=3)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=130, gridspec_kw={"width_ratios": [1, 1.25, 1.6]})
+    axes[0].imshow(sketch, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title(f"input (true: {images.class_names[int(images.labels[idx])]})", fontsize=10)
+    axes[1].imshow(overlay)
+    axes[1].set_title("where the cited concepts fired", fontsize=10)
+    for ax in axes[:2]:
+        ax.axis("off")
+    names = [f"{n.concept[:38]}  ({n.share:.0%})" for n in exp.neurons] + ["other neurons", "bias", "SAE error"]
+    values = [n.contribution for n in exp.neurons] + [exp.others, exp.bias, exp.error]
+    colours = [np.array(explain.PALETTE[i % len(explain.PALETTE)]) / 255 for i in range(len(exp.neurons))]
+    colours += ["#999999", "#cccccc", "#eeeeee"]
+    ax = axes[2]
+    ax.barh(range(len(values))[::-1], values, color=colours, edgecolor="#555")
+    ax.set_yticks(range(len(values))[::-1], names, fontsize=8.5)
+    ax.axvline(0, color="#333", lw=0.8)
+    ax.set_xlabel("contribution to the predicted logit")
+    ax.set_title(f"predicted {exp.predicted_class} ({exp.probability:.0%}): logit {exp.logit:.2f} = sum of bars",
+                 fontsize=10)
+    fig.suptitle(exp.sentence, fontsize=10.5)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""Run the benchmarks and rewrite bench/RESULTS.md from their sections.
+
+Usage: python bench/run_all.py [--scale=True]   (the scale rehearsal takes ~20 min on 2 cores)
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
+
+SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
+SECTIONS = ["train", "sae", "explain", "scale"]  # bench/results/<name>.md, in this order
+BENCHES = {"train": "bench/bench_train.py", "sae": "bench/bench_sae.py", "explain": "bench/bench_explain.py",
+           "scale": "bench/scale_rehearsal.py"}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
+
+
+def main(**overrides) -> None:
+    cfg = make_config(module_constants(globals()), overrides)
+    for name in SECTIONS:
+        if name == "scale" and not cfg.SCALE:
+            continue
+        print(f"== {BENCHES[name]}", flush=True)
+        subprocess.run([sys.executable, BENCHES[name]], cwd=ROOT, check=True)
+    parts = ["# Benchmark results", "", f"Machine: {machine()}.", "",
+             "Each table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one run.", ""]
+    for name in SECTIONS:
+        path = ROOT / "bench" / "results" / f"{name}.md"
+        if path.is_file():
+            parts += [path.read_text().strip(), ""]
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, globals())
