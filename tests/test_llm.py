@@ -375,3 +375,11 @@ def test_backend_ask_api_for_stage_5(monkeypatch):
         sentence = backend.ask(llm.load_prompt("explain_system_prompt"), "predicted bicycle: wheel 60%")
     assert sentence == "It is a bicycle because of the two wheels."
     assert llm.load_concepts(Path("nowhere")) == {}
+
+
+def test_offline_label_names_a_well_detected_ground_truth_part():
+    neuron = {"neuron_id": 3, "top_classes": [{"class": "a-b-c"}], "where": {"description": "upper right"},
+              "parts": {"best_part": "spiral", "auroc": 0.93, "in_box_share": 0.8}}
+    assert llm.offline_label(neuron) == "offline: spiral (part AUROC 0.93), upper right"
+    neuron["parts"]["auroc"] = 0.6  # a weak detector is not named after the part
+    assert llm.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
