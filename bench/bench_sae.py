@@ -36,7 +36,7 @@ CACHE_DIR = "cache"            # decoded-image cache
 LATENT_DIM = 2048              # M (the TU-Berlin size)
 TOP_K = 20                     # K
 BATCH_SIZE = 4096              # tokens per step
-STEPS = 30                     # timed optimiser steps per implementation (after WARMUP)
+STEPS = 150                    # timed optimiser steps per implementation (after WARMUP); FVU compared after them
 WARMUP = 3                     # untimed steps first
 LR = 1e-3                      # Adam learning rate, all implementations
 NUM_THREADS = 0                # CPU threads (0 = torch default)

@@ -34,6 +34,7 @@ MAX_BATCHES = 10                     # measured fraction of the classifier epoch
 SAE_MAX_IMAGES = 2000                # train images whose tokens stage 2 caches (49 tokens each)
 SAE_EPOCHS = 2                       # SAE epochs over those tokens
 MAX_PER_CLASS = 8                    # stage 3 sample per class
+HOLDOUT = 0.02                       # val and test fractions (400 images each: keeps CPU evaluation short)
 OUT = "bench/results/scale.md"       # markdown section written here
 
 PEAK_SNIPPET = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.');"
@@ -77,6 +78,7 @@ def main(**overrides) -> list[dict]:
     rows.append(run_stage(f"stage 1: {cfg.MAX_BATCHES} batches of {cfg.BATCH_SIZE} + val/test", "train_standard_cnn.py",
                           ["--dataset=parquet", f"--data_root={cfg.STANDIN}", f"--image_size={cfg.IMAGE_SIZE}",
                            "--epochs=1", f"--max_batches={cfg.MAX_BATCHES}", f"--batch_size={cfg.BATCH_SIZE}",
+                           f"--val_fraction={cfg.HOLDOUT}", f"--test_fraction={cfg.HOLDOUT}",
                            f"--out_dir={cnn}", *common]))
     metrics = json.loads((cnn / "metrics.json").read_text())
     rate = metrics["history"][0]["images_per_s"]
