@@ -28,7 +28,6 @@ optimiser state), metrics.json, config.json and TensorBoard logs in OUT_DIR/tb.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from selfexplain import artifacts, data
 from selfexplain import sae_train as st
 from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
-from selfexplain.distributed import barrier, cleanup, maybe_launch_torchrun, set_threads, setup_runtime
+from selfexplain.distributed import barrier, cleanup, lr_at, maybe_launch_torchrun, set_threads, setup_runtime
 from selfexplain.sae import TopKSAE
 
 # ----------------------------------------------------------------------------- config
@@ -77,15 +76,6 @@ def check_config(cfg) -> None:
         raise UserError("BATCH_SIZE must be >= 1, EPOCHS >= 0 and LR > 0")
     if cfg.DEAD_LATENTS not in ("resample", "auxk", "both", "none"):
         raise UserError(f"DEAD_LATENTS must be resample, auxk, both or none, got '{cfg.DEAD_LATENTS}'")
-
-
-def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
-    """Linear warm-up to ``peak`` then cosine decay to 0."""
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def subsample(indices: np.ndarray, max_images: int, seed: int) -> np.ndarray:

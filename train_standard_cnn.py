@@ -15,7 +15,6 @@ ask for the dataset again.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from selfexplain import artifacts, data
 from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
-from selfexplain.distributed import (all_reduce_sum, amp_dtype, autocast, barrier, cleanup, maybe_launch_torchrun,
+from selfexplain.distributed import (all_reduce_sum, amp_dtype, autocast, lr_at, barrier, cleanup, maybe_launch_torchrun,
                                      set_threads, setup_runtime)
 from selfexplain.model import SketchResNet
 
@@ -63,15 +62,6 @@ def build_spec(cfg) -> dict:
     root = cfg.DATA_ROOT or (None if cfg.DATASET == "synthetic" else f"data/{cfg.DATASET}")
     extra = {"per_class": cfg.SYNTHETIC_PER_CLASS, "seed": cfg.SEED} if cfg.DATASET == "synthetic" else {}
     return data.dataset_spec(cfg.DATASET, root, cfg.IMAGE_SIZE, **extra)
-
-
-def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
-    """Linear warm-up to ``peak`` then cosine decay to 0."""
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- train / eval

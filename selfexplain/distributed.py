@@ -8,6 +8,7 @@ visible and it was started plainly, :func:`maybe_launch_torchrun` re-executes it
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -147,3 +148,12 @@ def set_threads(num_threads: int) -> None:
     """Use ``num_threads`` intra-op threads on CPU (0 keeps torch's default)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up to ``peak``, then cosine to 0."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))

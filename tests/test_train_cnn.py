@@ -108,3 +108,11 @@ def test_pretrained_stem_averages_rgb(monkeypatch):
     net = model_mod.SketchResNet(7, pretrained=True)
     assert torch.allclose(net.stem[0].weight, reference["conv1.weight"].mean(1, keepdim=True))
     assert torch.equal(net.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from selfexplain.distributed import lr_at
+
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0  # linear warm-up over the first 10 steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
