@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfexplain import artifacts, data, explain  # noqa: E402
+from sections import write_section  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
 from selfexplain.sae import TopKSAE  # noqa: E402
@@ -174,9 +175,7 @@ def write_results(cfg, models, lat, faith, trained, size) -> None:
                   f"| ratio | **{faith['ratio']:.2f}** (target >= 3) |",
                   f"| max abs(logit - (cited + others + bias + error)) | {faith['residual']:.2e} |",
                   f"| mean abs(error) / logit | {faith['error_share']:.3f} |", ""]
-    Path(cfg.OUT).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.OUT).write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_section(cfg.OUT, lines)
 
 
 if __name__ == "__main__":

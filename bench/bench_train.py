@@ -20,6 +20,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_standard_cnn as stage1  # noqa: E402
 from selfexplain import data  # noqa: E402
+from sections import write_section  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.distributed import Runtime, amp_dtype, autocast  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
@@ -85,9 +86,7 @@ def main(**overrides) -> dict:
              f"| training loop (cache, augment, schedule, clip) | {max(loop):.1f} |",
              f"| loop / bare | **{ratio:.2f}** (target >= 0.85) |",
              f"| bare step in {other} (3 steps, for the AMP=auto choice) | {other_rate:.1f} |", ""]
-    Path(b.OUT).parent.mkdir(parents=True, exist_ok=True)
-    Path(b.OUT).write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_section(b.OUT, lines)
     return {"bare": max(bare), "loop": max(loop), "ratio": ratio}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sections import write_section  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 
 WORK = "bench/_work/scale"           # runs and caches of the rehearsal
@@ -108,9 +109,7 @@ def write_table(cfg, rows, rate, metrics) -> None:
         lines.append(f"| {r['stage']} | {r['seconds']:.0f} | {peak} | {workers} |")
     lines += ["", f"Classifier training ran at {rate:.1f} images/s, so one full epoch over the {train_n} training "
               f"images would take about {train_n / rate / 60:.0f} minutes on this CPU (a GPU is the way for TU-Berlin).", ""]
-    Path(cfg.OUT).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.OUT).write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_section(cfg.OUT, lines)
 
 
 if __name__ == "__main__":
