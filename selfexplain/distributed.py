@@ -27,6 +27,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    in_group: bool = False  # joined a process group (torchrun), even with one process
+
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +36,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        # torchrun with one process still takes the DDP path, so a single GPU checks NCCL
+        return self.world_size > 1 or self.in_group
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -50,18 +53,22 @@ def resolve_device(preference: str = "auto") -> torch.device:
 
 
 def setup_runtime(preference: str = "auto") -> Runtime:
-    """Join the process group when launched by torchrun; else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group when launched by torchrun; else a single process.
+
+    A torchrun launch joins even with one process (DDP and collectives are then
+    no-ops in effect), so the NCCL path can be checked on a one-GPU machine.
+    """
     device = resolve_device(preference)
-    if world <= 1:
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Runtime(device=device)
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank)
+    return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank, in_group=True)
 
 
 def cleanup(runtime: Runtime) -> None:

@@ -84,6 +84,30 @@ def test_ddp_two_processes_gloo(tmp_path, cache_dir):
     artifacts.load_classifier(tmp_path / "best.pt")
 
 
+def test_torchrun_with_one_process_joins_the_group(monkeypatch):
+    """One-GPU machines check the NCCL/DDP path by torchrun with one process."""
+    import socket
+
+    from selfexplain.distributed import all_reduce_sum, cleanup, setup_runtime
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"TORCHELASTIC_RUN_ID": "t", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    runtime = setup_runtime("cpu")
+    try:
+        assert runtime.distributed and runtime.world_size == 1 and torch.distributed.is_initialized()
+        assert all_reduce_sum(torch.ones(3), runtime).tolist() == [1.0, 1.0, 1.0]
+    finally:
+        cleanup(runtime)
+    assert not torch.distributed.is_initialized()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert not setup_runtime("cpu").distributed  # a plain run stays single-process
+
+
 def test_pretrained_without_weights_is_a_clear_error(tmp_path, monkeypatch):
     from selfexplain.model import SketchResNet
 
