@@ -140,3 +140,53 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0  # linear warm-up over the first 10 steps
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
+
+
+def test_augment_auto_is_off_for_synthetic_on_for_real_data_and_bad_values_fail(tmp_path):
+    import train_standard_cnn as stage1
+    from selfexplain.config import make_config, module_constants
+
+    def resolved(**overrides):
+        return stage1.augment_on(make_config(module_constants(vars(stage1)), overrides))
+
+    assert resolved(dataset="synthetic") is False  # procedural samples are already varied
+    assert resolved(dataset="folder") is True and resolved(dataset="tu-berlin") is True
+    assert resolved(dataset="synthetic", augment="True") is True  # CLI strings and Python bools alike
+    assert resolved(dataset="folder", augment=False) is False
+    with pytest.raises(UserError, match="AUGMENT must be auto, True or False"):
+        stage1.main(dataset="synthetic", augment="sometimes", out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_optimizer_decays_weights_only():
+    import train_standard_cnn as stage1
+    from selfexplain.config import make_config, module_constants
+    from selfexplain.model import SketchResNet
+
+    net = SketchResNet(5)
+    opt = stage1.make_optimizer(net, make_config(module_constants(vars(stage1)), {}), "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] > 0 and all(p.ndim > 1 for p in decayed["params"])
+    assert plain["weight_decay"] == 0 and {id(p) for p in plain["params"]} == {id(net.fc.bias), *(
+        id(p) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())}
+
+
+def test_fresh_residual_blocks_start_as_identity(seed):
+    from selfexplain.model import SketchResNet
+
+    net = SketchResNet(5).eval()
+    block = net.layer2[1]  # no downsample: output = relu(x + residual), residual zero at init
+    x = torch.rand(2, 128, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+
+
+def test_allocator_tuning_leaves_a_users_malloc_settings_alone(monkeypatch):
+    from selfexplain.distributed import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True  # applied
