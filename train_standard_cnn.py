@@ -86,11 +86,12 @@ def train_epoch(model, optimizer, loader, cfg, prep, runtime, step, total_steps,
     # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a pass-through)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype(runtime.device, cfg.AMP) == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.LABEL_SMOOTHING)
+    augment_batch = augment_on(cfg)
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device)
     seen = 0
     for i, (xb, yb, _) in enumerate(loader):
-        x = data.model_input(xb, prep, runtime.device, augment_on(cfg), generator, cfg.CHANNELS_LAST)
+        x = data.model_input(xb, prep, runtime.device, augment_batch, generator, cfg.CHANNELS_LAST)
         y = yb.to(runtime.device, non_blocking=True)
         with autocast(runtime.device, cfg.AMP):
             logits = model(x)

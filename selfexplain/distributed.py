@@ -31,7 +31,6 @@ class Runtime:
     local_rank: int = 0
     in_group: bool = False  # joined a process group (torchrun), even with one process
 
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
