@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from selfexplain import artifacts, data, report, stats
-from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
+from selfexplain.errors import UserError
+from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.artifacts import save_effective_config
 from selfexplain.distributed import resolve_device, set_threads
 from selfexplain.features import iter_feature_maps
 from selfexplain.sae import bias_logits, logit_lens

@@ -31,7 +31,9 @@ from tqdm import tqdm
 
 from selfexplain import llm
 from selfexplain.artifacts import append_jsonl, missing_message, read_jsonl, write_json, write_jsonl
-from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
+from selfexplain.errors import UserError
+from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.artifacts import save_effective_config
 
 # ----------------------------------------------------------------------------- config
 REPORT_DIR = "neuron_report"  # stage 3's folder: reads neurons.jsonl and thumbs, writes llm_output.jsonl

@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 
 from selfexplain import artifacts, data
 from selfexplain import sae_train as st
-from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
+from selfexplain.errors import UserError
+from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.artifacts import save_effective_config
 from selfexplain.distributed import barrier, cleanup, lr_at, maybe_launch_torchrun, set_threads, setup_runtime
 from selfexplain.sae import TopKSAE
 

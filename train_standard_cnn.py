@@ -23,7 +23,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from selfexplain import artifacts, data
-from selfexplain.config import UserError, make_config, module_constants, run_cli, save_effective_config
+from selfexplain.errors import UserError
+from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.artifacts import save_effective_config
 from selfexplain.distributed import (all_reduce_sum, amp_dtype, autocast, lr_at, barrier, cleanup, maybe_launch_torchrun,
                                      set_threads, setup_runtime)
 from selfexplain.model import SketchResNet

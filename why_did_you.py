@@ -25,7 +25,8 @@ import numpy as np
 
 from selfexplain import data, explain
 from selfexplain.explain import explain_image, explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
-from selfexplain.config import UserError, make_config, module_constants, run_cli
+from selfexplain.errors import UserError
+from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
 
 # ----------------------------------------------------------------------------- config

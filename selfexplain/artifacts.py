@@ -15,16 +15,44 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
-from .config import UserError
+from .errors import UserError
+from .model import build_classifier
+from .sae import TopKSAE
 
-CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes; loads refuse other versions
+
+# ----------------------------------------------------------------------------- names (contract)
+# Every file name the pipeline reads or writes, in one place (see DESIGN.md, "Artifacts").
+CLASSIFIER_DIR = "runs/standard_cnn"              # stage 1's default OUT_DIR
+SAE_DIR = "runs/sae_topk"                         # stage 2's default OUT_DIR
+REPORT_DIR = "neuron_report"                      # stage 3's default OUT_DIR, stages 4-5's REPORT_DIR
+CACHE_DIR = "cache"                               # decoded-image and token caches
+BEST_CLASSIFIER = "best.pt"                       # stage 1: best validation accuracy
+LAST_CLASSIFIER = "last.pt"                       # stage 1: every epoch, with optimiser state
+BEST_SAE = "best_sae.pt"                          # stage 2: lowest validation FVU
+LAST_SAE = "last_sae.pt"                          # stage 2: every epoch, with optimiser state
+CLASSIFIER_CKPT = f"{CLASSIFIER_DIR}/{BEST_CLASSIFIER}"  # default CLASSIFIER_CKPT of stages 2-5
+SAE_CKPT = f"{SAE_DIR}/{BEST_SAE}"                # default SAE_CKPT of stages 3-5
+LABEL_DECODER = "label_decoder.json"              # stage 1: {"0": "airplane", ...}
+METRICS = "metrics.json"                          # stages 1-2
+CONFIG = "config.json"                            # every stage's effective config
+TENSORBOARD_DIR = "tb"                            # stages 1-2
+NEURONS = "neurons.jsonl"                         # stage 3: one object per neuron
+SUMMARY = "summary.json"                          # stage 3: counts, fingerprints, concept measures
+INDEX_HTML = "index.html"                         # stage 3 (refreshed by stage 4): the atlas
+THUMBS_DIR = "thumbs"                             # stage 3: top-example thumbnails
+SPRITES_DIR = "sprites"                           # stage 3: one strip per neuron
+LLM_OUTPUT = "llm_output.jsonl"                   # stage 4: {neuron_id, answer, ...}
+LLM_CONFIG = "llm_config.json"                    # stage 4's effective config
+LLM_SUMMARY = "llm_summary.json"                  # stage 4: counts and failures
 
 # Which script produces which artifact: used to tell users what to run first.
 PRODUCER = {
@@ -80,6 +108,11 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def save_effective_config(cfg: dict, out_dir: str | os.PathLike, name: str = CONFIG) -> Path:
+    """Write a stage's effective config into its output folder (atomically)."""
+    return write_json(Path(out_dir) / name, dict(cfg))
+
+
 def missing_message(path: Path, producer: str | None) -> str:
     """The one-line error for a missing artifact, naming the script that makes it."""
     script = PRODUCER.get(producer or "", producer)
@@ -127,10 +160,6 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    yield from read_jsonl(path)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     """Atomically save a checkpoint dict (tensors and plain values only)."""
@@ -176,6 +205,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torc
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a {kind} checkpoint (found {found!r})")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads format "
+                        f"{CHECKPOINT_FORMAT}; rerun {PRODUCER.get(kind, 'its stage')}")
     return ckpt
 
 
@@ -199,24 +231,17 @@ def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True):
     if not enabled:
         return None
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional at run time
-        import sys
-
+        from torch.utils.tensorboard import SummaryWriter  # optional at run time: imported only when asked for
+    except ImportError:
         print("tensorboard not installed: no TensorBoard logs", file=sys.stderr)
         return None
-    return SummaryWriter(str(Path(out_dir) / "tb"))
+    return SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR))
 
 
 # ----------------------------------------------------------------------------- label decoder
 def write_label_decoder(path: str | os.PathLike, class_names: list[str]) -> Path:
     """``{"0": "airplane", ...}``."""
     return write_json(path, {str(i): name for i, name in enumerate(class_names)})
-
-
-def read_label_decoder(path: str | os.PathLike) -> list[str]:
-    data = read_json(path, "classifier")
-    return [data[str(i)] for i in range(len(data))]
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -239,8 +264,6 @@ def classifier_checkpoint(model: torch.nn.Module, *, arch: dict, preprocess: dic
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the classifier from its checkpoint; returns (model in eval mode, checkpoint)."""
-    from .model import build_classifier
-
     ckpt = load_checkpoint(path, "classifier")
     model = build_classifier(ckpt["arch"])
     try:
@@ -268,8 +291,6 @@ def sae_checkpoint(sae: torch.nn.Module, *, classifier_fingerprint: str, classif
 def load_sae(path: str | os.PathLike, classifier_ckpt: dict | None = None,
              device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the SAE; with ``classifier_ckpt``, refuse a pair trained on another classifier."""
-    from .sae import TopKSAE
-
     ckpt = load_checkpoint(path, "sae")
     if classifier_ckpt is not None and ckpt["classifier_fingerprint"] != classifier_ckpt["fingerprint"]:
         raise UserError(

@@ -17,15 +17,14 @@ import ast
 import inspect
 import io
 import json
-import os
 import sys
 import tokenize
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
+from .errors import UserError
 
 
 class Config(dict):
@@ -130,8 +129,6 @@ def make_config(defaults: dict, overrides: dict | None = None) -> Config:
 
 def load_yaml_overrides(path: str) -> dict:
     """Read a ``--config=FILE.yaml`` of ``key: value`` pairs."""
-    import yaml
-
     if not Path(path).is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -174,15 +171,6 @@ def help_text(doc: str | None, defaults: dict, comments: dict) -> str:
     for name, value in defaults.items():
         lines.append(f"  --{name.lower():<22} {json.dumps(value, default=str):<28} {comments.get(name, '')}")
     return "\n".join(lines)
-
-
-def save_effective_config(cfg: dict, out_dir: str | os.PathLike, name: str = "config.json") -> Path:
-    """Write the effective config of a stage into its output folder (atomically)."""
-    from .artifacts import write_json
-
-    path = Path(out_dir) / name
-    write_json(path, dict(cfg))
-    return path
 
 
 def run_cli(main: Callable[..., Any], namespace: dict, argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import read_json, write_json
-from .config import UserError
+from .errors import UserError
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import UserError
+from .errors import UserError
 
 
 @dataclass

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import artifacts, data
-from .config import UserError
+from .errors import UserError
 from .distributed import resolve_device
 from .sae import bias_logits, logit_lens
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .config import UserError
+from .errors import UserError
 
 BACKENDS = ("auto", "replicate", "openai", "offline")
 BACKOFF = 1.0  # base of the exponential backoff in seconds (tests set it small)

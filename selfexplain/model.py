@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .config import UserError
+from .errors import UserError
 
 
 class SketchResNet(nn.Module):

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import UserError
+from .errors import UserError
 
 MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

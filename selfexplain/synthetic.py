@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .config import UserError
+from .errors import UserError
 
 # Part i is the point (i // 3, i % 3) of AG(2, 3).
 PART_TYPES = ["circle", "triangle", "zigzag", "spokes", "rectangle",

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[1]  # the repo root; pytest.ini puts it and tests/ on sys.path
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # The tiny synthetic config every pipeline test shares (64 px -> 2x2 layer4 map).

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT as REPO_ROOT
 TU_BERLIN_FILES = (  # the shard names of kmewhort/tu-berlin-png, hash suffixes made up
     "data/train-00000-of-00002-5f1c1b2a.parquet",
     "data/train-00001-of-00002-9e0d3c4b.parquet",

@@ -1,11 +1,14 @@
 """The configuration contract: --key=value, YAML defaults, --help, type checks."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from selfexplain.config import UserError, constant_comments, make_config, module_constants, parse_argv
+from conftest import ROOT
+from selfexplain.config import constant_comments, make_config, module_constants, parse_argv
+from selfexplain.errors import UserError
 
 DEFAULTS = {"TOP_K": 20, "LR": 1e-3, "OUT_DIR": "runs/x", "RESUME": False, "ONLY": None, "SIZES": [1, 2]}
 
@@ -66,9 +69,9 @@ def test_cli_help_bad_key_and_effective_config(tmp_path):
 
 
 def test_scripts_import_without_side_effects(tmp_path):
-    code = ("import os, sys; sys.path.insert(0, %r); os.chdir(%r); "
-            "import train_standard_cnn, train_sae, sae_summarize, sae_summary_to_llm, why_did_you; "
-            "print(sorted(os.listdir('.')))") % (str(__import__('pathlib').Path(__file__).parents[1]), str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    code = ("import os; import train_standard_cnn, train_sae, sae_summarize, sae_summary_to_llm, why_did_you; "
+            "print(sorted(os.listdir('.')))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().replace("'", '"')) == []

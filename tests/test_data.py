@@ -65,7 +65,7 @@ def test_bad_images_in_a_folder_are_skipped_counted_and_named(tmp_path):
 def test_user_image_errors_are_one_line(tmp_path):
     import pytest
 
-    from selfexplain.config import UserError
+    from selfexplain.errors import UserError
 
     with pytest.raises(UserError, match="not found"):
         data.load_user_image(tmp_path / "missing.png", 64)

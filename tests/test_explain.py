@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT
 from selfexplain import artifacts, data, explain
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 from selfexplain.sae import TopKSAE
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from selfexplain import artifacts
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 
 SCRIPTS = ["train_sae.py", "sae_summarize.py", "why_did_you.py"]
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 import sae_summary_to_llm as stage  # conftest puts the repo root on sys.path
 from fake_llm_server import FakeLLMServer, Reply  # noqa: E402
 from selfexplain import llm  # noqa: E402
 from selfexplain.artifacts import read_jsonl  # noqa: E402
-from selfexplain.config import UserError  # noqa: E402
+from selfexplain.errors import UserError  # noqa: E402
 
 OPENAI_KEY = "sk-test-DO-NOT-LEAK-0123456789abcdef"
 REPLICATE_TOKEN = "r8_DoNotLeakThisToken0123456789abcd"

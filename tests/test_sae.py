@@ -12,10 +12,10 @@ import torch
 
 from selfexplain import artifacts
 from selfexplain import sae_train as st
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 from selfexplain.sae import TopKSAE
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 
 
 def _sae(d_in=16, m=32, k=4):

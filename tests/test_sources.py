@@ -14,7 +14,7 @@ from PIL import Image
 
 from hf_fixtures import (PYTHON, TU_BERLIN_FILES, FakeHubServer, bad_image_payloads, closed_port_url, hub_env,
                          make_hf_parquet, make_image_folder, png_bytes, sketch)
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 from selfexplain.sources import BadImage, decode_image, describe_source, iter_source, parquet_class_names
 
 CLASSES = ["airplane", "alarm clock", "angel", "ant"]

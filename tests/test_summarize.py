@@ -7,7 +7,7 @@ import torch
 
 import sae_summarize
 from selfexplain import artifacts, data, stats
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 from selfexplain.features import iter_feature_maps
 from selfexplain.sae import TopKSAE, logit_lens
 

@@ -5,7 +5,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 from selfexplain.synthetic import (CLASS_NAMES, CLASS_PARTS, DISTRACTOR_TYPES, PART_TYPES,
                                    generate_synthetic, render_sample)
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_CNN
 from selfexplain import artifacts, data
-from selfexplain.config import UserError
+from selfexplain.errors import UserError
 
 
 def test_checkpoint_describes_itself_and_round_trips(tiny_classifier, cache_dir):
