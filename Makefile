@@ -17,9 +17,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train_standard_cnn.py
-	$(PY) train_sae.py
-	$(PY) sae_summarize.py
+	$(PY) train_standard_cnn.py --overwrite=True
+	$(PY) train_sae.py --overwrite=True
+	$(PY) sae_summarize.py --overwrite=True
 	$(PY) sae_summary_to_llm.py --backend=offline
 	$(PY) why_did_you.py --image=test:0 --overlay=neuron_report/why_test0.png
 	@echo "overlay: neuron_report/why_test0.png"

@@ -1,8 +1,10 @@
 """assets/idea.png from a real demo explanation: the sketch, the concepts' heat maps and
-their exact contributions to the predicted logit (which add up to it)."""
+their exact contributions to the predicted logit (which add up to it).
+
+Imported by make_figures.py, which puts the repo root on sys.path first.
+"""
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,18 +14,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from selfexplain import artifacts, data, explain  # noqa: E402
 
-CLASSIFIER_CKPT = ROOT / "runs/standard_cnn/best.pt"
-SAE_CKPT = ROOT / "runs/sae_topk/best_sae.pt"
-REPORT_DIR = ROOT / "neuron_report"
-CACHE_DIR = ROOT / "cache"
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFIER_CKPT = ROOT / artifacts.CLASSIFIER_CKPT  # the demo's artifacts (make demo)
+SAE_CKPT = ROOT / artifacts.SAE_CKPT
+REPORT_DIR = ROOT / artifacts.REPORT_DIR
+CACHE_DIR = ROOT / artifacts.CACHE_DIR
 TEST_INDEX = 0  # which held-out test sketch to explain
 
 
 def idea_figure(path: Path) -> None:
+    """Explain test sketch TEST_INDEX with the demo's models and draw input, overlay and contributions."""
     ckpt = artifacts.load_checkpoint(CLASSIFIER_CKPT, "classifier")
     images = data.load_dataset(ckpt["dataset"], CACHE_DIR, progress=False)
     idx = int(ckpt["split"]["test"][TEST_INDEX])
@@ -38,7 +40,8 @@ def idea_figure(path: Path) -> None:
     axes[1].set_title("where the cited concepts fired", fontsize=10)
     for ax in axes[:2]:
         ax.axis("off")
-    names = [f"#{n.neuron_id} {n.concept.removeprefix('offline: ')[:40]}  ({n.share:.0%})" for n in exp.neurons] + ["other neurons", "bias", "SAE error"]
+    names = [f"#{n.neuron_id} {n.concept.removeprefix('offline: ')[:40]}  ({n.share:.0%})" for n in exp.neurons]
+    names += ["other neurons", "bias", "SAE error"]
     values = [n.contribution for n in exp.neurons] + [exp.others, exp.bias, exp.error]
     colours = [np.array(explain.PALETTE[i % len(explain.PALETTE)]) / 255 for i in range(len(exp.neurons))]
     colours += ["#999999", "#cccccc", "#eeeeee"]

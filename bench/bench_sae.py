@@ -28,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 from selfexplain import artifacts, data  # noqa: E402
 from selfexplain import sae_train as st  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
-from selfexplain.distributed import Runtime, set_threads  # noqa: E402
-from selfexplain.sae import TopKSAE  # noqa: E402
+from selfexplain.distributed import Runtime, keep_freed_memory, set_threads  # noqa: E402
+from selfexplain.features import cache_tokens, standardization  # noqa: E402
+from selfexplain.sae import TopKSAE, fvu_loss  # noqa: E402
 
-CLASSIFIER_CKPT = "runs/standard_cnn/best.pt"  # classifier whose layer4 tokens are used
-CACHE_DIR = "cache"            # decoded-image cache
+CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # classifier whose layer4 tokens are used
+CACHE_DIR = artifacts.CACHE_DIR  # decoded-image cache
 LATENT_DIM = 2048              # M (the TU-Berlin size)
 TOP_K = 20                     # K
 BATCH_SIZE = 4096              # tokens per step
@@ -78,7 +79,7 @@ def import_sparsify():
 def run_ours(x_train, x_val, cfg):
     torch.manual_seed(cfg.SEED)
     sae = TopKSAE(x_train.shape[1], cfg.LATENT_DIM, cfg.TOP_K)
-    opt = st.make_optimizer(sae, cfg.LR)
+    opt = st.make_sae_optimizer(sae, cfg.LR)
     step = lambda xb: st.train_step(sae, opt, xb)  # noqa: E731
     return step, lambda xv: sae(xv)[0]
 
@@ -92,7 +93,7 @@ def run_overcomplete(x_train, x_val, cfg):
     def step(xb):
         opt.zero_grad(set_to_none=True)
         _, z, x_hat = sae(xb)
-        loss = st.fvu_loss(xb, x_hat)
+        loss = fvu_loss(xb, x_hat)
         loss.backward()
         opt.step()
         return loss
@@ -109,7 +110,7 @@ def run_sparsify(x_train, x_val, cfg):
     def step(xb):
         opt.zero_grad(set_to_none=True)
         out = sae(xb)
-        loss = st.fvu_loss(xb, out.sae_out)
+        loss = fvu_loss(xb, out.sae_out)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
@@ -144,12 +145,14 @@ def load_tokens(cfg):
     model = model.to(memory_format=torch.channels_last)
     images = data.load_dataset(ckpt["dataset"], cfg.CACHE_DIR, progress=False).images
     out = {}
+    cpu = Runtime(torch.device("cpu"))
     for name in ("train", "val"):
-        store, sums = st.cache_tokens(model, images, ckpt["split"][name].numpy(), ckpt["preprocess"], torch.device("cpu"),
-                                      ram_gb=4, disk_path=f"{cfg.CACHE_DIR}/sae_tokens/bench-{name}.npy",
-                                      stats=name == "train")
+        indices = ckpt["split"][name].numpy()
+        store, sums = cache_tokens(model, images, indices, ckpt["preprocess"], cpu.device, ram_gb=4,
+                                   disk_path=st.token_cache_path(cfg.CACHE_DIR, ckpt["fingerprint"], name, indices, cpu),
+                                   stats=name == "train")
         if sums is not None:
-            mu, sigma = st.standardization(*sums, Runtime(torch.device("cpu")))
+            mu, sigma = standardization(*sums, cpu)
         out[name] = torch.from_numpy(np.asarray(store.tokens)).float()
     return ((out["train"] - mu) / sigma).contiguous(), ((out["val"] - mu) / sigma).contiguous()
 
@@ -157,6 +160,7 @@ def load_tokens(cfg):
 def main(**overrides) -> dict:
     cfg = make_config(module_constants(globals()), overrides)
     set_threads(cfg.NUM_THREADS)
+    keep_freed_memory()  # as the training scripts do
     x_train, x_val = load_tokens(cfg)
     results = {}
     for name, builder in (("selfexplain (this repo)", run_ours), ("overcomplete 0.3.0 TopKSAE", run_overcomplete),

@@ -1,6 +1,6 @@
 """Benchmark: stage 1's training loop against a bare model step, side by side.
 
-The loop (train_standard_cnn.train_epoch: cache reads, batched augmentation,
+The loop (classifier_train.train_epoch: cache reads, batched augmentation,
 standardisation, autocast, clipping, LR schedule) is timed against a bare
 forward/backward/AdamW step on a synthetic tensor of the same batch, size and
 precision. Rounds alternate so machine noise hits both alike.
@@ -26,10 +26,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_standard_cnn as stage1  # noqa: E402
+from selfexplain import classifier_train as ct  # noqa: E402
 from selfexplain import data  # noqa: E402
 from sections import write_section  # noqa: E402
+from selfexplain.artifacts import TrainState  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
-from selfexplain.distributed import Runtime, amp_dtype, autocast, resolve_device, set_threads  # noqa: E402
+from selfexplain.distributed import Runtime, amp_dtype, autocast, keep_freed_memory, resolve_device  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
 
 IMAGE_SIZE = 64        # input side (the demo's)
@@ -67,14 +69,15 @@ def bare_rate(model, optimizer, batch, size, steps, device, amp) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def loop_rate(model, optimizer, imageset, cfg, prep, steps, seed, device) -> float:
-    order = np.random.default_rng(seed).permutation(len(imageset))[: steps * cfg.BATCH_SIZE]
-    loader = data.batches(imageset.images, imageset.labels, order, cfg.BATCH_SIZE, drop_last=True)
+def loop_rate(model, optimizer, scaler, imageset, settings, prep, steps, seed, device) -> float:
+    order = np.random.default_rng(seed).permutation(len(imageset))[: steps * settings.batch_size]
+    loader = data.batches(imageset.images, imageset.labels, order, settings.batch_size, drop_last=True)
     runtime = Runtime(device=device)
     sync(device)
     start = time.perf_counter()
-    _, _, seen, _ = stage1.train_epoch(model, optimizer, loader, cfg, prep, runtime, 0, 10 * steps,
-                                       torch.Generator().manual_seed(seed))
+    _, _, seen = ct.train_epoch(model, optimizer, scaler, loader, settings=settings, prep=prep, runtime=runtime,
+                                state=TrainState(best=0.0), total_steps=10 * steps,
+                                generator=torch.Generator().manual_seed(seed))
     sync(device)
     return seen / (time.perf_counter() - start)
 
@@ -83,19 +86,21 @@ def main(**overrides) -> dict:
     b = make_config(module_constants(globals()), overrides)
     # the loop is timed with augmentation on: the heavier case, and the default on real data
     cfg = make_config(module_constants(vars(stage1)), {"image_size": b.IMAGE_SIZE, "batch_size": b.BATCH_SIZE,
-                                                       "amp": b.AMP, "cache_dir": b.CACHE_DIR, "augment": "True"})
-    set_threads(0)  # as stage 1 does (allocator tuning)
+                                                       "amp": b.AMP, "cache_dir": b.CACHE_DIR})
+    keep_freed_memory()  # as stage 1's entry point does
+    settings = ct.ClassifierTrainSettings.from_config(cfg, augment=True)
     imageset = data.load_dataset(stage1.build_spec(cfg), cfg.CACHE_DIR)
     prep = {"mean": 0.1, "std": 0.25}
     device = resolve_device(b.DEVICE)
     model = SketchResNet(len(imageset.class_names)).to(device, memory_format=torch.channels_last)
-    optimizer = stage1.make_optimizer(model, cfg, device)
+    optimizer = ct.make_classifier_optimizer(model, cfg.LR, cfg.WEIGHT_DECAY, device)
+    scaler = ct.make_grad_scaler(device, cfg.AMP)
     bare_rate(model, optimizer, b.BATCH_SIZE, b.IMAGE_SIZE, 3, device, b.AMP)  # warm-up
-    loop_rate(model, optimizer, imageset, cfg, prep, 2, 99, device)
+    loop_rate(model, optimizer, scaler, imageset, settings, prep, 2, 99, device)
     bare, loop = [], []
     for r in range(b.ROUNDS):
         bare.append(bare_rate(model, optimizer, b.BATCH_SIZE, b.IMAGE_SIZE, b.STEPS, device, b.AMP))
-        loop.append(loop_rate(model, optimizer, imageset, cfg, prep, b.STEPS, r, device))
+        loop.append(loop_rate(model, optimizer, scaler, imageset, settings, prep, b.STEPS, r, device))
         print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, loop {loop[-1]:.1f} img/s")
     ratio = max(loop) / max(bare)
     dtype = amp_dtype(device, b.AMP)

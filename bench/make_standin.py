@@ -16,10 +16,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
+from selfexplain.logs import log  # noqa: E402
 
 OUT = "bench/_work/tu-berlin-standin"  # dataset folder (DATA_ROOT for --dataset=parquet)
 PER_CLASS = 80                         # 250 x 80 = 20,000 sketches, like TU-Berlin
@@ -58,9 +62,6 @@ def draw_batch(items: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
 
 
 def write_shard(path: Path, rows: list[tuple[int, bytes]], names: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     meta = {"info": {"features": {"image": {"_type": "Image"},
                                   "label": {"_type": "ClassLabel", "names": names}}}}
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -78,19 +79,18 @@ def main(**overrides) -> Path:
     cfg = make_config(module_constants(globals()), overrides)
     out = Path(cfg.OUT)
     if all((out / f).is_file() for f in FILES):
-        print(f"stand-in already at {out}")
+        log(f"stand-in already at {out}")
         return out
     names = [f"class_{c:03d}" for c in range(cfg.CLASSES)]
     items = [(c, i) for i in range(cfg.PER_CLASS) for c in range(cfg.CLASSES)]
     chunks = [items[i:i + 200] for i in range(0, len(items), 200)]
     shards: dict[int, list] = {0: [], 1: [], 2: []}
-    with ProcessPoolExecutor(cfg.WORKERS) as pool:
-        for n, rows in enumerate(pool.map(draw_batch, chunks)):
+    with ProcessPoolExecutor(cfg.WORKERS) as pool, tqdm(total=len(items), desc="draw", unit="sketch") as bar:
+        for rows in pool.map(draw_batch, chunks):
             for label, png in rows:
                 k = len(shards[0]) + len(shards[1]) + len(shards[2])
                 shards[2 if k % 5 == 4 else k % 2].append((label, png))  # ~80% train, 20% test
-            print(f"\rdrew {min((n + 1) * 200, len(items))}/{len(items)}", end="", flush=True)
-    print()
+            bar.update(len(rows))
     for k, rel in enumerate(FILES):
         write_shard(out / rel, shards[k], names)
     return out

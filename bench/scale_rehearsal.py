@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sections import write_section  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
+from selfexplain.logs import log  # noqa: E402
 
 WORK = "bench/_work/scale"           # runs and caches of the rehearsal
 STANDIN = "bench/_work/tu-berlin-standin"  # the generated dataset
@@ -55,9 +55,9 @@ def run_stage(name: str, script: str, args: list[str]) -> dict:
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
     self_kb, kids_kb = (int(v) for v in peak[-1].split()[1:]) if peak else (0, 0)
     if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        log(f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", error=True)
         raise SystemExit(f"{name} failed with exit code {proc.returncode}")
-    print(f"{name}: {seconds:.0f} s, peak RSS {self_kb / 2**20:.2f} GiB (workers {kids_kb / 2**20:.2f} GiB)")
+    log(f"{name}: {seconds:.0f} s, peak RSS {self_kb / 2**20:.2f} GiB (workers {kids_kb / 2**20:.2f} GiB)")
     return {"stage": name, "seconds": seconds, "peak_gib": self_kb / 2**20, "worker_peak_gib": kids_kb / 2**20,
             "stdout": proc.stdout}
 

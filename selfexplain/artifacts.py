@@ -7,7 +7,11 @@ One module owns the on-disk formats:
   with ``torch.load(weights_only=True)`` so a malicious pickle never executes;
 * JSON files (``metrics.json``, ``summary.json``, ``label_decoder.json``, configs);
 * JSONL files (``neurons.jsonl``, ``llm_output.jsonl``): whole lines only, so a crash
-  never leaves half a record, and readers drop a torn tail.
+  never leaves half a record, and readers set damaged lines aside and keep the rest.
+
+Written files get the mode a plain ``open`` would give them (0666 less the umask), and
+a failed write (disk full, read-only folder) is a one-line :class:`UserError` naming
+the path.
 """
 from __future__ import annotations
 
@@ -15,22 +19,26 @@ import hashlib
 import json
 import os
 import pickle
-import sys
+import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 
 from .errors import UserError
+from .logs import log
 from .model import build_classifier
 from .sae import TopKSAE
 
-CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes; loads refuse other versions
+# bumped when the checkpoint layout changes; loads refuse other versions
+# (2: SAE checkpoints carry their own fingerprint; loop state as TrainState fields)
+CHECKPOINT_FORMAT = 2
 
 # ----------------------------------------------------------------------------- names (contract)
-# Every file name the pipeline reads or writes, in one place (see DESIGN.md, "Artifacts").
+# Every file name the pipeline reads or writes, in one place (a contract: stages, tests and users rely on them).
 CLASSIFIER_DIR = "runs/standard_cnn"              # stage 1's default OUT_DIR
 SAE_DIR = "runs/sae_topk"                         # stage 2's default OUT_DIR
 REPORT_DIR = "neuron_report"                      # stage 3's default OUT_DIR, stages 4-5's REPORT_DIR
@@ -53,6 +61,9 @@ SPRITES_DIR = "sprites"                           # stage 3: one strip per neuro
 LLM_OUTPUT = "llm_output.jsonl"                   # stage 4: {neuron_id, answer, ...}
 LLM_CONFIG = "llm_config.json"                    # stage 4's effective config
 LLM_SUMMARY = "llm_summary.json"                  # stage 4: counts and failures
+# What marks an earlier run in a trainer's OUT_DIR (see prepare_out_dir).
+CLASSIFIER_OUTPUTS = (BEST_CLASSIFIER, LAST_CLASSIFIER, METRICS, TENSORBOARD_DIR)
+SAE_OUTPUTS = (BEST_SAE, LAST_SAE, METRICS, TENSORBOARD_DIR)
 
 # Which script produces which artifact: used to tell users what to run first.
 PRODUCER = {
@@ -64,21 +75,43 @@ PRODUCER = {
 
 
 # ----------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file (0666 less the umask); ``mkstemp`` would give 0600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(fh)`` on a temp file in ``path``'s folder, fsync, then rename it to ``path``.
+
+    Readers see the old file or the new one, never half of one; an interruption
+    (exception, Ctrl-C, SIGTERM turned into SystemExit) removes the temp file. An
+    OSError (disk full, read-only folder) becomes a one-line :class:`UserError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -124,33 +157,46 @@ def missing_message(path: Path, producer: str | None) -> str:
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one record as a single ``write`` of a whole line, then fsync."""
     line = json.dumps(record, default=_json_default, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _parse_record(line: bytes) -> dict | None:
+    """One JSONL line as a dict, or None when it is torn, not UTF-8, not JSON or not an object."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Read whole records of a JSONL file; a torn last line (crash mid-write) is dropped.
+    """The intact records of a JSONL file, in order.
 
-    With ``repair=True`` the torn tail is also cut from the file so appends stay clean.
+    Damaged lines (a torn last line from a crash mid-write, invalid UTF-8 or JSON, a line
+    that is not a JSON object) are skipped, never the good lines after them. With
+    ``repair=True`` the file is rewritten atomically without the damaged lines, so
+    appends stay clean; good lines are kept byte for byte.
     """
     path = Path(path)
     if not path.is_file():
         return []
     raw = path.read_bytes()
-    records, good_end = [], 0
+    records, good = [], []
     for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good_end += len(line)
-    if repair and good_end != len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
+        record = _parse_record(line)
+        if record is not None:
+            records.append(record)
+            good.append(line)
+    if repair and len(good) != len(raw.splitlines()):
+        atomic_write_bytes(path, b"".join(good))
     return records
 
 
@@ -163,19 +209,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     """Atomically save a checkpoint dict (tensors and plain values only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torch.device = "cpu") -> dict:
@@ -208,7 +242,25 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torc
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this code reads format "
                         f"{CHECKPOINT_FORMAT}; rerun {PRODUCER.get(kind, 'its stage')}")
+    verify_fingerprint(ckpt, path)
     return ckpt
+
+
+WEIGHTS_KEY = {"classifier": "model", "sae": "state"}  # where each kind of checkpoint keeps its weights
+
+
+def verify_fingerprint(ckpt: dict, path: str | os.PathLike = "checkpoint") -> str:
+    """Recompute a checkpoint's fingerprint from its weights; refuse it when the stored one differs.
+
+    The stored field is only a claim: weights edited after saving (or a damaged file
+    that still unpickles) must not pass as the model they were.
+    """
+    actual = tensor_fingerprint(ckpt[WEIGHTS_KEY[ckpt["kind"]]])
+    if actual != ckpt.get("fingerprint"):
+        raise UserError(f"{path}: its weights do not match its recorded fingerprint ({actual} != "
+                        f"{ckpt.get('fingerprint')}); it was modified after saving, rerun "
+                        f"{PRODUCER.get(ckpt['kind'], 'its stage')}")
+    return actual
 
 
 def tensor_fingerprint(state_dict: dict) -> str:
@@ -226,16 +278,79 @@ def tensor_fingerprint(state_dict: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- TensorBoard
-def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True):
-    """A SummaryWriter on ``out_dir/tb``, or None when disabled or tensorboard is missing."""
+def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True, first_epoch: int = 1):
+    """A SummaryWriter on ``out_dir/tb``, or None when disabled or tensorboard is missing.
+
+    Events logged at or after ``first_epoch`` by an interrupted run are purged, so a
+    resumed run does not draw two curves over the same epochs.
+    """
     if not enabled:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional at run time: imported only when asked for
     except ImportError:
-        print("tensorboard not installed: no TensorBoard logs", file=sys.stderr)
+        log("tensorboard not installed: no TensorBoard logs", error=True)
         return None
-    return SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR))
+    return SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR), purge_step=first_epoch if first_epoch > 1 else None)
+
+
+# ----------------------------------------------------------------------------- run folders
+def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resume: bool = False,
+                    overwrite: bool = False, clear: bool = True, can_resume: bool = True) -> Path:
+    """Refuse to mix two runs in one output folder.
+
+    Parameters
+    ----------
+    out_dir : the stage's output folder.
+    outputs : file and folder names (in ``out_dir``) that mark an earlier run.
+    resume : the run continues the earlier one; nothing is removed.
+    can_resume : whether the stage has a ``--resume`` (the refusal names only what exists).
+    overwrite : the earlier run's ``outputs`` are removed first (with ``clear``; under
+        DDP only rank 0 clears), so its TensorBoard events cannot interleave.
+
+    Raises
+    ------
+    UserError
+        The folder holds an earlier run and neither ``resume`` nor ``overwrite`` is set,
+        or both are.
+    """
+    out = Path(out_dir)
+    outputs = list(outputs)
+    if resume and overwrite:
+        raise UserError("--resume=True continues the run in OUT_DIR, --overwrite=True replaces it: choose one")
+    found = [name for name in outputs if (out / name).exists()]
+    if found and not (resume or overwrite):
+        hint = "pass --resume=True to continue it or --overwrite=True to replace it" if can_resume else \
+            "pass --overwrite=True to replace it"
+        raise UserError(f"{out} holds an earlier run ({', '.join(found)}); {hint}")
+    if overwrite and clear:
+        for name in found:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return out
+
+
+# ----------------------------------------------------------------------------- loop state
+@dataclass
+class TrainState:
+    """Where a training loop stands; saved in ``last.pt`` / ``last_sae.pt`` to resume exactly.
+
+    ``best`` is the best validation figure so far: accuracy for the classifier (higher
+    is better), FVU for the SAE (lower is better).
+    """
+
+    best: float
+    epoch: int = 0                                      # last finished epoch
+    step: int = 0                                       # optimiser steps taken
+    history: list[dict] = field(default_factory=list)   # one row of figures per finished epoch
+
+    def to_checkpoint(self) -> dict:
+        """The fields a ``last`` checkpoint stores (``epoch`` is stored by the checkpoint itself)."""
+        return {"step": self.step, "best": self.best, "history": list(self.history)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "TrainState":
+        return cls(best=ckpt["best"], epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]))
 
 
 # ----------------------------------------------------------------------------- label decoder
@@ -276,11 +391,16 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
 # ----------------------------------------------------------------------------- SAE
 def sae_checkpoint(sae: torch.nn.Module, *, classifier_fingerprint: str, classifier_path: str, config: dict,
                    epoch: int, metrics: dict, usage_ema: torch.Tensor, **extra) -> dict:
-    """The SAE checkpoint: weights, μ, σ, M, K, usage EMA and the classifier's fingerprint."""
+    """The SAE checkpoint: weights, μ, σ, M, K, usage EMA, its own fingerprint and the classifier's.
+
+    ``fingerprint`` (over the SAE's weights) is what concept records and the report cite.
+    """
     state = {k: v.detach().to("cpu", torch.float32) for k, v in sae.state_dict().items()}
     ckpt = {
         "kind": "sae", "format": CHECKPOINT_FORMAT, "d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k,
+        "arch": sae.arch,
         "state": state, "mu": state["mu"], "sigma": state["sigma"], "usage_ema": usage_ema.detach().to("cpu"),
+        "fingerprint": tensor_fingerprint(state),
         "classifier_fingerprint": classifier_fingerprint, "classifier_path": str(classifier_path),
         "config": dict(config), "epoch": int(epoch), "metrics": dict(metrics),
     }
@@ -290,14 +410,19 @@ def sae_checkpoint(sae: torch.nn.Module, *, classifier_fingerprint: str, classif
 
 def load_sae(path: str | os.PathLike, classifier_ckpt: dict | None = None,
              device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the SAE; with ``classifier_ckpt``, refuse a pair trained on another classifier."""
+    """Rebuild the SAE; with ``classifier_ckpt``, refuse a pair trained on another classifier.
+
+    The classifier's fingerprint is recomputed from its weights, not taken from its field.
+    """
     ckpt = load_checkpoint(path, "sae")
-    if classifier_ckpt is not None and ckpt["classifier_fingerprint"] != classifier_ckpt["fingerprint"]:
-        raise UserError(
-            f"{path} was trained on classifier {ckpt['classifier_fingerprint']} ({ckpt['classifier_path']}) "
-            f"but the classifier given is {classifier_ckpt['fingerprint']}; retrain with train_sae.py or "
-            "point CLASSIFIER_CKPT at the matching checkpoint")
-    sae = TopKSAE(ckpt["d_in"], ckpt["n_latents"], ckpt["k"])
+    if classifier_ckpt is not None:
+        given = verify_fingerprint(classifier_ckpt, "the classifier checkpoint")
+        if ckpt["classifier_fingerprint"] != given:
+            raise UserError(
+                f"{path} was trained on classifier {ckpt['classifier_fingerprint']} ({ckpt['classifier_path']}) "
+                f"but the classifier given is {given}; retrain with train_sae.py or "
+                "point CLASSIFIER_CKPT at the matching checkpoint")
+    sae = TopKSAE(ckpt["d_in"], ckpt["n_latents"], ckpt["k"], ckpt.get("arch", "topk"))
     try:
         sae.load_state_dict(ckpt["state"])
     except RuntimeError as exc:

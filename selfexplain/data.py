@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -27,11 +28,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import read_json, write_json
+from .artifacts import CACHE_DIR, read_json, write_json
 from .errors import UserError
+from .imaging import BadImage, decode_image
+from .logs import log
+from .sources import describe_source, iter_source
+from .synthetic import GENERATOR_VERSION, generate_synthetic
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
+_TMP_SUFFIX = re.compile(r"\.tmp(\d+)$")  # a cache folder being built by process <pid>
 
 
 @dataclass
@@ -44,6 +50,7 @@ class ImageSet:
     names: list[str]
     parts: list | None = None  # synthetic only: per image [{"part", "box"}]
     part_types: list[str] | None = None
+    origins: list | None = None  # synthetic only: per image (class_index, sample_index), for synthetic.rerender
     skipped: list[dict] = field(default_factory=list)  # [{"source", "reason"}]
     spec: dict = field(default_factory=dict)
 
@@ -63,15 +70,14 @@ def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) 
 
 
 # ----------------------------------------------------------------------------- cache
-def load_dataset(spec: dict, cache_dir: str | os.PathLike = "cache", progress: bool = True) -> ImageSet:
+def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress: bool = True) -> ImageSet:
     """Load a dataset through its on-disk cache, building the cache on first use."""
     if spec["dataset"] == "synthetic":
         key_src = {k: spec.get(k) for k in ("dataset", "image_size", "per_class", "seed")}
+        key_src["generator_version"] = GENERATOR_VERSION  # a changed drawing never reuses old sketches
         source = None
     else:
-        from . import sources
-
-        source = sources.describe_source(spec["dataset"], spec["data_root"])
+        source = describe_source(spec["dataset"], spec["data_root"])
         key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"]}
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
@@ -87,41 +93,69 @@ def _open_cache(folder: Path, spec: dict) -> ImageSet:
     labels = np.load(folder / "labels.npy")
     return ImageSet(images=images, labels=labels, class_names=meta["class_names"], names=meta["names"],
                     parts=meta.get("parts"), part_types=meta.get("part_types"),
+                    origins=[tuple(o) for o in meta["origins"]] if meta.get("origins") else None,
                     skipped=meta.get("skipped", []), spec=spec)
 
 
 def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) -> None:
-    """Decode everything into ``folder`` via a temp folder renamed at the end (atomic)."""
+    """Decode everything into ``folder`` via a temp folder renamed at the end (atomic).
+
+    The temp folder (as large as the cache) is removed if the build fails or is
+    interrupted; ones left by killed processes are removed by the next build.
+    """
+    remove_stale_builds(folder.parent)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if source is None:
-        meta = _cache_synthetic(spec, tmp, progress)
-    else:
-        meta = _cache_source(spec, source, tmp, progress)
-    write_json(tmp / "meta.json", meta)
-    if folder.exists():  # another process finished first
+    try:
+        meta = _cache_synthetic(spec, tmp, progress) if source is None else _cache_source(spec, source, tmp, progress)
+        write_json(tmp / "meta.json", meta)
+        if not folder.exists():  # else another process finished first
+            os.replace(tmp, folder)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, folder)
+
+
+def remove_stale_builds(cache_dir: Path) -> list[Path]:
+    """Delete ``*.tmp<pid>`` cache folders whose process is gone (a SIGKILL or power cut).
+
+    Returns the folders removed. Folders of live processes are left alone; on Windows,
+    where a pid cannot be probed without side effects, nothing is removed.
+    """
+    if sys.platform == "win32" or not cache_dir.is_dir():
+        return []
+    removed = []
+    for path in cache_dir.iterdir():
+        match = _TMP_SUFFIX.search(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _cache_synthetic(spec: dict, tmp: Path, progress: bool) -> dict:
-    from .synthetic import generate_synthetic
-
     data = generate_synthetic(spec.get("per_class", 300), spec["image_size"], seed=spec.get("seed", 0),
                               progress=progress)
     np.save(tmp / "images.npy", data["images"])
     np.save(tmp / "labels.npy", data["labels"].astype(np.int64))
     names = [f"synthetic#{i}" for i in range(len(data["labels"]))]
     return {"class_names": data["class_names"], "names": names, "parts": data["parts"],
-            "part_types": data["part_types"], "skipped": []}
+            "part_types": data["part_types"], "origins": data["origins"],
+            "generator_version": data["generator_version"], "skipped": []}
 
 
 def _decode_chunk(args: tuple) -> list:
     """Worker: decode a chunk of (name, payload) pairs; returns arrays or error reasons."""
-    from .sources import BadImage, decode_image
-
     items, size = args
     out = []
     for name, payload in items:
@@ -134,8 +168,6 @@ def _decode_chunk(args: tuple) -> list:
 
 def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
     """Stream a real source through parallel decoding into a memory-mapped array."""
-    from .sources import iter_source
-
     size, total = spec["image_size"], source["num_items"]
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(total, size, size))
     labels, names, skipped = [], [], []
@@ -146,7 +178,7 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
         for (name, array, reason), label in zip(results, chunk_labels):
             if array is None:
                 skipped.append({"source": name, "reason": reason})
-                print(f"skipped {name}: {reason}", file=sys.stderr)
+                log(f"skipped {name}: {reason}", error=True)
             else:
                 images[len(labels)] = array
                 labels.append(label)
@@ -168,9 +200,9 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
                 consume(fut.result(), lab)
         for fut, lab in pending:
             consume(fut.result(), lab)
-    finally:
+    finally:  # on Ctrl-C or an error, queued chunks are dropped rather than decoded
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
         bar.close()
     images.flush()
     kept = len(labels)
@@ -280,26 +312,3 @@ def augment(ink: torch.Tensor, generator: torch.Generator | None = None, degrees
         pick_thin = ((which >= thickness_p / 2) & (which < thickness_p)).view(b, 1, 1, 1)
         out = torch.where(pick_thick, thick, torch.where(pick_thin, thin, out))
     return out
-
-
-def load_user_image(path_or_pil, image_size: int) -> np.ndarray:
-    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError."""
-    from PIL import Image
-
-    from .sources import BadImage, decode_image
-
-    if isinstance(path_or_pil, Image.Image):
-        import io
-
-        buf = io.BytesIO()
-        path_or_pil.save(buf, format="PNG")
-        payload = buf.getvalue()
-    else:
-        path = Path(path_or_pil)
-        if not path.is_file():
-            raise UserError(f"image not found: {path}")
-        payload = path
-    try:
-        return decode_image(payload, image_size)
-    except BadImage as exc:
-        raise UserError(f"cannot read image {path_or_pil}: {exc}") from None

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .logs import log
 
 
 @dataclass
@@ -39,6 +41,11 @@ class Runtime:
     def distributed(self) -> bool:
         # torchrun with one process still takes the DDP path, so a single GPU checks NCCL
         return self.world_size > 1 or self.in_group
+
+    def log(self, message: str) -> None:
+        """Log a line from rank 0 only (every rank runs the same loop)."""
+        if self.is_main:
+            log(message)
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -110,7 +117,7 @@ def maybe_launch_torchrun(script: str, argv: list[str] | None = None) -> None:
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus < 2:
         return
-    print(f"{n_gpus} GPUs visible: relaunching under torchrun (set SELFEXPLAIN_NO_DDP=1 to stop this)")
+    log(f"{n_gpus} GPUs visible: relaunching under torchrun (set SELFEXPLAIN_NO_DDP=1 to stop this)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", script, *argv]
     os.execvp(cmd[0], cmd)
 
@@ -153,10 +160,22 @@ def autocast(device: torch.device, mode: str = "auto"):
 
 
 def set_threads(num_threads: int) -> None:
-    """Use ``num_threads`` intra-op threads on CPU (0 keeps torch's default); keep freed memory."""
+    """Use ``num_threads`` intra-op threads on CPU (0 keeps torch's default)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    keep_freed_memory()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a batch scheduler's stop) into ``SystemExit(143)``.
+
+    Python's default for SIGTERM ends the process at once; raised as an exception
+    instead, the cleanup paths run (an atomic write removes its temp file, a token
+    cache its partial file). Call it from a script's entry point only.
+    """
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def keep_freed_memory() -> bool:

@@ -25,30 +25,63 @@ Definitions used in every explanation:
   head, beside the mean drop for as many random *active* neurons (several seeded draws).
 
 Models load once per process (:func:`load_models` caches them by resolved path, mtime
-and device); importing this module reads nothing from disk.
+and device); importing this module reads nothing from disk. The reconstruction is the
+SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
+``unstandardize`` and ``tokens_to_map``.
 """
 from __future__ import annotations
 
-import io
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-from . import artifacts, data
-from .errors import UserError
+from . import artifacts
+from .concepts import load_concepts
+from .data import model_input
 from .distributed import resolve_device
-from .sae import bias_logits, logit_lens
+from .errors import UserError
+from .imaging import load_user_image, png_bytes
+from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 
-AGGS = ("max", "mean", "sum")
-LOAD_COUNT = {"models": 0, "concepts": 0}  # how often files were really read (tests check the cache)
+AGGS = ("max", "mean", "sum")  # how a neuron's per-token code becomes one score per image
+MODEL_CACHE_SIZE = 2  # model pairs kept per process (a notebook may switch between two runs)
 _MODEL_CACHE: dict = {}
-_CONCEPT_CACHE: dict = {}
-_CACHE_SIZE = 2  # model pairs kept per process (a notebook may switch between two runs)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class MostActive:
+    """Which neurons count as an image's most active: the :func:`top_neuron_ids_for_image` rule."""
+
+    n: int = 20                # at most this many, highest score first
+    percentile: float = 99.0   # score >= this percentile of the image's M scores (and > 0)
+    agg: str = "max"           # max | mean | sum of the neuron's code over tokens
+
+    def __post_init__(self):
+        if not 0 <= self.percentile <= 100 or self.n < 1:
+            raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {self.percentile}, {self.n}")
+        if self.agg not in AGGS:
+            raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {self.agg!r}")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How one explanation is built (the keyword arguments of :func:`explain_images`)."""
+
+    n_cite: int = 5                    # neurons cited as the reasons for the prediction
+    n_random: int = 8                  # random active-neuron sets for the faithfulness baseline
+    seed: int = 0                      # seeds those draws, together with the image's index
+    active: MostActive | None = None   # also record the most active neurons in extra["top_active"]
+
+    def __post_init__(self):
+        if self.n_cite < 0 or self.n_random < 1:
+            raise UserError(f"need N >= 0 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -58,7 +91,7 @@ class Models:
 
     classifier: torch.nn.Module
     classifier_ckpt: dict
-    sae: torch.nn.Module
+    sae: TopKSAE
     sae_ckpt: dict
     lens: torch.Tensor         # (M, classes): neuron i adds mean(z_i) * lens[i, c] to logit c
     bias: torch.Tensor         # (classes,): the image-independent term
@@ -75,11 +108,12 @@ def _file_key(path: str | Path) -> tuple[str, int]:
     return str(p), (p.stat().st_mtime_ns if p.is_file() else -1)
 
 
-def load_models(classifier_ckpt: str | Path, sae_ckpt: str | Path, device: str | torch.device = "auto") -> Models:
+def load_models(classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT, sae_ckpt: str | Path = artifacts.SAE_CKPT,
+                device: str | torch.device = "auto") -> Models:
     """Load (or reuse) a matching classifier/SAE pair; a mismatched pair is a :class:`UserError`.
 
     The cache key is (resolved path, mtime) of both files and the device, so a retrained
-    checkpoint at the same path is picked up, and repeated calls cost nothing.
+    checkpoint at the same path is picked up, and repeated calls return the same object.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     key = (_file_key(classifier_ckpt), _file_key(sae_ckpt), str(dev))
@@ -91,42 +125,13 @@ def load_models(classifier_ckpt: str | Path, sae_ckpt: str | Path, device: str |
         lens = logit_lens(sae, classifier.fc.weight)
         bias = bias_logits(sae, classifier.fc.weight, classifier.fc.bias)
     models = Models(classifier, cck, sae, sck, lens, bias, list(cck["class_names"]), dev)
-    LOAD_COUNT["models"] += 1
-    while len(_MODEL_CACHE) >= _CACHE_SIZE:
+    while len(_MODEL_CACHE) >= MODEL_CACHE_SIZE:
         _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
     _MODEL_CACHE[key] = models
     return models
 
 
 # ----------------------------------------------------------------------------- concepts
-def load_concepts(report_dir: str | Path, quiet: bool = False) -> dict[int, str]:
-    """``{neuron_id: concept}``: stage 4's LLM answer, else stage 3's ``auto_summary``.
-
-    Neurons in neither file are named ``"neuron <id>"`` by :func:`concept_of`. When both
-    files are missing, a one-line notice goes to stderr (stdout may carry JSON).
-    """
-    report = Path(report_dir)
-    llm_path, stats_path = report / "llm_output.jsonl", report / "neurons.jsonl"
-    key = (_file_key(llm_path), _file_key(stats_path))
-    if key in _CONCEPT_CACHE:
-        return _CONCEPT_CACHE[key]
-    concepts = {}
-    for record in artifacts.read_jsonl(stats_path):
-        if isinstance(record.get("neuron_id"), int) and isinstance(record.get("auto_summary"), str):
-            concepts[record["neuron_id"]] = record["auto_summary"]
-    if llm_path.is_file():
-        from .llm import load_concepts as load_llm_concepts  # lazy: stage 4 code only when its output exists
-
-        concepts.update({i: a for i, a in load_llm_concepts(report).items() if a.strip()})
-    if not llm_path.is_file() and not stats_path.is_file() and not quiet:
-        print(f"note: no concepts in {report} (run sae_summarize.py and sae_summary_to_llm.py); "
-              "neurons are named by id", file=sys.stderr)
-    LOAD_COUNT["concepts"] += 1
-    _CONCEPT_CACHE.clear()  # one report folder at a time is plenty
-    _CONCEPT_CACHE[key] = concepts
-    return concepts
-
-
 def concept_of(concepts: dict[int, str], neuron_id: int) -> str:
     return concepts.get(int(neuron_id)) or f"neuron {int(neuron_id)}"
 
@@ -158,22 +163,27 @@ def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
             arrays.append(item)
             names.append("<array>")
         else:
-            arrays.append(data.load_user_image(item, image_size))
+            arrays.append(load_user_image(item, image_size))
             names.append(str(item) if isinstance(item, (str, Path)) else "<PIL image>")
     return np.stack(arrays), names
+
+
+def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """Top-K codes (B*H*W, K) -> the reconstruction Â = σ ⊙ (D z + b_d) + μ as a (B, C, H, W) map."""
+    return tokens_to_map(sae.unstandardize(sae.decode_sparse(values, indices)), b, h, w)
 
 
 @torch.no_grad()
 def analyse(models: Models, batch_uint8: np.ndarray) -> Analysis:
     """One fp32 pass: classifier features and logits, SAE code, reconstruction error."""
     clf, sae = models.classifier, models.sae
-    x = data.model_input(torch.from_numpy(np.ascontiguousarray(batch_uint8)), models.classifier_ckpt["preprocess"], models.device)
+    x = model_input(torch.from_numpy(np.ascontiguousarray(batch_uint8)), models.classifier_ckpt["preprocess"],
+                    models.device)
     fmap = clf.features(x).float()
     logits = clf.head(fmap).float()
-    b, c, h, w = fmap.shape
+    b, _, h, w = fmap.shape
     values, indices = sae.encode_topk(sae.map_to_tokens(fmap))
-    recon = sae.unstandardize(sae.decode_sparse(values, indices)).reshape(b, h, w, c).permute(0, 3, 1, 2)
-    residual = fmap - recon
+    residual = fmap - decode_to_map(sae, values, indices, b, h, w)
     error = residual.mean(dim=(2, 3)) @ clf.fc.weight.float().t()
     values, indices = values.reshape(b, h * w, -1), indices.reshape(b, h * w, -1)
     # per-image sums and maxima over tokens straight from the sparse code (no dense (B, T, M) tensor)
@@ -183,19 +193,14 @@ def analyse(models: Models, batch_uint8: np.ndarray) -> Analysis:
     return Analysis(logits, logits.softmax(-1), values, indices, z_sum / (h * w), z_max, z_sum, residual, error, (h, w))
 
 
-def token_scores(analysis: Analysis, agg: str) -> torch.Tensor:
-    """Per-neuron scores (B, M): max, mean or sum over tokens of the Top-K code."""
-    if agg not in AGGS:
-        raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {agg!r}")
-    return {"max": analysis.z_max, "mean": analysis.z_mean, "sum": analysis.z_sum}[agg]
-
-
-def most_active(scores: torch.Tensor, n: int, percentile: float) -> tuple[list[int], list[float], float]:
-    """Neurons with score >= the ``percentile`` of this image's M scores and > 0, highest first, at most ``n``."""
+def most_active(analysis: Analysis, b: int, query: MostActive) -> tuple[list[int], list[float], float]:
+    """Image ``b``'s neurons with score >= the ``query.percentile`` of its M scores and > 0,
+    highest first, at most ``query.n``; returns (ids, scores, threshold)."""
+    scores = {"max": analysis.z_max, "mean": analysis.z_mean, "sum": analysis.z_sum}[query.agg][b]
     scores = scores.cpu().numpy().astype(np.float64)
-    threshold = float(np.percentile(scores, percentile))
+    threshold = float(np.percentile(scores, query.percentile))
     keep = np.flatnonzero((scores >= threshold) & (scores > 0))
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:n]
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:query.n]
     return [int(i) for i in keep], [float(scores[i]) for i in keep], threshold
 
 
@@ -214,16 +219,14 @@ def ablated_logits(models: Models, analysis: Analysis, b: int, neuron_sets: Sequ
     A real head pass: the edited code is decoded, mapped back to layer4 space, the
     fixed error map ``A − Â`` is added, and the classifier's ``head`` runs on it.
     """
-    sae, (h, w) = models.sae, analysis.hw
-    values, indices = analysis.values[b], analysis.indices[b]          # (T, K)
+    (h, w), values, indices = analysis.hw, analysis.values[b], analysis.indices[b]   # (T, K)
     edited = []
     for ids in neuron_sets:
         drop = torch.isin(indices, torch.as_tensor(list(ids), dtype=indices.dtype, device=indices.device))
         edited.append(values.masked_fill(drop, 0.0))
-    vals = torch.stack(edited)                                         # (S, T, K)
+    vals = torch.stack(edited)                                                         # (S, T, K)
     s, t, k = vals.shape
-    recon = sae.unstandardize(sae.decode_sparse(vals.reshape(s * t, k), indices.repeat(s, 1)))
-    maps = recon.reshape(s, h, w, -1).permute(0, 3, 1, 2) + analysis.residual[b]
+    maps = decode_to_map(models.sae, vals.reshape(s * t, k), indices.repeat(s, 1), s, h, w) + analysis.residual[b]
     return models.classifier.head(maps)[:, cls].float().cpu().numpy()
 
 
@@ -255,7 +258,7 @@ class Explanation:
     error: float
     faithfulness: dict
     sentence: str
-    extra: dict = field(default_factory=dict)  # e.g. true_class, llm_sentence
+    extra: dict = field(default_factory=dict)  # e.g. true_class, top_active, overlay, llm_sentence
 
     def to_dict(self, heatmaps: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra")}
@@ -279,91 +282,93 @@ def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNe
     return f"{head} mainly because of {listed}."
 
 
+def top5(probs: torch.Tensor, class_names: Sequence[str]) -> list[dict]:
+    """The five most probable classes as ``[{"class", "index", "probability"}]``, highest first."""
+    top_p, top_i = probs.topk(min(5, len(probs)))
+    return [{"class": class_names[int(i)], "index": int(i), "probability": float(p)} for p, i in zip(top_p, top_i)]
+
+
 def random_active_sets(active: np.ndarray, size: int, draws: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``draws`` random subsets of ``size`` active neurons (all of them when fewer)."""
     size = min(size, len(active))
     return [rng.choice(active, size=size, replace=False) for _ in range(draws)] if size else []
 
 
+def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_ids: list[int],
+                 rng: np.random.Generator, n_random: int) -> dict:
+    """The predicted logit's drop when the cited neurons are zeroed in the code, and the
+    mean drop for ``n_random`` sets of as many random active neurons."""
+    if not cited_ids:
+        return {"cited_drop": 0.0, "random_drop": 0.0}
+    active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
+    sets = [[], cited_ids] + random_active_sets(active_ids, len(cited_ids), n_random, rng)
+    ablated = ablated_logits(models, analysis, b, sets, pred)
+    return {"cited_drop": float(ablated[0] - ablated[1]),
+            "random_drop": float(np.mean(ablated[0] - ablated[2:])) if len(ablated) > 2 else 0.0}
+
+
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
-                n_cite: int = 5, n_random: int = 8, seed: int = 0, index: int | None = None,
-                active: tuple[int, float, str] | None = None) -> Explanation:
+                settings: ExplainSettings = ExplainSettings(), index: int | None = None) -> Explanation:
     """Build image ``b``'s explanation from a batch :class:`Analysis`.
 
-    ``index`` (default ``b``) seeds the random draws with ``seed``, so an image gets the
-    same draws whatever batch it lands in. ``active = (n, percentile, agg)`` also records
-    the most active neurons (as :func:`top_neuron_ids_for_image`) in ``extra["top_active"]``.
+    ``index`` (default ``b``) seeds the random draws with ``settings.seed``, so an image
+    gets the same draws whatever batch it lands in.
     """
-    probs = analysis.probs[b]
-    pred = int(analysis.logits[b].argmax())
-    top_p, top_i = probs.topk(min(5, len(probs)))
+    probs, pred = analysis.probs[b], int(analysis.logits[b].argmax())
     contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
     positive_total = float(contrib.clamp_min(0).sum())
     order = torch.argsort(contrib, descending=True)
-    cited_ids = [int(i) for i in order[:max(0, n_cite)] if contrib[i] > 0]
+    cited_ids = [int(i) for i in order[:settings.n_cite] if contrib[i] > 0]
     cited = [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
                          float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
                          heatmap(analysis, b, i)) for i in cited_ids]
-    active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
-    rng = np.random.default_rng([seed, b if index is None else index])
-    sets = [[], cited_ids] + random_active_sets(active_ids, len(cited_ids), n_random, rng)
-    ablated = ablated_logits(models, analysis, b, sets, pred) if cited_ids else np.zeros(1)
-    faith = {"cited_drop": float(ablated[0] - ablated[1]) if cited_ids else 0.0,
-             "random_drop": float(np.mean(ablated[0] - ablated[2:])) if len(ablated) > 2 else 0.0}
-    cited_sum = sum(n.contribution for n in cited)
+    rng = np.random.default_rng([settings.seed, b if index is None else index])
+    extra = {}
+    if settings.active is not None:
+        ids, scores, threshold = most_active(analysis, b, settings.active)
+        extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
+                               "threshold": threshold, "neuron_ids": ids, "scores": scores}
     prob, cls = float(probs[pred]), models.class_names[pred]
     return Explanation(
         image=name, predicted_class=cls, predicted_index=pred, probability=prob,
-        top5=[{"class": models.class_names[int(i)], "index": int(i), "probability": float(p)}
-              for p, i in zip(top_p, top_i)],
-        logit=float(analysis.logits[b, pred]), neurons=cited, others=float(contrib.sum()) - cited_sum,
-        bias=float(models.bias[pred]), error=float(analysis.error[b, pred]), faithfulness=faith,
-        sentence=compose_sentence(cls, prob, cited), extra=_top_active(analysis, b, active))
+        top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
+        others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
+        error=float(analysis.error[b, pred]),
+        faithfulness=faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random),
+        sentence=compose_sentence(cls, prob, cited), extra=extra)
 
 
-def _top_active(analysis: Analysis, b: int, active: tuple[int, float, str] | None) -> dict:
-    if active is None:
-        return {}
-    n, percentile, agg = active
-    ids, scores, threshold = most_active(token_scores(analysis, agg)[b], n, percentile)
-    return {"top_active": {"agg": agg, "percentile": percentile, "threshold": threshold,
-                           "neuron_ids": ids, "scores": scores}}
-
-
-def explain_images(images: Sequence, classifier_ckpt: str | Path = "runs/standard_cnn/best.pt",
-                   sae_ckpt: str | Path = "runs/sae_topk/best_sae.pt", report_dir: str | Path = "neuron_report",
-                   n_cite: int = 5, n_random: int = 8, seed: int = 0, device: str = "auto",
-                   batch_size: int = 64, active: tuple[int, float, str] | None = None) -> list[Explanation]:
+def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
+                   sae_ckpt: str | Path = artifacts.SAE_CKPT, report_dir: str | Path = artifacts.REPORT_DIR,
+                   device: str | torch.device = "auto", batch_size: int = 64, **settings) -> list[Explanation]:
     """Explain several images (paths, PIL images or uint8 arrays), batched through the models.
 
-    ``active = (n, percentile, agg)`` adds the most active neurons to each explanation.
+    ``settings`` are the fields of :class:`ExplainSettings` (``n_cite``, ``n_random``,
+    ``seed``, ``active``).
     """
+    if batch_size < 1:
+        raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
+    options = ExplainSettings(**settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
-    concepts = load_concepts(report_dir)
+    concepts = load_concepts(report_dir, models.sae_ckpt["fingerprint"])  # only concepts of this SAE
     out = []
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)
         analysis = analyse(models, batch)
-        out += [explain_one(models, analysis, b, names[b], concepts, n_cite, n_random, seed, start + b, active)
-                for b in range(len(batch))]
+        out += [explain_one(models, analysis, b, names[b], concepts, options, start + b) for b in range(len(batch))]
     return out
 
 
-def explain_image(pil_or_path, classifier_ckpt: str | Path = "runs/standard_cnn/best.pt",
-                  sae_ckpt: str | Path = "runs/sae_topk/best_sae.pt", report_dir: str | Path = "neuron_report",
-                  n_cite: int = 5, n_random: int = 8, seed: int = 0, device: str = "auto") -> Explanation:
+def explain_image(pil_or_path, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
+                  sae_ckpt: str | Path = artifacts.SAE_CKPT, report_dir: str | Path = artifacts.REPORT_DIR,
+                  device: str | torch.device = "auto", **settings) -> Explanation:
     """Explain one image; see the module docstring for what every field means."""
-    return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, n_cite, n_random, seed, device)[0]
+    return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, device, **settings)[0]
 
 
-def check_percentile(percentile: float, n: int) -> None:
-    if not 0 <= percentile <= 100 or n < 1:
-        raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {percentile}, {n}")
-
-
-def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = "runs/standard_cnn/best.pt",
-                             sae_ckpt: str | Path = "runs/sae_topk/best_sae.pt", N: int = 20,
-                             percentile: float = 99.0, agg: str = "max", device: str = "auto"):
+def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
+                             sae_ckpt: str | Path = artifacts.SAE_CKPT, N: int = 20, percentile: float = 99.0,
+                             agg: str = "max", device: str | torch.device = "auto"):
     """The image's most active SAE neurons.
 
     Scores are ``agg`` (max | mean | sum) over tokens of the Top-K code, one per neuron;
@@ -375,17 +380,14 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = "runs/st
     neurons with score >= threshold and > 0, highest first, at most ``N``; ``scores``
     their scores; ``top5`` a list of ``{"class", "index", "probability"}``.
     """
-    check_percentile(percentile, N)
+    query = MostActive(N, percentile, agg)
     models = load_models(classifier_ckpt, sae_ckpt, device)
     batch, _ = to_uint8([pil_or_path], models.image_size)
     analysis = analyse(models, batch)
-    ids, scores, threshold = most_active(token_scores(analysis, agg)[0], N, percentile)
+    ids, scores, threshold = most_active(analysis, 0, query)
     probs = analysis.probs[0]
-    top_p, top_i = probs.topk(min(5, len(probs)))
-    top5 = [{"class": models.class_names[int(i)], "index": int(i), "probability": float(p)}
-            for p, i in zip(top_p, top_i)]
-    pred = int(top_i[0])
-    return ids, scores, threshold, models.class_names[pred], float(probs[pred]), top5
+    pred = int(probs.argmax())
+    return ids, scores, threshold, models.class_names[pred], float(probs[pred]), top5(probs, models.class_names)
 
 
 # ----------------------------------------------------------------------------- overlay
@@ -401,8 +403,6 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     and pixels are tinted in proportion to that strength, strokes more than paper.
     Returns a PIL RGB image.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     neurons = explanation.neurons[:max_concepts]
     base = np.asarray(Image.fromarray(image_uint8).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
     if neurons:
@@ -412,7 +412,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         which = (heats * 1e4).round().argmax(0)
         colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(neurons))], dtype=torch.float32)
         low = torch.cat([colours[which].permute(2, 0, 1), heats.amax(0, keepdim=True)])[None]  # (1, 4, H, W)
-        up = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
         colour, strength = up[:3].permute(1, 2, 0).numpy(), up[3:].permute(1, 2, 0).numpy()
         ink = 1.0 - base.mean(-1, keepdims=True) / 255.0
         alpha = strength * (0.3 + 0.6 * ink)  # strokes take the colour, paper a tint
@@ -432,6 +432,4 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:
     """Render the overlay and write it atomically as PNG."""
-    buf = io.BytesIO()
-    render_overlay(image_uint8, explanation).save(buf, format="PNG")
-    return artifacts.atomic_write_bytes(path, buf.getvalue())
+    return artifacts.atomic_write_bytes(path, png_bytes(render_overlay(image_uint8, explanation)))

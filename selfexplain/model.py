@@ -1,8 +1,11 @@
 """The classifier: torchvision's ResNet-18 with a 1-channel stem, split at layer4.
 
-``features(x)`` returns the layer4 map A (B, 512, H/32, W/32) and ``head(A)`` applies
+``features(x)`` returns the layer4 map A (B, 512, H/s, W/s) and ``head(A)`` applies
 global average pooling and the linear layer, so later stages can splice an SAE
-reconstruction between the two.
+reconstruction between the two. ``layer4_stride`` sets s: 2 is torchvision's ResNet-18
+(s = 32: a 2x2 map at 64 px, 7x7 at 224), 1 keeps layer4 at layer3's resolution (s = 16:
+4x4 at 64 px, 14x14 at 224), the "CAM-friendly" ResNet, so a latent can say where it fires.
+Stride changes no weight shape; the checkpoint's ``arch`` dict records it.
 """
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ class SketchResNet(nn.Module):
     num_classes : number of output classes.
     in_channels : input channels (1 for sketches).
     pretrained : start from ImageNet weights, the RGB stem averaged to one channel.
+    layer4_stride : 2 (torchvision's ResNet-18, map H/32) or 1 (map H/16).
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1, pretrained: bool = False):
+    def __init__(self, num_classes: int, in_channels: int = 1, pretrained: bool = False, layer4_stride: int = 2):
         super().__init__()
+        if layer4_stride not in (1, 2):
+            raise UserError(f"LAYER4_STRIDE must be 1 or 2, got {layer4_stride!r}")
         # zero-init the last BN of each residual block: blocks start as identities, which
         # trains faster from scratch (Goyal et al. 2017); pretrained weights overwrite it
         net = torchvision.models.resnet18(weights=None, num_classes=1000, zero_init_residual=True)
@@ -36,12 +42,16 @@ class SketchResNet(nn.Module):
             net.conv1.weight.data.copy_(rgb.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        # layer4's only stride sits in its first block: the 3x3 conv and the 1x1 shortcut
+        self.layer4[0].conv1.stride = (layer4_stride, layer4_stride)
+        self.layer4[0].downsample[0].stride = (layer4_stride, layer4_stride)
+        self.layer4_stride = layer4_stride
         self.fc = nn.Linear(512, num_classes)
         self.num_classes = num_classes
         self.feature_dim = 512
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last convolutional map A, shape (B, 512, H/32, W/32)."""
+        """The last convolutional map A, shape (B, 512, H/s, W/s), s = 16 * layer4_stride."""
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -67,5 +77,15 @@ def _imagenet_state_dict() -> dict:
 
 
 def build_classifier(arch: dict) -> SketchResNet:
-    """Rebuild the model from the ``arch`` dict stored in a checkpoint (never pretrained)."""
-    return SketchResNet(num_classes=arch["num_classes"], in_channels=arch.get("in_channels", 1))
+    """Rebuild the model from the ``arch`` dict stored in a checkpoint (never pretrained).
+
+    Checkpoints written before ``layer4_stride`` was recorded used stride 2.
+    """
+    return SketchResNet(num_classes=arch["num_classes"], in_channels=arch.get("in_channels", 1),
+                        layer4_stride=arch.get("layer4_stride", 2))
+
+
+def classifier_arch(model: SketchResNet) -> dict:
+    """The ``arch`` dict a checkpoint records: what :func:`build_classifier` needs."""
+    return {"name": "resnet18", "num_classes": model.num_classes, "in_channels": model.stem[0].in_channels,
+            "layer4_stride": model.layer4_stride}

@@ -1,218 +1,177 @@
-"""Training helpers for the Top-K SAE: token cache, fast sparse step, dead latents, metrics.
+"""Stage 2's logic: train the Top-K SAE on cached layer4 tokens.
 
-Speed notes (2-core AVX2 CPU, C=512, M=2048, K=20, 4096 tokens, see bench/RESULTS_sae.md):
+``train_sae.py`` reads the settings and calls :func:`cache_split_tokens`,
+:func:`new_sae` (or :func:`restore`) and :func:`fit`. The pieces are reusable on their
+own: :func:`train_step` (the fast sparse step), the dead-latent tools
+(:func:`update_usage_ema`, :func:`dead_mask`, :func:`resample_dead_`) and the metrics
+(:class:`SAEMetrics`, :func:`evaluate_sae`). The SAE maths itself lives in ``sae.py``.
 
-* The encoder matmul W_e ã is the one dense (N, M) product left. Its backward is not:
-  only K entries per token carry gradient, so ``dL/dW_e = Sᵀ ã`` with S sparse (N, M).
-  :class:`TopKEncode` computes it as a CSR sparse x dense product instead of a dense
-  (N, M) x (N, C) matmul (autograd) or an (N·K, C) ``index_add_`` (sparsify).
-* ``embedding_bag`` wants a contiguous (M, C) table; ``D.t()`` is a strided view and
-  measured ~30x slower, so decoding here gathers from ``D.t().contiguous()``.
-* bf16 autocast is emulated on CPUs without AVX512-BF16/AMX (2.5x slower matmul), so
-  AMP stays fp32 there (``distributed.amp_dtype``).
+bf16 autocast is emulated on CPUs without AVX512-BF16/AMX (2.5x slower matmul), so the
+encoder matmul stays fp32 there (``distributed.amp_dtype``).
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import warnings
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .distributed import Runtime, all_reduce_sum, autocast, broadcast
-from .features import iter_feature_maps, tokens_of
-from .sae import TopKSAE
+from . import artifacts, data
+from .artifacts import TrainState
+from .distributed import Runtime, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at
+from .errors import UserError
+from .features import TokenStore, cache_tokens, standardization
+from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
 
-# The sparse weight-gradient product uses CSR tensors; torch flags them as beta on every call.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+DEAD_LATENT_MODES = ("resample", "auxk", "both", "none")
+DEAD_MIN_FIRES = 10  # dead is counted over splits of at least this many average-rate firings per latent
 
 
-# ----------------------------------------------------------------------------- token cache
 @dataclass
-class TokenStore:
-    """Cached layer4 tokens of some images: fp16 (N, C), image-major, H*W tokens per image.
+class SAETrainSettings:
+    """Stage 2's training settings (the script's constants of the same names, lower-case)."""
 
-    ``tokens`` is an in-RAM array or an ``np.memmap`` on disk; ``image_index`` holds the
-    dataset index of each image (in token order) and ``hw`` the map's (H, W).
-    """
+    out_dir: str                   # checkpoints, metrics and TensorBoard go here
+    classifier_ckpt: str           # recorded in the SAE checkpoint
+    latent_dim: int = 64           # M
+    top_k: int = 8                 # K
+    arch: str = "topk"             # topk | batchtopk
+    threshold_rate: float = 0.01   # batchtopk: EMA weight of each batch's smallest kept activation in θ
+    epochs: int = 30               # passes over the cached training tokens
+    batch_size: int = 512          # tokens per optimiser step (per process under DDP)
+    lr: float = 2e-3               # peak Adam learning rate
+    warmup_fraction: float = 0.05  # share of steps warming up, then cosine
+    dead_latents: str = "both"     # resample | auxk | both | none
+    auxk_k: int = 256              # AuxK: dead latents reconstructing the residual
+    auxk_coef: float = 0.125       # AuxK loss weight
+    resample_sample: int = 8192    # tokens scored when choosing where to resample
+    resample_stop: float = 0.95    # no resampling after this share of the epochs
+    usage_ema_epochs: float = 0.25  # usage EMA time constant, in epochs of tokens
+    dead_usage: float = 0.01       # dead when usage EMA < dead_usage x K/M
+    amp: str = "auto"              # encoder matmul autocast mode
+    tensorboard: bool = True       # TensorBoard logs in out_dir/tb
+    seed: int = 0                  # init, batch order and resampling
+    config: dict = field(default_factory=dict)  # the effective config, recorded in checkpoints
 
-    tokens: np.ndarray
-    image_index: np.ndarray
-    hw: tuple[int, int]
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SAETrainSettings":
+        """Pick this record's fields from a script config (UPPER_CASE keys)."""
+        values = {f.name: cfg[f.name.upper()] for f in fields(cls) if f.name.upper() in cfg}
+        return cls(**{**values, "config": dict(cfg)})
+
+    def check(self) -> None:
+        """Refuse impossible settings before any work starts."""
+        if not 0 < self.top_k <= self.latent_dim:
+            raise UserError(f"need 0 < TOP_K <= LATENT_DIM, got TOP_K={self.top_k}, LATENT_DIM={self.latent_dim}")
+        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
+            raise UserError("BATCH_SIZE must be >= 1, EPOCHS >= 0 and LR > 0")
+        if self.arch not in ARCHS:
+            raise UserError(f"ARCH must be topk or batchtopk, got '{self.arch}'")
+        if self.dead_latents not in DEAD_LATENT_MODES:
+            raise UserError(f"DEAD_LATENTS must be resample, auxk, both or none, got '{self.dead_latents}'")
 
     @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
+    def use_auxk(self) -> bool:
+        return self.dead_latents in ("auxk", "both")
 
-    def iter_batches(self, batch_size: int, seed, n_batches: int, chunk: int = 1 << 18):
-        """Yield ``n_batches`` shuffled fp16 batches (torch) of ``batch_size`` tokens.
-
-        Shuffles fully when in RAM; a memmap is read chunk by chunk (chunk order and rows
-        within a chunk shuffled) so reads stay sequential.
-        """
-        rng = np.random.default_rng(seed)
-        n = self.n_tokens
-        in_ram = not isinstance(self.tokens, np.memmap)
-        starts = [0] if in_ram else list(rng.permutation(np.arange(0, n, chunk)))
-        carry, made = None, 0
-        for s in starts:
-            block = self.tokens if in_ram else self.tokens[s:s + chunk]
-            block = np.asarray(block)[rng.permutation(len(block))]
-            if carry is not None:
-                block = np.concatenate([carry, block])
-            full = len(block) // batch_size
-            for b in range(full):
-                if made == n_batches:
-                    return
-                yield torch.from_numpy(block[b * batch_size:(b + 1) * batch_size])
-                made += 1
-            carry = block[full * batch_size:]
+    @property
+    def use_resample(self) -> bool:
+        return self.dead_latents in ("resample", "both")
 
 
-def map_shape(model, image_size: int, device) -> tuple[int, int, int]:
-    """(C, H, W) of the layer4 map for ``image_size`` inputs."""
-    with torch.no_grad():
-        fmap = model.eval().features(torch.zeros(1, 1, image_size, image_size, device=device))
-    return tuple(fmap.shape[1:])
+# ----------------------------------------------------------------------------- token caches
+@dataclass
+class SplitTokens:
+    """This rank's cached train and val tokens of one classifier, the training μ, σ and the labels."""
+
+    train: TokenStore
+    val: TokenStore
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    labels: np.ndarray              # by dataset index
+    classifier_fingerprint: str     # the classifier whose layer4 tokens these are
 
 
-def cache_tokens(model, images, indices, prep, device, *, ram_gb: float, disk_path: str | Path,
-                 batch_size: int = 256, amp: str = "auto", progress: bool = False, desc: str = "tokens",
-                 stats: bool = False):
-    """Run the frozen backbone once over ``indices`` and store the tokens as fp16.
+def subsample(indices: np.ndarray, max_images: int, seed: int) -> np.ndarray:
+    """At most ``max_images`` of ``indices`` (a seeded random subset, kept sorted); 0 = all."""
+    if max_images <= 0 or len(indices) <= max_images:
+        return indices
+    return np.sort(np.random.default_rng(seed).permutation(indices)[:max_images])
 
-    Returns (TokenStore, sums) where ``sums`` = (n, Σa, Σa²) in float64 when ``stats``.
-    Tokens go to RAM when they fit in ``ram_gb``, else to a memory-mapped ``.npy`` at
-    ``disk_path`` (written to a temp name, renamed when complete, reused next time).
+
+def token_cache_path(cache_dir: str | Path, classifier_fingerprint: str, split_name: str, images: np.ndarray,
+                     runtime: Runtime) -> Path:
+    """Where one rank's tokens of ``images`` are cached: named by the classifier and the exact images.
+
+    The digest of the image indices covers everything that selects them (split, MAX_IMAGES,
+    SEED, rank and world size), so another subset never reuses old tokens.
     """
-    c, h, w = map_shape(model, prep["image_size"], device)
-    indices = np.sort(np.asarray(indices))
-    n_tok = len(indices) * h * w
-    disk_path = Path(disk_path)
-    on_disk = n_tok * c * 2 > ram_gb * 2 ** 30
-    if on_disk and disk_path.is_file() and not stats:
-        arr = np.load(disk_path, mmap_mode="r")
-        if arr.shape == (n_tok, c):
-            return TokenStore(arr, indices, (h, w)), None
-    if on_disk:
-        disk_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = disk_path.with_name(disk_path.name + ".tmp.npy")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_tok, c))
-    else:
-        arr = np.empty((n_tok, c), dtype=np.float16)
-    s1 = torch.zeros(c, dtype=torch.float64, device=device)
-    s2 = torch.zeros(c, dtype=torch.float64, device=device)
-    pos = 0
-    for _, fmap, _ in iter_feature_maps(model, images, indices, prep, device, batch_size, amp, progress, desc):
-        tok = tokens_of(fmap)
-        if stats:  # float64 accumulation: sums over ~10^6 tokens lose precision in fp32
-            s1 += tok.double().sum(0)
-            s2 += tok.double().pow(2).sum(0)
-        arr[pos:pos + len(tok)] = tok.clamp(-6e4, 6e4).half().cpu().numpy()
-        pos += len(tok)
-    if on_disk:
-        arr.flush()
-        del arr
-        tmp.replace(disk_path)
-        arr = np.load(disk_path, mmap_mode="r")
-    return TokenStore(arr, indices, (h, w)), ((n_tok, s1, s2) if stats else None)
+    digest = hashlib.sha256(np.ascontiguousarray(images, dtype=np.int64).tobytes()).hexdigest()[:12]
+    return (Path(cache_dir) / "sae_tokens" /
+            f"{classifier_fingerprint}-{split_name}-n{len(images)}-{digest}-r{runtime.rank}of{runtime.world_size}.npy")
 
 
-def standardization(n: int, s1: torch.Tensor, s2: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel μ, σ over all ranks' training tokens (float64 sums, all-reduced).
+def cache_split_tokens(model, clf_ckpt: dict, cache_dir: str | Path, runtime: Runtime, *, max_images: int = 0,
+                       seed: int = 0, ram_gb: float = 4.0, feature_batch: int = 256) -> SplitTokens:
+    """Cache this rank's shard of the train and val tokens (fp32 backbone, fp16 storage)."""
+    imageset = data.load_dataset(clf_ckpt["dataset"], cache_dir, progress=runtime.is_main)
+    split = {k: v.numpy() for k, v in clf_ckpt["split"].items()}
+    t0 = time.time()
+    stores, sums = {}, None
+    for name in ("train", "val"):
+        shard = subsample(split[name], max_images, seed)[runtime.rank::runtime.world_size]
+        path = token_cache_path(cache_dir, clf_ckpt["fingerprint"], name, shard, runtime)
+        stores[name], found = cache_tokens(model, imageset.images, shard, clf_ckpt["preprocess"], runtime.device,
+                                           ram_gb=ram_gb / runtime.world_size, disk_path=path,
+                                           batch_size=feature_batch, progress=runtime.is_main, stats=name == "train")
+        sums = found if name == "train" else sums
+    mu, sigma = standardization(*sums, runtime)
+    train, val = stores["train"], stores["val"]
+    runtime.log(f"cached {train.n_tokens * runtime.world_size} train / {val.n_tokens * runtime.world_size} val "
+                f"tokens ({train.hw[0]}x{train.hw[1]} per image) in {time.time() - t0:.1f}s")
+    return SplitTokens(train, val, mu, sigma, imageset.labels, clf_ckpt["fingerprint"])
 
-    A channel whose σ is below 1% of the median σ (e.g. always 0 after the ReLU) gets
-    that floor, so a rare non-zero value on new data cannot explode after dividing.
-    """
-    total = all_reduce_sum(torch.cat([s1, s2, torch.tensor([float(n)], dtype=torch.float64, device=s1.device)]),
-                           runtime)
-    c = len(s1)
-    count = total[-1]
-    mu = total[:c] / count
-    var = (total[c:2 * c] / count - mu ** 2).clamp_min(0)
-    sigma = var.sqrt()
-    floor = 0.01 * sigma.median().clamp_min(1e-8)
-    return mu.float(), sigma.clamp_min(floor).float()
+
+def steps_per_epoch(store: TokenStore, batch_size: int, runtime: Runtime) -> int:
+    """Equal on every rank (the smallest shard decides), at least 1."""
+    n = torch.tensor([store.n_tokens // batch_size], dtype=torch.int64)
+    if runtime.distributed:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    if n.item() < 1:
+        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {store.n_tokens} training tokens per process")
+    return int(n.item())
 
 
 # ----------------------------------------------------------------------------- sparse step
-def _csr_grad(indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, n_rows: int):
-    """(Sᵀ x, Sᵀ 1) for the sparse S (N, n_rows) with S[n, indices[n, j]] = grads[n, j]."""
-    n, kk = indices.shape
-    rows = indices.reshape(-1)
-    order = torch.argsort(rows, stable=True)
-    cols = torch.arange(n, device=x.device).repeat_interleave(kk)[order]
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=x.device)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    vals = grads.reshape(-1)[order].to(x.dtype)
-    s = torch.sparse_csr_tensor(crow, cols, vals, (n_rows, n), check_invariants=False)
-    return s @ x, torch.zeros(n_rows, dtype=x.dtype, device=x.device).index_add_(0, rows, grads.reshape(-1).to(x.dtype))
-
-
-class TopKEncode(torch.autograd.Function):
-    """Top-K (and AuxK) codes with a sparse backward into W_e and b_e.
-
-    Forward equals ``TopKSAE.encode_topk``: ``relu(topk(W_e x + b_e))``; with ``k_aux``
-    > 0 it also returns the top ``k_aux`` ReLU pre-activations among ``dead`` latents.
-    The input x gets no gradient (tokens are data).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w_e, b_e, k: int, k_aux: int, dead, amp_device, amp: str):
-        with autocast(amp_device, amp):
-            pre = F.linear(x, w_e, b_e)
-        pre = pre.float()
-        top, idx = pre.topk(k, dim=-1, sorted=False)
-        if k_aux > 0:
-            aux, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        else:
-            aux, aux_idx = pre.new_zeros(len(x), 0), idx.new_zeros(len(x), 0)
-        ctx.save_for_backward(x, idx, aux_idx, top > 0, aux > 0)
-        ctx.n_latents = w_e.shape[0]
-        return F.relu(top), idx, F.relu(aux), aux_idx
-
-    @staticmethod
-    def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x, idx, aux_idx, on, aux_on = ctx.saved_tensors
-        grads = g_top * on
-        if aux_idx.shape[1]:
-            idx = torch.cat([idx, aux_idx], 1)
-            grads = torch.cat([grads, g_aux * aux_on], 1)
-        g_w, g_b = _csr_grad(idx, grads, x.float(), ctx.n_latents)
-        return None, g_w, g_b, None, None, None, None, None
-
-
-def decode(values: torch.Tensor, indices: torch.Tensor, decoder: torch.Tensor, bias: torch.Tensor | None):
-    """Σ_k values_k d_{indices_k} (+ bias), gathering from a contiguous (M, C) table."""
-    out = F.embedding_bag(indices, decoder.t().contiguous(), per_sample_weights=values, mode="sum")
-    return out if bias is None else out + bias
-
-
-def fvu_loss(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Σ||x - x̂||² / Σ||x - mean(x)||² over a batch (the training objective)."""
-    return (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 def train_step(sae: TopKSAE, optimizer, x: torch.Tensor, *, dead: torch.Tensor | None = None, k_aux: int = 0,
-               aux_coef: float = 0.0, amp: str = "off", runtime: Runtime | None = None) -> dict:
+               aux_coef: float = 0.0, dtype: torch.dtype | None = None, runtime: Runtime | None = None,
+               threshold_rate: float = 0.01) -> dict:
     """One optimiser step on standardised tokens ``x`` (N, C); returns detached stats.
 
     Loss = FVU(x, x̂) + aux_coef · FVU(e, ê), where e = x - x̂ (detached) and ê decodes the
-    top ``k_aux`` dead latents (AuxK, Gao et al. 2024). Under DDP the gradients and the
-    latent counts are summed across ranks. Decoder columns stay unit-norm.
+    top ``k_aux`` dead latents (AuxK, Gao et al. 2024). topk keeps K latents per token;
+    batchtopk keeps the K·N largest over the batch (at most ``sae.k_max`` per token) and
+    moves θ towards the smallest kept one at ``threshold_rate``. ``dtype`` is the encoder
+    matmul's autocast dtype (None = fp32). Under DDP the gradients and the latent counts
+    are summed across ranks (each rank's batch keeps its own K·N). Decoder columns stay unit-norm.
     """
     k_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
     dead_mask = dead if dead is not None else torch.zeros(sae.n_latents, dtype=torch.bool, device=x.device)
-    values, idx, aux_v, aux_idx = TopKEncode.apply(x, sae.W_e, sae.b_e, sae.k, k_aux, dead_mask, x.device, amp)
-    recon = decode(values, idx, sae.D, sae.b_d)
+    k_batch = sae.k * len(x) if sae.arch == "batchtopk" else 0
+    values, idx, aux_v, aux_idx = TopKEncode.apply(x, sae.W_e, sae.b_e, sae.k_max, k_aux, dead_mask, dtype, k_batch)
+    if k_batch:
+        sae.update_threshold_(values, threshold_rate)
+    recon = sae.decode_sparse(values, idx)
     loss = fvu_loss(x, recon)
     aux_loss = torch.zeros((), device=x.device)
     if k_aux > 0:
         residual = (x - recon).detach()
-        aux_loss = fvu_loss(residual, decode(aux_v, aux_idx, sae.D, None))
+        aux_loss = fvu_loss(residual, sae.decode_sparse(aux_v, aux_idx, bias=False))
     optimizer.zero_grad(set_to_none=True)
     (loss + aux_coef * aux_loss).backward()
     counts = torch.bincount(idx[values > 0], minlength=sae.n_latents).float()
@@ -236,7 +195,7 @@ def _all_reduce_grads(sae: TopKSAE, counts: torch.Tensor, runtime: Runtime) -> N
     counts.copy_(flat[pos:])
 
 
-def make_optimizer(sae: TopKSAE, lr: float) -> torch.optim.Optimizer:
+def make_sae_optimizer(sae: TopKSAE, lr: float) -> torch.optim.Optimizer:
     """Adam (fused where supported: 3x faster than foreach on CPU here)."""
     try:
         return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
@@ -256,19 +215,36 @@ def dead_mask(ema: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
     return ema < threshold * k / len(ema)
 
 
+def dead_share(fired: torch.Tensor) -> float:
+    """The reported dead fraction: the share of latents that fired on none of the tokens counted.
+
+    ``fired`` (M,) counts each latent's non-zero codes over a split. The figure means
+    something once the split holds at least :func:`min_tokens_for_dead` tokens.
+    """
+    return (fired == 0).double().mean().item()
+
+
+def min_tokens_for_dead(n_latents: int, k: int) -> int:
+    """10·M/K: tokens over which a latent used at the average rate K/M fires 10 times on
+    average, and one used at a tenth of it about once. Fewer tokens make "never fired"
+    mostly chance; more make it mean "used well below a tenth of the average"."""
+    return math.ceil(DEAD_MIN_FIRES * n_latents / k)
+
+
 @torch.no_grad()
 def resample_dead_(sae: TopKSAE, optimizer, dead_idx: torch.Tensor, x_sample: torch.Tensor,
                    generator: torch.Generator | None = None, runtime: Runtime | None = None) -> torch.Tensor:
     """Re-initialise ``dead_idx`` latents from tokens the SAE reconstructs badly.
 
-    Tokens of ``x_sample`` are drawn with probability ∝ squared error²; each dead latent
-    gets its token's unit direction (x - b_d)/||x - b_d|| as decoder column (residual
-    directions of different tokens share -x̂ components and made revived latents crowd
-    each other out of the top K), the same direction as encoder row, scaled so its pre-activation on that token just exceeds the
-    token's current K-th largest (so it enters the token's top K; the scale is capped at
-    twice the median encoder row norm), and b_e = 0. Adam's
-    moments of those rows are zeroed. Under DDP rank 0 decides and broadcasts.
-    Returns the indices of the chosen tokens (rows of ``x_sample``).
+    Tokens of ``x_sample`` are drawn with probability ∝ (squared error)². Each dead latent
+    gets its token's unit direction (x - b_d)/||x - b_d|| as decoder column (the residual
+    direction was tried first: residuals of different tokens share -x̂ components, and
+    revived latents crowded each other out of the top K) and the same direction as
+    encoder row, scaled so that its pre-activation on that token just exceeds the token's
+    current K-th largest (it enters the token's top K; the scale is capped at twice the
+    median encoder row norm); b_e = 0. Adam's moments of those latents are zeroed.
+    Under DDP rank 0 decides and broadcasts. Returns the indices of the chosen tokens
+    (rows of ``x_sample``).
     """
     n = len(dead_idx)
     if n == 0:
@@ -299,7 +275,7 @@ def resample_dead_(sae: TopKSAE, optimizer, dead_idx: torch.Tensor, x_sample: to
 
 def _reset_adam_rows(optimizer, sae: TopKSAE, idx: torch.Tensor) -> None:
     """Zero Adam's moments for the latents ``idx`` (rows of W_e, b_e; columns of D)."""
-    for p, view in ((sae.W_e, lambda t: t[idx]), (sae.b_e, lambda t: t[idx]), (sae.D, lambda t: t[:, idx])):
+    for p in (sae.W_e, sae.b_e, sae.D):
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
@@ -343,7 +319,7 @@ class SAEMetrics:
         total_var = sq - n * mean.div(n).pow(2).sum().item()
         fired = flat[3 + d:-1]
         return {"fvu": sse / max(total_var, 1e-12), "l0": flat[-1].item() / n,
-                "dead_fraction": (fired == 0).double().mean().item(), "n_tokens": int(n)}
+                "dead_fraction": dead_share(fired), "n_tokens": int(n)}
 
 
 @torch.no_grad()
@@ -363,11 +339,10 @@ def evaluate_sae(sae: TopKSAE, head, store: TokenStore, labels: np.ndarray, runt
         a = torch.from_numpy(np.array(store.tokens[start * per_img:(start + len(img)) * per_img]))
         a = a.to(sae.mu.device).float()
         x = sae.standardize(a)
-        values, idx = sae.encode_topk(x)
-        recon = decode(values, idx, sae.D, sae.b_d)
+        recon, values, idx = sae(x)
         metrics.update(x, recon, values, idx)
-        amap = a.reshape(len(img), h, w, -1).permute(0, 3, 1, 2)
-        rmap = sae.unstandardize(recon).reshape(len(img), h, w, -1).permute(0, 3, 1, 2)
+        amap = tokens_to_map(a, len(img), h, w)
+        rmap = tokens_to_map(sae.unstandardize(recon), len(img), h, w)
         y = torch.from_numpy(labels[img]).to(a.device)
         correct[0] += (head(amap).argmax(1) == y).sum()
         correct[1] += (head(rmap).argmax(1) == y).sum()
@@ -390,3 +365,165 @@ def replicas_agree(sae: TopKSAE, runtime: Runtime) -> bool:
     ok = torch.tensor([float(torch.equal(mine, ref))], device=mine.device)
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok.item())
+
+
+# ----------------------------------------------------------------------------- the loop
+def new_sae(tokens: SplitTokens, settings: SAETrainSettings, device) -> tuple[TopKSAE, torch.Tensor]:
+    """A fresh SAE (seeded: identical on every rank) with the training μ, σ; and its usage EMA."""
+    torch.manual_seed(settings.seed)
+    sae = TopKSAE(tokens.train.tokens.shape[1], settings.latent_dim, settings.top_k, settings.arch).to(device)
+    sae.mu.copy_(tokens.mu)
+    sae.sigma.copy_(tokens.sigma)
+    return sae, torch.full((settings.latent_dim,), settings.top_k / settings.latent_dim, device=device)
+
+
+def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTokens, state: TrainState,
+        settings: SAETrainSettings, runtime: Runtime) -> dict:
+    """The epoch loop: train over the token cache, validate, resample, checkpoint.
+
+    ``head`` maps a layer4 map to logits (the classifier's), for spliced accuracy;
+    ``usage_ema`` (M,) is updated in place.
+    """
+    s = settings
+    n_steps = steps_per_epoch(tokens.train, s.batch_size, runtime)
+    total_steps = max(1, s.epochs * n_steps)
+    tau = s.usage_ema_epochs * n_steps * s.batch_size * runtime.world_size
+    writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
+    runtime.log(f"SAE {s.arch} M={s.latent_dim} K={s.top_k}, {n_steps} steps/epoch of {s.batch_size} tokens x "
+                f"{runtime.world_size} ranks, dead latents: {s.dead_latents}, device {runtime.device}")
+    need = min_tokens_for_dead(s.latent_dim, s.top_k)
+    if tokens.val.n_tokens * runtime.world_size < need:
+        runtime.log(f"warning: {tokens.val.n_tokens * runtime.world_size} validation tokens are fewer than "
+                    f"10·M/K = {need}: the validation dead fraction is mostly chance")
+    for epoch in range(state.epoch + 1, s.epochs + 1):
+        t0 = time.time()
+        row = train_epoch(sae, optimizer, usage_ema, tokens.train, epoch, n_steps, total_steps, tau, state, s, runtime)
+        row["resampled"] = maybe_resample(sae, optimizer, usage_ema, tokens.train, epoch, s, runtime)
+        row["tokens_per_s"] = n_steps * s.batch_size * runtime.world_size / (time.time() - t0)
+        val = evaluate_sae(sae, head, tokens.val, tokens.labels, runtime)
+        row.update({f"val_{k}": v for k, v in val.items()}, epoch=epoch, seconds=time.time() - t0,
+                   ema_dead_fraction=dead_mask(usage_ema, s.top_k, s.dead_usage).float().mean().item())
+        is_best = row["val_fvu"] < state.best
+        state.best, state.epoch = min(state.best, row["val_fvu"]), epoch
+        state.history.append(row)
+        runtime.log(f"epoch {epoch}/{s.epochs} loss {row['train_fvu']:.4f} val_fvu {row['val_fvu']:.4f} "
+                    f"L0 {row['val_l0']:.1f} dead train {row['train_dead_fraction']:.3f} val "
+                    f"{row['val_dead_fraction']:.3f} spliced_acc "
+                    f"{row['val_spliced_accuracy']:.4f} (own {row['val_classifier_accuracy']:.4f}) resampled "
+                    f"{row['resampled']} {row['tokens_per_s']:.0f} tok/s{' *best*' if is_best else ''}")
+        if writer is not None:
+            _log_tensorboard(writer, row, epoch)
+        if runtime.is_main:
+            save_checkpoints(sae, optimizer, usage_ema, state, s, tokens.classifier_fingerprint, is_best)
+        barrier(runtime)
+    if writer is not None:
+        writer.close()
+    if runtime.distributed:
+        if not replicas_agree(sae, runtime):
+            raise RuntimeError("DDP ranks ended with different SAE weights")
+        runtime.log(f"all {runtime.world_size} ranks hold identical SAE weights")
+    return finish(state, s, runtime)
+
+
+def train_epoch(sae, optimizer, usage_ema, train: TokenStore, epoch: int, n_steps: int, total_steps: int, tau: float,
+                state: TrainState, settings: SAETrainSettings, runtime: Runtime) -> dict:
+    """One pass over this rank's shuffled token shard; returns mean train losses."""
+    s = settings
+    sae.train()
+    dtype = amp_dtype(runtime.device, s.amp)
+    sums = torch.zeros(2, device=runtime.device)
+    fired = torch.zeros(sae.n_latents, device=runtime.device)  # per latent, over this epoch's tokens (all ranks)
+    bar = tqdm(total=n_steps * s.batch_size * runtime.world_size, desc=f"epoch {epoch}/{s.epochs}",
+               unit="tok", unit_scale=True, disable=None if runtime.is_main else True, leave=False)
+    for raw in train.iter_batches(s.batch_size, [s.seed, epoch, runtime.rank], n_steps):
+        x = sae.standardize(raw.to(runtime.device, non_blocking=True).float())
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, total_steps, s.lr, s.warmup_fraction)
+        dead = dead_mask(usage_ema, s.top_k, s.dead_usage) if s.use_auxk else None
+        out = train_step(sae, optimizer, x, dead=dead, k_aux=s.auxk_k if s.use_auxk else 0,
+                         aux_coef=s.auxk_coef, dtype=dtype, runtime=runtime,
+                         threshold_rate=max(s.threshold_rate, 1 / (state.step + 1)))  # a plain mean at first
+        update_usage_ema(usage_ema, out["counts"], out["n"] * runtime.world_size, tau)
+        fired += out["counts"]
+        sums += torch.stack([out["loss"], out["aux_loss"]])
+        state.step += 1
+        bar.update(len(x) * runtime.world_size)
+    bar.close()
+    means = (sums / n_steps).tolist()
+    return {"train_fvu": means[0], "train_aux_loss": means[1], "lr": optimizer.param_groups[0]["lr"],
+            "train_dead_fraction": dead_share(fired), "train_tokens": n_steps * s.batch_size * runtime.world_size}
+
+
+def maybe_resample(sae, optimizer, usage_ema, train: TokenStore, epoch: int, settings: SAETrainSettings,
+                   runtime: Runtime) -> int:
+    """At an epoch end (before RESAMPLE_STOP of training), resample latents dead by usage EMA."""
+    s = settings
+    if not s.use_resample or epoch > s.resample_stop * s.epochs or epoch == s.epochs:
+        return 0
+    dead_idx = torch.nonzero(dead_mask(usage_ema, s.top_k, s.dead_usage)).flatten()
+    if len(dead_idx) == 0:
+        return 0
+    sample = next(train.iter_batches(min(s.resample_sample, train.n_tokens), [s.seed, epoch, 7], 1))
+    x = sae.standardize(sample.to(runtime.device).float())
+    gen = torch.Generator(device=runtime.device).manual_seed(s.seed * 1000 + epoch)
+    resample_dead_(sae, optimizer, dead_idx, x, gen, runtime)
+    usage_ema[dead_idx] = s.top_k / s.latent_dim  # a fresh grace period
+    return len(dead_idx)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoints(sae, optimizer, usage_ema, state: TrainState, settings: SAETrainSettings,
+                     classifier_fingerprint: str, is_best: bool) -> None:
+    """best_sae.pt when ``is_best``; last_sae.pt every epoch, with optimiser and loop state."""
+    ckpt = artifacts.sae_checkpoint(sae, classifier_fingerprint=classifier_fingerprint,
+                                    classifier_path=settings.classifier_ckpt, config=settings.config,
+                                    epoch=state.epoch, metrics=state.history[-1], usage_ema=usage_ema)
+    out = Path(settings.out_dir)
+    if is_best:
+        artifacts.save_checkpoint(ckpt, out / artifacts.BEST_SAE)
+    ckpt.update(state.to_checkpoint(), optimizer=optimizer.state_dict())
+    artifacts.save_checkpoint(ckpt, out / artifacts.LAST_SAE)
+
+
+def restore(path: str | Path, sae, optimizer, classifier_fingerprint: str, runtime: Runtime) -> tuple[TrainState, torch.Tensor]:
+    """Load ``last_sae.pt`` (same classifier, M and K required); returns (loop state, usage EMA)."""
+    ckpt = artifacts.load_checkpoint(path, "sae", map_location=runtime.device)
+    if ckpt["classifier_fingerprint"] != classifier_fingerprint:
+        raise UserError(f"{path} was trained on another classifier; start a new run with --overwrite=True")
+    saved = (ckpt["n_latents"], ckpt["k"], ckpt.get("arch", "topk"))
+    if saved != (sae.n_latents, sae.k, sae.arch):
+        raise UserError(f"{path} has M={saved[0]} K={saved[1]} ARCH={saved[2]}; "
+                        f"resume with --latent_dim={saved[0]} --top_k={saved[1]} --arch={saved[2]}")
+    sae.load_state_dict(ckpt["state"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return TrainState.from_checkpoint(ckpt), ckpt["usage_ema"].to(runtime.device)
+
+
+def finish(state: TrainState, settings: SAETrainSettings, runtime: Runtime) -> dict:
+    """Write metrics.json: the best epoch's validation figures and the history."""
+    if not state.history:
+        return {"epochs": state.epoch, "history": []}
+    best = min(state.history, key=lambda r: r["val_fvu"])
+    keys = ("val_fvu", "val_l0", "train_dead_fraction", "val_dead_fraction", "val_spliced_accuracy",
+            "val_classifier_accuracy", "train_tokens", "val_n_tokens")
+    metrics = {k: best[k] for k in keys}
+    metrics.update(best_epoch=best["epoch"], epochs=state.epoch, latent_dim=settings.latent_dim,
+                   top_k=settings.top_k, arch=settings.arch, dead_latents=settings.dead_latents,
+                   dead_min_tokens=min_tokens_for_dead(settings.latent_dim, settings.top_k),
+                   world_size=runtime.world_size,
+                   tokens_per_s=float(np.mean([r["tokens_per_s"] for r in state.history])), history=state.history)
+    out = Path(settings.out_dir)
+    if runtime.is_main:
+        artifacts.write_json(out / artifacts.METRICS, metrics)
+    runtime.log(f"best epoch {best['epoch']}: val_fvu {best['val_fvu']:.4f} L0 {best['val_l0']:.1f} dead train "
+                f"{best['train_dead_fraction']:.3f} val {best['val_dead_fraction']:.3f} spliced_acc {best['val_spliced_accuracy']:.4f} "
+                f"(classifier {best['val_classifier_accuracy']:.4f}) -> {out / artifacts.BEST_SAE}")
+    return metrics
+
+
+def _log_tensorboard(writer, row: dict, epoch: int) -> None:
+    for key in ("train_fvu", "train_aux_loss", "val_fvu", "val_l0", "train_dead_fraction", "val_dead_fraction",
+                "ema_dead_fraction",
+                "val_spliced_accuracy", "val_classifier_accuracy", "lr", "tokens_per_s", "resampled"):
+        writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
+    writer.flush()

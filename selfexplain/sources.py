@@ -2,8 +2,8 @@
 
 Every source is described once by :func:`describe_source` (a JSON-able dict that a
 checkpoint can record) and read by :func:`iter_source`, which streams
-``(name, payload, label)`` triples; :func:`decode_image` turns one payload into the
-uint8 white-background square that the cache stores.
+``(name, payload, label)`` triples; :func:`selfexplain.imaging.decode_image` turns one
+payload into the uint8 white-background square that the cache stores.
 
 * ``tu-berlin``: the Hugging Face dataset ``kmewhort/tu-berlin-png`` (about 20.1k PNG
   sketches of 1111x1111 px, 250 classes), downloaded into ``DATA_ROOT`` when missing.
@@ -17,191 +17,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
+import yaml
 
 from .errors import UserError
+from .imaging import IMAGE_EXTENSIONS, BadImage, is_image_file
+from .logs import log
 
-MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TU_BERLIN_REPO = "kmewhort/tu-berlin-png"  # Hugging Face dataset repo of the TU-Berlin sketches
 TU_BERLIN_PATTERNS = ["data/*.parquet", "README.md"]  # what the download fetches
 SOURCE_DATASETS = ("tu-berlin", "parquet", "folder")  # the DATASET values this module reads
-THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
 PARQUET_BATCH_ROWS = 64  # rows per streamed parquet batch (1111 px PNGs are ~20-60 kB each)
 
 _SHARD = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})(?:-[^/]*)?\.parquet$")
 
 
-class BadImage(Exception):
-    """A payload that cannot become a sketch; ``str(exc)`` is a short reason such as
-    ``'empty file'``, ``'not an image'``, ``'truncated'``, ``'corrupt (...)'`` or
-    ``'too large (WxH)'``."""
+def _arrow():
+    """(pyarrow, pyarrow.parquet), imported on first use: 0.3 s that synthetic-only runs never pay."""
+    import pyarrow
+    import pyarrow.parquet
 
-
-# ----------------------------------------------------------------------------- decoding
-def decode_image(payload: bytes | str | Path, image_size: int) -> np.ndarray:
-    """Decode one sketch to a uint8 ``(image_size, image_size)`` array on white.
-
-    Transparent pixels are composited on white, 16-bit and float images are scaled to
-    8 bits, any mode becomes grey; the image is padded to a centred white square and
-    resized with antialiasing (strokes are thickened first when shrinking by more than
-    ``THICKEN_ABOVE``x, so thin 1111 px strokes survive at 224 or 112 px).
-
-    Parameters
-    ----------
-    payload : bytes | str | Path
-        Encoded image bytes, or a path to an image file.
-    image_size : int
-        Side of the output square.
-
-    Raises
-    ------
-    BadImage
-        Empty payload, not an image, truncated or corrupt data, or more than
-        ``MAX_PIXELS`` pixels (checked on the header, before any pixel is decoded).
-    """
-    if int(image_size) < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    with _open_checked(payload) as im:
-        try:
-            gray = _to_white_gray(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying "broken"
-            raise BadImage(_failure_reason(exc)) from None
-    return _square_resize(gray, int(image_size))
-
-
-@contextlib.contextmanager
-def _open_checked(payload: bytes | str | Path):
-    """Open an image lazily (header only) and refuse empty, non-image or huge ones."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(payload, (str, Path)):
-        try:
-            if Path(payload).stat().st_size == 0:
-                raise BadImage("empty file")
-            source = open(payload, "rb")
-        except OSError as exc:
-            raise BadImage(f"unreadable file ({exc.strerror or exc})") from None
-    else:
-        if len(payload) == 0:
-            raise BadImage("empty file")
-        source = io.BytesIO(payload)
-    with source:
-        try:
-            im = Image.open(source)
-        except Image.DecompressionBombError as exc:  # PIL's own limit (2 x 89 MP) fired first
-            pixels = re.search(r"\((\d+) pixels\)", str(exc))
-            raise BadImage(f"too large ({pixels.group(1) if pixels else 'over 179M'} pixels)") from None
-        except UnidentifiedImageError:
-            raise BadImage("not an image") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise BadImage(_failure_reason(exc)) from None
-        with im:
-            width, height = im.size
-            if width * height > MAX_PIXELS:  # decided on the header: a bomb is never decoded
-                raise BadImage(f"too large ({width}x{height})")
-            if width == 0 or height == 0:
-                raise BadImage("corrupt (zero-sized image)")
-            yield im
-
-
-def _failure_reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return "truncated" if "truncated" in text.lower() else f"corrupt ({text[:80]})"
-
-
-def _to_white_gray(im):
-    """Any PIL image -> mode 'L', transparency composited on white, high depth scaled."""
-    from PIL import Image, ImageOps
-
-    if _exif_orientation(im) != 1:  # phone photos of sketches: honour EXIF rotation
-        im = ImageOps.exif_transpose(im)
-    mode, has_key = im.mode, "transparency" in im.info
-    if mode in ("P", "PA"):
-        im = im.convert("RGBA" if has_key or mode == "PA" else "RGB")
-    elif mode in ("L", "RGB") and has_key:  # a tRNS colour key marks the background
-        im = im.convert("RGBA")
-    if im.mode.startswith("I") or im.mode == "F":
-        return _high_depth_to_gray(im)
-    if im.mode in ("RGBA", "LA", "La", "RGBa"):
-        # Strokes drawn on a transparent canvas often have black "invisible" pixels
-        # behind them: compositing on white is what a viewer shows.
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L")
-    return im.convert("L")
-
-
-def _exif_orientation(im) -> int:
-    try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # a damaged EXIF block should not cost us the sketch
-        return 1
-
-
-def _high_depth_to_gray(im):
-    """16-bit, 32-bit integer or float grey -> 8-bit grey with the full range kept."""
-    from PIL import Image
-
-    arr = np.asarray(im, dtype=np.float32)
-    top = float(arr.max()) if arr.size else 0.0
-    if im.mode.startswith("I;16"):
-        scale = 65535.0
-    elif im.mode == "F" and top <= 1.0:
-        scale = 1.0
-    else:  # 'I' (often a 16-bit PNG) or 'F' in 0..255 or beyond: infer the range
-        scale = 255.0 if top <= 255 else (65535.0 if top <= 65535 else top)
-    out = np.clip(arr * (255.0 / scale) + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L")
-
-
-def _square_resize(gray, size: int) -> np.ndarray:
-    """Pad a grey image to a centred white square, then resize to ``size``."""
-    from PIL import Image
-
-    width, height = gray.size
-    side = max(width, height)
-    ratio = side / size
-    if ratio > THICKEN_ABOVE:
-        # Grow strokes to ~1.5 output pixels (assuming ~3 px source strokes, as in
-        # TU-Berlin): 1111 -> 224 uses k=5, 1111 -> 112 uses k=13. Thinner and they
-        # fade to light grey when averaged; thicker and nearby strokes merge.
-        k = 2 * max(1, round((1.5 * ratio - 3) / 2)) + 1
-        gray = Image.fromarray(_thicken(np.asarray(gray), k), mode="L")
-    if width != height:
-        canvas = Image.new("L", (side, side), 255)
-        canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
-        gray = canvas
-    if side > size:  # area averaging: exact antialiasing for line art, no ringing, 5x faster than Lanczos
-        gray = gray.resize((size, size), Image.Resampling.BOX)
-    elif side < size:
-        gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-    return np.array(gray, dtype=np.uint8)
-
-
-def _thicken(arr: np.ndarray, k: int) -> np.ndarray:
-    """Grey-level erosion with a k x k square (dark strokes grow by k-1 px).
-
-    Separable running minimum in numpy: ~60x faster than ``ImageFilter.MinFilter(k)``
-    on a 1111 px sketch (3 ms instead of 200 ms for k=7).
-    """
-    r = k // 2
-    padded = np.pad(arr, r, mode="constant", constant_values=255)  # outside is white paper
-    h, w = arr.shape
-    rows = padded[:, 0:w].copy()
-    for s in range(1, k):
-        np.minimum(rows, padded[:, s:s + w], out=rows)
-    out = rows[0:h].copy()
-    for s in range(1, k):
-        np.minimum(out, rows[s:s + h], out=out)
-    return out
+    return pyarrow, pyarrow.parquet
 
 
 # ----------------------------------------------------------------------------- describing
@@ -260,7 +101,7 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     class_names, files, labels = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in folder.rglob("*")
-                        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, root))
+                        if is_image_file(p) and _visible(p, root))
         if not images:  # an empty class would break stratified splits: leave it out
             continue
         labels += [len(class_names)] * len(images)
@@ -274,8 +115,7 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 def _check_schema(files: list[Path], root: Path) -> None:
     """Every file must be readable parquet with ``image`` and ``label`` columns."""
-    import pyarrow.parquet as pq
-
+    _, pq = _arrow()
     for path in files:
         rel = path.relative_to(root).as_posix()
         try:
@@ -289,8 +129,7 @@ def _check_schema(files: list[Path], root: Path) -> None:
 
 def _count_rows(files: list[Path], root: Path, num_classes: int) -> int:
     """Row count, checking that every label names a class (label column only: cheap)."""
-    import pyarrow.parquet as pq
-
+    _, pq = _arrow()
     total = 0
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -323,8 +162,7 @@ def parquet_class_names(files: list[Path], readme: Path | None) -> list[str]:
     ``dataset_info`` block of the README's YAML front matter, and finally the labels
     themselves (``class_0 .. class_<max label>``).
     """
-    import pyarrow.parquet as pq
-
+    _, pq = _arrow()
     for path in files:
         meta = pq.read_schema(path).metadata or {}
         names = _names_from_hf_metadata(meta.get(b"huggingface"))
@@ -356,8 +194,6 @@ def _names_from_hf_metadata(raw: bytes | None) -> list[str] | None:
 
 def _names_from_readme(readme: Path) -> list[str] | None:
     """Names from ``dataset_info.features[label].dtype.class_label.names`` in the front matter."""
-    import yaml
-
     text = readme.read_text(encoding="utf-8", errors="replace")
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
     if not match:
@@ -381,12 +217,13 @@ def _names_from_readme(readme: Path) -> list[str] | None:
 
 
 # ----------------------------------------------------------------------------- reading
-def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path, int]]:
+def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path | BadImage, int]]:
     """Yield ``(name, payload, label)`` for every item of a described source, streaming.
 
     Parquet files are read in batches of ``PARQUET_BATCH_ROWS`` rows, so a dataset of
     20k 1111 px PNGs never sits in memory at once; names are ``'<file>#<row>'``. Folder
-    items are yielded as paths named by their path relative to ``DATA_ROOT``.
+    items are yielded as paths named by their path relative to ``DATA_ROOT``. A row
+    without a usable image yields a :class:`BadImage` payload saying why.
     """
     root = Path(source["data_root"])
     if source["dataset"] == "folder":
@@ -394,33 +231,39 @@ def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path, int]]:
         for rel in source["files"]:
             yield rel, root / rel, index[rel.split("/", 1)[0]]
         return
-    import pyarrow.parquet as pq
-
+    _, pq = _arrow()
     for rel in source["files"]:
         pf = pq.ParquetFile(root / rel)
         row = 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["image", "label"]):
             images, labels = batch.column("image"), batch.column("label").to_pylist()
-            for payload, label in zip(_image_payloads(images, (root / rel).parent), labels):
+            for payload, label in zip(_image_payloads(images, (root / rel).parent, root), labels):
                 yield f"{rel}#{row}", payload, int(label)
                 row += 1
 
 
-def _image_payloads(images, folder: Path) -> list[bytes | Path]:
-    """Bytes of an ``image`` column: the HF struct {bytes, path}, or plain binary."""
-    import pyarrow as pa
+def _image_payloads(images, folder: Path, root: Path) -> list[bytes | Path | BadImage]:
+    """Payloads of an ``image`` column: the HF struct {bytes, path}, or plain binary.
 
+    A row without bytes may name a file instead, relative to its parquet file's folder;
+    it is read only when it lies inside ``root`` (DATA_ROOT), so an absolute or ``../``
+    path in someone's parquet cannot pull in other local files.
+    """
+    pa, _ = _arrow()
     if not pa.types.is_struct(images.type):
         return [b or b"" for b in images.to_pylist()]
     data = images.field("bytes").to_pylist()
     paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else [None] * len(data)
-    out = []
-    for blob, path in zip(data, paths):
-        if blob is None and path and (folder / path).is_file():  # HF may store a path instead
-            out.append(folder / path)
-        else:
-            out.append(blob or b"")  # missing bytes decode as BadImage('empty file')
-    return out
+    return [blob if blob is not None or not path else _contained_file(folder, path, root)
+            for blob, path in zip(data, paths)]
+
+
+def _contained_file(folder: Path, path: str, root: Path) -> Path | bytes | BadImage:
+    """``folder / path`` resolved, if it is a file inside ``root``; else why not."""
+    target = (folder / path).resolve()
+    if not target.is_relative_to(root.resolve()):
+        return BadImage(f"image path outside DATA_ROOT ({path[:80]})")
+    return target if target.is_file() else b""  # no bytes, no file: decodes as BadImage('empty file')
 
 
 # ----------------------------------------------------------------------------- download
@@ -435,8 +278,9 @@ def ensure_tu_berlin(data_root: str) -> Path:
     root = Path(data_root).expanduser().resolve()
     if _find_parquet(root) and not _missing_shards(root):
         return root
-    print(f"downloading Hugging Face dataset {TU_BERLIN_REPO} into {root}", flush=True)
+    log(f"downloading Hugging Face dataset {TU_BERLIN_REPO} into {root}")
     try:
+        # lazy: huggingface_hub reads HF_ENDPOINT/HF_HUB_OFFLINE at import and costs 0.1 s; only downloads need it
         from huggingface_hub import snapshot_download
 
         with _quiet_hub_warnings():  # its offline fallback only warns; we raise below instead

@@ -7,18 +7,23 @@ two classes share at most one part and every part is in exactly 4 classes. No pa
 no pair of parts' positions) gives the class away: the classifier has to detect each part
 wherever it is, which is what makes stage 3's SAE neurons part detectors.
 
-Layout: the 3 class parts go into 3 of the 4 image quadrants chosen at random (a little
-jitter, random rotation, each 30-42% of the image), so they never overlap. With
-probability ``DISTRACTOR_PROB`` one smaller *distractor* part of a type outside the class
-goes into the free quadrant; the image stays unambiguous, since no other class's 3 parts
-fit in the 4. A stray stroke or two adds clutter.
+Layout: the 3 class parts go anywhere on the canvas, each 12-50% of the image (in half of
+the images all three are large, 30-48%; a part that finds no free room is shrunk until it
+fits), randomly turned and flipped, with a gap between their boxes so parts never overlap
+and each box stays meaningful. With probability
+``DISTRACTOR_PROB`` one smaller *distractor* part of a type outside the class joins them
+(if it finds room); the image stays unambiguous, since no other class's 3 parts fit in the
+4. A stray stroke or two adds clutter. This covers how people draw the parts (small parts
+on a grid, large ones in quadrants, anything between), not one house style.
 
 Drawing: each part is a few polylines in a canonical frame; every polyline gets smooth
-"hand" wobble, strokes are drawn with PIL at 2-4x resolution and box-filtered down so
-they stay smooth and visible from 64 to 224 px. A sample's randomness comes from
-``np.random.default_rng([seed, class_index, j])`` only, so the output is byte-identical
-for a given seed whatever the generation order, and a smaller ``n_per_class`` yields a
-subset of a larger one.
+"hand" wobble, from none (clean, ruler-like strokes) to shaky, and one pen width per
+image, from a fine liner to a marker (1.2-5% of the image, log-uniform). Strokes are drawn
+with PIL at 2-4x resolution and box-filtered down so they stay smooth from 64 to 224 px. A
+sample's randomness comes from ``np.random.default_rng([seed, class_index, j])`` only, so
+the output is byte-identical for a given seed whatever the generation order, and a smaller
+``n_per_class`` yields a subset of a larger one. :func:`rerender` re-draws any sample, and
+with ``omit=k`` draws it without part k and every other pixel unchanged (the counterfactual).
 
 Box convention: ``[x0, y0, x1, y1]`` in output pixels, x = column, ``x1``/``y1``
 exclusive, so ``image[y0:y1, x0:x1]`` holds the part's strokes.
@@ -49,12 +54,18 @@ CLASS_PARTS = {"-".join(PART_TYPES[i] for i in line): {PART_TYPES[i]: 1 for i in
 CLASS_NAMES = list(CLASS_PARTS)
 DISTRACTOR_TYPES = list(PART_TYPES)  # any part may be a distractor (in classes that lack it)
 DISTRACTOR_PROB = 0.3  # chance that an image gets its one distractor
-PART_SIZE = (0.36, 0.44)  # longest side of a class part, fraction of the image
-DISTRACTOR_SIZE = (0.22, 0.30)  # longest side of the distractor, fraction of the image
-CELL_MARGIN = 0.03  # blank kept inside each quadrant's border, fraction of the image
-STROKE_WIDTH = (0.017, 0.026)  # stroke width as a fraction of the image size
+PART_SIZE = (0.12, 0.5)  # longest side of a class part, fraction of the image (before any shrink)
+LARGE_PART_SIZE = (0.3, 0.48)  # the same in a "large parts" image: quick to learn, anchors the small ones
+LARGE_PROB = 0.5  # share of images with large parts
+DISTRACTOR_SIZE = (0.12, 0.3)  # longest side of the distractor, fraction of the image
+DISTRACTOR_MIN = 0.08  # a distractor is shrunk to find room, but dropped below this fraction
+PART_GAP = 0.02  # blank kept between two parts' boxes, fraction of the image
+PLACE_TRIES = 24  # random spots tried for a part before it is shrunk
+SHRINK = 0.85  # a part that finds no room is scaled by this and tried again
+STROKE_WIDTH = (0.012, 0.05)  # stroke width, fraction of the image size (log-uniform): thin pen to marker
 MIN_STROKE_PX = 1.5  # never thinner than this in output pixels (small images)
-WOBBLE = 0.008  # hand-drawn wobble amplitude, fraction of the image
+WOBBLE = (0.0, 0.012)  # hand-drawn wobble amplitude, fraction of the image (uniform: clean to shaky)
+GENERATOR_VERSION = 2  # bump whenever the drawing changes, so cached datasets are rebuilt
 
 Stroke = tuple  # ("line", points (n, 2), width factor) or ("dot", centre (2,), radius)
 
@@ -179,12 +190,13 @@ def _fit(parts, rng, size, angle_deg, flip):
 
 
 # ----------------------------------------------------------------------------- drawing
-def _wobble(lines: list, canvas: float, rng):
+def _wobble(lines: list, canvas: float, amplitude: float, rng):
     """Densify and wobble many polylines at once (vectorised: this is the hot loop).
 
     Long segments are split so the noise can bend them; every original vertex is kept so
     corners stay sharp. The noise is a sum of two random sinusoids per axis along the
-    stroke's length: smooth, like a hand. Returns the new polylines and their corners.
+    stroke's length: smooth, like a hand, at most ``amplitude`` px (0: clean strokes).
+    Returns the new polylines and their corners.
     """
     counts = np.array([len(p) for p in lines])
     pts = np.concatenate(lines)
@@ -200,7 +212,7 @@ def _wobble(lines: list, canvas: float, rng):
     t = np.concatenate([np.cumsum(seg)[idx] - seg[idx] * (1 - frac), [seg.sum()]])
     starts = np.cumsum(counts) - counts
     size = (np.maximum.reduceat(pts, starts) - np.minimum.reduceat(pts, starts)).max(1)
-    amp = np.clip(0.04 * size, 0.3 * WOBBLE * canvas, WOBBLE * canvas)[:, None, None]
+    amp = np.clip(0.04 * size, 0.3 * amplitude, amplitude)[:, None, None]
     wavelength = canvas * rng.uniform(0.15, 0.6, (len(lines), 2, 2))  # (stroke, component, axis)
     phase = rng.uniform(0, 2 * np.pi, (len(lines), 2, 2))
     gain = amp * rng.uniform(0.2, 0.7, (len(lines), 2, 2))
@@ -220,8 +232,12 @@ def _corners(pts: np.ndarray, sid: np.ndarray, min_turn: float = 0.5):
     return pts[edge], sid[edge]
 
 
-def _draw(parts, canvas: int, width: float, rng):
-    """Draw every stroke on a white ``canvas`` square; return the image and part extents."""
+def _draw(parts, canvas: int, width: float, wobble: float, rng, omit=None):
+    """Draw every stroke on a white ``canvas`` square; return the image and part extents.
+
+    Part ``omit`` (an index into ``parts``) is laid out and its random draws consumed like
+    any other, but not inked: every other stroke comes out exactly as in the full drawing.
+    """
     lines = [(i, pts, f) for i, (_, strokes) in enumerate(parts) for kind, pts, f in strokes
              if kind == "line"]
     dots = [(i, pts, r) for i, (_, strokes) in enumerate(parts) for kind, pts, r in strokes
@@ -229,19 +245,22 @@ def _draw(parts, canvas: int, width: float, rng):
     owner = np.array([i for i, _, _ in lines])
     widths = np.array([f for _, _, f in lines]) * width * rng.uniform(0.85, 1.15, len(lines))
     widths = np.maximum(2, np.round(widths)).astype(int)
-    polys, (caps, cap_sid) = _wobble([p for _, p, _ in lines], canvas, rng)
+    polys, (caps, cap_sid) = _wobble([p for _, p, _ in lines], canvas, wobble, rng)
     img = Image.new("L", (canvas, canvas), 255)
     draw = ImageDraw.Draw(img)
     lo, hi = np.full((len(parts), 2), np.inf), np.full((len(parts), 2), -np.inf)
     for i, poly, w in zip(owner, polys, widths):
-        draw.line(poly.ravel().tolist(), fill=0, width=int(w))
+        if i != omit:
+            draw.line(poly.ravel().tolist(), fill=0, width=int(w))
         lo[i] = np.minimum(lo[i], poly.min(0) - w / 2)
         hi[i] = np.maximum(hi[i], poly.max(0) + w / 2)
-    for (x, y), h in zip(caps.tolist(), (widths[cap_sid] / 2).tolist()):
-        draw.ellipse([x - h, y - h, x + h, y + h], fill=0)  # round caps and joints
+    for (x, y), h, i in zip(caps.tolist(), (widths[cap_sid] / 2).tolist(), owner[cap_sid]):
+        if i != omit:
+            draw.ellipse([x - h, y - h, x + h, y + h], fill=0)  # round caps and joints
     for i, (x, y), r in dots:
         r = max(r, 0.6 * width)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=0)
+        if i != omit:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=0)
         lo[i] = np.minimum(lo[i], (x - r, y - r))
         hi[i] = np.maximum(hi[i], (x + r, y + r))
     return img, np.concatenate([lo, hi], 1)
@@ -266,30 +285,53 @@ def supersample_factor(image_size: int) -> int:
     return max(2, int(round(224 / image_size)))
 
 
-def _in_cell(ptype, cell, size_range, canvas: int, rng) -> list:
-    """One part of ``ptype``, randomly turned and sized, at a random spot in quadrant ``cell``."""
-    size = rng.uniform(*size_range) * canvas
+def _placed(ptype, size: float, free: tuple, gap: float, taken: list, rng, min_side: float = 0.0) -> list:
+    """One part of ``ptype``, randomly turned and about ``size`` px long, at a random free spot.
+
+    Tries ``PLACE_TRIES`` spots inside the ``free`` area (x0, y0, x1, y1 for the top-left
+    corner's box) that keep ``gap`` px from the ``taken`` boxes; then shrinks the part by
+    ``SHRINK`` and tries again, giving up (``[]``) once it is shorter than ``min_side`` px.
+    The chosen box is appended to ``taken``.
+    """
     part, wh = _fit([(ptype, _part(ptype, rng))], rng, size, 180.0, bool(rng.random() < 0.5))
-    half, margin = canvas / 2, CELL_MARGIN * canvas
-    lo = np.array([cell % 2, cell // 2]) * half + margin
-    corner = rng.uniform(lo, np.maximum(lo + half - 2 * margin - wh, lo))
-    return _transform(part, np.eye(2), corner)
+    lo, hi = np.array(free[:2], dtype=float), np.array(free[2:], dtype=float)
+    others = np.array(taken, dtype=float).reshape(-1, 4)
+    while True:
+        corners = rng.uniform(lo, np.maximum(hi - wh, lo), (PLACE_TRIES, 2))
+        boxes = np.concatenate([corners, corners + wh], 1)[:, None]  # (tries, 1, 4) against (taken, 4)
+        apart = ((boxes[..., 0] >= others[:, 2] + gap) | (others[:, 0] >= boxes[..., 2] + gap)
+                 | (boxes[..., 1] >= others[:, 3] + gap) | (others[:, 1] >= boxes[..., 3] + gap))
+        fits = np.flatnonzero(apart.all(1))
+        if len(fits):
+            taken.append(boxes[fits[0], 0])
+            return _transform(part, np.eye(2), corners[fits[0]])
+        if wh.max() * SHRINK < min_side:
+            return []
+        part, wh = _transform(part, SHRINK * np.eye(2), np.zeros(2)), SHRINK * wh
 
 
-def _compose(class_index: int, canvas: int, rng) -> list:
-    """Class parts in 3 random quadrants, maybe one distractor in the 4th, then clutter."""
+def _compose(class_index: int, canvas: int, width: float, wobble: float, rng) -> list:
+    """Class parts anywhere on the canvas, apart; maybe one smaller distractor; then clutter.
+
+    Parts are placed largest first so big ones still find room; boxes keep a gap of a
+    stroke width plus the wobble, so they never overlap once drawn.
+    """
     own = list(CLASS_PARTS[CLASS_NAMES[class_index]])
-    cells = rng.permutation(4)
-    parts = [(t, s, False) for k, ptype in enumerate(own)
-             for t, s in _in_cell(ptype, cells[k], PART_SIZE, canvas, rng)]
+    sizes = rng.uniform(*(LARGE_PART_SIZE if rng.random() < LARGE_PROB else PART_SIZE), len(own)) * canvas
+    edge = width / 2 + 2 * wobble + 1  # strokes and wobble stay inside the image
+    free, gap = (edge, edge, canvas - edge, canvas - edge), width + 4 * wobble + PART_GAP * canvas
+    taken, parts = [], []
+    for k in np.argsort(-sizes):
+        parts += [(t, s, False) for t, s in _placed(own[k], sizes[k], free, gap, taken, rng)]
     if rng.random() < DISTRACTOR_PROB:
         ptype = str(rng.choice([t for t in DISTRACTOR_TYPES if t not in own]))
-        parts += [(t, s, True) for t, s in _in_cell(ptype, cells[3], DISTRACTOR_SIZE, canvas, rng)]
+        size = rng.uniform(*DISTRACTOR_SIZE) * canvas
+        parts += [(t, s, True) for t, s in _placed(ptype, size, free, gap, taken, rng, DISTRACTOR_MIN * canvas)]
     parts += [(t, s, False) for t, s in _clutter(canvas, rng)]
     return parts
 
 
-def render_sample(class_index: int, image_size: int, rng: np.random.Generator):
+def render_sample(class_index: int, image_size: int, rng: np.random.Generator, omit: int | None = None):
     """Draw one sketch of class ``class_index``.
 
     Parameters
@@ -297,28 +339,53 @@ def render_sample(class_index: int, image_size: int, rng: np.random.Generator):
     class_index : index into ``CLASS_NAMES``.
     image_size : output side S in pixels.
     rng : the sample's random generator (all randomness comes from it).
+    omit : index into the returned ``parts`` of a part to leave out (the counterfactual);
+        every random draw is still made, so all other pixels match the full sketch.
 
     Returns
     -------
     image : uint8 (S, S), white background 255, dark strokes.
     parts : list of ``{"part": type, "box": [x0, y0, x1, y1], "distractor": bool}``,
-        boxes in output pixels, ``x1``/``y1`` exclusive, tight around the part's strokes.
+        boxes in output pixels, ``x1``/``y1`` exclusive, tight around the part's strokes;
+        the same list with or without ``omit``.
     """
     factor = supersample_factor(image_size)
     canvas = factor * image_size
-    parts = _compose(class_index, canvas, rng)
-    width = max(image_size * rng.uniform(*STROKE_WIDTH), MIN_STROKE_PX) * factor
-    img, extents = _draw([(t, s) for t, s, _ in parts], canvas, width, rng)
+    width = max(image_size * np.exp(rng.uniform(*np.log(STROKE_WIDTH))), MIN_STROKE_PX) * factor
+    wobble = rng.uniform(*WOBBLE) * canvas
+    parts = _compose(class_index, canvas, width, wobble, rng)
+    recorded = [i for i, (ptype, _, _) in enumerate(parts) if ptype is not None]  # not clutter
+    if omit is not None and not 0 <= omit < len(recorded):
+        raise UserError(f"omit must index one of the sketch's {len(recorded)} parts, got {omit}")
+    img, extents = _draw([(t, s) for t, s, _ in parts], canvas, width, wobble, rng,
+                         omit=None if omit is None else recorded[omit])
     image = np.asarray(img.reduce(factor), dtype=np.uint8)
     records = []
-    for (ptype, _, distractor), ext in zip(parts, extents):
-        if ptype is None:
-            continue
-        x0, y0 = np.clip(np.floor(ext[:2] / factor), 0, image_size - 1).astype(int)
-        x1, y1 = np.clip(np.ceil(ext[2:] / factor), 1, image_size).astype(int)
+    for i in recorded:
+        ptype, _, distractor = parts[i]
+        x0, y0 = np.clip(np.floor(extents[i, :2] / factor), 0, image_size - 1).astype(int)
+        x1, y1 = np.clip(np.ceil(extents[i, 2:] / factor), 1, image_size).astype(int)
         box = [int(x0), int(y0), int(max(x1, x0 + 1)), int(max(y1, y0 + 1))]
         records.append({"part": ptype, "box": box, "distractor": distractor})
     return image, records
+
+
+def sample_origin(index: int, n_per_class: int) -> tuple:
+    """``(class_index, sample_index)`` of image ``index`` in :func:`generate_synthetic`'s
+    class-block layout (class c holds images ``c * n_per_class`` to ``(c + 1) * n_per_class - 1``)."""
+    c, j = divmod(int(index), int(n_per_class))
+    return c, j
+
+
+def rerender(class_index: int, sample_index: int, image_size: int, seed: int, omit: int | None = None):
+    """Re-draw sample ``sample_index`` of class ``class_index`` exactly as
+    :func:`generate_synthetic` did (byte-identical), optionally with part ``omit`` left out.
+
+    Returns ``(image, parts)`` as :func:`render_sample`; with ``omit=k`` only the pixels of
+    part ``parts[k]`` (its box, grown by a stroke width) change, all others stay identical.
+    """
+    rng = np.random.default_rng([int(seed), int(class_index), int(sample_index)])
+    return render_sample(int(class_index), int(image_size), rng, omit=omit)
 
 
 def generate_synthetic(n_per_class: int, image_size: int, seed: int = 0,
@@ -332,7 +399,9 @@ def generate_synthetic(n_per_class: int, image_size: int, seed: int = 0,
     -------
     dict with ``images`` uint8 (N, S, S) (white 255 background, dark strokes),
     ``labels`` int64 (N,), ``class_names``, ``parts`` (per image, a list of
-    ``{"part", "box", "distractor"}``, see :func:`render_sample`) and ``part_types``.
+    ``{"part", "box", "distractor"}``, see :func:`render_sample`), ``part_types``,
+    ``origins`` (per image ``(class_index, sample_index)``, the arguments of
+    :func:`rerender`) and ``generator_version``.
     """
     if int(n_per_class) < 1:
         raise UserError(f"n_per_class must be at least 1, got {n_per_class}")
@@ -343,8 +412,10 @@ def generate_synthetic(n_per_class: int, image_size: int, seed: int = 0,
     labels = np.repeat(np.arange(classes, dtype=np.int64), n)
     parts = []
     for i in tqdm(range(classes * n), desc="synthetic sketches", disable=not progress):
-        c, j = divmod(i, n)
-        images[i], recs = render_sample(c, size, np.random.default_rng([seed, c, j]))
+        c, j = sample_origin(i, n)
+        images[i], recs = rerender(c, j, size, seed)
         parts.append(recs)
     return {"images": images, "labels": labels, "class_names": list(CLASS_NAMES),
-            "parts": parts, "part_types": list(PART_TYPES)}
+            "parts": parts, "part_types": list(PART_TYPES),
+            "origins": [sample_origin(i, n) for i in range(classes * n)],
+            "generator_version": GENERATOR_VERSION}

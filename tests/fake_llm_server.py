@@ -7,7 +7,10 @@
 
 Each request's neuron is read from the prompt ("Neuron #12"); a ``script(api, neuron_id,
 attempt)`` decides the reply (:class:`Reply`). Every request is logged, and
-:meth:`FakeLLMServer.answered` counts the answers actually delivered per neuron.
+:meth:`FakeLLMServer.answered` counts the answers actually delivered per neuron. Models
+named in ``reasoning_models`` answer as OpenAI's reasoning models do: 400
+``unsupported_parameter`` for ``max_tokens`` and ``unsupported_value`` for a temperature
+other than 1, with the same body as the real API.
 
 Usage::
 
@@ -57,8 +60,9 @@ class FakeLLMServer:
     """Serve on an ephemeral port in a background thread; see the module docstring."""
 
     def __init__(self, token: str | None = None, script: Callable[[str, int | None, int], Reply] | None = None,
-                 model_id: str | list = "fake-vision-1", max_wait: float = 60.0):
+                 model_id: str | list = "fake-vision-1", max_wait: float = 60.0, reasoning_models: tuple = ()):
         self.token, self.script, self.model_id = token, script or default_script, model_id
+        self.reasoning_models = set(reasoning_models)
         self.max_wait = max_wait  # Replicate holds a `Prefer: wait` request at most this long
         self.log: list[dict] = []  # one entry per request
         self.attempts: Counter = Counter()  # (api, neuron) -> requests seen
@@ -128,6 +132,19 @@ def _count_pngs(urls: list[str]) -> int:
         if head == "data:image/png;base64" and base64.b64decode(payload).startswith(PNG_MAGIC):
             count += 1
     return count
+
+
+def _reasoning_refusal(body: dict) -> dict | None:
+    """The 400 body OpenAI sends a reasoning model for ``max_tokens`` or a temperature other than 1."""
+    if "max_tokens" in body:
+        return {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                     "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                          "param": "max_tokens", "code": "unsupported_parameter"}}
+    if body.get("temperature", 1) != 1:
+        return {"error": {"message": f"Unsupported value: 'temperature' does not support {body['temperature']} "
+                                     "with this model. Only the default (1) value is supported.",
+                          "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}
+    return None
 
 
 def _make_handler(server: FakeLLMServer):
@@ -218,7 +235,12 @@ def _make_handler(server: FakeLLMServer):
             attempt = server.next_attempt("openai", nid)
             reply = server.script("openai", nid, attempt)
             entry = dict(api="openai", path=self.path, neuron_id=nid, attempt=attempt, images=images,
-                         model=body.get("model"), system=body["messages"][0]["content"], text=text)
+                         model=body.get("model"), system=body["messages"][0]["content"], text=text,
+                         params={k: v for k, v in body.items() if k not in ("model", "messages")})
+            refusal = _reasoning_refusal(body) if body.get("model") in server.reasoning_models else None
+            if refusal:
+                server.record(**entry, status=400)
+                return self._send(400, refusal)
             if reply.kind == "hold":
                 server.record(**entry, held=True)
                 return self._hold()

@@ -27,9 +27,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from conftest import ROOT as REPO_ROOT
+
 TU_BERLIN_FILES = (  # the shard names of kmewhort/tu-berlin-png, hash suffixes made up
     "data/train-00000-of-00002-5f1c1b2a.parquet",
     "data/train-00001-of-00002-9e0d3c4b.parquet",
@@ -122,9 +125,6 @@ def make_hf_parquet(folder, n_per_class: int, class_names: list[str], image_size
     Rows go round-robin over ``split_files``; small row groups exercise streaming.
     Returns ``{relative file: [label of each row, in order]}``.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = Path(folder)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows: dict[str, list] = {name: [] for name in split_files}

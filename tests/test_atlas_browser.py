@@ -1,4 +1,5 @@
-"""The HTML atlas renders in a real (headless) browser, with stage 4's concepts when present."""
+"""The HTML atlas: renders in a real (headless) browser, shows only current concepts, resists injection."""
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from PIL import Image
 from selfexplain import artifacts, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FINGERPRINT = "0123456789abcdef"  # the SAE the fake report describes
 
 
 def _fake_report(folder, n=6, dead=(4,)):
@@ -21,41 +23,50 @@ def _fake_report(folder, n=6, dead=(4,)):
             sprite = f"sprites/n{i:05d}.png"
             Image.fromarray(np.full((24, 74, 3), 40 * i, dtype=np.uint8)).save(folder / sprite)
         records.append({
-            "neuron_id": i, "dead": i in dead, "threshold": 0.5, "frequency": 0.01, "image_frequency": 0.1 * i,
-            "token_frequency": 0.02, "mean_on_activation": 1.5, "max_activation": 2.0, "score": float(n - i),
-            "score_class": "bicycle", "top_classes": [{"class": "bicycle" if i % 2 else "car", "index": i % 2,
-                                                       "pmi": 1.2, "p_class_given_on": 0.6, "lens": 0.4,
-                                                       "knockout": -0.3}],
+            "neuron_id": i, "sae_fingerprint": FINGERPRINT, "dead": i in dead, "threshold": 0.5, "frequency": 0.01,
+            "image_frequency": 0.1 * i, "token_frequency": 0.02, "mean_on_activation": 1.5, "max_activation": 2.0,
+            "score": float(n - i), "score_class": "bicycle",
+            "top_classes": [{"class": "bicycle" if i % 2 else "car", "index": i % 2, "pmi": 1.2,
+                             "p_class_given_on": 0.6, "lens": 0.4, "knockout": -0.3}],
             "anti_classes": [{"class": "sun", "index": 2, "pmi": -1.0, "lens": -0.2}],
             "where": {"row": 0.7, "col": 0.3, "spread": 0.1, "description": "lower left"},
             "auto_summary": f"Neuron {i} </script><b>not bold</b> summary.", "top_examples": [], "sprite": sprite})
     artifacts.write_jsonl(folder / "neurons.jsonl", records)
+    artifacts.write_json(folder / "summary.json", {"sae_fingerprint": FINGERPRINT, "n_images": 10})
     return records
 
 
-def _chromium(args, tmp_path):
+def _payload(html: str) -> dict:
+    return json.loads(html.split('id="atlas-data">')[1].split("</script>")[0])
+
+
+def _chromium_dom(page, tmp_path) -> str:
+    assert CHROMIUM, "chromium is needed for the atlas test: apt-get install chromium"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--dump-dom", page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
 def test_atlas_renders_cards_and_concepts_in_chromium(tmp_path):
     out = tmp_path / "neuron_report"
     records = _fake_report(out)
     artifacts.write_jsonl(out / "llm_output.jsonl", [
-        {"neuron_id": 1, "answer": "double spoked wheel", "backend": "fake", "model": "m"},
-        {"neuron_id": 3, "answer": "zigzag crown teeth", "backend": "fake", "model": "m"}])
+        {"neuron_id": 1, "answer": "double spoked wheel", "backend": "fake", "model": "m",
+         "sae_fingerprint": FINGERPRINT},
+        {"neuron_id": 3, "answer": "zigzag crown teeth", "backend": "offline", "model": "offline",
+         "sae_fingerprint": FINGERPRINT}])
     page = report.write_index_html(out)
     html = page.read_text()
     assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
-    dom = _chromium(["--dump-dom", page.as_uri()], tmp_path).stdout
+    dom = _chromium_dom(page, tmp_path)
     cards = re.findall(r'<article class="neuron[ "]', dom)
     live = [r for r in records if not r["dead"]]
     assert len(cards) == len(live)  # dead neurons are hidden by default; the JS built every card
     assert "double spoked wheel" in dom and "zigzag crown teeth" in dom
     assert "<b>not bold</b>" not in dom  # summaries are escaped, and '</script>' did not end the data early
     assert 'src="sprites/n00000.png"' in dom
+    assert "<small>fake m</small>" in dom and "<small>offline</small>" in dom  # the backend tag once, not twice
     order = [int(m) for m in re.findall(r'data-id="(\d+)"', dom)]
     assert order == sorted(order, key=lambda i: -records[i]["score"])  # default sort: score
 
@@ -63,10 +74,75 @@ def test_atlas_renders_cards_and_concepts_in_chromium(tmp_path):
 def test_index_rebuild_without_llm_output(tmp_path):
     out = tmp_path / "r"
     _fake_report(out)
-    html = report.write_index_html(out).read_text()
-    data = html.split('id="atlas-data">')[1].split("</script>")[0]
-    import json
-
-    payload = json.loads(data)
+    payload = _payload(report.write_index_html(out).read_text())
     assert len(payload["neurons"]) == 6 and not any("concept" in n for n in payload["neurons"])
     assert payload["meta"]["n_dead"] == 1 and payload["meta"]["classes"] == ["bicycle", "car"]
+
+
+def test_comment_and_script_tags_in_the_data_cannot_break_the_page(tmp_path):
+    """'<!--<script' in the JSON block switches the HTML parser to a state where '</script>' no longer ends it."""
+    out = tmp_path / "r"
+    records = _fake_report(out)
+    records[0]["top_classes"][0]["class"] = "<!--<script>"
+    records[1]["score_class"] = "<!--<script>"
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    artifacts.write_jsonl(out / "llm_output.jsonl", [
+        {"neuron_id": 2, "answer": "<!--<script>alert(1)</script>", "backend": "fake", "model": "m",
+         "sae_fingerprint": FINGERPRINT}])
+    page = report.write_index_html(out)
+    dom = _chromium_dom(page, tmp_path)
+    assert len(re.findall(r'<article class="neuron[ "]', dom)) == 5  # the script ran: every live card is there
+    assert "&lt;!--&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    html = page.read_text()
+    data = html.split('id="atlas-data">')[1].split("</script>")[0]
+    assert "<" not in data and ">" not in data                 # nothing in the payload is markup
+    assert _payload(html)["meta"]["classes"][0] == "<!--<script>"
+
+
+def test_records_are_type_checked(tmp_path):
+    out = tmp_path / "r"
+    records = _fake_report(out)
+    records.append(dict(records[2], neuron_id='7" onmouseover="alert(1)'))  # not an int: left out
+    records.append(dict(records[2], neuron_id=True))
+    records.append(dict(records[2], neuron_id=8, score="9", dead="no", where=["x"], top_classes="car",
+                        anti_classes=[3, {"class": 4}], parts="x", sprite=["sprites/n00000.png"]))
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    html = report.write_index_html(out).read_text()
+    payload = _payload(html)
+    assert [n["neuron_id"] for n in payload["neurons"]] == [0, 1, 2, 3, 4, 5, 8] and "onmouseover" not in html
+    typed = payload["neurons"][-1]                             # wrong types become empty values, never markup
+    assert typed["score"] is None and typed["dead"] is False and typed["top_classes"] == []
+    assert typed["where"] == {"description": None} and typed["anti_classes"] == [None, None]
+    assert "parts" not in typed and typed["sprite"] is None
+
+
+@pytest.mark.parametrize("sprite", ["../../etc/passwd", "http://x/y.png", "//x/y.png", "/etc/passwd",
+                                    "sprites/../../x.png", "C:/x.png", "sprites\\..\\..\\x.png",
+                                    "javascript:alert(1)", "sprites/link.png", 7])
+def test_paths_from_neurons_jsonl_stay_inside_the_report(tmp_path, sprite):
+    out = tmp_path / "r"
+    records = _fake_report(out)
+    (out / "sprites" / "link.png").symlink_to(tmp_path)  # a link that resolves outside the report
+    records[0]["sprite"] = sprite
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    html = report.write_index_html(out).read_text()
+    assert _payload(html)["neurons"][0]["sprite"] is None and "http://" not in html
+    assert report.page_path(out, sprite) is None
+    assert report.page_path(out, "sprites/n00001.png") == "sprites/n00001.png"
+
+
+def test_concepts_of_another_sae_are_set_aside(tmp_path):
+    """A retrained SAE: answers recorded for the old one must not be shown as current."""
+    out = tmp_path / "r"
+    _fake_report(out)
+    artifacts.write_jsonl(out / "llm_output.jsonl", [
+        {"neuron_id": 1, "answer": "old wheel", "backend": "fake", "model": "m", "sae_fingerprint": "ffffffffffffffff"},
+        {"neuron_id": 2, "answer": "unversioned", "backend": "fake", "model": "m"},
+        {"neuron_id": 3, "answer": "current crown", "backend": "fake", "model": "m", "sae_fingerprint": FINGERPRINT}])
+    html = report.write_index_html(out).read_text()
+    payload = _payload(html)
+    concepts = {n["neuron_id"]: n.get("concept") for n in payload["neurons"]}
+    assert concepts == {0: None, 1: None, 2: None, 3: "current crown", 4: None, 5: None}
+    assert payload["meta"]["n_stale"] == 2 and payload["meta"]["n_concepts"] == 1
+    assert "old wheel" not in html and "unversioned" not in html
+    assert (out / "llm_output.jsonl").read_text().count("\n") == 3  # set aside, not deleted

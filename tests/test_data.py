@@ -1,9 +1,16 @@
-"""Data layer: cache, split, augmentation, bad images end to end."""
+"""Data layer: cache, split, augmentation, bad images end to end, interrupted builds."""
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
+from hf_fixtures import bad_image_payloads, make_image_folder
 from selfexplain import data
+from selfexplain.errors import UserError
+from selfexplain.imaging import load_user_image
 
 
 def test_stratified_split_is_disjoint_complete_and_per_class(seed):
@@ -46,8 +53,6 @@ def test_model_input_standardises_ink():
 
 
 def test_bad_images_in_a_folder_are_skipped_counted_and_named(tmp_path):
-    from hf_fixtures import bad_image_payloads, make_image_folder
-
     make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=3, clutter=False)
     for name, payload in bad_image_payloads().items():
         (tmp_path / "src" / "a" / f"{name}.png").write_bytes(payload)
@@ -63,12 +68,45 @@ def test_bad_images_in_a_folder_are_skipped_counted_and_named(tmp_path):
 
 
 def test_user_image_errors_are_one_line(tmp_path):
-    import pytest
-
-    from selfexplain.errors import UserError
-
     with pytest.raises(UserError, match="not found"):
-        data.load_user_image(tmp_path / "missing.png", 64)
+        load_user_image(tmp_path / "missing.png", 64)
     (tmp_path / "x.png").write_text("hello")
     with pytest.raises(UserError, match="not an image"):
-        data.load_user_image(tmp_path / "x.png", 64)
+        load_user_image(tmp_path / "x.png", 64)
+
+
+def _interrupt_after_writing(real):
+    """Wrap a cache writer so it writes its files, then raises KeyboardInterrupt (Ctrl-C)."""
+    def writer(*args):
+        real(*args)
+        raise KeyboardInterrupt
+    return writer
+
+
+def test_interrupted_cache_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    spec = data.dataset_spec("synthetic", None, 64, per_class=2, seed=1)
+    monkeypatch.setattr(data, "_cache_synthetic", _interrupt_after_writing(data._cache_synthetic))
+    with pytest.raises(KeyboardInterrupt):
+        data.load_dataset(spec, tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither a half-built cache nor its temporary folder
+    monkeypatch.undo()
+    assert len(data.load_dataset(spec, tmp_path, progress=False)) > 0
+
+
+def test_failed_source_cache_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=2, clutter=False)
+    monkeypatch.setattr(data, "_cache_source", _interrupt_after_writing(data._cache_source))
+    with pytest.raises(KeyboardInterrupt):
+        data.load_dataset(data.dataset_spec("folder", str(tmp_path / "src"), 64), tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"synthetic-64px-0123456789ab.tmp{int(dead.stdout)}"
+    live = tmp_path / f"synthetic-64px-ba9876543210.tmp{os.getppid()}"  # our parent: alive
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"\0" * 1024)
+    data.load_dataset(data.dataset_spec("synthetic", None, 64, per_class=2, seed=1), tmp_path, progress=False)
+    assert not stale.exists() and live.is_dir()

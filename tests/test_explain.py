@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+import why_did_you
 from conftest import ROOT
-from selfexplain import artifacts, data, explain
+from selfexplain import artifacts, data, explain, explain_io
 from selfexplain.errors import UserError
 from selfexplain.sae import TopKSAE
 
@@ -66,7 +67,7 @@ def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):
     models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
     analysis = explain.analyse(models, np.stack(images[:6]))
     for b in range(6):
-        e = explain.explain_one(models, analysis, b, "x", {}, n_cite=3)
+        e = explain.explain_one(models, analysis, b, "x", {}, explain.ExplainSettings(n_cite=3))
         contrib = (analysis.z_mean[b] * models.lens[:, e.predicted_index]).double().numpy()
         positive = np.sort(contrib[contrib > 0])[::-1]
         assert [n.contribution for n in e.neurons] == pytest.approx(positive[:3].tolist(), abs=1e-6)
@@ -126,19 +127,17 @@ def test_bad_agg_is_a_user_error(ckpts, test_images):
         explain.top_neuron_ids_for_image(test_images[0][0], agg="median", device="cpu", **ckpts)
 
 
-def test_models_load_once_per_process(ckpts, test_images, tmp_path):
-    image = test_images[0][0]
-    explain.explain_image(image, report_dir=str(tmp_path), device="cpu", **ckpts)
-    before = explain.LOAD_COUNT["models"]
-    explain.explain_image(image, report_dir=str(tmp_path), device="cpu", **ckpts)
-    explain.top_neuron_ids_for_image(image, device="cpu", **ckpts)
-    assert explain.LOAD_COUNT["models"] == before
+def test_models_load_once_per_process(ckpts, test_images, tmp_path, monkeypatch):
+    first = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    monkeypatch.setattr(artifacts, "load_classifier", None)  # any further read from disk would fail
+    explain.explain_image(test_images[0][0], report_dir=str(tmp_path), device="cpu", **ckpts)
+    assert explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu") is first
+    monkeypatch.undo()
     # a checkpoint rewritten in place (new mtime) is picked up
     sae_path = ckpts["sae_ckpt"]
     stat = os.stat(sae_path)
     os.utime(sae_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    explain.top_neuron_ids_for_image(image, device="cpu", **ckpts)
-    assert explain.LOAD_COUNT["models"] == before + 1
+    assert explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu") is not first
 
 
 def test_mismatched_sae_is_refused(ckpts, tmp_path):
@@ -158,19 +157,22 @@ def test_concepts_fall_back_from_llm_to_stats_to_id(ckpts, test_images, tmp_path
     a, b, c = [n.neuron_id for n in plain.neurons]
     report = tmp_path / "report"
     report.mkdir()
-    artifacts.write_jsonl(report / "neurons.jsonl", [
+    fingerprint = artifacts.load_checkpoint(ckpts["sae_ckpt"], "sae")["fingerprint"]
+    artifacts.write_json(report / artifacts.SUMMARY, {"sae_fingerprint": fingerprint})
+    artifacts.write_jsonl(report / artifacts.NEURONS, [
         {"neuron_id": a, "auto_summary": "stats for a", "top_classes": []},
         {"neuron_id": b, "auto_summary": "stats for b", "top_classes": []}])
-    artifacts.write_jsonl(report / "llm_output.jsonl", [
-        {"neuron_id": a, "answer": "wheel-like circles", "backend": "offline", "model": "offline"}])
+    artifacts.write_jsonl(report / artifacts.LLM_OUTPUT, [
+        {"neuron_id": a, "answer": "wheel-like circles", "backend": "offline", "model": "offline",
+         "sae_fingerprint": fingerprint},
+        {"neuron_id": b, "answer": "from another SAE", "backend": "offline", "model": "offline",
+         "sae_fingerprint": "0" * 16}])
     e = explain.explain_image(image, report_dir=str(report), device="cpu", n_cite=3, **ckpts)
     assert [n.concept for n in e.neurons] == ["wheel-like circles", "stats for b", f"neuron {c}"]
     assert "wheel-like circles (" in e.sentence and "no concepts" not in capsys.readouterr().err
 
 
 def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
-    import why_did_you
-
     out = why_did_you.main(image="test:1", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu",
                            llm=True, backend="offline", json=True, **ckpts)
     assert len(out) == 1 and (tmp_path / "test_images" / "test_1.png").is_file()
@@ -178,6 +180,37 @@ def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
     assert out[0]["true_class"] in explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu").class_names
     with pytest.raises(UserError, match="test split has"):
         why_did_you.main(image="test:100000", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
+
+
+def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts, test_images, tmp_path):
+    names = ["a/cat.png", "b/cat.png", "cat.jpg"]
+    for k, rel in enumerate(names):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test_images[0][k]).save(tmp_path / "in" / rel)
+    out = why_did_you.main(image=[str(tmp_path / "in" / rel) for rel in names], overlay=str(tmp_path / "why.png"),
+                           report_dir=str(tmp_path), device="cpu", json=True, **ckpts)
+    overlays = [rec["overlay"] for rec in out]
+    assert [os.path.basename(o) for o in overlays] == ["why_a_cat_png.png", "why_b_cat_png.png", "why_cat_jpg.png"]
+    assert all(os.path.isfile(o) for o in overlays)
+    # distinct stems keep the short names; a name repeated outright is numbered
+    assert [p.name for p in explain_io.overlay_paths("ov", ["x/s_0.png", "y/s_1.png"])] == ["ov_s_0.png", "ov_s_1.png"]
+    assert [p.name for p in explain_io.overlay_paths("ov.png", ["s.png", "s.png"])] == ["ov_s_png.png", "ov_s_png_2.png"]
+
+
+def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp_path):
+    comma, plain = tmp_path / "a, b.png", tmp_path / "c.png"
+    for path in (comma, plain):
+        Image.fromarray(test_images[0][0]).save(path)
+    both = [str(comma), str(plain)]
+    assert explain_io.image_list(repr(both)) == both  # --image="['a, b.png', 'c.png']"
+    assert explain_io.image_list(json.dumps(both)) == both
+    assert explain_io.image_list(f"[{comma},{plain}]") == both  # bare list: an existing name stays whole
+    assert explain_io.image_list(str(comma)) == [str(comma)]
+    out = why_did_you.main(image=repr(both), report_dir=str(tmp_path), device="cpu", json=True, **ckpts)
+    assert [rec["image"] for rec in out] == both
+    assert why_did_you.main(image=str(comma), report_dir=str(tmp_path), device="cpu", **ckpts)[0]["image"] == str(comma)
+    with pytest.raises(UserError, match="file names as strings"):
+        explain_io.image_list("[1, 2]")
 
 
 # ----------------------------------------------------------------------------- CLI (subprocess)

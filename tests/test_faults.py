@@ -1,4 +1,5 @@
 """Fault handling: bad checkpoints, malicious pickles, missing stages, kills mid-run."""
+import json
 import os
 import signal
 import subprocess
@@ -102,3 +103,102 @@ def test_sigkill_during_sae_training_then_resume(tiny_classifier, tmp_path, cach
     final = artifacts.load_checkpoint(last, "sae")
     assert final["epoch"] == 40
     artifacts.load_sae(tmp_path / "best_sae.pt", artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier"))
+
+
+# ----------------------------------------------------------------------------- stale or edited checkpoints
+def test_classifier_with_edited_weights_is_refused(tiny_sae, tiny_classifier, tmp_path):
+    """layer4.1.conv2.weight overwritten, fingerprint field kept: not the classifier the SAE was trained on."""
+    ckpt = artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier")
+    ckpt["model"]["layer4.1.conv2.weight"] = torch.randn_like(ckpt["model"]["layer4.1.conv2.weight"])
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="do not match its recorded fingerprint"):
+        artifacts.load_classifier(tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="do not match its recorded fingerprint"):
+        artifacts.load_sae(tiny_sae / "best_sae.pt", ckpt)
+    out = run_script("train_sae.py", f"--classifier_ckpt={tmp_path / 'edited.pt'}", f"--out_dir={tmp_path / 'sae'}")
+    assert out.returncode == 2 and "recorded fingerprint" in out.stderr and out.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- files on disk
+def _jsonl_with_damage(path):
+    lines = [b'{"neuron_id": 0}\n', b'{"neuron_id": 1, "answer": "torn', b'{"neuron_id": 2}\n',
+             b'\xff\xfe not utf-8\n', b'[1, 2, 3]\n', b'{"neuron_id": 3}\n', b'{"neuron_id": 4}\n']
+    lines[1] += b"\n"  # a damaged line in the middle, not only at the end
+    path.write_bytes(b"".join(lines) + b'{"neuron_id": 5, "ans')  # and a torn tail
+    return [0, 2, 3, 4]
+
+
+def test_read_jsonl_skips_damaged_lines_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "neurons.jsonl"
+    expected = _jsonl_with_damage(path)
+    assert [r["neuron_id"] for r in artifacts.read_jsonl(path)] == expected
+    assert [r["neuron_id"] for r in artifacts.read_jsonl(path, repair=True)] == expected
+    assert [json.loads(line)["neuron_id"] for line in path.read_text().splitlines()] == expected  # good lines kept
+    artifacts.append_jsonl(path, {"neuron_id": 9})
+    assert [r["neuron_id"] for r in artifacts.read_jsonl(path)] == expected + [9]
+
+
+def test_five_lines_with_the_second_damaged_keep_four(tmp_path):
+    path = tmp_path / "llm_output.jsonl"
+    path.write_text("".join(json.dumps({"neuron_id": i}) + "\n" if i != 1 else "{oops\n" for i in range(5)))
+    assert len(artifacts.read_jsonl(path, repair=True)) == 4
+    assert len(path.read_text().splitlines()) == 4
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        artifacts.write_json(tmp_path / "summary.json", {"a": 1})
+        artifacts.save_checkpoint({"kind": "x"}, tmp_path / "best.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "best.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_write_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'last.pt'}: No space left on device"):
+        artifacts.save_checkpoint({"kind": "x"}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="cannot write .*neurons.jsonl"):
+        artifacts.append_jsonl(tmp_path / "neurons.jsonl", {"neuron_id": 0})
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_sigterm_during_a_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    from selfexplain.distributed import exit_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    real_save = torch.save
+
+    def save_then_terminated(obj, fh):
+        real_save(obj, fh)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the temp file is still open
+        time.sleep(1)
+
+    monkeypatch.setattr(torch, "save", save_then_terminated)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            artifacts.save_checkpoint({"kind": "x", "w": torch.zeros(1000)}, tmp_path / "last.pt")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 143 and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_a_training_script_cleanly(tiny_classifier, tmp_path, cache_dir):
+    args = [f"--classifier_ckpt={tiny_classifier / 'best.pt'}", f"--out_dir={tmp_path}", "--latent_dim=64",
+            "--top_k=4", "--epochs=400", "--tensorboard=False", f"--cache_dir={cache_dir}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sae.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (tmp_path / "last_sae.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")

@@ -1,4 +1,4 @@
-"""Stage 4 (sae_summary_to_llm.py) and selfexplain.llm against a real local HTTP server.
+"""Stage 4 (sae_summary_to_llm.py), selfexplain.concepts, .prompts and .llm_backends against a real local server.
 
 The server (tests/fake_llm_server.py) speaks the OpenAI chat-completions API and
 Replicate's predictions API as the official clients use them; each test scripts its
@@ -13,24 +13,27 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT
 
-import sae_summary_to_llm as stage  # conftest puts the repo root on sys.path
-from fake_llm_server import FakeLLMServer, Reply  # noqa: E402
-from selfexplain import llm  # noqa: E402
-from selfexplain.artifacts import read_jsonl  # noqa: E402
-from selfexplain.errors import UserError  # noqa: E402
+import sae_summary_to_llm as stage
+from fake_llm_server import FakeLLMServer, Reply
+from selfexplain import artifacts, concepts, llm_backends, prompts
+from selfexplain.artifacts import read_jsonl
+from selfexplain.errors import UserError
 
 OPENAI_KEY = "sk-test-DO-NOT-LEAK-0123456789abcdef"
 REPLICATE_TOKEN = "r8_DoNotLeakThisToken0123456789abcd"
 CLASSES = ["wheel", "bicycle", "house", "sun", "fish", "clock"]
 DEAD = 2  # neuron 2 is dead in the fixture
 LIVE = [0, 1, 3, 4, 5]
+SAE_FP = "5ae0f1a9e2b3c4d5"  # the fingerprint stage 3 recorded in the fixture's summary.json
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +44,7 @@ def clean_env(monkeypatch, tmp_path):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(llm, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(llm_backends, "POLL_INTERVAL", 0.05)
     saved = dict(os.environ)
     yield
     os.environ.clear()  # a .env file read by a test must not leak into the next one
@@ -70,15 +73,25 @@ def report(tmp_path) -> Path:
                      "lens": 0.3, "knockout": -0.1}],
                 "anti_classes": [{"class": CLASSES[(i + 3) % 6], "index": (i + 3) % 6, "pmi": -1.5, "lens": -0.4}],
                 "where": {"row": 0.8, "col": 0.2, "description": "lower left"},
-                "auto_summary": f"fires on {CLASSES[i]}", "top_examples": examples, "sprite": f"sprites/n{i:04d}.png"}
+                "auto_summary": f"fires on {CLASSES[i]}", "top_examples": examples, "sprite": f"sprites/n{i:04d}.png",
+                "sae_fingerprint": SAE_FP}
             fh.write(json.dumps(neuron) + "\n")
+    artifacts.write_json(out / "summary.json", {"sae_fingerprint": SAE_FP})
     return out
 
 
-def answers(report: Path) -> dict[int, dict]:
-    records = read_jsonl(report / "llm_output.jsonl")
-    assert len(records) == len({r["neuron_id"] for r in records}), "one line per neuron"
-    return {r["neuron_id"]: r for r in records}
+def answers(report: Path, fingerprint: str | None = SAE_FP) -> dict[int, dict]:
+    """The current answer per neuron (the latest line for the report's SAE), as plain dicts."""
+    current, _ = concepts.current_answers(report, fingerprint)
+    return {i: asdict(r) for i, r in current.items()}
+
+
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """Every time.sleep the clients ask for, recorded and skipped (so Retry-After waits cost nothing)."""
+    asked = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: asked.append(seconds))
+    return asked
 
 
 def run_openai(report, srv, monkeypatch, **overrides) -> int:
@@ -109,21 +122,30 @@ TOKENS = {"openai": OPENAI_KEY, "replicate": REPLICATE_TOKEN}
         "one two three four five six seven eight nine ten eleven twelve".split())),
 ])
 def test_parse_concept_cleans_answers(raw, concept):
-    assert llm.parse_concept(raw, max_words=12) == concept
+    assert prompts.parse_concept(raw, max_words=12) == concept
 
 
 @pytest.mark.parametrize("raw", ["", "  \n ", "!!! ??? ...", "12345 678", "I'm sorry, I can't help with that."])
 def test_parse_concept_rejects_garbage(raw):
-    with pytest.raises(llm.MalformedAnswer):
-        llm.parse_concept(raw)
+    with pytest.raises(prompts.MalformedAnswer):
+        prompts.parse_concept(raw)
 
 
 def test_prompt_names_classes_and_examples(report):
     neuron = read_jsonl(report / "neurons.jsonl")[0]
-    text = llm.neuron_prompt(neuron, max_words=12, attached=neuron["top_examples"][:2])
+    text = prompts.neuron_prompt(neuron, max_words=12, attached=neuron["top_examples"][:2])
     assert "Neuron #0" in text and "- wheel: PMI +2.00; 40%; lens +0.80" in text and "lower left" in text
     assert "1. wheel (3.00); 2. bicycle (2.00)." in text  # the attached images, in order
-    assert "12 words" in llm.system_prompt(12)
+    assert "12 words" in prompts.system_prompt(12)
+
+
+def test_every_prompt_is_a_file_that_the_code_reads():
+    files = {p.stem for p in prompts.PROMPT_DIR.glob("*.txt")}
+    assert files == {"concept_system", "concept_user", "why_system", "why_user"}
+    assert prompts.why_system_prompt() == prompts.load_prompt("why_system").strip()
+    assert "'cat' with probability 80%" in prompts.why_prompt("cat", 0.8, [])
+    with pytest.raises(UserError, match="not found"):
+        prompts.load_prompt("nope")
 
 
 # ----------------------------------------------------------------------------- offline and auto
@@ -137,30 +159,49 @@ def test_offline_answers_every_live_neuron_and_reruns_ask_nothing(report, capsys
     before = (report / "llm_output.jsonl").read_bytes()
     assert stage.main(report_dir=str(report), backend="offline") == 0
     assert (report / "llm_output.jsonl").read_bytes() == before
-    assert llm.load_concepts(report)[0].startswith("offline: ")
+    assert concepts.load_concepts(report)[0].startswith("offline: ")
 
 
 def test_auto_chooses_offline_without_settings(capsys):
-    backend = llm.make_backend("auto")
+    backend = llm_backends.make_backend("auto")
     assert backend.name == "offline"
-    assert "offline backend" in capsys.readouterr().err
+    assert "BACKEND=auto chose offline: no REPLICATE_API_TOKEN" in capsys.readouterr().err
     assert backend.ask("system", "Neuron #1", fallback="offline: wheel") == "offline: wheel"
 
 
-def test_auto_reads_env_and_dotenv(tmp_path, monkeypatch):
+def test_auto_uses_real_environment_variables(monkeypatch, capsys):
     with FakeLLMServer() as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.openai_url)
-        backend = llm.make_backend("auto")
+        backend = llm_backends.make_backend("auto")
         assert (backend.name, backend.model) == ("openai", "fake-vision-1")  # listed by the server
-        (tmp_path / ".env").write_text(f"REPLICATE_API_TOKEN={REPLICATE_TOKEN}\n")
-        assert llm.make_backend("auto").name == "replicate"  # replicate wins when its token is set
+        monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
+        assert llm_backends.make_backend("auto").name == "replicate"  # replicate wins when its token is set
+    assert "chose replicate: REPLICATE_API_TOKEN is set in the environment" in capsys.readouterr().err
+
+
+def test_a_token_only_in_dotenv_never_starts_paid_calls_under_auto(tmp_path, capsys):
+    (tmp_path / ".env").write_text(f"REPLICATE_API_TOKEN={REPLICATE_TOKEN}\nOPENAI_API_KEY={OPENAI_KEY}\n")
+    assert llm_backends.make_backend("auto").name == "offline"
+    err = capsys.readouterr().err
+    assert "./.env sets REPLICATE_API_TOKEN, OPENAI_API_KEY" in err and "BACKEND=replicate" in err
+    assert "REPLICATE_API_TOKEN" not in os.environ  # the file is not loaded into the environment
+    backend = llm_backends.make_backend("replicate", base_url="http://127.0.0.1:9")  # named: the file is used
+    assert backend.name == "replicate" and REPLICATE_TOKEN in backend._secrets
+
+
+def test_dotenv_is_read_from_the_current_folder_only(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text(f"REPLICATE_API_TOKEN={REPLICATE_TOKEN}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the .env is in the parent folder
+    with pytest.raises(UserError, match="needs REPLICATE_API_TOKEN"):
+        llm_backends.make_backend("replicate")
 
 
 def test_server_with_several_models_asks_which(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     with FakeLLMServer(model_id=["llava:7b", "qwen2.5vl:7b"]) as srv:
         with pytest.raises(UserError, match="llava:7b, qwen2.5vl:7b"):
-            llm.make_backend("openai", base_url=srv.openai_url)
+            llm_backends.make_backend("openai", base_url=srv.openai_url)
 
 
 def test_missing_neurons_file_says_what_to_run(tmp_path):
@@ -189,7 +230,7 @@ def test_openai_success_sends_stats_and_images(report, monkeypatch):
     chats = [e for e in asked if e["path"] == "/v1/chat/completions"]
     assert sorted(e["neuron_id"] for e in chats) == LIVE
     assert all(e["images"] == 2 for e in chats)  # two real PNGs as data: URLs per neuron
-    assert chats[0]["system"] == llm.system_prompt(12)
+    assert chats[0]["system"] == prompts.system_prompt(12)
     text3 = next(e["text"] for e in chats if e["neuron_id"] == 3)
     assert "- sun: PMI +2.00; 40%; lens +0.80" in text3 and "fish" in text3  # class names decoded
 
@@ -203,14 +244,14 @@ def test_replicate_success_uses_models_endpoint_and_one_tiled_image(report, monk
     assert got[4]["model"] == "anthropic/claude-4-sonnet"
     assert {e["path"] for e in creates} == {"/v1/models/anthropic/claude-4-sonnet/predictions"}
     assert all(e["prefer"] == "wait=60" and e["images"] == 1 for e in creates)
-    assert creates[0]["input"]["system_prompt"] == llm.system_prompt(12)
+    assert creates[0]["input"]["system_prompt"] == prompts.system_prompt(12)
 
 
 def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
     monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
     slow = Reply(kind="slow", delay=1.3, text="spiky sun rays")
     with FakeLLMServer(script=lambda *_: slow, max_wait=0.5) as srv:  # the server ends the wait early
-        backend = llm.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=5.0)
+        backend = llm_backends.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=5.0)
         assert backend.ask("be brief", "Neuron #7 what is it?") == "spiky sun rays"  # Prefer: wait ends, then polls
         create = srv.requests("replicate")[0]
     assert (create["path"], create["version"]) == ("/v1/predictions", "abc123")
@@ -219,10 +260,7 @@ def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
 
 
 @pytest.mark.parametrize("api", ["openai", "replicate"])
-def test_429_honours_retry_after_then_succeeds(api, report, monkeypatch):
-    waits = []
-    monkeypatch.setattr(llm, "_sleep", waits.append)
-
+def test_429_is_retried_by_the_client_honouring_retry_after(api, report, monkeypatch, waits):
     def script(_, nid, attempt):
         if nid == 3 and attempt == 1:
             return Reply(kind="status", status=429, headers={"Retry-After": "7"}, detail="slow down")
@@ -230,19 +268,44 @@ def test_429_honours_retry_after_then_succeeds(api, report, monkeypatch):
 
     with FakeLLMServer(script=script) as srv:
         assert RUNNERS[api](report, srv, monkeypatch) == 0
+        assert srv.attempts[(api, 3)] == 2
     got = answers(report)
-    assert sorted(got) == LIVE and got[3]["attempts"] == 2 and got[3]["answer"] == "shape 3"
-    assert 7.0 in waits  # the server's Retry-After, not our own backoff
+    assert sorted(got) == LIVE and got[3]["answer"] == "shape 3"
+    assert 7.0 in waits  # the server's Retry-After, not a backoff of our own
+
+
+@pytest.mark.parametrize("form", ["milliseconds", "http-date"])
+def test_openai_client_reads_retry_after_ms_and_http_dates(form, report, monkeypatch, waits):
+    headers, wait = (({"retry-after-ms": "1500"}, 1.5) if form == "milliseconds" else
+                     ({"Retry-After": formatdate(time.time() + 30, usegmt=True)}, 30.0))
+
+    def script(_, nid, attempt):
+        return Reply(kind="status", status=429, headers=headers) if attempt == 1 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[1]) == 0
+    assert any(abs(w - wait) < 2.0 for w in waits), waits
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_request_timeout_and_conflict_are_retried(status, report, monkeypatch, waits):
+    def script(_, nid, attempt):
+        return Reply(kind="status", status=status) if attempt == 1 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[1]) == 0
+        assert srv.attempts[("openai", 1)] == 2
+    assert answers(report)[1]["answer"] == "shape 1"
 
 
 @pytest.mark.parametrize("api", ["openai", "replicate"])
-def test_5xx_until_give_up_lists_the_neuron_and_exits_1(api, report, monkeypatch, capsys):
+def test_5xx_until_give_up_lists_the_neuron_and_exits_1(api, report, monkeypatch, capsys, waits):
     def script(_, nid, attempt):
         return Reply(kind="status", status=503, detail="overloaded") if nid == 3 else Reply(text=f"shape {nid}")
 
     with FakeLLMServer(script=script) as srv:
         assert RUNNERS[api](report, srv, monkeypatch, retries=2) == 1
-        assert srv.attempts[(api, 3)] == 3  # one try plus two retries, no more (client retries are off)
+        assert srv.attempts[(api, 3)] == 3  # one try plus the client's two retries, and no retries of ours on top
     assert sorted(answers(report)) == [0, 1, 4, 5]  # nothing written for neuron 3
     summary = json.loads((report / "llm_summary.json").read_text())
     assert [f["neuron_id"] for f in summary["failed"]] == [3] and "503" in summary["failed"][0]["error"]
@@ -327,9 +390,9 @@ def test_offline_answers_are_replaced_by_a_real_backend(report, monkeypatch):
     assert stage.main(report_dir=str(report), backend="offline") == 0
     with FakeLLMServer() as srv:
         assert run_openai(report, srv, monkeypatch) == 0
-    got = answers(report)  # one line per neuron, all from the LLM now
+    got = answers(report)  # the latest answer per neuron, all from the LLM now
     assert sorted(got) == LIVE and {r["backend"] for r in got.values()} == {"openai"}
-    assert llm.load_concepts(report)[0] == "shape number 0"
+    assert concepts.load_concepts(report)[0] == "shape number 0"
 
 
 def test_killed_run_resumes_without_asking_twice_or_losing_a_neuron(report, monkeypatch, tmp_path):
@@ -370,16 +433,168 @@ def test_killed_run_resumes_without_asking_twice_or_losing_a_neuron(report, monk
 def test_backend_ask_api_for_stage_5(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     with FakeLLMServer(script=lambda *_: Reply(text="It is a bicycle because of the two wheels.")) as srv:
-        backend = llm.make_backend("openai", "gpt-test", srv.openai_url, timeout=5.0, retries=0)
+        backend = llm_backends.make_backend("openai", "gpt-test", srv.openai_url, timeout=5.0, retries=0)
         assert (backend.name, backend.model) == ("openai", "gpt-test")
-        sentence = backend.ask(llm.load_prompt("explain_system_prompt"), "predicted bicycle: wheel 60%")
+        text = prompts.why_prompt("bicycle", 0.9, [("wheel", 0.6)])
+        sentence = backend.ask(prompts.why_system_prompt(), text)
+        sent = srv.requests("openai")[-1]
     assert sentence == "It is a bicycle because of the two wheels."
-    assert llm.load_concepts(Path("nowhere")) == {}
+    assert sent["system"] == prompts.why_system_prompt() and "'bicycle' with probability 90%" in sent["text"]
+    assert "wheel (60% of the evidence)" in sent["text"]
+    assert concepts.load_concepts(Path("nowhere")) == {}
 
 
 def test_offline_label_names_a_well_detected_ground_truth_part():
     neuron = {"neuron_id": 3, "top_classes": [{"class": "a-b-c"}], "where": {"description": "upper right"},
               "parts": {"best_part": "spiral", "auroc": 0.93, "in_box_share": 0.8}}
-    assert llm.offline_label(neuron) == "offline: spiral (part AUROC 0.93), upper right"
+    assert prompts.offline_label(neuron) == "offline: spiral (part AUROC 0.93), upper right"
     neuron["parts"]["auroc"] = 0.6  # a weak detector is not named after the part
-    assert llm.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
+    assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
+
+
+# ----------------------------------------------------------------------------- injected text
+@pytest.mark.parametrize("raw, concept", [
+    ("\x1b]0;pwned\x07round wheel", "round wheel"),  # a window-title escape
+    ("\x1b[31mred\x1b[0m spokes", "red spokes"),  # colours
+    ("wheel\u202e rim\x00\x08", "wheel rim"),  # a bidi override, NUL, backspace
+])
+def test_control_characters_never_pass_parse_concept(raw, concept):
+    assert prompts.parse_concept(raw) == concept
+
+
+def test_control_characters_in_class_names_and_answers_are_not_stored(report, monkeypatch):
+    records = read_jsonl(report / "neurons.jsonl")
+    records[0]["top_classes"][0]["class"] = "wheel\x1b]0;owned\x07"
+    artifacts.write_jsonl(report / "neurons.jsonl", records)
+    assert stage.main(report_dir=str(report), backend="offline", only=[0]) == 0
+    with FakeLLMServer(script=lambda _, nid, attempt: Reply(text="\x1b]0;pwned\x07spoked \x1b[2Jwheel")) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[1]) == 0
+        sent = next(e["text"] for e in srv.requests("openai") if e.get("neuron_id") == 1)
+    raw = (report / "llm_output.jsonl").read_bytes()
+    assert b"\x1b" not in raw and b"\\u001b" not in raw and b"\x07" not in raw and b"\\u0007" not in raw
+    assert answers(report)[0]["answer"].startswith("offline: strokes typical of wheel/")
+    assert answers(report)[1]["answer"] == "spoked wheel"
+    assert "\x1b" not in sent  # class names are cleaned before they reach the prompt too
+
+
+# ----------------------------------------------------------------------------- reasoning models
+def test_reasoning_models_get_max_completion_tokens_and_no_temperature(report, monkeypatch):
+    with FakeLLMServer(reasoning_models=("o3-mini", "gpt-5-mini")) as srv:
+        assert run_openai(report, srv, monkeypatch, model="o3-mini", only=[0, 1]) == 0
+        chats = [e for e in srv.requests("openai") if e["path"] == "/v1/chat/completions"]
+    assert {e["status"] for e in chats} == {200}  # no 400 first
+    assert all("max_completion_tokens" in e["params"] and not {"max_tokens", "temperature"} & set(e["params"])
+               for e in chats)
+
+
+def test_unsupported_parameter_falls_back_once_per_parameter(report, monkeypatch, capsys):
+    # a reasoning model under a name the backend does not recognise: the server's 400s teach it
+    with FakeLLMServer(reasoning_models=("house-reasoner",)) as srv:
+        assert run_openai(report, srv, monkeypatch, model="house-reasoner", workers=1) == 0
+        chats = [e for e in srv.requests("openai") if e["path"] == "/v1/chat/completions"]
+    assert sorted(answers(report)) == LIVE
+    assert [e["status"] for e in chats[:3]] == [400, 400, 200]  # max_tokens, then temperature, then answered
+    assert all(e["status"] == 200 for e in chats[3:])  # later neurons never repeat the refused parameters
+    assert "max_completion_tokens" in chats[-1]["params"] and "temperature" not in chats[-1]["params"]
+    assert "refuses 'max_tokens'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- stale answers
+def test_answers_for_another_sae_are_set_aside_and_asked_again(report, capsys):
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    assert {r["sae_fingerprint"] for r in read_jsonl(report / "llm_output.jsonl")} == {SAE_FP}
+    assert all(r["prompt_version"] == prompts.prompt_version() and r["model"] == "offline"
+               for r in read_jsonl(report / "llm_output.jsonl"))
+    artifacts.write_json(report / "summary.json", {"sae_fingerprint": "0123456789abcdef"})  # stage 2 and 3 rerun
+    capsys.readouterr()
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    assert "5 neurons to ask, 0 already answered" in capsys.readouterr().out
+    assert len(read_jsonl(report / "llm_output.jsonl")) == 2 * len(LIVE)  # the old lines are kept, not deleted
+    assert sorted(answers(report, "0123456789abcdef")) == LIVE
+    concepts.load_concepts(report, "fedcba9876543210")  # an SAE nothing was made for
+    assert "set aside 10 answers and 6 summaries made for another SAE" in capsys.readouterr().err
+    assert concepts.load_concepts(report, "fedcba9876543210") == {}
+
+
+def test_a_changed_prompt_or_model_is_asked_again(report, monkeypatch):
+    with FakeLLMServer() as srv:
+        assert run_openai(report, srv, monkeypatch, model="m1", only=[0]) == 0
+        assert run_openai(report, srv, monkeypatch, model="m1", only=[0]) == 0  # nothing changed: not asked
+        assert srv.attempts[("openai", 0)] == 1
+        assert run_openai(report, srv, monkeypatch, model="m2", only=[0]) == 0
+        assert srv.attempts[("openai", 0)] == 2
+        monkeypatch.setattr(prompts, "prompt_version", lambda: "edited0")
+        assert run_openai(report, srv, monkeypatch, model="m2", only=[0]) == 0
+        assert srv.attempts[("openai", 0)] == 3
+    assert answers(report)[0]["prompt_version"] == "edited0" and answers(report)[0]["model"] == "m2"
+
+
+def test_load_concepts_prefers_answers_then_summaries_of_the_same_sae(report):
+    artifacts.append_jsonl(report / "llm_output.jsonl", {"neuron_id": 1, "answer": "spoked wheel", "backend": "openai",
+                                                         "model": "m", "sae_fingerprint": SAE_FP})
+    artifacts.append_jsonl(report / "llm_output.jsonl", {"neuron_id": 3, "answer": "old", "backend": "openai",
+                                                         "model": "m", "sae_fingerprint": "ffffffffffffffff"})
+    got = concepts.load_concepts(report, SAE_FP)
+    assert got[1] == "spoked wheel" and got[3] == "fires on sun" and got[0] == "fires on wheel"
+
+
+# ----------------------------------------------------------------------------- nothing lost
+def test_runs_only_append_and_a_second_concurrent_run_is_refused(report):
+    out = report / "llm_output.jsonl"
+    foreign = b'{"neuron_id": 9, "answer": "written by another run", "backend": "openai", "model": "m"}\n'
+    out.write_bytes(foreign)
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    assert out.read_bytes().startswith(foreign)  # never rewritten, only appended to
+    with concepts.AnswerLog(out):  # another run holds the file
+        with pytest.raises(UserError, match="another sae_summary_to_llm.py run is writing"):
+            stage.main(report_dir=str(report), backend="offline", only=[DEAD])
+    assert stage.main(report_dir=str(report), backend="offline", only=[DEAD]) == 0  # released on exit
+    assert out.read_bytes().startswith(foreign)
+
+
+def test_ctrl_c_keeps_the_answers_of_requests_in_flight(report):
+    """SIGINT while 2 slow requests are in flight: both answers reach the file, nothing else is asked."""
+    out = report / "llm_output.jsonl"
+    script = lambda _, nid, attempt: Reply(delay=2.0, text=f"shape {nid}")  # noqa: E731  (answers after 2 s)
+    with FakeLLMServer(token=OPENAI_KEY, script=script) as srv:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "sae_summary_to_llm.py"), f"--report_dir={report}", "--backend=openai",
+             f"--base_url={srv.openai_url}", "--model=m", "--workers=2"],
+            env={**os.environ, "OPENAI_API_KEY": OPENAI_KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while sum(srv.attempts.values()) < 2:  # both workers have sent their request
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0].decode()
+        paid = srv.answered()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and sum(paid.values()) == 2
+    assert {r["neuron_id"] for r in read_jsonl(out)} == set(paid)  # every answer paid for is on disk
+
+
+# ----------------------------------------------------------------------------- local files
+def test_thumbnail_paths_outside_the_report_are_never_read_or_sent(report, tmp_path, monkeypatch, capsys):
+    secret = tmp_path / "secret.png"
+    Image.new("L", (16, 16), color=255).save(secret)
+    records = read_jsonl(report / "neurons.jsonl")
+    (report / "thumbs" / "link.png").symlink_to(secret)
+    examples = records[0]["top_examples"]
+    examples[0]["thumb"], examples[1]["thumb"] = str(secret), "../secret.png"
+    examples.append(dict(examples[2], thumb="thumbs/link.png"))  # a link inside that points outside
+    artifacts.write_jsonl(report / "neurons.jsonl", records)
+    with FakeLLMServer() as srv:
+        assert run_openai(report, srv, monkeypatch, only=[0]) == 0
+        sent = srv.requests("openai")[-1]
+    assert sent["images"] == 1  # only thumbs/n0000_2.png, which is inside the report
+    assert "is not inside" in capsys.readouterr().err
+    assert concepts.contained(report, "thumbs/n0000_2.png") == (report / "thumbs/n0000_2.png").resolve()
+    assert concepts.contained(report, "/etc/passwd") is None and concepts.contained(report, "thumbs/../..") is None
+
+
+def test_prompt_carries_the_real_image_frequency_and_the_threshold_rule():
+    neuron = {"neuron_id": 3, "image_frequency": 0.42, "frequency": 0.0099, "quantile": 0.99, "threshold": 1.234,
+              "mean_on_activation": 2.0}
+    text = prompts.neuron_prompt(neuron)
+    assert "fires at all on 42.0% of training sketches" in text
+    assert "99th percentile" in text and "at most 1% of sketches by definition" in text

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfexplain import artifacts
+import numpy as np
+
+from conftest import ROOT
+from selfexplain import artifacts, data
 from selfexplain import sae_train as st
 from selfexplain.errors import UserError
-from selfexplain.sae import TopKSAE
-
-from conftest import ROOT  # noqa: E402
+from selfexplain.features import iter_feature_maps
+from selfexplain.sae import TopKEncode, TopKSAE, fvu_loss, tokens_of, tokens_to_map
 
 
 def _sae(d_in=16, m=32, k=4):
@@ -39,25 +41,54 @@ def test_topk_code_is_exact(seed):
     assert torch.allclose(recon, sae.decode(z), atol=1e-5)
 
 
-def test_training_path_matches_module_and_autograd(seed):
-    """The sparse-backward encoder gives the module's codes and autograd's gradients."""
-    sae = _sae()
+def test_tokens_and_maps_round_trip():
+    fmap = torch.randn(3, 5, 2, 4)
+    tokens = tokens_of(fmap)
+    assert tokens.shape == (3 * 2 * 4, 5)
+    assert torch.equal(tokens[1 * 8 + 1 * 4 + 2], fmap[1, :, 1, 2])  # row-major over (h, w)
+    assert torch.equal(tokens_to_map(tokens, 3, 2, 4), fmap)
+
+
+def _dense_reference_grads(sae, x, dead, k_aux, aux_coef):
+    """The training loss through plain dense autograd: the reference for TopKEncode's sparse backward."""
+    sae.zero_grad()
+    pre = sae.pre_acts(x)
+    top, idx = pre.topk(sae.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, torch.relu(top))
+    recon = sae.decode(z)
+    aux_top, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, aux_idx, torch.relu(aux_top))
+    residual = (x - recon).detach()
+    loss = fvu_loss(x, recon) + aux_coef * fvu_loss(residual, z_aux @ sae.D.t())
+    loss.backward()
+    return [p.grad.clone() for p in (sae.W_e, sae.b_e, sae.D, sae.b_d)]
+
+
+def test_sparse_backward_matches_dense_autograd_with_auxk_and_duplicates(seed):
+    """TopKEncode's CSR backward equals dense autograd, AuxK on, latents listed twice per token."""
+    sae = _sae(d_in=16, m=32, k=4)
     x = torch.randn(40, 16)
-    values, idx, _, _ = st.TopKEncode.apply(x, sae.W_e, sae.b_e, 4, 0, torch.zeros(32, dtype=torch.bool), x.device, "off")
+    with torch.no_grad():
+        sae.b_e[:6] += 3.0  # latents 0-5 sit in most tokens' top K ...
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:10] = True        # ... and are "dead" too: AuxK picks them again, duplicates in one row
+    values, idx, aux_v, aux_idx = TopKEncode.apply(x, sae.W_e, sae.b_e, 4, 6, dead, None)
     ref_v, ref_i = sae.encode_topk(x)
     assert torch.equal(idx, ref_i) and torch.allclose(values, ref_v)
-    st.fvu_loss(x, st.decode(values, idx, sae.D, sae.b_d)).backward()
-    fast = [p.grad.clone() for p in (sae.W_e, sae.b_e, sae.D)]
-    sae.zero_grad()
-    recon, _, _ = sae(x)
-    st.fvu_loss(x, recon).backward()
-    for g, p in zip(fast, (sae.W_e, sae.b_e, sae.D)):
-        assert torch.allclose(g, p.grad, atol=1e-6)
+    shared = [(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, aux_idx)]
+    assert sum(map(len, shared)) > 20, "the test needs latents in both the top K and the AuxK pick"
+    recon = sae.decode_sparse(values, idx)
+    residual = (x - recon).detach()
+    (fvu_loss(x, recon) + 0.5 * fvu_loss(residual, sae.decode_sparse(aux_v, aux_idx, bias=False))).backward()
+    fast = [p.grad.clone() for p in (sae.W_e, sae.b_e, sae.D, sae.b_d)]
+    reference = _dense_reference_grads(sae, x, dead, 6, 0.5)
+    for name, g, ref in zip(("W_e", "b_e", "D", "b_d"), fast, reference):
+        assert ref.abs().sum() > 0 and torch.allclose(g, ref, atol=1e-6), name
 
 
 def test_decoder_columns_stay_unit_norm(seed):
     sae = _sae()
-    opt = st.make_optimizer(sae, 1e-2)
+    opt = st.make_sae_optimizer(sae, 1e-2)
     x = torch.randn(64, 16)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[:8] = True
@@ -69,7 +100,7 @@ def test_decoder_columns_stay_unit_norm(seed):
 
 def test_resampling_revives_dead_latents(seed):
     sae = _sae(d_in=16, m=32, k=4)
-    opt = st.make_optimizer(sae, 1e-3)
+    opt = st.make_sae_optimizer(sae, 1e-3)
     x = torch.randn(256, 16)
     st.train_step(sae, opt, x)  # creates Adam state to be reset
     dead = torch.arange(6)
@@ -88,6 +119,87 @@ def test_resampling_revives_dead_latents(seed):
     assert torch.allclose(sae.D.norm(dim=0), torch.ones(32), atol=1e-5)
     assert (opt.state[sae.W_e]["exp_avg"][dead] == 0).all()
     assert (opt.state[sae.D]["exp_avg_sq"][:, dead] == 0).all()
+
+
+# ----------------------------------------------------------------------------- batchtopk
+def test_batchtopk_keeps_exactly_k_times_b_in_a_training_batch(seed):
+    sae = TopKSAE(16, 16, 4, arch="batchtopk")  # k_max = 4K = M: no per-token cap, plain BatchTopK
+    with torch.no_grad():
+        sae.b_e.fill_(5.0)  # every pre-activation positive: the batch has far more than K·B candidates
+    x = torch.randn(100, 16) * torch.linspace(0.1, 3, 100)[:, None]  # loud and quiet tokens
+    values, _, _, _ = TopKEncode.apply(x, sae.W_e, sae.b_e, sae.k_max, 0, torch.zeros(16, dtype=torch.bool), None,
+                                       4 * 100)
+    kept = values[values > 0]
+    ref = sae.pre_acts(x).relu().flatten().topk(400).values  # BatchTopK by its definition
+    assert torch.allclose(kept.sort().values, ref.sort().values)
+    per_token = (values > 0).sum(1)
+    assert per_token.min() < 4 < per_token.max()  # K·B codes spread unevenly over the tokens
+    out = st.train_step(sae, st.make_sae_optimizer(sae, 1e-3), x, threshold_rate=1.0)
+    assert out["counts"].sum() == 4 * 100  # exactly K·B codes in the training batch
+    assert sae.threshold.item() == pytest.approx(kept.min().item())  # rate 1: θ = the smallest kept one
+
+
+def test_batchtopk_threshold_gives_mean_l0_near_k_on_held_out_tokens(seed):
+    """Trained on one sample, θ gives mean L0 ≈ K on another; the code is exactly what the SAE decodes."""
+    basis = torch.randn(24, 16)
+    def tokens(n):  # sparse mixtures of 24 directions, as an SAE likes them
+        coef = torch.rand(n, 24) * (torch.rand(n, 24) < 0.15)
+        return coef @ basis + 0.05 * torch.randn(n, 16)
+    sae = TopKSAE(16, 48, 4, arch="batchtopk")
+    opt = st.make_sae_optimizer(sae, 3e-3)
+    train = tokens(8192)
+    for step in range(300):
+        st.train_step(sae, opt, train[torch.randint(0, len(train), (256,))], threshold_rate=max(0.02, 1 / (step + 1)))
+    held_out = tokens(4096)
+    with torch.no_grad():
+        recon, values, indices = sae(held_out)
+    assert values.shape[1] == 16  # k_max = BATCH_K_CAP · K
+    l0 = (values > 0).sum(1).float()
+    assert 3.0 <= l0.mean().item() <= 5.0  # K = 4 on average, from the threshold alone
+    assert l0.std() > 0  # tokens differ in how many latents they use
+    assert ((values > 0) <= (values > sae.threshold)).all()
+    dense = sae.encode(held_out)
+    assert torch.allclose(recon, sae.decode(dense), atol=1e-5)  # encode, encode_topk and forward agree
+    assert torch.equal(dense > 0, sae.pre_acts(held_out) > sae.threshold.clamp_min(0))  # z = ReLU(s)·(s > θ)
+    assert fvu_loss(held_out, recon) < 0.5
+
+
+def test_batchtopk_checkpoint_keeps_arch_and_threshold(tmp_path, seed):
+    sae = TopKSAE(8, 16, 2, arch="batchtopk")
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    ckpt = artifacts.sae_checkpoint(sae, classifier_fingerprint="f" * 16, classifier_path="x.pt", config={}, epoch=1,
+                                    metrics={}, usage_ema=torch.zeros(16))
+    artifacts.save_checkpoint(ckpt, tmp_path / "b.pt")
+    again, saved = artifacts.load_sae(tmp_path / "b.pt")
+    assert saved["arch"] == "batchtopk" and again.arch == "batchtopk" and again.threshold.item() == pytest.approx(0.3)
+    fmap = torch.randn(2, 8, 3, 3)
+    assert torch.equal(again.codes_for_map(fmap), sae.codes_for_map(fmap))
+
+
+# ----------------------------------------------------------------------------- dead latents
+def test_dead_is_counted_on_a_constructed_case():
+    """Latents 0-2 fire, 3 fires once on the last token only, 4-5 never: 2 of 6 dead on all tokens."""
+    values = torch.tensor([[1.0, 2.0], [0.5, 0.0], [3.0, 1.0], [0.0, 0.0], [0.2, 0.7]])
+    indices = torch.tensor([[0, 1], [2, 5], [1, 0], [4, 5], [3, 2]])  # zero values do not count as firing
+    x = torch.randn(5, 2)
+    m = st.SAEMetrics(2, 6, "cpu")
+    m.update(x, x, values, indices)
+    assert m.compute()["dead_fraction"] == pytest.approx(2 / 6)
+    m4 = st.SAEMetrics(2, 6, "cpu")
+    m4.update(x[:4], x[:4], values[:4], indices[:4])
+    assert m4.compute()["dead_fraction"] == pytest.approx(3 / 6)  # latent 3 unseen in the first 4 tokens
+    assert st.dead_share(torch.tensor([0.0, 3, 0, 1])) == 0.5
+    assert st.min_tokens_for_dead(256, 8) == 320 and st.min_tokens_for_dead(512, 8) == 640
+
+
+def test_epoch_reports_dead_on_train_and_val(tiny_sae):
+    metrics = json.loads((tiny_sae / "metrics.json").read_text())
+    for row in metrics["history"]:
+        assert 0 <= row["train_dead_fraction"] <= 1 and 0 <= row["val_dead_fraction"] <= 1
+        assert row["train_tokens"] > row["val_n_tokens"] > 0
+    assert metrics["dead_min_tokens"] == 10 * 64 // 4 and metrics["arch"] == "topk"
+    assert "train_dead_fraction" in metrics
 
 
 def test_usage_ema_marks_silent_latents_dead():
@@ -117,32 +229,76 @@ def test_metrics_on_known_inputs():
 
 def test_standardization_is_exact():
     from selfexplain.distributed import Runtime
+    from selfexplain.features import standardization
 
     a = torch.randn(1000, 5, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4, 5]) + 7
-    mu, sigma = st.standardization(len(a), a.sum(0), a.pow(2).sum(0), Runtime(torch.device("cpu")))
+    mu, sigma = standardization(len(a), a.sum(0), a.pow(2).sum(0), Runtime(torch.device("cpu")))
     assert torch.allclose(mu, a.mean(0).float(), atol=1e-5)
     assert torch.allclose(sigma, a.std(0, unbiased=False).float(), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the script
-def test_train_sae_outputs(tiny_sae, tiny_classifier):
+def _val_maps(clf_path, cache_dir):
+    """The val split's layer4 maps, recomputed in fp32 from the classifier checkpoint."""
+    model, clf = artifacts.load_classifier(clf_path)
+    images = data.load_dataset(clf["dataset"], cache_dir, progress=False).images
+    maps = [f for _, f, _ in iter_feature_maps(model, images, clf["split"]["val"].numpy(), clf["preprocess"], "cpu",
+                                               amp="off")]
+    return model, clf, torch.cat(maps)
+
+
+def test_train_sae_outputs(tiny_sae, tiny_classifier, cache_dir):
     metrics = json.loads((tiny_sae / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
-    for key in ("val_fvu", "val_l0", "val_dead_fraction", "val_spliced_accuracy", "val_classifier_accuracy"):
-        assert key in metrics
-    assert metrics["val_l0"] <= 4 and 0 <= metrics["val_dead_fraction"] <= 1
     assert (tiny_sae / "config.json").is_file() and (tiny_sae / "last_sae.pt").is_file()
-    clf = artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier")
+    model, clf, fmap = _val_maps(tiny_classifier / "best.pt", cache_dir)
     sae, ckpt = artifacts.load_sae(tiny_sae / "best_sae.pt", clf)
     assert (sae.n_latents, sae.k) == (64, 4) and ckpt["usage_ema"].shape == (64,)
     assert torch.allclose(sae.D.norm(dim=0), torch.ones(64), atol=1e-5)
     assert (sae.sigma > 0).all() and ckpt["classifier_fingerprint"] == clf["fingerprint"]
+    assert ckpt["fingerprint"] == artifacts.tensor_fingerprint(sae.state_dict())
+    # the reported figures, recomputed independently from the checkpoint on the val tokens
+    with torch.no_grad():
+        x = sae.map_to_tokens(fmap)
+        recon, values, indices = sae(x)
+        fvu = ((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+        l0 = (values > 0).sum(1).float().mean().item()
+        dead = 1 - len(indices[values > 0].unique()) / sae.n_latents
+        labels = torch.from_numpy(data.load_dataset(clf["dataset"], cache_dir, progress=False).labels)
+        y = labels[np.sort(clf["split"]["val"].numpy())]
+        own = (model.head(fmap).argmax(1) == y).float().mean().item()
+        spliced = (model.head(sae.reconstruct_map(fmap)).argmax(1) == y).float().mean().item()
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    assert metrics["val_fvu"] == best["val_fvu"] == pytest.approx(fvu, rel=0.02)
+    fvus = [row["val_fvu"] for row in metrics["history"]]
+    assert fvus == sorted(fvus, reverse=True) and fvus[-1] < fvus[0]  # training makes progress
+    assert metrics["val_l0"] == pytest.approx(l0, abs=0.01) and 3 <= l0 <= 4  # K = 4: most codes positive
+    assert metrics["val_dead_fraction"] == pytest.approx(dead, abs=1e-6) and dead < 0.5
+    assert metrics["val_classifier_accuracy"] == pytest.approx(own)
+    assert metrics["val_spliced_accuracy"] == pytest.approx(spliced, abs=1.5 / len(y))  # fp16 cache: one flip
+
+
+def _tampered(clf: dict) -> dict:
+    """The classifier with one weight changed and its fingerprint field kept."""
+    return dict(clf, model=dict(clf["model"], **{"fc.bias": clf["model"]["fc.bias"] + 1.0}))
 
 
 def test_sae_with_another_classifier_is_refused(tiny_sae, tiny_classifier):
-    other = dict(artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier"), fingerprint="0123456789abcdef")
+    clf = artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier")
+    other = _tampered(clf)
+    other["fingerprint"] = artifacts.tensor_fingerprint(other["model"])  # an honestly different classifier
     with pytest.raises(UserError, match="trained on classifier"):
         artifacts.load_sae(tiny_sae / "best_sae.pt", other)
+    with pytest.raises(UserError, match="do not match its recorded fingerprint"):
+        artifacts.load_sae(tiny_sae / "best_sae.pt", _tampered(clf))  # the stored field is not trusted
+
+
+def test_edited_sae_checkpoint_is_refused(tiny_sae, tmp_path):
+    ckpt = artifacts.load_checkpoint(tiny_sae / "best_sae.pt", "sae")
+    ckpt["state"]["D"][0, 0] += 1.0
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="modified after saving"):
+        artifacts.load_sae(tmp_path / "edited.pt")
 
 
 def test_save_load_round_trip(tiny_sae, tmp_path, seed):
@@ -170,6 +326,8 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
     cfg = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path), cache_dir=str(cache_dir),
                latent_dim=32, top_k=4, batch_size=128, tensorboard=False)
     train_sae.main(**cfg, epochs=2)
+    with pytest.raises(UserError, match="holds an earlier run"):
+        train_sae.main(**cfg, epochs=3)  # neither --resume nor --overwrite: the run is kept
     first = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
     metrics = train_sae.main(**cfg, epochs=3, resume=True)
     last = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
@@ -190,7 +348,31 @@ def test_tokens_spill_to_a_memmap(tiny_classifier, tmp_path, cache_dir):
     files = sorted(p.name for p in (Path(cache_dir) / "sae_tokens").glob("*.npy"))
     assert any("-train-" in f and f.endswith("-r0of1.npy") for f in files)
     assert any("-val-" in f and f.endswith("-r0of1.npy") for f in files)
+    assert not any(".tmp" in f for f in files)
     assert (tmp_path / "run" / "best_sae.pt").is_file()
+
+
+def test_token_cache_is_fp32_and_keyed_by_the_chosen_images(tiny_classifier, tmp_path, cache_dir):
+    """AMP=bf16 still caches fp32 features; another SEED's --max_images subset never reuses old tokens."""
+    import train_sae
+
+    run = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), cache_dir=str(cache_dir), latent_dim=32, top_k=4,
+               batch_size=16, epochs=0, token_ram_gb=0.0, max_images=10, amp="bf16", tensorboard=False)
+    tokens = Path(cache_dir) / "sae_tokens"
+    before = set(tokens.glob("*-val-n10-*.npy"))
+    train_sae.main(**run, seed=1, out_dir=str(tmp_path / "a"))
+    first = set(tokens.glob("*-val-n10-*.npy")) - before
+    train_sae.main(**run, seed=2, out_dir=str(tmp_path / "b"))
+    second = set(tokens.glob("*-val-n10-*.npy")) - before - first
+    assert len(first) == 1 and len(second) == 1  # the second seed built its own cache
+
+    model, clf = artifacts.load_classifier(tiny_classifier / "best.pt")
+    model = model.to(memory_format=torch.channels_last)  # as train_sae runs it: same kernels, same rounding
+    chosen = st.subsample(clf["split"]["val"].numpy(), 10, 2)
+    images = data.load_dataset(clf["dataset"], cache_dir, progress=False).images
+    fmap = torch.cat([f for _, f, _ in iter_feature_maps(model, images, chosen, clf["preprocess"], "cpu", amp="off")])
+    cached = torch.from_numpy(np.load(second.pop())).float()
+    assert torch.equal(cached, tokens_of(fmap).half().float())  # the fp32 features, stored as fp16
 
 
 def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):

@@ -14,8 +14,10 @@ from PIL import Image
 
 from hf_fixtures import (PYTHON, TU_BERLIN_FILES, FakeHubServer, bad_image_payloads, closed_port_url, hub_env,
                          make_hf_parquet, make_image_folder, png_bytes, sketch)
+from selfexplain import data
 from selfexplain.errors import UserError
-from selfexplain.sources import BadImage, decode_image, describe_source, iter_source, parquet_class_names
+from selfexplain.imaging import BadImage, decode_image
+from selfexplain.sources import describe_source, iter_source, parquet_class_names
 
 CLASSES = ["airplane", "alarm clock", "angel", "ant"]
 
@@ -80,6 +82,27 @@ def test_bad_parquet_inputs_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match=r"labels span \d\.\.\d but there are 2 class names") as info:
         describe_source("parquet", str(more_labels))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("outside", ["absolute", "dotdot"])
+def test_parquet_image_paths_outside_data_root_are_never_read(tmp_path, outside):
+    secret = tmp_path / "secret.png"  # a local file beside, not inside, DATA_ROOT
+    sketch(3).save(secret)
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    sketch(1).save(root / "data" / "inside.png")
+    escape = str(secret) if outside == "absolute" else "../../secret.png"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": png_bytes(sketch(0)), "path": "0.png"}, {"bytes": None, "path": "inside.png"},
+            {"bytes": None, "path": escape}]
+    table = pa.table({"image": pa.array(rows, type=image_type), "label": pa.array([0, 1, 1], type=pa.int64())})
+    pq.write_table(table, root / "data" / "train.parquet")
+    payloads = [payload for _, payload, _ in iter_source(describe_source("parquet", str(root)))]
+    assert payloads[1] == (root / "data" / "inside.png").resolve()  # a path inside DATA_ROOT is read
+    assert isinstance(payloads[2], BadImage) and "outside DATA_ROOT" in str(payloads[2])
+    images = data.load_dataset(data.dataset_spec("parquet", str(root), 32), tmp_path / "cache", progress=False)
+    assert len(images) == 2 and [s["source"] for s in images.skipped] == ["data/train.parquet#2"]
+    assert "outside DATA_ROOT" in images.skipped[0]["reason"]
 
 
 def test_fingerprint_changes_when_a_file_changes(tmp_path):

@@ -1,4 +1,5 @@
-"""Stage 3 (sae_summarize.py): exact knockout, outputs, concept recovery, clear errors."""
+"""Stage 3 (sae_summarize.py, selfexplain/summarize.py): exact knockout, outputs, concept recovery, errors."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import sae_summarize
-from selfexplain import artifacts, data, stats
+from selfexplain import artifacts, data, stats, summarize
 from selfexplain.errors import UserError
 from selfexplain.features import iter_feature_maps
 from selfexplain.sae import TopKSAE, logit_lens
@@ -43,31 +44,26 @@ def pipeline(tmp_path_factory, tiny_classifier, cache_dir):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, pipeline):
     out = tmp_path_factory.mktemp("report")
-    summary = sae_summarize.main(classifier_ckpt=str(pipeline["classifier"]), sae_ckpt=str(pipeline["sae"]),
-                                 cache_dir=str(pipeline["cache"]), out_dir=str(out), top_examples=3, thumb_size=32,
-                                 batch_size=32)
-    return out, summary
+    return out, _run(pipeline, out)
 
 
 def test_knockout_equals_forward_pass_without_the_neuron(seed, pipeline):
     """Removing neuron i from the reconstruction moves every logit by exactly −mean_tokens(z_i)·w_i."""
-    model, ckpt = artifacts.load_classifier(pipeline["classifier"])
-    sae, _ = artifacts.load_sae(pipeline["sae"], ckpt)
-    imageset = data.load_dataset(ckpt["dataset"], pipeline["cache"])
-    idx = np.sort(ckpt["split"]["train"].numpy()[:6])
-    acts = sae_summarize.collect(model, sae, imageset.images, idx, ckpt["preprocess"], torch.device("cpu"),
-                                 batch_size=8, progress=False, cache_mb=64)
-    fmap = acts["fmaps"]
-    active = np.argsort(-acts["top_mean"].mean(0))[:6]                            # the strongest neurons
-    assert acts["top_mean"][:, active].max(0).min() > 0  # each knocked-out neuron fires on some image: not 0 == 0
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], torch.device("cpu"))
+    model, sae = inputs.classifier, inputs.sae
+    idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy()[:6])
+    acts = summarize.collect(inputs, idx, batch_size=8, progress=False, cache_mb=64)
+    fmap = acts.fmaps
+    active = np.argsort(-acts.top_mean.mean(0))[:6]                               # the strongest neurons
+    assert acts.top_mean[:, active].max(0).min() > 0  # each knocked-out neuron fires on some image: not 0 == 0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
         measured, full, codes = _knockout_forward(model, sae, fmap, active, dtype)
         # fp32: the report's own per-image mean codes; fp64: the same quantity in fp64
-        codes = acts["top_mean"] if dtype == torch.float32 else codes
+        codes = acts.top_mean if dtype == torch.float32 else codes
         lens = logit_lens(sae.to(dtype), model.fc.weight.to(dtype)).detach().double().numpy()
         sae.float()
         if dtype == torch.float32:  # the report's own decomposition reproduces the spliced fp32 logits
-            assert np.abs(acts["sae_logits"] - full).max() <= tol * np.abs(full).max()
+            assert np.abs(acts.sae_logits - full).max() <= tol * np.abs(full).max()
         for k, i in enumerate(active):
             predicted = -codes[:, i, None] * lens[i][None, :]            # Δ⁻ per image and class
             # fp32 subtracts two logits of size |logit|: that, not the algebra, limits the match
@@ -145,9 +141,9 @@ def test_summary_has_concept_recovery_per_part(report):
 def test_max_per_class_samples_each_class():
     labels = np.repeat(np.arange(3), 10)
     train = np.arange(30)
-    picked = sae_summarize.select_images(train, labels, 4, seed=0)
+    picked = summarize.select_images(train, labels, 4, seed=0)
     assert np.bincount(labels[picked]).tolist() == [4, 4, 4] and np.all(np.diff(picked) > 0)
-    assert len(sae_summarize.select_images(train, labels, 0, seed=0)) == 30
+    assert len(summarize.select_images(train, labels, 0, seed=0)) == 30
 
 
 def test_clear_errors(tmp_path, pipeline, tiny_classifier):
@@ -160,3 +156,62 @@ def test_clear_errors(tmp_path, pipeline, tiny_classifier):
                            cache_dir=str(pipeline["cache"]), out_dir=str(tmp_path / "r"))
     with pytest.raises(UserError, match="QUANTILE"):
         sae_summarize.main(quantile=1.5)
+
+
+def _run(pipeline, out, **overrides):
+    settings = dict(classifier_ckpt=str(pipeline["classifier"]), sae_ckpt=str(pipeline["sae"]),
+                    cache_dir=str(pipeline["cache"]), out_dir=str(out), top_examples=3, thumb_size=32, batch_size=32)
+    return sae_summarize.main(**{**settings, **overrides})
+
+
+def test_image_frequency_is_the_share_of_images_where_a_neuron_fires(report, pipeline):
+    """`frequency` is capped near 1 - QUANTILE by its definition; `image_frequency` is not."""
+    out, summary = report
+    records = artifacts.read_jsonl(out / "neurons.jsonl")
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], torch.device("cpu"))
+    idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy())
+    acts = summarize.collect(inputs, idx, batch_size=32, progress=False)
+    assert summary["n_images"] == len(idx)
+    expected = (acts.top_max > 0).mean(0)
+    assert np.allclose([r["image_frequency"] for r in records], expected)
+    lens = np.zeros((inputs.sae.n_latents, len(inputs.imageset.class_names)))
+    st = summarize.neuron_stats(acts, inputs.imageset.labels[idx], lens, summary["config"]["QUANTILE"])
+    assert np.allclose([r["frequency"] for r in records], st.frequency)
+    limit = 1 - summary["config"]["QUANTILE"] + 1 / len(idx)        # at most one image of slack from the quantile
+    assert max(r["frequency"] for r in records) <= limit < max(r["image_frequency"] for r in records)
+
+
+def test_records_and_summary_carry_the_sae_fingerprint(report, pipeline):
+    out, summary = report
+    own = artifacts.tensor_fingerprint(artifacts.load_checkpoint(pipeline["sae"], "sae")["state"])
+    assert summary["sae_fingerprint"] == summary["sae"]["fingerprint"] == own
+    assert {r["sae_fingerprint"] for r in artifacts.read_jsonl(out / "neurons.jsonl")} == {own}
+
+
+def _images(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for sub in ("thumbs", "sprites")
+            for p in sorted((folder / sub).glob("*"))}
+
+
+def test_failed_run_keeps_the_previous_atlas_images(report, pipeline, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    shutil.copytree(report[0], out)
+    (out / "thumbs" / "stale.png").write_bytes(b"left by an older run")
+    before, neurons = _images(out), (out / "neurons.jsonl").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure after rendering")
+
+    with pytest.raises(UserError, match="--overwrite=True"):               # an earlier report is never replaced silently
+        _run(pipeline, out, thumb_size=24)
+    monkeypatch.setattr("selfexplain.report.neuron_records", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(pipeline, out, thumb_size=24, overwrite=True)
+    assert _images(out) == before and (out / "neurons.jsonl").read_bytes() == neurons
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]  # no scratch folder left
+    monkeypatch.undo()
+    _run(pipeline, out, thumb_size=24, overwrite=True)                     # a good run swaps the new images in
+    after = _images(out)
+    assert "thumbs/stale.png" not in after and after.keys() == before.keys() - {"thumbs/stale.png"}
+    assert all(after[k] != before[k] for k in after)                        # 24 px, not the old 32 px
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from selfexplain.errors import UserError
-from selfexplain.synthetic import (CLASS_NAMES, CLASS_PARTS, DISTRACTOR_TYPES, PART_TYPES,
-                                   generate_synthetic, render_sample)
+from selfexplain.synthetic import (CLASS_NAMES, CLASS_PARTS, DISTRACTOR_TYPES, GENERATOR_VERSION,
+                                   PART_TYPES, generate_synthetic, render_sample, rerender,
+                                   sample_origin)
 
 
 @pytest.fixture
@@ -131,3 +132,45 @@ def test_bad_arguments_are_user_errors():
         generate_synthetic(0, 64)
     with pytest.raises(UserError):
         generate_synthetic(2, 8)
+
+
+def test_origins_and_rerender_reproduce_the_dataset():
+    data = generate_synthetic(3, 48, seed=7)
+    assert data["generator_version"] == GENERATOR_VERSION
+    for i in (0, 4, 35):
+        c, j = sample_origin(i, 3)
+        assert (c, j) == tuple(data["origins"][i]) == divmod(i, 3)
+        image, parts = rerender(c, j, 48, seed=7)
+        assert image.tobytes() == data["images"][i].tobytes() and parts == data["parts"][i]
+
+
+@pytest.mark.parametrize("size", [64, 112])
+def test_rerender_without_a_part_changes_only_that_part(size):
+    """The counterfactual: part k vanishes, every pixel outside its box stays identical."""
+    for c, j in [(0, 0), (5, 3), (11, 8)]:
+        full, parts = rerender(c, j, size, seed=2)
+        for k, part in enumerate(parts):
+            cut, cut_parts = rerender(c, j, size, seed=2, omit=k)
+            assert cut_parts == parts
+            x0, y0, x1, y1 = part["box"]
+            outside = np.ones_like(full, dtype=bool)
+            outside[y0:y1, x0:x1] = False
+            assert np.array_equal(cut[outside], full[outside]), (c, j, k)
+            inside = (slice(y0, y1), slice(x0, x1))
+            assert (cut[inside] > full[inside]).sum() >= 10  # the part's ink is gone
+            assert (cut[inside] >= full[inside]).all()  # nothing is drawn in its place
+
+
+def test_rerender_rejects_a_missing_part():
+    _, parts = rerender(0, 0, 48, seed=0)
+    with pytest.raises(UserError):
+        rerender(0, 0, 48, seed=0, omit=len(parts))
+
+
+def test_parts_come_in_many_sizes_and_places(data):
+    """Small and large parts, anywhere: not only one size per quadrant (how people draw)."""
+    own = [p["box"] for parts in data["parts"] for p in parts if not p["distractor"]]
+    side = np.array([max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in own]) / 64
+    assert side.min() < 0.2 and side.max() > 0.45 and side.std() > 0.07
+    centre = np.array([((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in own]) / 64
+    assert (np.abs(centre - 0.5).max(1) < 0.1).sum() >= 5  # some right in the middle

@@ -9,9 +9,13 @@ import time
 import pytest
 import torch
 
+import numpy as np
+
 from conftest import ROOT, TINY_CNN
 from selfexplain import artifacts, data
+from selfexplain import classifier_train as ct
 from selfexplain.errors import UserError
+from selfexplain.model import build_classifier
 
 
 def test_checkpoint_describes_itself_and_round_trips(tiny_classifier, cache_dir):
@@ -30,9 +34,19 @@ def test_checkpoint_describes_itself_and_round_trips(tiny_classifier, cache_dir)
     assert ckpt2["fingerprint"] == artifacts.tensor_fingerprint(again.state_dict())
 
 
-def test_stage_outputs(tiny_classifier):
+def test_stage_outputs(tiny_classifier, cache_dir):
     metrics = json.loads((tiny_classifier / "metrics.json").read_text())
-    assert 0 <= metrics["test_accuracy"] <= 1 and "val_accuracy" in metrics and len(metrics["history"]) == 2
+    assert len(metrics["history"]) == 2
+    # the reported accuracies, recomputed independently from best.pt on the recorded split
+    model, ckpt = artifacts.load_classifier(tiny_classifier / "best.pt")
+    images = data.load_dataset(ckpt["dataset"], cache_dir, progress=False)
+    for name in ("val", "test"):
+        idx = ckpt["split"][name].numpy()
+        x = data.model_input(torch.from_numpy(images.images[idx]), ckpt["preprocess"])
+        with torch.no_grad():
+            accuracy = (model(x).argmax(1).numpy() == images.labels[idx]).mean()
+        assert metrics[f"{name}_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(idx))
+    assert metrics["history"][ckpt["epoch"] - 1]["val_accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.05)
     decoder = json.loads((tiny_classifier / "label_decoder.json").read_text())
     assert decoder["0"] == "circle-spokes-dots" and len(decoder) == metrics["num_classes"]
     assert json.loads((tiny_classifier / "config.json").read_text())["IMAGE_SIZE"] == 64
@@ -144,27 +158,21 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_augment_auto_is_off_for_synthetic_on_for_real_data_and_bad_values_fail(tmp_path):
     import train_standard_cnn as stage1
-    from selfexplain.config import make_config, module_constants
 
-    def resolved(**overrides):
-        return stage1.augment_on(make_config(module_constants(vars(stage1)), overrides))
-
-    assert resolved(dataset="synthetic") is False  # procedural samples are already varied
-    assert resolved(dataset="folder") is True and resolved(dataset="tu-berlin") is True
-    assert resolved(dataset="synthetic", augment="True") is True  # CLI strings and Python bools alike
-    assert resolved(dataset="folder", augment=False) is False
+    assert ct.resolve_augment("auto", "synthetic") is False  # procedural samples are already varied
+    assert ct.resolve_augment("auto", "folder") is True and ct.resolve_augment("auto", "tu-berlin") is True
+    assert ct.resolve_augment("True", "synthetic") is True  # CLI strings and Python bools alike
+    assert ct.resolve_augment(False, "folder") is False
     with pytest.raises(UserError, match="AUGMENT must be auto, True or False"):
         stage1.main(dataset="synthetic", augment="sometimes", out_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # failed before any work
 
 
 def test_optimizer_decays_weights_only():
-    import train_standard_cnn as stage1
-    from selfexplain.config import make_config, module_constants
     from selfexplain.model import SketchResNet
 
     net = SketchResNet(5)
-    opt = stage1.make_optimizer(net, make_config(module_constants(vars(stage1)), {}), "cpu")
+    opt = ct.make_classifier_optimizer(net, 5e-3, 0.05, "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] > 0 and all(p.ndim > 1 for p in decayed["params"])
     assert plain["weight_decay"] == 0 and {id(p) for p in plain["params"]} == {id(net.fc.bias), *(
@@ -190,3 +198,79 @@ def test_allocator_tuning_leaves_a_users_malloc_settings_alone(monkeypatch):
 
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory() is True  # applied
+
+
+def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tiny_classifier, tmp_path, cache_dir):
+    import train_standard_cnn as stage1
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        (run / name).write_bytes((tiny_classifier / name).read_bytes())
+    (run / "tb").mkdir()
+    (run / "tb" / "events.out.tfevents.old").write_text("old run")
+    cfg = dict(TINY_CNN, epochs=1, max_batches=1, out_dir=str(run), cache_dir=str(cache_dir))
+    before = (run / "best.pt").read_bytes()
+    with pytest.raises(UserError, match="holds an earlier run.*--resume=True.*--overwrite=True"):
+        stage1.main(**cfg)
+    assert (run / "best.pt").read_bytes() == before  # nothing touched
+    with pytest.raises(UserError, match="choose one"):
+        stage1.main(**cfg, resume=True, overwrite=True)
+    stage1.main(**dict(cfg, tensorboard=True), overwrite=True)
+    assert not (run / "tb" / "events.out.tfevents.old").exists()  # the old curves cannot interleave
+    assert artifacts.load_checkpoint(run / "last.pt", "classifier")["epoch"] == 1
+
+
+def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
+    import train_standard_cnn as stage1
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny_classifier / "last.pt").read_bytes())
+    for other in (dict(synthetic_per_class=30), dict(image_size=96), dict(dataset="folder", data_root=str(tmp_path))):
+        with pytest.raises(UserError, match="was trained on synthetic .* but the settings name"):
+            stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+
+
+def test_resume_restores_split_scaler_and_augmentation_draws(tiny_classifier):
+    """restore() brings back the split, the loss scaler's state; the augmentation draws depend on the epoch only."""
+    from selfexplain.model import SketchResNet
+
+    ckpt = artifacts.load_checkpoint(tiny_classifier / "last.pt", "classifier")
+    model = SketchResNet(len(ckpt["class_names"]))
+    optimizer = ct.make_classifier_optimizer(model, 1e-3, 0.0, "cpu")
+    ckpt["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()  # as an fp16 run saves it
+    fresh = torch.amp.GradScaler("cpu")
+    state, split, prep = ct.restore(ckpt, model, optimizer, fresh)
+    assert fresh.get_scale() == 1024.0
+    assert state.epoch == ckpt["epoch"] == len(state.history) and state.step == ckpt["step"]
+    assert all(np.array_equal(split[k], ckpt["split"][k].numpy()) for k in ("train", "val", "test"))
+    assert prep == ckpt["preprocess"]
+    draws = [ct.augment_generator(0, 3, 0).initial_seed() for _ in range(2)]
+    assert draws[0] == draws[1] != ct.augment_generator(0, 4, 0).initial_seed() != ct.augment_generator(0, 3, 1).initial_seed()
+
+
+def test_layer4_stride_1_checkpoint_reloads_with_its_map_size(tmp_path, cache_dir):
+    """LAYER4_STRIDE=1 gives a 4x4 map at 64 px; the checkpoint records it and rebuilds the same model."""
+    import train_standard_cnn as stage1
+    from selfexplain.model import SketchResNet
+
+    run = tmp_path / "s1"
+    stage1.main(**dict(TINY_CNN, layer4_stride=1, epochs=1, max_batches=2), out_dir=str(run), cache_dir=str(cache_dir))
+    model, ckpt = artifacts.load_classifier(run / "best.pt")
+    assert ckpt["arch"]["layer4_stride"] == 1
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert model.features(x).shape == (2, 512, 4, 4)
+        as_stride_2 = SketchResNet(ckpt["arch"]["num_classes"], layer4_stride=2).eval()
+        as_stride_2.load_state_dict(ckpt["model"])  # same weight shapes: only the recorded stride tells them apart
+        assert as_stride_2.features(x).shape == (2, 512, 2, 2)
+        assert not torch.allclose(as_stride_2(x), model(x))
+    with pytest.raises(UserError, match="LAYER4_STRIDE=1"):  # resuming with the other stride is refused
+        stage1.main(**dict(TINY_CNN, layer4_stride=2, epochs=2), out_dir=str(run), cache_dir=str(cache_dir),
+                    resume=True)
+    old = dict(ckpt["arch"])
+    del old["layer4_stride"]  # a checkpoint from before the setting: torchvision's stride 2
+    assert build_classifier(old).layer4_stride == 2
+    with pytest.raises(UserError, match="LAYER4_STRIDE must be 1 or 2"):
+        SketchResNet(3, layer4_stride=4)

@@ -1,0 +1,237 @@
+"""Benchmark: held-out concept measures of the SAE beside baseline codes on the synthetic set.
+
+Every code (the trained SAE, a random SAE of the same shape as a floor, the classifier's
+own layer4 channels, PCA and NMF with as many components as the SAE) goes through the same
+measures (selfexplain/concept_measures.py): per part type, the unit chosen on the training
+split by AUROC, scored on the test split (AUROC, average precision, AUROC among images of
+classes without the part, where only distractors carry it); the pointing game on the
+test split beside its chance rate; and the counterfactual drops: the chosen unit's
+activation on test images re-rendered with exactly one part left out.
+
+A "class-set" row scores the classifier's own probability of the part's classes: the
+detector a part AUROC cannot tell apart from a part detector (see the distractor column).
+
+``--sweep=True`` instead trains SAEs over K x M (train_sae.main, short epochs, on the
+same classifier's tokens) and scores each by held-out recovery, with its time.
+
+Usage
+-----
+    python bench/bench_concepts.py [--classifier_ckpt=runs/standard_cnn/best.pt] [--sae_ckpt=runs/sae_topk/best_sae.pt]
+    python bench/bench_concepts.py --sweep=True --sweep_k=[4,8,16,32] --sweep_m=[256,512,1024] --sweep_epochs=10
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_sae  # noqa: E402
+from sections import write_section  # noqa: E402
+from selfexplain import artifacts, baselines, data, synthetic  # noqa: E402
+from selfexplain import concept_measures as cm  # noqa: E402
+from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
+from selfexplain.distributed import set_threads  # noqa: E402
+from selfexplain.errors import UserError  # noqa: E402
+from selfexplain.features import iter_feature_maps  # noqa: E402
+from selfexplain.sae import tokens_of  # noqa: E402
+from selfexplain.logs import log  # noqa: E402
+from selfexplain.summarize import select_images  # noqa: E402
+
+CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT    # trained classifier (its dataset must be synthetic)
+SAE_CKPT = artifacts.SAE_CKPT                  # trained SAE of that classifier
+CACHE_DIR = artifacts.CACHE_DIR                # decoded-image cache
+TRAIN_PER_CLASS = 0                            # training images per class for choosing units (0 = all)
+CF_IMAGES = 120                                # test images re-rendered once per part left out (0 = all)
+NMF_ITERS = 200                                # NMF fit: multiplicative-update rounds
+NMF_CODE_ITERS = 50                            # NMF coding of new tokens: update rounds
+NMF_TOKENS = 8192                              # NMF fit: training tokens sampled
+BATCH_SIZE = 128                               # images per forward pass
+SEED = 0                                       # image subsample, NMF init, random SAE
+NUM_THREADS = 0                                # torch intra-op threads (0 = torch default)
+SWEEP = False                                  # train and score SAEs over SWEEP_K x SWEEP_M instead
+SWEEP_K = [4, 8, 16, 32]                       # sweep: active latents per token
+SWEEP_M = [256, 512, 1024]                     # sweep: number of latents
+SWEEP_EPOCHS = 10                              # sweep: SAE epochs per cell
+SWEEP_DIR = "bench/_work/sweep"                # sweep: SAE run folders
+OUT = "bench/results/concepts.md"              # markdown written here (merged into RESULTS.md)
+
+
+# ----------------------------------------------------------------------------- data
+def layer4_maps(model, images, indices, prep, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer4 maps (N, C, H, W), logits (N, classes)) for sorted ``indices``, fp32 on the CPU."""
+    out = list(iter_feature_maps(model, images, indices, prep, torch.device("cpu"), batch_size, amp="off"))
+    return torch.cat([f for _, f, _ in out]), torch.cat([g for _, _, g in out])
+
+
+def ground_truth(imageset, indices, grid) -> cm.PartTruth:
+    """Part presence, class-part table and token-in-box masks for the images at ``indices``."""
+    table = cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
+    return cm.part_truth([imageset.parts[i] for i in indices], imageset.labels[indices], imageset.part_types, table,
+                         grid, imageset.spec["image_size"])
+
+
+def counterfactual_images(imageset, test_idx, n_images, seed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-render test images with one part left out, once per part.
+
+    Returns (images uint8 (R, S, S), row in ``test_idx`` (R,), part type index left out (R,)).
+    """
+    spec = imageset.spec
+    rows = np.arange(len(test_idx))
+    if 0 < n_images < len(rows):
+        rows = np.sort(np.random.default_rng(seed).permutation(rows)[:n_images])
+    index = {p: j for j, p in enumerate(imageset.part_types)}
+    images, image_row, part = [], [], []
+    for r in rows:
+        c, j = synthetic.sample_origin(test_idx[r], spec["per_class"])
+        for k, record in enumerate(imageset.parts[test_idx[r]]):
+            img, _ = synthetic.rerender(c, j, spec["image_size"], spec["seed"], omit=k)
+            images.append(img)
+            image_row.append(r)
+            part.append(index[record["part"]])
+    return np.stack(images), np.array(image_row), np.array(part)
+
+
+# ----------------------------------------------------------------------------- measures
+@torch.no_grad()
+def codes(provider, maps: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Per-token codes (N, H*W, U) of a provider, in batches."""
+    return torch.cat([provider.codes_for_map(maps[i:i + batch_size])
+                      for i in range(0, len(maps), batch_size)]).numpy()
+
+
+def measure(provider, maps: dict, truth: dict, cf: dict | None, batch_size: int) -> cm.ConceptReport:
+    """Every concept measure for one code provider."""
+    train_max = codes(provider, maps["train"], batch_size).max(1)
+    test_codes = codes(provider, maps["test"], batch_size)
+    if cf is None:
+        return cm.concept_report(provider.name, train_max, truth["train"].present, test_codes, truth["test"])
+    cf_max = codes(provider, cf["maps"], batch_size).max(1)
+    return cm.concept_report(provider.name, train_max, truth["train"].present, test_codes, truth["test"],
+                             cf_max, cf["row"], cf["part"])
+
+
+def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
+    """The classifier's probability of each part's classes, scored like a code with one unit per part."""
+    test = truth["test"]
+    table = test.part_classes.T.astype(np.float32)                       # (C, P)
+    score = {s: torch.softmax(logits[s], 1).numpy() @ table for s in ("train", "test")}
+    names = test.part_names
+    sel = cm.select_and_score(score["train"], truth["train"].present, score["test"], test.present, names)
+    conf = cm.class_confound(score["test"], test.present, test.labels, test.part_classes, sel.unit, names)
+    return cm.ConceptReport("class-set (classifier probabilities)", len(names), float("nan"), sel, conf)
+
+
+def providers(sae, train_maps: torch.Tensor, cfg) -> list:
+    """The SAE and its baselines, the fitted ones fitted on the training tokens."""
+    tokens = tokens_of(train_maps)
+    t = time.time()
+    nmf = baselines.nmf_dictionary(tokens, sae.n_latents, cfg.NMF_ITERS, cfg.NMF_TOKENS, cfg.SEED)
+    log(f"NMF fit: {sae.n_latents} components, {min(len(tokens), cfg.NMF_TOKENS)} tokens, {time.time() - t:.1f}s")
+    return [baselines.sae_code(sae, f"SAE (M={sae.n_latents}, K={sae.k})"),
+            baselines.sae_code(baselines.random_sae_like(sae, cfg.SEED), "random SAE (same shape)"),
+            baselines.channel_code(sae.d_in), baselines.fit_pca(tokens, sae.n_latents),
+            baselines.nmf_code(nmf, cfg.NMF_CODE_ITERS)]
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt(x, spec=".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def render(reports: list[dict], cfg, context: str) -> str:
+    lines = ["## Concept measures, held out (synthetic demo)", "", context, "",
+             "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance) | own-part CF drop "
+             "| other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        pointing = ("–" if r.get("mean_pointing") is None
+                    else f"{r['mean_pointing']:.3f} ({r['mean_pointing_chance']:.3f})")
+        lines.append(f"| {r['code']} | {r['n_units']} | {_fmt(r['mean_test_auroc'])} | {_fmt(r['mean_test_ap'])} "
+                     f"| {_fmt(r['mean_distractor_auroc'])} | {pointing} | {_fmt(r.get('mean_cf_own_drop'))} "
+                     f"| {_fmt(r.get('mean_cf_other_drop'))} | {_fmt(r['dead_share'], '.1%')} |")
+    r0 = reports[0]
+    lines += ["", f"Perfect class-set detector (label in the part's 4 classes): mean AUROC "
+                  f"{r0['mean_class_set_auroc']:.3f}. Best unit chosen on the test split itself (upper bound, "
+                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. "
+                  f"Pointing rule: {cm.POINTING_RULE}. Dead: no positive activation on any test image."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sweep
+def sweep(cfg, maps: dict, truth: dict) -> list[dict]:
+    """Train an SAE per (K, M) on the classifier's tokens and score it held out."""
+    rows = []
+    for m in cfg.SWEEP_M:
+        for k in cfg.SWEEP_K:
+            out_dir = f"{cfg.SWEEP_DIR}/m{m}_k{k}"
+            t = time.time()
+            metrics = train_sae.main(classifier_ckpt=cfg.CLASSIFIER_CKPT, out_dir=out_dir, cache_dir=cfg.CACHE_DIR,
+                                     latent_dim=m, top_k=k, epochs=cfg.SWEEP_EPOCHS, tensorboard=False, seed=cfg.SEED,
+                                     overwrite=True)
+            train_s = time.time() - t
+            sae, _ = artifacts.load_sae(f"{out_dir}/{artifacts.BEST_SAE}")
+            rep = measure(baselines.sae_code(sae), maps, truth, None, cfg.BATCH_SIZE).to_dict()
+            rows.append({"M": m, "K": k, "val_fvu": metrics.get("val_fvu"), "dead": rep["dead_share"],
+                         "auroc": rep["mean_test_auroc"], "ap": rep["mean_test_ap"],
+                         "distractor": rep["mean_distractor_auroc"], "pointing": rep["mean_pointing"],
+                         "seconds": time.time() - t, "train_seconds": train_s})
+            log(f"sweep M={m} K={k}: {rows[-1]}")
+    return rows
+
+
+def render_sweep(rows: list[dict], cfg) -> str:
+    lines = ["## L0/width sweep, scored by held-out recovery", "",
+             f"SAEs trained for {cfg.SWEEP_EPOCHS} epochs on {cfg.CLASSIFIER_CKPT}'s tokens; units chosen on the "
+             "training split, scored on the test split.", "",
+             "| M | K | val FVU | dead (test) | held-out AUROC | AP | distractor-only AUROC | pointing | s/cell |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['M']} | {r['K']} | {_fmt(r['val_fvu'], '.4f')} | {r['dead']:.1%} | {_fmt(r['auroc'])} "
+                     f"| {_fmt(r['ap'])} | {_fmt(r['distractor'])} | {_fmt(r['pointing'])} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+def main(**overrides) -> dict:
+    cfg = make_config(module_constants(globals()), overrides)
+    set_threads(cfg.NUM_THREADS)
+    model, ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT)
+    imageset = data.load_dataset(ckpt["dataset"], cfg.CACHE_DIR, progress=False)
+    if not imageset.parts or ckpt["dataset"]["dataset"] != "synthetic":
+        raise UserError(f"{cfg.CLASSIFIER_CKPT} was not trained on the synthetic set: no part ground truth")
+    split = {s: np.sort(ckpt["split"][s].numpy()) for s in ("train", "test")}
+    idx = {"train": select_images(split["train"], imageset.labels, cfg.TRAIN_PER_CLASS, cfg.SEED),
+           "test": split["test"]}
+    t = time.time()
+    maps, logits = {}, {}
+    for s in ("train", "test"):
+        maps[s], logits[s] = layer4_maps(model, imageset.images, idx[s], ckpt["preprocess"], cfg.BATCH_SIZE)
+    grid = tuple(maps["test"].shape[2:])
+    truth = {s: ground_truth(imageset, idx[s], grid) for s in ("train", "test")}
+    log(f"layer4 maps {grid}: {len(idx['train'])} train / {len(idx['test'])} test images, {time.time() - t:.1f}s")
+    if cfg.SWEEP:
+        rows = sweep(cfg, maps, truth)
+        write_section(cfg.OUT.replace(".md", "_sweep.md"), render_sweep(rows, cfg).splitlines())
+        return {"sweep": rows}
+    sae, _ = artifacts.load_sae(cfg.SAE_CKPT, ckpt)
+    images, row, part = counterfactual_images(imageset, idx["test"], cfg.CF_IMAGES, cfg.SEED)
+    cf = {"maps": layer4_maps(model, images, np.arange(len(images)), ckpt["preprocess"], cfg.BATCH_SIZE)[0],
+          "row": row, "part": part}
+    reports = []
+    for provider in providers(sae, maps["train"], cfg):
+        t = time.time()
+        reports.append(measure(provider, maps, truth, cf, cfg.BATCH_SIZE).to_dict())
+        log(f"{provider.name}: held-out AUROC {reports[-1]['mean_test_auroc']:.3f} ({time.time() - t:.1f}s)")
+    reports.append(class_set_report(logits, truth).to_dict())
+    context = (f"{cfg.CLASSIFIER_CKPT} + {cfg.SAE_CKPT}; layer4 map {grid[0]}x{grid[1]}; units chosen on "
+               f"{len(idx['train'])} training images, scored on {len(idx['test'])} test images; counterfactuals: "
+               f"{len(set(row.tolist()))} test images x each part left out ({len(row)} re-renders).")
+    write_section(cfg.OUT, render(reports, cfg, context).splitlines())
+    return {"reports": reports}
+
+
+if __name__ == "__main__":
+    run_cli(main, globals())

@@ -1,0 +1,285 @@
+"""Evidence an explanation can fail: experiments on the input, not on the code.
+
+Zeroing cited neurons in the SAE code lowers the logit by exactly their contributions
+(the head is linear and the SAE error is held fixed), so that figure is a consistency
+check, true by construction. The experiments here change the *image* and rerun the whole
+classifier, so a wrong explanation shows:
+
+* input-space deletion (:func:`input_deletion`): white out the ink where the cited
+  concepts fire (their Top-K token maps, upsampled bilinearly, ink pixels ranked by the
+  map, the strongest pixels covering ``ink_share`` of the sketch's ink) and measure the
+  predicted class's logit and probability drop; beside it the same amount of ink under
+  random active neurons' maps (mean over draws) and under CAM, the class activation map
+  ``W_c · A(h, w) + b_c`` of the GAP + linear head (its mean over tokens is the logit);
+* deletion and insertion curves (:func:`region_curves`): remove from the sketch (or add
+  back onto a blank page) the cited concepts' ink regions one concept at a time in the
+  explanation's order, beside a random order of the same regions, CAM-ranked ink of equal
+  amount and random ink of equal amount; :func:`auc` summarises each curve;
+* counterfactuals on the synthetic set (:func:`counterfactuals`): re-render a test sketch
+  with one part left out and compare the real change of the class logit with the change
+  the explanation predicts: minus the contributions (on the original image) of the
+  neurons it attributes to that part (:func:`part_shares`).
+
+Ink is darkness, ``1 - pixel / 255``; shares of ink are shares of that total, so a faint
+anti-aliased pixel counts for little. Model inputs are uint8 ``(S, S)`` sketches; the
+``models`` and ``analysis`` arguments are ``explain.Models`` and ``explain.Analysis``
+(this module takes them as values and imports nothing from explain, which calls it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data, synthetic
+from .errors import UserError
+
+INK_SHARE = 0.2  # default share of the sketch's ink an input-space check removes
+ORDERS = ("explanation", "random order", "CAM", "random ink")  # the curves region_curves draws
+
+
+# ----------------------------------------------------------------------------- maps
+def token_maps(analysis, b: int, ids: Sequence[int]) -> np.ndarray:
+    """Top-K code maps (n, H, W) of neurons ``ids`` on image ``b`` (zero where a neuron is off)."""
+    indices, values = analysis.indices[b], analysis.values[b]                  # (T, K)
+    wanted = torch.as_tensor(list(ids), dtype=indices.dtype, device=indices.device)
+    hit = indices[None] == wanted[:, None, None]                                # (n, T, K)
+    return (values[None] * hit).sum(-1).reshape(len(wanted), *analysis.hw).cpu().numpy()
+
+
+def code_per_token(analysis, b: int) -> torch.Tensor:
+    """Image ``b``'s Top-K code as a dense (T, M) tensor."""
+    m = int(analysis.z_mean.shape[1])
+    zeros = torch.zeros(analysis.values.shape[1], m, dtype=analysis.values.dtype, device=analysis.values.device)
+    return zeros.scatter_add(1, analysis.indices[b], analysis.values[b])
+
+
+@torch.no_grad()
+def cam_map(models, analysis, b: int, cls: int) -> np.ndarray:
+    """Class activation map (H, W) of class ``cls``: ``W_c · A(h, w) + b_c``.
+
+    ``A = Â + (A − Â)`` is rebuilt from the SAE code and the stored error map, so its mean
+    over tokens is the head's logit for ``cls`` (CAM is the head read out per position).
+    """
+    sae, fc = models.sae, models.classifier.fc
+    recon = sae.unstandardize(sae.decode_sparse(analysis.values[b], analysis.indices[b]))        # (T, C)
+    fmap = recon + analysis.residual[b].flatten(1).t()
+    cam = fmap @ fc.weight[cls].float() + fc.bias[cls].float()
+    return cam.reshape(analysis.hw).cpu().numpy()
+
+
+def upsample(maps: np.ndarray, size: int) -> np.ndarray:
+    """Token maps (n, h, w) -> (n, size, size), bilinear (the overlay's interpolation)."""
+    low = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+# ----------------------------------------------------------------------------- ink
+def ink_of(image_uint8: np.ndarray) -> np.ndarray:
+    """Darkness ``1 - pixel / 255`` per pixel (float64, paper 0)."""
+    return 1.0 - np.asarray(image_uint8, dtype=np.float64) / 255.0
+
+
+def rank_ink(image_uint8: np.ndarray, scores: np.ndarray, shares: np.ndarray | float) -> np.ndarray:
+    """Boolean masks (D, S, S): per score map, the highest-scoring ink pixels covering a share of the ink.
+
+    Ink pixels are taken in decreasing score (ties in raster order) until their darkness
+    reaches ``shares[d]`` of the sketch's total; the pixel that crosses the line is kept,
+    so the mask covers at least the share (at most one pixel more).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+    shares = np.broadcast_to(np.asarray(shares, dtype=np.float64), (len(scores),))
+    ink = ink_of(image_uint8).ravel()
+    keyed = np.where(ink > 0, scores, -np.inf)
+    order = np.argsort(-keyed, axis=1, kind="stable")
+    ranked_ink = ink[order]
+    before = np.cumsum(ranked_ink, axis=1) - ranked_ink                         # ink taken before this pixel
+    take = (before < shares[:, None] * ink.sum()) & (ranked_ink > 0)
+    masks = np.zeros_like(take)
+    np.put_along_axis(masks, order, take, axis=1)
+    return masks.reshape(len(scores), *np.shape(image_uint8))
+
+
+def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
+    """Ink pixels (S, S) to white out: the strongest region of the summed maps (n, h, w) covering ``ink_share``.
+
+    Works for any token maps: cited concepts' code maps, random neurons' maps, or CAM as a
+    single map (``cam[None]``). No maps (n = 0) selects nothing.
+    """
+    if len(maps) == 0:
+        return np.zeros(np.shape(image_uint8), dtype=bool)
+    summed = np.asarray(maps, dtype=np.float64).sum(0, keepdims=True)
+    return rank_ink(image_uint8, upsample(summed, image_uint8.shape[-1]), ink_share)[0]
+
+
+def ink_share_of(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The share of the sketch's ink under each mask (..., S, S)."""
+    ink = ink_of(image_uint8)
+    return (masks * ink).sum((-2, -1)) / max(ink.sum(), 1e-12)
+
+
+def delete_ink(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Copies of the sketch with each mask's pixels set to paper (255): (D, S, S) uint8."""
+    return np.where(masks, np.uint8(255), image_uint8[None]).astype(np.uint8)
+
+
+def insert_ink(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Blank pages holding only each mask's pixels of the sketch: (D, S, S) uint8."""
+    return np.where(masks, image_uint8[None], np.uint8(255)).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the classifier, rerun
+@torch.no_grad()
+def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batched forward of the whole classifier: class ``cls``'s (logits (N,), probabilities (N,))."""
+    x = data.model_input(torch.from_numpy(np.ascontiguousarray(images_uint8)),
+                         models.classifier_ckpt["preprocess"], models.device)
+    logits = models.classifier(x).float()
+    return logits[:, cls].cpu().numpy(), logits.softmax(-1)[:, cls].cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- input-space deletion
+def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
+                   random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE) -> dict:
+    """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
+
+    Three ways to choose the ink, one batched forward for all of them: where the cited
+    neurons fire (their summed token maps), where each random set of active neurons fires
+    (the drop averaged over ``random_sets``), and where CAM for ``cls`` is highest.
+
+    Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
+    ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
+    (``*_prob_drop``) and ``ink_removed`` (share of the ink the cited mask removed).
+    """
+    size = image_uint8.shape[-1]
+    sets = [list(cited_ids)] + [list(s) for s in random_sets]
+    scores = [token_maps(analysis, b, ids).sum(0) if ids else np.zeros(analysis.hw) for ids in sets]
+    scores.append(cam_map(models, analysis, b, cls))
+    shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share]          # no neurons: no ink
+    masks = rank_ink(image_uint8, upsample(np.stack(scores), size), np.array(shares))
+    logits, probs = class_scores(models, delete_ink(image_uint8, masks), cls)
+    logit0, prob0 = float(analysis.logits[b, cls]), float(analysis.probs[b, cls])
+    drop, prob_drop = logit0 - logits, prob0 - probs
+    randoms = slice(1, len(sets))
+    return {"input_cited_drop": float(drop[0]),
+            "input_random_drop": float(drop[randoms].mean()) if random_sets else 0.0,
+            "cam_drop": float(drop[-1]),
+            "input_cited_prob_drop": float(prob_drop[0]),
+            "input_random_prob_drop": float(prob_drop[randoms].mean()) if random_sets else 0.0,
+            "cam_prob_drop": float(prob_drop[-1]),
+            "ink_removed": float(ink_share_of(image_uint8, masks[0]))}
+
+
+# ----------------------------------------------------------------------------- deletion / insertion curves
+@dataclass
+class Curves:
+    """Per order (see :data:`ORDERS`), the class logit after each step, steps 0..n."""
+
+    deletion: dict[str, np.ndarray]    # sketch with the step's ink removed
+    insertion: dict[str, np.ndarray]   # blank page with the step's ink added back
+    ink: dict[str, np.ndarray]         # share of the ink removed / added at each step
+
+
+def concept_regions(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
+    """Each concept's own ink region (n, S, S): the ``ink_share`` of the ink where its map (n, h, w) is strongest."""
+    return rank_ink(image_uint8, upsample(maps, image_uint8.shape[-1]), ink_share)
+
+
+def cumulative(regions: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """Step masks (n+1, S, S): nothing, then the union of the first k regions in ``order``."""
+    steps = np.zeros((len(order) + 1, *regions.shape[1:]), dtype=bool)
+    for k, i in enumerate(order):
+        steps[k + 1] = steps[k] | regions[i]
+    return steps
+
+
+def region_curves(image_uint8: np.ndarray, regions: np.ndarray, cam: np.ndarray,
+                  logit_fn: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator) -> Curves:
+    """Deletion and insertion curves for the cited concepts' ``regions`` (n, S, S), in the explanation's order.
+
+    Beside that order: the same regions in a random order, and at every step the same
+    amount of ink chosen by CAM (``cam`` (h, w)) or at random. ``logit_fn`` maps uint8
+    sketches (N, S, S) to the class logit (N,); all 4 x 2 x (n+1) sketches go through it once.
+    """
+    n, size = len(regions), image_uint8.shape[-1]
+    steps = {"explanation": cumulative(regions, range(n)), "random order": cumulative(regions, rng.permutation(n))}
+    amounts = ink_share_of(image_uint8, steps["explanation"])
+    cam_up = np.broadcast_to(upsample(cam[None], size), (n + 1, size, size))
+    steps["CAM"] = rank_ink(image_uint8, cam_up, amounts)
+    steps["random ink"] = rank_ink(image_uint8, rng.random((n + 1, size, size)), amounts)
+    masks = np.concatenate([steps[o] for o in ORDERS])
+    logits = logit_fn(np.concatenate([delete_ink(image_uint8, masks), insert_ink(image_uint8, masks)]))
+    deletion, insertion = logits[:len(masks)].reshape(len(ORDERS), n + 1), logits[len(masks):].reshape(len(ORDERS), n + 1)
+    return Curves({o: deletion[k] for k, o in enumerate(ORDERS)}, {o: insertion[k] for k, o in enumerate(ORDERS)},
+                  {o: ink_share_of(image_uint8, steps[o]) for o in ORDERS})
+
+
+def auc(curve: np.ndarray) -> float:
+    """Area under a curve sampled at evenly spaced steps over [0, 1] (trapezoids)."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if len(curve) < 2:
+        return float(curve[0]) if len(curve) else 0.0
+    return float(((curve[1:] + curve[:-1]) / 2).mean())
+
+
+# ----------------------------------------------------------------------------- counterfactuals
+def token_part_weights(boxes: Sequence[Sequence[int]], hw: tuple[int, int], image_size: int) -> np.ndarray:
+    """(P, T): how each token's activation is split among the parts whose boxes cover its cell.
+
+    A token's cell is its 1/(h·w) patch of the image; it is shared among the boxes in
+    proportion to the area of the cell each covers; a cell no box touches belongs to no part.
+    """
+    h, w = hw
+    ys, xs = np.arange(h) * image_size / h, np.arange(w) * image_size / w
+    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+    y0, x0 = y0.ravel(), x0.ravel()
+    y1, x1 = y0 + image_size / h, x0 + image_size / w
+    area = np.zeros((len(boxes), h * w))
+    for p, (bx0, by0, bx1, by1) in enumerate(boxes):
+        area[p] = (np.clip(np.minimum(x1, bx1) - np.maximum(x0, bx0), 0, None)
+                   * np.clip(np.minimum(y1, by1) - np.maximum(y0, by0), 0, None))
+    return area / np.maximum(area.sum(0, keepdims=True), 1e-12)
+
+
+def part_shares(code: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(M, P): the share of each neuron's activation mass (code (T, M)) on each part's tokens."""
+    return (weights @ code).T / np.maximum(code.sum(0), 1e-12)[:, None]
+
+
+def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: tuple[int, int], seed: int, cls: int,
+                    best_part: dict[int, str] | None = None) -> list[dict]:
+    """Re-render a synthetic sketch without each of its parts; actual vs predicted change of ``cls``'s logit.
+
+    The explanation's prediction for part k is minus the contributions (on the original
+    image, every active neuron) of the neurons it attributes to the part:
+
+    * ``predicted_box``: each neuron's contribution times the share of its activation mass
+      on the part's tokens (:func:`part_shares`): the code's own "where", no labels used;
+    * ``predicted_best_part`` (with ``best_part``, stage 3's ``{neuron_id: best part}``):
+      the whole contribution of the neurons whose best-matching part type is the part's.
+
+    Returns one dict per part: ``part``, ``distractor``, ``actual``, ``predicted_box`` and,
+    with ``best_part``, ``predicted_best_part``. A sketch that does not re-render
+    byte-identically (another generator version) is a :class:`UserError`.
+    """
+    size = image_uint8.shape[-1]
+    full, parts = synthetic.rerender(*origin, size, seed)
+    if not np.array_equal(full, image_uint8):
+        raise UserError(f"synthetic sample {origin} does not re-render identically: rebuild the cache for this generator")
+    removed = np.stack([synthetic.rerender(*origin, size, seed, omit=k)[0] for k in range(len(parts))])
+    actual = class_scores(models, removed, cls)[0] - float(analysis.logits[b, cls])
+    code = code_per_token(analysis, b).double()                                     # (T, M)
+    contrib = (code.mean(0) * models.lens[:, cls].double()).cpu().numpy()        # (M,)
+    shares = part_shares(code.cpu().numpy(), token_part_weights([p["box"] for p in parts], analysis.hw, size))
+    out = []
+    for k, part in enumerate(parts):
+        row = {"part": part["part"], "distractor": bool(part["distractor"]), "actual": float(actual[k]),
+               "predicted_box": float(-(contrib * shares[:, k]).sum())}
+        if best_part is not None:
+            ids = [i for i, p in best_part.items() if p == part["part"]]
+            row["predicted_best_part"] = float(-contrib[ids].sum())
+        out.append(row)
+    return out

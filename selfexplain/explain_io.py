@@ -1,0 +1,175 @@
+"""Stage 5's inputs and outputs around :mod:`selfexplain.explain`: what ``IMAGE`` names,
+where overlays go, and the text a person reads.
+
+``IMAGE`` is an image file, a folder (its images, sorted), ``test:K`` (the K-th held-out
+test image of the classifier's dataset), or a list of those. On the command line a list
+is a Python/JSON literal, ``--image="['a.png', 'b, c.png']"``, whose names are never
+split; the bare form ``--image=[a.png,b.png]`` splits at commas except inside a name
+that exists on disk. A single path with a comma in it is just a path.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .artifacts import atomic_write_bytes
+from .data import load_dataset
+from .errors import UserError
+from .explain import Explanation, Models
+from .imaging import IMAGE_EXTENSIONS, is_image_file, load_user_image, png_bytes
+
+TEST_IMAGES_DIR = "test_images"  # under REPORT_DIR: test:K images saved as PNG, so outputs can name a file
+_TEST_ENTRY = re.compile(r"^test:(.*)$", re.IGNORECASE)
+
+
+@dataclass
+class ImageInput:
+    """One decoded input: the name its explanation carries, the image, and its class if known."""
+
+    name: str                   # the path given, or the PNG a test:K image was saved as
+    image: np.ndarray           # uint8 (S, S), white background
+    true_class: str | None = None
+
+
+# ----------------------------------------------------------------------------- IMAGE
+def image_list(image: str | Sequence[str]) -> list[str]:
+    """IMAGE as given -> a list of entries: files, every image of a folder, or test:K."""
+    if isinstance(image, str) and _is_list_text(image):
+        image = _parse_list(image.strip())
+    entries = image if isinstance(image, (list, tuple)) else [image]
+    out = []
+    for entry in (str(e).strip() for e in entries):
+        if not entry:
+            raise UserError("no image given; use --image=PATH (a file, a folder, a [list] or test:K)")
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if is_image_file(p))
+            if not found:
+                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            out += found
+        else:
+            out.append(entry)
+    return out
+
+
+def _is_list_text(text: str) -> bool:
+    text = text.strip()
+    return text.startswith("[") and text.endswith("]") and not Path(text).exists()
+
+
+def _parse_list(text: str) -> list[str]:
+    """``"['a.png', 'b,c.png']"`` (a literal) or ``"[a.png,b.png]"`` (bare) -> names."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return _split_bare(text[1:-1])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"IMAGE list must hold file names as strings, got {text}")
+    return value
+
+
+def _split_bare(inner: str) -> list[str]:
+    """Split at commas, keeping together the longest run of pieces that names an existing path."""
+    pieces, out, i = inner.split(","), [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i + 1, -1) if Path(",".join(pieces[i:j]).strip()).exists()), i + 1)
+        out.append(",".join(pieces[i:j]).strip().strip("'\""))
+        i = j
+    return out
+
+
+def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
+                report_dir: str | Path) -> list[ImageInput]:
+    """Decode every entry up front, so a bad one fails before any output is printed."""
+    inputs = []
+    for entry in entries:
+        test = _TEST_ENTRY.match(entry)
+        if test and not Path(entry).exists():
+            inputs.append(test_image(test.group(1), models, cache_dir, report_dir))
+        else:
+            inputs.append(ImageInput(entry, load_user_image(entry, models.image_size)))
+    return inputs
+
+
+def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:
+    """The K-th test image of the classifier's split, saved as ``REPORT_DIR/test_images/test_K.png``."""
+    try:
+        k = int(k_text)
+    except ValueError:
+        raise UserError(f"test images are named test:K with K an integer, got test:{k_text}") from None
+    ckpt = models.classifier_ckpt
+    test = ckpt["split"]["test"]
+    if not 0 <= k < len(test):
+        raise UserError(f"test:{k}: the classifier's test split has {len(test)} images "
+                        f"(test:0 .. test:{len(test) - 1})")
+    imageset = load_dataset(ckpt["dataset"], cache_dir)
+    index = int(test[k])
+    image = np.array(imageset.images[index])
+    path = atomic_write_bytes(Path(report_dir) / TEST_IMAGES_DIR / f"test_{k}.png", png_bytes(image))
+    return ImageInput(str(path), image, imageset.class_names[int(imageset.labels[index])])
+
+
+# ----------------------------------------------------------------------------- overlays
+def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
+    """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``.
+
+    The label is the image's file stem; images whose stems repeat (``a/cat.png``,
+    ``b/cat.png``, ``cat.jpg``) are labelled by their path below the inputs' common
+    folder instead (``a_cat_png``, ``b_cat_png``, ``cat_jpg``), and any label still
+    repeated is numbered, so no overlay overwrites another.
+    """
+    out = Path(overlay)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(".png")
+    if len(names) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{label}.png") for label in _unique_labels(names)]
+
+
+def _unique_labels(names: Sequence[str]) -> list[str]:
+    stems = [Path(n).stem for n in names]
+    repeated = {s for s, c in Counter(stems).items() if c > 1}
+    if repeated:
+        resolved = [Path(n).resolve() for n in names]
+        common = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+        stems = [re.sub(r"[^\w-]+", "_", p.relative_to(common).as_posix()) if s in repeated else s
+                 for s, p in zip(stems, resolved)]
+    seen: Counter = Counter()
+    labels = []
+    for label in stems:
+        seen[label] += 1
+        labels.append(label if seen[label] == 1 else f"{label}_{seen[label]}")
+    return labels
+
+
+# ----------------------------------------------------------------------------- text
+def format_text(exp: Explanation) -> str:
+    """The compact human-readable explanation."""
+    truth = f"   (true class: {exp.extra['true_class']})" if exp.extra.get("true_class") else ""
+    top5 = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in exp.top5)
+    lines = [f"image: {exp.image}",
+             f"predicted: {exp.predicted_class} ({exp.probability:.1%}){truth}",
+             f"top-5: {top5}", "because of (share of the positive evidence, contribution to the logit):"]
+    for n in exp.neurons:
+        lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}]")
+    cited = sum(n.contribution for n in exp.neurons)
+    lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "
+                 f"+ SAE error {exp.error:.3f}")
+    f = exp.faithfulness
+    lines.append(f"faithfulness: removing the cited neurons lowers the logit by {f['cited_drop']:.3f}; "
+                 f"as many random active neurons: {f['random_drop']:.3f}")
+    active = exp.extra.get("top_active")
+    if active:
+        listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
+        lines.append(f"most active ({active['agg']} over tokens, >= p{active['percentile']:g}): {listed or 'none'}")
+    lines.append(exp.sentence)
+    if exp.extra.get("llm_sentence"):
+        lines.append(f"LLM: {exp.extra['llm_sentence']}")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Is this input like the training sketches? A familiarity score, calibrated on validation.
+
+An explanation of an image the models have never seen the like of (noise, a blank page, a
+photo) is still exact arithmetic, but it says nothing about sketches. Three signals, all
+read from what the models already see for every explained image, tell such inputs apart:
+
+* ``sae_error``: the SAE's reconstruction error of the image's layer4 tokens,
+  ``mean over tokens and channels of ((A − Â) / σ)²`` (an FVU in the SAE's standardised
+  space): the SAE learned the training tokens, and tokens unlike them reconstruct badly;
+* ``feature_distance``: the squared Mahalanobis distance of the pooled layer4 feature
+  ``g = GAP(A)`` to the nearest class mean, one covariance shared by the classes and shrunk
+  towards a multiple of the identity (Lee et al., 2018), fitted on training images; ``g``
+  is rebuilt exactly from the analysis, ``GAP(A) = σ ⊙ (D z̄ + b_d) + μ + GAP(A − Â)``;
+* ``ink``: how far the input's ink share (the mean of the model's ink input) is from the
+  training median, ``|log(ink + 1e-3) − median|``. The first two miss a blank page: its
+  features sit among the sketches' (measured: 0% of blank pages flagged by them).
+
+Each signal is put on a common scale by its validation median and 90th percentile,
+``z = (x − median) / (q90 − median)``, and the image's strangeness is the largest of the
+three (one clearly strange signal is enough); the familiarity **score** is minus that.
+The reported **percentile** is the share of validation images whose score is at most the
+image's; ``unfamiliar`` means a score below the ``UNFAMILIAR_PERCENTILE``-th percentile
+of the validation scores (the stored ``threshold``). The Gaussian and the ink median are
+fitted on the training split, scales and threshold on validation, so test rates are honest.
+
+The calibration lives in ``REPORT_DIR/familiarity.json`` with the fingerprints of the
+classifier and SAE it was computed for; :func:`load_or_fit` refits it when it is missing
+or belongs to other models.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import read_json, write_json
+from .data import load_dataset
+from .errors import UserError
+from .explain import analyse
+from .logs import log
+
+FAMILIARITY = "familiarity.json"  # REPORT_DIR: the familiarity calibration, beside the other stage 3-5 artifacts
+CALIBRATION_VERSION = 1           # bump when the score changes: stored calibrations are then refitted
+SIGNALS = ("sae_error", "feature_distance", "ink")
+UNFAMILIAR_PERCENTILE = 1.0       # threshold: this percentile of the validation scores (99% of them pass)
+SHRINKAGE = 0.1                   # covariance shrinkage towards a scaled identity (512 dims, a few thousand images)
+INK_FLOOR = 1e-3                  # keeps log(ink) finite on a blank page
+MIN_VAL_IMAGES = 20               # fewer validation images are too thin a reference to rank against
+MAX_FIT_IMAGES = 5000             # training images that fit the Gaussian (a seeded sample beyond this)
+BATCH = 256                       # images per forward pass while fitting
+
+
+@dataclass
+class Familiarity:
+    """One image's verdict."""
+
+    score: float       # minus the largest scaled signal (higher = more familiar)
+    percentile: float  # % of validation images whose score is at most this one
+    unfamiliar: bool   # score below the calibration's threshold
+
+    def to_dict(self) -> dict:
+        """The ``--json`` fields: ``familiarity`` (the percentile) and ``unfamiliar``."""
+        return {"familiarity": round(self.percentile, 2), "unfamiliar": self.unfamiliar}
+
+
+@dataclass
+class Calibration:
+    """The fitted signals and the validation reference for one classifier/SAE pair."""
+
+    classifier_fingerprint: str
+    sae_fingerprint: str
+    class_means: np.ndarray             # (classes, C) training means of GAP(A)
+    precision: np.ndarray               # (C, C) inverse of the shared, shrunk covariance
+    ink_centre: float                   # median of log(ink + INK_FLOOR) over the training images
+    scales: dict[str, tuple[float, float]] = field(default_factory=dict)  # per signal: validation (median, q90)
+    val_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sorted validation scores
+    threshold: float = float("-inf")    # scores below it are unfamiliar
+    sae: torch.nn.Module | None = field(default=None, repr=False)  # the SAE the signals read (not stored)
+
+    @torch.no_grad()
+    def signals(self, analysis, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The three signals for every image of an analysis of the uint8 batch ``images``."""
+        residual = analysis.residual / self.sae.sigma.view(1, -1, 1, 1)
+        return {"sae_error": residual.pow(2).mean(dim=(1, 2, 3)).double().cpu().numpy(),
+                "feature_distance": mahalanobis(pooled_features(self.sae, analysis), self.class_means, self.precision),
+                "ink": np.abs(log_ink(images) - self.ink_centre)}
+
+    def scores(self, signals: dict[str, np.ndarray]) -> np.ndarray:
+        """The familiarity score per image: minus the largest signal on its validation scale."""
+        scaled = [(signals[k] - median) / max(q90 - median, 1e-12) for k, (median, q90) in self.scales.items()]
+        return -np.max(scaled, axis=0)
+
+    def score(self, analysis, images: np.ndarray) -> list[Familiarity]:
+        """One :class:`Familiarity` per image of ``images`` (uint8 (B, S, S)) and its analysis."""
+        scores = self.scores(self.signals(analysis, images))
+        percentiles = 100.0 * np.searchsorted(self.val_scores, scores, side="right") / len(self.val_scores)
+        return [Familiarity(float(s), float(p), bool(s < self.threshold)) for s, p in zip(scores, percentiles)]
+
+    @classmethod
+    def from_json(cls, stored: dict, sae: torch.nn.Module) -> "Calibration":
+        precision = np.frombuffer(base64.b64decode(stored["precision_float32"]), np.float32).astype(np.float64)
+        means = np.asarray(stored["class_means"], np.float64)
+        return cls(stored["classifier_fingerprint"], stored["sae_fingerprint"], means,
+                   precision.reshape(means.shape[1], means.shape[1]), float(stored["ink_centre"]),
+                   {k: tuple(v) for k, v in stored["scales"].items()}, np.asarray(stored["val_scores"]),
+                   float(stored["threshold"]), sae)
+
+    def to_json(self) -> dict:
+        return {"version": CALIBRATION_VERSION, "classifier_fingerprint": self.classifier_fingerprint,
+                "sae_fingerprint": self.sae_fingerprint, "signals": list(SIGNALS),
+                "unfamiliar_percentile": UNFAMILIAR_PERCENTILE, "shrinkage": SHRINKAGE,
+                "threshold": self.threshold, "val_scores": self.val_scores.tolist(),
+                "scales": {k: list(v) for k, v in self.scales.items()}, "ink_centre": self.ink_centre,
+                "class_means": self.class_means.tolist(),
+                # the (C, C) precision as base64 float32: a tenth of the size of a JSON list
+                "precision_float32": base64.b64encode(self.precision.astype(np.float32).tobytes()).decode("ascii")}
+
+
+# ----------------------------------------------------------------------------- signals
+def mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row of ``x`` (N, C) to its nearest mean (K, C)."""
+    diff = x[:, None, :] - means[None]
+    return np.einsum("nkc,cd,nkd->nk", diff, precision, diff).min(axis=1)
+
+
+def log_ink(images: np.ndarray) -> np.ndarray:
+    """log(ink share + INK_FLOOR) per uint8 image, ink = 1 - pixel / 255."""
+    ink = 1.0 - np.asarray(images, np.float64).reshape(len(images), -1).mean(1) / 255.0
+    return np.log(ink + INK_FLOOR)
+
+
+@torch.no_grad()
+def pooled_features(sae, analysis) -> np.ndarray:
+    """GAP(A) per image, rebuilt exactly from the analysis: σ ⊙ (D z̄ + b_d) + μ + GAP(A − Â)."""
+    gap = sae.unstandardize(sae.decode(analysis.z_mean)) + analysis.residual.mean(dim=(2, 3))
+    return gap.double().cpu().numpy()
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray, shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the precision of the shared within-class covariance, shrunk towards its mean variance."""
+    classes = np.unique(labels)
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    centred = features - means[np.searchsorted(classes, labels)]
+    cov = centred.T @ centred / max(len(features) - len(classes), 1)
+    dim = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
+    return means, np.linalg.inv(cov)
+
+
+# ----------------------------------------------------------------------------- fitting
+def _in_batches(models, images: np.ndarray, fn) -> list:
+    """``fn(analysis, batch)`` for every batch of ``images``."""
+    out = []
+    for start in range(0, len(images), BATCH):
+        batch = np.ascontiguousarray(images[start:start + BATCH])
+        out.append(fn(analyse(models, batch), batch))
+    return out
+
+
+def fit(models, cache_dir: str | Path) -> Calibration:
+    """Fit the Gaussian and ink median on (a sample of) the classifier's training split and
+    the reference on its validation split."""
+    ckpt = models.classifier_ckpt
+    dataset = load_dataset(ckpt["dataset"], cache_dir, progress=False)
+    train, val = np.asarray(ckpt["split"]["train"]), np.sort(np.asarray(ckpt["split"]["val"]))
+    if len(val) < MIN_VAL_IMAGES:
+        raise UserError(f"the classifier's validation split has {len(val)} images; the familiarity "
+                        f"calibration needs at least {MIN_VAL_IMAGES}")
+    if len(train) > MAX_FIT_IMAGES:
+        train = np.random.default_rng(0).choice(train, MAX_FIT_IMAGES, replace=False)
+    train = np.sort(train)
+    parts = _in_batches(models, dataset.images[train], lambda a, b: (pooled_features(models.sae, a), log_ink(b)))
+    means, precision = fit_gaussian(np.concatenate([g for g, _ in parts]), np.asarray(dataset.labels[train]))
+    calibration = Calibration(ckpt["fingerprint"], models.sae_ckpt["fingerprint"], means, precision,
+                              float(np.median(np.concatenate([i for _, i in parts]))), sae=models.sae)
+    parts = _in_batches(models, dataset.images[val], calibration.signals)
+    signals = {k: np.concatenate([p[k] for p in parts]) for k in SIGNALS}
+    calibration.scales = {k: (float(np.median(v)), float(np.percentile(v, 90))) for k, v in signals.items()}
+    calibration.val_scores = np.sort(calibration.scores(signals))
+    calibration.threshold = float(np.percentile(calibration.val_scores, UNFAMILIAR_PERCENTILE))
+    return calibration
+
+
+def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibration:
+    """The calibration in ``report_dir/familiarity.json``; fitted (and written) when missing or stale.
+
+    Stale = written by another calibration version, or for another classifier or SAE.
+    """
+    path = Path(report_dir) / FAMILIARITY
+    want = (CALIBRATION_VERSION, models.classifier_ckpt["fingerprint"], models.sae_ckpt["fingerprint"])
+    if path.is_file():
+        stored = read_json(path)
+        if (stored.get("version"), stored.get("classifier_fingerprint"), stored.get("sae_fingerprint")) == want:
+            return Calibration.from_json(stored, models.sae)
+        log(f"{path} belongs to other models or an older score: refitting")
+    log("calibrating the familiarity score on the validation split (once per model pair)")
+    calibration = fit(models, cache_dir)
+    write_json(path, calibration.to_json())
+    return calibration
+
+
+def warning(verdict: Familiarity) -> str:
+    """The one-line notice the text output, the overlay and the page show for an unfamiliar input."""
+    return (f"unfamiliar input: less familiar than {100 - verdict.percentile:.1f}% of validation sketches; "
+            "the prediction and its explanation may not mean much")

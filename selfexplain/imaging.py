@@ -1,0 +1,212 @@
+"""Image decoding: any sketch file or payload -> the uint8 white-background square the cache stores.
+
+:func:`decode_image` is the one decoder every source and stage 5 use: transparency is
+composited on white, 16-bit and float images are scaled to 8 bits, any mode becomes grey,
+the image is padded to a centred white square and resized so that thin strokes keep
+their ink. Unusable payloads raise :class:`BadImage` with a short reason; a user's own
+file goes through :func:`load_user_image`, which turns that into a one-line UserError.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folders are searched for
+MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
+THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
+
+
+class BadImage(Exception):
+    """A payload that cannot become a sketch; ``str(exc)`` is a short reason such as
+    ``'empty file'``, ``'not an image'``, ``'truncated'``, ``'corrupt (...)'`` or
+    ``'too large (WxH)'``. A source may hand one over as the payload of a row that has
+    no usable image; :func:`decode_image` then raises it."""
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_image(payload: bytes | str | Path | BadImage, image_size: int) -> np.ndarray:
+    """Decode one sketch to a uint8 ``(image_size, image_size)`` array on white.
+
+    Parameters
+    ----------
+    payload : bytes | str | Path | BadImage
+        Encoded image bytes, a path to an image file, or the reason a row has none.
+    image_size : int
+        Side of the output square.
+
+    Raises
+    ------
+    BadImage
+        Empty payload, not an image, truncated or corrupt data, or more than
+        ``MAX_PIXELS`` pixels (checked on the header, before any pixel is decoded).
+    """
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if isinstance(payload, BadImage):
+        raise payload
+    with _open_checked(payload) as im:
+        try:
+            gray = _to_white_gray(im)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying "broken"
+            raise BadImage(_failure_reason(exc)) from None
+    return square_resize(gray, int(image_size))
+
+
+def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int) -> np.ndarray:
+    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError."""
+    if isinstance(path_or_pil, Image.Image):
+        payload = png_bytes(path_or_pil)
+    else:
+        payload = Path(path_or_pil)
+        if not payload.is_file():
+            raise UserError(f"image not found: {payload}")
+    try:
+        return decode_image(payload, image_size)
+    except BadImage as exc:
+        raise UserError(f"cannot read image {path_or_pil}: {exc}") from None
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """A PIL image or a uint8 array encoded as PNG bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _open_checked(payload: bytes | str | Path):
+    """Open an image lazily (header only) and refuse empty, non-image or huge ones."""
+    if isinstance(payload, (str, Path)):
+        try:
+            if Path(payload).stat().st_size == 0:
+                raise BadImage("empty file")
+            source = open(payload, "rb")
+        except OSError as exc:
+            raise BadImage(f"unreadable file ({exc.strerror or exc})") from None
+    else:
+        if len(payload) == 0:
+            raise BadImage("empty file")
+        source = io.BytesIO(payload)
+    with source:
+        try:
+            im = Image.open(source)
+        except Image.DecompressionBombError as exc:  # PIL's own limit (2 x 89 MP) fired first
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise BadImage(f"too large ({pixels.group(1) if pixels else 'over 179M'} pixels)") from None
+        except UnidentifiedImageError:
+            raise BadImage("not an image") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise BadImage(_failure_reason(exc)) from None
+        with im:
+            width, height = im.size
+            if width * height > MAX_PIXELS:  # decided on the header: a bomb is never decoded
+                raise BadImage(f"too large ({width}x{height})")
+            if width == 0 or height == 0:
+                raise BadImage("corrupt (zero-sized image)")
+            yield im
+
+
+def _failure_reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "truncated" if "truncated" in text.lower() else f"corrupt ({text[:80]})"
+
+
+# ----------------------------------------------------------------------------- PIL helpers
+def _to_white_gray(im: Image.Image) -> Image.Image:
+    """Any PIL image -> mode 'L', transparency composited on white, high depth scaled."""
+    if _exif_orientation(im) != 1:  # phone photos of sketches: honour EXIF rotation
+        im = ImageOps.exif_transpose(im)
+    mode, has_key = im.mode, "transparency" in im.info
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if has_key or mode == "PA" else "RGB")
+    elif mode in ("L", "RGB") and has_key:  # a tRNS colour key marks the background
+        im = im.convert("RGBA")
+    if im.mode.startswith("I") or im.mode == "F":
+        return _high_depth_to_gray(im)
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        # Strokes drawn on a transparent canvas often have black "invisible" pixels
+        # behind them: compositing on white is what a viewer shows.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return im.convert("L")
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block should not cost us the sketch
+        return 1
+
+
+def _high_depth_to_gray(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grey -> 8-bit grey with the full range kept."""
+    arr = np.asarray(im, dtype=np.float32)
+    top = float(arr.max()) if arr.size else 0.0
+    if im.mode.startswith("I;16"):
+        scale = 65535.0
+    elif im.mode == "F" and top <= 1.0:
+        scale = 1.0
+    else:  # 'I' (often a 16-bit PNG) or 'F' in 0..255 or beyond: infer the range
+        scale = 255.0 if top <= 255 else (65535.0 if top <= 65535 else top)
+    out = np.clip(arr * (255.0 / scale) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+# ----------------------------------------------------------------------------- ink-preserving resize
+def square_resize(gray: Image.Image, size: int) -> np.ndarray:
+    """Pad a grey image to a centred white square, then resize to ``size`` keeping its ink.
+
+    Strokes are thickened first when shrinking by more than ``THICKEN_ABOVE``x, so the
+    thin strokes of a 1111 px sketch survive at 224 or 112 px.
+    """
+    width, height = gray.size
+    side = max(width, height)
+    ratio = side / size
+    if ratio > THICKEN_ABOVE:
+        # Grow strokes to ~1.5 output pixels (assuming ~3 px source strokes, as in
+        # TU-Berlin): 1111 -> 224 uses k=5, 1111 -> 112 uses k=13. Thinner and they
+        # fade to light grey when averaged; thicker and nearby strokes merge.
+        k = 2 * max(1, round((1.5 * ratio - 3) / 2)) + 1
+        gray = Image.fromarray(_thicken(np.asarray(gray), k), mode="L")
+    if width != height:
+        canvas = Image.new("L", (side, side), 255)
+        canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
+        gray = canvas
+    if side > size:  # area averaging: exact antialiasing for line art, no ringing, 5x faster than Lanczos
+        gray = gray.resize((size, size), Image.Resampling.BOX)
+    elif side < size:
+        gray = gray.resize((size, size), Image.Resampling.LANCZOS)
+    return np.array(gray, dtype=np.uint8)
+
+
+def _thicken(arr: np.ndarray, k: int) -> np.ndarray:
+    """Grey-level erosion with a k x k square (dark strokes grow by k-1 px).
+
+    Separable running minimum in numpy: ~60x faster than ``ImageFilter.MinFilter(k)``
+    on a 1111 px sketch (3 ms instead of 200 ms for k=7).
+    """
+    r = k // 2
+    padded = np.pad(arr, r, mode="constant", constant_values=255)  # outside is white paper
+    h, w = arr.shape
+    rows = padded[:, 0:w].copy()
+    for s in range(1, k):
+        np.minimum(rows, padded[:, s:s + w], out=rows)
+    out = rows[0:h].copy()
+    for s in range(1, k):
+        np.minimum(out, rows[s:s + h], out=out)
+    return out

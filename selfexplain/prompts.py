@@ -1,0 +1,204 @@
+"""What the LLM is told, and how its answers are read.
+
+Every prompt is a file under ``prompts/`` in this package:
+
+* ``concept_system.txt``: stage 4's system prompt (name the concept of one neuron);
+* ``concept_user.txt``: stage 4's user message, filled with one neuron's statistics;
+* ``why_system.txt``, ``why_user.txt``: stage 5's optional one-sentence answer on why a
+  class was predicted.
+
+:func:`prompt_version` hashes stage 4's two files; every answer records it, so editing a
+prompt makes stage 4 ask again. An answer is untrusted text from a server:
+:func:`parse_concept` keeps one short line of it, and :func:`strip_controls` removes
+terminal escape sequences and other control characters before anything is printed or
+stored (a class name from a dataset is treated the same way).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+PROMPT_DIR = Path(__file__).with_name("prompts")
+CONCEPT_PROMPTS = ("concept_system", "concept_user")  # the files prompt_version() hashes
+PART_AUROC = 0.8  # offline labels name a ground-truth part when a neuron detects it this well
+
+
+class MalformedAnswer(ValueError):
+    """The server answered, but not with something usable (asking again may help)."""
+
+
+# ----------------------------------------------------------------------------- prompt files
+def load_prompt(name: str) -> str:
+    """The text of ``prompts/<name>.txt``."""
+    path = PROMPT_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+def prompt_version() -> str:
+    """A short hash of stage 4's prompt files, recorded with each answer."""
+    digest = hashlib.sha256()
+    for name in CONCEPT_PROMPTS:
+        digest.update(load_prompt(name).encode())
+    return digest.hexdigest()[:8]
+
+
+def system_prompt(max_words: int = 12) -> str:
+    """Stage 4's system prompt, asking for at most ``max_words`` words."""
+    return load_prompt("concept_system").replace("{max_words}", str(max_words)).strip()
+
+
+def why_system_prompt() -> str:
+    """Stage 5's system prompt for the one-sentence answer."""
+    return load_prompt("why_system").strip()
+
+
+def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]]) -> str:
+    """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``."""
+    evidence = "; ".join(f"{strip_controls(concept)} ({share:.0%} of the evidence)" for concept, share in cited)
+    return load_prompt("why_user").format(predicted_class=strip_controls(predicted_class),
+                                          probability=f"{probability:.0%}",
+                                          evidence=evidence or "no single concept").strip()
+
+
+# ----------------------------------------------------------------------------- untrusted text
+# ESC ] ... BEL or ST (window title, hyperlinks), ESC [ ... final byte (colours, cursor), ESC + one byte
+_ESCAPES = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]?")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # can reorder what a reader sees
+
+
+def strip_controls(text: str, keep_newlines: bool = False) -> str:
+    """``text`` without escape sequences, control characters or bidirectional overrides.
+
+    Line breaks and tabs become spaces unless ``keep_newlines`` (then ``\\n`` and ``\\t`` stay).
+    """
+    text = _ESCAPES.sub("", str(text))
+    if not keep_newlines:
+        text = re.sub(r"[\t\n\r\v\f]+", " ", text)
+    return "".join(ch for ch in text if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _BIDI))
+
+
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
+_PREFIX = re.compile(r"^(final answer|answer|concept|label|the concept is|this neuron detects|neuron)\s*[:\-–]\s*",
+                     re.I)
+_REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|as an ai)", re.I)
+
+
+def clean_text(raw: str) -> str:
+    """Strip control characters, reasoning blocks, code fences and whitespace.
+
+    Raises
+    ------
+    MalformedAnswer
+        Nothing is left.
+    """
+    text = _THINK.sub("", strip_controls(raw or "", keep_newlines=True)).replace("```", "").strip()
+    if not text:
+        raise MalformedAnswer("empty answer")
+    return text
+
+
+def _clean_line(line: str) -> str:
+    line = re.sub(r"[*_`#>]+", "", line).strip()  # markdown emphasis, headings, quotes
+    line = re.sub(r"^(\d+[.)]|[-•])\s+", "", line)  # list markers
+    for _ in range(3):  # "Answer: Concept: ..." peels twice
+        line = _PREFIX.sub("", line).strip()
+    line = line.strip(" \t\"'“”‘’«»")
+    return line.rstrip(".;:,!").strip(" \"'“”‘’")
+
+
+def parse_concept(raw: str, max_words: int = 12) -> str:
+    """The concept in a model's answer: first meaningful line, decorations removed, cut to words.
+
+    Raises
+    ------
+    MalformedAnswer
+        Nothing left, no letters, mostly symbols, or a refusal.
+    """
+    text = clean_text(raw)
+    line = next((c for c in (_clean_line(ln) for ln in text.splitlines()) if c), "")
+    words = line.split()
+    if len(words) > max_words:
+        line = " ".join(words[:max_words]).rstrip(".;:,!-–")
+    letters = sum(ch.isalpha() for ch in line)
+    if letters < 2 or letters < 0.4 * len(line.replace(" ", "")) or _REFUSAL.match(line):
+        raise MalformedAnswer(f"unusable answer {strip_controls(raw)[:80]!r}")
+    return line
+
+
+# ----------------------------------------------------------------------------- stage 4 messages
+def _class_name(entry: dict) -> str:
+    return strip_controls(entry.get("class") or f"class {entry.get('index', '?')}")
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "?" if value is None else format(scale * value, spec)
+
+
+def _examples_line(neuron: dict, attached: Sequence[dict]) -> str:
+    """What the message says about the neuron's strongest sketches (attached or only named)."""
+    if not attached:
+        listed = ", ".join(f"{_class_name(e)} ({_fmt(e.get('activation'), '.2f')})"
+                           for e in neuron.get("top_examples", [])[:8])
+        return f"Its strongest sketches are of: {listed}." if listed else ""
+    listed = "; ".join(f"{i + 1}. {_class_name(e)} ({_fmt(e.get('activation'), '.2f')})"
+                       for i, e in enumerate(attached))
+    return (f"The attached image{'s show' if len(attached) > 1 else ' shows'} its strongest sketches "
+            f"(in this order; left to right, top to bottom when tiled): {listed}.")
+
+
+def _strong_rule(neuron: dict) -> str:
+    """How stage 3 defines "strongly on", so the model reads the frequency for what it is."""
+    quantile, threshold = neuron.get("quantile"), neuron.get("threshold")
+    if quantile is None or threshold is None:
+        return "per-image max above the neuron's own threshold"
+    return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.0f', 100)}th "
+            f"percentile over images, so at most {_fmt(1 - quantile, '.0f', 100)}% of sketches by definition")
+
+
+def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = ()) -> str:
+    """The user message for one neuron: its statistics with class names, and its examples.
+
+    ``attached`` are the ``top_examples`` entries whose thumbnails go with the message, in
+    order; the message tells the model what each shows.
+    """
+    tops = [f"- {_class_name(c)}: PMI {_fmt(c.get('pmi'), '+.2f')}; {_fmt(c.get('p_class_given_on'), '.0f', 100)}%; "
+            f"lens {_fmt(c.get('lens'), '+.2f')}" for c in neuron.get("top_classes", [])[:5]]
+    antis = [f"- {_class_name(c)}: PMI {_fmt(c.get('pmi'), '+.2f')}" for c in neuron.get("anti_classes", [])[:3]]
+    where = neuron.get("where") or {}
+    return load_prompt("concept_user").format(
+        neuron_id=neuron["neuron_id"],
+        image_frequency=_fmt(neuron.get("image_frequency"), ".1f", 100) + "%",
+        strong_rule=_strong_rule(neuron),
+        frequency=_fmt(neuron.get("frequency"), ".2f", 100) + "%",
+        mean_on=_fmt(neuron.get("mean_on_activation"), ".3g"),
+        top_classes="\n".join(tops) or "- none",
+        anti_classes="\n".join(antis) or "- none",
+        where=strip_controls(where.get("description") or "anywhere"),
+        auto_summary=strip_controls(neuron.get("auto_summary") or "none"),
+        examples=_examples_line(neuron, attached),
+        max_words=max_words,
+    ).strip()
+
+
+def offline_label(neuron: dict, max_words: int = 12) -> str:
+    """A deterministic concept from the statistics alone, marked ``offline:``.
+
+    Example: ``"offline: strokes typical of wheel/bicycle, lower left"``; on data with
+    ground-truth parts (the synthetic set), a neuron that detects one part well is named
+    after it: ``"offline: spiral (part AUROC 0.92), upper right"``.
+    """
+    classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]]
+    core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a class preference"
+    part = neuron.get("parts") or {}
+    if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
+        core = f"{strip_controls(part['best_part'])} (part AUROC {part['auroc']:.2f})"
+    where = strip_controls((neuron.get("where") or {}).get("description") or "")
+    label = f"{core}, {where}" if where else core
+    return "offline: " + " ".join(label.split()[:max_words])

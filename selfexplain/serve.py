@@ -1,0 +1,175 @@
+"""The draw-and-explain page: a local HTTP server over the loaded models.
+
+Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from the network):
+
+* ``GET /``: the drawing page (``static/draw.html``): a canvas for mouse, touch and pen,
+  undo, clear, stroke width and an upload button; after each stroke it posts the canvas;
+* ``POST /explain``: body = PNG bytes; answers the ``why_did_you --json`` object, plus
+  ``familiarity``/``unfamiliar`` and ``overlay_png`` (the heat overlay, base64 PNG);
+  a bad body is a 400 with ``{"error": "..."}``, a body over ``MAX_BODY`` bytes a 413;
+* ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
+  sprites), read-only, refusing any path that leaves ``REPORT_DIR``.
+
+Models load once, when the server is made; one lock serialises the model passes, so
+concurrent requests are safe (each request's explanation owns its own tensors).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from . import explain, familiarity
+from .errors import UserError
+from .logs import log
+from .imaging import BadImage, decode_image, png_bytes
+
+MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 413
+DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
+PAGE = Path(__file__).with_name("static") / "draw.html"
+
+
+@dataclass
+class Explainer:
+    """The loaded models, the familiarity calibration and the options every request shares."""
+
+    models: explain.Models
+    calibration: familiarity.Calibration
+    classifier_ckpt: str
+    sae_ckpt: str
+    report_dir: str
+    options: dict = field(default_factory=dict)   # keyword arguments for explain.explain_images
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def explain_png(self, payload: bytes) -> dict:
+        """PNG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError."""
+        if not payload.startswith(PNG_SIGNATURE):
+            raise UserError("the body must be a PNG image" if payload else "empty body: send the PNG bytes")
+        try:
+            image = decode_image(payload, self.models.image_size)
+        except BadImage as exc:
+            raise UserError(f"cannot read the PNG: {exc}") from None
+        with self.lock:  # one model pass at a time: torch modules are shared, CPU threads are few
+            exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
+                                         report_dir=self.report_dir, **self.options)[0]
+            analysis = explain.analyse(self.models, image[None])
+        exp.image = "<upload>"
+        exp.extra.update(self.calibration.score(analysis, image[None])[0].to_dict())
+        out = exp.to_dict()
+        out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp))).decode("ascii")
+        return out
+
+
+def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
+    """The file under ``report_dir`` that ``/atlas/<url_path>`` names, or None (missing or outside)."""
+    root = Path(report_dir).resolve()
+    rel = unquote(url_path).lstrip("/") or "index.html"
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return target
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the server's :class:`Explainer`; every error is a one-line JSON body."""
+
+    server_version = "selfexplain"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif path == "/atlas" or path.startswith("/atlas/"):
+            target = atlas_file(self.server.explainer.report_dir, path[len("/atlas"):])
+            if target is None:
+                self._error(HTTPStatus.NOT_FOUND, f"no such atlas file: {path}")
+            else:
+                kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+                self._send(HTTPStatus.OK, target.read_bytes(), kind)
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if urlsplit(self.path).path != "/explain":
+            self._error(HTTPStatus.NOT_FOUND, "POST goes to /explain")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header", close=True)
+            return
+        if length > MAX_BODY:
+            self._drain(length)
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload over {MAX_BODY // 2 ** 20} MiB", close=True)
+            return
+        payload = self.rfile.read(max(length, 0))
+        try:
+            result = self.server.explainer.explain_png(payload)
+        except UserError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+            return
+        self._send(HTTPStatus.OK, json.dumps(result, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a refused body (clients that are still sending would miss the answer)."""
+        left = length if length <= DRAIN_LIMIT else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
+            left -= len(chunk)
+
+    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
+        if close:  # the unread body would be parsed as the next request
+            self.close_connection = True
+        self._send(status, json.dumps({"error": message}).encode("utf-8"), "application/json")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        if not self.server.quiet:
+            log(f"{self.address_string()} {format % args}", error=True)
+
+
+def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
+                port: int = 8000, device: str = "auto", quiet: bool = False, **options) -> ThreadingHTTPServer:
+    """Load the models and the familiarity calibration once; return the bound (not yet serving) server.
+
+    ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``).
+    """
+    models = explain.load_models(classifier_ckpt, sae_ckpt, device)
+    calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    server.daemon_threads, server.quiet = True, quiet
+    server.explainer = Explainer(models, calibration, str(classifier_ckpt), str(sae_ckpt), str(report_dir),
+                                 dict(options, device=models.device))
+    return server
+
+
+def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
+               port: int = 8000, device: str = "auto", **options) -> None:
+    """Serve the draw-and-explain page until Ctrl-C (``why_did_you.py --serve=True``)."""
+    server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, **options)
+    host, port = server.server_address[:2]
+    log(f"draw-and-explain page on http://{host}:{port}/ (the atlas at /atlas/index.html); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        server.server_close()

@@ -1,0 +1,172 @@
+"""Concept measures and baseline codes: hand-made cases where the right answer is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from selfexplain import baselines, concept_measures as cm
+from selfexplain.sae import TopKSAE, tokens_of
+
+PARTS = ["a", "b"]
+
+
+def test_average_precision_matches_hand_computed_values():
+    scores = np.array([[0.9], [0.8], [0.7], [0.6]])
+    # ranked positives at 1 and 3: AP = (1/1 + 2/3) / 2
+    assert cm.average_precision(scores, np.array([1, 0, 1, 0], bool))[0] == pytest.approx(5 / 6)
+    # a tie between a positive and a negative enters as one threshold: precision 1/2 at recall 1
+    tied = np.array([[0.5], [0.5]])
+    assert cm.average_precision(tied, np.array([1, 0], bool))[0] == pytest.approx(0.5)
+    # several label sets at once, and no positives -> NaN
+    both = cm.average_precision(scores, np.array([[1, 0], [0, 0], [1, 0], [0, 0]], bool))
+    assert both.shape == (2, 1) and both[0, 0] == pytest.approx(5 / 6) and np.isnan(both[1, 0])
+
+
+def test_selection_uses_the_training_split_only():
+    rng = np.random.default_rng(0)
+    n = 200
+    train_present = rng.random((n, 1)) < 0.5
+    test_present = rng.random((n, 1)) < 0.5
+    # unit 0 detects the part on train only; unit 1 on test only; unit 2 is noise
+    train = np.stack([train_present[:, 0] + 0.1 * rng.random(n), rng.random(n), rng.random(n)], 1)
+    test = np.stack([rng.random(n), test_present[:, 0] + 0.1 * rng.random(n), rng.random(n)], 1)
+    sel = cm.select_and_score(train, train_present, test, test_present, ["a"])
+    assert sel.unit[0] == 0                              # chosen where it was trained, not where it is scored
+    assert sel.train_auroc[0] == pytest.approx(1.0)
+    assert sel.test_auroc[0] < 0.65                      # the train-best unit does not hold up
+    assert sel.test_best_auroc[0] == pytest.approx(1.0)  # reported only as an upper bound
+    d = sel.to_dict()
+    assert d["per_part"]["a"]["unit"] == 0 and d["mean_test_best_auroc_upper_bound"] == pytest.approx(1.0)
+
+
+def test_class_confound_separates_part_from_class_detectors():
+    # classes 0 and 1 hold part a; class 2 does not, but two of its images carry it as a distractor
+    labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    present = np.array([[1], [1], [1], [1], [1], [1], [0], [0]], bool)
+    part_classes = np.array([[True, True, False]])
+    part_detector = present[:, 0].astype(float)[:, None]
+    class_detector = (labels < 2).astype(float)[:, None]
+    scores = np.concatenate([part_detector, class_detector], 1)
+    conf = cm.class_confound(scores, present, labels, part_classes, np.array([0]), ["a"])
+    assert conf.class_set_auroc[0] == pytest.approx(0.5 * (1 + 4 / 6))  # TPR 4/6, FPR 0
+    assert conf.distractor_auroc[0] == pytest.approx(1.0) and conf.distractor_positives[0] == 2
+    conf = cm.class_confound(scores, present, labels, part_classes, np.array([1]), ["a"])
+    assert conf.distractor_auroc[0] == pytest.approx(0.5)              # a class detector is blind here
+
+
+def test_class_parts_and_presence_from_records():
+    parts = [[{"part": "a", "box": [0, 0, 2, 2], "distractor": False}],
+             [{"part": "b", "box": [0, 0, 2, 2], "distractor": False},
+              {"part": "a", "box": [2, 2, 4, 4], "distractor": True}]]
+    assert cm.part_presence(parts, PARTS).tolist() == [[True, False], [True, True]]
+    assert cm.class_parts(parts, [0, 1], PARTS, 2).tolist() == [[True, False], [False, True]]
+
+
+def test_pointing_game_on_a_constructed_map():
+    # 2x2 grid over a 64 px image: cell centres at 16 and 48; part a's box covers the top-left cell only
+    parts = [[{"part": "a", "box": [0, 0, 30, 30]}], [{"part": "a", "box": [0, 0, 30, 30]}],
+             [{"part": "a", "box": [0, 0, 30, 30]}], [{"part": "b", "box": [0, 0, 30, 30]}]]
+    in_box = cm.cells_in_box(parts, PARTS, (2, 2), 64)
+    assert in_box[0, 0].tolist() == [True, False, False, False]
+    maps = np.zeros((4, 2, 4))
+    maps[0, 0] = [5, 1, 0, 0]      # hit
+    maps[1, 0] = [0, 0, 3, 1]      # miss
+    # image 2: silent unit (flat map) counts as a miss; image 3 lacks part a and is ignored
+    maps[3, 0] = [9, 0, 0, 0]
+    res = cm.pointing_game(maps, in_box, cm.part_presence(parts, PARTS), PARTS)
+    assert res.hit_rate[0] == pytest.approx(1 / 3) and res.chance[0] == pytest.approx(0.25)
+    assert res.n_images[0] == 3 and res.n_images[1] == 1
+
+
+def test_counterfactual_drops_own_versus_other_part():
+    present = np.array([[1, 1], [1, 1]], bool)
+    orig = np.array([[2.0, 4.0], [1.0, 0.0]])        # unit 1 silent on image 1: that pair is skipped
+    cf = np.array([[0.0, 4.0], [2.0, 1.0], [0.5, 0.0], [1.0, 0.0]])
+    cf_image, cf_part = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    res = cm.counterfactual_drops(orig, cf, cf_image, cf_part, present, np.array([0, 1]), PARTS)
+    assert res.own_drop[0] == pytest.approx((2.0 + 0.5) / (2.0 + 1.0))  # unit 0 when part a goes: Σ(a-a')/Σa
+    assert res.other_drop[0] == pytest.approx((0.0 + 0.0) / 2)
+    assert res.own_drop[1] == pytest.approx(0.75) and res.n_own[1] == 1
+    assert res.other_drop[1] == pytest.approx(0.0)
+    report = cm.ConceptReport("x", 2, 0.0, cm.select_and_score(orig, present, orig, present, PARTS),
+                              cm.class_confound(orig, present, [0, 1], np.ones((2, 2), bool), [0, 1], PARTS),
+                              counterfactual=res).to_dict()
+    assert report["mean_cf_own_drop"] == pytest.approx((2.5 / 3 + 0.75) / 2) and "cf_other_n" in report["per_part"]["a"]
+
+
+def test_nmf_recovers_a_nonnegative_low_rank_matrix():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 5, generator=g) @ torch.rand(5, 40, generator=g)
+    w = baselines.nmf_dictionary(x, 5, iters=500)
+    assert (w >= 0).all()
+    h = baselines.nmf_codes(x, w, iters=300)
+    assert (h >= 0).all()
+    assert float((x - h @ w).norm() / x.norm()) < 0.05
+    with pytest.raises(Exception, match="non-negative"):
+        baselines.nmf_dictionary(x - 1, 5)
+
+
+def test_pca_and_channel_codes_have_the_sae_interface():
+    fmap = torch.rand(3, 8, 2, 2)
+    pca = baselines.fit_pca(fmap.permute(0, 2, 3, 1).reshape(-1, 8), 20)
+    assert pca.n_units == 8                               # capped at the token dimension
+    codes = pca.codes_for_map(fmap)
+    assert codes.shape == (3, 4, 8)
+    # an orthonormal basis keeps the tokens' centred energy
+    centred = fmap.permute(0, 2, 3, 1).reshape(-1, 8)
+    centred = centred - centred.mean(0)
+    assert float(codes.reshape(-1, 8).pow(2).sum()) == pytest.approx(float(centred.pow(2).sum()), rel=1e-4)
+    assert torch.equal(baselines.channel_code(8).codes_for_map(fmap)[1, 2], fmap[1, :, 1, 0])
+
+
+def test_constructed_part_detector_beats_noise_units():
+    rng = np.random.default_rng(1)
+    present = rng.random((300, 2)) < 0.4
+    noise = rng.random((300, 6))
+    scores = np.concatenate([noise, present[:, :1] + 0.5 * rng.random((300, 1))], 1)   # unit 6 detects part a
+    sel = cm.select_and_score(scores[:150], present[:150], scores[150:], present[150:], PARTS)
+    assert sel.unit[0] == 6 and sel.test_auroc[0] == pytest.approx(1.0) and sel.test_ap[0] == pytest.approx(1.0)
+    assert sel.test_auroc[1] < 0.7                        # part b has only noise units
+
+
+def part_tokens(n_images: int, directions: torch.Tensor, rng) -> tuple[torch.Tensor, np.ndarray]:
+    """Layer4-like maps (N, 32, 2, 2): each present part adds its direction (4, 32) to one random token.
+
+    Returns (maps, presence (N, 4) bool). Tokens get non-negative noise, as post-ReLU channels would.
+    """
+    present = rng.random((n_images, 4)) < 0.4
+    tokens = torch.as_tensor(rng.random((n_images, 4, 32)) * 0.3, dtype=torch.float32)
+    for n, p in zip(*np.nonzero(present)):
+        tokens[n, rng.integers(4)] += float(rng.uniform(1.0, 2.0)) * directions[p]
+    return tokens.reshape(n_images, 2, 2, 32).permute(0, 3, 1, 2), present
+
+
+def test_trained_tiny_sae_beats_a_random_sae_held_out(seed):
+    rng = np.random.default_rng(0)
+    directions = torch.as_tensor(rng.random((4, 32)) * (rng.random((4, 32)) < 0.3), dtype=torch.float32)
+    train_maps, train_present = part_tokens(400, directions, rng)
+    test_maps, test_present = part_tokens(200, directions, rng)
+    tokens = tokens_of(train_maps)
+    sae = TopKSAE(32, 16, 2)
+    sae.mu.copy_(tokens.mean(0))
+    sae.sigma.copy_(tokens.std(0) + 1e-3)
+    rand = baselines.random_sae_like(sae, seed=1)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = sae.standardize(tokens)
+    for _ in range(300):
+        recon, _, _ = sae(x)
+        loss = (recon - x).pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+    names = ["p0", "p1", "p2", "p3"]
+    scores = []
+    for code in (baselines.sae_code(sae), baselines.sae_code(rand)):
+        sel = cm.select_and_score(code.codes_for_map(train_maps).amax(1).numpy(), train_present,
+                                  code.codes_for_map(test_maps).amax(1).numpy(), test_present, names)
+        scores.append(np.nanmean(sel.test_auroc))
+    trained, random_floor = scores
+    assert trained > 0.9 and trained > random_floor + 0.1, (trained, random_floor)

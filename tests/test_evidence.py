@@ -1,0 +1,177 @@
+"""Input-space evidence: each test can fail when an explanation (or the machinery) is wrong."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from selfexplain import data, evidence, explain, synthetic
+from selfexplain.errors import UserError
+
+
+# ----------------------------------------------------------------------------- constructed cases (no model)
+def two_blocks() -> np.ndarray:
+    """A 64 px page with equal ink in the top-left and bottom-right quadrants."""
+    image = np.full((64, 64), 255, dtype=np.uint8)
+    image[8:24, 8:24] = 0
+    image[40:56, 40:56] = 0
+    return image
+
+
+def quadrant_logit(images: np.ndarray) -> np.ndarray:
+    """A known classifier: top-left ink counts 3x, bottom-right ink 1x."""
+    ink = evidence.ink_of(images)
+    return 3 * ink[:, :32, :32].sum((1, 2)) + ink[:, 32:, 32:].sum((1, 2))
+
+
+def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
+    image, _ = synthetic.rerender(0, 0, 64, 0)
+    maps = np.random.default_rng(0).random((3, 2, 2))
+    ink = evidence.ink_of(image)
+    ranked = evidence.upsample(maps.sum(0, keepdims=True), 64)[0]
+    for share in (0.05, 0.2, 0.5):
+        mask = evidence.concept_ink_mask(image, maps, share)
+        covered = ink[mask].sum() / ink.sum()
+        assert share <= covered <= share + ink.max() / ink.sum()  # at most one pixel over
+        assert (ink[mask] > 0).all()
+        assert ranked[mask].min() >= ranked[~mask & (ink > 0)].max()  # nothing stronger left behind
+    assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
+
+
+def test_shuffled_concept_order_scores_worse_on_deletion_and_insertion():
+    image = two_blocks()
+    maps = np.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])  # concept 0: top-left, 1: bottom-right
+    regions = evidence.concept_regions(image, maps, 0.5)
+    cam = np.array([[3.0, 0.0], [0.0, 1.0]])
+    rng = np.random.default_rng(0)
+    right = evidence.region_curves(image, regions, cam, quadrant_logit, rng)
+    wrong = evidence.region_curves(image, regions[::-1], cam, quadrant_logit, rng)
+    assert evidence.auc(right.deletion["explanation"]) < evidence.auc(wrong.deletion["explanation"])
+    assert evidence.auc(right.insertion["explanation"]) > evidence.auc(wrong.insertion["explanation"])
+    # the right order removes the strong block first, as CAM does; random ink does worse
+    np.testing.assert_allclose(right.deletion["explanation"], right.deletion["CAM"])
+    assert evidence.auc(right.deletion["explanation"]) < evidence.auc(right.deletion["random ink"])
+    assert right.deletion["explanation"][-1] == pytest.approx(0.0)
+    np.testing.assert_allclose(right.ink["CAM"], right.ink["explanation"], atol=1e-9)
+
+
+def test_part_shares_follow_the_tokens_a_neuron_fires_on():
+    boxes = [[4, 4, 28, 28], [36, 36, 60, 60]]                # parts in the top-left and bottom-right cells
+    weights = evidence.token_part_weights(boxes, (2, 2), 64)
+    np.testing.assert_allclose(weights, [[1, 0, 0, 0], [0, 0, 0, 1]])
+    code = np.array([[2.0, 0.0, 1.0], [0, 0, 0], [0, 0, 1.0], [0, 3.0, 0]])  # (T=4, M=3)
+    shares = evidence.part_shares(code, weights)
+    np.testing.assert_allclose(shares, [[1, 0], [0, 1], [0.5, 0]])
+    # a box straddling two cells splits a cell's activation only with boxes that share that cell
+    split = evidence.token_part_weights([[0, 0, 64, 16], [0, 0, 16, 16]], (2, 2), 64)
+    np.testing.assert_allclose(split[:, 0], [2 / 3, 1 / 3])
+    np.testing.assert_allclose(split[:, 1], [1, 0])
+
+
+class BoxClassifier(torch.nn.Module):
+    """A known classifier: one logit, the ink inside each part's box times that part's weight."""
+
+    def __init__(self, weights: np.ndarray):
+        super().__init__()
+        self.weights = torch.as_tensor(weights, dtype=torch.float32)
+
+    def forward(self, x):
+        return (x[:, 0] * self.weights).sum((1, 2))[:, None]
+
+
+def box_case(origin, part_weights, shift: int = 0):
+    """Models, sketch and an explanation of it for :class:`BoxClassifier` (4x4 tokens).
+
+    Neuron k fires on the tokens over part k's ink and contributes exactly what the part
+    adds to the logit: the right explanation. ``shift`` moves every neuron's map onto
+    another part's ink (contributions unchanged): a wrong explanation.
+    """
+    image, parts = synthetic.rerender(*origin, 64, 0)
+    ink = evidence.ink_of(image)
+    weight_image, maps = np.zeros((64, 64)), []
+    for k, part in enumerate(parts):
+        x0, y0, x1, y1 = part["box"]
+        weight_image[y0:y1, x0:x1] = part_weights[k]
+        inside = np.zeros((64, 64))
+        inside[y0:y1, x0:x1] = ink[y0:y1, x0:x1]
+        maps.append(inside.reshape(4, 16, 4, 16).sum((1, 3)).ravel())    # part k's ink per token
+    maps = np.array(maps)                                                 # (P, T)
+    contribution = maps.sum(1) * part_weights[:len(parts)]                # what each part adds to the logit
+    maps = np.roll(maps, shift, axis=0)
+    lens = contribution / maps.mean(1)                                    # mean code x lens = contribution
+    models = SimpleNamespace(classifier=BoxClassifier(weight_image), classifier_ckpt={"preprocess": {"mean": 0.0, "std": 1.0}},
+                             device="cpu", lens=torch.tensor(lens)[:, None])
+    values = torch.tensor(maps.T, dtype=torch.float32)[None]              # (1, T, K=P): every neuron at every token
+    analysis = SimpleNamespace(logits=models.classifier(torch.as_tensor(ink, dtype=torch.float32)[None, None]),
+                               values=values, indices=torch.arange(len(parts)).repeat(16, 1)[None],
+                               z_mean=values.mean(1), hw=(4, 4))
+    return models, image, analysis
+
+
+def test_counterfactual_with_the_wrong_part_attributed_does_not_match():
+    right, wrong = [], []
+    for origin in [(0, 0), (1, 0), (2, 0), (1, 2), (5, 3), (7, 1)]:
+        weights = [3.0, 1.0, 2.0, 0.5]
+        for shift, out in ((0, right), (1, wrong)):
+            models, image, analysis = box_case(origin, weights, shift)
+            out += [(r["actual"], r["predicted_box"]) for r in evidence.counterfactuals(models, image, analysis, 0,
+                                                                                        origin, 0, 0)]
+    right, wrong = np.array(right), np.array(wrong)
+    assert np.corrcoef(right.T)[0, 1] > 0.9
+    assert np.abs(right[:, 1] - right[:, 0]).mean() < 0.25 * np.abs(right[:, 0]).mean()
+    assert np.corrcoef(wrong.T)[0, 1] < 0.6
+    assert np.abs(wrong[:, 1] - wrong[:, 0]).mean() > 2 * np.abs(right[:, 1] - right[:, 0]).mean()
+
+
+
+# ----------------------------------------------------------------------------- the tiny trained pipeline
+@pytest.fixture(scope="module")
+def tiny(tiny_classifier, tiny_sae, cache_dir):
+    models = explain.load_models(tiny_classifier / "best.pt", tiny_sae / "best_sae.pt", "cpu")
+    spec = models.classifier_ckpt["dataset"]
+    imageset = data.load_dataset(spec, cache_dir)
+    test = np.sort(np.asarray(models.classifier_ckpt["split"]["test"]))[:12]
+    images = np.ascontiguousarray(imageset.images[test])
+    return models, images, explain.analyse(models, images), [synthetic.sample_origin(i, spec["per_class"]) for i in test]
+
+
+def cited_of(models, analysis, b: int, cls: int, n: int = 3) -> list[int]:
+    contrib = analysis.z_mean[b] * models.lens[:, cls]
+    return [int(i) for i in contrib.argsort(descending=True)[:n] if contrib[i] > 0]
+
+
+def test_cam_averages_to_the_head_logit(tiny):
+    models, images, analysis, _ = tiny
+    for b in range(3):
+        cams = np.stack([evidence.cam_map(models, analysis, b, c) for c in range(len(models.class_names))])
+        np.testing.assert_allclose(cams.mean((1, 2)), analysis.logits[b].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_input_deletion_matches_separate_reruns(tiny):
+    models, images, analysis, _ = tiny
+    b = 1
+    cls = int(analysis.logits[b].argmax())
+    cited = cited_of(models, analysis, b, cls)
+    active = np.flatnonzero(analysis.z_mean[b].numpy() > 0)
+    sets = [active[:len(cited)], active[-len(cited):]]
+    out = evidence.input_deletion(models, images[b], analysis, b, cited, cls, sets, 0.2)
+    logit0 = float(analysis.logits[b, cls])
+
+    def drop(maps):
+        mask = evidence.concept_ink_mask(images[b], maps, 0.2)
+        return logit0 - evidence.class_scores(models, evidence.delete_ink(images[b], mask[None]), cls)[0][0]
+
+    assert out["input_cited_drop"] == pytest.approx(drop(evidence.token_maps(analysis, b, cited)), abs=1e-4)
+    assert out["cam_drop"] == pytest.approx(drop(evidence.cam_map(models, analysis, b, cls)[None]), abs=1e-4)
+    random = np.mean([drop(evidence.token_maps(analysis, b, s)) for s in sets])
+    assert out["input_random_drop"] == pytest.approx(random, abs=1e-4)
+    assert 0.2 <= out["ink_removed"] < 0.22
+
+
+def test_counterfactuals_refuse_an_image_that_does_not_rerender(tiny):
+    models, images, analysis, origins = tiny
+    other = origins[1] if origins[1] != origins[0] else (origins[0][0], origins[0][1] + 1)
+    with pytest.raises(UserError, match="re-render"):
+        evidence.counterfactuals(models, images[0], analysis, 0, other, models.classifier_ckpt["dataset"]["seed"], 0)

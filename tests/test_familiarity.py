@@ -1,0 +1,97 @@
+"""The familiarity score: noise and blank pages are flagged, held-out sketches mostly not."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfexplain import artifacts, data, explain, familiarity
+
+
+@pytest.fixture(scope="module")
+def models(tiny_classifier, tiny_sae):
+    return explain.load_models(tiny_classifier / artifacts.BEST_CLASSIFIER, tiny_sae / artifacts.BEST_SAE, "cpu")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("familiarity_report")
+
+
+@pytest.fixture(scope="module")
+def calibration(models, report_dir, cache_dir):
+    return familiarity.load_or_fit(models, report_dir, cache_dir)
+
+
+def strange_images(n: int, size: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Inputs unlike any sketch: uniform noise, salt and pepper, blank white and black pages."""
+    rng = np.random.default_rng(seed)
+    return {"uniform noise": rng.integers(0, 256, (n, size, size), dtype=np.uint8),
+            "salt and pepper": np.where(rng.random((n, size, size)) < 0.2, 0, 255).astype(np.uint8),
+            "blank white": np.full((n, size, size), 255, np.uint8),
+            "blank black": np.zeros((n, size, size), np.uint8)}
+
+
+def flagged(calibration, models, images: np.ndarray) -> float:
+    return float(np.mean([f.unfamiliar for f in calibration.score(explain.analyse(models, images), images)]))
+
+
+def test_strange_inputs_are_flagged_and_test_sketches_mostly_not(calibration, models, cache_dir):
+    ckpt = models.classifier_ckpt
+    images = data.load_dataset(ckpt["dataset"], cache_dir, progress=False).images
+    test = np.stack([images[int(i)] for i in ckpt["split"]["test"]])
+    assert flagged(calibration, models, test) <= 0.2  # the threshold sits at validation's 1st percentile
+    for name, batch in strange_images(16, models.image_size).items():
+        assert flagged(calibration, models, batch) >= 0.9, name
+
+
+def test_validation_percentiles_spread_over_0_to_100(calibration):
+    n = len(calibration.val_scores)
+    percentiles = 100.0 * np.searchsorted(calibration.val_scores, calibration.val_scores, side="right") / n
+    assert percentiles.max() == 100.0 and np.median(percentiles) < 75
+    assert np.mean(percentiles < familiarity.UNFAMILIAR_PERCENTILE) <= 0.05
+
+
+def test_calibration_is_stored_reused_and_refitted_when_stale(calibration, models, report_dir, cache_dir, monkeypatch):
+    path = report_dir / familiarity.FAMILIARITY
+    stored = json.loads(path.read_text())
+    assert stored["classifier_fingerprint"] == models.classifier_ckpt["fingerprint"]
+    assert stored["sae_fingerprint"] == models.sae_ckpt["fingerprint"]
+    assert stored["val_scores"] == sorted(stored["val_scores"])
+
+    def no_fit(*args):
+        raise AssertionError("refitted a calibration that matches the models")
+
+    monkeypatch.setattr(familiarity, "fit", no_fit)
+    again = familiarity.load_or_fit(models, report_dir, cache_dir)
+    batch = strange_images(2, models.image_size)["uniform noise"]
+    analysis = explain.analyse(models, batch)
+    assert [f.score for f in again.score(analysis, batch)] == pytest.approx([f.score for f in calibration.score(analysis, batch)])
+    stored["sae_fingerprint"] = "another sae"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="refitted"):
+        familiarity.load_or_fit(models, report_dir, cache_dir)  # stale: it must refit (here: the stub refuses)
+    monkeypatch.undo()
+    familiarity.load_or_fit(models, report_dir, cache_dir)
+    assert json.loads(path.read_text())["sae_fingerprint"] == models.sae_ckpt["fingerprint"]
+
+
+def test_pooled_features_are_exactly_the_classifier_gap(models):
+    batch = strange_images(3, models.image_size)["salt and pepper"]
+    x = data.model_input(torch.from_numpy(batch), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        gap = models.classifier.features(x).float().mean(dim=(2, 3)).double().numpy()
+    rebuilt = familiarity.pooled_features(models.sae, explain.analyse(models, batch))
+    assert rebuilt == pytest.approx(gap, rel=1e-4, abs=1e-4)
+
+
+def test_tail_share_and_mahalanobis_by_hand():
+    reference = np.array([1.0, 2.0, 3.0])
+    assert familiarity.tail_share(reference, np.array([0.0, 2.0, 9.0])).tolist() == [1.0, 0.75, 0.25]
+    assert familiarity.tail_share(reference, reference, leave_one_out=True).tolist() == [0.75, 0.5, 0.25]
+    rng = np.random.default_rng(0)
+    x, means = rng.normal(size=(4, 3)), rng.normal(size=(2, 3))
+    a = rng.normal(size=(3, 3))
+    precision = a @ a.T + np.eye(3)
+    brute = [min(float((xi - m) @ precision @ (xi - m)) for m in means) for xi in x]
+    assert familiarity.mahalanobis(x, means, precision) == pytest.approx(brute)

@@ -1,0 +1,128 @@
+"""The draw-and-explain server: good, bad, oversized and concurrent requests, and the atlas files."""
+import base64
+import http.client
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfexplain import artifacts, data, serve
+from selfexplain.imaging import png_bytes
+
+CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
+            "bias", "error", "faithfulness", "sentence", "familiarity", "unfamiliar", "overlay_png"}
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    """A report folder with a stand-in atlas page and one thumbnail, and a secret beside it."""
+    folder = tmp_path_factory.mktemp("served") / "neuron_report"
+    (folder / artifacts.THUMBS_DIR).mkdir(parents=True)
+    (folder / artifacts.INDEX_HTML).write_text("<html><article id='neuron-0'>atlas</article></html>")
+    Image.new("RGB", (8, 8), "red").save(folder / artifacts.THUMBS_DIR / "n00000_0.png")
+    (folder.parent / "secret.txt").write_text("not for the web")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_classifier, tiny_sae, cache_dir, report_dir):
+    srv = serve.make_server(str(tiny_classifier / artifacts.BEST_CLASSIFIER), str(tiny_sae / artifacts.BEST_SAE),
+                            str(report_dir), str(cache_dir), port=0, device="cpu", quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def sketches(tiny_classifier, cache_dir):
+    """Three held-out test sketches as PNG bytes."""
+    ckpt = artifacts.load_checkpoint(tiny_classifier / artifacts.BEST_CLASSIFIER, "classifier")
+    images = data.load_dataset(ckpt["dataset"], cache_dir, progress=False).images
+    return [png_bytes(np.array(images[int(i)])) for i in ckpt["split"]["test"][:3]]
+
+
+def request(server, method, path, body=None, headers=None):
+    """(status, parsed JSON or raw bytes) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        payload = response.read()
+        kind = response.getheader("Content-Type", "")
+        return response.status, json.loads(payload) if kind.startswith("application/json") else payload
+    finally:
+        conn.close()
+
+
+def test_good_png_answers_the_json_contract(server, sketches):
+    status, out = request(server, "POST", "/explain", sketches[0], {"Content-Type": "image/png"})
+    assert status == 200
+    assert CONTRACT <= set(out)
+    assert out["predicted_class"] == out["top5"][0]["class"] and len(out["top5"]) == 5
+    assert 0 <= out["familiarity"] <= 100 and isinstance(out["unfamiliar"], bool)
+    cited = sum(n["contribution"] for n in out["neurons"])
+    assert cited + out["others"] + out["bias"] + out["error"] == pytest.approx(out["logit"], abs=1e-3)
+    overlay = Image.open(io.BytesIO(base64.b64decode(out["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.width >= 64
+
+
+@pytest.mark.parametrize("body, reason", [(b"", "empty"), (b"hello, not an image", "PNG"),
+                                          (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "cannot read"),
+                                          (b"GIF89a" + b"\0" * 40, "PNG")])
+def test_bad_upload_is_a_400_and_the_server_keeps_serving(server, sketches, body, reason):
+    status, out = request(server, "POST", "/explain", body)
+    assert status == 400
+    assert set(out) == {"error"} and reason in out["error"] and "\n" not in out["error"]
+    assert request(server, "POST", "/explain", sketches[1])[0] == 200
+
+
+def test_truncated_png_is_a_400(server, sketches):
+    status, out = request(server, "POST", "/explain", sketches[0][: len(sketches[0]) // 2])
+    assert status == 400 and "error" in out
+
+
+def test_oversized_body_is_a_413_unread(server, sketches):
+    status, out = request(server, "POST", "/explain", b"\x89PNG\r\n\x1a\n" + b"\0" * serve.MAX_BODY)
+    assert status == 413 and "MiB" in out["error"]
+    assert request(server, "POST", "/explain", sketches[0])[0] == 200
+
+
+def test_concurrent_requests_all_succeed_and_agree(server, sketches):
+    bodies = [sketches[k % 3] for k in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: request(server, "POST", "/explain", b), bodies))
+    assert [status for status, _ in answers] == [200] * 8
+    serial = [request(server, "POST", "/explain", s)[1] for s in sketches]
+    for k, (_, out) in enumerate(answers):
+        expected = serial[k % 3]
+        assert out["predicted_class"] == expected["predicted_class"]
+        assert out["logit"] == pytest.approx(expected["logit"], abs=1e-5)
+        assert [n["neuron_id"] for n in out["neurons"]] == [n["neuron_id"] for n in expected["neurons"]]
+        assert out["familiarity"] == pytest.approx(expected["familiarity"])
+
+
+def test_page_is_self_contained(server):
+    status, page = request(server, "GET", "/")
+    html = page.decode()
+    assert status == 200 and "<canvas" in html and "/explain" in html
+    assert "http://" not in html and "https://" not in html  # no CDN: nothing to fetch
+
+
+def test_atlas_files_are_served_and_contained(server):
+    status, page = request(server, "GET", "/atlas/index.html")
+    assert status == 200 and b"neuron-0" in page
+    assert request(server, "GET", "/atlas/")[0] == 200
+    status, thumb = request(server, "GET", "/atlas/thumbs/n00000_0.png")
+    assert status == 200 and thumb.startswith(b"\x89PNG")
+    for escape in ("/atlas/../secret.txt", "/atlas/%2e%2e/secret.txt", "/atlas/..%2fsecret.txt",
+                   "/atlas//etc/passwd", "/atlas/thumbs/../../secret.txt"):
+        status, out = request(server, "GET", escape)
+        assert status == 404, escape
+    assert request(server, "GET", "/nowhere")[0] == 404
+    assert request(server, "POST", "/atlas/index.html", b"x")[0] == 404

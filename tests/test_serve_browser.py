@@ -1,0 +1,67 @@
+"""The draw page in headless Chromium: strokes drawn with pointer events bring up the explanation.
+
+Fails (does not skip) without Chromium: CI installs it (Debian: ``apt-get install -y chromium``).
+"""
+import math
+import threading
+
+import pytest
+
+from selfexplain import artifacts, serve
+from selfexplain.browser import Chromium, find_chromium
+
+CANVAS = "document.getElementById('pad').getBoundingClientRect()"
+
+
+@pytest.fixture(scope="module")
+def url(tiny_classifier, tiny_sae, cache_dir, tmp_path_factory):
+    report = tmp_path_factory.mktemp("browser_report")
+    (report / artifacts.INDEX_HTML).write_text("<html><body>atlas</body></html>")
+    srv = serve.make_server(str(tiny_classifier / artifacts.BEST_CLASSIFIER), str(tiny_sae / artifacts.BEST_SAE),
+                            str(report), str(cache_dir), port=0, device="cpu", quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield "http://%s:%d/" % srv.server_address[:2]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_chromium_is_installed():
+    assert find_chromium(), "chromium is missing: apt-get install -y chromium (CI installs it)"
+
+
+def test_drawing_strokes_shows_the_explanation(url):
+    with Chromium(1100, 800) as browser:
+        browser.goto(url)
+        box = browser.evaluate(f"(r => [r.left, r.top, r.width])({CANVAS})")
+        left, top, side = box
+
+        def at(u, v):  # canvas fractions -> viewport pixels
+            return left + u * side, top + v * side
+
+        # a circle with the mouse
+        circle = [at(0.5 + 0.3 * math.cos(t / 10), 0.5 + 0.3 * math.sin(t / 10)) for t in range(64)]
+        browser.stroke(circle, "mouse")
+        browser.wait_for("document.body.dataset.explained >= 1")
+        first = browser.evaluate("document.getElementById('prediction').textContent")
+        assert first and "%" in first
+        # spokes with a pen and a touch: every stroke posts again and the answer is redrawn
+        browser.stroke([at(0.5, 0.2), at(0.5, 0.8)], "pen")
+        browser.stroke([at(0.2, 0.5), at(0.8, 0.5)], "touch")
+        browser.wait_for("document.body.dataset.explained >= 2 && !document.getElementById('status').textContent")
+        page = browser.evaluate("""({
+            top5: document.querySelectorAll('#top5 li').length,
+            links: [...document.querySelectorAll('#concepts a')].map(a => a.getAttribute('href')),
+            overlay: document.getElementById('overlay').naturalWidth,
+            ink: (() => { const c = document.getElementById('pad'), d = c.getContext('2d')
+                          .getImageData(0, 0, c.width, c.height).data; let n = 0;
+                          for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; })(),
+        })""")
+        assert page["top5"] == 5
+        assert page["links"] and all(h.startswith("/atlas/index.html#neuron-") for h in page["links"])
+        assert page["overlay"] > 0 and page["ink"] > 500
+        # undo removes the last stroke and explains again; clear empties the page
+        count = browser.evaluate("Number(document.body.dataset.explained)")
+        browser.evaluate("document.getElementById('undo').click()")
+        browser.wait_for(f"document.body.dataset.explained > {count}")
+        browser.evaluate("document.getElementById('clear').click()")
+        assert browser.evaluate("document.getElementById('prediction').textContent") == ""
