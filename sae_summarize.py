@@ -1,4 +1,4 @@
-"""Stage 3: summarise every SAE neuron (statistics, examples, concept recovery, HTML atlas).
+"""Stage 3: summarise every SAE neuron (statistics, examples, held-out concept measures, HTML atlas).
 
 Usage
 -----
@@ -10,10 +10,14 @@ One pass over the training split (or MAX_PER_CLASS images per class) records, fo
 image and neuron, the max and mean over tokens of the Top-K code (what the SAE uses), the
 max of the dense ReLU code, and activation-weighted positions. A second small pass
 recomputes the token maps of each neuron's top examples only (memory stays O(N·M), not
-O(N·T·M)). The analysis lives in selfexplain/summarize.py, the outputs in selfexplain/report.py.
+O(N·T·M)). On data with ground-truth parts (the synthetic set) a third pass scores, per
+part type, the neuron chosen on those training images on the classifier's test split
+(AUROC, AP, pointing game, counterfactual drops on CF_IMAGES re-rendered test images), with
+the same measures for the layer4 channels, PCA, NMF and a random SAE beside it (BASELINES).
+The analysis lives in selfexplain/summarize.py, the outputs in selfexplain/report.py.
 
-Writes OUT_DIR/neurons.jsonl (one object per neuron), summary.json (counts, timings,
-concept recovery on data with ground-truth parts, fingerprints, config), thumbs/ and
+Writes OUT_DIR/neurons.jsonl (one object per neuron), summary.json (counts, timings, the
+held-out concept measures, fingerprints, config), thumbs/ and
 sprites/ (top examples with their activation heat) and index.html (a self-contained
 atlas; sae_summary_to_llm.py rebuilds it with the concepts once it has run). Records carry
 the SAE's fingerprint; the images are rendered aside and swapped in only when all succeeded.
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfexplain import artifacts, report, summarize
+from selfexplain import artifacts, baselines, report, summarize
 from selfexplain.artifacts import save_effective_config
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import exit_on_sigterm, keep_freed_memory, resolve_device, set_threads
@@ -54,7 +58,12 @@ DEVICE = "auto"                                # auto | cpu | cuda
 CHANNELS_LAST = True                           # channels_last memory format (faster convs, same maths)
 AMP = "off"                                    # off keeps the closed-form contributions exact; auto | bf16 | fp16
 NUM_THREADS = 0                                # CPU intra-op threads (0 = torch default)
-SEED = 0                                       # seeds the per-class sample
+SEED = 0                                       # seeds the per-class sample, the re-rendered test images, NMF
+BASELINES = True                               # ground-truth parts: measure channels, PCA, NMF, a random SAE too
+CF_IMAGES = 120                                # ground-truth parts: test images re-rendered without each part (0 = none)
+NMF_TOKENS = 8192                              # baselines: training tokens PCA and NMF are fitted on
+NMF_ITERS = 200                                # baselines: NMF fit, multiplicative-update rounds
+NMF_CODE_ITERS = 50                            # baselines: NMF coding of new tokens, update rounds
 OVERWRITE = False                              # replace an earlier report in OUT_DIR (stage 4's answers are kept)
 
 
@@ -64,6 +73,8 @@ def check_config(cfg) -> None:
         raise UserError(f"QUANTILE must be in (0, 1), got {cfg.QUANTILE}")
     if cfg.PMI_LAMBDA < 0 or cfg.TOP_EXAMPLES < 1 or cfg.BATCH_SIZE < 1 or cfg.THUMB_SIZE < 8:
         raise UserError("need PMI_LAMBDA >= 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1 and THUMB_SIZE >= 8")
+    if cfg.CF_IMAGES < 0 or cfg.NMF_TOKENS < 1 or cfg.NMF_ITERS < 1 or cfg.NMF_CODE_ITERS < 1:
+        raise UserError("need CF_IMAGES >= 0, NMF_TOKENS >= 1, NMF_ITERS >= 1 and NMF_CODE_ITERS >= 1")
 
 
 # ----------------------------------------------------------------------------- main
@@ -93,9 +104,9 @@ def main(**overrides) -> dict:
     timings["stats"] = time.time() - t
     t = time.time()
     examples = summarize.find_examples(inputs, acts, indices, cfg.TOP_EXAMPLES, **run)
+    timings["pass2"] = time.time() - t
+    held_out, parts = measure_concepts(cfg, inputs, acts, indices, examples, timings)
     acts.fmaps = None  # the cached layer4 maps (up to FEATURE_CACHE_MB) are no longer needed
-    recovery = summarize.concept_recovery(acts, examples, imageset, indices, inputs.prep["image_size"])
-    timings["pass2_and_recovery"] = time.time() - t
 
     t = time.time()
     out = Path(cfg.OUT_DIR)
@@ -103,13 +114,13 @@ def main(**overrides) -> dict:
         thumbs = report.render_examples(staging, lambda r: np.asarray(imageset.images[indices[r]]), examples,
                                         acts.grid, cfg.THUMB_SIZE, cfg.HEAT_ALPHA)
         entries = report.example_entries(examples, thumbs, indices, labels, imageset.class_names)
-        records = report.neuron_records(st, imageset.class_names, entries, inputs.sae_fingerprint, recovery,
+        records = report.neuron_records(st, imageset.class_names, entries, inputs.sae_fingerprint, parts,
                                         cfg.TOP_CLASSES, cfg.ANTI_CLASSES, cfg.WEAK_PMI)
     timings["render"] = time.time() - t
     artifacts.write_jsonl(out / artifacts.NEURONS, records)
     timings["total"] = time.time() - t0
     n_clear = sum(report.has_clear_class(r, cfg.WEAK_PMI) for r in records)
-    summary = {**summarize.summary_metrics(inputs, acts, st, labels, n_clear, recovery, timings), "config": dict(cfg)}
+    summary = {**summarize.summary_metrics(inputs, acts, st, labels, n_clear, held_out, timings), "config": dict(cfg)}
     artifacts.write_json(out / artifacts.SUMMARY, summary)
     save_effective_config(cfg, out)
     report.write_index_html(out)
@@ -117,14 +128,48 @@ def main(**overrides) -> dict:
     return summary
 
 
+def measure_concepts(cfg, inputs, acts, indices, examples, timings: dict) -> tuple:
+    """On data with ground-truth parts: (held-out measures of the SAE and its baselines, each neuron's best
+    part on the training split); (None, None) elsewhere."""
+    imageset = inputs.imageset
+    if not imageset.parts or not imageset.part_types:
+        return None, None
+    t = time.time()
+    run = dict(batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
+    codes = {"sae": baselines.sae_code(inputs.sae)}
+    if cfg.BASELINES:
+        tokens = summarize.training_tokens(inputs, acts, indices, cfg.NMF_TOKENS, cfg.SEED, **run)
+        codes = baselines.comparison_codes(inputs.sae, tokens, cfg.NMF_ITERS, cfg.NMF_TOKENS, cfg.NMF_CODE_ITERS,
+                                           cfg.SEED)
+    timings["baselines_fit"] = time.time() - t
+    t = time.time()
+    held_out = summarize.held_out_measures(inputs, acts, indices, codes, cfg.CF_IMAGES, cfg.SEED, **run)
+    timings["held_out"] = time.time() - t
+    return held_out, summarize.neuron_parts(held_out.sae_train_auroc, examples, imageset, indices, acts.grid)
+
+
 def _log(summary: dict, out: Path) -> None:
     log(f"{summary['n_neurons']} neurons, {summary['n_dead']} dead, {summary['n_clear_class']} with a clear class; "
         f"SAE keeps {100 * summary['sae_top1_agreement']:.1f}% of predictions; {summary['timings_s']['total']:.1f}s")
-    rec = summary["concept_recovery"]
-    if rec:
-        log(f"concept recovery: mean best AUROC {rec['mean_best_auroc']:.3f}, "
-            f"mean in-box share {rec['mean_in_box_share']:.2f} (chance {rec['mean_in_box_chance']:.2f})")
+    measures = summary["concept_measures"]
+    if measures:
+        codes = measures["codes"]
+        sae = codes["sae"]
+        cf = (f"; counterfactual drop own part {_fmt(sae.get('mean_cf_own_drop'))}, other parts "
+              f"{_fmt(sae.get('mean_cf_other_drop'))}" if measures["counterfactual"] else "")
+        log(f"held out (neurons chosen on {measures['n_train_images']} training images, scored on "
+            f"{measures['n_test_images']} test images): part AUROC {_fmt(sae['mean_test_auroc'])}, "
+            f"AP {_fmt(sae['mean_test_ap'])}, distractor-only AUROC {_fmt(sae['mean_distractor_auroc'])} "
+            f"(a perfect class-set detector: {_fmt(sae['mean_class_set_auroc'])}); pointing game "
+            f"{_fmt(sae['mean_pointing'])} (chance {_fmt(sae['mean_pointing_chance'])}){cf}")
+        if len(codes) > 1:
+            log("baselines, held-out part AUROC: " + ", ".join(
+                f"{r['code']} {_fmt(r['mean_test_auroc'])}" for key, r in codes.items() if key != "sae"))
     log(f"-> {out / artifacts.NEURONS}, {out / artifacts.INDEX_HTML}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def refresh_atlas(report_dir: Path) -> None:
         report.write_index_html(report_dir)
         log(f"atlas updated: {report_dir / artifacts.INDEX_HTML}")
     except Exception as exc:  # noqa: BLE001  the answers are saved; a stale page is not worth failing the run
-        log(f"could not refresh {report_dir / artifacts.INDEX_HTML}: {exc.__class__.__name__}: {exc}", error=True)
+        log(f"could not refresh {report_dir / artifacts.INDEX_HTML}: {exc.__class__.__name__}: {exc}")
 
 
 # ----------------------------------------------------------------------------- main

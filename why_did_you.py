@@ -10,19 +10,26 @@ Usage
     python why_did_you.py --image=a.png --overlay=why.png     # heat maps of the top concepts, with a legend
     python why_did_you.py --image=sketches/ --overlay=why.png # one overlay per image: why_<image name>.png
     python why_did_you.py --image=a.png --llm=True            # plus a one-sentence answer from the LLM backend
+    python why_did_you.py --serve=True --port=8000            # draw a sketch in the browser and see why
 
 For the predicted class it prints the probability, the top-5, and the SAE neurons that
 supplied the most evidence, each with its concept (stage 4's LLM answer, else stage 3's
 statistics summary, else "neuron <id>") and its share of the positive evidence. The
 numbers are exact: logit = Σ cited contributions + others + bias + SAE error (see
-selfexplain/explain.py). The faithfulness line compares the logit's drop when the cited
-neurons are removed with the drop for as many random active neurons.
+selfexplain/explain.py). The evidence line whites out INK_SHARE of the sketch's ink where
+the cited concepts fire, reruns the classifier, and compares the logit's drop with the same
+amount of ink where random active neurons fire and where CAM is highest (--fast=True skips
+it); the consistency line zeroes the cited neurons in the code, which is true by
+construction and printed only as a check of the arithmetic. Every explanation
+carries a familiarity verdict (the input's percentile among validation sketches, and an
+"unfamiliar" warning when it is unlike them), calibrated once per model pair and stored in
+REPORT_DIR/familiarity.json.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from selfexplain import artifacts, explain, explain_io, prompts
+from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
 from selfexplain.explain import explain_image, explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
@@ -37,7 +44,9 @@ REPORT_DIR = artifacts.REPORT_DIR          # stage 3/4 outputs: neurons.jsonl, l
 N = 5                                      # concepts cited per image (also caps the most-active list)
 PERCENTILE = 99.0                          # most-active list: neurons above this percentile of the image's scores
 AGG = "max"                                # most-active list: max | mean | sum of each neuron's code over tokens
-RANDOM_DRAWS = 8                           # random active-neuron sets for the faithfulness baseline
+RANDOM_DRAWS = 8                           # random active-neuron sets for the faithfulness baselines
+FAST = False                               # skip the input-space check (no classifier reruns)
+INK_SHARE = 0.2                            # input-space check: share of the sketch's ink whited out
 JSON = False                               # print one JSON object per image instead of text
 OVERLAY = ""                               # PNG path for the heat-map overlay ('' = none; several images get _<name> suffixes)
 LLM = False                                # add a one-sentence answer from the LLM backend
@@ -47,6 +56,10 @@ DEVICE = "auto"                            # auto | cpu | cuda
 SEED = 0                                   # seeds the random faithfulness baseline
 CACHE_DIR = artifacts.CACHE_DIR            # decoded image cache (for test:K images)
 BATCH_SIZE = 64                            # images per forward pass
+FAMILIARITY = True                         # flag inputs unlike the training sketches (calibrated once on validation)
+SERVE = False                              # serve the draw-and-explain page instead of explaining IMAGE
+HOST = "127.0.0.1"                         # --serve: address to listen on (127.0.0.1 = this machine only)
+PORT = 8000                                # --serve: port
 
 
 def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str | None:
@@ -56,7 +69,7 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
         return backend.ask(prompts.why_system_prompt(), text, images=(overlay,) if overlay else (),
                            fallback=exp.sentence)
     except LLMError as exc:
-        log(f"note: LLM answer failed ({exc}); keeping the composed sentence", error=True)
+        log(f"note: LLM answer failed ({exc}); keeping the composed sentence")
         return None
 
 
@@ -64,12 +77,20 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
 def main(**overrides) -> list[dict]:
     cfg = make_config(module_constants(globals()), overrides)
     active = explain.MostActive(max(cfg.N, 1), cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
-    settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active)
+    settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
+                                       input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
+    if cfg.SERVE:
+        serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
+                         cfg.DEVICE, n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED,
+                         input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
+        return []
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE))
     inputs = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
+    judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
-                                          cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, **vars(settings))
+                                          cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
+                                          **vars(settings))
     overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs]) if cfg.OVERLAY
                 else [None] * len(inputs))
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None

@@ -27,8 +27,8 @@ SAE_CKPT = artifacts.SAE_CKPT                 # stage 2 checkpoint
 REPORT_DIR = artifacts.REPORT_DIR             # the atlas the concept links point at
 CACHE_DIR = artifacts.CACHE_DIR               # decoded images (the familiarity calibration reads validation)
 OUT = "assets/draw_page.png"                  # where the screenshot goes
-WIDTH = 1100                                  # browser viewport, CSS pixels
-HEIGHT = 760
+WIDTH = 1100                                  # browser viewport width, CSS pixels
+HEIGHT = 860                                   # browser viewport height, CSS pixels (the whole answer fits)
 DEVICE = "auto"                               # auto | cpu | cuda
 
 

@@ -45,6 +45,7 @@ CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT    # trained classifier (its dataset
 SAE_CKPT = artifacts.SAE_CKPT                  # trained SAE of that classifier
 CACHE_DIR = artifacts.CACHE_DIR                # decoded-image cache
 TRAIN_PER_CLASS = 0                            # training images per class for choosing units (0 = all)
+COUNTERFACTUAL = True                          # re-render test images with one part left out
 CF_IMAGES = 120                                # test images re-rendered once per part left out (0 = all)
 NMF_ITERS = 200                                # NMF fit: multiplicative-update rounds
 NMF_CODE_ITERS = 50                            # NMF coding of new tokens: update rounds
@@ -86,13 +87,24 @@ def counterfactual_images(imageset, test_idx, n_images, seed) -> tuple[np.ndarra
     index = {p: j for j, p in enumerate(imageset.part_types)}
     images, image_row, part = [], [], []
     for r in rows:
-        c, j = synthetic.sample_origin(test_idx[r], spec["per_class"])
+        c, j = imageset.origins[test_idx[r]]
+        if not np.array_equal(synthetic.rerender(c, j, spec["image_size"], spec["seed"])[0], imageset.images[test_idx[r]]):
+            raise UserError("synthetic.rerender no longer reproduces the cached test images (the generator changed "
+                            "without a GENERATOR_VERSION bump?); rerun with --counterfactual=False")
         for k, record in enumerate(imageset.parts[test_idx[r]]):
             img, _ = synthetic.rerender(c, j, spec["image_size"], spec["seed"], omit=k)
             images.append(img)
             image_row.append(r)
             part.append(index[record["part"]])
     return np.stack(images), np.array(image_row), np.array(part)
+
+
+def counterfactual_maps(model, ckpt, imageset, test_idx, cfg) -> tuple[dict, str]:
+    """Layer4 maps of the one-part-removed re-renders, their origin rows and parts, and a note."""
+    images, row, part = counterfactual_images(imageset, test_idx, cfg.CF_IMAGES, cfg.SEED)
+    maps = layer4_maps(model, images, np.arange(len(images)), ckpt["preprocess"], cfg.BATCH_SIZE)[0]
+    note = f"counterfactuals: {len(set(row.tolist()))} test images x each part left out ({len(row)} re-renders)."
+    return {"maps": maps, "row": row, "part": part}, note
 
 
 # ----------------------------------------------------------------------------- measures
@@ -200,7 +212,7 @@ def main(**overrides) -> dict:
     set_threads(cfg.NUM_THREADS)
     model, ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT)
     imageset = data.load_dataset(ckpt["dataset"], cfg.CACHE_DIR, progress=False)
-    if not imageset.parts or ckpt["dataset"]["dataset"] != "synthetic":
+    if not imageset.parts or not imageset.origins:
         raise UserError(f"{cfg.CLASSIFIER_CKPT} was not trained on the synthetic set: no part ground truth")
     split = {s: np.sort(ckpt["split"][s].numpy()) for s in ("train", "test")}
     idx = {"train": select_images(split["train"], imageset.labels, cfg.TRAIN_PER_CLASS, cfg.SEED),
@@ -217,9 +229,8 @@ def main(**overrides) -> dict:
         write_section(cfg.OUT.replace(".md", "_sweep.md"), render_sweep(rows, cfg).splitlines())
         return {"sweep": rows}
     sae, _ = artifacts.load_sae(cfg.SAE_CKPT, ckpt)
-    images, row, part = counterfactual_images(imageset, idx["test"], cfg.CF_IMAGES, cfg.SEED)
-    cf = {"maps": layer4_maps(model, images, np.arange(len(images)), ckpt["preprocess"], cfg.BATCH_SIZE)[0],
-          "row": row, "part": part}
+    cf, cf_note = counterfactual_maps(model, ckpt, imageset, idx["test"], cfg) if cfg.COUNTERFACTUAL else (
+        None, "counterfactuals off.")
     reports = []
     for provider in providers(sae, maps["train"], cfg):
         t = time.time()
@@ -227,8 +238,7 @@ def main(**overrides) -> dict:
         log(f"{provider.name}: held-out AUROC {reports[-1]['mean_test_auroc']:.3f} ({time.time() - t:.1f}s)")
     reports.append(class_set_report(logits, truth).to_dict())
     context = (f"{cfg.CLASSIFIER_CKPT} + {cfg.SAE_CKPT}; layer4 map {grid[0]}x{grid[1]}; units chosen on "
-               f"{len(idx['train'])} training images, scored on {len(idx['test'])} test images; counterfactuals: "
-               f"{len(set(row.tolist()))} test images x each part left out ({len(row)} re-renders).")
+               f"{len(idx['train'])} training images, scored on {len(idx['test'])} test images; {cf_note}")
     write_section(cfg.OUT, render(reports, cfg, context).splitlines())
     return {"reports": reports}
 

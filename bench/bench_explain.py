@@ -104,8 +104,8 @@ def explain_with_check(models, concepts, image: np.ndarray, cfg) -> dict:
     return evidence.input_deletion(models, image, analysis, 0, cited, exp.predicted_index, sets, cfg.INK_SHARE)
 
 
-def image_evidence(models, image, analysis, b, index, cfg, origin_seed, best_part) -> dict:
-    """Input-space drops, curves and (synthetic) counterfactuals for one test image."""
+def image_evidence(models, image, analysis, b, index, cfg) -> dict:
+    """Input-space drops and deletion / insertion curves for one test image."""
     cls = int(analysis.logits[b].argmax())
     rng = np.random.default_rng([cfg.SEED, index])
     cited, sets = cited_and_random(models, analysis, b, cls, cfg, rng)
@@ -115,8 +115,6 @@ def image_evidence(models, image, analysis, b, index, cfg, origin_seed, best_par
         regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE)
         out["curves"] = evidence.region_curves(image, regions, evidence.cam_map(models, analysis, b, cls),
                                                lambda ims: evidence.class_scores(models, ims, cls)[0], rng)
-    if origin_seed is not None:
-        out["counterfactuals"] = evidence.counterfactuals(models, image, analysis, b, *origin_seed, cls, best_part)
     return out
 
 
@@ -131,26 +129,44 @@ def load_best_parts(report_dir: str) -> dict[int, str] | None:
 
 def evaluate(cfg, models, imageset, test: np.ndarray) -> list[dict]:
     """Evidence for every test image, batched through the classifier 64 at a time."""
-    spec = models.classifier_ckpt["dataset"]
-    synthetic_set = spec.get("dataset") == "synthetic"
-    best_part = load_best_parts(cfg.REPORT_DIR) if synthetic_set else None
     records = []
     for start in range(0, len(test), 64):
         idx = test[start:start + 64]
         batch = np.ascontiguousarray(imageset.images[idx])
         analysis = explain.analyse(models, batch)
-        for b, i in enumerate(idx):
-            origin = ((synthetic.sample_origin(i, spec["per_class"]), spec["seed"]) if synthetic_set else None)
-            records.append(image_evidence(models, batch[b], analysis, b, int(i), cfg, origin, best_part))
+        records += [image_evidence(models, batch[b], analysis, b, int(i), cfg) for b, i in enumerate(idx)]
         print(f"evidence: {len(records)}/{len(test)} images", flush=True)
     return records
+
+
+def evaluate_counterfactuals(cfg, models, imageset, test: np.ndarray) -> tuple[list[dict], int]:
+    """Counterfactual rows for the synthetic test images, and how many cached sketches differ from a re-render.
+
+    The originals are re-rendered with the generator in this checkout, so each pair (full,
+    part left out) comes from one drawing even when the cache was built by an older one.
+    """
+    spec = models.classifier_ckpt["dataset"]
+    best_part = load_best_parts(cfg.REPORT_DIR)
+    origins = [synthetic.sample_origin(i, spec["per_class"]) for i in test]
+    full = np.stack([synthetic.rerender(*o, spec["image_size"], spec["seed"])[0] for o in origins])
+    stale = int(sum(not np.array_equal(full[k], imageset.images[i]) for k, i in enumerate(test)))
+    rows = []
+    for start in range(0, len(test), 64):
+        batch = full[start:start + 64]
+        analysis = explain.analyse(models, batch)
+        for b in range(len(batch)):
+            cls = int(analysis.logits[b].argmax())
+            rows += evidence.counterfactuals(models, batch[b], analysis, b, origins[start + b], spec["seed"], cls,
+                                             best_part)
+        print(f"counterfactuals: {min(start + 64, len(test))}/{len(test)} images", flush=True)
+    return rows, stale
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
 
 
-def summarise(records: list[dict]) -> dict:
+def summarise(records: list[dict], pairs: list[dict]) -> dict:
     """Means, ratios, AUCs and counterfactual agreement over the evaluated images."""
     dele = {k: np.array([r["deletion"][k] for r in records]) for k in records[0]["deletion"]}
     out = {"n": len(records), "drops": {k: float(v.mean()) for k, v in dele.items()},
@@ -167,7 +183,6 @@ def summarise(records: list[dict]) -> dict:
                                   for o in evidence.ORDERS}
             out[f"{kind}_mean"] = {o: np.mean([getattr(c, kind)[o][:steps] for c in curves], 0) for o in evidence.ORDERS}
         out["ink_final"] = float(np.mean([c.ink["explanation"][-1] for c in curves]))
-    pairs = [p for r in records for p in r.get("counterfactuals", [])]
     if pairs:
         out["cf"] = counterfactual_figures(pairs)
     return out
@@ -243,7 +258,12 @@ def main(**overrides) -> dict:
         clf, sae, images = standins(cfg, Path(tempfile.mkdtemp(prefix="bench_explain_")))
         models = explain.load_models(clf, sae, "cpu")
     lat = latency(cfg, models, clf, sae, images)
-    figures = summarise(evaluate(cfg, models, imageset, test)) if trained else None
+    figures = None
+    if trained:
+        synthetic_set = models.classifier_ckpt["dataset"].get("dataset") == "synthetic"
+        pairs, stale = evaluate_counterfactuals(cfg, models, imageset, test) if synthetic_set else ([], 0)
+        figures = summarise(evaluate(cfg, models, imageset, test), pairs)
+        figures["stale"] = stale
     plots = write_plots(cfg, figures) if figures else []
     write_results(cfg, models, lat, figures, plots, trained, images.shape[-1])
     return {"latency_ms": {k: v[0] * 1e3 for k, v in lat.items()}, "figures": figures}
@@ -309,7 +329,8 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
     if "cf" in fig:
         cf = fig["cf"]
         lines += [f"Counterfactuals: {cf['pairs']} (image, part) re-renders with the part left out "
-                  f"({cf['class_pairs']} class parts, the rest distractors):", "",
+                  f"({cf['class_pairs']} class parts, the rest distractors); originals re-rendered too "
+                  f"({fig['stale']} of {fig['n']} differ from the cached sketch: a newer generator):", "",
                   "| neurons attributed to a part by | r (all parts) | r (class parts) | "
                   "mean predicted / mean actual (all) | (class parts) |", "|---|---|---|---|---|"]
         names = {"predicted_box": "share of activation mass on the part's tokens",

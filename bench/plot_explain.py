@@ -19,6 +19,7 @@ def plot_curves(deletion: dict[str, np.ndarray], insertion: dict[str, np.ndarray
                               (axes[1], insertion, "insertion (ink added to a blank page)")):
         for order, curve in curves.items():
             ax.plot(np.arange(len(curve)), curve, marker="o", ms=3, label=order, color=COLOURS.get(order))
+        ax.set_xticks(np.arange(len(curve)))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("cited concepts' regions, step")
         ax.grid(alpha=0.3)

@@ -55,7 +55,7 @@ def run_stage(name: str, script: str, args: list[str]) -> dict:
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
     self_kb, kids_kb = (int(v) for v in peak[-1].split()[1:]) if peak else (0, 0)
     if proc.returncode != 0:
-        log(f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", error=True)
+        log(f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         raise SystemExit(f"{name} failed with exit code {proc.returncode}")
     log(f"{name}: {seconds:.0f} s, peak RSS {self_kb / 2**20:.2f} GiB (workers {kids_kb / 2**20:.2f} GiB)")
     return {"stage": name, "seconds": seconds, "peak_gib": self_kb / 2**20, "worker_peak_gib": kids_kb / 2**20,

@@ -61,6 +61,7 @@ SPRITES_DIR = "sprites"                           # stage 3: one strip per neuro
 LLM_OUTPUT = "llm_output.jsonl"                   # stage 4: {neuron_id, answer, ...}
 LLM_CONFIG = "llm_config.json"                    # stage 4's effective config
 LLM_SUMMARY = "llm_summary.json"                  # stage 4: counts and failures
+FAMILIARITY = "familiarity.json"                  # stage 5: validation calibration of the "unfamiliar" flag
 # What marks an earlier run in a trainer's OUT_DIR (see prepare_out_dir).
 CLASSIFIER_OUTPUTS = (BEST_CLASSIFIER, LAST_CLASSIFIER, METRICS, TENSORBOARD_DIR)
 SAE_OUTPUTS = (BEST_SAE, LAST_SAE, METRICS, TENSORBOARD_DIR)
@@ -289,7 +290,7 @@ def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True, first_epo
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional at run time: imported only when asked for
     except ImportError:
-        log("tensorboard not installed: no TensorBoard logs", error=True)
+        log("tensorboard not installed: no TensorBoard logs")
         return None
     return SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR), purge_step=first_epoch if first_epoch > 1 else None)
 

@@ -9,6 +9,9 @@ Each provider turns a layer4 map (B, C, H, W) into per-token codes (B, H*W, U), 
 * ``nmf_dictionary`` + ``nmf_code``: non-negative matrix factorisation of the post-ReLU tokens (CRAFT's choice),
   fitted with Lee-Seung multiplicative updates on a token subsample; new tokens are coded
   against the fixed dictionary by the same updates (non-negative least squares).
+
+:func:`comparison_codes` builds the SAE and all its baselines at once, as stage 3 and
+``bench/bench_concepts.py`` score them.
 """
 from __future__ import annotations
 
@@ -38,15 +41,18 @@ class CodeProvider:
         return self.encode(tokens_of(feature_map.float())).reshape(b, h * w, self.n_units)
 
 
-def sae_code(sae: TopKSAE, name: str = "SAE") -> CodeProvider:
-    """The SAE's Top-K code, as stage 3 and the explanations use it."""
-    return CodeProvider(name, sae.n_latents, lambda tokens: sae.encode(sae.standardize(tokens)))
+def sae_code(sae: TopKSAE, name: str | None = None) -> CodeProvider:
+    """The SAE's inference code, as stage 3 and the explanations use it (named "SAE (M=.., K=..)" by default)."""
+    return CodeProvider(name or f"SAE (M={sae.n_latents}, K={sae.k})", sae.n_latents,
+                        lambda tokens: sae.encode(sae.standardize(tokens)))
 
 
 def random_sae_like(sae: TopKSAE, seed: int = 0) -> TopKSAE:
     """An untrained SAE of the same shape and standardisation: the floor any dictionary must beat."""
-    torch.manual_seed(seed)
-    rand = TopKSAE(sae.d_in, sae.n_latents, sae.k).to(sae.mu.device)
+    with torch.random.fork_rng(devices=[]):  # its own draws, the caller's random stream untouched
+        torch.manual_seed(seed)
+        rand = TopKSAE(sae.d_in, sae.n_latents, sae.k)
+    rand = rand.to(sae.mu.device)
     rand.mu.copy_(sae.mu)
     rand.sigma.copy_(sae.sigma)
     return rand.eval()
@@ -103,11 +109,11 @@ def nmf_dictionary(tokens: torch.Tensor, n_components: int, iters: int = 200, ma
     """
     if tokens.min() < 0:
         raise UserError("NMF needs non-negative tokens (the post-ReLU layer4 map)")
-    g = torch.Generator().manual_seed(seed)
-    x = tokens[torch.randperm(len(tokens), generator=g)[:max_tokens]].float()
+    g = torch.Generator().manual_seed(seed)                                # CPU draws: the same fit on any device
+    x = tokens[torch.randperm(len(tokens), generator=g)[:max_tokens].to(tokens.device)].float()
     scale = float(x.mean().clamp_min(NMF_EPS) / n_components) ** 0.5      # scikit-learn's "random" init scale
-    h = torch.rand(len(x), n_components, generator=g) * scale
-    w = torch.rand(n_components, x.shape[1], generator=g) * scale
+    h = (torch.rand(len(x), n_components, generator=g) * scale).to(x.device)
+    w = (torch.rand(n_components, x.shape[1], generator=g) * scale).to(x.device)
     for _ in range(iters):
         h = h * (x @ w.T) / (h @ (w @ w.T) + NMF_EPS)
         w = w * (h.T @ x) / ((h.T @ h) @ w + NMF_EPS)
@@ -117,3 +123,21 @@ def nmf_dictionary(tokens: torch.Tensor, n_components: int, iters: int = 200, ma
 def nmf_code(dictionary: torch.Tensor, code_iters: int = 50) -> CodeProvider:
     """NMF codes against a fixed dictionary from :func:`nmf_dictionary`."""
     return CodeProvider("NMF", dictionary.shape[0], lambda t: nmf_codes(t.float(), dictionary, code_iters))
+
+
+def comparison_codes(sae: TopKSAE, tokens: torch.Tensor, nmf_iters: int = 200, nmf_tokens: int = 8192,
+                     nmf_code_iters: int = 50, seed: int = 0) -> dict[str, CodeProvider]:
+    """The SAE and its baselines, keyed ``sae``, ``random_sae``, ``channels``, ``pca``, ``nmf``.
+
+    Parameters
+    ----------
+    sae : the trained SAE; the random SAE, PCA and NMF get as many units as it has latents.
+    tokens : (N, C) raw post-ReLU layer4 tokens of training images, to fit PCA and NMF on.
+    nmf_iters, nmf_tokens, nmf_code_iters : see :func:`nmf_dictionary` and :func:`nmf_code`.
+    seed : the random SAE's weights and NMF's token sample and initialisation.
+    """
+    m = sae.n_latents
+    return {"sae": sae_code(sae),
+            "random_sae": sae_code(random_sae_like(sae, seed), "random SAE (same shape)"),
+            "channels": channel_code(sae.d_in), "pca": fit_pca(tokens, m),
+            "nmf": nmf_code(nmf_dictionary(tokens, m, nmf_iters, nmf_tokens, seed), nmf_code_iters)}

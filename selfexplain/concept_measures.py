@@ -4,10 +4,10 @@ A *unit* is any code dimension (an SAE latent, a layer4 channel, a PCA or NMF co
 every function is vectorised over units U and part types P and works on plain arrays, so
 the SAE and its baselines go through the same arithmetic.
 
-* :func:`select_and_score`: per part, the unit with the best AUROC on the *training*
-  split, scored (AUROC, average precision) on the *test* split. The best unit on the test
-  split itself is reported too, but only as an optimistic upper bound (chosen and scored on
-  the same images).
+* :func:`best_units` / :func:`score_units` (both at once: :func:`select_and_score`): per
+  part, the unit with the best AUROC on the *training* split, scored (AUROC, average
+  precision) on the *test* split. The best unit on the test split itself is reported too,
+  but only as an optimistic upper bound (chosen and scored on the same images).
 * :func:`class_confound`: every part is in 4 of the 12 synthetic classes, so a detector of
   those classes already separates part presence well. Reported beside each part: the AUROC
   of a perfect class-set detector (score 1 when the label is one of the part's classes),
@@ -139,13 +139,20 @@ class Selection:
                 "mean_test_best_auroc_upper_bound": _num(_nanmean(self.test_best_auroc))}
 
 
-def select_and_score(train_scores, train_present, test_scores, test_present, part_names: list[str]) -> Selection:
-    """Choose each part's unit on the training split, score it on the test split.
+def best_units(train_auroc) -> np.ndarray:
+    """(P,) the unit with the best AUROC per part on the training split (0 where no AUROC is defined)."""
+    auc = np.asarray(train_auroc, dtype=np.float64)
+    finite = np.isfinite(auc)
+    return np.where(finite.any(1), np.where(finite, auc, -np.inf).argmax(1), 0)
+
+
+def score_units(train_auroc, test_scores, test_present, part_names: list[str]) -> Selection:
+    """Score each part's unit, chosen by ``train_auroc``, on the test split.
 
     Parameters
     ----------
-    train_scores, test_scores : (N_train, U), (N_test, U) per-image scores (max over tokens).
-    train_present, test_present : (N_train, P), (N_test, P) bool part presence.
+    train_auroc : (P, U) every unit's AUROC per part on the training split (``stats.auroc``).
+    test_scores : (N_test, U) per-image scores (max over tokens). test_present : (N_test, P) bool.
     part_names : P names.
 
     Returns
@@ -153,10 +160,10 @@ def select_and_score(train_scores, train_present, test_scores, test_present, par
     :class:`Selection`. A part missing (or everywhere) on the training split gets unit 0
     and NaN scores rather than a unit chosen on the test images.
     """
-    train_auc = stats.auroc(train_scores, train_present)                # (P, U)
-    test_auc = stats.auroc(test_scores, test_present)
+    train_auc = np.asarray(train_auroc, dtype=np.float64)
+    test_auc = stats.auroc(test_scores, test_present)                     # (P, U)
+    unit = best_units(train_auc)
     choosable = np.isfinite(train_auc).any(1)
-    unit = np.where(choosable, np.nanargmax(np.where(np.isfinite(train_auc), train_auc, -np.inf), 1), 0)
     parts = np.arange(len(unit))
     test_ap = average_precision(np.asarray(test_scores)[:, unit], test_present)[parts, parts]
     nan = np.full(len(unit), np.nan)
@@ -167,6 +174,11 @@ def select_and_score(train_scores, train_present, test_scores, test_present, par
                      test_ap=np.where(choosable, test_ap, nan),
                      test_prevalence=np.asarray(test_present, dtype=np.float64).mean(0),
                      test_best_auroc=best)
+
+
+def select_and_score(train_scores, train_present, test_scores, test_present, part_names: list[str]) -> Selection:
+    """Choose each part's unit on the training split (scores (N_train, U)), score it on the test split."""
+    return score_units(stats.auroc(train_scores, train_present), test_scores, test_present, part_names)
 
 
 # ----------------------------------------------------------------------------- class confound
@@ -362,24 +374,23 @@ class ConceptReport:
         return out
 
 
-def concept_report(code: str, train_max, train_present, test_codes, test: PartTruth, cf_max=None, cf_image=None,
+def concept_report(code: str, train_auroc, test_max, unit_maps, test: PartTruth, cf_max=None, cf_image=None,
                    cf_part=None) -> ConceptReport:
-    """Every measure for one code: choose on the training split, score on the test split.
+    """Every measure for one code: units chosen on the training split, scored on the test split.
 
     Parameters
     ----------
     code : the code's name (e.g. "SAE (M=512, K=8)", "channels").
-    train_max : (N_train, U) per-image max over tokens on the training images; train_present (N_train, P).
-    test_codes : (N_test, H*W, U) per-token codes of the test images (their max is the per-image score).
+    train_auroc : (P, U) every unit's AUROC per part on the training images.
+    test_max : (N_test, U) per-image max over tokens on the test images.
+    unit_maps : (N_test, P, T) the code of each part's chosen unit (:func:`best_units`) at every token.
     test : :class:`PartTruth` of the test images.
     cf_max, cf_image, cf_part : optional counterfactual re-renders (see :func:`counterfactual_drops`).
     """
-    codes = np.asarray(test_codes)
-    test_max = codes.max(1)
     names = test.part_names
-    sel = select_and_score(train_max, train_present, test_max, test.present, names)
+    sel = score_units(train_auroc, test_max, test.present, names)
     conf = class_confound(test_max, test.present, test.labels, test.part_classes, sel.unit, names)
-    point = pointing_game(codes[:, :, sel.unit].transpose(0, 2, 1), test.in_box, test.present, names)
+    point = pointing_game(unit_maps, test.in_box, test.present, names)
     drops = None if cf_max is None else counterfactual_drops(test_max, cf_max, cf_image, cf_part, test.present,
                                                              sel.unit, names)
-    return ConceptReport(code, codes.shape[2], dead_share(test_max), sel, conf, point, drops)
+    return ConceptReport(code, np.shape(test_max)[1], dead_share(test_max), sel, conf, point, drops)

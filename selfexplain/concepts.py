@@ -132,10 +132,10 @@ def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) ->
     concepts.update({i: r.answer for i, r in answers.items() if r.answer.strip()})
     if stale_summaries or stale_answers:
         log(f"{report}: set aside {stale_answers} answers and {stale_summaries} summaries made for another SAE "
-            f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)", error=True)
+            f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)")
     if not neurons_path.is_file() and not answers_path.is_file():
         log(f"note: no concepts in {report} (run sae_summarize.py and sae_summary_to_llm.py); "
-            "neurons are named by id", error=True)
+            "neurons are named by id")
     return concepts
 
 
@@ -190,7 +190,7 @@ def attachable_examples(neuron: dict, report_dir: Path, n_images: int) -> list[t
         path = contained(report_dir, example["thumb"])
         if path is None:
             log(f"neuron {neuron['neuron_id']}: thumbnail {example['thumb']!r} is not inside {report_dir}; "
-                "not sent", error=True)
+                "not sent")
         elif path.is_file():
             pairs.append((example, path))
     return pairs
@@ -325,8 +325,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
                     other.cancel()
     except KeyboardInterrupt:
         in_flight = sum(f.running() for f in futures)
-        log(f"interrupted: no new requests; waiting for the {in_flight} in flight, whose answers are saved",
-            error=True)
+        log(f"interrupted: no new requests; waiting for the {in_flight} in flight, whose answers are saved")
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

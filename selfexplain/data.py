@@ -65,6 +65,8 @@ def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) 
     if image_size < 32 or image_size % 32:
         raise UserError(f"IMAGE_SIZE must be a multiple of 32 and >= 32, got {image_size}")
     spec = {"dataset": dataset, "data_root": data_root, "image_size": int(image_size)}
+    if dataset == "synthetic":  # later stages must see the sketches this classifier was trained on
+        spec["generator_version"] = GENERATOR_VERSION
     spec.update(extra)
     return spec
 
@@ -73,6 +75,10 @@ def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) 
 def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress: bool = True) -> ImageSet:
     """Load a dataset through its on-disk cache, building the cache on first use."""
     if spec["dataset"] == "synthetic":
+        recorded = spec.get("generator_version", GENERATOR_VERSION)
+        if recorded != GENERATOR_VERSION:
+            raise UserError(f"this checkpoint was trained on synthetic sketches of generator version {recorded}, "
+                            f"this code draws version {GENERATOR_VERSION}; retrain with train_standard_cnn.py")
         key_src = {k: spec.get(k) for k in ("dataset", "image_size", "per_class", "seed")}
         key_src["generator_version"] = GENERATOR_VERSION  # a changed drawing never reuses old sketches
         source = None
@@ -178,7 +184,7 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
         for (name, array, reason), label in zip(results, chunk_labels):
             if array is None:
                 skipped.append({"source": name, "reason": reason})
-                log(f"skipped {name}: {reason}", error=True)
+                log(f"skipped {name}: {reason}")
             else:
                 images[len(labels)] = array
                 labels.append(label)

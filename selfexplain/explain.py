@@ -34,14 +34,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from . import artifacts
+from . import artifacts, evidence
 from .concepts import load_concepts
 from .data import model_input
 from .distributed import resolve_device
@@ -78,10 +78,14 @@ class ExplainSettings:
     n_random: int = 8                  # random active-neuron sets for the faithfulness baseline
     seed: int = 0                      # seeds those draws, together with the image's index
     active: MostActive | None = None   # also record the most active neurons in extra["top_active"]
+    input_check: bool = True           # white out the cited concepts' ink and rerun (False: the fast path)
+    ink_share: float = evidence.INK_SHARE  # share of the sketch's ink the input-space check removes
 
     def __post_init__(self):
         if self.n_cite < 0 or self.n_random < 1:
             raise UserError(f"need N >= 0 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
+        if not 0.0 < self.ink_share < 1.0:
+            raise UserError(f"INK_SHARE must be in (0, 1), got {self.ink_share}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -295,24 +299,37 @@ def random_active_sets(active: np.ndarray, size: int, draws: int, rng: np.random
 
 
 def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_ids: list[int],
-                 rng: np.random.Generator, n_random: int) -> dict:
-    """The predicted logit's drop when the cited neurons are zeroed in the code, and the
-    mean drop for ``n_random`` sets of as many random active neurons."""
+                 rng: np.random.Generator, n_random: int, image: np.ndarray | None = None,
+                 ink_share: float = evidence.INK_SHARE) -> dict:
+    """Two checks of the cited neurons against ``n_random`` sets of as many random active ones.
+
+    In the code (``code_*``): the logit's drop when the neurons are zeroed in the SAE code
+    and the head reruns. A consistency check, true by construction: the head is linear and
+    the cited neurons are the largest contributions, so no other set can drop more.
+    On the input (``input_*``, ``cam_drop``, with ``image``): the drop after whiting out
+    ``ink_share`` of the sketch's ink where the neurons fire, rerunning the whole
+    classifier; evidence, since it could come out no better than random or than CAM.
+    """
     if not cited_ids:
-        return {"cited_drop": 0.0, "random_drop": 0.0}
+        return {"code_cited_drop": 0.0, "code_random_drop": 0.0}
     active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
-    sets = [[], cited_ids] + random_active_sets(active_ids, len(cited_ids), n_random, rng)
-    ablated = ablated_logits(models, analysis, b, sets, pred)
-    return {"cited_drop": float(ablated[0] - ablated[1]),
-            "random_drop": float(np.mean(ablated[0] - ablated[2:])) if len(ablated) > 2 else 0.0}
+    random_sets = random_active_sets(active_ids, len(cited_ids), n_random, rng)
+    ablated = ablated_logits(models, analysis, b, [[], cited_ids] + random_sets, pred)
+    out = {"code_cited_drop": float(ablated[0] - ablated[1]),
+           "code_random_drop": float(np.mean(ablated[0] - ablated[2:])) if random_sets else 0.0}
+    if image is not None:
+        out.update(evidence.input_deletion(models, image, analysis, b, cited_ids, pred, random_sets, ink_share))
+    return out
 
 
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
-                settings: ExplainSettings = ExplainSettings(), index: int | None = None) -> Explanation:
+                settings: ExplainSettings = ExplainSettings(), index: int | None = None,
+                image: np.ndarray | None = None) -> Explanation:
     """Build image ``b``'s explanation from a batch :class:`Analysis`.
 
     ``index`` (default ``b``) seeds the random draws with ``settings.seed``, so an image
-    gets the same draws whatever batch it lands in.
+    gets the same draws whatever batch it lands in. With ``image`` (its uint8 sketch) and
+    ``settings.input_check``, the faithfulness block gains the input-space evidence.
     """
     probs, pred = analysis.probs[b], int(analysis.logits[b].argmax())
     contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
@@ -334,17 +351,22 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
-        faithfulness=faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random),
+        faithfulness=faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
+                                  image if settings.input_check else None, settings.ink_share),
         sentence=compose_sentence(cls, prob, cited), extra=extra)
 
 
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
                    sae_ckpt: str | Path = artifacts.SAE_CKPT, report_dir: str | Path = artifacts.REPORT_DIR,
-                   device: str | torch.device = "auto", batch_size: int = 64, **settings) -> list[Explanation]:
+                   device: str | torch.device = "auto", batch_size: int = 64,
+                   judge: Callable[[Analysis, np.ndarray], list[dict]] | None = None,
+                   **settings) -> list[Explanation]:
     """Explain several images (paths, PIL images or uint8 arrays), batched through the models.
 
     ``settings`` are the fields of :class:`ExplainSettings` (``n_cite``, ``n_random``,
-    ``seed``, ``active``).
+    ``seed``, ``active``). ``judge(analysis, uint8 batch)`` returns one dict per image that
+    goes into the explanation as is (the familiarity calibration's ``judge`` adds
+    ``familiarity`` and ``unfamiliar``), so checks of the input reuse the same forward pass.
     """
     if batch_size < 1:
         raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
@@ -355,7 +377,11 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)
         analysis = analyse(models, batch)
-        out += [explain_one(models, analysis, b, names[b], concepts, options, start + b) for b in range(len(batch))]
+        verdicts = judge(analysis, batch) if judge is not None else [{}] * len(batch)
+        for b in range(len(batch)):
+            exp = explain_one(models, analysis, b, names[b], concepts, options, start + b, batch[b])
+            exp.extra.update(verdicts[b])
+            out.append(exp)
     return out
 
 
@@ -390,6 +416,15 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = artifact
     return ids, scores, threshold, models.class_names[pred], float(probs[pred]), top5(probs, models.class_names)
 
 
+def unfamiliar_note(explanation: Explanation) -> str | None:
+    """The one-line warning the text, the overlay and the page show for an unfamiliar input, else None."""
+    if not explanation.extra.get("unfamiliar"):
+        return None
+    more = 100.0 - float(explanation.extra.get("familiarity", 0.0))
+    return (f"unfamiliar input: less familiar than {more:.1f}% of validation sketches; "
+            "the prediction and its explanation may not mean much")
+
+
 # ----------------------------------------------------------------------------- overlay
 PALETTE = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
@@ -418,16 +453,33 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         alpha = strength * (0.3 + 0.6 * ink)  # strokes take the colour, paper a tint
         base = base * (1 - alpha) + colour * alpha
     font = ImageFont.load_default()
-    line = 16
-    canvas = Image.new("RGB", (size, size + line * (len(neurons) + 1) + 8), "white")
+    line, note = 16, unfamiliar_note(explanation)
+    head = 2 + (2 * line if note else 0)  # the warning takes two lines above the legend
+    check = evidence_line(explanation.faithfulness)
+    canvas = Image.new("RGB", (size, size + head + line * (len(neurons) + 1 + bool(check)) + 8), "white")
     canvas.paste(Image.fromarray(base.clip(0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, size + 2), f"{explanation.predicted_class} ({explanation.probability:.0%})", fill="black", font=font)
+    if note:
+        cut = note.index(";") + 1
+        draw.text((4, size + 2), note[:cut], fill=(200, 0, 0), font=font)
+        draw.text((4, size + 2 + line), note[cut:].strip(), fill=(200, 0, 0), font=font)
+    draw.text((4, size + head), f"{explanation.predicted_class} ({explanation.probability:.0%})", fill="black",
+              font=font)
     for k, n in enumerate(neurons):
-        y = size + 2 + line * (k + 1)
+        y = size + head + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
         draw.text((20, y), f"{n.concept[:48]} ({n.share:.0%})", fill="black", font=font)
+    if check:
+        draw.text((4, size + head + line * (len(neurons) + 1)), check[:64], fill=(90, 90, 90), font=font)
     return canvas
+
+
+def evidence_line(faith: dict) -> str | None:
+    """The input-space check in one short line (overlay legend), or None when it did not run."""
+    if "input_cited_drop" not in faith:
+        return None
+    return (f"ink {faith['ink_removed']:.0%} removed: logit -{faith['input_cited_drop']:.2f} "
+            f"(random -{faith['input_random_drop']:.2f}, CAM -{faith['cam_drop']:.2f})")
 
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:

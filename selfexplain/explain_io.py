@@ -22,7 +22,7 @@ import numpy as np
 from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError
-from .explain import Explanation, Models
+from .explain import Explanation, Models, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, load_user_image, png_bytes
 
 TEST_IMAGES_DIR = "test_images"  # under REPORT_DIR: test:K images saved as PNG, so outputs can name a file
@@ -156,15 +156,24 @@ def format_text(exp: Explanation) -> str:
     top5 = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in exp.top5)
     lines = [f"image: {exp.image}",
              f"predicted: {exp.predicted_class} ({exp.probability:.1%}){truth}",
-             f"top-5: {top5}", "because of (share of the positive evidence, contribution to the logit):"]
+             f"top-5: {top5}"]
+    note = unfamiliar_note(exp)
+    if note:
+        lines.append(f"WARNING: {note}")
+    lines.append("because of (share of the positive evidence, contribution to the logit):")
     for n in exp.neurons:
         lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}]")
     cited = sum(n.contribution for n in exp.neurons)
     lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "
                  f"+ SAE error {exp.error:.3f}")
     f = exp.faithfulness
-    lines.append(f"faithfulness: removing the cited neurons lowers the logit by {f['cited_drop']:.3f}; "
-                 f"as many random active neurons: {f['random_drop']:.3f}")
+    if "input_cited_drop" in f:
+        lines.append(f"evidence: whiting out {f['ink_removed']:.0%} of the ink where the cited concepts fire lowers "
+                     f"the logit by {f['input_cited_drop']:.3f}; the same ink where random active neurons fire: "
+                     f"{f['input_random_drop']:.3f}; where CAM is highest: {f['cam_drop']:.3f}")
+    lines.append(f"consistency (true by construction): zeroing the cited neurons in the code lowers the logit by "
+                 f"{f.get('code_cited_drop', 0.0):.3f}; as many random active neurons: "
+                 f"{f.get('code_random_drop', 0.0):.3f}")
     active = exp.extra.get("top_active")
     if active:
         listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))

@@ -36,13 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import read_json, write_json
+from .artifacts import FAMILIARITY, read_json, write_json
 from .data import load_dataset
 from .errors import UserError
 from .explain import analyse
 from .logs import log
 
-FAMILIARITY = "familiarity.json"  # REPORT_DIR: the familiarity calibration, beside the other stage 3-5 artifacts
 CALIBRATION_VERSION = 1           # bump when the score changes: stored calibrations are then refitted
 SIGNALS = ("sae_error", "feature_distance", "ink")
 UNFAMILIAR_PERCENTILE = 1.0       # threshold: this percentile of the validation scores (99% of them pass)
@@ -98,6 +97,10 @@ class Calibration:
         scores = self.scores(self.signals(analysis, images))
         percentiles = 100.0 * np.searchsorted(self.val_scores, scores, side="right") / len(self.val_scores)
         return [Familiarity(float(s), float(p), bool(s < self.threshold)) for s, p in zip(scores, percentiles)]
+
+    def judge(self, analysis, images: np.ndarray) -> list[dict]:
+        """The ``--json`` fields per image (``explain.explain_images(..., judge=calibration.judge)``)."""
+        return [verdict.to_dict() for verdict in self.score(analysis, images)]
 
     @classmethod
     def from_json(cls, stored: dict, sae: torch.nn.Module) -> "Calibration":
@@ -200,9 +203,3 @@ def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibr
     calibration = fit(models, cache_dir)
     write_json(path, calibration.to_json())
     return calibration
-
-
-def warning(verdict: Familiarity) -> str:
-    """The one-line notice the text output, the overlay and the page show for an unfamiliar input."""
-    return (f"unfamiliar input: less familiar than {100 - verdict.percentile:.1f}% of validation sketches; "
-            "the prediction and its explanation may not mean much")

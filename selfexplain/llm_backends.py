@@ -254,8 +254,7 @@ class OpenAIBackend(Backend):
         try:
             names = [m.id for m in self.client.models.list()]
         except Exception as exc:  # noqa: BLE001  any failure: fall back to the default name
-            log(f"could not list models at {self.client.base_url} ({type(exc).__name__}); using the default",
-                error=True)
+            log(f"could not list models at {self.client.base_url} ({type(exc).__name__}); using the default")
             return ""
         if len(names) > 1:  # picking one at random would surprise: ask instead
             listed = ", ".join(names[:8])
@@ -289,7 +288,7 @@ class OpenAIBackend(Backend):
             return False
         with self._lock:
             self._refused.add(param)
-        log(f"openai: {self.model} refuses '{param}'; asking without it", error=True)
+        log(f"openai: {self.model} refuses '{param}'; asking without it")
         return True
 
     def _request(self, system, text, images, fallback):
@@ -353,7 +352,7 @@ class ReplicateBackend(Backend):
             image_field = ""
         elif known is None and images:
             log(f"replicate model {self.model} is not known to take images; sending text only "
-                f"(set IMAGE_INPUT=image or images to attach thumbnails)", error=True)
+                f"(set IMAGE_INPUT=image or images to attach thumbnails)")
         return image_field, system_field
 
     def _input(self, system: str, text: str, images: list[Path]) -> dict:
@@ -463,7 +462,7 @@ def make_backend(name: str = "auto", model: str = "", base_url: str = "", timeou
     dotenv = read_dotenv()
     if name == "auto":
         name, why = choose_auto(os.environ, dotenv, base_url)
-        log(f"BACKEND=auto chose {name}: {why}", error=True)
+        log(f"BACKEND=auto chose {name}: {why}")
     env = {**dotenv, **{k: v for k, v in os.environ.items() if v}}  # the environment wins over .env
     common = dict(timeout=timeout, retries=retries, backoff=backoff, seed=seed)
     if name == "offline":

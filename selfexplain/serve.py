@@ -25,12 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
-
 from . import explain, familiarity
 from .errors import UserError
-from .logs import log
 from .imaging import BadImage, decode_image, png_bytes
+from .logs import log
 
 MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 413
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
@@ -60,11 +58,11 @@ class Explainer:
             raise UserError(f"cannot read the PNG: {exc}") from None
         with self.lock:  # one model pass at a time: torch modules are shared, CPU threads are few
             exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
-                                         report_dir=self.report_dir, **self.options)[0]
-            analysis = explain.analyse(self.models, image[None])
+                                         report_dir=self.report_dir, judge=self.calibration.judge,
+                                         **self.options)[0]
         exp.image = "<upload>"
-        exp.extra.update(self.calibration.score(analysis, image[None])[0].to_dict())
         out = exp.to_dict()
+        out["unfamiliar_note"] = explain.unfamiliar_note(exp)
         out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp))).decode("ascii")
         return out
 
@@ -143,7 +141,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
         if not self.server.quiet:
-            log(f"{self.address_string()} {format % args}", error=True)
+            log(f"{self.address_string()} {format % args}")
 
 
 def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",

@@ -6,24 +6,33 @@ The pipeline, each step returning a typed record the next one (and ``report.py``
 * :func:`collect` -> :class:`Activations`: one pass, per-image max/mean codes, logits, positions;
 * :func:`neuron_stats` -> :class:`NeuronStats`: thresholds, frequencies, PMI, lens, knockout, score;
 * :func:`find_examples` -> :class:`Examples`: each neuron's strongest images and their token maps;
-* :func:`concept_recovery` -> :class:`ConceptRecovery`: on data with ground-truth parts, how well
-  the best neuron for each part detects it and whether it fires inside the part's boxes;
+* on data with ground-truth parts (the synthetic set), :func:`held_out_measures` ->
+  :class:`HeldOut`: per part type, the unit of each code (the SAE and, optionally, its
+  baselines) chosen on the summarised training images and scored on the classifier's test
+  split (AUROC, AP, class confound, pointing game, counterfactual drops on re-renders from
+  :func:`rerender_test_images`; the measures are ``concept_measures.py``'s), and
+  :func:`neuron_parts` -> :class:`NeuronParts`: each neuron's best part on the training split;
 * :func:`summary_metrics`: the ``summary.json`` object.
 
 Memory stays O(N·M): pass 1 keeps per-image reductions only, pass 2 recomputes token maps
-for the example images alone.
+for the example images alone, the held-out pass keeps per-image maxima and the chosen
+units' token maps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from . import artifacts, data, stats
+from . import artifacts, data, stats, synthetic
+from . import concept_measures as cm
+from .baselines import CodeProvider
 from .errors import UserError
 from .features import iter_feature_maps
-from .sae import TopKSAE, bias_logits, logit_lens
+from .logs import log
+from .sae import TopKSAE, bias_logits, logit_lens, tokens_of
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -210,13 +219,8 @@ def example_token_maps(inputs: Inputs, indices: np.ndarray, rows: np.ndarray, fm
     maps = np.zeros((m, e, 0), dtype=np.float32)
     neuron_of, slot_of = np.nonzero(rows >= 0)
     pair_rows = rows[neuron_of, slot_of]
-    if fmaps is not None:
-        source = ((indices[needed[i:i + batch_size]], fmaps[needed[i:i + batch_size]].to(inputs.device))
-                  for i in range(0, len(needed), batch_size))
-    else:
-        source = ((idx, fmap) for idx, fmap, _ in iter_feature_maps(
-            inputs.classifier, inputs.imageset.images, indices[needed], inputs.prep, inputs.device, batch_size, amp,
-            progress, desc="pass 2: examples"))
+    source = feature_batches(inputs, inputs.imageset.images, indices[needed],
+                             None if fmaps is None else fmaps[needed], batch_size, amp, progress, "pass 2: examples")
     for batch_idx, fmap in source:
         z = inputs.sae.codes_for_map(fmap)                                    # (B, T, M)
         if maps.shape[2] == 0:
@@ -229,114 +233,189 @@ def example_token_maps(inputs: Inputs, indices: np.ndarray, rows: np.ndarray, fm
     return maps
 
 
-# ----------------------------------------------------------------------------- concept recovery
-@dataclass
-class PartRecovery:
-    """How well the best neuron for one part type detects it."""
-    best_neuron: int
-    auroc: float             # part presence vs the neuron's per-image max activation
-    in_box_share: float      # share of its examples' strongest tokens inside the part's boxes
-    in_box_chance: float     # the same share for a token picked at random in those examples
-    best_dense_auroc: float  # the best neuron's AUROC on the dense ReLU code instead
-    images_with_part: int
+# ----------------------------------------------------------------------------- held-out concept measures
+def feature_batches(inputs: Inputs, images: np.ndarray, indices: np.ndarray, fmaps: torch.Tensor | None = None,
+                    batch_size: int = 128, amp: str = "off", progress: bool = True,
+                    desc: str = "features") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Yield (indices, layer4 maps on the device) over sorted ``indices`` of ``images``.
+
+    Sliced from ``fmaps`` (rows aligned with ``indices``) when given, else from the backbone.
+    """
+    if fmaps is not None:
+        for i in range(0, len(indices), batch_size):
+            yield indices[i:i + batch_size], fmaps[i:i + batch_size].to(inputs.device)
+        return
+    for idx, fmap, _ in iter_feature_maps(inputs.classifier, images, indices, inputs.prep, inputs.device, batch_size,
+                                          amp, progress, desc=desc):
+        yield idx, fmap
+
+
+def part_ground_truth(imageset: data.ImageSet, indices: np.ndarray, grid: tuple[int, int]) -> cm.PartTruth:
+    """Part presence, the class-part table and the token-in-box masks of the images at ``indices``."""
+    table = cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
+    return cm.part_truth([imageset.parts[i] for i in indices], imageset.labels[indices], imageset.part_types, table,
+                         grid, imageset.spec["image_size"])
 
 
 @dataclass
-class ConceptRecovery:
-    """Concept recovery on data with ground-truth parts: per part type, and per neuron."""
-    per_part: dict[str, PartRecovery]
-    grid: tuple[int, int]
-    neuron_part: list[str]         # (M,) each neuron's best part type
-    neuron_auroc: np.ndarray       # (M,) its AUROC for that part
-    neuron_in_box_share: np.ndarray
-
-    def to_dict(self) -> dict:
-        """The ``concept_recovery`` table of summary.json."""
-        parts = list(self.per_part.values())
-        return {"per_part": {name: vars(p) for name, p in self.per_part.items()},
-                "mean_best_auroc": float(np.mean([p.auroc for p in parts])),
-                "mean_best_dense_auroc": float(np.mean([p.best_dense_auroc for p in parts])),
-                "mean_in_box_share": float(np.mean([p.in_box_share for p in parts])),
-                "mean_in_box_chance": float(np.mean([p.in_box_chance for p in parts])),
-                "grid": list(self.grid), "score": "per-image max of the Top-K code"}
+class Rerenders:
+    """Test images re-rendered with exactly one part left out: the counterfactuals."""
+    images: np.ndarray   # (R, S, S) uint8
+    row: np.ndarray      # (R,) row, in the test indices, of the image each re-render comes from
+    part: np.ndarray     # (R,) index of the part type left out
+    n_images: int        # test images re-rendered
 
 
-def part_labels(parts: list, rows_global: np.ndarray, part_types: list[str]) -> np.ndarray:
-    """(N, P) bool: image holds at least one part of each type (class part or distractor)."""
-    index = {p: j for j, p in enumerate(part_types)}
-    out = np.zeros((len(rows_global), len(part_types)), dtype=bool)
-    for n, g in enumerate(rows_global):
-        for part in parts[g]:
-            out[n, index[part["part"]]] = True
-    return out
+def rerender_test_images(imageset: data.ImageSet, test_idx: np.ndarray, n_images: int, seed: int) -> Rerenders | None:
+    """Re-render ``n_images`` test images (drawn at random) once per part, that part left out.
+
+    None, with one log line, when ``synthetic.rerender`` no longer reproduces the cached
+    images (the drawing changed): a re-render would then differ in more than the part.
+    """
+    spec, rng = imageset.spec, np.random.default_rng(seed)
+    rows = np.sort(rng.permutation(len(test_idx))[:n_images])
+    index = {p: j for j, p in enumerate(imageset.part_types)}
+    images, image_row, part = [], [], []
+    for r in rows:
+        c, j = imageset.origins[test_idx[r]]
+        if not np.array_equal(synthetic.rerender(c, j, spec["image_size"], spec["seed"])[0],
+                              imageset.images[test_idx[r]]):
+            log("counterfactuals skipped: synthetic.rerender no longer reproduces the cached test images")
+            return None
+        for k, record in enumerate(imageset.parts[test_idx[r]]):
+            images.append(synthetic.rerender(c, j, spec["image_size"], spec["seed"], omit=k)[0])
+            image_row.append(r)
+            part.append(index[record["part"]])
+    if not images:
+        return None
+    return Rerenders(np.stack(images), np.array(image_row), np.array(part), len(rows))
 
 
-def token_in_box(parts: list, rows_global: np.ndarray, part_types: list[str], grid, image_size: int) -> np.ndarray:
-    """(N, P, T) bool: the token's centre lies inside some box of that part type in that image."""
-    rows, cols = stats.token_grid(*grid)
-    ys, xs = rows * image_size, cols * image_size
-    index = {p: j for j, p in enumerate(part_types)}
-    out = np.zeros((len(rows_global), len(part_types), len(ys)), dtype=bool)
-    for n, g in enumerate(rows_global):
-        for part in parts[g]:
-            x0, y0, x1, y1 = part["box"]
-            out[n, index[part["part"]]] |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-    return out
+def training_tokens(inputs: Inputs, acts: Activations, indices: np.ndarray, n_tokens: int, seed: int,
+                    batch_size: int = 128, amp: str = "off") -> torch.Tensor:
+    """Raw layer4 tokens (about ``n_tokens``) of training images drawn at random: what PCA and NMF fit on."""
+    per_image = acts.grid[0] * acts.grid[1]
+    rows = np.sort(np.random.default_rng(seed).permutation(len(indices))[:max(1, -(-n_tokens // per_image))])
+    fmaps = None if acts.fmaps is None else acts.fmaps[rows]
+    return torch.cat([tokens_of(fmap) for _, fmap in feature_batches(inputs, inputs.imageset.images, indices[rows],
+                                                                      fmaps, batch_size, amp, progress=False)])
 
 
-def in_box_share(inbox, local, top_token, valid, neurons, parts) -> tuple[np.ndarray, np.ndarray]:
-    """Share of each (neuron, part) pair's top tokens inside that part's boxes, and its chance level.
+@torch.no_grad()
+def code_maxima(codes: dict[str, CodeProvider], batches, units: dict[str, np.ndarray] | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One stream of layer4 maps through every code.
 
     Parameters
     ----------
-    inbox : (U, P, T) bool from :func:`token_in_box` over the example images.
-    local : (M, E) row of ``inbox`` for each neuron's examples. top_token : (M, E) argmax token.
-    valid : (M, E) bool, the example exists. neurons, parts : (K,) int pairs to evaluate.
+    codes : code providers by key. batches : iterable of (indices, layer4 map (B, C, H, W)).
+    units : per code key, (P,) units whose token maps to keep.
 
     Returns
     -------
-    (share (K,), chance (K,)): chance is the share of *all* tokens of the same examples
-    that lie inside the boxes (what a neuron firing at random places would score).
+    (per code, per-image max over tokens (N, U); per code in ``units``, those units' maps (N, P, T)).
     """
-    loc, tok, ok = local[neurons], top_token[neurons], valid[neurons]          # (K, E)
-    hit = inbox[loc, parts[:, None], tok] & ok
-    chance = inbox[loc, parts[:, None], :].mean(2) * ok
-    n = np.maximum(ok.sum(1), 1)
-    return hit.sum(1) / n, chance.sum(1) / n
+    units = units or {}
+    maxima, maps = {k: [] for k in codes}, {k: [] for k in units}
+    for _, fmap in batches:
+        for key, code in codes.items():
+            z = code.codes_for_map(fmap)                                      # (B, T, U)
+            maxima[key].append(z.amax(1).float().cpu().numpy())
+            if key in units:
+                maps[key].append(z[:, :, torch.as_tensor(units[key], device=z.device)].transpose(1, 2).float()
+                                 .cpu().numpy())
+    return {k: np.concatenate(v) for k, v in maxima.items()}, {k: np.concatenate(v) for k, v in maps.items()}
 
 
-def concept_recovery(acts: Activations, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,
-                     image_size: int) -> ConceptRecovery | None:
-    """Per part type: the best neuron's AUROC for the part's presence and its in-box share.
+@dataclass
+class HeldOut:
+    """Stage 3's held-out concept measures: per code, units chosen on train and scored on test."""
+    reports: dict[str, cm.ConceptReport]   # by code key, "sae" first
+    n_train: int
+    n_test: int
+    rerenders: Rerenders | None
+    sae_train_auroc: np.ndarray            # (P, M) every SAE neuron's AUROC per part on the training images
 
-    The score of an image is the neuron's per-image max Top-K activation. None on data
-    without ground-truth parts.
+    def to_dict(self) -> dict:
+        """The ``concept_measures`` block of summary.json."""
+        cf = self.rerenders
+        return {"choose_on": "train", "score_on": "test", "n_train_images": self.n_train,
+                "n_test_images": self.n_test, "pointing_rule": cm.POINTING_RULE,
+                "counterfactual": {"test_images": cf.n_images, "rerenders": len(cf.row)} if cf else None,
+                "codes": {key: report.to_dict() for key, report in self.reports.items()}}
+
+
+def held_out_measures(inputs: Inputs, acts: Activations, indices: np.ndarray, codes: dict[str, CodeProvider],
+                      cf_images: int = 0, seed: int = 0, batch_size: int = 128, amp: str = "off",
+                      progress: bool = True) -> HeldOut:
+    """Every code's units chosen on the summarised training images, scored on the classifier's test split.
+
+    Parameters
+    ----------
+    acts : pass 1 over ``indices``; its ``top_max`` is the SAE's training score, its cached
+        maps (when kept) feed the baselines.
+    codes : the codes to measure, keyed; ``"sae"`` (the SAE's own code) is required.
+    cf_images : test images to re-render without each of their parts (0: no counterfactuals).
+    seed : draws those test images.
     """
-    if not imageset.parts or not imageset.part_types:
-        return None
+    imageset = inputs.imageset
+    test_idx = np.sort(inputs.classifier_ckpt["split"]["test"].numpy())
+    rerenders = (rerender_test_images(imageset, test_idx, cf_images, seed)
+                 if cf_images > 0 and imageset.origins else None)
+    train, test = (part_ground_truth(imageset, idx, acts.grid) for idx in (indices, test_idx))
+    run = dict(batch_size=batch_size, amp=amp, progress=progress)
+    others = {k: c for k, c in codes.items() if k != "sae"}
+    train_max = {"sae": acts.top_max}
+    if others:
+        train_max.update(code_maxima(others, feature_batches(inputs, imageset.images, indices, acts.fmaps,
+                                                             desc="baselines: train", **run))[0])
+    train_auc = {k: stats.auroc(v, train.present) for k, v in train_max.items()}
+    units = {k: cm.best_units(auc) for k, auc in train_auc.items()}
+    test_max, unit_maps = code_maxima(codes, feature_batches(inputs, imageset.images, test_idx, desc="test split",
+                                                             **run), units)
+    cf_max, cf_row, cf_part = {}, None, None
+    if rerenders is not None:
+        cf_max = code_maxima(codes, feature_batches(inputs, rerenders.images, np.arange(len(rerenders.row)),
+                                                    desc="counterfactuals", **run))[0]
+        cf_row, cf_part = rerenders.row, rerenders.part
+    reports = {k: cm.concept_report(codes[k].name, train_auc[k], test_max[k], unit_maps[k], test, cf_max.get(k),
+                                    cf_row, cf_part) for k in codes}
+    return HeldOut(reports, len(indices), len(test_idx), rerenders, train_auc["sae"])
+
+
+@dataclass
+class NeuronParts:
+    """Each neuron's best part type on the training split, for the per-neuron records."""
+    part: list[str]              # (M,) the part type with its best AUROC
+    auroc: np.ndarray            # (M,) that AUROC, chosen and scored on the training images (optimistic)
+    pointing: np.ndarray         # (M,) of its example images holding that part, share where its top token is inside
+    pointing_chance: np.ndarray  # (M,) the share of cells inside the part's boxes, on the same images
+
+
+def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,
+                 grid: tuple[int, int]) -> NeuronParts:
+    """Best part per neuron (``train_auroc`` (P, M)) and its pointing game on the neuron's own examples."""
     types = list(imageset.part_types)
-    present = part_labels(imageset.parts, indices, types)
-    auc = np.nan_to_num(stats.auroc(acts.top_max, present), nan=0.5)       # (P, M)
-    dense_auc = np.nan_to_num(stats.auroc(acts.dense_max, present), nan=0.5)
-    rows = examples.rows
-    ex_rows = np.unique(rows[rows >= 0])
-    inbox = token_in_box(imageset.parts, indices[ex_rows], types, acts.grid, image_size)  # (U, P, T)
-    ctx = (inbox, np.searchsorted(ex_rows, np.maximum(rows, 0)), examples.maps.argmax(2), rows >= 0)
-    best = auc.argmax(1)
-    share, chance = in_box_share(*ctx, best, np.arange(len(types)))
-    per_part = {name: PartRecovery(int(best[j]), float(auc[j, best[j]]), float(share[j]), float(chance[j]),
-                                   float(dense_auc[j].max()), int(present[:, j].sum()))
-                for j, name in enumerate(types)}
-    neuron_part = auc.argmax(0)
-    neuron_share, _ = in_box_share(*ctx, np.arange(len(neuron_part)), neuron_part)
-    return ConceptRecovery(per_part, acts.grid, [types[j] for j in neuron_part], auc.max(0), neuron_share)
+    best = np.nan_to_num(train_auroc, nan=0.5).argmax(0)                     # (M,)
+    m, e = examples.rows.shape
+    ex_parts = [imageset.parts[g] for g in indices[np.maximum(examples.rows, 0)].ravel()]
+    in_box = cm.cells_in_box(ex_parts, types, grid, imageset.spec["image_size"]).reshape(m, e, len(types), -1)
+    present = cm.part_presence(ex_parts, types).reshape(m, e, len(types))
+    neuron = np.arange(m)[:, None]
+    holds = present[neuron, np.arange(e), best[:, None]] & (examples.rows >= 0)          # (M, E)
+    own_box = in_box[neuron, np.arange(e), best[:, None]]                                # (M, E, T)
+    maps = examples.maps if examples.maps.shape[2] else np.zeros(own_box.shape)   # no examples at all: all dead
+    # neurons take the place of parts: one column each, its examples the images
+    point = cm.pointing_game(maps.transpose(1, 0, 2), own_box.transpose(1, 0, 2), holds.T, [types[j] for j in best])
+    auc = np.asarray(train_auroc)[best, np.arange(m)]
+    return NeuronParts([types[j] for j in best], auc, point.hit_rate, point.chance)
 
 
 # ----------------------------------------------------------------------------- summary
 def summary_metrics(inputs: Inputs, acts: Activations, st: NeuronStats, labels: np.ndarray, n_clear_class: int,
-                    recovery: ConceptRecovery | None, timings: dict) -> dict:
-    """summary.json (less the run's config): counts, SAE faithfulness on the summarised images, concept
-    recovery, provenance."""
+                    held_out: HeldOut | None, timings: dict) -> dict:
+    """summary.json (less the run's config): counts, SAE faithfulness on the summarised images, the
+    held-out concept measures (``concept_measures``, None without ground-truth parts), provenance."""
     err = acts.logits - acts.sae_logits                                      # ε per image and class
     live = ~st.dead
     sae_ckpt = inputs.sae_ckpt
@@ -348,7 +427,7 @@ def summary_metrics(inputs: Inputs, acts: Activations, st: NeuronStats, labels: 
         "classifier_train_accuracy": float((acts.logits.argmax(1) == labels).mean()),
         "sae_top1_agreement": float((acts.sae_logits.argmax(1) == acts.logits.argmax(1)).mean()),
         "sae_error_logit_rms": float(np.sqrt((err ** 2).mean())),
-        "grid": list(acts.grid), "concept_recovery": recovery.to_dict() if recovery else None, "timings_s": timings,
+        "grid": list(acts.grid), "concept_measures": held_out.to_dict() if held_out else None, "timings_s": timings,
         "sae_fingerprint": inputs.sae_fingerprint,
         "classifier": {"path": inputs.classifier_path, "fingerprint": inputs.classifier_ckpt["fingerprint"]},
         "sae": {"path": inputs.sae_path, "fingerprint": inputs.sae_fingerprint,

@@ -110,3 +110,12 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
         (folder / "images.npy").write_bytes(b"\0" * 1024)
     data.load_dataset(data.dataset_spec("synthetic", None, 64, per_class=2, seed=1), tmp_path, progress=False)
     assert not stale.exists() and live.is_dir()
+
+
+def test_a_classifier_of_another_generator_version_is_refused(tmp_path):
+    from selfexplain import synthetic
+
+    spec = data.dataset_spec("synthetic", None, 64, per_class=2, seed=0)
+    assert spec["generator_version"] == synthetic.GENERATOR_VERSION
+    with pytest.raises(UserError, match="generator version"):
+        data.load_dataset({**spec, "generator_version": synthetic.GENERATOR_VERSION - 1}, tmp_path, progress=False)

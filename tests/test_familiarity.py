@@ -49,7 +49,7 @@ def test_validation_percentiles_spread_over_0_to_100(calibration):
     n = len(calibration.val_scores)
     percentiles = 100.0 * np.searchsorted(calibration.val_scores, calibration.val_scores, side="right") / n
     assert percentiles.max() == 100.0 and np.median(percentiles) < 75
-    assert np.mean(percentiles < familiarity.UNFAMILIAR_PERCENTILE) <= 0.05
+    assert np.mean(calibration.val_scores < calibration.threshold) <= 0.05
 
 
 def test_calibration_is_stored_reused_and_refitted_when_stale(calibration, models, report_dir, cache_dir, monkeypatch):
@@ -85,10 +85,11 @@ def test_pooled_features_are_exactly_the_classifier_gap(models):
     assert rebuilt == pytest.approx(gap, rel=1e-4, abs=1e-4)
 
 
-def test_tail_share_and_mahalanobis_by_hand():
-    reference = np.array([1.0, 2.0, 3.0])
-    assert familiarity.tail_share(reference, np.array([0.0, 2.0, 9.0])).tolist() == [1.0, 0.75, 0.25]
-    assert familiarity.tail_share(reference, reference, leave_one_out=True).tolist() == [0.75, 0.5, 0.25]
+def test_score_is_the_strangest_scaled_signal_and_mahalanobis_by_hand():
+    cal = familiarity.Calibration("c", "s", np.zeros((1, 1)), np.eye(1), 0.0,
+                                  scales={"sae_error": (1.0, 2.0), "feature_distance": (10.0, 20.0), "ink": (0.0, 0.5)})
+    signals = {"sae_error": np.array([1.0, 5.0]), "feature_distance": np.array([15.0, 10.0]), "ink": np.array([0.0, 0.0])}
+    assert cal.scores(signals).tolist() == [-0.5, -4.0]
     rng = np.random.default_rng(0)
     x, means = rng.normal(size=(4, 3)), rng.normal(size=(2, 3))
     a = rng.normal(size=(3, 3))

@@ -155,7 +155,7 @@ def test_offline_answers_every_live_neuron_and_reruns_ask_nothing(report, capsys
     assert sorted(got) == LIVE  # the dead neuron is skipped
     assert all(r["backend"] == "offline" and r["answer"].startswith("offline: ") for r in got.values())
     assert got[0]["answer"] == "offline: strokes typical of wheel/bicycle, lower left"
-    assert "1 dead skipped" in capsys.readouterr().out
+    assert "1 dead skipped" in capsys.readouterr().err
     before = (report / "llm_output.jsonl").read_bytes()
     assert stage.main(report_dir=str(report), backend="offline") == 0
     assert (report / "llm_output.jsonl").read_bytes() == before

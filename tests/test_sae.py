@@ -383,8 +383,8 @@ def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "all 2 ranks hold identical SAE weights" in out.stdout
-    assert out.stdout.count("best epoch") == 1  # only rank 0 reports and writes
+    assert "all 2 ranks hold identical SAE weights" in out.stderr
+    assert out.stderr.count("best epoch") == 1  # only rank 0 reports and writes
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 2
     clf = artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier")

@@ -92,7 +92,7 @@ def test_ddp_two_processes_gloo(tmp_path, cache_dir):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "world 2" in out.stdout
+    assert "world 2" in out.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 1
     artifacts.load_classifier(tmp_path / "best.pt")
