@@ -1,9 +1,10 @@
-"""Stage 2: train a Top-K sparse autoencoder on the classifier's layer4 tokens.
+"""Stage 2: train a Top-K (or BatchTopK) sparse autoencoder on the classifier's layer4 tokens.
 
 Usage
 -----
     python train_sae.py                                   # synthetic demo (reads runs/standard_cnn/best.pt)
     python train_sae.py --latent_dim=2048 --top_k=20 --batch_size=4096 --epochs=20   # TU-Berlin values
+    python train_sae.py --arch=batchtopk                  # K·B latents per batch of B tokens; threshold θ after
     python train_sae.py --dead_latents=auxk               # resample | auxk | both | none
     python train_sae.py --resume=True                     # continue from OUT_DIR/last_sae.pt
     python train_sae.py --overwrite=True                  # replace the earlier run in OUT_DIR
@@ -13,16 +14,21 @@ The frozen backbone runs once, in fp32: train and val tokens are cached as fp16 
 memory-mapped .npy in CACHE_DIR when larger than TOKEN_RAM_GB), then the SAE trains on
 shuffled token batches. Tokens are standardised per channel (μ, σ over the training
 split), s = W_e ã + b_e, z = TopK(ReLU(s)), â = D z + b_d with unit-norm decoder columns.
+ARCH=batchtopk keeps the K·B largest codes of each training batch of B tokens instead of K
+per token, and codes z = ReLU(s)·(s > θ) afterwards, θ estimated in training; the checkpoint
+records ARCH (and θ), and every later stage uses that rule (``selfexplain/sae.py``).
 
-Defaults are sized for the 64 px synthetic demo (M=64, K=8: 9 parts and 12 classes need few latents;
-M=512 left a third of them dead). For TU-Berlin at
-224 px use M=2048, K=20 (density 0.01), BATCH_SIZE=4096, EPOCHS≈20.
+Defaults are sized for the 64 px synthetic demo: a 4x4 layer4 map (LAYER4_STRIDE=1 in
+stage 1), M=512 latents for 512 channels, K=8. For TU-Berlin at 224 px use M=2048, K=20
+(density 0.01), BATCH_SIZE=4096, EPOCHS≈20.
 
 Dead latents: a latent's usage EMA tracks the share of tokens it fires on (time constant
 USAGE_EMA_EPOCHS of an epoch); it is dead when the EMA falls below DEAD_USAGE x K/M.
 "resample" re-initialises dead latents from badly reconstructed tokens at epoch ends;
 "auxk" adds the AuxK loss (the top AUXK_K dead latents reconstruct the residual).
-Reported "dead_fraction" is stricter: latents active on no validation token that epoch.
+Reported dead fractions are stricter: latents that fire on no token of the split, on
+train (during the epoch) and on validation, each split holding at least 10·M/K tokens
+(``sae_train.min_tokens_for_dead``); both are in the epoch log and metrics.json.
 
 Writes OUT_DIR/best_sae.pt (lowest validation FVU), last_sae.pt (every epoch, with
 optimiser state), metrics.json, config.json and TensorBoard logs in OUT_DIR/tb.
@@ -44,7 +50,7 @@ from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_fre
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # stage-1 checkpoint (dataset, split, preprocessing come from it)
 OUT_DIR = artifacts.SAE_DIR   # where checkpoints, metrics and logs go
 CACHE_DIR = artifacts.CACHE_DIR  # decoded-image cache; token memmaps go under CACHE_DIR/sae_tokens
-LATENT_DIM = 64                # M, number of latents (demo; TU-Berlin: 2048)
+LATENT_DIM = 512               # M, number of latents (demo: 512 for 512 channels; TU-Berlin: 2048)
 TOP_K = 8                      # K, active latents per token (demo; TU-Berlin: 20)
 ARCH = "topk"                  # topk (K per token) | batchtopk (K·B per batch of B; threshold θ at inference)
 THRESHOLD_RATE = 0.01          # batchtopk: EMA weight per step of the batch's smallest kept activation in θ

@@ -34,6 +34,7 @@ from selfexplain.model import SketchResNet
 DATASET = "synthetic"          # synthetic | tu-berlin | parquet | folder
 DATA_ROOT = ""                 # source folder ('' = data/<dataset>); unused for synthetic
 SYNTHETIC_PER_CLASS = 300      # synthetic only: images generated per class
+SYNTHETIC_STYLE = "quadrants"  # synthetic only: quadrants (demo) | varied (how people draw; needs more epochs)
 IMAGE_SIZE = 64                # side of the square input (multiple of 32); 224 for TU-Berlin
 LAYER4_STRIDE = 1              # 1: layer4 map H/16 (4x4 at 64 px, 14x14 at 224); 2: H/32 (torchvision's)
 CACHE_DIR = artifacts.CACHE_DIR  # decoded uint8 image cache, keyed by source and size
@@ -64,7 +65,8 @@ SEED = 0                       # seeds the split, the synthetic set, init and ba
 def build_spec(cfg) -> dict:
     """The dataset spec the settings name (recorded in the checkpoint)."""
     root = cfg.DATA_ROOT or (None if cfg.DATASET == "synthetic" else f"data/{cfg.DATASET}")
-    extra = {"per_class": cfg.SYNTHETIC_PER_CLASS, "seed": cfg.SEED} if cfg.DATASET == "synthetic" else {}
+    extra = ({"per_class": cfg.SYNTHETIC_PER_CLASS, "seed": cfg.SEED, "style": cfg.SYNTHETIC_STYLE}
+             if cfg.DATASET == "synthetic" else {})
     return data.dataset_spec(cfg.DATASET, root, cfg.IMAGE_SIZE, **extra)
 
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_sae  # noqa: E402
 from sections import write_section  # noqa: E402
-from selfexplain import artifacts, baselines, data, synthetic  # noqa: E402
+from selfexplain import artifacts, baselines, data, summarize  # noqa: E402
 from selfexplain import concept_measures as cm  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.distributed import set_threads  # noqa: E402
@@ -39,14 +39,12 @@ from selfexplain.errors import UserError  # noqa: E402
 from selfexplain.features import iter_feature_maps  # noqa: E402
 from selfexplain.sae import tokens_of  # noqa: E402
 from selfexplain.logs import log  # noqa: E402
-from selfexplain.summarize import select_images  # noqa: E402
 
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT    # trained classifier (its dataset must be synthetic)
 SAE_CKPT = artifacts.SAE_CKPT                  # trained SAE of that classifier
 CACHE_DIR = artifacts.CACHE_DIR                # decoded-image cache
 TRAIN_PER_CLASS = 0                            # training images per class for choosing units (0 = all)
-COUNTERFACTUAL = True                          # re-render test images with one part left out
-CF_IMAGES = 120                                # test images re-rendered once per part left out (0 = all)
+CF_IMAGES = 120                                # test images re-rendered once per part left out (0 = none)
 NMF_ITERS = 200                                # NMF fit: multiplicative-update rounds
 NMF_CODE_ITERS = 50                            # NMF coding of new tokens: update rounds
 NMF_TOKENS = 8192                              # NMF fit: training tokens sampled
@@ -68,62 +66,18 @@ def layer4_maps(model, images, indices, prep, batch_size) -> tuple[torch.Tensor,
     return torch.cat([f for _, f, _ in out]), torch.cat([g for _, _, g in out])
 
 
-def ground_truth(imageset, indices, grid) -> cm.PartTruth:
-    """Part presence, class-part table and token-in-box masks for the images at ``indices``."""
-    table = cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
-    return cm.part_truth([imageset.parts[i] for i in indices], imageset.labels[indices], imageset.part_types, table,
-                         grid, imageset.spec["image_size"])
-
-
-def counterfactual_images(imageset, test_idx, n_images, seed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-render test images with one part left out, once per part.
-
-    Returns (images uint8 (R, S, S), row in ``test_idx`` (R,), part type index left out (R,)).
-    """
-    spec = imageset.spec
-    rows = np.arange(len(test_idx))
-    if 0 < n_images < len(rows):
-        rows = np.sort(np.random.default_rng(seed).permutation(rows)[:n_images])
-    index = {p: j for j, p in enumerate(imageset.part_types)}
-    images, image_row, part = [], [], []
-    for r in rows:
-        c, j = imageset.origins[test_idx[r]]
-        if not np.array_equal(synthetic.rerender(c, j, spec["image_size"], spec["seed"])[0], imageset.images[test_idx[r]]):
-            raise UserError("synthetic.rerender no longer reproduces the cached test images (the generator changed "
-                            "without a GENERATOR_VERSION bump?); rerun with --counterfactual=False")
-        for k, record in enumerate(imageset.parts[test_idx[r]]):
-            img, _ = synthetic.rerender(c, j, spec["image_size"], spec["seed"], omit=k)
-            images.append(img)
-            image_row.append(r)
-            part.append(index[record["part"]])
-    return np.stack(images), np.array(image_row), np.array(part)
-
-
-def counterfactual_maps(model, ckpt, imageset, test_idx, cfg) -> tuple[dict, str]:
-    """Layer4 maps of the one-part-removed re-renders, their origin rows and parts, and a note."""
-    images, row, part = counterfactual_images(imageset, test_idx, cfg.CF_IMAGES, cfg.SEED)
-    maps = layer4_maps(model, images, np.arange(len(images)), ckpt["preprocess"], cfg.BATCH_SIZE)[0]
-    note = f"counterfactuals: {len(set(row.tolist()))} test images x each part left out ({len(row)} re-renders)."
-    return {"maps": maps, "row": row, "part": part}, note
+def in_batches(maps: torch.Tensor, batch_size: int):
+    """(None, maps) batches of in-memory layer4 maps, as ``summarize.code_maxima`` takes them."""
+    return ((None, maps[i:i + batch_size]) for i in range(0, len(maps), batch_size))
 
 
 # ----------------------------------------------------------------------------- measures
-@torch.no_grad()
-def codes(provider, maps: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Per-token codes (N, H*W, U) of a provider, in batches."""
-    return torch.cat([provider.codes_for_map(maps[i:i + batch_size])
-                      for i in range(0, len(maps), batch_size)]).numpy()
-
-
-def measure(provider, maps: dict, truth: dict, cf: dict | None, batch_size: int) -> cm.ConceptReport:
-    """Every concept measure for one code provider."""
-    train_max = codes(provider, maps["train"], batch_size).max(1)
-    test_codes = codes(provider, maps["test"], batch_size)
-    if cf is None:
-        return cm.concept_report(provider.name, train_max, truth["train"].present, test_codes, truth["test"])
-    cf_max = codes(provider, cf["maps"], batch_size).max(1)
-    return cm.concept_report(provider.name, train_max, truth["train"].present, test_codes, truth["test"],
-                             cf_max, cf["row"], cf["part"])
+def measure(codes: dict, maps: dict, truth: dict, cf: dict | None, batch_size: int) -> dict:
+    """Every concept measure for each code: ``{key: ConceptReport}``."""
+    train_max = summarize.code_maxima(codes, in_batches(maps["train"], batch_size))[0]
+    cf_batches = None if cf is None else in_batches(cf["maps"], batch_size)
+    return summarize.score_codes(codes, train_max, truth["train"], truth["test"], in_batches(maps["test"], batch_size),
+                                 cf_batches, None if cf is None else cf["rerenders"])[0]
 
 
 def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
@@ -137,16 +91,13 @@ def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
     return cm.ConceptReport("class-set (classifier probabilities)", len(names), float("nan"), sel, conf)
 
 
-def providers(sae, train_maps: torch.Tensor, cfg) -> list:
+def comparison_codes(sae, train_maps: torch.Tensor, cfg) -> dict:
     """The SAE and its baselines, the fitted ones fitted on the training tokens."""
-    tokens = tokens_of(train_maps)
     t = time.time()
-    nmf = baselines.nmf_dictionary(tokens, sae.n_latents, cfg.NMF_ITERS, cfg.NMF_TOKENS, cfg.SEED)
-    log(f"NMF fit: {sae.n_latents} components, {min(len(tokens), cfg.NMF_TOKENS)} tokens, {time.time() - t:.1f}s")
-    return [baselines.sae_code(sae, f"SAE (M={sae.n_latents}, K={sae.k})"),
-            baselines.sae_code(baselines.random_sae_like(sae, cfg.SEED), "random SAE (same shape)"),
-            baselines.channel_code(sae.d_in), baselines.fit_pca(tokens, sae.n_latents),
-            baselines.nmf_code(nmf, cfg.NMF_CODE_ITERS)]
+    codes = baselines.comparison_codes(sae, tokens_of(train_maps), cfg.NMF_ITERS, cfg.NMF_TOKENS, cfg.NMF_CODE_ITERS,
+                                       cfg.SEED)
+    log(f"PCA and NMF fit: {sae.n_latents} components, {time.time() - t:.1f}s")
+    return codes
 
 
 # ----------------------------------------------------------------------------- output
@@ -185,7 +136,7 @@ def sweep(cfg, maps: dict, truth: dict) -> list[dict]:
                                      overwrite=True)
             train_s = time.time() - t
             sae, _ = artifacts.load_sae(f"{out_dir}/{artifacts.BEST_SAE}")
-            rep = measure(baselines.sae_code(sae), maps, truth, None, cfg.BATCH_SIZE).to_dict()
+            rep = measure({"sae": baselines.sae_code(sae)}, maps, truth, None, cfg.BATCH_SIZE)["sae"].to_dict()
             rows.append({"M": m, "K": k, "val_fvu": metrics.get("val_fvu"), "dead": rep["dead_share"],
                          "auroc": rep["mean_test_auroc"], "ap": rep["mean_test_ap"],
                          "distractor": rep["mean_distractor_auroc"], "pointing": rep["mean_pointing"],
@@ -215,27 +166,31 @@ def main(**overrides) -> dict:
     if not imageset.parts or not imageset.origins:
         raise UserError(f"{cfg.CLASSIFIER_CKPT} was not trained on the synthetic set: no part ground truth")
     split = {s: np.sort(ckpt["split"][s].numpy()) for s in ("train", "test")}
-    idx = {"train": select_images(split["train"], imageset.labels, cfg.TRAIN_PER_CLASS, cfg.SEED),
+    idx = {"train": summarize.select_images(split["train"], imageset.labels, cfg.TRAIN_PER_CLASS, cfg.SEED),
            "test": split["test"]}
     t = time.time()
     maps, logits = {}, {}
     for s in ("train", "test"):
         maps[s], logits[s] = layer4_maps(model, imageset.images, idx[s], ckpt["preprocess"], cfg.BATCH_SIZE)
     grid = tuple(maps["test"].shape[2:])
-    truth = {s: ground_truth(imageset, idx[s], grid) for s in ("train", "test")}
+    truth = {s: summarize.part_ground_truth(imageset, idx[s], grid) for s in ("train", "test")}
     log(f"layer4 maps {grid}: {len(idx['train'])} train / {len(idx['test'])} test images, {time.time() - t:.1f}s")
     if cfg.SWEEP:
         rows = sweep(cfg, maps, truth)
         write_section(cfg.OUT.replace(".md", "_sweep.md"), render_sweep(rows, cfg).splitlines())
         return {"sweep": rows}
     sae, _ = artifacts.load_sae(cfg.SAE_CKPT, ckpt)
-    cf, cf_note = counterfactual_maps(model, ckpt, imageset, idx["test"], cfg) if cfg.COUNTERFACTUAL else (
-        None, "counterfactuals off.")
-    reports = []
-    for provider in providers(sae, maps["train"], cfg):
-        t = time.time()
-        reports.append(measure(provider, maps, truth, cf, cfg.BATCH_SIZE).to_dict())
-        log(f"{provider.name}: held-out AUROC {reports[-1]['mean_test_auroc']:.3f} ({time.time() - t:.1f}s)")
+    rerenders = summarize.rerender_test_images(imageset, idx["test"], cfg.CF_IMAGES, cfg.SEED) if cfg.CF_IMAGES else None
+    cf, cf_note = None, "counterfactuals off."
+    if rerenders is not None:
+        cf = {"maps": layer4_maps(model, rerenders.images, np.arange(len(rerenders.row)), ckpt["preprocess"],
+                                  cfg.BATCH_SIZE)[0], "rerenders": rerenders}
+        cf_note = f"counterfactuals: {rerenders.n_images} test images x each part left out ({len(rerenders.row)} re-renders)."
+    t = time.time()
+    reports = [r.to_dict() for r in measure(comparison_codes(sae, maps["train"], cfg), maps, truth, cf,
+                                            cfg.BATCH_SIZE).values()]
+    log("held-out AUROC: " + ", ".join(f"{r['code']} {r['mean_test_auroc']:.3f}" for r in reports)
+        + f" ({time.time() - t:.1f}s)")
     reports.append(class_set_report(logits, truth).to_dict())
     context = (f"{cfg.CLASSIFIER_CKPT} + {cfg.SAE_CKPT}; layer4 map {grid[0]}x{grid[1]}; units chosen on "
                f"{len(idx['train'])} training images, scored on {len(idx['test'])} test images; {cf_note}")

@@ -266,10 +266,11 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     byte-identically (another generator version) is a :class:`UserError`.
     """
     size = image_uint8.shape[-1]
-    full, parts = synthetic.rerender(*origin, size, seed)
+    style = models.classifier_ckpt.get("dataset", {}).get("style", synthetic.STYLE)  # the style the sketch was drawn in
+    full, parts = synthetic.rerender(*origin, size, seed, style=style)
     if not np.array_equal(full, image_uint8):
         raise UserError(f"synthetic sample {origin} does not re-render identically: rebuild the cache for this generator")
-    removed = np.stack([synthetic.rerender(*origin, size, seed, omit=k)[0] for k in range(len(parts))])
+    removed = np.stack([synthetic.rerender(*origin, size, seed, omit=k, style=style)[0] for k in range(len(parts))])
     actual = class_scores(models, removed, cls)[0] - float(analysis.logits[b, cls])
     code = code_per_token(analysis, b).double()                                     # (T, M)
     contrib = (code.mean(0) * models.lens[:, cls].double()).cpu().numpy()        # (M,)

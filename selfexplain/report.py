@@ -1,13 +1,13 @@
 """Stage 3's outputs: per-neuron records, example thumbnails and sprites, the HTML atlas.
 
 * :func:`neuron_records` turns the typed records of ``summarize.py`` (:class:`NeuronStats`,
-  :class:`ConceptRecovery`) into the ``neurons.jsonl`` objects (contract fields in DESIGN.md);
+  :class:`NeuronParts`) into the ``neurons.jsonl`` objects (contract fields in DESIGN.md);
 * :func:`render_examples` draws every neuron's top examples with their activation heat
   (``thumbs/``) and one strip per neuron (``sprites/``), batched in numpy/torch, inside
   :func:`staged_images` so a failed run leaves the previous images in place;
 * :func:`write_index_html` fills ``templates/atlas.html`` from ``neurons.jsonl`` (and the
-  ``llm_output.jsonl`` answers for the same SAE when stage 4 has run): one self-contained
-  page, no network.
+  ``llm_output.jsonl`` answers for the same SAE when stage 4 has run) and the held-out
+  figures of ``summary.json``: one self-contained page, no network.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from . import concepts, stats
 from .artifacts import (INDEX_HTML, NEURONS, SPRITES_DIR, SUMMARY, THUMBS_DIR, atomic_write_bytes,
                         read_json, read_jsonl)
 from .logs import log
-from .summarize import ConceptRecovery, Examples, NeuronStats
+from .summarize import Examples, NeuronParts, NeuronStats
 
 HEAT_RGB = np.array([0.9, 0.05, 0.05])  # overlay colour of the activation heat
 SPRITE_GAP = 2                           # pixels between thumbnails in a sprite
@@ -64,7 +64,7 @@ def example_entries(examples: Examples, thumbs: np.ndarray, indices: np.ndarray,
 
 
 def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[dict]], sae_fingerprint: str,
-                   recovery: ConceptRecovery | None = None, n_top: int = 5, n_anti: int = 3,
+                   parts: NeuronParts | None = None, n_top: int = 5, n_anti: int = 3,
                    weak_pmi: float = 0.5) -> list[dict]:
     """One ``neurons.jsonl`` object per neuron.
 
@@ -73,7 +73,10 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
     st : per-neuron statistics from ``summarize.neuron_stats``.
     examples : per neuron, its ``top_examples`` entries (see :func:`example_entries`).
     sae_fingerprint : the SAE's fingerprint, so readers can set aside records of another SAE.
-    recovery : concept recovery on data with ground-truth parts (adds ``parts``).
+    parts : on data with ground-truth parts, each neuron's best part on the training split (adds
+        ``parts``: ``best_part``, its ``auroc`` and the ``pointing`` game on the neuron's examples
+        with its chance rate, all on training images, ``split: "train"``; held-out figures are
+        summary.json's ``concept_measures``).
     """
     # top classes: classes the neuron was on for, most specific first; anti: lowest PMI, then most negative lens
     order_top = np.argsort(-st.pmi, axis=1, kind="stable")
@@ -97,12 +100,18 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
                          "description": stats.describe_position(pos["row"][i], pos["col"][i], pos["spread"][i])},
                "top_examples": examples[i], "sprite": f"{SPRITES_DIR}/n{i:05d}.png" if examples[i] else None,
                "pushes_toward": {"class": class_names[push], "index": push, "lens": float(st.lens[i, push])}}
-        if recovery is not None:
-            rec["parts"] = {"best_part": recovery.neuron_part[i], "auroc": round(float(recovery.neuron_auroc[i]), 4),
-                            "in_box_share": round(float(recovery.neuron_in_box_share[i]), 4)}
+        if parts is not None:
+            rec["parts"] = {"best_part": parts.part[i], "auroc": _rounded(parts.auroc[i]),
+                            "pointing": _rounded(parts.pointing[i]),
+                            "pointing_chance": _rounded(parts.pointing_chance[i]), "split": "train"}
         rec["auto_summary"] = auto_summary(rec, weak_pmi)
         records.append(rec)
     return records
+
+
+def _rounded(x) -> float | None:
+    """A JSON-safe figure for a record: 4 decimals, None for NaN (undefined)."""
+    return None if np.isnan(x) else round(float(x), 4)
 
 
 def has_clear_class(rec: dict, weak_pmi: float = 0.5) -> bool:
@@ -265,7 +274,8 @@ def _card(rec: dict, concept: concepts.Concept | None, report_dir: Path) -> dict
     parts = rec.get("parts")
     if isinstance(parts, dict):
         card["parts"] = {"best_part": _text(parts.get("best_part")), "auroc": _number(parts.get("auroc")),
-                         "in_box_share": _number(parts.get("in_box_share"))}
+                         "pointing": _number(parts.get("pointing")),
+                         "pointing_chance": _number(parts.get("pointing_chance"))}
     if concept is not None:
         card["concept"] = concept.answer
         card["concept_source"] = " ".join(dict.fromkeys(t for t in (concept.backend, concept.model) if t))  # once each
@@ -288,7 +298,8 @@ def write_index_html(report_dir: str | Path) -> Path:
         headline.append(f"{n_stale} answers for another SAE set aside")
     meta = {"title": _text(summary.get("title")) or "SAE neuron atlas", "classes": classes,
             "n_neurons": len(cards), "n_dead": sum(c["dead"] for c in cards),
-            "n_concepts": sum(1 for c in cards if c.get("concept")), "n_stale": n_stale, "headline": headline}
+            "n_concepts": sum(1 for c in cards if c.get("concept")), "n_stale": n_stale, "headline": headline,
+            "held_out": held_out_table(_dict(summary.get("concept_measures")))}
     payload = script_json({"meta": meta, "neurons": cards})
     html = ATLAS_TEMPLATE.read_text(encoding="utf-8").replace(ATLAS_PLACEHOLDER, payload)
     return atomic_write_bytes(report_dir / INDEX_HTML, html.encode("utf-8"))
@@ -315,10 +326,41 @@ def _headline(summary: dict) -> list[str]:
     sae = _dict(summary.get("sae"))
     if sae:
         out.append(f"M={_number(sae.get('n_latents'))}, K={_number(sae.get('k'))}")
-    auroc = _number(_dict(summary.get("concept_recovery")).get("mean_best_auroc"))
+    sae_measures = _dict(_dict(_dict(summary.get("concept_measures")).get("codes")).get("sae"))
+    auroc = _number(sae_measures.get("mean_test_auroc"))
     if auroc is not None:
-        out.append(f"concept recovery: mean best AUROC {auroc:.3f}")
+        out.append(f"held-out part AUROC {auroc:.3f}")
     agreement = _number(summary.get("sae_top1_agreement"))
     if agreement is not None:
         out.append(f"SAE keeps {100 * agreement:.1f}% of predictions")
     return out
+
+
+HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "cf_own_drop",
+                 "cf_other_drop")
+HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
+
+
+def held_out_table(measures: dict) -> dict | None:
+    """The atlas header's view of summary.json's ``concept_measures``, every field type-checked.
+
+    Returns ``{"note", "parts": [{"part", "unit", test figures}], "codes": [{"key", "code", means}]}``
+    (the SAE's chosen neuron per part, then every code's means), or None without the block.
+    """
+    codes = {k: v for k, v in _dict(measures.get("codes")).items() if isinstance(k, str) and isinstance(v, dict)}
+    if "sae" not in codes:
+        return None
+    sae = codes["sae"]
+    parts = [{"part": name, "unit": row.get("unit") if type(row.get("unit")) is int else None,
+              **{k: _number(row.get(k)) for k in HELD_OUT_PART}}
+             for name, row in _dict(sae.get("per_part")).items() if isinstance(row, dict)]
+    rows = [{"key": key, "code": _text(code.get("code")) or key, **{k: _number(code.get(k)) for k in HELD_OUT_MEAN}}
+            for key, code in codes.items()]
+    n_train, n_test = _number(measures.get("n_train_images")), _number(measures.get("n_test_images"))
+    class_set = _number(sae.get("mean_class_set_auroc"))
+    note = (f"Each part's unit chosen on {n_train} training images, scored on {n_test} held-out test images. "
+            "Distractor-only AUROC: among images of the classes without the part, where only distractors carry it "
+            "(a class detector scores 0.5 there).")
+    if class_set is not None:
+        note += f" A perfect detector of the part's classes reaches AUROC {class_set:.3f} overall."
+    return {"note": note, "parts": parts, "codes": rows}

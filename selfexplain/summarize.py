@@ -327,6 +327,32 @@ def code_maxima(codes: dict[str, CodeProvider], batches, units: dict[str, np.nda
     return {k: np.concatenate(v) for k, v in maxima.items()}, {k: np.concatenate(v) for k, v in maps.items()}
 
 
+def score_codes(codes: dict[str, CodeProvider], train_max: dict[str, np.ndarray], train: cm.PartTruth,
+                test: cm.PartTruth, test_batches, cf_batches=None, rerenders: Rerenders | None = None
+                ) -> tuple[dict[str, cm.ConceptReport], np.ndarray]:
+    """Choose each code's units on the training images, then one pass over the test (and re-rendered) images.
+
+    Parameters
+    ----------
+    codes : code providers by key, ``"sae"`` among them. train_max : per key, (N_train, U)
+        per-image max over tokens on the training images whose ground truth is ``train``.
+    test_batches, cf_batches : (indices, layer4 maps) of the test images (ground truth ``test``)
+        and of ``rerenders`` (None: no counterfactuals), in order.
+
+    Returns
+    -------
+    (per key, every measure of that code; the SAE's (P, M) training AUROC of every neuron per part).
+    """
+    train_auc = {k: stats.auroc(v, train.present) for k, v in train_max.items()}
+    units = {k: cm.best_units(auc) for k, auc in train_auc.items()}
+    test_max, unit_maps = code_maxima(codes, test_batches, units)
+    cf_max = {} if cf_batches is None else code_maxima(codes, cf_batches)[0]
+    row, part = (None, None) if rerenders is None else (rerenders.row, rerenders.part)
+    reports = {k: cm.concept_report(codes[k].name, train_auc[k], test_max[k], unit_maps[k], test, cf_max.get(k), row,
+                                    part) for k in codes}
+    return reports, train_auc["sae"]
+
+
 @dataclass
 class HeldOut:
     """Stage 3's held-out concept measures: per code, units chosen on train and scored on test."""
@@ -369,18 +395,11 @@ def held_out_measures(inputs: Inputs, acts: Activations, indices: np.ndarray, co
     if others:
         train_max.update(code_maxima(others, feature_batches(inputs, imageset.images, indices, acts.fmaps,
                                                              desc="baselines: train", **run))[0])
-    train_auc = {k: stats.auroc(v, train.present) for k, v in train_max.items()}
-    units = {k: cm.best_units(auc) for k, auc in train_auc.items()}
-    test_max, unit_maps = code_maxima(codes, feature_batches(inputs, imageset.images, test_idx, desc="test split",
-                                                             **run), units)
-    cf_max, cf_row, cf_part = {}, None, None
-    if rerenders is not None:
-        cf_max = code_maxima(codes, feature_batches(inputs, rerenders.images, np.arange(len(rerenders.row)),
-                                                    desc="counterfactuals", **run))[0]
-        cf_row, cf_part = rerenders.row, rerenders.part
-    reports = {k: cm.concept_report(codes[k].name, train_auc[k], test_max[k], unit_maps[k], test, cf_max.get(k),
-                                    cf_row, cf_part) for k in codes}
-    return HeldOut(reports, len(indices), len(test_idx), rerenders, train_auc["sae"])
+    test_batches = feature_batches(inputs, imageset.images, test_idx, desc="test split", **run)
+    cf_batches = None if rerenders is None else feature_batches(
+        inputs, rerenders.images, np.arange(len(rerenders.row)), desc="counterfactuals", **run)
+    reports, train_auc = score_codes(codes, train_max, train, test, test_batches, cf_batches, rerenders)
+    return HeldOut(reports, len(indices), len(test_idx), rerenders, train_auc)
 
 
 @dataclass

@@ -146,3 +146,35 @@ def test_concepts_of_another_sae_are_set_aside(tmp_path):
     assert payload["meta"]["n_stale"] == 2 and payload["meta"]["n_concepts"] == 1
     assert "old wheel" not in html and "unversioned" not in html
     assert (out / "llm_output.jsonl").read_text().count("\n") == 3  # set aside, not deleted
+
+
+def _measures(code: str, auroc: float, unit: int) -> dict:
+    """A ``concept_measures`` code entry of summary.json, two parts."""
+    row = {"unit": unit, "test_auroc": auroc, "test_ap": 0.7, "distractor_auroc": 0.8, "pointing": 0.9,
+           "pointing_chance": 0.25, "cf_own_drop": 0.6, "cf_other_drop": 0.05}
+    return {"code": code, "per_part": {"spiral": row, "<b>arc</b>": dict(row, unit=unit + 1, test_auroc=None)},
+            "mean_test_auroc": auroc, "mean_test_ap": 0.7, "mean_distractor_auroc": 0.8, "mean_pointing": 0.9,
+            "mean_pointing_chance": 0.25, "mean_cf_own_drop": 0.6, "mean_cf_other_drop": 0.05,
+            "mean_class_set_auroc": 0.83}
+
+
+def test_atlas_header_shows_the_held_out_figures(tmp_path):
+    out = tmp_path / "neuron_report"
+    records = _fake_report(out)
+    for r in records:
+        r["parts"] = {"best_part": "spiral", "auroc": 0.91, "pointing": 0.5, "pointing_chance": 0.25, "split": "train"}
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    artifacts.write_json(out / "summary.json", {
+        "sae_fingerprint": FINGERPRINT, "n_images": 10,
+        "concept_measures": {"n_train_images": 10, "n_test_images": 4, "codes": {
+            "sae": _measures("SAE (M=6, K=2)", 0.951, 2), "channels": _measures("channels", "0.9", 7)}}})
+    page = report.write_index_html(out)
+    held = _payload(page.read_text())["meta"]["held_out"]
+    assert [r["part"] for r in held["parts"]] == ["spiral", "<b>arc</b>"] and held["parts"][0]["unit"] == 2
+    assert held["codes"][1]["mean_test_auroc"] is None       # a string in summary.json never reaches the page
+    dom = _chromium_dom(page, tmp_path)
+    table = dom.split('id="heldout-rows">')[1].split("</tbody>")[0]
+    assert '<a href="#neuron-2">#2</a>' in table and "0.951" in table and "mean · SAE (M=6, K=2)" in table
+    assert "&lt;b&gt;arc&lt;/b&gt;" in table and "<b>arc</b>" not in table
+    assert "mean · channels" in table and "held-out part AUROC 0.951" in dom
+    assert "best part (training images): <b>spiral</b> · AUROC 0.91" in dom

@@ -117,8 +117,11 @@ def test_resampling_revives_dead_latents(seed):
     for j, latent in enumerate(dead.tolist()):  # each revived latent fires on its token
         assert latent in idx[j][values[j] > 0].tolist()
     assert torch.allclose(sae.D.norm(dim=0), torch.ones(32), atol=1e-5)
-    assert (opt.state[sae.W_e]["exp_avg"][dead] == 0).all()
-    assert (opt.state[sae.D]["exp_avg_sq"][:, dead] == 0).all()
+    assert (opt.state[sae.W_e]["exp_avg"][dead] == 0).all() and (opt.state[sae.D]["exp_avg"][:, dead] == 0).all()
+    # the second moment restarts at the other latents' median, not at 0 (no giant first steps)
+    live_median = opt.state[sae.W_e]["exp_avg_sq"][6:].median(0).values
+    assert torch.equal(opt.state[sae.W_e]["exp_avg_sq"][dead], live_median.expand(6, -1))
+    assert (opt.state[sae.D]["exp_avg_sq"][:, dead] > 0).all()
 
 
 # ----------------------------------------------------------------------------- batchtopk

@@ -167,10 +167,33 @@ def test_rerender_rejects_a_missing_part():
         rerender(0, 0, 48, seed=0, omit=len(parts))
 
 
-def test_parts_come_in_many_sizes_and_places(data):
+def test_varied_parts_come_in_many_sizes_and_places():
     """Small and large parts, anywhere: not only one size per quadrant (how people draw)."""
+    data = generate_synthetic(20, 64, seed=0, style="varied")
     own = [p["box"] for parts in data["parts"] for p in parts if not p["distractor"]]
     side = np.array([max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in own]) / 64
     assert side.min() < 0.2 and side.max() > 0.45 and side.std() > 0.07
     centre = np.array([((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in own]) / 64
     assert (np.abs(centre - 0.5).max(1) < 0.1).sum() >= 5  # some right in the middle
+
+
+@pytest.mark.parametrize("style", ["quadrants", "varied"])
+def test_both_styles_rerender_exactly_and_leave_parts_out(style):
+    data = generate_synthetic(2, 48, seed=3, style=style)
+    assert data["style"] == style
+    for i in (0, 5):
+        c, j = data["origins"][i]
+        image, parts = rerender(c, j, 48, seed=3, style=style)
+        assert np.array_equal(image, data["images"][i]) and parts == data["parts"][i]
+        cut, _ = rerender(c, j, 48, seed=3, omit=0, style=style)
+        x0, y0, x1, y1 = parts[0]["box"]
+        outside = np.ones_like(image, bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(cut[outside], image[outside]) and (cut != image).any()
+
+
+def test_styles_differ_and_an_unknown_style_is_refused():
+    quad, varied = generate_synthetic(1, 48, seed=0), generate_synthetic(1, 48, seed=0, style="varied")
+    assert not np.array_equal(quad["images"], varied["images"])
+    with pytest.raises(UserError, match="style"):
+        generate_synthetic(1, 48, style="cubist")
