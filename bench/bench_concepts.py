@@ -94,8 +94,8 @@ def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
 def comparison_codes(sae, train_maps: torch.Tensor, cfg) -> dict:
     """The SAE and its baselines, the fitted ones fitted on the training tokens."""
     t = time.time()
-    codes = baselines.comparison_codes(sae, tokens_of(train_maps), cfg.NMF_ITERS, cfg.NMF_TOKENS, cfg.NMF_CODE_ITERS,
-                                       cfg.SEED)
+    codes = baselines.comparison_codes(sae, tokens_of(train_maps), baselines.BASELINES, cfg.NMF_ITERS, cfg.NMF_TOKENS,
+                                       cfg.NMF_CODE_ITERS, cfg.SEED)
     log(f"PCA and NMF fit: {sae.n_latents} components, {time.time() - t:.1f}s")
     return codes
 

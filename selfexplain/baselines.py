@@ -10,7 +10,7 @@ Each provider turns a layer4 map (B, C, H, W) into per-token codes (B, H*W, U), 
   fitted with Lee-Seung multiplicative updates on a token subsample; new tokens are coded
   against the fixed dictionary by the same updates (non-negative least squares).
 
-:func:`comparison_codes` builds the SAE and all its baselines at once, as stage 3 and
+:func:`comparison_codes` builds the SAE and the baselines asked for, as stage 3 and
 ``bench/bench_concepts.py`` score them.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .errors import UserError
 from .sae import TopKSAE, tokens_of
 
 NMF_EPS = 1e-8  # keeps multiplicative updates away from 0/0
+BASELINES = ("random_sae", "channels", "pca", "nmf")  # the codes :func:`comparison_codes` can add beside the SAE
 
 
 @dataclass
@@ -125,19 +126,23 @@ def nmf_code(dictionary: torch.Tensor, code_iters: int = 50) -> CodeProvider:
     return CodeProvider("NMF", dictionary.shape[0], lambda t: nmf_codes(t.float(), dictionary, code_iters))
 
 
-def comparison_codes(sae: TopKSAE, tokens: torch.Tensor, nmf_iters: int = 200, nmf_tokens: int = 8192,
-                     nmf_code_iters: int = 50, seed: int = 0) -> dict[str, CodeProvider]:
-    """The SAE and its baselines, keyed ``sae``, ``random_sae``, ``channels``, ``pca``, ``nmf``.
+def comparison_codes(sae: TopKSAE, tokens: torch.Tensor | None, which=BASELINES, nmf_iters: int = 200,
+                     nmf_tokens: int = 8192, nmf_code_iters: int = 50, seed: int = 0) -> dict[str, CodeProvider]:
+    """The SAE (key ``sae``, first) and the baselines named in ``which`` (keys from :data:`BASELINES`).
 
     Parameters
     ----------
     sae : the trained SAE; the random SAE, PCA and NMF get as many units as it has latents.
-    tokens : (N, C) raw post-ReLU layer4 tokens of training images, to fit PCA and NMF on.
+    tokens : (N, C) raw post-ReLU layer4 tokens of training images, to fit PCA and NMF on
+        (unused, and may be None, when ``which`` names neither).
     nmf_iters, nmf_tokens, nmf_code_iters : see :func:`nmf_dictionary` and :func:`nmf_code`.
     seed : the random SAE's weights and NMF's token sample and initialisation.
     """
+    unknown = set(which) - set(BASELINES)
+    if unknown:
+        raise UserError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
     m = sae.n_latents
-    return {"sae": sae_code(sae),
-            "random_sae": sae_code(random_sae_like(sae, seed), "random SAE (same shape)"),
-            "channels": channel_code(sae.d_in), "pca": fit_pca(tokens, m),
-            "nmf": nmf_code(nmf_dictionary(tokens, m, nmf_iters, nmf_tokens, seed), nmf_code_iters)}
+    build = {"random_sae": lambda: sae_code(random_sae_like(sae, seed), "random SAE (same shape)"),
+             "channels": lambda: channel_code(sae.d_in), "pca": lambda: fit_pca(tokens, m),
+             "nmf": lambda: nmf_code(nmf_dictionary(tokens, m, nmf_iters, nmf_tokens, seed), nmf_code_iters)}
+    return {"sae": sae_code(sae), **{key: build[key]() for key in BASELINES if key in which}}

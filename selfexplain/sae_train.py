@@ -246,14 +246,17 @@ def resample_dead_(sae: TopKSAE, optimizer, dead_idx: torch.Tensor, x_sample: to
     Under DDP rank 0 decides and broadcasts. Returns the indices of the chosen tokens
     (rows of ``x_sample``).
 
-    Why latents died again after resampling (issue 13; M=256, K=8, 12.6k folder tokens and
-    M=512 on 11.5k demo tokens, ``bench/bench_dead.py``): aimed just above the token's
-    K-th pre-activation, a revived latent fired on its own token and few others, got too
-    little gradient to grow, and lost its place again: ~60 of 512 were re-killed every
-    epoch and 48 fired on at most 3 training tokens. Aiming at the mean of the top K (inside
-    the top K of its token and its neighbours) and restarting Adam without the huge first
-    steps cut validation-dead latents from 28% to 13% (demo) and 5.1% to 1.2% (folder);
-    training-dead from 12% to 1.8% and 3.9% to 0%.
+    Why latents died again after resampling (issue 13; stage 2 re-run with each change on the
+    folder stand-in, M=256, K=8, 12.6k tokens, and on demo images through a stride-2
+    classifier, M=512, K=8, 11.5k tokens): aimed just above its token's K-th
+    pre-activation, a revived latent fired on that token and few others, got too little
+    gradient to grow and lost its place again (60-77 of 512 re-killed every epoch, 48
+    firing on at most 3 training tokens); and with Adam's second moment zeroed its first
+    updates were several times lr (see :func:`_restart_adam_rows`). Aiming at the mean of
+    the top K and restarting Adam at the live median cut validation-dead latents from 5.1%
+    to 1.2% (folder) and 28% to 13% (demo); a stricter DEAD_USAGE (0.1) made it worse
+    (44%: more churn). On the 4x4 demo maps latents also die without any resampling
+    (~30% by epoch 20 once resampling stops): that part is the data, not the resampler.
     """
     n = len(dead_idx)
     if n == 0:

@@ -273,17 +273,17 @@ def rerender_test_images(imageset: data.ImageSet, test_idx: np.ndarray, n_images
     images (the drawing changed): a re-render would then differ in more than the part.
     """
     spec, rng = imageset.spec, np.random.default_rng(seed)
+    draw = dict(image_size=spec["image_size"], seed=spec["seed"], style=spec.get("style", synthetic.STYLE))
     rows = np.sort(rng.permutation(len(test_idx))[:n_images])
     index = {p: j for j, p in enumerate(imageset.part_types)}
     images, image_row, part = [], [], []
     for r in rows:
         c, j = imageset.origins[test_idx[r]]
-        if not np.array_equal(synthetic.rerender(c, j, spec["image_size"], spec["seed"])[0],
-                              imageset.images[test_idx[r]]):
+        if not np.array_equal(synthetic.rerender(c, j, **draw)[0], imageset.images[test_idx[r]]):
             log("counterfactuals skipped: synthetic.rerender no longer reproduces the cached test images")
             return None
         for k, record in enumerate(imageset.parts[test_idx[r]]):
-            images.append(synthetic.rerender(c, j, spec["image_size"], spec["seed"], omit=k)[0])
+            images.append(synthetic.rerender(c, j, omit=k, **draw)[0])
             image_row.append(r)
             part.append(index[record["part"]])
     if not images:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sae_summarize
-from selfexplain import artifacts, data, stats, summarize
+from selfexplain import artifacts, baselines, data, stats, summarize, synthetic
 from selfexplain import concept_measures as cm
 from selfexplain.errors import UserError
 from selfexplain.features import iter_feature_maps
@@ -46,7 +46,7 @@ def pipeline(tmp_path_factory, tiny_classifier, cache_dir):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, pipeline):
     out = tmp_path_factory.mktemp("report")
-    return out, _run(pipeline, out)
+    return out, _run(pipeline, out, baselines=list(baselines.BASELINES))      # every baseline, NMF included
 
 
 def test_knockout_equals_forward_pass_without_the_neuron(seed, pipeline):
@@ -192,18 +192,20 @@ def test_counterfactual_drops_on_the_test_split(report):
         assert row["mean_cf_own_drop"] <= 1.0 and row["mean_cf_other_drop"] <= 1.0
 
 
-def test_rerendered_test_images_differ_only_in_the_part_left_out(cache_dir):
-    spec = data.dataset_spec("synthetic", None, 64, per_class=2, seed=3)
+@pytest.mark.parametrize("style", synthetic.STYLES)
+def test_rerendered_test_images_differ_only_in_the_part_left_out(cache_dir, style):
+    spec = data.dataset_spec("synthetic", None, 64, per_class=2, seed=3, style=style)
     imageset = data.load_dataset(spec, cache_dir, progress=False)
     idx = np.arange(len(imageset))
     cf = summarize.rerender_test_images(imageset, idx, 3, seed=0)
     assert cf.n_images == 3 and len(np.unique(cf.row)) == 3
+    pen = 4                                                          # a box grown by a stroke width (<= 5% of 64 px)
     for image, r, p in zip(cf.images, cf.row, cf.part):
         original = np.asarray(imageset.images[idx[r]])
         boxes = [rec["box"] for rec in imageset.parts[idx[r]] if rec["part"] == imageset.part_types[p]]
         outside = np.ones(original.shape, bool)
         for x0, y0, x1, y1 in boxes:
-            outside[y0:y1, x0:x1] = False
+            outside[max(y0 - pen, 0):y1 + pen, max(x0 - pen, 0):x1 + pen] = False
         assert np.array_equal(image[outside], original[outside]) and not np.array_equal(image, original)
     changed = dataclasses.replace(imageset, images=np.asarray(imageset.images).copy())
     changed.images[:] = 255                                          # no longer what the generator draws
