@@ -130,7 +130,7 @@ def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) ->
     concepts = {n["neuron_id"]: prompts.strip_controls(n["auto_summary"]) for n in summaries}
     answers, stale_answers = current_answers(report, sae_fingerprint)
     concepts.update({i: r.answer for i, r in answers.items() if r.answer.strip()})
-    if stale_summaries or stale_answers:
+    if stale_summaries or (stale_answers and not answers):  # older answers beside current ones are history
         log(f"{report}: set aside {stale_answers} answers and {stale_summaries} summaries made for another SAE "
             f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)")
     if not neurons_path.is_file() and not answers_path.is_file():

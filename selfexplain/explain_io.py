@@ -24,6 +24,7 @@ from .data import load_dataset
 from .errors import UserError
 from .explain import Explanation, Models, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, load_user_image, png_bytes
+from .stats import describe_map
 
 TEST_IMAGES_DIR = "test_images"  # under REPORT_DIR: test:K images saved as PNG, so outputs can name a file
 _TEST_ENTRY = re.compile(r"^test:(.*)$", re.IGNORECASE)
@@ -162,7 +163,8 @@ def format_text(exp: Explanation) -> str:
         lines.append(f"WARNING: {note}")
     lines.append("because of (share of the positive evidence, contribution to the logit):")
     for n in exp.neurons:
-        lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}]")
+        where = describe_map(n.heatmap) if n.heatmap is not None else "?"  # in this sketch, not on average
+        lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}, here: {where}]")
     cited = sum(n.contribution for n in exp.neurons)
     lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "
                  f"+ SAE error {exp.error:.3f}")

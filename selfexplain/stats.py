@@ -192,6 +192,17 @@ def weighted_position(sums) -> dict:
 DIFFUSE_SPREAD = 0.3  # spread above this reads as "all over" (uniform on a 2x2 grid is 0.35)
 
 
+def describe_map(heat) -> str:
+    """Words for where one (H, W) activation map is strongest (one image's "where")."""
+    heat = np.clip(np.asarray(heat, dtype=np.float64), 0.0, None)
+    rows, cols = token_grid(*heat.shape)
+    w = heat.reshape(-1)
+    sums = {"w": w.sum(), "r": (w * rows).sum(), "c": (w * cols).sum(), "rr": (w * rows ** 2).sum(),
+            "cc": (w * cols ** 2).sum()}
+    pos = weighted_position(sums)
+    return describe_position(float(pos["row"]), float(pos["col"]), float(pos["spread"]))
+
+
 def describe_position(row: float, col: float, spread: float) -> str:
     """Words for a normalised position: "upper left", "lower", "centre", "all over"..."""
     vertical = "upper" if row < 1 / 3 else "lower" if row > 2 / 3 else ""

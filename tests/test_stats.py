@@ -94,3 +94,15 @@ def test_weighted_position_and_words():
     assert stats.describe_position(0.5, 0.5, 0.4) == "all over the sketch"
     dead = stats.weighted_position({k: np.zeros(1) for k in ("w", "r", "c", "rr", "cc")})
     assert dead["row"][0] == 0.5 and dead["spread"][0] == 0.0
+
+
+def test_describe_map_says_where_one_image_fired():
+    from selfexplain.stats import describe_map
+
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 1.0
+    assert describe_map(heat) == "upper left"
+    heat = np.zeros((4, 4))
+    heat[3, 2:] = 2.0
+    assert describe_map(heat) == "lower right"
+    assert describe_map(np.ones((4, 4))) == "all over the sketch"
