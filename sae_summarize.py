@@ -87,12 +87,13 @@ def main(**overrides) -> dict:
     check_config(cfg)
     set_threads(cfg.NUM_THREADS)
     torch.manual_seed(cfg.SEED)
-    # stage 4's answers stay: they carry the SAE fingerprint, so readers set aside those of another SAE
-    artifacts.prepare_out_dir(cfg.OUT_DIR, [artifacts.NEURONS, artifacts.SUMMARY], overwrite=cfg.OVERWRITE, clear=False,
-                              can_resume=False)
     timings, t0 = {}, time.time()
     inputs = summarize.load_inputs(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.CACHE_DIR, resolve_device(cfg.DEVICE),
                                    cfg.CHANNELS_LAST)
+    # after the inputs load (a missing checkpoint is the more useful error); stage 4's answers stay:
+    # they carry the SAE fingerprint, so readers set aside those of another SAE
+    artifacts.prepare_out_dir(cfg.OUT_DIR, [artifacts.NEURONS, artifacts.SUMMARY], overwrite=cfg.OVERWRITE, clear=False,
+                              can_resume=False)
     imageset, sae = inputs.imageset, inputs.sae
     indices = summarize.select_images(inputs.classifier_ckpt["split"]["train"].numpy(), imageset.labels,
                                       cfg.MAX_PER_CLASS, cfg.SEED)

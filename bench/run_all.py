@@ -1,6 +1,7 @@
 """Run the benchmarks and rewrite bench/RESULTS.md from their sections.
 
-Usage: python bench/run_all.py [--scale=True]   (the scale rehearsal takes ~20 min on 2 cores)
+Usage: python bench/run_all.py [--scale=True] [--run=False]   (the scale rehearsal takes ~20 min on 2 cores;
+--run=False only rebuilds RESULTS.md from the sections in bench/results/)
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ sys.path.insert(0, str(ROOT))
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 
 SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
-SECTIONS = ["train", "sae", "explain", "scale"]  # bench/results/<name>.md, in this order
-BENCHES = {"train": "bench/bench_train.py", "sae": "bench/bench_sae.py", "explain": "bench/bench_explain.py",
+RUN = True                    # run the benchmarks (False: only rebuild RESULTS.md from bench/results/*.md)
+SECTIONS = ["train", "sae", "dead", "concepts", "explain", "familiarity", "person", "scale"]  # bench/results/<name>.md
+BENCHES = {"train": "bench/bench_train.py", "sae": "bench/bench_sae.py", "dead": "bench/bench_dead.py",
+           "concepts": "bench/bench_concepts.py", "explain": "bench/bench_explain.py",
+           "familiarity": "bench/bench_familiarity.py", "person": "bench/bench_person.py",
            "scale": "bench/scale_rehearsal.py"}
 
 
@@ -30,7 +34,7 @@ def machine() -> str:
 
 def main(**overrides) -> None:
     cfg = make_config(module_constants(globals()), overrides)
-    for name in SECTIONS:
+    for name in SECTIONS if cfg.RUN else []:
         if name == "scale" and not cfg.SCALE:
             continue
         print(f"== {BENCHES[name]}", flush=True)

@@ -309,7 +309,7 @@ def test_5xx_until_give_up_lists_the_neuron_and_exits_1(api, report, monkeypatch
     assert sorted(answers(report)) == [0, 1, 4, 5]  # nothing written for neuron 3
     summary = json.loads((report / "llm_summary.json").read_text())
     assert [f["neuron_id"] for f in summary["failed"]] == [3] and "503" in summary["failed"][0]["error"]
-    assert "neuron 3: failed" in capsys.readouterr().out
+    assert "neuron 3: failed" in capsys.readouterr().err
 
 
 def test_cli_exit_code_says_when_neurons_failed(report, monkeypatch):
@@ -508,7 +508,7 @@ def test_answers_for_another_sae_are_set_aside_and_asked_again(report, capsys):
     artifacts.write_json(report / "summary.json", {"sae_fingerprint": "0123456789abcdef"})  # stage 2 and 3 rerun
     capsys.readouterr()
     assert stage.main(report_dir=str(report), backend="offline") == 0
-    assert "5 neurons to ask, 0 already answered" in capsys.readouterr().out
+    assert "5 neurons to ask, 0 already answered" in capsys.readouterr().err
     assert len(read_jsonl(report / "llm_output.jsonl")) == 2 * len(LIVE)  # the old lines are kept, not deleted
     assert sorted(answers(report, "0123456789abcdef")) == LIVE
     concepts.load_concepts(report, "fedcba9876543210")  # an SAE nothing was made for
