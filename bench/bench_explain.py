@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
 from sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
-from selfexplain.concepts import load_concepts  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
 from selfexplain.sae import TopKSAE  # noqa: E402
@@ -92,16 +91,6 @@ def cited_and_random(models, analysis, b: int, cls: int, cfg, rng) -> tuple[list
     cited = [int(i) for i in order if contrib[i] > 0]
     active = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
     return cited, explain.random_active_sets(active, len(cited), cfg.RANDOM_DRAWS, rng)
-
-
-def explain_with_check(models, concepts, image: np.ndarray, cfg) -> dict:
-    """An explanation plus its input-space check, reusing the explanation's analysis."""
-    analysis = explain.analyse(models, image[None])
-    exp = explain.explain_one(models, analysis, 0, "<array>", concepts,
-                              explain.ExplainSettings(n_cite=cfg.N_CITE, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED))
-    rng = np.random.default_rng([cfg.SEED, 0])
-    cited, sets = cited_and_random(models, analysis, 0, exp.predicted_index, cfg, rng)
-    return evidence.input_deletion(models, image, analysis, 0, cited, exp.predicted_index, sets, cfg.INK_SHARE)
 
 
 def image_evidence(models, image, analysis, b, index, cfg) -> dict:
@@ -219,7 +208,6 @@ def timed(fn, items) -> float:
 def latency(cfg, models, clf, sae, images) -> dict:
     prep = models.classifier_ckpt["preprocess"]
     items = [np.ascontiguousarray(images[k % len(images)]) for k in range(cfg.ITERS)]
-    concepts = load_concepts(cfg.REPORT_DIR, models.sae_ckpt["fingerprint"])
     kw = dict(classifier_ckpt=clf, sae_ckpt=sae, report_dir=cfg.REPORT_DIR, n_cite=cfg.N_CITE,
               n_random=cfg.RANDOM_DRAWS, device="cpu")
 
@@ -228,8 +216,10 @@ def latency(cfg, models, clf, sae, images) -> dict:
         models.classifier(data.model_input(torch.from_numpy(image[None]), prep))
 
     sides = {"bare forward": lambda: timed(bare, items),
-             "explain, fast (no input check)": lambda: timed(lambda im: explain.explain_image(im, **kw), items),
-             "explain + input check": lambda: timed(lambda im: explain_with_check(models, concepts, im, cfg), items)}
+             "explain, fast (no input check)": lambda: timed(
+                 lambda im: explain.explain_image(im, **kw, input_check=False), items),
+             "explain + input check": lambda: timed(
+                 lambda im: explain.explain_image(im, **kw, input_check=True, ink_share=cfg.INK_SHARE), items)}
     for fn in sides.values():  # warm-up: first calls allocate
         fn()
     results = {name: [] for name in sides}

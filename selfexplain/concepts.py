@@ -113,14 +113,29 @@ def current_answers(report_dir: str | Path, sae_fingerprint: str | None) -> tupl
     return latest(read_concepts(Path(report_dir) / artifacts.LLM_OUTPUT), sae_fingerprint)
 
 
+_LOADED: dict = {}  # (folder, fingerprint, files' mtimes) -> concepts: explaining many images reads them once
+
+
 def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) -> dict[int, str]:
     """``{neuron_id: concept}``: stage 4's answer, else stage 3's ``auto_summary``.
 
     With ``sae_fingerprint`` only concepts of that SAE count; the others are set aside
     (left on disk) with one log line saying how many. Neurons without a concept are
-    missing from the dict; when neither file exists a one-line notice says so.
+    missing from the dict; when neither file exists a one-line notice says so. The result
+    is reused until either file changes (a copy is returned, so callers may edit it).
     """
     report = Path(report_dir)
+    stamps = tuple(f.stat().st_mtime_ns if f.is_file() else -1
+                   for f in (report / artifacts.NEURONS, report / artifacts.LLM_OUTPUT))
+    key = (str(report.resolve()), sae_fingerprint, stamps)
+    if key not in _LOADED:
+        _LOADED.clear()  # one report at a time is the common case; no unbounded growth
+        _LOADED[key] = _read_concepts(report, sae_fingerprint)
+    return dict(_LOADED[key])
+
+
+def _read_concepts(report: Path, sae_fingerprint: str | None) -> dict[int, str]:
+    """:func:`load_concepts` without the reuse."""
     neurons_path, answers_path = report / artifacts.NEURONS, report / artifacts.LLM_OUTPUT
     summaries = [n for n in artifacts.read_jsonl(neurons_path) if isinstance(n, dict)
                  and isinstance(n.get("neuron_id"), int) and isinstance(n.get("auto_summary"), str)]
