@@ -87,7 +87,7 @@ def render(rows: list[dict], cfg) -> list[str]:
              f"{torch.get_num_threads()} threads)", "",
              "Stage 2's loop with its default dead-latent handling; figures re-measured from the last checkpoint "
              "with the inference code (batchtopk: the threshold θ) on every token of each split. Dead = fires on "
-             f"no token of the split (each split holds at least 10·M/K tokens).", "",
+             "no token of the split (each split holds at least 10·M/K tokens).", "",
              "| data | ARCH | M | val FVU | mean L0 val (train) | dead train | dead val | train / val tokens "
              "| resampled | spliced acc (own) | s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
