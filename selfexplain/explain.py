@@ -208,13 +208,6 @@ def most_active(analysis: Analysis, b: int, query: MostActive) -> tuple[list[int
     return [int(i) for i in keep], [float(scores[i]) for i in keep], threshold
 
 
-def heatmap(analysis: Analysis, b: int, neuron_id: int) -> np.ndarray:
-    """Neuron ``neuron_id``'s Top-K code per token of image ``b``, as an (H, W) map."""
-    hit = (analysis.indices[b] == neuron_id)
-    per_token = (analysis.values[b] * hit).sum(-1)
-    return per_token.reshape(analysis.hw).cpu().numpy()
-
-
 @torch.no_grad()
 def ablated_logits(models: Models, analysis: Analysis, b: int, neuron_sets: Sequence[Sequence[int]],
                    cls: int) -> np.ndarray:
@@ -336,9 +329,10 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     positive_total = float(contrib.clamp_min(0).sum())
     order = torch.argsort(contrib, descending=True)
     cited_ids = [int(i) for i in order[:settings.n_cite] if contrib[i] > 0]
+    maps = evidence.token_maps(analysis, b, cited_ids)  # (n, H, W): where each cited neuron fired
     cited = [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
                          float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
-                         heatmap(analysis, b, i)) for i in cited_ids]
+                         maps[k]) for k, i in enumerate(cited_ids)]
     rng = np.random.default_rng([settings.seed, b if index is None else index])
     extra = {}
     if settings.active is not None:
