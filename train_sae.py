@@ -1,11 +1,10 @@
-"""Stage 2: train a Top-K (or BatchTopK) sparse autoencoder on the classifier's layer4 tokens.
+"""Stage 2: train a BatchTopK (or Top-K) sparse autoencoder on the classifier's layer4 tokens.
 
 Usage
 -----
     python train_sae.py                                   # synthetic demo (reads runs/standard_cnn/best.pt)
     python train_sae.py --latent_dim=2048 --top_k=20 --batch_size=4096 --epochs=20   # TU-Berlin values
-    python train_sae.py --arch=batchtopk                  # K·B latents per batch of B tokens; threshold θ after
-    python train_sae.py --dead_latents=auxk               # resample | auxk | both | none
+    python train_sae.py --arch=topk --dead_latents=both   # K per token, with resampling (default: batchtopk, auxk)
     python train_sae.py --resume=True                     # continue from OUT_DIR/last_sae.pt
     python train_sae.py --overwrite=True                  # replace the earlier run in OUT_DIR
     torchrun --nproc_per_node=4 train_sae.py              # DDP: tokens sharded across ranks
@@ -14,8 +13,8 @@ The frozen backbone runs once, in fp32: train and val tokens are cached as fp16 
 memory-mapped .npy in CACHE_DIR when larger than TOKEN_RAM_GB), then the SAE trains on
 shuffled token batches. Tokens are standardised per channel (μ, σ over the training
 split), s = W_e ã + b_e, z = TopK(ReLU(s)), â = D z + b_d with unit-norm decoder columns.
-ARCH=batchtopk keeps the K·B largest codes of each training batch of B tokens instead of K
-per token, and codes z = ReLU(s)·(s > θ) afterwards, θ estimated in training; the checkpoint
+ARCH=batchtopk (the default) keeps the K·B largest codes of each training batch of B tokens
+instead of K per token, and codes z = ReLU(s)·(s > θ) afterwards, θ estimated in training; the checkpoint
 records ARCH (and θ), and every later stage uses that rule (``selfexplain/sae.py``).
 
 Defaults are sized for the 64 px synthetic demo: a 4x4 layer4 map (LAYER4_STRIDE=1 in
