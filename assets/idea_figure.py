@@ -21,7 +21,7 @@ CLASSIFIER_CKPT = ROOT / artifacts.CLASSIFIER_CKPT  # the demo's artifacts (make
 SAE_CKPT = ROOT / artifacts.SAE_CKPT
 REPORT_DIR = ROOT / artifacts.REPORT_DIR
 CACHE_DIR = ROOT / artifacts.CACHE_DIR
-TEST_INDEX = 0  # which held-out test sketch to explain
+TEST_INDEX = 1  # which held-out test sketch to explain (test:0, the README's misread example, is shown there)
 
 
 def idea_figure(path: Path) -> None:
@@ -40,7 +40,9 @@ def idea_figure(path: Path) -> None:
     axes[1].set_title("where the cited concepts fired", fontsize=10)
     for ax in axes[:2]:
         ax.axis("off")
-    names = [f"#{n.neuron_id} {n.concept.removeprefix('offline: ')[:40]}  ({n.share:.0%})" for n in exp.neurons]
+    # the concept up to its first comma: "circle (part AUROC 1.00)" (the "where" words are on the overlay)
+    names = [f"#{n.neuron_id} {n.concept.removeprefix('offline: ').split(',')[0][:40]}  ({n.share:.0%})"
+             for n in exp.neurons]
     names += ["other neurons", "bias", "SAE error"]
     values = [n.contribution for n in exp.neurons] + [exp.others, exp.bias, exp.error]
     colours = [np.array(explain.PALETTE[i % len(explain.PALETTE)]) / 255 for i in range(len(exp.neurons))]

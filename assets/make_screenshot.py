@@ -28,19 +28,22 @@ REPORT_DIR = artifacts.REPORT_DIR             # the atlas the concept links poin
 CACHE_DIR = artifacts.CACHE_DIR               # decoded images (the familiarity calibration reads validation)
 OUT = "assets/draw_page.png"                  # where the screenshot goes
 WIDTH = 1100                                  # browser viewport width, CSS pixels
-HEIGHT = 860                                   # browser viewport height, CSS pixels (the whole answer fits)
+HEIGHT = 1120                                  # browser viewport height, CSS pixels (the whole answer fits)
 DEVICE = "auto"                               # auto | cpu | cuda
 
 
 def sketch_strokes(left: float, top: float, side: float) -> list[tuple[str, list[tuple[float, float]]]]:
-    """A circle (mouse), four spokes (pen) and three dots (touch), in viewport pixels."""
+    """A person's circle-spokes-dots, in viewport pixels: a circle (mouse), a star burst of
+    eight spokes (pen) and five dots as on a die (touch), each part in its own place."""
     def at(u, v):
         return left + u * side, top + v * side
 
-    circle = [at(0.5 + 0.28 * math.cos(t * math.pi / 24), 0.5 + 0.28 * math.sin(t * math.pi / 24)) for t in range(49)]
-    spokes = [[at(0.5, 0.5), at(0.5 + 0.28 * math.cos(a), 0.5 + 0.28 * math.sin(a))]
-              for a in (0.3, 0.3 + math.pi / 2, 0.3 + math.pi, 0.3 + 3 * math.pi / 2)]
-    dots = [[at(u, v), at(u + 0.004, v + 0.004)] for u, v in ((0.15, 0.15), (0.85, 0.2), (0.8, 0.85))]
+    circle = [at(0.3 + 0.2 * math.cos(t * math.pi / 24), 0.32 + 0.2 * math.sin(t * math.pi / 24)) for t in range(49)]
+    rays = [0.2 + k * math.pi / 4 for k in range(8)]
+    spokes = [[at(0.66 + 0.04 * math.cos(a), 0.7 + 0.04 * math.sin(a)),
+               at(0.66 + 0.2 * math.cos(a), 0.7 + 0.2 * math.sin(a))] for a in rays]
+    dots = [[at(u, v), at(u + 0.004, v + 0.004)]
+            for u, v in ((0.7, 0.16), (0.84, 0.16), (0.77, 0.23), (0.7, 0.3), (0.84, 0.3))]
     return [("mouse", circle)] + [("pen", s) for s in spokes] + [("touch", d) for d in dots]
 
 

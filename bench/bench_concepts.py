@@ -17,7 +17,7 @@ same classifier's tokens) and scores each by held-out recovery, with its time.
 Usage
 -----
     python bench/bench_concepts.py [--classifier_ckpt=runs/standard_cnn/best.pt] [--sae_ckpt=runs/sae_topk/best_sae.pt]
-    python bench/bench_concepts.py --sweep=True --sweep_k=[4,8,16,32] --sweep_m=[256,512,1024] --sweep_epochs=10
+    python bench/bench_concepts.py --sweep=True --sweep_k=[4,8,16,32] --sweep_m=[256,512,1024] --sweep_epochs=20
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ NUM_THREADS = 0                                # torch intra-op threads (0 = tor
 SWEEP = False                                  # train and score SAEs over SWEEP_K x SWEEP_M instead
 SWEEP_K = [4, 8, 16, 32]                       # sweep: active latents per token
 SWEEP_M = [256, 512, 1024]                     # sweep: number of latents
-SWEEP_EPOCHS = 10                              # sweep: SAE epochs per cell
+SWEEP_EPOCHS = 20                              # sweep: SAE epochs per cell (the demo's)
 SWEEP_DIR = "bench/_work/sweep"                # sweep: SAE run folders
 OUT = "bench/results/concepts.md"              # markdown written here (merged into RESULTS.md)
 
@@ -118,7 +118,8 @@ def render(reports: list[dict], cfg, context: str) -> str:
     r0 = reports[0]
     lines += ["", f"Perfect class-set detector (label in the part's 4 classes): mean AUROC "
                   f"{r0['mean_class_set_auroc']:.3f}. Best unit chosen on the test split itself (upper bound, "
-                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. "
+                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Pointing ceiling (share of "
+                  f"images where any cell centre lies in the part's box): {_fmt(r0.get('mean_pointing_ceiling'))}. "
                   f"Pointing rule: {cm.POINTING_RULE}. Dead: no positive activation on any test image."]
     return "\n".join(lines) + "\n"
 
@@ -138,6 +139,7 @@ def sweep(cfg, maps: dict, truth: dict) -> list[dict]:
             sae, _ = artifacts.load_sae(f"{out_dir}/{artifacts.BEST_SAE}")
             rep = measure({"sae": baselines.sae_code(sae)}, maps, truth, None, cfg.BATCH_SIZE)["sae"].to_dict()
             rows.append({"M": m, "K": k, "val_fvu": metrics.get("val_fvu"), "dead": rep["dead_share"],
+                         "dead_val": metrics.get("val_dead_fraction"),
                          "auroc": rep["mean_test_auroc"], "ap": rep["mean_test_ap"],
                          "distractor": rep["mean_distractor_auroc"], "pointing": rep["mean_pointing"],
                          "seconds": time.time() - t, "train_seconds": train_s})
@@ -149,10 +151,10 @@ def render_sweep(rows: list[dict], cfg) -> str:
     lines = ["## L0/width sweep, scored by held-out recovery", "",
              f"SAEs trained for {cfg.SWEEP_EPOCHS} epochs on {cfg.CLASSIFIER_CKPT}'s tokens; units chosen on the "
              "training split, scored on the test split.", "",
-             "| M | K | val FVU | dead (test) | held-out AUROC | AP | distractor-only AUROC | pointing | s/cell |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| M | K | val FVU | dead (val) | dead (test) | held-out AUROC | AP | distractor-only AUROC | pointing | s/cell |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['M']} | {r['K']} | {_fmt(r['val_fvu'], '.4f')} | {r['dead']:.1%} | {_fmt(r['auroc'])} "
+        lines.append(f"| {r['M']} | {r['K']} | {_fmt(r['val_fvu'], '.4f')} | {_fmt(r.get('dead_val'), '.1%')} | {r['dead']:.1%} | {_fmt(r['auroc'])} "
                      f"| {_fmt(r['ap'])} | {_fmt(r['distractor'])} | {_fmt(r['pointing'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

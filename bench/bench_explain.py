@@ -137,7 +137,8 @@ def evaluate_counterfactuals(cfg, models, imageset, test: np.ndarray) -> tuple[l
     spec = models.classifier_ckpt["dataset"]
     best_part = load_best_parts(cfg.REPORT_DIR)
     origins = [synthetic.sample_origin(i, spec["per_class"]) for i in test]
-    full = np.stack([synthetic.rerender(*o, spec["image_size"], spec["seed"])[0] for o in origins])
+    style = spec.get("style", synthetic.STYLE)  # specs that predate the setting were drawn in the quadrants style
+    full = np.stack([synthetic.rerender(*o, spec["image_size"], spec["seed"], style=style)[0] for o in origins])
     stale = int(sum(not np.array_equal(full[k], imageset.images[i]) for k, i in enumerate(test)))
     rows = []
     for start in range(0, len(test), 64):
@@ -308,7 +309,10 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |", "",
              f"Cited / random: **{fig['ratio_random']:.2f}x** (target >= 1.5x, "
              f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.2f}x** "
-             f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}).", ""]
+             f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
+             f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.2f}x. Maps: "
+             "each neuron's token map normalised to its peak, the strongest per token (`evidence.where_map`, "
+             "what the overlay draws).", ""]
     if "deletion_auc" in fig:
         lines += [f"Deletion / insertion over {fig['curves_n']} images citing >= 2 concepts, each concept's region "
                   f"{cfg.REGION_SHARE:.0%} of the ink (all regions together: {fig['ink_final']:.0%} on average); "

@@ -7,7 +7,23 @@ classifies them and prints accuracy per layout and per pen width, beside chance,
 much the predictions collapse onto a few classes. It trains nothing; it needs a trained
 synthetic classifier (``make demo`` or ``python train_standard_cnn.py``).
 
-Usage: python bench/bench_person.py [--classifier_ckpt=runs/standard_cnn/best.pt] [--n_per_class=20] [--sheet=sheet.png]
+With the classifier's SAE and stage 3's report it also measures the explanation's concept
+agreement: do the cited concepts (the ``N_CITE`` neurons contributing most to the predicted
+logit, as why_did_you cites them) name the parts actually drawn? Each neuron stands for the
+part type stage 3 matched it to on the training split (``best_part`` in neurons.jsonl).
+
+* part agreement: share of cited neurons whose best part is drawn in the sketch; beside
+  ``RANDOM_DRAWS`` random sets of as many active neurons, and the prior (the share of the
+  dictionary's neurons whose best part is drawn: neurons picked blindly);
+* coverage: share of the drawn parts named by at least one cited neuron (beside random);
+* pointing: for a cited neuron whose best part is drawn, its strongest token's cell centre
+  lies inside that part's box (``concept_measures.pointing_game``'s rule); beside chance,
+  the share of token cells whose centre lies inside the box.
+
+Without an SAE for the classifier or a report, that table is left out with a one-line note.
+
+Usage: python bench/bench_person.py [--classifier_ckpt=runs/standard_cnn/best.pt] [--sae_ckpt=runs/sae_topk/best_sae.pt]
+       [--report_dir=neuron_report] [--n_per_class=20] [--sheet=sheet.png]
 """
 from __future__ import annotations
 
@@ -20,18 +36,25 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_explain imports its siblings by bare name
+from bench.bench_explain import cited_and_random, load_best_parts  # noqa: E402
 from bench.person_sketches import LAYOUTS, PENS, person_set  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from selfexplain import artifacts, data  # noqa: E402
+from selfexplain import artifacts, data, evidence, explain  # noqa: E402
+from selfexplain.concept_measures import cells_in_box, pointing_game  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.errors import UserError  # noqa: E402
-from selfexplain.synthetic import CLASS_NAMES  # noqa: E402
+from selfexplain.synthetic import CLASS_NAMES, PART_TYPES  # noqa: E402
 
 CLASSIFIER_CKPT = "runs/standard_cnn/best.pt"  # a classifier trained on DATASET=synthetic
 N_PER_CLASS = 20                               # sketches per class and layout
 SEED = 0                                       # seeds the second renderer
 BATCH = 128                                    # images per forward pass
 SHEET = ""                                     # also write a contact sheet of the sketches here ('' = no)
+SAE_CKPT = artifacts.SAE_CKPT                  # the classifier's SAE (no agreement table when missing)
+REPORT_DIR = artifacts.REPORT_DIR              # stage 3's report: best-matching part type per neuron
+N_CITE = 5                                     # cited concepts per sketch (why_did_you's default)
+RANDOM_DRAWS = 8                               # random active-neuron sets per sketch (the baseline)
 OUT = "bench/results/person.md"                # markdown written here (merged into RESULTS.md)
 
 
@@ -77,7 +100,120 @@ def table(sketches: list, predicted: np.ndarray, size: int, ckpt_path: str) -> l
     return lines
 
 
+# ----------------------------------------------------------------------------- concept agreement
+def load_explainer(cfg) -> tuple[explain.Models | None, dict[int, str] | None, str]:
+    """The classifier + SAE pair and stage 3's best part per neuron, or (None, None, why not)."""
+    if not Path(cfg.SAE_CKPT).is_file():
+        return None, None, f"no SAE at `{cfg.SAE_CKPT}`"
+    best_part = load_best_parts(cfg.REPORT_DIR)
+    if not best_part:
+        return None, None, f"no stage-3 report with part matches in `{cfg.REPORT_DIR}`"
+    try:
+        models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, "cpu")
+    except UserError as exc:
+        return None, None, f"`{cfg.SAE_CKPT}` is not this classifier's SAE ({exc})"
+    summary = Path(cfg.REPORT_DIR) / artifacts.SUMMARY
+    described = artifacts.read_json(summary).get("sae_fingerprint") if summary.is_file() else None
+    if described and described != models.sae_ckpt["fingerprint"]:
+        return None, None, f"`{cfg.REPORT_DIR}` describes SAE {described}, not `{cfg.SAE_CKPT}`"
+    return models, best_part, ""
+
+
+def sketch_agreement(cited: list[int], random_sets: list, best_part: dict[int, str], parts: list,
+                     maps: np.ndarray, in_box: np.ndarray) -> dict:
+    """Concept agreement of one sketch's explanation.
+
+    Parameters
+    ----------
+    cited : the cited neuron ids. random_sets : id arrays of random active neurons.
+    best_part : neuron id -> stage 3's best part type. parts : the sketch's [{"part", "box"}].
+    maps : (len(cited), T) each cited neuron's code per token (row-major, as ``analyse``).
+    in_box : (len(PART_TYPES), T) bool, :func:`cells_in_box` of this sketch.
+
+    Returns
+    -------
+    dict: ``part_*`` share of neurons whose best part is drawn (cited, random mean, prior),
+    ``cover_*`` share of the drawn parts named by one of them, ``where_pairs`` cited neurons
+    whose part is drawn, ``where_hits`` those pointing inside its box and ``where_chance``
+    the summed chance of doing so.
+    """
+    drawn = {p["part"] for p in parts}
+
+    def share(ids) -> float:
+        return float(np.mean([best_part.get(int(i)) in drawn for i in ids])) if len(ids) else float("nan")
+
+    def cover(ids) -> float:
+        return len(drawn & {best_part.get(int(i)) for i in ids}) / len(drawn)
+
+    out = {"n_cited": len(cited), "part_cited": share(cited),
+           "part_random": float(np.mean([share(r) for r in random_sets])) if random_sets else float("nan"),
+           "part_prior": share(list(best_part)), "cover_cited": cover(cited),
+           "cover_random": float(np.mean([cover(r) for r in random_sets])) if random_sets else float("nan"),
+           "where_pairs": 0, "where_hits": 0.0, "where_chance": 0.0}
+    rows = [k for k, i in enumerate(cited) if best_part.get(int(i)) in drawn]
+    if rows:
+        boxes = in_box[[PART_TYPES.index(best_part[int(cited[k])]) for k in rows]][:, None]  # (n, 1, T)
+        game = pointing_game(np.asarray(maps)[rows][:, None], boxes, np.ones((len(rows), 1), bool), ["cited"])
+        out.update(where_pairs=len(rows), where_hits=float(game.hit_rate[0] * len(rows)),
+                   where_chance=float(game.chance[0] * len(rows)))
+    return out
+
+
+def evaluate_agreement(cfg, models: explain.Models, best_part: dict[int, str], sketches: list) -> list[dict]:
+    """Explain every sketch (the project's own path) and measure its concept agreement."""
+    records = []
+    for start in range(0, len(sketches), cfg.BATCH):
+        chunk = sketches[start:start + cfg.BATCH]
+        analysis = explain.analyse(models, np.stack([s.image for s in chunk]))
+        in_box = cells_in_box([s.parts for s in chunk], PART_TYPES, analysis.hw, models.image_size)
+        for b, s in enumerate(chunk):
+            cls = int(analysis.logits[b].argmax())
+            cited, sets = cited_and_random(models, analysis, b, cls, cfg, np.random.default_rng([cfg.SEED, start + b]))
+            maps = evidence.token_maps(analysis, b, cited).reshape(len(cited), -1)
+            records.append(dict(sketch_agreement(cited, sets, best_part, s.parts, maps, in_box[b]),
+                                layout=s.layout, correct=cls == s.label))
+    return records
+
+
+def summarise_agreement(records: list[dict]) -> dict:
+    """Means over sketches citing something; pointing pooled over (sketch, cited neuron) pairs."""
+    rs = [r for r in records if r["n_cited"]]
+    out = {"sketches": len(records), "explained": len(rs)}
+    for key in ("n_cited", "part_cited", "part_random", "part_prior", "cover_cited", "cover_random"):
+        out[key] = float(np.nanmean([r[key] for r in rs])) if rs else float("nan")
+    pairs = sum(r["where_pairs"] for r in rs)
+    out["where_pairs"] = pairs
+    out["where_hit"] = sum(r["where_hits"] for r in rs) / pairs if pairs else float("nan")
+    out["where_chance"] = sum(r["where_chance"] for r in rs) / pairs if pairs else float("nan")
+    return out
+
+
+def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
+    """Markdown: concept agreement per layout, for the correctly classified sketches, and overall."""
+    lines = ["", f"Concept agreement of the explanation (`{cfg.SAE_CKPT}`, `{cfg.REPORT_DIR}`): the {cfg.N_CITE} "
+             f"cited neurons (top positive contributions to the predicted logit) against {cfg.RANDOM_DRAWS} random "
+             f"sets of as many active neurons; prior = share of the {n_described} described neurons whose best part "
+             "is drawn. Pointing: a cited neuron whose best part is drawn has its strongest token's cell centre "
+             "inside that part's box; chance = share of token cells whose centre is inside.", "",
+             "| sketches | explained | cited per sketch | part agreement: cited | random active | prior | "
+             "parts covered: cited | random active | pointing: hit | chance | pairs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups = [(layout, [r for r in records if r["layout"] == layout]) for layout in LAYOUTS]
+    groups += [("correctly classified", [r for r in records if r["correct"]]), ("all", records)]
+    for name, rs in groups:
+        f = summarise_agreement(rs)
+        lines.append(f"| {name} | {f['explained']} | {f['n_cited']:.2f} | {f['part_cited']:.3f} | "
+                     f"{f['part_random']:.3f} | {f['part_prior']:.3f} | {f['cover_cited']:.3f} | "
+                     f"{f['cover_random']:.3f} | {f['where_hit']:.3f} | {f['where_chance']:.3f} | "
+                     f"{f['where_pairs']} |")
+    left_out = sum(not r["n_cited"] for r in records)
+    if left_out:
+        lines += ["", f"{left_out} sketches cited no neuron (no positive contribution) and are left out."]
+    return lines
+
+
 def main(**overrides) -> float:
+    """Write the accuracy table (and the concept-agreement table when possible); return the accuracy."""
     cfg = make_config(module_constants(globals()), overrides)
     model, ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT)
     if list(ckpt["class_names"]) != CLASS_NAMES:
@@ -87,9 +223,14 @@ def main(**overrides) -> float:
     if cfg.SHEET:
         contact_sheet(sketches, cfg.SHEET)
     predicted = predict(model, ckpt["preprocess"], np.stack([s.image for s in sketches]), cfg.BATCH)
-    write_section(cfg.OUT, table(sketches, predicted, size, cfg.CLASSIFIER_CKPT))
+    lines = table(sketches, predicted, size, cfg.CLASSIFIER_CKPT)
+    models, best_part, why_not = load_explainer(cfg)
+    if models is None:
+        lines += ["", f"Concept agreement not measured: {why_not}."]
+    else:
+        lines += agreement_table(cfg, evaluate_agreement(cfg, models, best_part, sketches), len(best_part))
+    write_section(cfg.OUT, lines)
     return float((predicted == np.array([s.label for s in sketches])).mean())
-
 
 if __name__ == "__main__":
     run_cli(main, globals())

@@ -18,9 +18,13 @@ from selfexplain.config import make_config, module_constants, run_cli  # noqa: E
 
 SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
 RUN = True                    # run the benchmarks (False: only rebuild RESULTS.md from bench/results/*.md)
-SECTIONS = ["train", "sae", "dead", "concepts", "explain", "familiarity", "person", "scale"]  # bench/results/<name>.md
+SWEEP = True                  # also run the K x M sweep scored by held-out recovery (~12 min on 2 cores)
+SECTIONS = ["train", "sae", "dead", "concepts", "concepts_sweep", "explain", "familiarity", "person",
+            "scale"]  # bench/results/<name>.md
 BENCHES = {"train": "bench/bench_train.py", "sae": "bench/bench_sae.py", "dead": "bench/bench_dead.py",
-           "concepts": "bench/bench_concepts.py", "explain": "bench/bench_explain.py",
+           "concepts": "bench/bench_concepts.py",
+           "concepts_sweep": "bench/bench_concepts.py --sweep=True",
+           "explain": "bench/bench_explain.py",
            "familiarity": "bench/bench_familiarity.py", "person": "bench/bench_person.py",
            "scale": "bench/scale_rehearsal.py"}
 
@@ -35,10 +39,10 @@ def machine() -> str:
 def main(**overrides) -> None:
     cfg = make_config(module_constants(globals()), overrides)
     for name in SECTIONS if cfg.RUN else []:
-        if name == "scale" and not cfg.SCALE:
+        if (name == "scale" and not cfg.SCALE) or (name == "concepts_sweep" and not cfg.SWEEP):
             continue
         print(f"== {BENCHES[name]}", flush=True)
-        subprocess.run([sys.executable, BENCHES[name]], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, *BENCHES[name].split()], cwd=ROOT, check=True)
     parts = ["# Benchmark results", "", f"Machine: {machine()}.", "",
              "Each table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one run.", ""]
     for name in SECTIONS:

@@ -31,7 +31,8 @@ import numpy as np
 
 from . import stats
 
-POINTING_RULE = "strongest token's cell centre inside the part's box; chance = share of cell centres inside"
+POINTING_RULE = ("strongest token's cell centre inside the part's box; chance = share of cell centres inside; "
+                 "ceiling = share of images where any cell centre is inside (a part smaller than a cell may hold none)")
 
 
 def _num(x) -> float | None:
@@ -234,13 +235,17 @@ class Pointing:
     hit_rate: np.ndarray             # (P,) share of images where the strongest token is in the box
     chance: np.ndarray               # (P,) share of cells in the box, averaged over the same images
     n_images: np.ndarray             # (P,) test images holding the part
-    rule: str = field(default=POINTING_RULE)
+    ceiling: np.ndarray | None = None  # (P,) share of those images with any cell centre in the box: the best
+    rule: str = field(default=POINTING_RULE)  # any unit can score at this map resolution (small parts hold none)
 
     def to_dict(self) -> dict:
+        ceiling = self.ceiling if self.ceiling is not None else np.full(len(self.part_names), np.nan)
         per_part = {name: {"pointing": _num(self.hit_rate[j]), "pointing_chance": _num(self.chance[j]),
-                           "pointing_images": int(self.n_images[j])} for j, name in enumerate(self.part_names)}
+                           "pointing_ceiling": _num(ceiling[j]), "pointing_images": int(self.n_images[j])}
+                    for j, name in enumerate(self.part_names)}
         return {"per_part": per_part, "mean_pointing": _num(_nanmean(self.hit_rate)),
-                "mean_pointing_chance": _num(_nanmean(self.chance)), "pointing_rule": self.rule}
+                "mean_pointing_chance": _num(_nanmean(self.chance)),
+                "mean_pointing_ceiling": _num(_nanmean(ceiling)), "pointing_rule": self.rule}
 
 
 def pointing_game(unit_maps, in_box, present, part_names: list[str]) -> Pointing:
@@ -265,7 +270,8 @@ def pointing_game(unit_maps, in_box, present, part_names: list[str]) -> Pointing
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = np.where(n > 0, (hit & ok).sum(0) / n, np.nan)
         chance = np.where(n > 0, (np.asarray(in_box).mean(2) * ok).sum(0) / n, np.nan)
-    return Pointing(part_names=list(part_names), hit_rate=rate, chance=chance, n_images=n)
+        ceiling = np.where(n > 0, (np.asarray(in_box).any(2) & ok).sum(0) / n, np.nan)
+    return Pointing(part_names=list(part_names), hit_rate=rate, chance=chance, n_images=n, ceiling=ceiling)
 
 
 # ----------------------------------------------------------------------------- counterfactual

@@ -103,16 +103,32 @@ def rank_ink(image_uint8: np.ndarray, scores: np.ndarray, shares: np.ndarray | f
     return masks.reshape(len(scores), *np.shape(image_uint8))
 
 
+def where_map(maps: np.ndarray) -> np.ndarray:
+    """One (h, w) "where" of several neurons' token maps (n, h, w): each normalised to its own
+    peak, then the strongest at each token, as the overlay draws them.
+
+    Raw activations are not comparable across neurons (one can run 20x another), so a plain
+    sum would follow the loudest neuron; the overlay shows each concept on its own scale,
+    and the deletion check tests the region the overlay shows. (Chosen on the validation
+    split over the raw sum, the sum of normalised maps and others: bench/RESULTS.md.)
+    No maps (n = 0) is all zeros.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if len(maps) == 0:
+        return np.zeros(maps.shape[1:], dtype=np.float64)
+    peaks = maps.reshape(len(maps), -1).max(1)
+    return (maps / np.maximum(peaks, 1e-12)[:, None, None]).max(0)
+
+
 def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
-    """Ink pixels (S, S) to white out: the strongest region of the summed maps (n, h, w) covering ``ink_share``.
+    """Ink pixels (S, S) to white out: the strongest region of :func:`where_map` covering ``ink_share``.
 
     Works for any token maps: cited concepts' code maps, random neurons' maps, or CAM as a
     single map (``cam[None]``). No maps (n = 0) selects nothing.
     """
     if len(maps) == 0:
         return np.zeros(np.shape(image_uint8), dtype=bool)
-    summed = np.asarray(maps, dtype=np.float64).sum(0, keepdims=True)
-    return rank_ink(image_uint8, upsample(summed, image_uint8.shape[-1]), ink_share)[0]
+    return rank_ink(image_uint8, upsample(where_map(maps)[None], image_uint8.shape[-1]), ink_share)[0]
 
 
 def ink_share_of(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -147,7 +163,7 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
 
     Three ways to choose the ink, one batched forward for all of them: where the cited
-    neurons fire (their summed token maps), where each random set of active neurons fires
+    neurons fire (:func:`where_map` of their token maps), where each random set of active neurons fires
     (the drop averaged over ``random_sets``), and where CAM for ``cls`` is highest.
 
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
@@ -156,7 +172,7 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
-    scores = [token_maps(analysis, b, ids).sum(0) if ids else np.zeros(analysis.hw) for ids in sets]
+    scores = [where_map(token_maps(analysis, b, ids)) if ids else np.zeros(analysis.hw) for ids in sets]
     scores.append(cam_map(models, analysis, b, cls))
     shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share]          # no neurons: no ink
     masks = rank_ink(image_uint8, upsample(np.stack(scores), size), np.array(shares))

@@ -462,10 +462,23 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     for k, n in enumerate(neurons):
         y = size + head + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
-        draw.text((20, y), f"{n.concept[:48]} ({n.share:.0%})", fill="black", font=font)
+        share = f" ({n.share:.0%})"
+        label = fit_text(draw, n.concept, font, size - 24 - draw.textlength(share, font=font))
+        draw.text((20, y), label + share, fill="black", font=font)
     if check:
-        draw.text((4, size + head + line * (len(neurons) + 1)), check[:64], fill=(90, 90, 90), font=font)
+        draw.text((4, size + head + line * (len(neurons) + 1)), fit_text(draw, check, font, size - 8),
+                  fill=(90, 90, 90), font=font)
     return canvas
+
+
+def fit_text(draw, text: str, font, width: float) -> str:
+    """``text`` cut at a word boundary (with "...", which every font has) so that it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    words = text.split()
+    while len(words) > 1 and draw.textlength(" ".join(words) + "...", font=font) > width:
+        words.pop()
+    return " ".join(words).rstrip(",;:") + "..."
 
 
 def evidence_line(faith: dict) -> str | None:

@@ -97,7 +97,8 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
                "anti_classes": _class_entries(order_anti[i][:n_anti], st, i, class_names, ("pmi", "lens")),
                "where": {"row": round(float(pos["row"][i]), 4), "col": round(float(pos["col"][i]), 4),
                          "spread": round(float(pos["spread"][i]), 4),
-                         "description": stats.describe_position(pos["row"][i], pos["col"][i], pos["spread"][i])},
+                         "description": stats.describe_position(pos["row"][i], pos["col"][i], pos["spread"][i],
+                                                                diffuse="anywhere in the sketch")},
                "top_examples": examples[i], "sprite": f"{SPRITES_DIR}/n{i:05d}.png" if examples[i] else None,
                "pushes_toward": {"class": class_names[push], "index": push, "lens": float(st.lens[i, push])}}
         if parts is not None:
@@ -336,8 +337,8 @@ def _headline(summary: dict) -> list[str]:
     return out
 
 
-HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "cf_own_drop",
-                 "cf_other_drop")
+HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_ceiling",
+                 "cf_own_drop", "cf_other_drop")
 HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
 
 

@@ -203,11 +203,16 @@ def describe_map(heat) -> str:
     return describe_position(float(pos["row"]), float(pos["col"]), float(pos["spread"]))
 
 
-def describe_position(row: float, col: float, spread: float) -> str:
-    """Words for a normalised position: "upper left", "lower", "centre", "all over"..."""
+def describe_position(row: float, col: float, spread: float, diffuse: str = "all over the sketch") -> str:
+    """Words for a normalised position: "upper left", "lower", "centre", "all over"...
+
+    ``diffuse`` names a centred, spread-out position: "all over the sketch" for one image's
+    map; a neuron's position over many images passes "anywhere in the sketch" (it fires
+    wherever its part is drawn, not all over each sketch).
+    """
     vertical = "upper" if row < 1 / 3 else "lower" if row > 2 / 3 else ""
     horizontal = "left" if col < 1 / 3 else "right" if col > 2 / 3 else ""
     place = " ".join(w for w in (vertical, horizontal) if w) or "centre"
     if spread > DIFFUSE_SPREAD:
-        return "all over the sketch" if place == "centre" else f"{place}, but spread out"
+        return diffuse if place == "centre" else f"{place}, but spread out"
     return place

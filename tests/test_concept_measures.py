@@ -77,6 +77,18 @@ def test_pointing_game_on_a_constructed_map():
     res = cm.pointing_game(maps, in_box, cm.part_presence(parts, PARTS), PARTS)
     assert res.hit_rate[0] == pytest.approx(1 / 3) and res.chance[0] == pytest.approx(0.25)
     assert res.n_images[0] == 3 and res.n_images[1] == 1
+    assert res.ceiling[0] == 1.0
+
+
+def test_pointing_ceiling_counts_parts_that_hold_no_cell_centre():
+    # a 10 px part between the centres (16, 48) of a 2x2 grid: no unit can point inside it
+    parts = [[{"part": "a", "box": [20, 20, 30, 30]}], [{"part": "a", "box": [0, 0, 30, 30]}]]
+    in_box = cm.cells_in_box(parts, PARTS, (2, 2), 64)
+    maps = np.zeros((2, 2, 4))
+    maps[:, 0, 0] = 1.0                       # always the top-left cell: a hit only where its centre is inside
+    res = cm.pointing_game(maps, in_box, cm.part_presence(parts, PARTS), PARTS)
+    assert res.hit_rate[0] == pytest.approx(0.5) and res.ceiling[0] == pytest.approx(0.5)
+    assert res.to_dict()["per_part"]["a"]["pointing_ceiling"] == pytest.approx(0.5)
 
 
 def test_counterfactual_drops_own_versus_other_part():

@@ -30,7 +30,7 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
     image, _ = synthetic.rerender(0, 0, 64, 0)
     maps = np.random.default_rng(0).random((3, 2, 2))
     ink = evidence.ink_of(image)
-    ranked = evidence.upsample(maps.sum(0, keepdims=True), 64)[0]
+    ranked = evidence.upsample(evidence.where_map(maps)[None], 64)[0]
     for share in (0.05, 0.2, 0.5):
         mask = evidence.concept_ink_mask(image, maps, share)
         covered = ink[mask].sum() / ink.sum()
@@ -38,6 +38,16 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
         assert (ink[mask] > 0).all()
         assert ranked[mask].min() >= ranked[~mask & (ink > 0)].max()  # nothing stronger left behind
     assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
+
+
+def test_where_map_shows_each_concept_on_its_own_scale():
+    # a loud neuron (peak 20) in the top-left and a quiet one (peak 1) in the bottom-right: the quiet
+    # concept's place must count as much as the loud one's, as the overlay draws it
+    maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
+    where = evidence.where_map(maps)
+    assert where.tolist() == [[1.0, 0.1], [0.0, 1.0]]
+    assert maps.sum(0)[1, 1] < maps.sum(0)[0, 1]          # a plain sum would rank the loud neuron's edge first
+    assert evidence.where_map(np.zeros((0, 2, 2))).shape == (2, 2)
 
 
 def test_shuffled_concept_order_scores_worse_on_deletion_and_insertion():

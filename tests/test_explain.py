@@ -285,3 +285,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(ckpts, image_dir, tmp_path, kind):
     out = _cli(ckpts, tmp_path, f"--image={path}", "--json=True")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("why_did_you.py: error:") and kind in out.stderr
+
+
+def test_overlay_legend_cuts_long_concepts_at_a_word_boundary():
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (8, 8))), ImageFont.load_default()
+    concept = "offline: circle (part AUROC 1.00), anywhere in the sketch"
+    assert explain.fit_text(draw, concept, font, 10_000) == concept
+    cut = explain.fit_text(draw, concept, font, draw.textlength(concept, font=font) / 2)
+    assert cut.endswith("...") and concept.startswith(cut[:-3])
+    assert cut[:-3].split()[-1] in concept.split()      # whole words only, no "the (20%)" mid-phrase
+    assert draw.textlength(cut, font=font) <= draw.textlength(concept, font=font) / 2

@@ -92,6 +92,8 @@ def test_weighted_position_and_words():
     assert stats.describe_position(0.2, 0.5, 0.1) == "upper"
     assert stats.describe_position(0.5, 0.5, 0.1) == "centre"
     assert stats.describe_position(0.5, 0.5, 0.4) == "all over the sketch"
+    assert stats.describe_position(0.5, 0.5, 0.4, diffuse="anywhere in the sketch") == "anywhere in the sketch"
+    assert stats.describe_position(0.2, 0.5, 0.4, diffuse="anywhere in the sketch") == "upper, but spread out"
     dead = stats.weighted_position({k: np.zeros(1) for k in ("w", "r", "c", "rr", "cc")})
     assert dead["row"][0] == 0.5 and dead["spread"][0] == 0.0
 
