@@ -31,7 +31,7 @@ def idea_figure(path: Path) -> None:
     idx = int(ckpt["split"]["test"][TEST_INDEX])
     sketch = np.asarray(images.images[idx])
     exp = explain.explain_images([sketch], CLASSIFIER_CKPT, SAE_CKPT, REPORT_DIR)[0]
-    overlay = explain.render_overlay(sketch, exp, size=384, max_concepts=3)
+    overlay = explain.render_overlay(sketch, exp, size=384, max_concepts=len(exp.neurons))  # the region the check used
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=130, gridspec_kw={"width_ratios": [1, 1.25, 1.6]})
     axes[0].imshow(sketch, cmap="gray", vmin=0, vmax=255)

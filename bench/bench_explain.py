@@ -50,7 +50,7 @@ REPORT_DIR = artifacts.REPORT_DIR             # stage 3's neurons (best part per
 CACHE_DIR = artifacts.CACHE_DIR               # image cache for the test split
 IMAGE_SIZE = 64                               # stand-ins only: input side (the demo's)
 LATENT_DIM = 512                              # stand-ins only: M (train_sae's default)
-TOP_K = 16                                    # stand-ins only: K (train_sae's default)
+TOP_K = 8                                     # stand-ins only: K (train_sae's default)
 ITERS = 30                                    # timed images per side per round
 ROUNDS = 3                                    # alternating rounds
 N_CITE = 5                                    # cited concepts (why_did_you's default)
@@ -109,11 +109,12 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- the test split
 def load_best_parts(report_dir: str) -> dict[int, str] | None:
-    """Stage 3's best-matching part type per neuron, or None without a report."""
+    """Stage 3's best-matching part type per live neuron, or None without a report."""
     path = Path(report_dir) / artifacts.NEURONS
     if not path.is_file():
         return None
-    return {r["neuron_id"]: r["parts"]["best_part"] for r in artifacts.read_jsonl(path) if r.get("parts")}
+    return {r["neuron_id"]: r["parts"]["best_part"] for r in artifacts.read_jsonl(path)
+            if r.get("parts") and not r.get("dead")}  # a dead neuron matches no part (its AUROC is 0.5)
 
 
 def evaluate(cfg, models, imageset, test: np.ndarray) -> list[dict]:
@@ -137,7 +138,7 @@ def evaluate_counterfactuals(cfg, models, imageset, test: np.ndarray) -> tuple[l
     spec = models.classifier_ckpt["dataset"]
     best_part = load_best_parts(cfg.REPORT_DIR)
     origins = [synthetic.sample_origin(i, spec["per_class"]) for i in test]
-    style = spec.get("style", synthetic.STYLE)  # specs that predate the setting were drawn in the quadrants style
+    style = synthetic.spec_style(spec)
     full = np.stack([synthetic.rerender(*o, spec["image_size"], spec["seed"], style=style)[0] for o in origins])
     stale = int(sum(not np.array_equal(full[k], imageset.images[i]) for k, i in enumerate(test)))
     rows = []
@@ -307,12 +308,12 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              f"| cited concepts' maps | {d['input_cited_drop']:.3f} | {d['input_cited_prob_drop']:.3f} |",
              f"| random active neurons' maps | {d['input_random_drop']:.3f} | {d['input_random_prob_drop']:.3f} |",
              f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |", "",
-             f"Cited / random: **{fig['ratio_random']:.2f}x** (target >= 1.5x, "
-             f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.2f}x** "
+             f"Cited / random: **{fig['ratio_random']:.3f}x** (target >= 1.5x, "
+             f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.3f}x** "
              f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
-             f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.2f}x. Maps: "
-             "each neuron's token map normalised to its peak, the strongest per token (`evidence.where_map`, "
-             "what the overlay draws).", ""]
+             f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
+             "the neurons' token maps summed (`evidence.where_map`, chosen on the validation split: see "
+             "`bench/choose_where_map.py`).", ""]
     if "deletion_auc" in fig:
         lines += [f"Deletion / insertion over {fig['curves_n']} images citing >= 2 concepts, each concept's region "
                   f"{cfg.REGION_SHARE:.0%} of the ink (all regions together: {fig['ink_final']:.0%} on average); "

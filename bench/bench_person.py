@@ -192,11 +192,13 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
     """Markdown: concept agreement per layout, for the correctly classified sketches, and overall."""
     lines = ["", f"Concept agreement of the explanation (`{cfg.SAE_CKPT}`, `{cfg.REPORT_DIR}`): the {cfg.N_CITE} "
              f"cited neurons (top positive contributions to the predicted logit) against {cfg.RANDOM_DRAWS} random "
-             f"sets of as many active neurons; prior = share of the {n_described} described neurons whose best part "
-             "is drawn. Pointing: a cited neuron whose best part is drawn has its strongest token's cell centre "
-             "inside that part's box; chance = share of token cells whose centre is inside.", "",
-             "| sketches | explained | cited per sketch | part agreement: cited | random active | prior | "
-             "parts covered: cited | random active | pointing: hit | chance | pairs |",
+             "sets of as many active neurons; a neuron stands for its *best part* (stage 3's match on the training "
+             "split, whether or not its concept label names it); prior = share of the "
+             f"{n_described} live described neurons whose best part is drawn. Pointing: a cited neuron whose best "
+             "part is drawn has its strongest token's cell centre inside that part's box; chance = share of token "
+             "cells whose centre is inside.", "",
+             "| sketches | explained | cited per sketch | best part drawn: cited | random active | prior | "
+             "drawn parts covered: cited | random active | pointing: hit | chance | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups = [(layout, [r for r in records if r["layout"] == layout]) for layout in LAYOUTS]
     groups += [("correctly classified", [r for r in records if r["correct"]]), ("all", records)]

@@ -1,7 +1,7 @@
 """Run the benchmarks and rewrite bench/RESULTS.md from their sections.
 
-Usage: python bench/run_all.py [--scale=True] [--run=False]   (the scale rehearsal takes ~20 min on 2 cores;
---run=False only rebuilds RESULTS.md from the sections in bench/results/)
+Usage: python bench/run_all.py [--scale=True] [--sweep=False] [--run=False]   (the scale rehearsal takes ~20 min
+on 2 cores, the K x M sweep ~13 min; --run=False only rebuilds RESULTS.md from the sections in bench/results/)
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from selfexplain.config import make_config, module_constants, run_cli  # noqa: E
 SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
 RUN = True                    # run the benchmarks (False: only rebuild RESULTS.md from bench/results/*.md)
 SWEEP = True                  # also run the K x M sweep scored by held-out recovery (~12 min on 2 cores)
-SECTIONS = ["train", "sae", "dead", "concepts", "concepts_sweep", "explain", "familiarity", "person",
-            "scale"]  # bench/results/<name>.md
+SECTIONS = ["train", "sae", "dead", "concepts", "concepts_sweep", "explain", "explain_where", "familiarity", "person",
+            "scale"]  # bench/results/<name>.md, each followed by <name>_notes.md when present (hand-written, never rewritten)
 BENCHES = {"train": "bench/bench_train.py", "sae": "bench/bench_sae.py", "dead": "bench/bench_dead.py",
            "concepts": "bench/bench_concepts.py",
            "concepts_sweep": "bench/bench_concepts.py --sweep=True",
-           "explain": "bench/bench_explain.py",
+           "explain": "bench/bench_explain.py", "explain_where": "bench/choose_where_map.py",
            "familiarity": "bench/bench_familiarity.py", "person": "bench/bench_person.py",
            "scale": "bench/scale_rehearsal.py"}
 
@@ -44,11 +44,13 @@ def main(**overrides) -> None:
         print(f"== {BENCHES[name]}", flush=True)
         subprocess.run([sys.executable, *BENCHES[name].split()], cwd=ROOT, check=True)
     parts = ["# Benchmark results", "", f"Machine: {machine()}.", "",
-             "Each table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one run.", ""]
+             "Each generated table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one "
+             "run. Notes (`bench/results/*_notes.md`: earlier measurements, settings compared by hand) are kept as "
+             "written.", ""]
     for name in SECTIONS:
-        path = ROOT / "bench" / "results" / f"{name}.md"
-        if path.is_file():
-            parts += [path.read_text().strip(), ""]
+        for path in (ROOT / "bench" / "results" / f"{name}.md", ROOT / "bench" / "results" / f"{name}_notes.md"):
+            if path.is_file():
+                parts += [path.read_text().strip(), ""]
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
 

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 
 import torch
 
+from .distributed import sigterm_held
 from .errors import UserError
 from .logs import log
 from .model import build_classifier
@@ -87,7 +88,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     """Call ``write(fh)`` on a temp file in ``path``'s folder, fsync, then rename it to ``path``.
 
     Readers see the old file or the new one, never half of one; an interruption
-    (exception, Ctrl-C, SIGTERM turned into SystemExit) removes the temp file. An
+    (exception, Ctrl-C) removes the temp file, and a SIGTERM (turned into SystemExit by
+    ``exit_on_sigterm``) is held until the rename, then exits. An
     OSError (disk full, read-only folder) becomes a one-line :class:`UserError`.
     """
     path = Path(path)
@@ -95,12 +97,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
+        with sigterm_held():  # a SIGTERM mid-write exits once the file is whole, not from inside the writer
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _new_file_mode())
+            os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -235,8 +235,10 @@ class Pointing:
     hit_rate: np.ndarray             # (P,) share of images where the strongest token is in the box
     chance: np.ndarray               # (P,) share of cells in the box, averaged over the same images
     n_images: np.ndarray             # (P,) test images holding the part
-    ceiling: np.ndarray | None = None  # (P,) share of those images with any cell centre in the box: the best
-    rule: str = field(default=POINTING_RULE)  # any unit can score at this map resolution (small parts hold none)
+    # (P,) share of those images with any cell centre in the box: the best any unit can score at this
+    # map resolution (a part smaller than a cell may hold no centre)
+    ceiling: np.ndarray | None = None
+    rule: str = field(default=POINTING_RULE)
 
     def to_dict(self) -> dict:
         ceiling = self.ceiling if self.ceiling is not None else np.full(len(self.part_names), np.nan)
@@ -258,8 +260,9 @@ def pointing_game(unit_maps, in_box, present, part_names: list[str]) -> Pointing
 
     Returns
     -------
-    :class:`Pointing` over the images holding each part. A unit whose map is flat on an
-    image (silent) points nowhere: that image counts as a miss.
+    :class:`Pointing` over the images holding each part, with the chance rate and the
+    ceiling (:attr:`Pointing.ceiling`). A unit whose map is flat on an image (silent) points
+    nowhere: that image counts as a miss.
     """
     maps = np.asarray(unit_maps, dtype=np.float64)
     top = maps.argmax(2)                                                  # (N, P)

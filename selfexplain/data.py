@@ -34,7 +34,7 @@ from .imaging import BadImage, decode_image
 from .logs import log
 from .sources import describe_source, iter_source
 from .synthetic import GENERATOR_VERSION, generate_synthetic
-from .synthetic import STYLE as SYNTHETIC_STYLE
+from .synthetic import spec_style
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
@@ -81,7 +81,7 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
             raise UserError(f"this checkpoint was trained on synthetic sketches of generator version {recorded}, "
                             f"this code draws version {GENERATOR_VERSION}; retrain with train_standard_cnn.py")
         key_src = {k: spec.get(k) for k in ("dataset", "image_size", "per_class", "seed")}
-        key_src["style"] = spec.get("style", SYNTHETIC_STYLE)
+        key_src["style"] = spec_style(spec)
         key_src["generator_version"] = GENERATOR_VERSION  # a changed drawing never reuses old sketches
         source = None
     else:
@@ -153,7 +153,7 @@ def _process_alive(pid: int) -> bool:
 
 def _cache_synthetic(spec: dict, tmp: Path, progress: bool) -> dict:
     data = generate_synthetic(spec.get("per_class", 300), spec["image_size"], seed=spec.get("seed", 0),
-                              style=spec.get("style", SYNTHETIC_STYLE),
+                              style=spec_style(spec),
                               progress=progress)
     np.save(tmp / "images.npy", data["images"])
     np.save(tmp / "labels.npy", data["labels"].astype(np.int64))

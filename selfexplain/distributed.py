@@ -173,9 +173,33 @@ def exit_on_sigterm() -> None:
     cache its partial file). Call it from a script's entry point only.
     """
     def handler(signum, frame):
+        if _SIGTERM["held"]:  # inside sigterm_held(): exit when the block ends
+            _SIGTERM["pending"] = 128 + signum
+            return
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+_SIGTERM = {"held": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def sigterm_held():
+    """Hold the SystemExit of :func:`exit_on_sigterm` until the block ends, then exit.
+
+    For short writes that must not be cut: an exception raised inside ``torch.save``'s
+    zip writer leaves it inconsistent, and its own cleanup then fails with a
+    RuntimeError (exit 1, not 143). Held, the write completes and the process exits 143.
+    """
+    _SIGTERM["held"] += 1
+    try:
+        yield
+    finally:
+        _SIGTERM["held"] -= 1
+        if not _SIGTERM["held"] and _SIGTERM["pending"] is not None:
+            code, _SIGTERM["pending"] = _SIGTERM["pending"], None
+            raise SystemExit(code)
 
 
 def keep_freed_memory() -> bool:

@@ -6,8 +6,9 @@ check, true by construction. The experiments here change the *image* and rerun t
 classifier, so a wrong explanation shows:
 
 * input-space deletion (:func:`input_deletion`): white out the ink where the cited
-  concepts fire (their Top-K token maps, upsampled bilinearly, ink pixels ranked by the
-  map, the strongest pixels covering ``ink_share`` of the sketch's ink) and measure the
+  concepts fire (their sparse-code token maps summed (:func:`where_map`), upsampled
+  bilinearly, ink pixels ranked by the map, the strongest pixels covering ``ink_share``
+  of the ink) and measure the
   predicted class's logit and probability drop; beside it the same amount of ink under
   random active neurons' maps (mean over draws) and under CAM, the class activation map
   ``W_c · A(h, w) + b_c`` of the GAP + linear head (its mean over tokens is the logit);
@@ -103,21 +104,25 @@ def rank_ink(image_uint8: np.ndarray, scores: np.ndarray, shares: np.ndarray | f
     return masks.reshape(len(scores), *np.shape(image_uint8))
 
 
-def where_map(maps: np.ndarray) -> np.ndarray:
-    """One (h, w) "where" of several neurons' token maps (n, h, w): each normalised to its own
-    peak, then the strongest at each token, as the overlay draws them.
+def peak_normalised(maps: np.ndarray) -> np.ndarray:
+    """Token maps (n, h, w), each divided by its own peak (a silent map stays zero)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    peaks = maps.reshape(len(maps), -1).max(1) if len(maps) else np.zeros(0)
+    return maps / np.maximum(peaks, 1e-12)[:, None, None]
 
-    Raw activations are not comparable across neurons (one can run 20x another), so a plain
-    sum would follow the loudest neuron; the overlay shows each concept on its own scale,
-    and the deletion check tests the region the overlay shows. (Chosen on the validation
-    split over the raw sum, the sum of normalised maps and others: bench/RESULTS.md.)
-    No maps (n = 0) is all zeros.
+
+def where_map(maps: np.ndarray) -> np.ndarray:
+    """One (h, w) "where" of several neurons' token maps (n, h, w): their sum.
+
+    Chosen on the validation split (``bench/choose_where_map.py``, figures in
+    bench/RESULTS.md) over normalising each neuron to its peak (as the overlay draws them)
+    and three other ways: on the demo it tied on cited / random and was the only way with
+    cited >= 0.95x CAM. No maps (n = 0) is all zeros.
     """
     maps = np.asarray(maps, dtype=np.float64)
     if len(maps) == 0:
         return np.zeros(maps.shape[1:], dtype=np.float64)
-    peaks = maps.reshape(len(maps), -1).max(1)
-    return (maps / np.maximum(peaks, 1e-12)[:, None, None]).max(0)
+    return maps.sum(0)
 
 
 def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
@@ -282,7 +287,7 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     byte-identically (another generator version) is a :class:`UserError`.
     """
     size = image_uint8.shape[-1]
-    style = models.classifier_ckpt.get("dataset", {}).get("style", synthetic.STYLE)  # the style the sketch was drawn in
+    style = synthetic.spec_style(models.classifier_ckpt.get("dataset", {}))  # the style the sketch was drawn in
     full, parts = synthetic.rerender(*origin, size, seed, style=style)
     if not np.array_equal(full, image_uint8):
         raise UserError(f"synthetic sample {origin} does not re-render identically: rebuild the cache for this generator")

@@ -1,8 +1,8 @@
 """Explain one prediction through the SAE: exact evidence per neuron, concepts, faithfulness.
 
 With the classifier head ``logits = W·GAP(A) + b`` and the SAE reconstruction
-``Â = σ ⊙ (D z + b_d) + μ`` (per token, ``z`` the Top-K code the SAE uses at inference),
-every class logit splits exactly into
+``Â = σ ⊙ (D z + b_d) + μ`` (per token, ``z`` the sparse code the SAE uses at inference:
+Top-K, or BatchTopK's threshold θ), every class logit splits exactly into
 
     logit_c = Σ_i mean_tokens(z_i) · lens[i, c]  +  bias_c  +  error_c
     lens[i] = W (d_i ⊙ σ),   bias = W (σ ⊙ b_d + μ) + b,   error = W · GAP(A − Â)
@@ -147,9 +147,9 @@ class Analysis:
 
     logits: torch.Tensor       # (B, classes) from the real forward pass
     probs: torch.Tensor        # (B, classes)
-    values: torch.Tensor       # (B, T, K) Top-K code values
+    values: torch.Tensor       # (B, T, K) sparse code values (K slots per token)
     indices: torch.Tensor      # (B, T, K) their latent ids
-    z_mean: torch.Tensor       # (B, M) mean over tokens of the Top-K code
+    z_mean: torch.Tensor       # (B, M) mean over tokens of the sparse code
     z_max: torch.Tensor        # (B, M) max over tokens
     z_sum: torch.Tensor        # (B, M) sum over tokens
     residual: torch.Tensor     # (B, C, H, W) the SAE error map A - Â
@@ -173,7 +173,7 @@ def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
-    """Top-K codes (B*H*W, K) -> the reconstruction Â = σ ⊙ (D z + b_d) + μ as a (B, C, H, W) map."""
+    """Sparse codes (B*H*W, K) -> the reconstruction Â = σ ⊙ (D z + b_d) + μ as a (B, C, H, W) map."""
     return tokens_to_map(sae.unstandardize(sae.decode_sparse(values, indices)), b, h, w)
 
 
@@ -232,7 +232,7 @@ def ablated_logits(models: Models, analysis: Analysis, b: int, neuron_sets: Sequ
 class CitedNeuron:
     neuron_id: int
     concept: str
-    activation: float          # mean over tokens of the Top-K code
+    activation: float          # mean over tokens of the sparse code
     activation_max: float      # max over tokens
     contribution: float        # exact contribution to the predicted logit
     share: float               # contribution / sum of all positive contributions
@@ -391,7 +391,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt: str | Path = artifact
                              agg: str = "max", device: str | torch.device = "auto"):
     """The image's most active SAE neurons.
 
-    Scores are ``agg`` (max | mean | sum) over tokens of the Top-K code, one per neuron;
+    Scores are ``agg`` (max | mean | sum) over tokens of the sparse code, one per neuron;
     ``threshold = np.percentile(scores, percentile)`` over this image's M scores.
 
     Returns
@@ -424,7 +424,7 @@ PALETTE = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30
            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
 
 
-def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int = 384, max_concepts: int = 5):
+def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int = 384, max_concepts: int | None = None):
     """The sketch with each cited concept's heat map in its own colour, and a legend.
 
     Heat maps are normalised per concept; each token takes the colour of its strongest
@@ -432,11 +432,12 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     and pixels are tinted in proportion to that strength, strokes more than paper.
     Returns a PIL RGB image.
     """
-    neurons = explanation.neurons[:max_concepts]
+    neurons = explanation.neurons[:max_concepts]  # None: every cited concept, the region the evidence line tested
     base = np.asarray(Image.fromarray(image_uint8).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
     if neurons:
-        heats = torch.tensor(np.stack([n.heatmap for n in neurons]), dtype=torch.float32)  # (k, H, W)
-        heats = (heats / heats.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]).clamp(0, 1)
+        # each concept on its own scale, so that a quiet concept stays visible beside a loud one
+        heats = torch.tensor(evidence.peak_normalised(np.stack([n.heatmap for n in neurons])),
+                             dtype=torch.float32).clamp(0, 1)                                  # (k, H, W)
         # each token takes the colour of its strongest concept; ties go to the higher-ranked one
         which = (heats * 1e4).round().argmax(0)
         colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(neurons))], dtype=torch.float32)
@@ -478,7 +479,10 @@ def fit_text(draw, text: str, font, width: float) -> str:
     words = text.split()
     while len(words) > 1 and draw.textlength(" ".join(words) + "...", font=font) > width:
         words.pop()
-    return " ".join(words).rstrip(",;:") + "..."
+    cut = " ".join(words).rstrip(",;:")
+    while len(cut) > 1 and draw.textlength(cut + "...", font=font) > width:  # one word wider than the room
+        cut = cut[:-1]
+    return cut + "..."
 
 
 def evidence_line(faith: dict) -> str | None:

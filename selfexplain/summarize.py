@@ -273,7 +273,7 @@ def rerender_test_images(imageset: data.ImageSet, test_idx: np.ndarray, n_images
     images (the drawing changed): a re-render would then differ in more than the part.
     """
     spec, rng = imageset.spec, np.random.default_rng(seed)
-    draw = dict(image_size=spec["image_size"], seed=spec["seed"], style=spec.get("style", synthetic.STYLE))
+    draw = dict(image_size=spec["image_size"], seed=spec["seed"], style=synthetic.spec_style(spec))
     rows = np.sort(rng.permutation(len(test_idx))[:n_images])
     index = {p: j for j, p in enumerate(imageset.part_types)}
     images, image_row, part = [], [], []

@@ -7,7 +7,7 @@ two classes share at most one part and every part is in exactly 4 classes. No pa
 no pair of parts' positions) gives the class away: the classifier has to detect each part
 wherever it is, which is what makes stage 3's SAE neurons part detectors.
 
-Layout, in one of two styles (``STYLE``, recorded in the dataset spec):
+Layout, in one of two styles (``STYLES``, recorded in the dataset spec):
 
 * ``quadrants`` (a quick toy; the tests' tiny runs and specs made before the setting):
   the 3 class parts go into 3 of the 4 quadrants, each 36-44% of the image, one pen width
@@ -18,7 +18,7 @@ Layout, in one of two styles (``STYLE``, recorded in the dataset spec):
   the image (in half of the images all three are large, 30-48%; a part that finds no free
   room is shrunk until it fits), with a gap between their boxes so parts never overlap, a
   pen from a fine liner to a marker (1.2-5%, log-uniform) and strokes from clean to shaky.
-  It needs more training: the demo's 600 sketches per class x 7 epochs reach ~0.98.
+  It needs more training: the demo's 600 sketches per class x 6 epochs reach ~0.98.
 
 Both turn and flip parts at random. With probability ``DISTRACTOR_PROB`` one smaller
 *distractor* part of a type outside the class joins them; the image stays unambiguous,
@@ -70,8 +70,13 @@ PART_GAP = 0.02  # blank kept between two parts' boxes, fraction of the image
 PLACE_TRIES = 24  # random spots tried for a part before it is shrunk
 SHRINK = 0.85  # a part that finds no room is scaled by this and tried again
 STROKE_WIDTH = (0.012, 0.05)  # stroke width, fraction of the image size (log-uniform): thin pen to marker
-STYLES = ("quadrants", "varied")  # quadrants: the demo's house style; varied: how people draw (issue 16)
-STYLE = "quadrants"  # the style of dataset specs that predate the setting; the demo (train_standard_cnn) uses varied
+STYLES = ("quadrants", "varied")  # quadrants: the quick toy (tests); varied: how people draw (the demo, issue 16)
+LEGACY_STYLE = "quadrants"  # what a spec without "style" was drawn in (and the renderers' default); the demo uses varied
+
+
+def spec_style(spec: dict) -> str:
+    """The style a dataset spec's sketches were drawn in (specs made before the setting: quadrants)."""
+    return spec.get("style", LEGACY_STYLE)
 QUADRANT_PART_SIZE = (0.36, 0.44)  # quadrants style: longest side of a class part, fraction of the image
 QUADRANT_DISTRACTOR_SIZE = (0.22, 0.30)  # quadrants style: the distractor's longest side
 QUADRANT_MARGIN = 0.03  # quadrants style: blank kept inside each quadrant's border, fraction of the image
@@ -382,7 +387,7 @@ def _layout(class_index: int, image_size: int, canvas: int, factor: int, style: 
 
 
 def render_sample(class_index: int, image_size: int, rng: np.random.Generator, omit: int | None = None,
-                  style: str = STYLE):
+                  style: str = LEGACY_STYLE):
     """Draw one sketch of class ``class_index``.
 
     Parameters
@@ -429,7 +434,7 @@ def sample_origin(index: int, n_per_class: int) -> tuple:
 
 
 def rerender(class_index: int, sample_index: int, image_size: int, seed: int, omit: int | None = None,
-             style: str = STYLE):
+             style: str = LEGACY_STYLE):
     """Re-draw sample ``sample_index`` of class ``class_index`` exactly as
     :func:`generate_synthetic` did (byte-identical), optionally with part ``omit`` left out.
 
@@ -441,7 +446,7 @@ def rerender(class_index: int, sample_index: int, image_size: int, seed: int, om
 
 
 def generate_synthetic(n_per_class: int, image_size: int, seed: int = 0, progress: bool = False,
-                       style: str = STYLE) -> dict:
+                       style: str = LEGACY_STYLE) -> dict:
     """Generate the synthetic sketch dataset, classes in blocks of ``n_per_class``.
 
     Sample j of class c uses ``np.random.default_rng([seed, c, j])``: the same arguments

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repo root; pytest.ini puts it 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # The tiny synthetic config every pipeline test shares (64 px, layer4 stride 2 -> 2x2 layer4 map). It pins the
-# quadrants style, which a 2-epoch run on 24 images per class learns; the demo's varied style needs ~40k steps.
+# quadrants style, which a 2-epoch run on 24 images per class learns; the demo's varied style needs ~35k images (540 steps).
 TINY_DATA = dict(dataset="synthetic", synthetic_per_class=24, synthetic_style="quadrants", image_size=64, seed=0)
 TINY_CNN = dict(TINY_DATA, epochs=2, batch_size=32, lr=3e-3, tensorboard=False, amp="off", layer4_stride=2)
 

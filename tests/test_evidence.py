@@ -40,13 +40,10 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
     assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
 
 
-def test_where_map_shows_each_concept_on_its_own_scale():
-    # a loud neuron (peak 20) in the top-left and a quiet one (peak 1) in the bottom-right: the quiet
-    # concept's place must count as much as the loud one's, as the overlay draws it
+def test_where_map_sums_the_maps_and_the_overlay_scales_each_to_its_peak():
     maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
-    where = evidence.where_map(maps)
-    assert where.tolist() == [[1.0, 0.1], [0.0, 1.0]]
-    assert maps.sum(0)[1, 1] < maps.sum(0)[0, 1]          # a plain sum would rank the loud neuron's edge first
+    assert evidence.where_map(maps).tolist() == [[20.0, 2.0], [0.0, 1.0]]
+    assert evidence.peak_normalised(maps).max(0).tolist() == [[1.0, 0.1], [0.0, 1.0]]
     assert evidence.where_map(np.zeros((0, 2, 2))).shape == (2, 2)
 
 

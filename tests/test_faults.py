@@ -168,7 +168,7 @@ def test_a_failed_write_is_one_line_naming_the_path(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
-def test_sigterm_during_a_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatch):
+def test_sigterm_during_a_checkpoint_save_leaves_a_whole_file_and_no_temp_file(tmp_path, monkeypatch):
     from selfexplain.distributed import exit_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -186,7 +186,8 @@ def test_sigterm_during_a_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypa
             artifacts.save_checkpoint({"kind": "x", "w": torch.zeros(1000)}, tmp_path / "last.pt")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert stop.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert stop.value.code == 143 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["w"].shape == (1000,)  # held until whole
 
 
 def test_sigterm_stops_a_training_script_cleanly(tiny_classifier, tmp_path, cache_dir):
@@ -202,3 +203,23 @@ def test_sigterm_stops_a_training_script_cleanly(tiny_classifier, tmp_path, cach
     assert proc.returncode == 143, err[-2000:]
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
+
+
+def test_sigterm_during_an_atomic_write_exits_143_after_the_file_is_whole(tmp_path):
+    # the signal arrives in the middle of the write (as it can inside torch.save's zip writer)
+    script = ("import os, signal, sys\n"
+              "from selfexplain import artifacts\n"
+              "from selfexplain.distributed import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "def write(fh):\n"
+              "    fh.write(b'a' * 1000)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    fh.write(b'b' * 1000)\n"
+              "artifacts.atomic_write(sys.argv[1], write)\n"
+              "print('went on after SIGTERM')\n")
+    target = tmp_path / "ckpt.bin"
+    proc = subprocess.run([sys.executable, "-c", script, str(target)], cwd=ROOT, capture_output=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr.decode()[-2000:]
+    assert b"went on" not in proc.stdout
+    assert target.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]

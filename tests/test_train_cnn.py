@@ -227,9 +227,20 @@ def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes((tiny_classifier / "last.pt").read_bytes())
-    for other in (dict(synthetic_per_class=30), dict(image_size=96), dict(dataset="folder", data_root=str(tmp_path))):
+    for other in (dict(synthetic_per_class=30), dict(image_size=96), dict(dataset="folder", data_root=str(tmp_path)),
+                  dict(synthetic_style="varied")):
         with pytest.raises(UserError, match="was trained on synthetic .* but the settings name"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+
+
+def test_a_spec_from_before_the_style_setting_reads_as_the_legacy_style():
+    from selfexplain import classifier_train, synthetic
+
+    old = {"dataset": "synthetic", "data_root": None, "image_size": 64, "per_class": 24, "seed": 0}
+    assert (classifier_train._data_identity(old)
+            == classifier_train._data_identity({**old, "style": synthetic.LEGACY_STYLE}))
+    assert (classifier_train._data_identity(old)
+            != classifier_train._data_identity({**old, "style": "varied"}))
 
 
 def test_resume_restores_split_scaler_and_augmentation_draws(tiny_classifier):
