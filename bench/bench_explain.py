@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
-from sections import write_section  # noqa: E402
+from bench.plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
+from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402

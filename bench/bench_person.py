@@ -36,7 +36,6 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_explain imports its siblings by bare name
 from bench.bench_explain import cited_and_random, load_best_parts  # noqa: E402
 from bench.person_sketches import LAYOUTS, PENS, person_set  # noqa: E402
 from bench.sections import write_section  # noqa: E402

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_explain imports its siblings by bare name
 from bench.bench_explain import cited_and_random  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain  # noqa: E402
@@ -48,15 +47,10 @@ WAYS = {  # name -> how (n, h, w) maps become one (h, w) map
 def image_drops(models, image: np.ndarray, analysis, b: int, cited: list, random_sets: list, cls: int,
                 ink_share: float) -> dict[str, tuple[float, float, float]]:
     """Per way: (cited drop, mean random drop, CAM drop) of class ``cls``'s logit on one image."""
-    cam = evidence.cam_map(models, analysis, b, cls)
-    sets = [cited] + [list(s) for s in random_sets]
     out = {}
     for name, combine in WAYS.items():
-        scores = np.stack([combine(evidence.token_maps(analysis, b, ids)) for ids in sets] + [cam])
-        masks = evidence.rank_ink(image, evidence.upsample(scores, image.shape[-1]), ink_share)
-        logits, _ = evidence.class_scores(models, evidence.delete_ink(image, masks), cls)
-        drop = float(analysis.logits[b, cls]) - logits
-        out[name] = (float(drop[0]), float(drop[1:-1].mean()), float(drop[-1]))
+        d = evidence.input_deletion(models, image, analysis, b, cited, cls, random_sets, ink_share, combine=combine)
+        out[name] = (d["input_cited_drop"], d["input_random_drop"], d["cam_drop"])
     return out
 
 

@@ -164,12 +164,14 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 
 # ----------------------------------------------------------------------------- input-space deletion
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
-                   random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE) -> dict:
+                   random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE,
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
 
     Three ways to choose the ink, one batched forward for all of them: where the cited
-    neurons fire (:func:`where_map` of their token maps), where each random set of active neurons fires
-    (the drop averaged over ``random_sets``), and where CAM for ``cls`` is highest.
+    neurons fire (``combine`` of their token maps, :func:`where_map` by default), where each
+    random set of active neurons fires (the same rule; the drop averaged over
+    ``random_sets``), and where CAM for ``cls`` is highest.
 
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
@@ -177,7 +179,8 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
-    scores = [where_map(token_maps(analysis, b, ids)) if ids else np.zeros(analysis.hw) for ids in sets]
+    combine = combine or where_map
+    scores = [combine(token_maps(analysis, b, ids)) if ids else np.zeros(analysis.hw) for ids in sets]
     scores.append(cam_map(models, analysis, b, cls))
     shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share]          # no neurons: no ink
     masks = rank_ink(image_uint8, upsample(np.stack(scores), size), np.array(shares))

@@ -72,11 +72,6 @@ SHRINK = 0.85  # a part that finds no room is scaled by this and tried again
 STROKE_WIDTH = (0.012, 0.05)  # stroke width, fraction of the image size (log-uniform): thin pen to marker
 STYLES = ("quadrants", "varied")  # quadrants: the quick toy (tests); varied: how people draw (the demo, issue 16)
 LEGACY_STYLE = "quadrants"  # what a spec without "style" was drawn in (and the renderers' default); the demo uses varied
-
-
-def spec_style(spec: dict) -> str:
-    """The style a dataset spec's sketches were drawn in (specs made before the setting: quadrants)."""
-    return spec.get("style", LEGACY_STYLE)
 QUADRANT_PART_SIZE = (0.36, 0.44)  # quadrants style: longest side of a class part, fraction of the image
 QUADRANT_DISTRACTOR_SIZE = (0.22, 0.30)  # quadrants style: the distractor's longest side
 QUADRANT_MARGIN = 0.03  # quadrants style: blank kept inside each quadrant's border, fraction of the image
@@ -87,6 +82,11 @@ WOBBLE = (0.0, 0.012)  # hand-drawn wobble amplitude, fraction of the image (uni
 GENERATOR_VERSION = 3  # bump whenever the drawing changes, so cached datasets are rebuilt
 
 Stroke = tuple  # ("line", points (n, 2), width factor) or ("dot", centre (2,), radius)
+
+
+def spec_style(spec: dict) -> str:
+    """The style a dataset spec's sketches were drawn in (specs made before the setting: quadrants)."""
+    return spec.get("style", LEGACY_STYLE)
 
 
 # ----------------------------------------------------------------------------- primitives
