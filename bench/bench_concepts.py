@@ -107,20 +107,21 @@ def _fmt(x, spec=".3f") -> str:
 
 def render(reports: list[dict], cfg, context: str) -> str:
     lines = ["## Concept measures, held out (synthetic demo)", "", context, "",
-             "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance) | own-part CF drop "
-             "| other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance) | cell-centre pointing "
+             "(chance) | own-part CF drop | other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
-        pointing = ("–" if r.get("mean_pointing") is None
-                    else f"{r['mean_pointing']:.3f} ({r['mean_pointing_chance']:.3f})")
+        pointing, cell = (("–" if r.get(f"mean_{k}") is None else f"{r[f'mean_{k}']:.3f} ({r[f'mean_{k}_chance']:.3f})")
+                          for k in ("pointing", "pointing_cell"))
         lines.append(f"| {r['code']} | {r['n_units']} | {_fmt(r['mean_test_auroc'])} | {_fmt(r['mean_test_ap'])} "
-                     f"| {_fmt(r['mean_distractor_auroc'])} | {pointing} | {_fmt(r.get('mean_cf_own_drop'))} "
+                     f"| {_fmt(r['mean_distractor_auroc'])} | {pointing} | {cell} | {_fmt(r.get('mean_cf_own_drop'))} "
                      f"| {_fmt(r.get('mean_cf_other_drop'))} | {_fmt(r['dead_share'], '.1%')} |")
     r0 = reports[0]
     lines += ["", f"Perfect class-set detector (label in the part's 4 classes): mean AUROC "
                   f"{r0['mean_class_set_auroc']:.3f}. Best unit chosen on the test split itself (upper bound, "
-                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Pointing ceiling (share of "
-                  f"images where any cell centre lies in the part's box): {_fmt(r0.get('mean_pointing_ceiling'))}. "
-                  f"Pointing rule: {cm.POINTING_RULE}. Dead: no positive activation on any test image."]
+                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Cell-centre pointing ceiling "
+                  f"(share of images where any cell centre lies in the part's box): "
+                  f"{_fmt(r0.get('mean_pointing_ceiling'))}. Pointing rule: {cm.POINTING_RULE}. Cell-centre rule: "
+                  f"{cm.POINTING_CELL_RULE}. Dead: no positive activation on any test image."]
     return "\n".join(lines) + "\n"
 
 

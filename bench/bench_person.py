@@ -16,9 +16,9 @@ part type stage 3 matched it to on the training split (``best_part`` in neurons.
   ``RANDOM_DRAWS`` random sets of as many active neurons, and the prior (the share of the
   dictionary's neurons whose best part is drawn: neurons picked blindly);
 * coverage: share of the drawn parts named by at least one cited neuron (beside random);
-* pointing: for a cited neuron whose best part is drawn, its strongest token's cell centre
-  lies inside that part's box (``concept_measures.pointing_game``'s rule); beside chance,
-  the share of token cells whose centre lies inside the box.
+* pointing: for a cited neuron whose best part is drawn, its peak point lies inside that
+  part's box (``concept_measures.pointing_game``'s rule); beside chance,
+  the share of the canvas inside the box.
 
 Without an SAE for the classifier or a report, that table is left out with a one-line note.
 
@@ -40,7 +40,7 @@ from bench.bench_explain import cited_and_random, load_best_parts  # noqa: E402
 from bench.person_sketches import LAYOUTS, PENS, person_set  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain  # noqa: E402
-from selfexplain.concept_measures import cells_in_box, pointing_game  # noqa: E402
+from selfexplain.concept_measures import POINTING_RULE, part_boxes, pointing_game  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.errors import UserError  # noqa: E402
 from selfexplain.synthetic import CLASS_NAMES, PART_TYPES  # noqa: E402
@@ -119,7 +119,7 @@ def load_explainer(cfg) -> tuple[explain.Models | None, dict[int, str] | None, s
 
 
 def sketch_agreement(cited: list[int], random_sets: list, best_part: dict[int, str], parts: list,
-                     maps: np.ndarray, in_box: np.ndarray) -> dict:
+                     maps: np.ndarray, grid: tuple[int, int], image_size: int) -> dict:
     """Concept agreement of one sketch's explanation.
 
     Parameters
@@ -127,7 +127,7 @@ def sketch_agreement(cited: list[int], random_sets: list, best_part: dict[int, s
     cited : the cited neuron ids. random_sets : id arrays of random active neurons.
     best_part : neuron id -> stage 3's best part type. parts : the sketch's [{"part", "box"}].
     maps : (len(cited), T) each cited neuron's code per token (row-major, as ``analyse``).
-    in_box : (len(PART_TYPES), T) bool, :func:`cells_in_box` of this sketch.
+    grid, image_size : the token grid (H, W) of ``maps`` and the sketch's side in pixels.
 
     Returns
     -------
@@ -151,8 +151,9 @@ def sketch_agreement(cited: list[int], random_sets: list, best_part: dict[int, s
            "where_pairs": 0, "where_hits": 0.0, "where_chance": 0.0}
     rows = [k for k, i in enumerate(cited) if best_part.get(int(i)) in drawn]
     if rows:
-        boxes = in_box[[PART_TYPES.index(best_part[int(cited[k])]) for k in rows]][:, None]  # (n, 1, T)
-        game = pointing_game(np.asarray(maps)[rows][:, None], boxes, np.ones((len(rows), 1), bool), ["cited"])
+        boxes = part_boxes([parts], PART_TYPES)[0][[PART_TYPES.index(best_part[int(cited[k])]) for k in rows]]
+        game = pointing_game(np.asarray(maps)[rows][:, None], boxes[:, None], np.ones((len(rows), 1), bool),
+                             ["cited"], grid, image_size)
         out.update(where_pairs=len(rows), where_hits=float(game.hit_rate[0] * len(rows)),
                    where_chance=float(game.chance[0] * len(rows)))
     return out
@@ -164,12 +165,12 @@ def evaluate_agreement(cfg, models: explain.Models, best_part: dict[int, str], s
     for start in range(0, len(sketches), cfg.BATCH):
         chunk = sketches[start:start + cfg.BATCH]
         analysis = explain.analyse(models, np.stack([s.image for s in chunk]))
-        in_box = cells_in_box([s.parts for s in chunk], PART_TYPES, analysis.hw, models.image_size)
         for b, s in enumerate(chunk):
             cls = int(analysis.logits[b].argmax())
             cited, sets = cited_and_random(models, analysis, b, cls, cfg, np.random.default_rng([cfg.SEED, start + b]))
             maps = evidence.token_maps(analysis, b, cited).reshape(len(cited), -1)
-            records.append(dict(sketch_agreement(cited, sets, best_part, s.parts, maps, in_box[b]),
+            records.append(dict(sketch_agreement(cited, sets, best_part, s.parts, maps, analysis.hw,
+                                                 models.image_size),
                                 layout=s.layout, correct=cls == s.label))
     return records
 
@@ -194,8 +195,7 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
              "sets of as many active neurons; a neuron stands for its *best part* (stage 3's match on the training "
              "split, whether or not its concept label names it); prior = share of the "
              f"{n_described} live described neurons whose best part is drawn. Pointing: a cited neuron whose best "
-             "part is drawn has its strongest token's cell centre inside that part's box; chance = share of token "
-             "cells whose centre is inside.", "",
+             f"part is drawn has its peak point inside that part's box ({POINTING_RULE}).", "",
              "| sketches | explained | cited per sketch | best part drawn: cited | random active | prior | "
              "drawn parts covered: cited | random active | pointing: hit | chance | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,10 +13,15 @@ the SAE and its baselines go through the same arithmetic.
   of a perfect class-set detector (score 1 when the label is one of the part's classes),
   and the chosen unit's AUROC among images of the *other* classes, where only distractors
   carry the part, so a class detector scores 0.5 there.
-* :func:`pointing_game`: on test images holding the part, the chosen unit's strongest token
-  falls inside the part's box. Rule: a token hits when its cell's *centre* lies inside the
-  box (``x0 <= x < x1``, ``y0 <= y < y1``, output pixels); chance is the share of the map's
-  cells whose centres lie inside, averaged over the same images.
+* :func:`pointing_game`: on test images holding the part, does the chosen unit point inside
+  the part's box? Its point is the strongest token's cell centre moved to the activation-
+  weighted centre of that token and its 8 neighbours (:func:`peak_points`: a 4x4 map's cells
+  are 16 px wide, wider than many parts, and a part straddling two cells lights both);
+  chance is the share of the canvas inside the box. The cell-centre rule is reported beside
+  it (hit when the strongest cell's centre lies inside; chance = share of cell centres inside;
+  ceiling = share of images where any cell centre lies inside). The peak rule was chosen
+  among cell centre, 3x3 centroid, whole-map centroid, per-axis parabola and bicubic/bilinear
+  upsampled argmax on the *validation* split (bench/results/concepts_notes.md).
 * :func:`counterfactual_drops`: the chosen unit's per-image activation (max over tokens)
   on a test image and on re-renders with exactly one part left out; the relative drop
   ``Σ(a - a') / Σa`` when its own part is removed and when another part is removed.
@@ -31,8 +36,11 @@ import numpy as np
 
 from . import stats
 
-POINTING_RULE = ("strongest token's cell centre inside the part's box; chance = share of cell centres inside; "
-                 "ceiling = share of images where any cell centre is inside (a part smaller than a cell may hold none)")
+POINTING_RULE = ("the unit's peak (its strongest token's cell centre moved to the activation-weighted centre of that "
+                 "token and its 8 neighbours) inside the part's box; chance = share of the canvas inside the box")
+POINTING_CELL_RULE = ("strongest token's cell centre inside the part's box; chance = share of cell centres inside; "
+                      "ceiling = share of images where any cell centre is inside (a part smaller than a cell may hold "
+                      "none)")
 
 
 def _num(x) -> float | None:
@@ -67,17 +75,73 @@ def class_parts(parts: list, labels, part_types: list[str], n_classes: int) -> n
     return out
 
 
-def cells_in_box(parts: list, part_types: list[str], grid: tuple[int, int], image_size: int) -> np.ndarray:
-    """(N, P, H*W) bool: the token cell's centre lies inside some box of part type p (row-major)."""
-    rows, cols = stats.token_grid(*grid)
-    ys, xs = rows * image_size, cols * image_size
+def part_boxes(parts: list, part_types: list[str]) -> np.ndarray:
+    """(N, P, B, 4) float: the boxes (x0, y0, x1, y1, output pixels) of part type p in image n, NaN-padded to B >= 1."""
     index = {p: j for j, p in enumerate(part_types)}
-    out = np.zeros((len(parts), len(part_types), len(ys)), dtype=bool)
+    counts = np.zeros((len(parts), len(part_types)), dtype=int)
     for n, records in enumerate(parts):
         for r in records:
-            x0, y0, x1, y1 = r["box"]
-            out[n, index[r["part"]]] |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+            counts[n, index[r["part"]]] += 1
+    out = np.full((len(parts), len(part_types), max(1, int(counts.max(initial=0))), 4), np.nan)
+    counts[:] = 0
+    for n, records in enumerate(parts):
+        for r in records:
+            j = index[r["part"]]
+            out[n, j, counts[n, j]] = r["box"]
+            counts[n, j] += 1
     return out
+
+
+def points_in_boxes(points, boxes) -> np.ndarray:
+    """(...) bool: point (x, y) of ``points`` (..., 2) lies in one of its boxes (..., B, 4) (NaN boxes never hold it)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    x, y = np.asarray(points, dtype=np.float64)[..., None, 0], np.asarray(points, dtype=np.float64)[..., None, 1]
+    with np.errstate(invalid="ignore"):
+        inside = (boxes[..., 0] <= x) & (x < boxes[..., 2]) & (boxes[..., 1] <= y) & (y < boxes[..., 3])
+    return inside.any(-1)
+
+
+def cells_in_boxes(boxes, grid: tuple[int, int], image_size: int) -> np.ndarray:
+    """(N, P, H*W) bool: token cell t's centre lies in one of the boxes (N, P, B, 4) (row-major)."""
+    rows, cols = stats.token_grid(*grid)
+    centres = np.stack([cols * image_size, rows * image_size], -1)                # (T, 2) as (x, y)
+    return points_in_boxes(centres[None, None], np.asarray(boxes)[:, :, None])
+
+
+def box_area_share(boxes, image_size: int, samples: int = 64) -> np.ndarray:
+    """(N, P) share of the canvas inside the union of the boxes (N, P, B, 4): a random point's chance to hit.
+
+    Counted on a ``samples`` x ``samples`` grid of points (exact for whole-pixel boxes on a 64 px canvas).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    axis = (np.arange(samples) + 0.5) * image_size / samples
+    grid = np.stack(np.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)      # (S*S, 2) as (x, y)
+    out = np.empty(boxes.shape[:2])
+    for start in range(0, len(boxes), 64):                                          # bounded memory
+        out[start:start + 64] = points_in_boxes(grid[None, None], boxes[start:start + 64, :, None]).mean(-1)
+    return out
+
+
+def peak_points(unit_maps, grid: tuple[int, int], image_size: int) -> np.ndarray:
+    """(..., 2) pixel (x, y) where each map (..., H*W, row-major) peaks, to better than a cell.
+
+    The strongest token's cell centre, moved by the activation-weighted mean offset of that
+    token and its (up to) 8 neighbours: a part straddling two cells lights both, and the
+    point lands between them. Negative codes count as 0.
+    """
+    h, w = grid
+    maps = np.maximum(np.asarray(unit_maps, dtype=np.float64), 0.0)
+    lead = maps.shape[:-1]
+    maps = maps.reshape(-1, h, w)
+    ty, tx = np.divmod(maps.reshape(len(maps), -1).argmax(1), w)
+    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1)))
+    off = np.arange(-1, 2)
+    window = padded[np.arange(len(maps))[:, None, None], (ty + 1)[:, None, None] + off[None, :, None],
+                    (tx + 1)[:, None, None] + off[None, None, :]]                     # (n, 3, 3)
+    mass = np.maximum(window.sum((1, 2)), 1e-12)
+    dy, dx = window.sum(2) @ off / mass, window.sum(1) @ off / mass
+    points = np.stack([(tx + 0.5 + dx) * image_size / w, (ty + 0.5 + dy) * image_size / h], -1)
+    return points.reshape(*lead, 2)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -232,49 +296,56 @@ class Pointing:
     """Per part: the pointing game of the chosen unit on the test split, beside its chance rate."""
 
     part_names: list[str]
-    hit_rate: np.ndarray             # (P,) share of images where the strongest token is in the box
-    chance: np.ndarray               # (P,) share of cells in the box, averaged over the same images
+    hit_rate: np.ndarray             # (P,) share of images where the unit's peak point (peak_points) is in the box
+    chance: np.ndarray               # (P,) share of the canvas in the box, averaged over the same images
     n_images: np.ndarray             # (P,) test images holding the part
-    # (P,) share of those images with any cell centre in the box: the best any unit can score at this
-    # map resolution (a part smaller than a cell may hold no centre)
-    ceiling: np.ndarray | None = None
+    cell_rate: np.ndarray            # (P,) the cell-centre rule: the strongest cell's centre is in the box
+    cell_chance: np.ndarray          # (P,) share of cell centres in the box
+    # (P,) share of images with any cell centre in the box: the best the cell-centre rule allows at this map
+    # resolution (a part smaller than a cell may hold no centre)
+    ceiling: np.ndarray
     rule: str = field(default=POINTING_RULE)
 
     def to_dict(self) -> dict:
-        ceiling = self.ceiling if self.ceiling is not None else np.full(len(self.part_names), np.nan)
-        per_part = {name: {"pointing": _num(self.hit_rate[j]), "pointing_chance": _num(self.chance[j]),
-                           "pointing_ceiling": _num(ceiling[j]), "pointing_images": int(self.n_images[j])}
+        fields = {"pointing": self.hit_rate, "pointing_chance": self.chance, "pointing_cell": self.cell_rate,
+                  "pointing_cell_chance": self.cell_chance, "pointing_ceiling": self.ceiling}
+        per_part = {name: {**{k: _num(v[j]) for k, v in fields.items()}, "pointing_images": int(self.n_images[j])}
                     for j, name in enumerate(self.part_names)}
-        return {"per_part": per_part, "mean_pointing": _num(_nanmean(self.hit_rate)),
-                "mean_pointing_chance": _num(_nanmean(self.chance)),
-                "mean_pointing_ceiling": _num(_nanmean(ceiling)), "pointing_rule": self.rule}
+        return {"per_part": per_part, **{f"mean_{k}": _num(_nanmean(v)) for k, v in fields.items()},
+                "pointing_rule": self.rule, "pointing_cell_rule": POINTING_CELL_RULE}
 
 
-def pointing_game(unit_maps, in_box, present, part_names: list[str]) -> Pointing:
-    """Does each chosen unit's strongest token fall inside its part's box?
+def pointing_game(unit_maps, boxes, present, part_names: list[str], grid: tuple[int, int],
+                  image_size: int) -> Pointing:
+    """Does each chosen unit point inside its part's box?
 
     Parameters
     ----------
-    unit_maps : (N, P, T) the code of part p's chosen unit at every token of image n.
-    in_box : (N, P, T) bool from :func:`cells_in_box`. present : (N, P) bool.
+    unit_maps : (N, P, T) the code of part p's chosen unit at every token of image n (row-major ``grid``).
+    boxes : (N, P, B, 4) from :func:`part_boxes`. present : (N, P) bool.
+    grid, image_size : the token grid (H, W) and the canvas side in pixels the boxes are in.
 
     Returns
     -------
-    :class:`Pointing` over the images holding each part, with the chance rate and the
-    ceiling (:attr:`Pointing.ceiling`). A unit whose map is flat on an image (silent) points
-    nowhere: that image counts as a miss.
+    :class:`Pointing` over the images holding each part: the peak rule (:func:`peak_points`)
+    with its chance, and the cell-centre rule with its chance and ceiling. A unit whose map is
+    flat on an image (silent) points nowhere: that image counts as a miss under both.
     """
     maps = np.asarray(unit_maps, dtype=np.float64)
-    top = maps.argmax(2)                                                  # (N, P)
-    flat = maps.max(2) == maps.min(2)
-    hit = np.take_along_axis(np.asarray(in_box), top[..., None], 2)[..., 0] & ~flat
+    live = maps.max(2) > maps.min(2)
+    hit = points_in_boxes(peak_points(maps, grid, image_size), boxes) & live
+    in_box = cells_in_boxes(boxes, grid, image_size)                          # (N, P, T)
+    cell_hit = np.take_along_axis(in_box, maps.argmax(2)[..., None], 2)[..., 0] & live
     ok = np.asarray(present, dtype=bool)
     n = ok.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rate = np.where(n > 0, (hit & ok).sum(0) / n, np.nan)
-        chance = np.where(n > 0, (np.asarray(in_box).mean(2) * ok).sum(0) / n, np.nan)
-        ceiling = np.where(n > 0, (np.asarray(in_box).any(2) & ok).sum(0) / n, np.nan)
-    return Pointing(part_names=list(part_names), hit_rate=rate, chance=chance, n_images=n, ceiling=ceiling)
+
+    def rate(x):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, (np.asarray(x, dtype=np.float64) * ok).sum(0) / n, np.nan)
+
+    return Pointing(part_names=list(part_names), hit_rate=rate(hit), chance=rate(box_area_share(boxes, image_size)),
+                    n_images=n, cell_rate=rate(cell_hit), cell_chance=rate(in_box.mean(2)),
+                    ceiling=rate(in_box.any(2)))
 
 
 # ----------------------------------------------------------------------------- counterfactual
@@ -347,7 +418,9 @@ class PartTruth:
     present: np.ndarray              # (N, P) bool, from part_presence
     labels: np.ndarray               # (N,) class indices
     part_classes: np.ndarray         # (P, C) bool, from class_parts (over the whole dataset)
-    in_box: np.ndarray               # (N, P, H*W) bool, from cells_in_box
+    boxes: np.ndarray                # (N, P, B, 4) from part_boxes
+    grid: tuple[int, int]            # (H, W) token grid the measures' maps are on
+    image_size: int                  # canvas side in pixels (the boxes' units)
 
 
 def part_truth(parts: list, labels, part_types: list[str], part_classes, grid: tuple[int, int],
@@ -355,7 +428,7 @@ def part_truth(parts: list, labels, part_types: list[str], part_classes, grid: t
     """:class:`PartTruth` for the images whose part records are ``parts`` (one list per image)."""
     return PartTruth(part_names=list(part_types), present=part_presence(parts, part_types), labels=np.asarray(labels),
                      part_classes=np.asarray(part_classes, dtype=bool),
-                     in_box=cells_in_box(parts, part_types, grid, image_size))
+                     boxes=part_boxes(parts, part_types), grid=tuple(grid), image_size=int(image_size))
 
 
 @dataclass
@@ -399,7 +472,7 @@ def concept_report(code: str, train_auroc, test_max, unit_maps, test: PartTruth,
     names = test.part_names
     sel = score_units(train_auroc, test_max, test.present, names)
     conf = class_confound(test_max, test.present, test.labels, test.part_classes, sel.unit, names)
-    point = pointing_game(unit_maps, test.in_box, test.present, names)
+    point = pointing_game(unit_maps, test.boxes, test.present, names, test.grid, test.image_size)
     drops = None if cf_max is None else counterfactual_drops(test_max, cf_max, cf_image, cf_part, test.present,
                                                              sel.unit, names)
     return ConceptReport(code, np.shape(test_max)[1], dead_share(test_max), sel, conf, point, drops)

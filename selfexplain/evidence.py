@@ -274,7 +274,7 @@ def part_shares(code: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: tuple[int, int], seed: int, cls: int,
-                    best_part: dict[int, str] | None = None) -> list[dict]:
+                    best_part: dict[int, str] | None = None, cam: np.ndarray | None = None) -> list[dict]:
     """Re-render a synthetic sketch without each of its parts; actual vs predicted change of ``cls``'s logit.
 
     The explanation's prediction for part k is minus the contributions (on the original
@@ -283,10 +283,13 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     * ``predicted_box``: each neuron's contribution times the share of its activation mass
       on the part's tokens (:func:`part_shares`): the code's own "where", no labels used;
     * ``predicted_best_part`` (with ``best_part``, stage 3's ``{neuron_id: best part}``):
-      the whole contribution of the neurons whose best-matching part type is the part's.
+      the whole contribution of the neurons whose best-matching part type is the part's;
+    * ``predicted_cam`` (with ``cam``, :func:`cam_map` of ``cls`` on the image), the baseline
+      without concepts: CAM's share of the logit on the part's tokens (the same token
+      weights as ``predicted_box``; the logit is CAM's mean over tokens).
 
     Returns one dict per part: ``part``, ``distractor``, ``actual``, ``predicted_box`` and,
-    with ``best_part``, ``predicted_best_part``. A sketch that does not re-render
+    with ``best_part`` / ``cam``, ``predicted_best_part`` / ``predicted_cam``. A sketch that does not re-render
     byte-identically (another generator version) is a :class:`UserError`.
     """
     size = image_uint8.shape[-1]
@@ -298,11 +301,14 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     actual = class_scores(models, removed, cls)[0] - float(analysis.logits[b, cls])
     code = code_per_token(analysis, b).double()                                     # (T, M)
     contrib = (code.mean(0) * models.lens[:, cls].double()).cpu().numpy()        # (M,)
-    shares = part_shares(code.cpu().numpy(), token_part_weights([p["box"] for p in parts], analysis.hw, size))
+    weights = token_part_weights([p["box"] for p in parts], analysis.hw, size)          # (P, T)
+    shares = part_shares(code.cpu().numpy(), weights)
     out = []
     for k, part in enumerate(parts):
         row = {"part": part["part"], "distractor": bool(part["distractor"]), "actual": float(actual[k]),
                "predicted_box": float(-(contrib * shares[:, k]).sum())}
+        if cam is not None:
+            row["predicted_cam"] = float(-(weights[k] @ np.ravel(cam)) / weights.shape[1])
         if best_part is not None:
             ids = [i for i, p in best_part.items() if p == part["part"]]
             row["predicted_best_part"] = float(-contrib[ids].sum())

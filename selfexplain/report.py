@@ -337,7 +337,8 @@ def _headline(summary: dict) -> list[str]:
     return out
 
 
-HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_ceiling",
+HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_cell",
+                 "pointing_cell_chance", "pointing_ceiling",
                  "cf_own_drop", "cf_other_drop")
 HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
 
@@ -364,4 +365,6 @@ def held_out_table(measures: dict) -> dict | None:
             "(a class detector scores 0.5 there).")
     if class_set is not None:
         note += f" A perfect detector of the part's classes reaches AUROC {class_set:.3f} overall."
+    if _text(measures.get("pointing_rule")):
+        note += f" Pointing: {_text(measures.get('pointing_rule'))}."
     return {"note": note, "parts": parts, "codes": rows}

@@ -407,8 +407,8 @@ class NeuronParts:
     """Each neuron's best part type on the training split, for the per-neuron records."""
     part: list[str]              # (M,) the part type with its best AUROC
     auroc: np.ndarray            # (M,) that AUROC, chosen and scored on the training images (optimistic)
-    pointing: np.ndarray         # (M,) of its example images holding that part, share where its top token is inside
-    pointing_chance: np.ndarray  # (M,) the share of cells inside the part's boxes, on the same images
+    pointing: np.ndarray         # (M,) of its example images holding that part, share where its peak is inside
+    pointing_chance: np.ndarray  # (M,) the share of the canvas inside the part's boxes, on the same images
 
 
 def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,
@@ -418,14 +418,16 @@ def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.Ima
     best = np.nan_to_num(train_auroc, nan=0.5).argmax(0)                     # (M,)
     m, e = examples.rows.shape
     ex_parts = [imageset.parts[g] for g in indices[np.maximum(examples.rows, 0)].ravel()]
-    in_box = cm.cells_in_box(ex_parts, types, grid, imageset.spec["image_size"]).reshape(m, e, len(types), -1)
+    boxes = cm.part_boxes(ex_parts, types)
+    boxes = boxes.reshape(m, e, *boxes.shape[1:])                             # (M, E, P, B, 4)
     present = cm.part_presence(ex_parts, types).reshape(m, e, len(types))
     neuron = np.arange(m)[:, None]
     holds = present[neuron, np.arange(e), best[:, None]] & (examples.rows >= 0)          # (M, E)
-    own_box = in_box[neuron, np.arange(e), best[:, None]]                                # (M, E, T)
-    maps = examples.maps if examples.maps.shape[2] else np.zeros(own_box.shape)   # no examples at all: all dead
+    own_boxes = boxes[neuron, np.arange(e), best[:, None]]                               # (M, E, B, 4)
+    maps = examples.maps if examples.maps.shape[2] else np.zeros((m, e, grid[0] * grid[1]))  # no examples: all dead
     # neurons take the place of parts: one column each, its examples the images
-    point = cm.pointing_game(maps.transpose(1, 0, 2), own_box.transpose(1, 0, 2), holds.T, [types[j] for j in best])
+    point = cm.pointing_game(maps.transpose(1, 0, 2), own_boxes.transpose(1, 0, 2, 3), holds.T,
+                             [types[j] for j in best], grid, imageset.spec["image_size"])
     auc = np.asarray(train_auroc)[best, np.arange(m)]
     return NeuronParts([types[j] for j in best], auc, point.hit_rate, point.chance)
 

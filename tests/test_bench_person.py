@@ -5,7 +5,6 @@ import torch
 
 from bench import bench_person
 from selfexplain import artifacts
-from selfexplain.concept_measures import cells_in_box
 from selfexplain.model import SketchResNet
 from selfexplain.sae import TopKSAE
 from selfexplain.synthetic import CLASS_NAMES, PART_TYPES
@@ -25,11 +24,10 @@ def _maps(*strongest):
 
 
 def test_agreement_counts_drawn_parts_coverage_and_pointing():
-    in_box = cells_in_box([PARTS], PART_TYPES, (2, 2), 64)[0]
     # neuron 0 (circle, drawn) points at token 0: inside the circle's box -> hit;
     # neuron 1 (triangle, not drawn) is not a pointing pair; neuron 2 (zigzag) points at token 0: miss
     r = bench_person.sketch_agreement([0, 1, 2], [np.array([1]), np.array([3])], BEST_PART, PARTS,
-                                      _maps(0, 3, 0), in_box)
+                                      _maps(0, 3, 0), (2, 2), 64)
     assert r["n_cited"] == 3
     assert r["part_cited"] == pytest.approx(2 / 3)
     assert r["cover_cited"] == 1.0                         # circle and zigzag both named
@@ -37,15 +35,14 @@ def test_agreement_counts_drawn_parts_coverage_and_pointing():
     assert r["cover_random"] == pytest.approx(0.25)        # {triangle}: 0 of 2, {circle}: 1 of 2
     assert r["part_prior"] == pytest.approx(3 / 4)         # neurons 0, 2, 3 of 4 have a drawn part
     assert (r["where_pairs"], r["where_hits"]) == (2, 1.0)
-    assert r["where_chance"] == pytest.approx(0.5)         # each box holds 1 of the 4 cell centres
+    assert r["where_chance"] == pytest.approx(0.5)         # each box covers a quarter of the canvas
 
 
 def test_agreement_misses_and_flat_maps():
-    in_box = cells_in_box([PARTS], PART_TYPES, (2, 2), 64)[0]
-    r = bench_person.sketch_agreement([1], [], BEST_PART, PARTS, _maps(0), in_box)
+    r = bench_person.sketch_agreement([1], [], BEST_PART, PARTS, _maps(0), (2, 2), 64)
     assert r["part_cited"] == 0.0 and r["cover_cited"] == 0.0 and r["where_pairs"] == 0
     assert np.isnan(r["part_random"])
-    r = bench_person.sketch_agreement([2, 3], [], BEST_PART, PARTS, _maps(3, None), in_box)
+    r = bench_person.sketch_agreement([2, 3], [], BEST_PART, PARTS, _maps(3, None), (2, 2), 64)
     assert r["cover_cited"] == 1.0 and r["where_pairs"] == 2
     assert r["where_hits"] == 1.0                          # zigzag at token 3: hit; a flat map points nowhere
 

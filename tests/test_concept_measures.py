@@ -67,28 +67,50 @@ def test_pointing_game_on_a_constructed_map():
     # 2x2 grid over a 64 px image: cell centres at 16 and 48; part a's box covers the top-left cell only
     parts = [[{"part": "a", "box": [0, 0, 30, 30]}], [{"part": "a", "box": [0, 0, 30, 30]}],
              [{"part": "a", "box": [0, 0, 30, 30]}], [{"part": "b", "box": [0, 0, 30, 30]}]]
-    in_box = cm.cells_in_box(parts, PARTS, (2, 2), 64)
-    assert in_box[0, 0].tolist() == [True, False, False, False]
+    boxes = cm.part_boxes(parts, PARTS)
+    assert cm.cells_in_boxes(boxes, (2, 2), 64)[0, 0].tolist() == [True, False, False, False]
     maps = np.zeros((4, 2, 4))
-    maps[0, 0] = [5, 1, 0, 0]      # hit
+    maps[0, 0] = [5, 0, 0, 0]      # hit (peak at the centre of the top-left cell)
     maps[1, 0] = [0, 0, 3, 1]      # miss
     # image 2: silent unit (flat map) counts as a miss; image 3 lacks part a and is ignored
     maps[3, 0] = [9, 0, 0, 0]
-    res = cm.pointing_game(maps, in_box, cm.part_presence(parts, PARTS), PARTS)
-    assert res.hit_rate[0] == pytest.approx(1 / 3) and res.chance[0] == pytest.approx(0.25)
+    res = cm.pointing_game(maps, boxes, cm.part_presence(parts, PARTS), PARTS, (2, 2), 64)
+    assert res.hit_rate[0] == pytest.approx(1 / 3) and res.cell_rate[0] == pytest.approx(1 / 3)
+    assert res.chance[0] == pytest.approx(30 * 30 / 64 ** 2) and res.cell_chance[0] == pytest.approx(0.25)
     assert res.n_images[0] == 3 and res.n_images[1] == 1
     assert res.ceiling[0] == 1.0
 
 
-def test_pointing_ceiling_counts_parts_that_hold_no_cell_centre():
-    # a 10 px part between the centres (16, 48) of a 2x2 grid: no unit can point inside it
-    parts = [[{"part": "a", "box": [20, 20, 30, 30]}], [{"part": "a", "box": [0, 0, 30, 30]}]]
-    in_box = cm.cells_in_box(parts, PARTS, (2, 2), 64)
+def test_peak_point_moves_towards_the_neighbour_that_also_fires():
+    # a part straddling two cells of a 2x2 grid lights both: the point lands between their centres (16, 48)
+    maps = np.array([[3.0, 1.0, 0.0, 0.0],       # right neighbour at a third: x = 16 + 32 * 1/4 = 24
+                     [2.0, 2.0, 0.0, 0.0],       # tie: argmax takes cell 0, the centroid lands midway (x = 32)
+                     [0.0, 0.0, 0.0, 4.0]])      # alone: its own cell centre
+    points = cm.peak_points(maps, (2, 2), 64)
+    assert points.tolist() == [[24.0, 16.0], [32.0, 16.0], [48.0, 48.0]]
+    assert cm.peak_points(np.zeros((1, 4)), (2, 2), 64).tolist() == [[16.0, 16.0]]   # silent: no shift, no NaN
+
+
+def test_peak_rule_reaches_a_part_between_cell_centres():
+    # a 10 px part between the centres (16, 48) of a 2x2 grid: the cell-centre rule can never hit it
+    parts = [[{"part": "a", "box": [20, 10, 30, 20]}], [{"part": "a", "box": [0, 0, 30, 30]}]]
+    boxes = cm.part_boxes(parts, PARTS)
     maps = np.zeros((2, 2, 4))
-    maps[:, 0, 0] = 1.0                       # always the top-left cell: a hit only where its centre is inside
-    res = cm.pointing_game(maps, in_box, cm.part_presence(parts, PARTS), PARTS)
-    assert res.hit_rate[0] == pytest.approx(0.5) and res.ceiling[0] == pytest.approx(0.5)
-    assert res.to_dict()["per_part"]["a"]["pointing_ceiling"] == pytest.approx(0.5)
+    maps[:, 0, :2] = [3.0, 1.0]               # peak a quarter of the way from the top-left centre to the right
+    res = cm.pointing_game(maps, boxes, cm.part_presence(parts, PARTS), PARTS, (2, 2), 64)
+    assert res.cell_rate[0] == pytest.approx(0.5) and res.ceiling[0] == pytest.approx(0.5)
+    assert res.hit_rate[0] == pytest.approx(1.0)            # (24, 16) lies in both boxes
+    maps[:, 0, :2] = [1.0, 3.0]               # the other way round: (40, 16), outside both
+    res = cm.pointing_game(maps, boxes, cm.part_presence(parts, PARTS), PARTS, (2, 2), 64)
+    assert res.hit_rate[0] == 0.0
+    d = res.to_dict()
+    assert d["per_part"]["a"]["pointing_ceiling"] == pytest.approx(0.5)
+    assert d["mean_pointing_chance"] == pytest.approx(np.mean([100 / 64 ** 2, 900 / 64 ** 2]))
+
+
+def test_box_area_share_counts_the_union_of_a_part_s_boxes():
+    parts = [[{"part": "a", "box": [0, 0, 32, 64]}, {"part": "a", "box": [16, 0, 48, 64]}]]   # overlap counted once
+    assert cm.box_area_share(cm.part_boxes(parts, PARTS), 64).tolist() == [[0.75, 0.0]]
 
 
 def test_counterfactual_drops_own_versus_other_part():

@@ -132,6 +132,22 @@ def test_counterfactual_with_the_wrong_part_attributed_does_not_match():
     assert np.abs(wrong[:, 1] - wrong[:, 0]).mean() > 2 * np.abs(right[:, 1] - right[:, 0]).mean()
 
 
+def test_cam_baseline_of_the_counterfactuals_follows_the_map_it_is_given():
+    # the box classifier's true CAM (its logit per token, times T) predicts each part's removal;
+    # the same map flipped left-right (evidence in the wrong place) does not
+    right, wrong = [], []
+    for origin in [(0, 0), (1, 0), (2, 0), (1, 2), (5, 3), (7, 1)]:
+        models, image, analysis = box_case(origin, [3.0, 1.0, 2.0, 0.5])
+        true_cam = (models.classifier.weights.numpy() * evidence.ink_of(image)).reshape(4, 16, 4, 16).sum((1, 3)) * 16
+        assert "predicted_cam" not in evidence.counterfactuals(models, image, analysis, 0, origin, 0, 0)[0]
+        for cam, out in ((true_cam, right), (true_cam[:, ::-1], wrong)):
+            out += [(r["actual"], r["predicted_cam"])
+                    for r in evidence.counterfactuals(models, image, analysis, 0, origin, 0, 0, cam=cam)]
+    right, wrong = np.array(right), np.array(wrong)
+    assert np.corrcoef(right.T)[0, 1] > 0.9
+    assert np.corrcoef(wrong.T)[0, 1] < np.corrcoef(right.T)[0, 1] - 0.3
+
+
 
 # ----------------------------------------------------------------------------- the tiny trained pipeline
 @pytest.fixture(scope="module")
