@@ -10,6 +10,9 @@ activation on test images re-rendered with exactly one part left out.
 
 A "class-set" row scores the classifier's own probability of the part's classes: the
 detector a part AUROC cannot tell apart from a part detector (see the distractor column).
+A "probe" row is a reference, not a baseline: a logistic regression per part on the
+channels' per-image maxima, fitted with the part labels (:func:`probe_report`): how well
+one linear read-out of the layer4 features can detect a part at all.
 
 ``--sweep=True`` instead trains SAEs over K x M (train_sae.main, short epochs, on the
 same classifier's tokens) and scores each by held-out recovery, with its time.
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_sae  # noqa: E402
-from sections import write_section  # noqa: E402
+from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, baselines, data, summarize  # noqa: E402
 from selfexplain import concept_measures as cm  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
@@ -89,6 +92,38 @@ def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
     sel = cm.select_and_score(score["train"], truth["train"].present, score["test"], test.present, names)
     conf = cm.class_confound(score["test"], test.present, test.labels, test.part_classes, sel.unit, names)
     return cm.ConceptReport("class-set (classifier probabilities)", len(names), float("nan"), sel, conf)
+
+
+def probe_report(maps: dict, truth: dict, l2: float = 1e-3) -> cm.ConceptReport:
+    """A reference, not a baseline: per part, a logistic regression fitted with the part labels.
+
+    Features: the classifier's 512 channels, max over tokens per image, ``log1p``, standardised
+    on the training split; one probe per part fitted on the training split (L-BFGS, L2 weight
+    ``l2``), scored on the test split. No unsupervised code can use the labels, so this is
+    what the layer4 features allow a detector to reach, not something the SAE should match.
+    """
+    feats = {s: torch.log1p(maps[s].amax((2, 3)).double()) for s in ("train", "test")}
+    mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-6
+    x = {s: (f - mu) / sd for s, f in feats.items()}
+    y = torch.as_tensor(truth["train"].present, dtype=torch.float64)                  # (N, P)
+    w = torch.zeros(x["train"].shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(x["train"] @ w + b, y, reduction="sum") / len(y)
+                + l2 * (w ** 2).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    score = {s: (x[s] @ w + b).detach().numpy() for s in x}
+    test, names = truth["test"], truth["test"].part_names
+    sel = cm.select_and_score(score["train"], truth["train"].present, score["test"], test.present, names)
+    conf = cm.class_confound(score["test"], test.present, test.labels, test.part_classes, sel.unit, names)
+    return cm.ConceptReport("supervised linear probe on the channels (uses part labels: a reference)", len(names),
+                            float("nan"), sel, conf)
 
 
 def comparison_codes(sae, train_maps: torch.Tensor, cfg) -> dict:
@@ -197,7 +232,7 @@ def main(**overrides) -> dict:
                                             cfg.BATCH_SIZE).values()]
     log("held-out AUROC: " + ", ".join(f"{r['code']} {r['mean_test_auroc']:.3f}" for r in reports)
         + f" ({time.time() - t:.1f}s)")
-    reports.append(class_set_report(logits, truth).to_dict())
+    reports += [class_set_report(logits, truth).to_dict(), probe_report(maps, truth).to_dict()]
     context = (f"{cfg.CLASSIFIER_CKPT} + {cfg.SAE_CKPT}; layer4 map {grid[0]}x{grid[1]}; units chosen on "
                f"{len(idx['train'])} training images, scored on {len(idx['test'])} test images; {cf_note}")
     write_section(cfg.OUT, render(reports, cfg, context).splitlines())

@@ -336,7 +336,7 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
                 c = cf[key]
                 lines.append(f"| {name} | {c['r_all']:.3f} | {c['r_class']:.3f} | {c['share_all']:.2f} | "
                              f"{c['share_class']:.2f} |")
-        lines += ["", "Targets: r >= 0.85, mean predicted within 10% of mean actual. Both attributions are linear in "
+        lines += ["", "Targets: r >= 0.85, mean predicted within 10% of mean actual. All three attributions are linear in "
                   "the original image's evidence; removing a part also changes its neighbours' tokens (overlapping "
                   "receptive fields), which no such attribution sees.", ""]
     lines += [f"Consistency check (true by construction, not evidence): zeroing the cited neurons in the code "

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_standard_cnn as stage1  # noqa: E402
 from selfexplain import classifier_train as ct  # noqa: E402
 from selfexplain import data  # noqa: E402
-from sections import write_section  # noqa: E402
+from bench.sections import write_section  # noqa: E402
 from selfexplain.artifacts import TrainState  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.distributed import Runtime, amp_dtype, autocast, keep_freed_memory, resolve_device  # noqa: E402
