@@ -78,12 +78,12 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int) -> n
         raise UserError(f"cannot read image {path_or_pil}: {exc}") from None
 
 
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """A PIL image or a uint8 array encoded as PNG bytes."""
+def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
+    """A PIL image or a uint8 array encoded as PNG bytes (zlib ``compress_level`` 0-9: 1 is fastest)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -63,7 +63,9 @@ class Explainer:
         exp.image = "<upload>"
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
-        out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp))).decode("ascii")
+        # zlib level 1: ~5 ms instead of ~13 ms per overlay here (demo size), for a somewhat larger body
+        out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp), compress_level=1)
+                                              ).decode("ascii")
         return out
 
 
