@@ -442,6 +442,8 @@ class ConceptReport:
     confound: ClassConfound
     pointing: Pointing | None = None
     counterfactual: Counterfactual | None = None
+    # (N_test, P) each part's chosen unit's score on the test images (for paired comparisons; not in to_dict)
+    unit_scores: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         out = {"code": self.code, "n_units": self.n_units, "dead_share": _num(self.dead_share),
@@ -475,4 +477,35 @@ def concept_report(code: str, train_auroc, test_max, unit_maps, test: PartTruth,
     point = pointing_game(unit_maps, test.boxes, test.present, names, test.grid, test.image_size)
     drops = None if cf_max is None else counterfactual_drops(test_max, cf_max, cf_image, cf_part, test.present,
                                                              sel.unit, names)
-    return ConceptReport(code, np.shape(test_max)[1], dead_share(test_max), sel, conf, point, drops)
+    unit_scores = np.asarray(test_max)[:, sel.unit]
+    return ConceptReport(code, np.shape(test_max)[1], dead_share(test_max), sel, conf, point, drops, unit_scores)
+
+
+def paired_auroc_difference(scores_a, scores_b, present, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean held-out AUROC of code a minus code b, with a paired bootstrap interval over the images.
+
+    Parameters
+    ----------
+    scores_a, scores_b : (N, P) each part's chosen unit's score on the same N test images
+        (:attr:`ConceptReport.unit_scores`). present : (N, P) bool.
+    n_boot : resamples of the N images with replacement, the same resample for both codes.
+
+    Returns
+    -------
+    dict: ``difference`` (on the images as they are), ``low`` / ``high`` (the 2.5th and 97.5th
+    percentiles of the resampled differences), ``n_boot``. An interval that holds 0 means
+    these images cannot tell the two codes apart.
+    """
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    present = np.asarray(present, dtype=bool)
+
+    def difference(rows) -> float:
+        auc_a = np.diag(stats.auroc(a[rows], present[rows]))                # part p's unit against part p's labels
+        auc_b = np.diag(stats.auroc(b[rows], present[rows]))
+        return _nanmean(auc_a) - _nanmean(auc_b)
+
+    rng = np.random.default_rng(seed)
+    n = len(present)
+    resampled = np.array([difference(rng.integers(0, n, n)) for _ in range(n_boot)])
+    low, high = np.nanpercentile(resampled, [2.5, 97.5])
+    return {"difference": difference(np.arange(n)), "low": float(low), "high": float(high), "n_boot": n_boot}

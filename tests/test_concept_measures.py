@@ -204,3 +204,25 @@ def test_trained_tiny_sae_beats_a_random_sae_held_out(seed):
         scores.append(np.nanmean(sel.test_auroc))
     trained, random_floor = scores
     assert trained > 0.9 and trained > random_floor + 0.1, (trained, random_floor)
+
+
+def test_paired_auroc_difference_separates_a_real_gap_from_none():
+    rng = np.random.default_rng(0)
+    present = rng.random((400, 2)) < 0.5
+    good = present + rng.normal(0, 0.3, present.shape)                # a clear detector of each part
+    weak = present + rng.normal(0, 1.5, present.shape)                # a poor one
+    gap = cm.paired_auroc_difference(good, weak, present, n_boot=200)
+    assert gap["difference"] > 0.1 and gap["low"] > 0                   # the interval excludes 0
+    same = cm.paired_auroc_difference(good, good + rng.normal(0, 1e-3, good.shape), present, n_boot=200)
+    assert same["low"] <= 0 <= same["high"] and abs(same["difference"]) < 0.01
+
+
+def test_concept_report_keeps_the_chosen_units_test_scores():
+    parts = [[{"part": "a", "box": [0, 0, 32, 32]}], [{"part": "b", "box": [0, 0, 32, 32]}]] * 3
+    truth = cm.part_truth(parts, [0, 1] * 3, PARTS, np.array([[True, False], [False, True]]), (2, 2), 64)
+    test_max = np.array([[0.0, 1.0, 0.2], [1.0, 0.0, 0.3]] * 3)      # unit 1 detects a, unit 0 detects b
+    train_auroc = np.array([[0.1, 0.9, 0.5], [0.9, 0.1, 0.5]])
+    report = cm.concept_report("code", train_auroc, test_max, np.zeros((6, 2, 4)), truth)
+    assert report.selection.unit.tolist() == [1, 0]
+    np.testing.assert_array_equal(report.unit_scores, test_max[:, [1, 0]])
+    assert "unit_scores" not in report.to_dict()
