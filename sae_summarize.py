@@ -165,7 +165,8 @@ def _log(summary: dict, out: Path) -> None:
             f"{measures['n_test_images']} test images): part AUROC {_fmt(sae['mean_test_auroc'])}, "
             f"AP {_fmt(sae['mean_test_ap'])}, distractor-only AUROC {_fmt(sae['mean_distractor_auroc'])} "
             f"(a perfect class-set detector: {_fmt(sae['mean_class_set_auroc'])}); pointing game "
-            f"{_fmt(sae['mean_pointing'])} (chance {_fmt(sae['mean_pointing_chance'])}; cell-centre rule "
+            f"{_fmt(sae['mean_pointing'])} (chance {_fmt(sae['mean_pointing_chance'])}, shuffled "
+            f"{_fmt(sae.get('mean_pointing_shuffled'))}; cell-centre rule "
             f"{_fmt(sae.get('mean_pointing_cell'))}, chance {_fmt(sae.get('mean_pointing_cell_chance'))}, ceiling "
             f"{_fmt(sae.get('mean_pointing_ceiling'))}){cf}")
         if len(codes) > 1:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_sae  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from selfexplain import artifacts, baselines, data, summarize  # noqa: E402
+from selfexplain import artifacts, baselines, data, stats, summarize  # noqa: E402
 from selfexplain import concept_measures as cm  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.distributed import set_threads  # noqa: E402
@@ -97,7 +97,7 @@ def class_set_report(logits: dict, truth: dict) -> cm.ConceptReport:
 def probe_report(maps: dict, truth: dict, l2: float = 1e-3) -> cm.ConceptReport:
     """A reference, not a baseline: per part, a logistic regression fitted with the part labels.
 
-    Features: the classifier's 512 channels, max over tokens per image, ``log1p``, standardised
+    Features: the classifier's C layer4 channels, max over tokens per image, ``log1p``, standardised
     on the training split; one probe per part fitted on the training split (L-BFGS, L2 weight
     ``l2``), scored on the test split. No unsupervised code can use the labels, so this is
     what the layer4 features allow a detector to reach, not something the SAE should match.
@@ -120,7 +120,9 @@ def probe_report(maps: dict, truth: dict, l2: float = 1e-3) -> cm.ConceptReport:
     opt.step(closure)
     score = {s: (x[s] @ w + b).detach().numpy() for s in x}
     test, names = truth["test"], truth["test"].part_names
-    sel = cm.select_and_score(score["train"], truth["train"].present, score["test"], test.present, names)
+    own = np.eye(len(names), dtype=bool)                 # part p is scored by its own probe, never another part's
+    train_auroc = np.where(own, stats.auroc(score["train"], truth["train"].present), np.nan)
+    sel = cm.score_units(train_auroc, score["test"], test.present, names)
     conf = cm.class_confound(score["test"], test.present, test.labels, test.part_classes, sel.unit, names)
     return cm.ConceptReport("supervised linear probe on the channels (uses part labels: a reference)", len(names),
                             float("nan"), sel, conf)
@@ -152,11 +154,13 @@ def sae_versus_best_baseline(measured: dict, present: np.ndarray, seed: int, n_b
 
 def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -> str:
     lines = ["## Concept measures, held out (synthetic demo)", "", context, "",
-             "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance) | cell-centre pointing "
-             "(chance) | own-part CF drop | other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance; shuffled) | cell-centre "
+             "pointing (chance) | own-part CF drop | other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
-        pointing, cell = (("–" if r.get(f"mean_{k}") is None else f"{r[f'mean_{k}']:.3f} ({r[f'mean_{k}_chance']:.3f})")
-                          for k in ("pointing", "pointing_cell"))
+        pointing = ("–" if r.get("mean_pointing") is None else f"{r['mean_pointing']:.3f} "
+                    f"({r['mean_pointing_chance']:.3f}; {_fmt(r.get('mean_pointing_shuffled'))})")
+        cell = ("–" if r.get("mean_pointing_cell") is None
+                else f"{r['mean_pointing_cell']:.3f} ({r['mean_pointing_cell_chance']:.3f})")
         lines.append(f"| {r['code']} | {r['n_units']} | {_fmt(r['mean_test_auroc'])} | {_fmt(r['mean_test_ap'])} "
                      f"| {_fmt(r['mean_distractor_auroc'])} | {pointing} | {cell} | {_fmt(r.get('mean_cf_own_drop'))} "
                      f"| {_fmt(r.get('mean_cf_other_drop'))} | {_fmt(r['dead_share'], '.1%')} |")

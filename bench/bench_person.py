@@ -18,7 +18,7 @@ part type stage 3 matched it to on the training split (``best_part`` in neurons.
 * coverage: share of the drawn parts named by at least one cited neuron (beside random);
 * pointing: for a cited neuron whose best part is drawn, its peak point lies inside that
   part's box (``concept_measures.pointing_game``'s rule); beside chance,
-  the share of the canvas inside the box.
+  the same rule on maps of noise.
 
 Without an SAE for the classifier or a report, that table is left out with a one-line note.
 
@@ -40,7 +40,7 @@ from bench.bench_explain import cited_and_random, load_best_parts  # noqa: E402
 from bench.person_sketches import LAYOUTS, PENS, person_set  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain  # noqa: E402
-from selfexplain.concept_measures import POINTING_RULE, part_boxes, pointing_game  # noqa: E402
+from selfexplain.concept_measures import part_boxes, pointing_game  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.errors import UserError  # noqa: E402
 from selfexplain.synthetic import CLASS_NAMES, PART_TYPES  # noqa: E402
@@ -195,7 +195,8 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
              "sets of as many active neurons; a neuron stands for its *best part* (stage 3's match on the training "
              "split, whether or not its concept label names it); prior = share of the "
              f"{n_described} live described neurons whose best part is drawn. Pointing: a cited neuron whose best "
-             f"part is drawn has its peak point inside that part's box ({POINTING_RULE}).", "",
+             "part is drawn has its peak (the strongest token moved to the activation-weighted centre of it and its "
+             "8 neighbours) inside that part's box; chance = the same rule on maps of uniform noise.", "",
              "| sketches | explained | cited per sketch | best part drawn: cited | random active | prior | "
              "drawn parts covered: cited | random active | pointing: hit | chance | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

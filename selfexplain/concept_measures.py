@@ -17,7 +17,9 @@ the SAE and its baselines go through the same arithmetic.
   the part's box? Its point is the strongest token's cell centre moved to the activation-
   weighted centre of that token and its 8 neighbours (:func:`peak_points`: a 4x4 map's cells
   are 16 px wide, wider than many parts, and a part straddling two cells lights both);
-  chance is the share of the canvas inside the box. The cell-centre rule is reported beside
+  beside two nulls: the same rule on maps of noise (:func:`noise_chance`), and the unit's
+  peak on another image holding the part (:func:`shuffled_chance`, which keeps the unit's
+  own habits, such as peaking near the centre). The cell-centre rule is reported beside
   it (hit when the strongest cell's centre lies inside; chance = share of cell centres inside;
   ceiling = share of images where any cell centre lies inside). The peak rule was chosen
   among cell centre, 3x3 centroid, whole-map centroid, per-axis parabola and bicubic/bilinear
@@ -37,7 +39,8 @@ import numpy as np
 from . import stats
 
 POINTING_RULE = ("the unit's peak (its strongest token's cell centre moved to the activation-weighted centre of that "
-                 "token and its 8 neighbours) inside the part's box; chance = share of the canvas inside the box")
+                 "token and its 8 neighbours) inside the part's box; chance = the same rule on maps of uniform noise; "
+                 "shuffled = the unit's peak on another image holding the part, against this image's box")
 POINTING_CELL_RULE = ("strongest token's cell centre inside the part's box; chance = share of cell centres inside; "
                       "ceiling = share of images where any cell centre is inside (a part smaller than a cell may hold "
                       "none)")
@@ -93,7 +96,7 @@ def part_boxes(parts: list, part_types: list[str]) -> np.ndarray:
 
 
 def points_in_boxes(points, boxes) -> np.ndarray:
-    """(...) bool: point (x, y) of ``points`` (..., 2) lies in one of its boxes (..., B, 4) (NaN boxes never hold it)."""
+    """(...) bool: point (x, y) of ``points`` (..., 2) lies in one of its boxes (..., B, 4); NaN boxes hold none."""
     boxes = np.asarray(boxes, dtype=np.float64)
     x, y = np.asarray(points, dtype=np.float64)[..., None, 0], np.asarray(points, dtype=np.float64)[..., None, 1]
     with np.errstate(invalid="ignore"):
@@ -108,40 +111,66 @@ def cells_in_boxes(boxes, grid: tuple[int, int], image_size: int) -> np.ndarray:
     return points_in_boxes(centres[None, None], np.asarray(boxes)[:, :, None])
 
 
-def box_area_share(boxes, image_size: int, samples: int = 64) -> np.ndarray:
-    """(N, P) share of the canvas inside the union of the boxes (N, P, B, 4): a random point's chance to hit.
-
-    Counted on a ``samples`` x ``samples`` grid of points (exact for whole-pixel boxes on a 64 px canvas).
-    """
-    boxes = np.asarray(boxes, dtype=np.float64)
-    axis = (np.arange(samples) + 0.5) * image_size / samples
-    grid = np.stack(np.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)      # (S*S, 2) as (x, y)
-    out = np.empty(boxes.shape[:2])
-    for start in range(0, len(boxes), 64):                                          # bounded memory
-        out[start:start + 64] = points_in_boxes(grid[None, None], boxes[start:start + 64, :, None]).mean(-1)
-    return out
-
-
 def peak_points(unit_maps, grid: tuple[int, int], image_size: int) -> np.ndarray:
     """(..., 2) pixel (x, y) where each map (..., H*W, row-major) peaks, to better than a cell.
 
     The strongest token's cell centre, moved by the activation-weighted mean offset of that
-    token and its (up to) 8 neighbours: a part straddling two cells lights both, and the
-    point lands between them. Negative codes count as 0.
+    token and its (up to) 8 neighbours (negative codes weigh 0): a part straddling two cells
+    lights both, and the point lands between them.
     """
     h, w = grid
-    maps = np.maximum(np.asarray(unit_maps, dtype=np.float64), 0.0)
-    lead = maps.shape[:-1]
-    maps = maps.reshape(-1, h, w)
-    ty, tx = np.divmod(maps.reshape(len(maps), -1).argmax(1), w)
-    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1)))
+    raw = np.asarray(unit_maps, dtype=np.float64)
+    lead = raw.shape[:-1]
+    raw = raw.reshape(-1, h, w)
+    ty, tx = np.divmod(raw.reshape(-1, h * w).argmax(1), w) if len(raw) else (np.zeros(0, int), np.zeros(0, int))
+    padded = np.pad(np.maximum(raw, 0.0), ((0, 0), (1, 1), (1, 1)))
     off = np.arange(-1, 2)
-    window = padded[np.arange(len(maps))[:, None, None], (ty + 1)[:, None, None] + off[None, :, None],
+    window = padded[np.arange(len(raw))[:, None, None], (ty + 1)[:, None, None] + off[None, :, None],
                     (tx + 1)[:, None, None] + off[None, None, :]]                     # (n, 3, 3)
     mass = np.maximum(window.sum((1, 2)), 1e-12)
     dy, dx = window.sum(2) @ off / mass, window.sum(1) @ off / mass
     points = np.stack([(tx + 0.5 + dx) * image_size / w, (ty + 0.5 + dy) * image_size / h], -1)
     return points.reshape(*lead, 2)
+
+
+def noise_chance(boxes, grid: tuple[int, int], image_size: int, draws: int = 512, seed: int = 0) -> np.ndarray:
+    """(N, P) chance that :func:`peak_points` of a map of uniform noise lands in the boxes (N, P, B, 4).
+
+    The null of a unit that knows nothing of the image. Not the box's share of the canvas:
+    the point can only land between the outer cells' centres, and the neighbourhood
+    weighting pulls it inwards.
+    """
+    rng = np.random.default_rng(seed)
+    points = peak_points(rng.random((draws, grid[0] * grid[1])), grid, image_size)       # (R, 2)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    out = np.empty(boxes.shape[:2])
+    for start in range(0, len(boxes), 64):                                               # bounded memory
+        out[start:start + 64] = points_in_boxes(points[None, None], boxes[start:start + 64, :, None]).mean(-1)
+    return out
+
+
+def shuffled_chance(points, live, boxes, present, max_shifts: int = 16) -> np.ndarray:
+    """(P,) hit rate of each unit's peak on *another* image holding the part, against this image's boxes.
+
+    The null that keeps the unit's own habits (a unit that always peaks at the centre scores
+    its centre rate here). Over the images holding part p, in order, image i is paired with
+    image i - s for shifts s = 1 .. min(n - 1, ``max_shifts``); NaN with fewer than 2 images.
+
+    Parameters
+    ----------
+    points : (N, P, 2) from :func:`peak_points`. live : (N, P) bool, the map is not flat.
+    boxes : (N, P, B, 4). present : (N, P) bool.
+    """
+    points, live, present = np.asarray(points), np.asarray(live, dtype=bool), np.asarray(present, dtype=bool)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    out = np.full(present.shape[1], np.nan)
+    for p in range(present.shape[1]):
+        rows = np.flatnonzero(present[:, p])
+        hits = [points_in_boxes(points[np.roll(rows, s), p], boxes[rows, p]) & live[np.roll(rows, s), p]
+                for s in range(1, min(len(rows) - 1, max_shifts) + 1)]
+        if hits:
+            out[p] = float(np.mean(hits))
+    return out
 
 
 # ----------------------------------------------------------------------------- scores
@@ -297,7 +326,8 @@ class Pointing:
 
     part_names: list[str]
     hit_rate: np.ndarray             # (P,) share of images where the unit's peak point (peak_points) is in the box
-    chance: np.ndarray               # (P,) share of the canvas in the box, averaged over the same images
+    chance: np.ndarray               # (P,) the same rule on maps of noise (noise_chance), over the same images
+    shuffled: np.ndarray             # (P,) the unit's peak on another image holding the part (shuffled_chance)
     n_images: np.ndarray             # (P,) test images holding the part
     cell_rate: np.ndarray            # (P,) the cell-centre rule: the strongest cell's centre is in the box
     cell_chance: np.ndarray          # (P,) share of cell centres in the box
@@ -307,7 +337,8 @@ class Pointing:
     rule: str = field(default=POINTING_RULE)
 
     def to_dict(self) -> dict:
-        fields = {"pointing": self.hit_rate, "pointing_chance": self.chance, "pointing_cell": self.cell_rate,
+        fields = {"pointing": self.hit_rate, "pointing_chance": self.chance, "pointing_shuffled": self.shuffled,
+                  "pointing_cell": self.cell_rate,
                   "pointing_cell_chance": self.cell_chance, "pointing_ceiling": self.ceiling}
         per_part = {name: {**{k: _num(v[j]) for k, v in fields.items()}, "pointing_images": int(self.n_images[j])}
                     for j, name in enumerate(self.part_names)}
@@ -328,12 +359,14 @@ def pointing_game(unit_maps, boxes, present, part_names: list[str], grid: tuple[
     Returns
     -------
     :class:`Pointing` over the images holding each part: the peak rule (:func:`peak_points`)
-    with its chance, and the cell-centre rule with its chance and ceiling. A unit whose map is
+    with two nulls (:func:`noise_chance`, :func:`shuffled_chance`), and the cell-centre rule
+    with its chance and ceiling. A unit whose map is
     flat on an image (silent) points nowhere: that image counts as a miss under both.
     """
     maps = np.asarray(unit_maps, dtype=np.float64)
     live = maps.max(2) > maps.min(2)
-    hit = points_in_boxes(peak_points(maps, grid, image_size), boxes) & live
+    points = peak_points(maps, grid, image_size)
+    hit = points_in_boxes(points, boxes) & live
     in_box = cells_in_boxes(boxes, grid, image_size)                          # (N, P, T)
     cell_hit = np.take_along_axis(in_box, maps.argmax(2)[..., None], 2)[..., 0] & live
     ok = np.asarray(present, dtype=bool)
@@ -343,9 +376,9 @@ def pointing_game(unit_maps, boxes, present, part_names: list[str], grid: tuple[
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n > 0, (np.asarray(x, dtype=np.float64) * ok).sum(0) / n, np.nan)
 
-    return Pointing(part_names=list(part_names), hit_rate=rate(hit), chance=rate(box_area_share(boxes, image_size)),
-                    n_images=n, cell_rate=rate(cell_hit), cell_chance=rate(in_box.mean(2)),
-                    ceiling=rate(in_box.any(2)))
+    return Pointing(part_names=list(part_names), hit_rate=rate(hit), chance=rate(noise_chance(boxes, grid, image_size)),
+                    shuffled=shuffled_chance(points, live, boxes, ok), n_images=n, cell_rate=rate(cell_hit),
+                    cell_chance=rate(in_box.mean(2)), ceiling=rate(in_box.any(2)))
 
 
 # ----------------------------------------------------------------------------- counterfactual

@@ -284,9 +284,10 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
       on the part's tokens (:func:`part_shares`): the code's own "where", no labels used;
     * ``predicted_best_part`` (with ``best_part``, stage 3's ``{neuron_id: best part}``):
       the whole contribution of the neurons whose best-matching part type is the part's;
-    * ``predicted_cam`` (with ``cam``, :func:`cam_map` of ``cls`` on the image), the baseline
-      without concepts: CAM's share of the logit on the part's tokens (the same token
-      weights as ``predicted_box``; the logit is CAM's mean over tokens).
+    * ``predicted_cam`` (with ``cam``: :func:`cam_map` of ``cls`` on the image less the head's
+      bias ``b_c``, which no ink carries), the baseline without concepts: CAM's share of the
+      logit on the part's tokens (the same token weights as ``predicted_box``; the logit is
+      CAM's mean over tokens).
 
     Returns one dict per part: ``part``, ``distractor``, ``actual``, ``predicted_box`` and,
     with ``best_part`` / ``cam``, ``predicted_best_part`` / ``predicted_cam``. A sketch that does not re-render
@@ -308,6 +309,8 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
         row = {"part": part["part"], "distractor": bool(part["distractor"]), "actual": float(actual[k]),
                "predicted_box": float(-(contrib * shares[:, k]).sum())}
         if cam is not None:
+            if np.size(cam) != weights.shape[1]:
+                raise UserError(f"cam has {np.size(cam)} cells, the token map {weights.shape[1]}")
             row["predicted_cam"] = float(-(weights[k] @ np.ravel(cam)) / weights.shape[1])
         if best_part is not None:
             ids = [i for i, p in best_part.items() if p == part["part"]]

@@ -337,7 +337,8 @@ def _headline(summary: dict) -> list[str]:
     return out
 
 
-HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_cell",
+HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_shuffled",
+                 "pointing_cell",
                  "pointing_cell_chance", "pointing_ceiling",
                  "cf_own_drop", "cf_other_drop")
 HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
@@ -365,6 +366,7 @@ def held_out_table(measures: dict) -> dict | None:
             "(a class detector scores 0.5 there).")
     if class_set is not None:
         note += f" A perfect detector of the part's classes reaches AUROC {class_set:.3f} overall."
-    if _text(measures.get("pointing_rule")):
-        note += f" Pointing: {_text(measures.get('pointing_rule'))}."
+    for key, name in (("pointing_rule", "Pointing"), ("pointing_cell_rule", "Cell-centre rule")):
+        if _text(measures.get(key)):
+            note += f" {name}: {_text(measures.get(key))}."
     return {"note": note, "parts": parts, "codes": rows}

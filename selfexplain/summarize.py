@@ -367,6 +367,7 @@ class HeldOut:
         cf = self.rerenders
         return {"choose_on": "train", "score_on": "test", "n_train_images": self.n_train,
                 "n_test_images": self.n_test, "pointing_rule": cm.POINTING_RULE,
+                "pointing_cell_rule": cm.POINTING_CELL_RULE,
                 "counterfactual": {"test_images": cf.n_images, "rerenders": len(cf.row)} if cf else None,
                 "codes": {key: report.to_dict() for key, report in self.reports.items()}}
 
@@ -408,7 +409,7 @@ class NeuronParts:
     part: list[str]              # (M,) the part type with its best AUROC
     auroc: np.ndarray            # (M,) that AUROC, chosen and scored on the training images (optimistic)
     pointing: np.ndarray         # (M,) of its example images holding that part, share where its peak is inside
-    pointing_chance: np.ndarray  # (M,) the share of the canvas inside the part's boxes, on the same images
+    pointing_chance: np.ndarray  # (M,) the same rule on maps of noise, against the same images' boxes
 
 
 def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,

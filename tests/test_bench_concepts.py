@@ -23,7 +23,7 @@ def _maps(present: np.ndarray, rng, signal: float) -> torch.Tensor:
     return torch.as_tensor(maps, dtype=torch.float32)
 
 
-def test_probe_finds_parts_the_features_carry_and_not_labels_they_do_not(seed):
+def test_probe_finds_parts_the_features_carry_and_not_labels_they_do_not():
     rng = np.random.default_rng(0)
     present = {s: rng.random((n, 2)) < 0.4 for s, n in (("train", 400), ("test", 200))}
     truth = {s: _truth(p) for s, p in present.items()}

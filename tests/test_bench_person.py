@@ -35,7 +35,7 @@ def test_agreement_counts_drawn_parts_coverage_and_pointing():
     assert r["cover_random"] == pytest.approx(0.25)        # {triangle}: 0 of 2, {circle}: 1 of 2
     assert r["part_prior"] == pytest.approx(3 / 4)         # neurons 0, 2, 3 of 4 have a drawn part
     assert (r["where_pairs"], r["where_hits"]) == (2, 1.0)
-    assert r["where_chance"] == pytest.approx(0.5)         # each box covers a quarter of the canvas
+    assert r["where_chance"] == pytest.approx(0.5, abs=0.03)  # noise maps point into each quarter box ~1/4 of the time
 
 
 def test_agreement_misses_and_flat_maps():

@@ -76,7 +76,10 @@ def test_pointing_game_on_a_constructed_map():
     maps[3, 0] = [9, 0, 0, 0]
     res = cm.pointing_game(maps, boxes, cm.part_presence(parts, PARTS), PARTS, (2, 2), 64)
     assert res.hit_rate[0] == pytest.approx(1 / 3) and res.cell_rate[0] == pytest.approx(1 / 3)
-    assert res.chance[0] == pytest.approx(30 * 30 / 64 ** 2) and res.cell_chance[0] == pytest.approx(0.25)
+    assert res.cell_chance[0] == pytest.approx(0.25)
+    # flat noise pulls the point towards the canvas centre (26, 26 on average from the top-left cell),
+    # so a blind unit lands in this corner box less often than a cell centre does
+    assert 0.05 < res.chance[0] < 0.2
     assert res.n_images[0] == 3 and res.n_images[1] == 1
     assert res.ceiling[0] == 1.0
 
@@ -105,12 +108,46 @@ def test_peak_rule_reaches_a_part_between_cell_centres():
     assert res.hit_rate[0] == 0.0
     d = res.to_dict()
     assert d["per_part"]["a"]["pointing_ceiling"] == pytest.approx(0.5)
-    assert d["mean_pointing_chance"] == pytest.approx(np.mean([100 / 64 ** 2, 900 / 64 ** 2]))
 
 
-def test_box_area_share_counts_the_union_of_a_part_s_boxes():
-    parts = [[{"part": "a", "box": [0, 0, 32, 64]}, {"part": "a", "box": [16, 0, 48, 64]}]]   # overlap counted once
-    assert cm.box_area_share(cm.part_boxes(parts, PARTS), 64).tolist() == [[0.75, 0.0]]
+def test_noise_chance_follows_where_a_blind_unit_can_point():
+    parts = [[{"part": "a", "box": [0, 0, 64, 64]}],                    # the whole canvas: every point
+             [{"part": "a", "box": [0, 0, 32, 64]}],                    # the left half: half the points, by symmetry
+             [{"part": "a", "box": [0, 0, 8, 8]}, {"part": "a", "box": [56, 56, 64, 64]}]]   # corners: unreachable
+    chance = cm.noise_chance(cm.part_boxes(parts, PARTS), (4, 4), 64, draws=2000)
+    assert chance[0, 0] == 1.0 and chance[1, 0] == pytest.approx(0.5, abs=0.04) and chance[2, 0] == 0.0
+    assert (chance[:, 1] == 0).all()                                    # part b is in no image
+
+
+def test_shuffled_chance_keeps_the_unit_s_habits():
+    # four images, the part alternately in the left and right half; the unit points at it each time (hit 1),
+    # but its peak on another image lands in this image's box only when that image has the part on the same side
+    boxes = [[0, 0, 32, 64], [32, 0, 64, 64]] * 2
+    parts = [[{"part": "a", "box": box}] for box in boxes]
+    maps = np.zeros((4, 2, 4))
+    for n in range(4):
+        maps[n, 0, 0 if n % 2 == 0 else 1] = 1.0                         # top-left cell, or top-right
+    res = cm.pointing_game(maps, cm.part_boxes(parts, PARTS), cm.part_presence(parts, PARTS), PARTS, (2, 2), 64)
+    assert res.hit_rate[0] == 1.0
+    assert res.shuffled[0] == pytest.approx(1 / 3)                      # shifts 1, 2, 3: miss, hit, miss
+    assert np.isnan(res.shuffled[1])                                    # part b is in no image
+
+
+def test_peak_points_on_signed_empty_and_non_square_maps():
+    # a signed code (PCA's) points at its largest value even when every value is negative
+    assert cm.peak_points(np.array([[-3.0, -1.0, -2.0, -5.0]]), (2, 2), 64).tolist() == [[48.0, 16.0]]
+    assert cm.peak_points(np.zeros((0, 3, 6)), (2, 3), 60).shape == (0, 3, 2)
+    # 2 rows x 3 columns on a 60 px canvas: cells 20 px wide, 30 px high; the last cell's centre is (50, 45)
+    assert cm.peak_points(np.array([0, 0, 0, 0, 0, 1.0]), (2, 3), 60).tolist() == [50.0, 45.0]
+    res = cm.pointing_game(np.zeros((0, 2, 4)), np.zeros((0, 2, 1, 4)), np.zeros((0, 2), bool), PARTS, (2, 2), 64)
+    assert np.isnan(res.hit_rate).all() and res.n_images.tolist() == [0, 0]
+
+
+def test_points_on_a_box_edge():
+    boxes = np.array([[0.0, 0.0, 16.0, 16.0]])[None]                    # (1, B=1, 4)
+    inside = cm.points_in_boxes(np.array([[0.0, 0.0], [15.9, 15.9], [16.0, 8.0], [8.0, 16.0]])[:, None][:, 0],
+                                np.repeat(boxes, 4, 0))
+    assert inside.tolist() == [True, True, False, False]                # x0 <= x < x1, y0 <= y < y1
 
 
 def test_counterfactual_drops_own_versus_other_part():
