@@ -16,7 +16,7 @@ With trained checkpoints, over the classifier's test split (MAX_IMAGES, 0 = all)
   of the class logit over the steps (deletion: lower is better, insertion: higher);
 * counterfactuals (synthetic data): each part left out by a true re-render; correlation
   of actual and predicted logit change over (image, part) pairs, and mean predicted / mean
-  actual, for two ways of attributing neurons to a part and CAM's share as the baseline;
+  actual, for three ways of attributing the evidence to a part and CAM's share as the baseline;
 * the code-space check (zeroing cited neurons in the code), labelled as the consistency
   check it is: its drop equals the cited contributions by construction.
 
@@ -193,7 +193,7 @@ def counterfactual_figures(pairs: list[dict]) -> dict:
     actual = np.array([p["actual"] for p in pairs])
     distractor = np.array([p["distractor"] for p in pairs])
     out = {"pairs": len(pairs), "class_pairs": int((~distractor).sum()), "actual": actual, "distractor": distractor}
-    for key in ("predicted_box", "predicted_best_part", "predicted_cam"):
+    for key in ("predicted_ink", "predicted_box", "predicted_best_part", "predicted_cam"):
         if key not in pairs[0]:
             continue
         pred = np.array([p[key] for p in pairs])
@@ -315,9 +315,9 @@ def write_plots(cfg, fig: dict) -> list[Path]:
     out = []
     if "deletion_mean" in fig:
         out.append(plot_curves(fig["deletion_mean"], fig["insertion_mean"], Path(cfg.PLOTS) / "explain_curves.png"))
-    if "cf" in fig and "predicted_box" in fig["cf"]:
+    if "cf" in fig and "predicted_ink" in fig["cf"]:
         cf = fig["cf"]
-        out.append(plot_counterfactuals(cf["actual"], cf["predicted_box"]["values"], cf["distractor"],
+        out.append(plot_counterfactuals(cf["actual"], cf["predicted_ink"]["values"], cf["distractor"],
                                         Path(cfg.PLOTS) / "explain_counterfactuals.png"))
     return out
 
@@ -385,17 +385,20 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
         lines += [f"Counterfactuals: {cf['pairs']} (image, part) re-renders with the part left out "
                   f"({cf['class_pairs']} class parts, the rest distractors); originals re-rendered too "
                   f"({fig['stale']} of {fig['n']} differ from the cached sketch: a newer generator):", "",
-                  "| neurons attributed to a part by | r (all parts) | r (class parts) | "
+                  "| evidence attributed to a part by | r (all parts) | r (class parts) | "
                   "mean predicted / mean actual (all) | (class parts) |", "|---|---|---|---|---|"]
-        names = {"predicted_box": "share of activation mass on the part's tokens",
+        names = {"predicted_ink": "each token's contribution split by the parts' ink near it (the explanation's figure)",
+                 "predicted_box": "the same split by how much of the token's cell each part's box covers",
                  "predicted_best_part": "stage 3's best part type",
-                 "predicted_cam": "baseline without concepts: CAM's share of the logit on the part's tokens"}
+                 "predicted_cam": "baseline without concepts: CAM's share of the logit, split by the parts' ink"}
         for key, name in names.items():
             if key in cf:
                 c = cf[key]
                 lines.append(f"| {name} | {c['r_all']:.3f} | {c['r_class']:.3f} | {c['share_all']:.2f} | "
                              f"{c['share_class']:.2f} |")
-        lines += ["", "Targets: r >= 0.85, mean predicted within 10% of mean actual. All three attributions are linear in "
+        lines += ["", "Targets: r >= 0.85, mean predicted within 10% of mean actual. The ink split (a Gaussian window of "
+                  f"{evidence.INK_SIGMA:g} cell around each token) was chosen over the box split on the validation "
+                  "split (bench/results/explain_notes.md). Every attribution here is linear in "
                   "the original image's evidence; removing a part also changes its neighbours' tokens (overlapping "
                   "receptive fields), which no such attribution sees.", ""]
     lines += [f"Consistency check (true by construction, not evidence): zeroing the cited neurons in the code "

@@ -19,7 +19,8 @@ classifier, so a wrong explanation shows:
 * counterfactuals on the synthetic set (:func:`counterfactuals`): re-render a test sketch
   with one part left out and compare the real change of the class logit with the change
   the explanation predicts: minus the contributions (on the original image) of the
-  neurons it attributes to that part (:func:`part_shares`).
+  tokens it attributes to that part, each token's evidence split among the parts by their
+  ink near it (:func:`token_ink_weights`).
 
 Ink is darkness, ``1 - pixel / 255``; shares of ink are shares of that total, so a faint
 anti-aliased pixel counts for little. Model inputs are uint8 ``(S, S)`` sketches; the
@@ -39,6 +40,9 @@ from . import data, synthetic
 from .errors import UserError
 
 INK_SHARE = 0.2  # default share of the sketch's ink an input-space check removes
+# counterfactuals: σ of the window, in cells, that splits a token's evidence among the parts' ink (chosen on the
+# validation split among 1/16 .. 6/4 of a cell and the boxes: bench/results/explain_notes.md)
+INK_SIGMA = 0.25
 ORDERS = ("explanation", "random order", "CAM", "random ink")  # the curves region_curves draws
 
 
@@ -268,9 +272,27 @@ def token_part_weights(boxes: Sequence[Sequence[int]], hw: tuple[int, int], imag
     return area / np.maximum(area.sum(0, keepdims=True), 1e-12)
 
 
-def part_shares(code: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(M, P): the share of each neuron's activation mass (code (T, M)) on each part's tokens."""
-    return (weights @ code).T / np.maximum(code.sum(0), 1e-12)[:, None]
+def token_ink_weights(part_ink: np.ndarray, hw: tuple[int, int], sigma_cells: float = INK_SIGMA) -> np.ndarray:
+    """(P, T): how each token's evidence is split among the parts by their ink near the token.
+
+    Each part's ink (``part_ink``, (P, S, S)) is weighed by a Gaussian around the token's cell
+    centre (σ = ``sigma_cells`` of a cell); token t's share for part k is part k's weighed ink
+    over all parts' (a token with no part's ink near it belongs to none). Unlike
+    :func:`token_part_weights` it follows the strokes, not the boxes, and lets a token near a
+    cell border share its evidence with the part across it.
+    """
+    h, w = hw
+    size = part_ink.shape[-1]
+    pixels = np.arange(size) + 0.5
+
+    def window(n: int) -> np.ndarray:                                        # (n, S): cells along one axis
+        centres = (np.arange(n) + 0.5) * size / n
+        return np.exp(-0.5 * ((pixels[None] - centres[:, None]) / (sigma_cells * size / n)) ** 2)
+
+    mass = np.einsum("pyx,hy,wx->phw", np.asarray(part_ink, dtype=np.float64), window(h), window(w))
+    mass = mass.reshape(len(part_ink), h * w)
+    total = mass.sum(0, keepdims=True)
+    return np.where(total > 1e-6, mass / np.maximum(total, 1e-12), 0.0)
 
 
 def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: tuple[int, int], seed: int, cls: int,
@@ -280,18 +302,21 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     The explanation's prediction for part k is minus the contributions (on the original
     image, every active neuron) of the neurons it attributes to the part:
 
-    * ``predicted_box``: each neuron's contribution times the share of its activation mass
-      on the part's tokens (:func:`part_shares`): the code's own "where", no labels used;
+    * ``predicted_ink``: each token's contribution split among the parts by their ink near
+      it (:func:`token_ink_weights`; each part's ink is the full sketch's less the re-render's
+      without it): the code's own "where" at stroke level, no labels used;
+    * ``predicted_box``: the same split by how much of the token's cell each part's box
+      covers (:func:`token_part_weights`);
     * ``predicted_best_part`` (with ``best_part``, stage 3's ``{neuron_id: best part}``):
       the whole contribution of the neurons whose best-matching part type is the part's;
     * ``predicted_cam`` (with ``cam``: :func:`cam_map` of ``cls`` on the image less the head's
       bias ``b_c``, which no ink carries), the baseline without concepts: CAM's share of the
-      logit on the part's tokens (the same token weights as ``predicted_box``; the logit is
-      CAM's mean over tokens).
+      logit split as ``predicted_ink`` splits the concepts' (the logit is CAM's mean over tokens).
 
-    Returns one dict per part: ``part``, ``distractor``, ``actual``, ``predicted_box`` and,
-    with ``best_part`` / ``cam``, ``predicted_best_part`` / ``predicted_cam``. A sketch that does not re-render
-    byte-identically (another generator version) is a :class:`UserError`.
+    Returns one dict per part: ``part``, ``distractor``, ``actual``, ``predicted_ink``,
+    ``predicted_box`` and, with ``best_part`` / ``cam``, ``predicted_best_part`` /
+    ``predicted_cam``. A sketch that does not re-render byte-identically (another generator
+    version) is a :class:`UserError`.
     """
     size = image_uint8.shape[-1]
     style = synthetic.spec_style(models.classifier_ckpt.get("dataset", {}))  # the style the sketch was drawn in
@@ -300,20 +325,21 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
         raise UserError(f"synthetic sample {origin} does not re-render identically: rebuild the cache for this generator")
     removed = np.stack([synthetic.rerender(*origin, size, seed, omit=k, style=style)[0] for k in range(len(parts))])
     actual = class_scores(models, removed, cls)[0] - float(analysis.logits[b, cls])
-    code = code_per_token(analysis, b).double()                                     # (T, M)
-    contrib = (code.mean(0) * models.lens[:, cls].double()).cpu().numpy()        # (M,)
-    weights = token_part_weights([p["box"] for p in parts], analysis.hw, size)          # (P, T)
-    shares = part_shares(code.cpu().numpy(), weights)
+    code = code_per_token(analysis, b).double().cpu().numpy()                        # (T, M)
+    tokens = code @ models.lens[:, cls].double().cpu().numpy() / len(code)           # (T,) each token's contribution
+    part_ink = np.clip(ink_of(full)[None] - ink_of(removed), 0.0, None)              # (P, S, S)
+    weights = {"ink": token_ink_weights(part_ink, analysis.hw),
+               "box": token_part_weights([p["box"] for p in parts], analysis.hw, size)}   # (P, T) each
+    if cam is not None and np.size(cam) != len(tokens):
+        raise UserError(f"cam has {np.size(cam)} cells, the token map {len(tokens)}")
     out = []
     for k, part in enumerate(parts):
         row = {"part": part["part"], "distractor": bool(part["distractor"]), "actual": float(actual[k]),
-               "predicted_box": float(-(contrib * shares[:, k]).sum())}
+               **{f"predicted_{how}": float(-(w[k] @ tokens)) for how, w in weights.items()}}
         if cam is not None:
-            if np.size(cam) != weights.shape[1]:
-                raise UserError(f"cam has {np.size(cam)} cells, the token map {weights.shape[1]}")
-            row["predicted_cam"] = float(-(weights[k] @ np.ravel(cam)) / weights.shape[1])
+            row["predicted_cam"] = float(-(weights["ink"][k] @ np.ravel(cam)) / len(tokens))
         if best_part is not None:
             ids = [i for i, p in best_part.items() if p == part["part"]]
-            row["predicted_best_part"] = float(-contrib[ids].sum())
+            row["predicted_best_part"] = float(-(code.mean(0)[ids] @ models.lens[ids, cls].double().cpu().numpy()))
         out.append(row)
     return out

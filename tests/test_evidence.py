@@ -64,13 +64,18 @@ def test_shuffled_concept_order_scores_worse_on_deletion_and_insertion():
     np.testing.assert_allclose(right.ink["CAM"], right.ink["explanation"], atol=1e-9)
 
 
-def test_part_shares_follow_the_tokens_a_neuron_fires_on():
+def test_token_weights_follow_the_boxes_or_the_ink():
     boxes = [[4, 4, 28, 28], [36, 36, 60, 60]]                # parts in the top-left and bottom-right cells
     weights = evidence.token_part_weights(boxes, (2, 2), 64)
     np.testing.assert_allclose(weights, [[1, 0, 0, 0], [0, 0, 0, 1]])
-    code = np.array([[2.0, 0.0, 1.0], [0, 0, 0], [0, 0, 1.0], [0, 3.0, 0]])  # (T=4, M=3)
-    shares = evidence.part_shares(code, weights)
-    np.testing.assert_allclose(shares, [[1, 0], [0, 1], [0.5, 0]])
+    ink = np.zeros((2, 64, 64))
+    ink[0, 10:20, 10:20] = 1.0                                # part 0 deep in the top-left cell
+    ink[1, 14:18, 30:34] = 1.0                                # part 1 on the border of the two top cells
+    by_ink = evidence.token_ink_weights(ink, (2, 2), sigma_cells=0.25)
+    assert by_ink[0, 0] > 0.95 and by_ink[1, 1] > 0.95        # each token goes to the ink nearest its centre
+    np.testing.assert_allclose(by_ink.sum(0), 1.0)            # every token's evidence is split fully
+    assert by_ink[0, 1] > weights[0, 1] == 0                  # the boxes give token 1 nothing of part 0; its ink is near
+    assert not evidence.token_ink_weights(np.zeros((1, 64, 64)), (2, 2)).any()   # a blank page belongs to no part
     # a box straddling two cells splits a cell's activation only with boxes that share that cell
     split = evidence.token_part_weights([[0, 0, 64, 16], [0, 0, 16, 16]], (2, 2), 64)
     np.testing.assert_allclose(split[:, 0], [2 / 3, 1 / 3])
@@ -123,13 +128,14 @@ def test_counterfactual_with_the_wrong_part_attributed_does_not_match():
         weights = [3.0, 1.0, 2.0, 0.5]
         for shift, out in ((0, right), (1, wrong)):
             models, image, analysis = box_case(origin, weights, shift)
-            out += [(r["actual"], r["predicted_box"]) for r in evidence.counterfactuals(models, image, analysis, 0,
-                                                                                        origin, 0, 0)]
+            out += [(r["actual"], r["predicted_ink"], r["predicted_box"])
+                    for r in evidence.counterfactuals(models, image, analysis, 0, origin, 0, 0)]
     right, wrong = np.array(right), np.array(wrong)
-    assert np.corrcoef(right.T)[0, 1] > 0.9
-    assert np.abs(right[:, 1] - right[:, 0]).mean() < 0.25 * np.abs(right[:, 0]).mean()
-    assert np.corrcoef(wrong.T)[0, 1] < 0.6
-    assert np.abs(wrong[:, 1] - wrong[:, 0]).mean() > 2 * np.abs(right[:, 1] - right[:, 0]).mean()
+    for how in (1, 2):                                      # tokens split by the parts' ink, or by their boxes
+        assert np.corrcoef(right[:, 0], right[:, how])[0, 1] > 0.9
+        assert np.abs(right[:, how] - right[:, 0]).mean() < 0.25 * np.abs(right[:, 0]).mean()
+        assert np.corrcoef(wrong[:, 0], wrong[:, how])[0, 1] < 0.6
+        assert np.abs(wrong[:, how] - wrong[:, 0]).mean() > 2 * np.abs(right[:, how] - right[:, 0]).mean()
 
 
 def test_cam_baseline_of_the_counterfactuals_follows_the_map_it_is_given():
