@@ -147,7 +147,7 @@ def sae_versus_best_baseline(measured: dict, present: np.ndarray, seed: int, n_b
     others = {k: r for k, r in measured.items() if k != "sae"}
     if "sae" not in measured or not others:
         return None
-    best = max(others, key=lambda k: others[k].to_dict()["mean_test_auroc"])
+    best = max(others, key=lambda k: np.nanmean(others[k].selection.test_auroc))
     out = cm.paired_auroc_difference(measured["sae"].unit_scores, others[best].unit_scores, present, n_boot, seed)
     return {"baseline": others[best].code, **out}
 
@@ -155,7 +155,8 @@ def sae_versus_best_baseline(measured: dict, present: np.ndarray, seed: int, n_b
 def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -> str:
     lines = ["## Concept measures, held out (synthetic demo)", "", context, "",
              "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance; shuffled) | cell-centre "
-             "pointing (chance) | own-part CF drop | other-part CF drop | dead |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "pointing (chance) | own-part CF drop | other-part CF drop | dead |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
         pointing = ("–" if r.get("mean_pointing") is None else f"{r['mean_pointing']:.3f} "
                     f"({r['mean_pointing_chance']:.3f}; {_fmt(r.get('mean_pointing_shuffled'))})")
@@ -167,8 +168,8 @@ def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -
     r0 = reports[0]
     lines += ["", f"Perfect class-set detector (label in the part's 4 classes): mean AUROC "
                   f"{r0['mean_class_set_auroc']:.3f}. Best unit chosen on the test split itself (upper bound, "
-                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Cell-centre pointing ceiling "
-                  f"(share of images where any cell centre lies in the part's box): "
+                  f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Cell-centre pointing "
+                  f"ceiling (share of images where any cell centre lies in the part's box): "
                   f"{_fmt(r0.get('mean_pointing_ceiling'))}. Pointing rule: {cm.POINTING_RULE}. Cell-centre rule: "
                   f"{cm.POINTING_CELL_RULE}. Dead: no positive activation on any test image."]
     if versus:

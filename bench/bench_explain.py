@@ -155,7 +155,8 @@ def evaluate_counterfactuals(cfg, models, imageset, test: np.ndarray) -> tuple[l
         analysis = explain.analyse(models, batch)
         for b in range(len(batch)):
             cls = int(analysis.logits[b].argmax())
-            cam = evidence.cam_map(models, analysis, b, cls) - float(models.classifier.fc.bias[cls].detach())  # ink-borne
+            bias = float(models.classifier.fc.bias[cls].detach())           # no ink carries the head's bias
+            cam = evidence.cam_map(models, analysis, b, cls) - bias
             rows += evidence.counterfactuals(models, batch[b], analysis, b, origins[start + b], spec["seed"], cls,
                                              best_part, cam)
         print(f"counterfactuals: {min(start + 64, len(test))}/{len(test)} images", flush=True)
@@ -387,7 +388,8 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
                   f"({fig['stale']} of {fig['n']} differ from the cached sketch: a newer generator):", "",
                   "| evidence attributed to a part by | r (all parts) | r (class parts) | "
                   "mean predicted / mean actual (all) | (class parts) |", "|---|---|---|---|---|"]
-        names = {"predicted_ink": "each token's contribution split by the parts' ink near it (the explanation's figure)",
+        names = {"predicted_ink": "each token's contribution split by the parts' ink near it "
+                                  "(the explanation's figure)",
                  "predicted_box": "the same split by how much of the token's cell each part's box covers",
                  "predicted_best_part": "stage 3's best part type",
                  "predicted_cam": "baseline without concepts: CAM's share of the logit, split by the parts' ink"}

@@ -360,8 +360,8 @@ def pointing_game(unit_maps, boxes, present, part_names: list[str], grid: tuple[
     -------
     :class:`Pointing` over the images holding each part: the peak rule (:func:`peak_points`)
     with two nulls (:func:`noise_chance`, :func:`shuffled_chance`), and the cell-centre rule
-    with its chance and ceiling. A unit whose map is
-    flat on an image (silent) points nowhere: that image counts as a miss under both.
+    with its chance and ceiling. A unit whose map is flat on an image (silent) points
+    nowhere: that image counts as a miss under both.
     """
     maps = np.asarray(unit_maps, dtype=np.float64)
     live = maps.max(2) > maps.min(2)

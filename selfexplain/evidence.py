@@ -326,7 +326,8 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
     removed = np.stack([synthetic.rerender(*origin, size, seed, omit=k, style=style)[0] for k in range(len(parts))])
     actual = class_scores(models, removed, cls)[0] - float(analysis.logits[b, cls])
     code = code_per_token(analysis, b).double().cpu().numpy()                        # (T, M)
-    tokens = code @ models.lens[:, cls].double().cpu().numpy() / len(code)           # (T,) each token's contribution
+    lens = models.lens[:, cls].double().cpu().numpy()                                # (M,) per unit of mean code
+    tokens = code @ lens / len(code)                                                  # (T,) each token's contribution
     part_ink = np.clip(ink_of(full)[None] - ink_of(removed), 0.0, None)              # (P, S, S)
     weights = {"ink": token_ink_weights(part_ink, analysis.hw),
                "box": token_part_weights([p["box"] for p in parts], analysis.hw, size)}   # (P, T) each
@@ -340,6 +341,6 @@ def counterfactuals(models, image_uint8: np.ndarray, analysis, b: int, origin: t
             row["predicted_cam"] = float(-(weights["ink"][k] @ np.ravel(cam)) / len(tokens))
         if best_part is not None:
             ids = [i for i, p in best_part.items() if p == part["part"]]
-            row["predicted_best_part"] = float(-(code.mean(0)[ids] @ models.lens[ids, cls].double().cpu().numpy()))
+            row["predicted_best_part"] = float(-(code.mean(0)[ids] @ lens[ids]))
         out.append(row)
     return out

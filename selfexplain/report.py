@@ -338,9 +338,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_shuffled",
-                 "pointing_cell",
-                 "pointing_cell_chance", "pointing_ceiling",
-                 "cf_own_drop", "cf_other_drop")
+                 "pointing_cell", "pointing_cell_chance", "pointing_ceiling", "cf_own_drop", "cf_other_drop")
 HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
 
 
