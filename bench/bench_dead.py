@@ -8,7 +8,7 @@ Usage
         --layer4_stride=2 --epochs=3 --out_dir=runs/standin25_cnn
     python bench/bench_dead.py --folder_ckpt=runs/standin25_cnn/best.pt     # + the folder rows
 
-Every SAE trains with stage 2's own loop (``sae_train.fit``, default dead-latent handling)
+Every SAE trains with stage 2's own loop (``sae_train.fit``) and ``train_sae.py``'s defaults
 on one token cache per classifier. Each row is then re-measured from the last checkpoint
 with the inference code on every train and validation token: FVU, mean L0 and "dead"
 (a latent that fires on no token of the split; the split must hold at least 10·M/K
@@ -41,7 +41,7 @@ CACHE_DIR = artifacts.CACHE_DIR  # decoded-image and token cache
 LATENT_DIM = 512               # M on the demo tokens
 FOLDER_LATENT_DIM = 256        # M on the folder tokens (issue 13: M=256, K=8 on ~12k tokens)
 TOP_K = 8                      # K (mean L0 for batchtopk)
-EPOCHS = 30                    # SAE epochs per row (train_sae.py's default)
+EPOCHS = 20                    # SAE epochs per row (train_sae.py's default)
 ARCHS = ["topk", "batchtopk"]  # the sparsity rules compared
 WORK_DIR = "bench/_work/dead"  # the rows' SAE run folders
 OUT = "bench/results/dead.md"  # the markdown section (bench/run_all.py merges it into RESULTS.md)
@@ -49,12 +49,20 @@ NUM_THREADS = 0                # CPU threads (0 = torch default)
 SEED = 0                       # SAE init and batch order
 
 
+def stage2_defaults() -> dict:
+    """train_sae.py's constants (dead-latent handling, AuxK weight, learning rate, ...): each row
+    trains exactly as ``python train_sae.py`` would, not with the settings record's bare defaults."""
+    import train_sae
+    return module_constants(vars(train_sae))
+
+
 def train_row(model, tokens: st.SplitTokens, ckpt_path: str, arch: str, latent_dim: int, cfg,
               runtime: Runtime) -> dict:
     """Train one SAE with stage 2's loop; re-measure its last checkpoint on all train and val tokens."""
     out_dir = Path(cfg.WORK_DIR) / f"{Path(ckpt_path).parent.name}-{arch}-m{latent_dim}-k{cfg.TOP_K}"
-    settings = st.SAETrainSettings(out_dir=str(out_dir), classifier_ckpt=ckpt_path, latent_dim=latent_dim,
-                                   top_k=cfg.TOP_K, arch=arch, epochs=cfg.EPOCHS, tensorboard=False, seed=cfg.SEED)
+    settings = st.SAETrainSettings.from_config({**stage2_defaults(), "OUT_DIR": str(out_dir), "CLASSIFIER_CKPT": ckpt_path,
+                                                "LATENT_DIM": latent_dim, "TOP_K": cfg.TOP_K, "ARCH": arch,
+                                                "EPOCHS": cfg.EPOCHS, "TENSORBOARD": False, "SEED": cfg.SEED})
     sae, usage_ema = st.new_sae(tokens, settings, runtime.device)
     optimizer = st.make_sae_optimizer(sae, settings.lr)
     t0 = time.time()
@@ -85,7 +93,9 @@ def rows_for(ckpt_path: str, latent_dim: int, cfg, runtime: Runtime) -> list[dic
 def render(rows: list[dict], cfg) -> list[str]:
     lines = [f"## Dead latents, TopK vs BatchTopK (K={cfg.TOP_K}, {cfg.EPOCHS} epochs, CPU, "
              f"{torch.get_num_threads()} threads)", "",
-             "Stage 2's loop with its default dead-latent handling; figures re-measured from the last checkpoint "
+             f"Stage 2's loop with `train_sae.py`'s defaults (dead latents: {stage2_defaults()['DEAD_LATENTS']}, "
+             f"AuxK weight {stage2_defaults()['AUXK_COEF']}, DEAD_USAGE {stage2_defaults()['DEAD_USAGE']}); "
+             "figures re-measured from the last checkpoint "
              "with the inference code (batchtopk: the threshold θ) on every token of each split. Dead = fires on "
              "no token of the split (each split holds at least 10·M/K tokens).", "",
              "| data | ARCH | M | val FVU | mean L0 val (train) | dead train | dead val | train / val tokens "

@@ -36,9 +36,9 @@ SEED = 0                                      # random draws
 OUT = "bench/results/explain_where.md"        # markdown written here (merged into RESULTS.md)
 
 WAYS = {  # name -> how (n, h, w) maps become one (h, w) map
-    "raw sum (evidence.where_map, the default)": evidence.where_map,
+    "peak-normalised, summed (evidence.where_map, the default)": evidence.where_map,
+    "raw sum": lambda m: np.asarray(m, dtype=np.float64).sum(0),
     "peak-normalised, strongest per token (the overlay's)": lambda m: evidence.peak_normalised(m).max(0),
-    "peak-normalised, summed": lambda m: evidence.peak_normalised(m).sum(0),
     "mass-normalised, summed": lambda m: (m / np.maximum(m.reshape(len(m), -1).sum(1), 1e-12)[:, None, None]).sum(0),
     "square root, summed": lambda m: np.sqrt(np.clip(m, 0, None)).sum(0),
 }

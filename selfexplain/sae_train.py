@@ -52,7 +52,7 @@ class SAETrainSettings:
     resample_sample: int = 8192    # tokens scored when choosing where to resample
     resample_stop: float = 0.95    # no resampling after this share of the epochs
     usage_ema_epochs: float = 0.25  # usage EMA time constant, in epochs of tokens
-    dead_usage: float = 0.01       # dead when usage EMA < dead_usage x K/M
+    dead_usage: float = 0.05       # dead when usage EMA < dead_usage x K/M
     amp: str = "auto"              # encoder matmul autocast mode
     tensorboard: bool = True       # TensorBoard logs in out_dir/tb
     seed: int = 0                  # init, batch order and resampling

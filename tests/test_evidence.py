@@ -40,9 +40,9 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
     assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
 
 
-def test_where_map_sums_the_maps_and_the_overlay_scales_each_to_its_peak():
-    maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
-    assert evidence.where_map(maps).tolist() == [[20.0, 2.0], [0.0, 1.0]]
+def test_where_map_sums_the_maps_each_scaled_to_its_peak_as_the_overlay_draws_them():
+    maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]])
+    assert evidence.where_map(maps).tolist() == [[2.0, 0.1], [0.0, 1.0]]  # a weak neuron counts as much
     assert evidence.peak_normalised(maps).max(0).tolist() == [[1.0, 0.1], [0.0, 1.0]]
     assert evidence.where_map(np.zeros((0, 2, 2))).shape == (2, 2)
 

@@ -7,7 +7,7 @@ import pytest
 
 from selfexplain.errors import UserError
 from selfexplain.synthetic import (CLASS_NAMES, CLASS_PARTS, DISTRACTOR_TYPES, GENERATOR_VERSION,
-                                   PART_TYPES, generate_synthetic, render_sample, rerender,
+                                   PART_TYPES, fresh_sketches, generate_synthetic, render_sample, rerender,
                                    sample_origin)
 
 
@@ -197,3 +197,20 @@ def test_styles_differ_and_an_unknown_style_is_refused():
     assert not np.array_equal(quad["images"], varied["images"])
     with pytest.raises(UserError, match="style"):
         generate_synthetic(1, 48, style="cubist")
+
+
+def test_fresh_sketches_are_new_drawings_of_the_same_classes_reproducibly():
+    """Stage 1's fresh training sketches: sample j + round * n of the same class, never a
+    dataset image (so never a validation or test one), the same in any process count."""
+    origins = [(0, 0), (5, 3), (11, 7)]
+    first = fresh_sketches(origins, 1, 10, 64, seed=0, style="varied")
+    assert first.shape == (3, 64, 64) and first.dtype == np.uint8
+    for k, (c, j) in enumerate(origins):
+        assert np.array_equal(first[k], rerender(c, j + 10, 64, 0, style="varied")[0])
+    assert np.array_equal(first, fresh_sketches(origins, 1, 10, 64, seed=0, style="varied", workers=2))
+    dataset = generate_synthetic(10, 64, seed=0, style="varied")["images"]
+    assert not any(np.array_equal(img, cached) for img in first for cached in dataset)
+    second = fresh_sketches(origins, 2, 10, 64, seed=0, style="varied")
+    assert all(not np.array_equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(UserError, match="round_"):
+        fresh_sketches(origins, 0, 10, 64)
