@@ -59,11 +59,11 @@ LR = 2e-3                      # peak Adam learning rate
 WARMUP_FRACTION = 0.05         # share of steps warming up linearly, then cosine to 0
 DEAD_LATENTS = "auxk"          # resample | auxk | both | none
 AUXK_K = 256                   # AuxK: dead latents used to reconstruct the residual (Gao et al.: C/2)
-AUXK_COEF = 0.5                # AuxK loss weight (Gao et al. use 1/32; demo M=512: 1/8 left 13.5% dead on val, 1/2 2.9%, 1 1.6%)
+AUXK_COEF = 0.5                # AuxK loss weight (Gao et al. use 1/32; quadrants demo at DEAD_USAGE 0.01: 1/8 left 13.5% dead on val, 1/2 2.9%)
 RESAMPLE_SAMPLE = 8192         # tokens scored when choosing where to resample
 RESAMPLE_STOP = 0.95           # no resampling after this share of the epochs (let it settle; 0.8 left 9-11% dead)
 USAGE_EMA_EPOCHS = 0.25        # usage EMA time constant, in epochs of training tokens
-DEAD_USAGE = 0.05              # dead (AuxK target) when usage EMA < DEAD_USAGE x K/M (0.01 left 5.5-7.0% dead on val)
+DEAD_USAGE = 0.05              # dead (AuxK target) when usage EMA < DEAD_USAGE x K/M (demo: 0.01 left 5.5-7.0% dead on val; use 0.01 at M/K >= 128)
 TOKEN_RAM_GB = 4.0             # keep cached tokens in RAM up to this size, else memmap on disk
 MAX_IMAGES = 0                 # cache tokens of a SEED-chosen subset of at most this many images per split (0 = all)
 FEATURE_BATCH = 256            # images per backbone forward when caching tokens (always fp32, as stages 3-5 run it)

@@ -104,6 +104,10 @@ def main(**overrides) -> dict:
     if resumed:
         state, split, prep = ct.restore(resumed, model, optimizer, scaler)
         runtime.log(f"resumed from {last} after epoch {state.epoch}")
+        before = resumed.get("config", {}).get("SYNTHETIC_FRESH", False)
+        if imageset.origins and bool(before) != bool(cfg.SYNTHETIC_FRESH):
+            runtime.log(f"note: the run so far trained with SYNTHETIC_FRESH={before}; "
+                        f"the remaining epochs use {cfg.SYNTHETIC_FRESH}")
     else:
         split, prep = ct.new_split(imageset, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED, cfg.IMAGE_SIZE)
         state = TrainState(best=float("-inf"))

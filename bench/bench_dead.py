@@ -91,10 +91,11 @@ def rows_for(ckpt_path: str, latent_dim: int, cfg, runtime: Runtime) -> list[dic
 
 
 def render(rows: list[dict], cfg) -> list[str]:
+    stage2 = stage2_defaults()
     lines = [f"## Dead latents, TopK vs BatchTopK (K={cfg.TOP_K}, {cfg.EPOCHS} epochs, CPU, "
              f"{torch.get_num_threads()} threads)", "",
-             f"Stage 2's loop with `train_sae.py`'s defaults (dead latents: {stage2_defaults()['DEAD_LATENTS']}, "
-             f"AuxK weight {stage2_defaults()['AUXK_COEF']}, DEAD_USAGE {stage2_defaults()['DEAD_USAGE']}); "
+             f"Stage 2's loop with `train_sae.py`'s defaults (dead latents: {stage2['DEAD_LATENTS']}, "
+             f"AuxK weight {stage2['AUXK_COEF']}, DEAD_USAGE {stage2['DEAD_USAGE']}); "
              "figures re-measured from the last checkpoint "
              "with the inference code (batchtopk: the threshold θ) on every token of each split. Dead = fires on "
              "no token of the split (each split holds at least 10·M/K tokens).", "",

@@ -7,6 +7,8 @@ the config dict, so a notebook can drive a run piece by piece.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +25,16 @@ from .errors import UserError
 from .model import classifier_arch
 
 FRESH_WORKERS = 2  # processes drawing fresh synthetic sketches (4 s -> 2 s per 5,760 sketches on 2 cores)
+
+
+def fresh_workers(world_size: int = 1) -> int:
+    """Drawing processes for :func:`epoch_images`: ``FRESH_WORKERS``, at most the CPUs per rank, and
+    none (draw in this process) where new processes are not forked: a spawned worker re-imports
+    torch and the script every epoch, which costs more than it saves (Windows, macOS)."""
+    import multiprocessing
+    if sys.platform == "win32" or multiprocessing.get_start_method(allow_none=False) != "fork":
+        return 0
+    return min(FRESH_WORKERS, max(1, (os.cpu_count() or 1) // max(1, world_size)))
 
 
 @dataclass
@@ -252,7 +264,8 @@ def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settin
         t0 = time.time()
         order = np.random.default_rng([s.seed, epoch]).permutation(split["train"])
         shard = order[runtime.rank::runtime.world_size][:batches_per_epoch * s.batch_size]
-        images, labels, rows = epoch_images(imageset, shard, epoch, s.synthetic_fresh)
+        images, labels, rows = epoch_images(imageset, shard, epoch, s.synthetic_fresh,
+                                            fresh_workers(runtime.world_size))
         loader = data.batches(images, labels, rows, s.batch_size, drop_last=True)
         bar = tqdm(total=len(shard) * runtime.world_size, desc=f"epoch {epoch}/{s.epochs}", unit="img",
                    disable=None if runtime.is_main else True, leave=False)
@@ -282,21 +295,35 @@ def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settin
     return finish(run, state, settings, runtime)
 
 
-def epoch_images(imageset: data.ImageSet, shard: np.ndarray, epoch: int,
-                 fresh: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, rows) that epoch ``epoch`` trains on, for :func:`data.batches`.
+def epoch_images(imageset: data.ImageSet, shard: np.ndarray, epoch: int, fresh: bool,
+                 workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What epoch ``epoch`` trains on: the cached images, or fresh drawings of the same classes.
 
-    The cached training images; or, with ``fresh`` on a synthetic set from epoch 2 on, the
-    same classes drawn anew (:func:`synthetic.fresh_sketches`, round ``epoch - 1``), in
-    ``FRESH_WORKERS`` processes. (Drawing the next epoch in the background while this one
-    trains saved nothing on 2 saturated cores: 18.5 s per epoch either way, bf16.)
+    Parameters
+    ----------
+    imageset : data.ImageSet
+        The dataset; only a synthetic one (with ``origins``) can be drawn anew.
+    shard : np.ndarray
+        This rank's training indices for the epoch, in batch order.
+    epoch : int
+        1-based; epoch 1 always reads the cache.
+    fresh : bool
+        ``SYNTHETIC_FRESH``: from epoch 2 on, draw round ``epoch - 1`` of
+        :func:`synthetic.fresh_sketches`, sample indices strided past the dataset's largest.
+    workers : int
+        Drawing processes (:func:`fresh_workers`). Drawing the next epoch in the background
+        while this one trains saved nothing on 2 saturated cores (18.5 s per epoch either way).
+
+    Returns
+    -------
+    (images, labels, rows) for :func:`data.batches`: ``images[rows[k]]`` is of class ``labels[rows[k]]``.
     """
     if not fresh or epoch < 2 or not imageset.origins:
         return imageset.images, imageset.labels, shard
     spec = imageset.spec
-    drawn = synthetic.fresh_sketches([imageset.origins[i] for i in shard], epoch - 1, spec.get("per_class", 300),
-                                     spec["image_size"], seed=spec.get("seed", 0),
-                                     style=synthetic.spec_style(spec), workers=FRESH_WORKERS)
+    stride = max(j for _, j in imageset.origins) + 1   # past every sample the dataset holds
+    drawn = synthetic.fresh_sketches([imageset.origins[i] for i in shard], epoch - 1, stride, spec["image_size"],
+                                     seed=spec.get("seed", 0), style=synthetic.spec_style(spec), workers=workers)
     return drawn, np.asarray(imageset.labels)[shard], np.arange(len(shard))
 
 

@@ -34,7 +34,12 @@ DEAD_MIN_FIRES = 10  # dead is counted over splits of at least this many average
 
 @dataclass
 class SAETrainSettings:
-    """Stage 2's training settings (the script's constants of the same names, lower-case)."""
+    """Stage 2's training settings (the script's constants of the same names, lower-case).
+
+    The bare defaults below are a small, quick configuration (tests, notebooks); the
+    demo's defaults are ``train_sae.py``'s constants (``from_config``), which a benchmark
+    meaning "as stage 2 trains" must use (bench_dead does).
+    """
 
     out_dir: str                   # checkpoints, metrics and TensorBoard go here
     classifier_ckpt: str           # recorded in the SAE checkpoint
