@@ -309,3 +309,13 @@ def test_epoch_images_train_on_fresh_sketches_after_the_first_epoch():
         assert not np.array_equal(images[k], gen["images"][i])
     later = ct.epoch_images(imageset, shard, 3, True)[0]
     assert not any(np.array_equal(a, b) for a, b in zip(images, later))
+
+
+def test_fresh_drawing_forks_at_most_the_cpus_per_rank_and_never_spawns(monkeypatch):
+    """Spawned workers would re-import torch every epoch: drawing then stays in-process."""
+    import multiprocessing
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    assert ct.fresh_workers(1) == ct.FRESH_WORKERS and ct.fresh_workers(8) == 1
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert ct.fresh_workers(1) == 0
