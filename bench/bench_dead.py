@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import train_sae  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts  # noqa: E402
 from selfexplain import sae_train as st  # noqa: E402
@@ -52,7 +53,6 @@ SEED = 0                       # SAE init and batch order
 def stage2_defaults() -> dict:
     """train_sae.py's constants (dead-latent handling, AuxK weight, learning rate, ...): each row
     trains exactly as ``python train_sae.py`` would, not with the settings record's bare defaults."""
-    import train_sae
     return module_constants(vars(train_sae))
 
 
@@ -60,9 +60,9 @@ def train_row(model, tokens: st.SplitTokens, ckpt_path: str, arch: str, latent_d
               runtime: Runtime) -> dict:
     """Train one SAE with stage 2's loop; re-measure its last checkpoint on all train and val tokens."""
     out_dir = Path(cfg.WORK_DIR) / f"{Path(ckpt_path).parent.name}-{arch}-m{latent_dim}-k{cfg.TOP_K}"
-    settings = st.SAETrainSettings.from_config({**stage2_defaults(), "OUT_DIR": str(out_dir), "CLASSIFIER_CKPT": ckpt_path,
-                                                "LATENT_DIM": latent_dim, "TOP_K": cfg.TOP_K, "ARCH": arch,
-                                                "EPOCHS": cfg.EPOCHS, "TENSORBOARD": False, "SEED": cfg.SEED})
+    row = {"OUT_DIR": str(out_dir), "CLASSIFIER_CKPT": ckpt_path, "LATENT_DIM": latent_dim, "TOP_K": cfg.TOP_K,
+           "ARCH": arch, "EPOCHS": cfg.EPOCHS, "TENSORBOARD": False, "SEED": cfg.SEED}
+    settings = st.SAETrainSettings.from_config({**stage2_defaults(), **row})
     sae, usage_ema = st.new_sae(tokens, settings, runtime.device)
     optimizer = st.make_sae_optimizer(sae, settings.lr)
     t0 = time.time()

@@ -372,8 +372,8 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.3f}x** "
              f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
              f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
-             "the neurons' token maps, each scaled to its peak, summed (`evidence.where_map`, chosen on the validation split: see "
-             "`bench/choose_where_map.py`).", ""]
+             "the neurons' token maps, each scaled to its peak, summed (`evidence.where_map`, chosen on the "
+             "validation split: see `bench/choose_where_map.py`).", ""]
     if "deletion_auc" in fig:
         lines += [f"Deletion / insertion over {fig['curves_n']} images citing >= 2 concepts, each concept's region "
                   f"{cfg.REGION_SHARE:.0%} of the ink (all regions together: {fig['ink_final']:.0%} on average); "

@@ -38,6 +38,8 @@ exclusive, so ``image[y0:y1, x0:x1]`` holds the part's strokes.
 """
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -526,7 +528,6 @@ def fresh_sketches(origins, round_: int, n_per_class: int, image_size: int, seed
     if n_chunks == 1:
         parts = [_redraw_chunk(a) for a in args]
     else:
-        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(len(args)) as pool:
             parts = list(pool.map(_redraw_chunk, args))
     out = np.empty((len(shifted), image_size, image_size), dtype=np.uint8)
