@@ -17,7 +17,8 @@ supplied the most evidence, each with its concept (stage 4's LLM answer, else st
 statistics summary, else "neuron <id>") and its share of the positive evidence. The
 numbers are exact: logit = Σ cited contributions + others + bias + SAE error (see
 selfexplain/explain.py). The evidence line whites out INK_SHARE of the sketch's ink where
-the cited concepts fire, reruns the classifier, and compares the logit's drop with the same
+the cited concepts fire (their token maps, upsampled, times the ink that carries their
+activation: gradient x ink), reruns the classifier, and compares the logit's drop with the same
 amount of ink where random active neurons fire and where CAM is highest (--fast=True skips
 it); the consistency line zeroes the cited neurons in the code, which is true by
 construction and printed only as a check of the arithmetic. Every explanation

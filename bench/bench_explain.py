@@ -2,8 +2,9 @@
 
 Latency, per image, on CPU, models already loaded, in alternating rounds (median kept):
 bare classifier forward; the explanation without the input-space check (the fast path);
-the explanation with it (one batched rerun of the classifier on 2 + RANDOM_DRAWS edited
-sketches).
+the explanation with it (one batched gradient pass for the pixel attribution of the
+1 + RANDOM_DRAWS neuron sets, then one batched rerun of the classifier on 2 + RANDOM_DRAWS
+edited sketches).
 
 With trained checkpoints, over the classifier's test split (MAX_IMAGES, 0 = all):
 
@@ -31,20 +32,22 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench.plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from selfexplain import artifacts, data, evidence, explain, serve, synthetic  # noqa: E402
+from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
 from selfexplain.imaging import png_bytes  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
@@ -108,11 +111,20 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
     cited, sets = cited_and_random(models, analysis, b, cls, cfg, rng)
     out = {"deletion": evidence.input_deletion(models, image, analysis, b, cited, cls, sets, cfg.INK_SHARE),
            "code_cited": float((analysis.z_mean[b, cited] * models.lens[cited, cls]).sum())}
+    if cited:
+        out["deletion"]["class_pixels_drop"] = class_pixels_drop(models, image, analysis, b, cls, cfg.INK_SHARE)
     if len(cited) >= 2:
-        regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE)
+        pixels = evidence.set_activation_pixels(models, image, [[i] for i in cited]) if evidence.PIXEL_MAPS else None
+        regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE, pixels)
         out["curves"] = evidence.region_curves(image, regions, evidence.cam_map(models, analysis, b, cls),
                                                lambda ims: evidence.class_scores(models, ims, cls)[0], rng)
     return out
+
+
+def class_pixels_drop(models, image, analysis, b: int, cls: int, ink_share: float) -> float:
+    """For scale: the logit drop after whiting out the ink that carries the class logit itself (no concepts)."""
+    mask = evidence.rank_ink(image, evidence.class_logit_pixels(models, image, cls)[None], ink_share)
+    return float(analysis.logits[b, cls]) - float(evidence.class_scores(models, evidence.delete_ink(image, mask), cls)[0][0])
 
 
 # ----------------------------------------------------------------------------- the test split
@@ -219,28 +231,60 @@ def timed(fn, items) -> float:
 
 @contextlib.contextmanager
 def page_poster(cfg, clf, sae):
-    """A local draw-and-explain server (``why_did_you.py --serve=True``'s, with this benchmark's N_CITE,
-    RANDOM_DRAWS and INK_SHARE, the input check on) and a function that encodes one sketch as PNG (as a
-    browser would, inside the timed call), POSTs it to ``/explain`` and reads the whole JSON answer."""
-    server = serve.make_server(clf, sae, cfg.REPORT_DIR, cfg.CACHE_DIR, port=0, device="cpu", quiet=True,
-                               n_cite=cfg.N_CITE, n_random=cfg.RANDOM_DRAWS, input_check=True, ink_share=cfg.INK_SHARE)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    """``why_did_you.py --serve=True`` in its own process, as a person runs it (this benchmark's N_CITE,
+    RANDOM_DRAWS and INK_SHARE, the input check on), and a function that encodes one sketch as PNG (as a
+    browser would, inside the timed call), POSTs it to ``/explain`` and reads the whole JSON answer.
 
-    def post(image: np.ndarray) -> None:
-        conn.request("POST", "/explain", png_bytes(image), {"Content-Type": "image/png"})
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"POST /explain answered {response.status}: {body[:200]!r}")
+    Its own process: there the model passes run on the server's main thread (``serve.run_server``); in
+    this process, whose main thread has run torch already, a server thread's passes took ~35% longer.
+    """
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "why_did_you.py"), "--serve=True", f"--port={port}", f"--classifier_ckpt={clf}",
+           f"--sae_ckpt={sae}", f"--report_dir={cfg.REPORT_DIR}", f"--cache_dir={cfg.CACHE_DIR}", "--device=cpu",
+           f"--n={cfg.N_CITE}", f"--random_draws={cfg.RANDOM_DRAWS}", f"--ink_share={cfg.INK_SHARE}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.THREADS)) if cfg.THREADS else None
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            conn = wait_for_page(proc, port, errors)
 
-    try:
-        yield post
-    finally:
-        conn.close()
-        server.shutdown()
-        server.server_close()
+            def post(image: np.ndarray) -> None:
+                conn.request("POST", "/explain", png_bytes(image), {"Content-Type": "image/png"})
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"POST /explain answered {response.status}: {body[:200]!r}")
+
+            yield post
+            conn.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_page(proc: subprocess.Popen, port: int, errors, timeout_s: float = 300.0) -> http.client.HTTPConnection:
+    """A kept-alive connection to the server once ``GET /`` answers; its stderr in the error if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            errors.seek(0)
+            raise RuntimeError(f"the page server exited ({proc.returncode}): {errors.read().decode()[-2000:]}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("GET", "/")
+            conn.getresponse().read()
+            return conn
+        except OSError:
+            conn.close()
+            time.sleep(0.2)
+    raise RuntimeError(f"the page server did not answer within {timeout_s:.0f} s")
 
 
 def latency(cfg, models, clf, sae, images, post=None) -> dict:
@@ -261,8 +305,8 @@ def latency(cfg, models, clf, sae, images, post=None) -> dict:
                  lambda im: explain.explain_image(im, **kw, input_check=True, ink_share=cfg.INK_SHARE), items)}
     out = alternating_rounds(sides, cfg.ROUNDS)
     if post is not None:
-        # after the in-process sides, not among them: the server's handler thread has its own OpenMP pool, whose
-        # spinning workers slowed the in-process sides by ~3 ms per image when the rounds alternated
+        # after the in-process sides, not among them: the server process's OpenMP workers, spinning after each
+        # request, slowed the in-process sides when the rounds alternated
         out.update(alternating_rounds({_PAGE_REQUEST: lambda: timed(post, items)}, cfg.ROUNDS))
     return out
 
@@ -367,13 +411,21 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              "| ink chosen by | logit drop | probability drop |", "|---|---|---|",
              f"| cited concepts' maps | {d['input_cited_drop']:.3f} | {d['input_cited_prob_drop']:.3f} |",
              f"| random active neurons' maps | {d['input_random_drop']:.3f} | {d['input_random_prob_drop']:.3f} |",
-             f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |", "",
-             f"Cited / random: **{fig['ratio_random']:.3f}x** (target >= 1.5x, "
-             f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.3f}x** "
-             f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
-             f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
-             "the neurons' token maps, each scaled to its peak, summed (`evidence.where_map`, chosen on the "
-             "validation split: see `bench/choose_where_map.py`).", ""]
+             f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |"]
+    if "class_pixels_drop" in d:
+        lines.append(f"| for scale, no concepts: the class logit's own pixel attribution (gradient x ink) | "
+                     f"{d['class_pixels_drop']:.3f} | – |")
+    pixel_words = (" times the pixel attribution of the set's activation (gradient x ink, positive part: "
+                   "`evidence.set_activation_pixels`)") if evidence.PIXEL_MAPS else ""
+    lines += ["", f"Cited / random: **{fig['ratio_random']:.3f}x** (target >= 1.5x, "
+              f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.3f}x** "
+              f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
+              f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
+              f"the neurons' token maps summed (`evidence.where_map`), upsampled"
+              f"{pixel_words}; the same rule for the cited and the random sets; chosen on the validation split "
+              "(`bench/choose_where_map.py`). CAM stays the token-level class map the target names; its "
+              "pixel-level counterpart (the row for scale) removes more evidence than any concept map, so the "
+              "concepts carry CAM's evidence, not all of the class's.", ""]
     if "deletion_auc" in fig:
         lines += [f"Deletion / insertion over {fig['curves_n']} images citing >= 2 concepts, each concept's region "
                   f"{cfg.REGION_SHARE:.0%} of the ink (all regions together: {fig['ink_final']:.0%} on average); "

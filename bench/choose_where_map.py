@@ -1,12 +1,15 @@
-"""Choose, on the validation split, how the input-space check combines the cited neurons' maps.
+"""Choose, on the validation split, how the input-space check ranks the ink where neurons fire.
 
 The deletion check (selfexplain/evidence.py) whites out the ink where several neurons fire.
-Their token maps have to be combined into one "where" first, and raw activations are not
-comparable across neurons. This script scores a few ways of combining them on the
-*validation* split (the test split is left to ``bench_explain.py``'s headline figures):
-for each way, the logit drop after whiting out ``INK_SHARE`` of the ink by the cited
-concepts' combined map and by random active neurons' combined map (the same rule for both),
-beside CAM. The default in ``evidence.where_map`` is the row chosen here.
+Their token maps have to be combined into one "where" first (raw activations are not
+comparable across neurons), and a token map (4x4 on the demo) says which cells, not which
+ink inside them. This script scores each way of combining the maps, alone (upsampled) and
+times the pixel attribution of the set's activation (``evidence.set_activation_pixels``),
+on the *validation* split (the test split is left to ``bench_explain.py``'s headline
+figures): for each way, the logit drop after whiting out ``INK_SHARE`` of the ink by the
+cited concepts' map and by random active neurons' maps (the same rule for both), beside
+CAM. The rule: the highest cited / random among the ways with cited >= 0.95x CAM; the
+defaults in ``evidence.where_map`` and ``evidence.PIXEL_MAPS`` are the row chosen here.
 
 Usage: python bench/choose_where_map.py [--max_images=0] [--out=bench/results/explain_where.md]
 """
@@ -36,21 +39,38 @@ SEED = 0                                      # random draws
 OUT = "bench/results/explain_where.md"        # markdown written here (merged into RESULTS.md)
 
 WAYS = {  # name -> how (n, h, w) maps become one (h, w) map
-    "peak-normalised, summed (evidence.where_map, the default)": evidence.where_map,
-    "raw sum": lambda m: np.asarray(m, dtype=np.float64).sum(0),
+    "raw sum (evidence.where_map)": evidence.where_map,
+    "peak-normalised, summed": lambda m: evidence.peak_normalised(m).sum(0),
     "peak-normalised, strongest per token (the overlay's)": lambda m: evidence.peak_normalised(m).max(0),
     "mass-normalised, summed": lambda m: (m / np.maximum(m.reshape(len(m), -1).sum(1), 1e-12)[:, None, None]).sum(0),
     "square root, summed": lambda m: np.sqrt(np.clip(m, 0, None)).sum(0),
 }
+PIXELS_ONLY = "none: pixel attribution alone"  # the pixel map without the token map's cells
 
 
 def image_drops(models, image: np.ndarray, analysis, b: int, cited: list, random_sets: list, cls: int,
                 ink_share: float) -> dict[str, tuple[float, float, float]]:
-    """Per way: (cited drop, mean random drop, CAM drop) of class ``cls``'s logit on one image."""
-    out = {}
+    """Per row: (cited drop, mean random drop, CAM drop) of class ``cls``'s logit on one image.
+
+    One gradient pass for the pixel attribution of all sets and one forward for every row's
+    masks: rows are each way with the token map alone and times the pixel attribution.
+    """
+    sets = [list(cited)] + [list(r) for r in random_sets]
+    size = image.shape[-1]
+    pixels = evidence.set_activation_pixels(models, image, sets)
+    rows = {}
     for name, combine in WAYS.items():
-        d = evidence.input_deletion(models, image, analysis, b, cited, cls, random_sets, ink_share, combine=combine)
-        out[name] = (d["input_cited_drop"], d["input_random_drop"], d["cam_drop"])
+        token = evidence.upsample(np.stack([combine(evidence.token_maps(analysis, b, ids)) for ids in sets]), size)
+        rows[f"{name} x pixel attribution"], rows[f"{name}, token map alone"] = token * pixels, token
+    rows[PIXELS_ONLY] = pixels
+    cam = evidence.upsample(evidence.cam_map(models, analysis, b, cls)[None], size)
+    masks = evidence.rank_ink(image, np.concatenate(list(rows.values()) + [cam]), ink_share)
+    logits, _ = evidence.class_scores(models, evidence.delete_ink(image, masks), cls)
+    drops = float(analysis.logits[b, cls]) - logits
+    out = {}
+    for k, name in enumerate(rows):
+        d = drops[k * len(sets):(k + 1) * len(sets)]
+        out[name] = (float(d[0]), float(d[1:].mean()), float(drops[-1]))
     return out
 
 
@@ -61,7 +81,7 @@ def main(**overrides) -> dict:
     idx = np.sort(np.asarray(models.classifier_ckpt["split"][cfg.SPLIT]))
     idx = idx[:cfg.MAX_IMAGES] if cfg.MAX_IMAGES else idx
     picks = SimpleNamespace(N_CITE=cfg.N_CITE, RANDOM_DRAWS=cfg.RANDOM_DRAWS)
-    rows = {name: [] for name in WAYS}
+    rows: dict[str, list] = {}
     for start in range(0, len(idx), 64):
         batch = np.ascontiguousarray(imageset.images[idx[start:start + 64]])
         analysis = explain.analyse(models, batch)
@@ -72,18 +92,28 @@ def main(**overrides) -> dict:
             if cited:
                 for name, drops in image_drops(models, batch[b], analysis, b, cited, sets, cls,
                                                cfg.INK_SHARE).items():
-                    rows[name].append(drops)
+                    rows.setdefault(name, []).append(drops)
         print(f"{min(start + 64, len(idx))}/{len(idx)} images", flush=True)
     means = {name: np.mean(r, 0) for name, r in rows.items()}
-    lines = [f"### Combining the cited neurons' maps: chosen on the {cfg.SPLIT} split", "",
-             f"`bench/choose_where_map.py`: {len(rows[next(iter(WAYS))])} {cfg.SPLIT} images, {cfg.N_CITE} cited "
+    chosen = choose(means)
+    lines = [f"### Ranking the ink where neurons fire: chosen on the {cfg.SPLIT} split", "",
+             f"`bench/choose_where_map.py`: {len(rows[chosen])} {cfg.SPLIT} images, {cfg.N_CITE} cited "
              f"concepts, {cfg.RANDOM_DRAWS} random active sets, {cfg.INK_SHARE:.0%} of the ink whited out; the same "
-             "rule combines the cited and the random neurons' maps. Logit drops:", "",
+             "rule ranks the cited and the random neurons' ink. Each way of combining the token maps, upsampled, "
+             "alone or times the pixel attribution of the set's activation (gradient x ink, positive part). "
+             "Chosen (**bold**): the highest cited / random among the rows with cited >= 0.95x CAM. Logit drops:", "",
              "| way | cited | random active | CAM | cited / random | cited / CAM |", "|---|---:|---:|---:|---:|---:|"]
-    for name, (c, r, cam) in means.items():
-        lines.append(f"| {name} | {c:.3f} | {r:.3f} | {cam:.3f} | {c / max(r, 1e-12):.3f} | {c / max(cam, 1e-12):.3f} |")
+    for name, (c, r, cam) in sorted(means.items(), key=lambda kv: -kv[1][0] / max(kv[1][1], 1e-12)):
+        label = f"**{name}**" if name == chosen else name
+        lines.append(f"| {label} | {c:.3f} | {r:.3f} | {cam:.3f} | {c / max(r, 1e-12):.3f} | {c / max(cam, 1e-12):.3f} |")
     write_section(cfg.OUT, lines)
-    return {name: m.tolist() for name, m in means.items()}
+    return {"chosen": chosen, "means": {name: m.tolist() for name, m in means.items()}}
+
+
+def choose(means: dict[str, np.ndarray]) -> str:
+    """The row with the highest cited / random among those with cited >= 0.95x CAM (all rows if none)."""
+    ok = [n for n, (c, r, cam) in means.items() if c >= 0.95 * cam] or list(means)
+    return max(ok, key=lambda n: means[n][0] / max(means[n][1], 1e-12))
 
 
 if __name__ == "__main__":

@@ -272,8 +272,13 @@ def model_input(batch_uint8: torch.Tensor, prep: dict, device: torch.device | st
     ink = 1.0 - x.unsqueeze(1).float() / 255.0
     if augment_batch:
         ink = augment(ink, generator)
-    x = (ink - prep["mean"]) / prep["std"]
+    x = standardise_ink(ink, prep)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def standardise_ink(ink: torch.Tensor, prep: dict) -> torch.Tensor:
+    """Ink (darkness in [0, 1], paper 0) -> the classifier's input scale (``prep``'s mean and std)."""
+    return (ink - prep["mean"]) / prep["std"]
 
 
 def batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,

@@ -6,12 +6,15 @@ check, true by construction. The experiments here change the *image* and rerun t
 classifier, so a wrong explanation shows:
 
 * input-space deletion (:func:`input_deletion`): white out the ink where the cited
-  concepts fire (their sparse-code token maps, each scaled to its peak, summed
-  (:func:`where_map`), upsampled bilinearly, ink pixels ranked by the map, the strongest
-  pixels covering ``ink_share`` of the ink) and measure the
-  predicted class's logit and probability drop; beside it the same amount of ink under
-  random active neurons' maps (mean over draws) and under CAM, the class activation map
-  ``W_c · A(h, w) + b_c`` of the GAP + linear head (its mean over tokens is the logit);
+  concepts fire and measure the predicted class's logit and probability drop; beside it
+  the same amount of ink under random active neurons' maps (mean over draws, the same
+  rule) and under CAM, the class activation map ``W_c · A(h, w) + b_c`` of the GAP +
+  linear head (its mean over tokens is the logit). "Where a set of neurons fires" at
+  pixel level (:func:`concept_scores`): their sparse-code token maps summed
+  (:func:`where_map`) and upsampled bilinearly, times the ink that carries
+  their activation (:func:`set_activation_pixels`: gradient x ink of the set's summed
+  code, positive part); ink pixels are ranked by it, the strongest covering ``ink_share``
+  of the ink;
 * deletion and insertion curves (:func:`region_curves`): remove from the sketch (or add
   back onto a blank page) the cited concepts' ink regions one concept at a time in the
   explanation's order, beside a random order of the same regions, CAM-ranked ink of equal
@@ -40,6 +43,9 @@ from . import data, synthetic
 from .errors import UserError
 
 INK_SHARE = 0.2  # default share of the sketch's ink an input-space check removes
+# rank ink by token maps x pixel attribution (True) or by the upsampled token maps alone (False); chosen on the
+# validation split (bench/choose_where_map.py): cited / random active 1.69x against 1.43x
+PIXEL_MAPS = True
 # counterfactuals: σ of the window, in cells, that splits a token's evidence among the parts' ink (chosen on the
 # validation split among 1/16 .. 6/4 of a cell and the boxes: bench/results/explain_notes.md)
 INK_SIGMA = 0.25
@@ -116,30 +122,32 @@ def peak_normalised(maps: np.ndarray) -> np.ndarray:
 
 
 def where_map(maps: np.ndarray) -> np.ndarray:
-    """One (h, w) "where" of several neurons' token maps (n, h, w): each scaled to its own
-    peak, then summed (every cited neuron says where it fires with one voice).
+    """One (h, w) "where" of several neurons' token maps (n, h, w): their sum, the set's code per token.
 
+    The same quantity :func:`set_activation_pixels` attributes to the ink (the set's summed
+    code), so the token map says which cells carry it and the pixel map which ink inside them.
     Chosen on the validation split (``bench/choose_where_map.py``, figures in
-    bench/RESULTS.md) over the raw sum and three other ways, by cited / random active
-    among the ways with cited >= 0.95x CAM: on the demo's fresh-sketch classifier 1.428x
-    against 1.388x for the raw sum (the default before, when the two tied). No maps
-    (n = 0) is all zeros.
+    bench/RESULTS.md) by cited / random active among the ways with cited >= 0.95x CAM: times
+    the pixel attribution, 1.692x against 1.665x for the maps each scaled to its peak (the
+    choice with token maps alone, where the sum gave 1.388x against 1.428x). No maps (n = 0)
+    is all zeros.
     """
     maps = np.asarray(maps, dtype=np.float64)
-    if len(maps) == 0:
-        return np.zeros(maps.shape[1:], dtype=np.float64)
-    return peak_normalised(maps).sum(0)
+    return maps.sum(0) if len(maps) else np.zeros(maps.shape[1:], dtype=np.float64)
 
 
-def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
+def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE,
+                     pixels: np.ndarray | None = None) -> np.ndarray:
     """Ink pixels (S, S) to white out: the strongest region of :func:`where_map` covering ``ink_share``.
 
     Works for any token maps: cited concepts' code maps, random neurons' maps, or CAM as a
-    single map (``cam[None]``). No maps (n = 0) selects nothing.
+    single map (``cam[None]``); ``pixels`` (S, S), when given, multiplies the upsampled map
+    (:func:`set_activation_pixels`). No maps (n = 0) selects nothing.
     """
     if len(maps) == 0:
         return np.zeros(np.shape(image_uint8), dtype=bool)
-    return rank_ink(image_uint8, upsample(where_map(maps)[None], image_uint8.shape[-1]), ink_share)[0]
+    scores = upsample(where_map(maps)[None], image_uint8.shape[-1])[0]
+    return rank_ink(image_uint8, (scores if pixels is None else scores * pixels)[None], ink_share)[0]
 
 
 def ink_share_of(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -158,6 +166,69 @@ def insert_ink(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(masks, image_uint8[None], np.uint8(255)).astype(np.uint8)
 
 
+# ----------------------------------------------------------------------------- pixel attribution
+def ink_attribution(models, image_uint8: np.ndarray, objective: Callable[[torch.Tensor], torch.Tensor],
+                    copies: int) -> np.ndarray:
+    """Per objective d, the positive part of ``∂objective_d/∂ink × ink`` at each pixel: (D, S, S).
+
+    Whiting out a pixel sets its ink to 0, so ``gradient × ink`` is, to first order, how
+    much of objective d its removal takes away. ``objective`` maps the classifier's layer4
+    maps of ``copies`` identical copies of the sketch (D, C, H, W) to (D,); one batched
+    forward and backward serve all D (faster here than one backward per objective).
+    """
+    ink = torch.from_numpy(ink_of(image_uint8).astype(np.float32)).to(models.device)
+    ink = ink[None, None].repeat(copies, 1, 1, 1).requires_grad_(True)
+    with torch.enable_grad():
+        fmap = models.classifier.features(data.standardise_ink(ink, models.classifier_ckpt["preprocess"])).float()
+        grad, = torch.autograd.grad(objective(fmap).sum(), ink)
+    return (grad * ink).clamp_min(0)[:, 0].detach().cpu().numpy().astype(np.float64)
+
+
+def set_activation_pixels(models, image_uint8: np.ndarray, neuron_sets: Sequence[Sequence[int]]) -> np.ndarray:
+    """(D, S, S): for each set of neurons, the ink that carries its summed Top-K code (:func:`ink_attribution`).
+
+    The code is the SAE's inference code of every token, summed over the set's neurons and
+    the tokens; an empty set carries nothing (all zeros).
+    """
+    sae = models.sae
+    member = torch.zeros(len(neuron_sets), sae.n_latents, device=models.device)
+    for d, ids in enumerate(neuron_sets):
+        member[d, torch.as_tensor(list(ids), dtype=torch.long)] = 1.0
+
+    def summed_code(fmap: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = fmap.shape
+        values, indices = sae.encode_topk(sae.map_to_tokens(fmap))
+        values, indices = values.reshape(b, h * w, -1), indices.reshape(b, h * w, -1)
+        rows = torch.arange(b, device=fmap.device)[:, None, None]
+        return (values * member[rows, indices]).sum((1, 2))
+
+    return ink_attribution(models, image_uint8, summed_code, len(neuron_sets))
+
+
+def class_logit_pixels(models, image_uint8: np.ndarray, cls: int) -> np.ndarray:
+    """(S, S): the ink that carries class ``cls``'s logit (gradient × ink, positive part); no concepts.
+
+    A pixel-level class map for scale (``bench_explain``): what the best evidence at pixel
+    resolution removes, against which concepts' maps can be read.
+    """
+    head = lambda fmap: models.classifier.head(fmap)[:, cls]  # noqa: E731
+    return ink_attribution(models, image_uint8, head, 1)[0]
+
+
+def concept_scores(models, image_uint8: np.ndarray, analysis, b: int, neuron_sets: Sequence[Sequence[int]],
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool = PIXEL_MAPS) -> np.ndarray:
+    """Where each set of neurons fires on image ``b``, at pixel resolution: (D, S, S).
+
+    ``combine`` (:func:`where_map` by default) of the set's token maps, upsampled; with
+    ``pixel``, times :func:`set_activation_pixels` (the token map says which cells, the
+    gradient which ink inside them). An empty set scores zero everywhere.
+    """
+    combine = combine or where_map
+    maps = [combine(token_maps(analysis, b, ids)) if len(ids) else np.zeros(analysis.hw) for ids in neuron_sets]
+    scores = upsample(np.stack(maps), image_uint8.shape[-1]).astype(np.float64)
+    return scores * set_activation_pixels(models, image_uint8, neuron_sets) if pixel else scores
+
+
 # ----------------------------------------------------------------------------- the classifier, rerun
 @torch.no_grad()
 def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,13 +242,13 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- input-space deletion
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
                    random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE,
-                   combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool = PIXEL_MAPS) -> dict:
     """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
 
     Three ways to choose the ink, one batched forward for all of them: where the cited
-    neurons fire (``combine`` of their token maps, :func:`where_map` by default), where each
-    random set of active neurons fires (the same rule; the drop averaged over
-    ``random_sets``), and where CAM for ``cls`` is highest.
+    neurons fire (:func:`concept_scores` with ``combine`` and ``pixel``), where each random
+    set of active neurons fires (the same rule; the drop averaged over ``random_sets``),
+    and where CAM for ``cls`` is highest (its token map, upsampled).
 
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
@@ -185,11 +256,10 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
-    combine = combine or where_map
-    scores = [combine(token_maps(analysis, b, ids)) if ids else np.zeros(analysis.hw) for ids in sets]
-    scores.append(cam_map(models, analysis, b, cls))
+    scores = concept_scores(models, image_uint8, analysis, b, sets, combine, pixel)
+    cam = upsample(cam_map(models, analysis, b, cls)[None], size)
     shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share]          # no neurons: no ink
-    masks = rank_ink(image_uint8, upsample(np.stack(scores), size), np.array(shares))
+    masks = rank_ink(image_uint8, np.concatenate([scores, cam]), np.array(shares))
     logits, probs = class_scores(models, delete_ink(image_uint8, masks), cls)
     logit0, prob0 = float(analysis.logits[b, cls]), float(analysis.probs[b, cls])
     drop, prob_drop = logit0 - logits, prob0 - probs
@@ -213,9 +283,15 @@ class Curves:
     ink: dict[str, np.ndarray]         # share of the ink removed / added at each step
 
 
-def concept_regions(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE) -> np.ndarray:
-    """Each concept's own ink region (n, S, S): the ``ink_share`` of the ink where its map (n, h, w) is strongest."""
-    return rank_ink(image_uint8, upsample(maps, image_uint8.shape[-1]), ink_share)
+def concept_regions(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE,
+                    pixels: np.ndarray | None = None) -> np.ndarray:
+    """Each concept's own ink region (n, S, S): the ``ink_share`` of the ink where its map (n, h, w) is strongest.
+
+    ``pixels`` (n, S, S), when given, multiplies each upsampled map (each concept's own
+    :func:`set_activation_pixels`), as the input-space check ranks ink.
+    """
+    scores = upsample(maps, image_uint8.shape[-1])
+    return rank_ink(image_uint8, scores if pixels is None else scores * pixels, ink_share)
 
 
 def cumulative(regions: np.ndarray, order: Sequence[int]) -> np.ndarray:

@@ -300,7 +300,8 @@ def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_id
     and the head reruns. A consistency check, true by construction: the head is linear and
     the cited neurons are the largest contributions, so no other set can drop more.
     On the input (``input_*``, ``cam_drop``, with ``image``): the drop after whiting out
-    ``ink_share`` of the sketch's ink where the neurons fire, rerunning the whole
+    ``ink_share`` of the sketch's ink where the neurons fire (token maps times pixel
+    attribution, :func:`evidence.concept_scores`), rerunning the whole
     classifier; evidence, since it could come out no better than random or than CAM.
     """
     if not cited_ids:

@@ -10,15 +10,22 @@ Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from 
 * ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
   sprites), read-only, refusing any path that leaves ``REPORT_DIR``.
 
-Models load once, when the server is made; one lock serialises the model passes, so
-concurrent requests are safe (each request's explanation owns its own tensors).
+Models load once, when the server is made, and every model pass is serialised, so
+concurrent requests are safe (each request's explanation owns its own tensors). Under
+:func:`run_server` (``why_did_you.py --serve=True``) the passes run on the main thread, the
+one that loaded the models, and the HTTP handlers only parse and answer: a second thread
+running torch next to the main thread's idle OpenMP pool took ~35% longer per explanation
+here (2 cores), which the page's 100 ms budget cannot spare. :func:`make_server` alone
+(tests, embedding) runs the passes in the handler threads under a lock.
 """
 from __future__ import annotations
 
 import base64
 import json
 import mimetypes
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +54,7 @@ class Explainer:
     report_dir: str
     options: dict = field(default_factory=dict)   # keyword arguments for explain.explain_images
     lock: threading.Lock = field(default_factory=threading.Lock)
+    jobs: queue.Queue | None = None   # set: the passes run where :meth:`work` drains it (run_server: main thread)
 
     def explain_png(self, payload: bytes) -> dict:
         """PNG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError."""
@@ -56,10 +64,17 @@ class Explainer:
             image = decode_image(payload, self.models.image_size)
         except BadImage as exc:
             raise UserError(f"cannot read the PNG: {exc}") from None
-        with self.lock:  # one model pass at a time: torch modules are shared, CPU threads are few
-            exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
-                                         report_dir=self.report_dir, judge=self.calibration.judge,
-                                         **self.options)[0]
+        if self.jobs is None:
+            with self.lock:  # one model pass at a time: torch modules are shared, CPU threads are few
+                return self.answer(image)
+        done: Future = Future()
+        self.jobs.put((image, done))
+        return done.result()
+
+    def answer(self, image) -> dict:
+        """One decoded sketch -> the answer object (the model pass, familiarity, the overlay PNG)."""
+        exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
+                                     report_dir=self.report_dir, judge=self.calibration.judge, **self.options)[0]
         exp.image = "<upload>"
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
@@ -67,6 +82,21 @@ class Explainer:
         out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp), compress_level=1)
                                               ).decode("ascii")
         return out
+
+    def work(self, stop: threading.Event, poll_s: float = 0.5) -> None:
+        """Answer queued requests one at a time on the calling thread until ``stop`` is set.
+
+        A failing request fails only its own future (the handler answers a 400 or a 500 and serves on).
+        """
+        while not stop.is_set():
+            try:
+                image, done = self.jobs.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            try:
+                done.set_result(self.answer(image))
+            except Exception as exc:  # noqa: BLE001 (handed to the waiting handler, which reports it)
+                done.set_exception(exc)
 
 
 def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
@@ -118,6 +148,10 @@ class Handler(BaseHTTPRequestHandler):
         except UserError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 (one failed request must not take the page down)
+            log(f"error: POST /explain failed: {type(exc).__name__}: {exc}")
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the explanation failed: {type(exc).__name__}: {exc}")
+            return
         self._send(HTTPStatus.OK, json.dumps(result, ensure_ascii=False).encode("utf-8"), "application/json")
 
     def _drain(self, length: int) -> None:
@@ -165,11 +199,15 @@ def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: 
                port: int = 8000, device: str = "auto", **options) -> None:
     """Serve the draw-and-explain page until Ctrl-C (``why_did_you.py --serve=True``)."""
     server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, **options)
+    server.explainer.jobs = queue.Queue()
+    http_thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    http_thread.start()
     host, port = server.server_address[:2]
     log(f"draw-and-explain page on http://{host}:{port}/ (the atlas at /atlas/index.html); Ctrl-C stops")
     try:
-        server.serve_forever()
+        server.explainer.work(threading.Event())  # the model passes, on this (the main) thread
     except KeyboardInterrupt:
         log("stopped")
     finally:
+        server.shutdown()
         server.server_close()

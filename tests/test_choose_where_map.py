@@ -7,12 +7,23 @@ from selfexplain import artifacts, evidence
 
 def test_choose_where_map_scores_every_rule_on_validation(tiny_classifier, tiny_sae, cache_dir, tmp_path):
     out = tmp_path / "where.md"
-    means = choose_where_map.main(classifier_ckpt=str(tiny_classifier / artifacts.BEST_CLASSIFIER),
-                                  sae_ckpt=str(tiny_sae / artifacts.BEST_SAE), cache_dir=str(cache_dir),
-                                  max_images=6, random_draws=2, out=str(out))
-    assert list(means) == list(choose_where_map.WAYS)
-    assert choose_where_map.WAYS[next(iter(choose_where_map.WAYS))] is evidence.where_map  # the default row
+    result = choose_where_map.main(classifier_ckpt=str(tiny_classifier / artifacts.BEST_CLASSIFIER),
+                                   sae_ckpt=str(tiny_sae / artifacts.BEST_SAE), cache_dir=str(cache_dir),
+                                   max_images=6, random_draws=2, out=str(out))
+    means = result["means"]
+    assert len(means) == 2 * len(choose_where_map.WAYS) + 1  # each way alone and x pixels, and pixels alone
+    assert choose_where_map.WAYS[next(iter(choose_where_map.WAYS))] is evidence.where_map  # the default way
+    assert result["chosen"] in means
     cam = np.array([m[2] for m in means.values()])
     assert np.allclose(cam, cam[0])                       # CAM does not depend on the rule: one baseline for all
     text = out.read_text()
-    assert "chosen on the val split" in text and text.count("\n| ") >= len(choose_where_map.WAYS)
+    assert "chosen on the val split" in text and text.count("\n| ") >= len(means) + 1
+    assert f"**{result['chosen']}**" in text
+
+
+def test_the_rule_takes_the_best_ratio_among_rows_that_keep_up_with_cam():
+    means = {"sharp but weak": np.array([1.0, 0.5, 2.0]),     # 2.0x random, but 0.5x CAM: excluded
+             "good": np.array([2.0, 1.25, 2.0]),              # 1.6x random, 1.0x CAM
+             "plain": np.array([2.0, 1.5, 2.0])}              # 1.33x random
+    assert choose_where_map.choose(means) == "good"
+    assert choose_where_map.choose({"weak": np.array([1.0, 0.5, 2.0])}) == "weak"  # none qualifies: best of all

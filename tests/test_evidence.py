@@ -40,9 +40,9 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
     assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
 
 
-def test_where_map_sums_the_maps_each_scaled_to_its_peak_as_the_overlay_draws_them():
+def test_where_map_is_the_sets_code_per_token_and_the_overlay_scales_each_map_to_its_peak():
     maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]])
-    assert evidence.where_map(maps).tolist() == [[2.0, 0.1], [0.0, 1.0]]  # a weak neuron counts as much
+    assert evidence.where_map(maps).tolist() == [[24.0, 2.0], [0.0, 1.0]]
     assert evidence.peak_normalised(maps).max(0).tolist() == [[1.0, 0.1], [0.0, 1.0]]
     assert evidence.where_map(np.zeros((0, 2, 2))).shape == (2, 2)
 
@@ -185,18 +185,52 @@ def test_input_deletion_matches_separate_reruns(tiny):
     cited = cited_of(models, analysis, b, cls)
     active = np.flatnonzero(analysis.z_mean[b].numpy() > 0)
     sets = [active[:len(cited)], active[-len(cited):]]
-    out = evidence.input_deletion(models, images[b], analysis, b, cited, cls, sets, 0.2)
     logit0 = float(analysis.logits[b, cls])
 
-    def drop(maps):
-        mask = evidence.concept_ink_mask(images[b], maps, 0.2)
+    def drop(maps, ids=None):
+        pixels = None if ids is None else evidence.set_activation_pixels(models, images[b], [ids])[0]
+        mask = evidence.concept_ink_mask(images[b], maps, 0.2, pixels)
         return logit0 - evidence.class_scores(models, evidence.delete_ink(images[b], mask[None]), cls)[0][0]
 
-    assert out["input_cited_drop"] == pytest.approx(drop(evidence.token_maps(analysis, b, cited)), abs=1e-4)
-    assert out["cam_drop"] == pytest.approx(drop(evidence.cam_map(models, analysis, b, cls)[None]), abs=1e-4)
-    random = np.mean([drop(evidence.token_maps(analysis, b, s)) for s in sets])
-    assert out["input_random_drop"] == pytest.approx(random, abs=1e-4)
-    assert 0.2 <= out["ink_removed"] < 0.22
+    for pixel in (True, False):
+        out = evidence.input_deletion(models, images[b], analysis, b, cited, cls, sets, 0.2, pixel=pixel)
+        ids = (lambda s: list(s)) if pixel else (lambda s: None)
+        assert out["input_cited_drop"] == pytest.approx(drop(evidence.token_maps(analysis, b, cited), ids(cited)),
+                                                        abs=1e-4)
+        assert out["cam_drop"] == pytest.approx(drop(evidence.cam_map(models, analysis, b, cls)[None]), abs=1e-4)
+        random = np.mean([drop(evidence.token_maps(analysis, b, s), ids(s)) for s in sets])
+        assert out["input_random_drop"] == pytest.approx(random, abs=1e-4)
+        assert 0.2 <= out["ink_removed"] < 0.22
+
+
+def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
+    """Whiting out the ink the attribution ranks first lowers the set's activation more than random ink does."""
+    models, images, analysis, _ = tiny
+    sae = models.sae
+    for b in range(4):
+        ids = [int(i) for i in analysis.z_mean[b].argsort(descending=True)[:3]]
+        pixels = evidence.set_activation_pixels(models, images[b], [ids, [], ids[:1]])
+        assert pixels.shape == (3, *images[b].shape) and (pixels >= 0).all()
+        assert not pixels[1].any()                                      # an empty set carries nothing
+        assert not pixels[0][evidence.ink_of(images[b]) == 0].any()     # paper carries nothing
+        rng = np.random.default_rng(b)
+        masks = evidence.rank_ink(images[b], np.stack([pixels[0], rng.random(images[b].shape)]), 0.1)
+        edited = explain.analyse(models, evidence.delete_ink(images[b], masks))
+        summed = edited.z_sum[:, ids].sum(1)
+        assert summed[0] < summed[1]                  # the ranked ink carried more of the set than random ink
+        assert float(analysis.z_sum[b, ids].sum()) > 0 and sae.n_latents == analysis.z_mean.shape[1]
+
+
+def test_class_logit_pixels_rank_the_ink_that_carries_the_logit(tiny):
+    models, images, analysis, _ = tiny
+    wins = 0
+    for b in range(6):
+        cls = int(analysis.logits[b].argmax())
+        pixels = evidence.class_logit_pixels(models, images[b], cls)
+        masks = evidence.rank_ink(images[b], np.stack([pixels, -pixels]), 0.1)   # strongest vs weakest ink
+        logits, _ = evidence.class_scores(models, evidence.delete_ink(images[b], masks), cls)
+        wins += logits[0] < logits[1]
+    assert wins >= 5
 
 
 def test_counterfactuals_refuse_an_image_that_does_not_rerender(tiny):

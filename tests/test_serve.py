@@ -126,3 +126,42 @@ def test_atlas_files_are_served_and_contained(server):
         assert status == 404, escape
     assert request(server, "GET", "/nowhere")[0] == 404
     assert request(server, "POST", "/atlas/index.html", b"x")[0] == 404
+
+
+def test_queued_passes_run_on_the_working_thread_and_a_failure_is_a_500(tiny_classifier, tiny_sae, cache_dir,
+                                                                        report_dir, sketches):
+    """run_server's layout: handlers queue the sketches, one thread (there: the main one) runs every pass."""
+    import queue
+
+    srv = serve.make_server(str(tiny_classifier / artifacts.BEST_CLASSIFIER), str(tiny_sae / artifacts.BEST_SAE),
+                            str(report_dir), str(cache_dir), port=0, device="cpu", quiet=True)
+    explainer, stop = srv.explainer, threading.Event()
+    explainer.jobs = queue.Queue()
+    worker = threading.Thread(target=explainer.work, args=(stop, 0.05), name="passes")
+    answer, threads = explainer.answer, set()
+
+    def recorded(image):
+        threads.add(threading.current_thread().name)
+        if image.min() == 255:  # a blank page stands for a pass that fails
+            raise RuntimeError("boom")
+        return answer(image)
+
+    explainer.answer = recorded
+    http_thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    worker.start()
+    http_thread.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda body: request(srv, "POST", "/explain", body), sketches * 2))
+        assert [status for status, _ in results] == [200] * 6
+        assert [r["predicted_class"] for _, r in results[:3]] == [r["predicted_class"] for _, r in results[3:]]
+        status, out = request(srv, "POST", "/explain", png_bytes(np.full((64, 64), 255, np.uint8)))
+        assert status == 500 and "boom" in out["error"]
+        assert request(srv, "POST", "/explain", sketches[0])[0] == 200       # and it serves on
+        assert threads == {"passes"}
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+        srv.shutdown()
+        srv.server_close()
+    assert not worker.is_alive()
