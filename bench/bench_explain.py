@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -111,8 +111,7 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
     cited, sets = cited_and_random(models, analysis, b, cls, cfg, rng)
     out = {"deletion": evidence.input_deletion(models, image, analysis, b, cited, cls, sets, cfg.INK_SHARE),
            "code_cited": float((analysis.z_mean[b, cited] * models.lens[cited, cls]).sum())}
-    if cited:
-        out["deletion"]["class_pixels_drop"] = class_pixels_drop(models, image, analysis, b, cls, cfg.INK_SHARE)
+    out["deletion"].update(class_pixel_drops(models, image, analysis, b, cls, cfg.INK_SHARE))
     if len(cited) >= 2:
         pixels = evidence.set_activation_pixels(models, image, [[i] for i in cited]) if evidence.PIXEL_MAPS else None
         regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE, pixels)
@@ -121,10 +120,16 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
     return out
 
 
-def class_pixels_drop(models, image, analysis, b: int, cls: int, ink_share: float) -> float:
-    """For scale: the logit drop after whiting out the ink that carries the class logit itself (no concepts)."""
-    mask = evidence.rank_ink(image, evidence.class_logit_pixels(models, image, cls)[None], ink_share)
-    return float(analysis.logits[b, cls]) - float(evidence.class_scores(models, evidence.delete_ink(image, mask), cls)[0][0])
+def class_pixel_drops(models, image, analysis, b: int, cls: int, ink_share: float) -> dict[str, float]:
+    """Baselines at pixel level, no concepts: the logit drop after whiting out the ink that carries the
+    class logit (its gradient x ink alone: ``class_pixels_drop``; CAM given the concepts' pixel rule, its
+    upsampled map times that attribution: ``cam_pixels_drop``)."""
+    pixels = evidence.class_logit_pixels(models, image, cls)
+    cam = evidence.upsample(evidence.cam_map(models, analysis, b, cls)[None], image.shape[-1])
+    masks = evidence.rank_ink(image, np.stack([pixels, evidence.pixel_scores(cam, pixels[None])[0]]), ink_share)
+    logits, _ = evidence.class_scores(models, evidence.delete_ink(image, masks), cls)
+    drops = float(analysis.logits[b, cls]) - logits
+    return {"class_pixels_drop": float(drops[0]), "cam_pixels_drop": float(drops[1])}
 
 
 # ----------------------------------------------------------------------------- the test split
@@ -238,15 +243,16 @@ def page_poster(cfg, clf, sae):
     Its own process: there the model passes run on the server's main thread (``serve.run_server``); in
     this process, whose main thread has run torch already, a server thread's passes took ~35% longer.
     """
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "why_did_you.py"), "--serve=True", f"--port={port}", f"--classifier_ckpt={clf}",
-           f"--sae_ckpt={sae}", f"--report_dir={cfg.REPORT_DIR}", f"--cache_dir={cfg.CACHE_DIR}", "--device=cpu",
+    cmd = [sys.executable, str(ROOT / "why_did_you.py"), "--serve=True", "--port=0", "--device=cpu",
+           f"--classifier_ckpt={Path(clf).resolve()}", f"--sae_ckpt={Path(sae).resolve()}",
+           f"--report_dir={Path(cfg.REPORT_DIR).resolve()}", f"--cache_dir={Path(cfg.CACHE_DIR).resolve()}",
            f"--n={cfg.N_CITE}", f"--random_draws={cfg.RANDOM_DRAWS}", f"--ink_share={cfg.INK_SHARE}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.THREADS)) if cfg.THREADS else None
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        conn = None
         try:
-            conn = wait_for_page(proc, port, errors)
+            conn = http.client.HTTPConnection("127.0.0.1", wait_for_port(proc, errors), timeout=60)
 
             def post(image: np.ndarray) -> None:
                 conn.request("POST", "/explain", png_bytes(image), {"Content-Type": "image/png"})
@@ -256,35 +262,30 @@ def page_poster(cfg, clf, sae):
                     raise RuntimeError(f"POST /explain answered {response.status}: {body[:200]!r}")
 
             yield post
-            conn.close()
         finally:
+            if conn is not None:
+                conn.close()
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_page(proc: subprocess.Popen, port: int, errors, timeout_s: float = 300.0) -> http.client.HTTPConnection:
-    """A kept-alive connection to the server once ``GET /`` answers; its stderr in the error if it exits."""
+def wait_for_port(proc: subprocess.Popen, errors, timeout_s: float = 300.0) -> int:
+    """The port the server bound (port 0: the system's choice, read from its start-up line on stderr)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        errors.seek(0)
+        text = errors.read().decode(errors="replace")
+        found = re.search(r"page on http://[^:/]+:(\d+)/", text)
+        if found:
+            return int(found.group(1))
         if proc.poll() is not None:
-            errors.seek(0)
-            raise RuntimeError(f"the page server exited ({proc.returncode}): {errors.read().decode()[-2000:]}")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            conn.request("GET", "/")
-            conn.getresponse().read()
-            return conn
-        except OSError:
-            conn.close()
-            time.sleep(0.2)
-    raise RuntimeError(f"the page server did not answer within {timeout_s:.0f} s")
+            raise RuntimeError(f"the page server exited ({proc.returncode}): {text[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"the page server did not start within {timeout_s:.0f} s")
 
 
 def latency(cfg, models, clf, sae, images, post=None) -> dict:
@@ -413,8 +414,10 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              f"| random active neurons' maps | {d['input_random_drop']:.3f} | {d['input_random_prob_drop']:.3f} |",
              f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |"]
     if "class_pixels_drop" in d:
-        lines.append(f"| for scale, no concepts: the class logit's own pixel attribution (gradient x ink) | "
-                     f"{d['class_pixels_drop']:.3f} | – |")
+        lines += [f"| no concepts, pixel level: CAM times the class logit's pixel attribution (CAM given the "
+                  f"concepts' rule) | {d['cam_pixels_drop']:.3f} | – |",
+                  f"| no concepts, pixel level: the class logit's pixel attribution (gradient x ink) alone | "
+                  f"{d['class_pixels_drop']:.3f} | – |"]
     pixel_words = (" times the pixel attribution of the set's activation (gradient x ink, positive part: "
                    "`evidence.set_activation_pixels`)") if evidence.PIXEL_MAPS else ""
     lines += ["", f"Cited / random: **{fig['ratio_random']:.3f}x** (target >= 1.5x, "
@@ -423,9 +426,10 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
               f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
               f"the neurons' token maps summed (`evidence.where_map`), upsampled"
               f"{pixel_words}; the same rule for the cited and the random sets; chosen on the validation split "
-              "(`bench/choose_where_map.py`). CAM stays the token-level class map the target names; its "
-              "pixel-level counterpart (the row for scale) removes more evidence than any concept map, so the "
-              "concepts carry CAM's evidence, not all of the class's.", ""]
+              "(`bench/choose_where_map.py`). CAM here is the token-level class map the target names; given the "
+              "same pixel rule (the rows without concepts) it removes more: cited / CAM at pixel level "
+              f"{d['input_cited_drop'] / max(d.get('cam_pixels_drop', float('nan')), 1e-12):.3f}x. The five "
+              "cited concepts carry most of the class's pixel-level evidence, not all of it.", ""]
     if "deletion_auc" in fig:
         lines += [f"Deletion / insertion over {fig['curves_n']} images citing >= 2 concepts, each concept's region "
                   f"{cfg.REGION_SHARE:.0%} of the ink (all regions together: {fig['ink_final']:.0%} on average); "

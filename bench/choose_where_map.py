@@ -61,7 +61,8 @@ def image_drops(models, image: np.ndarray, analysis, b: int, cited: list, random
     rows = {}
     for name, combine in WAYS.items():
         token = evidence.upsample(np.stack([combine(evidence.token_maps(analysis, b, ids)) for ids in sets]), size)
-        rows[f"{name} x pixel attribution"], rows[f"{name}, token map alone"] = token * pixels, token
+        rows[f"{name} x pixel attribution"] = evidence.pixel_scores(token, pixels)
+        rows[f"{name}, token map alone"] = token
     rows[PIXELS_ONLY] = pixels
     cam = evidence.upsample(evidence.cam_map(models, analysis, b, cls)[None], size)
     masks = evidence.rank_ink(image, np.concatenate(list(rows.values()) + [cam]), ink_share)
@@ -70,7 +71,7 @@ def image_drops(models, image: np.ndarray, analysis, b: int, cited: list, random
     out = {}
     for k, name in enumerate(rows):
         d = drops[k * len(sets):(k + 1) * len(sets)]
-        out[name] = (float(d[0]), float(d[1:].mean()), float(drops[-1]))
+        out[name] = (float(d[0]), float(d[1:].mean()) if len(d) > 1 else 0.0, float(drops[-1]))
     return out
 
 

@@ -44,7 +44,8 @@ from .errors import UserError
 
 INK_SHARE = 0.2  # default share of the sketch's ink an input-space check removes
 # rank ink by token maps x pixel attribution (True) or by the upsampled token maps alone (False); chosen on the
-# validation split (bench/choose_where_map.py): cited / random active 1.69x against 1.43x
+# validation split (bench/choose_where_map.py): cited / random active 1.69x against 1.43x for the best token-only
+# rule (the peak-normalised sum; where_map's raw sum, chosen for the pixel rule, gives 1.39x alone)
 PIXEL_MAPS = True
 # counterfactuals: σ of the window, in cells, that splits a token's evidence among the parts' ink (chosen on the
 # validation split among 1/16 .. 6/4 of a cell and the boxes: bench/results/explain_notes.md)
@@ -142,12 +143,12 @@ def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float
 
     Works for any token maps: cited concepts' code maps, random neurons' maps, or CAM as a
     single map (``cam[None]``); ``pixels`` (S, S), when given, multiplies the upsampled map
-    (:func:`set_activation_pixels`). No maps (n = 0) selects nothing.
+    (:func:`pixel_scores`, :func:`set_activation_pixels`). No maps (n = 0) selects nothing.
     """
     if len(maps) == 0:
         return np.zeros(np.shape(image_uint8), dtype=bool)
-    scores = upsample(where_map(maps)[None], image_uint8.shape[-1])[0]
-    return rank_ink(image_uint8, (scores if pixels is None else scores * pixels)[None], ink_share)[0]
+    scores = upsample(where_map(maps)[None], image_uint8.shape[-1])
+    return rank_ink(image_uint8, scores if pixels is None else pixel_scores(scores, pixels[None]), ink_share)[0]
 
 
 def ink_share_of(image_uint8: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -176,9 +177,10 @@ def ink_attribution(models, image_uint8: np.ndarray, objective: Callable[[torch.
     maps of ``copies`` identical copies of the sketch (D, C, H, W) to (D,); one batched
     forward and backward serve all D (faster here than one backward per objective).
     """
-    ink = torch.from_numpy(ink_of(image_uint8).astype(np.float32)).to(models.device)
-    ink = ink[None, None].repeat(copies, 1, 1, 1).requires_grad_(True)
-    with torch.enable_grad():
+    # inference_mode(False): a caller inside torch.inference_mode (a notebook) still gets gradients here
+    with torch.inference_mode(False), torch.enable_grad():
+        ink = torch.from_numpy(ink_of(image_uint8).astype(np.float32)).to(models.device)
+        ink = ink[None, None].repeat(copies, 1, 1, 1).requires_grad_(True)
         fmap = models.classifier.features(data.standardise_ink(ink, models.classifier_ckpt["preprocess"])).float()
         grad, = torch.autograd.grad(objective(fmap).sum(), ink)
     return (grad * ink).clamp_min(0)[:, 0].detach().cpu().numpy().astype(np.float64)
@@ -216,17 +218,34 @@ def class_logit_pixels(models, image_uint8: np.ndarray, cls: int) -> np.ndarray:
 
 
 def concept_scores(models, image_uint8: np.ndarray, analysis, b: int, neuron_sets: Sequence[Sequence[int]],
-                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool = PIXEL_MAPS) -> np.ndarray:
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None) -> np.ndarray:
     """Where each set of neurons fires on image ``b``, at pixel resolution: (D, S, S).
 
     ``combine`` (:func:`where_map` by default) of the set's token maps, upsampled; with
-    ``pixel``, times :func:`set_activation_pixels` (the token map says which cells, the
-    gradient which ink inside them). An empty set scores zero everywhere.
+    ``pixel`` (default :data:`PIXEL_MAPS`), times :func:`set_activation_pixels` (the token
+    map says which cells, the gradient which ink inside them). An empty set scores zero.
     """
     combine = combine or where_map
     maps = [combine(token_maps(analysis, b, ids)) if len(ids) else np.zeros(analysis.hw) for ids in neuron_sets]
     scores = upsample(np.stack(maps), image_uint8.shape[-1]).astype(np.float64)
-    return scores * set_activation_pixels(models, image_uint8, neuron_sets) if pixel else scores
+    if not (PIXEL_MAPS if pixel is None else pixel):
+        return scores
+    return pixel_scores(scores, set_activation_pixels(models, image_uint8, neuron_sets))
+
+
+def pixel_scores(token_scores: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Upsampled token maps (D, S, S) times pixel attributions (D, S, S), ties broken by the token map.
+
+    Ink the attribution gives nothing (a stroke the set does not use) would otherwise be
+    taken in raster order once the attributed ink runs out; a second term, at most 1e-6 of
+    the smallest positive product, ranks it by where the set fires instead and never puts
+    it before attributed ink.
+    """
+    product = token_scores * pixels
+    positive = product[product > 0]
+    scale = positive.min() if positive.size else 1.0
+    peak = max(float(np.abs(token_scores).max()), 1e-12)
+    return product + 1e-6 * scale * token_scores / peak
 
 
 # ----------------------------------------------------------------------------- the classifier, rerun
@@ -242,13 +261,14 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- input-space deletion
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
                    random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE,
-                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool = PIXEL_MAPS) -> dict:
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None) -> dict:
     """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
 
-    Three ways to choose the ink, one batched forward for all of them: where the cited
-    neurons fire (:func:`concept_scores` with ``combine`` and ``pixel``), where each random
-    set of active neurons fires (the same rule; the drop averaged over ``random_sets``),
-    and where CAM for ``cls`` is highest (its token map, upsampled).
+    Three ways to choose the ink: where the cited neurons fire (:func:`concept_scores`
+    with ``combine`` and ``pixel``: one batched gradient pass for all the sets), where each
+    random set of active neurons fires (the same rule; the drop averaged over
+    ``random_sets``), and where CAM for ``cls`` is highest (its token map, upsampled); then
+    one batched forward of the classifier over every edited sketch.
 
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
@@ -291,7 +311,7 @@ def concept_regions(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float 
     :func:`set_activation_pixels`), as the input-space check ranks ink.
     """
     scores = upsample(maps, image_uint8.shape[-1])
-    return rank_ink(image_uint8, scores if pixels is None else scores * pixels, ink_share)
+    return rank_ink(image_uint8, scores if pixels is None else pixel_scores(scores, pixels), ink_share)
 
 
 def cumulative(regions: np.ndarray, order: Sequence[int]) -> np.ndarray:

@@ -25,6 +25,7 @@ import json
 import mimetypes
 import queue
 import threading
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -41,6 +42,10 @@ MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
 PAGE = Path(__file__).with_name("static") / "draw.html"
+
+
+class Stopping(Exception):
+    """A queued request the stopping server will not answer (a 503)."""
 
 
 @dataclass
@@ -88,15 +93,30 @@ class Explainer:
 
         A failing request fails only its own future (the handler answers a 400 or a 500 and serves on).
         """
-        while not stop.is_set():
+        try:
+            while not stop.is_set():
+                try:
+                    image, done = self.jobs.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                try:
+                    done.set_result(self.answer(image))
+                except Exception as exc:  # noqa: BLE001 (handed to the waiting handler, which reports it)
+                    done.set_exception(exc)
+                except BaseException:     # Ctrl-C mid-pass: this request fails too, then we stop
+                    done.set_exception(Stopping("the server is stopping"))
+                    raise
+        finally:
+            self.fail_pending()
+
+    def fail_pending(self) -> None:
+        """Answer every request still queued with an error (the server is stopping)."""
+        while True:
             try:
-                image, done = self.jobs.get(timeout=poll_s)
+                _, done = self.jobs.get_nowait()
             except queue.Empty:
-                continue
-            try:
-                done.set_result(self.answer(image))
-            except Exception as exc:  # noqa: BLE001 (handed to the waiting handler, which reports it)
-                done.set_exception(exc)
+                return
+            done.set_exception(Stopping("the server is stopping"))
 
 
 def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
@@ -148,8 +168,11 @@ class Handler(BaseHTTPRequestHandler):
         except UserError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return
+        except Stopping as exc:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc), close=True)
+            return
         except Exception as exc:  # noqa: BLE001 (one failed request must not take the page down)
-            log(f"error: POST /explain failed: {type(exc).__name__}: {exc}")
+            log("error: POST /explain failed:\n" + "".join(traceback.format_exception(exc)).rstrip())
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the explanation failed: {type(exc).__name__}: {exc}")
             return
         self._send(HTTPStatus.OK, json.dumps(result, ensure_ascii=False).encode("utf-8"), "application/json")

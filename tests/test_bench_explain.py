@@ -16,4 +16,5 @@ def test_bench_explain_times_the_page_request_and_writes_its_section(tiny_classi
     text = out.read_text()
     assert "The page's request" in text and "| page request: POST /explain" in text
     assert result["figures"]["n"] == 6 and "cf" in result["figures"]
-    assert "class_pixels_drop" in result["figures"]["drops"] and "for scale, no concepts" in text
+    assert {"class_pixels_drop", "cam_pixels_drop"} <= set(result["figures"]["drops"])
+    assert "no concepts, pixel level: CAM times" in text

@@ -13,9 +13,6 @@ def test_choose_where_map_scores_every_rule_on_validation(tiny_classifier, tiny_
     means = result["means"]
     assert len(means) == 2 * len(choose_where_map.WAYS) + 1  # each way alone and x pixels, and pixels alone
     assert choose_where_map.WAYS[next(iter(choose_where_map.WAYS))] is evidence.where_map  # the default way
-    assert result["chosen"] in means
-    cam = np.array([m[2] for m in means.values()])
-    assert np.allclose(cam, cam[0])                       # CAM does not depend on the rule: one baseline for all
     text = out.read_text()
     assert "chosen on the val split" in text and text.count("\n| ") >= len(means) + 1
     assert f"**{result['chosen']}**" in text

@@ -206,7 +206,6 @@ def test_input_deletion_matches_separate_reruns(tiny):
 def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
     """Whiting out the ink the attribution ranks first lowers the set's activation more than random ink does."""
     models, images, analysis, _ = tiny
-    sae = models.sae
     for b in range(4):
         ids = [int(i) for i in analysis.z_mean[b].argsort(descending=True)[:3]]
         pixels = evidence.set_activation_pixels(models, images[b], [ids, [], ids[:1]])
@@ -218,7 +217,22 @@ def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
         edited = explain.analyse(models, evidence.delete_ink(images[b], masks))
         summed = edited.z_sum[:, ids].sum(1)
         assert summed[0] < summed[1]                  # the ranked ink carried more of the set than random ink
-        assert float(analysis.z_sum[b, ids].sum()) > 0 and sae.n_latents == analysis.z_mean.shape[1]
+
+
+def test_pixel_attribution_works_inside_inference_mode(tiny):
+    models, images, analysis, _ = tiny
+    ids = [int(i) for i in analysis.z_mean[0].argsort(descending=True)[:3]]
+    expected = evidence.set_activation_pixels(models, images[0], [ids])
+    with torch.inference_mode():                      # as a notebook might wrap explain_images
+        np.testing.assert_allclose(evidence.set_activation_pixels(models, images[0], [ids]), expected)
+
+
+def test_pixel_scores_rank_attributed_ink_first_then_by_the_token_map():
+    token = np.array([[[1.0, 4.0, 2.0, 3.0]]])               # (1, 1, 4): where the set fires
+    pixels = np.array([[[0.0, 0.0, 5.0, 0.0]]])              # only the third pixel carries its code
+    scores = evidence.pixel_scores(token, pixels)[0, 0]
+    assert list(np.argsort(-scores)) == [2, 1, 3, 0]         # attributed ink, then the rest by the token map
+    assert scores[2] == pytest.approx(10.0)                  # the product itself barely moves
 
 
 def test_class_logit_pixels_rank_the_ink_that_carries_the_logit(tiny):

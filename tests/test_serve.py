@@ -165,3 +165,19 @@ def test_queued_passes_run_on_the_working_thread_and_a_failure_is_a_500(tiny_cla
         srv.shutdown()
         srv.server_close()
     assert not worker.is_alive()
+
+
+def test_requests_still_queued_when_the_server_stops_are_refused(server):
+    import queue
+    from concurrent.futures import Future
+
+    explainer = serve.Explainer(server.explainer.models, server.explainer.calibration, "", "", "", jobs=queue.Queue())
+    pending = [Future() for _ in range(2)]
+    for done in pending:
+        explainer.jobs.put((None, done))
+    stop = threading.Event()
+    stop.set()                                     # stopping before the worker takes them
+    explainer.work(stop)
+    for done in pending:
+        with pytest.raises(serve.Stopping):
+            done.result(timeout=1)
