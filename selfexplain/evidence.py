@@ -261,7 +261,8 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- input-space deletion
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
                    random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE,
-                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None) -> dict:
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None,
+                   with_mask: bool = False) -> dict | tuple[dict, np.ndarray]:
     """Logit and probability drops of class ``cls`` after whiting out ``ink_share`` of the ink.
 
     Three ways to choose the ink: where the cited neurons fire (:func:`concept_scores`
@@ -272,7 +273,8 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
 
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
-    (``*_prob_drop``) and ``ink_removed`` (share of the ink the cited mask removed).
+    (``*_prob_drop``) and ``ink_removed`` (share of the ink the cited mask removed); with
+    ``with_mask``, also the cited mask itself (S, S) bool, for the overlay.
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
@@ -284,13 +286,14 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     logit0, prob0 = float(analysis.logits[b, cls]), float(analysis.probs[b, cls])
     drop, prob_drop = logit0 - logits, prob0 - probs
     randoms = slice(1, len(sets))
-    return {"input_cited_drop": float(drop[0]),
+    out = {"input_cited_drop": float(drop[0]),
             "input_random_drop": float(drop[randoms].mean()) if random_sets else 0.0,
             "cam_drop": float(drop[-1]),
             "input_cited_prob_drop": float(prob_drop[0]),
             "input_random_prob_drop": float(prob_drop[randoms].mean()) if random_sets else 0.0,
             "cam_prob_drop": float(prob_drop[-1]),
             "ink_removed": float(ink_share_of(image_uint8, masks[0]))}
+    return (out, masks[0]) if with_mask else out
 
 
 # ----------------------------------------------------------------------------- deletion / insertion curves

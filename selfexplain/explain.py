@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from . import artifacts, evidence
 from .concepts import load_concepts
@@ -256,9 +256,10 @@ class Explanation:
     faithfulness: dict
     sentence: str
     extra: dict = field(default_factory=dict)  # e.g. true_class, top_active, overlay, llm_sentence
+    removed_ink: np.ndarray | None = field(default=None, repr=False)  # (S, S) bool: the input check's cited mask
 
     def to_dict(self, heatmaps: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
         out["neurons"] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                            if heatmaps or k != "heatmap"} for n in self.neurons]
         out.update(self.extra)
@@ -293,7 +294,7 @@ def random_active_sets(active: np.ndarray, size: int, draws: int, rng: np.random
 
 def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_ids: list[int],
                  rng: np.random.Generator, n_random: int, image: np.ndarray | None = None,
-                 ink_share: float = evidence.INK_SHARE) -> dict:
+                 ink_share: float = evidence.INK_SHARE) -> tuple[dict, np.ndarray | None]:
     """Two checks of the cited neurons against ``n_random`` sets of as many random active ones.
 
     In the code (``code_*``): the logit's drop when the neurons are zeroed in the SAE code
@@ -303,17 +304,20 @@ def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_id
     ``ink_share`` of the sketch's ink where the neurons fire (token maps times pixel
     attribution, :func:`evidence.concept_scores`), rerunning the whole
     classifier; evidence, since it could come out no better than random or than CAM.
+    Returns the ``faithfulness`` fields and the ink the input check removed (None without it).
     """
     if not cited_ids:
-        return {"code_cited_drop": 0.0, "code_random_drop": 0.0}
+        return {"code_cited_drop": 0.0, "code_random_drop": 0.0}, None
     active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
     random_sets = random_active_sets(active_ids, len(cited_ids), n_random, rng)
     ablated = ablated_logits(models, analysis, b, [[], cited_ids] + random_sets, pred)
     out = {"code_cited_drop": float(ablated[0] - ablated[1]),
            "code_random_drop": float(np.mean(ablated[0] - ablated[2:])) if random_sets else 0.0}
-    if image is not None:
-        out.update(evidence.input_deletion(models, image, analysis, b, cited_ids, pred, random_sets, ink_share))
-    return out
+    if image is None:
+        return out, None
+    drops, removed = evidence.input_deletion(models, image, analysis, b, cited_ids, pred, random_sets, ink_share,
+                                             with_mask=True)
+    return out | drops, removed
 
 
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
@@ -341,14 +345,14 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
                                "threshold": threshold, "neuron_ids": ids, "scores": scores}
     prob, cls = float(probs[pred]), models.class_names[pred]
+    faith, removed = faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
+                                  image if settings.input_check else None, settings.ink_share)
     return Explanation(
         image=name, predicted_class=cls, predicted_index=pred, probability=prob,
         top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
-        faithfulness=faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
-                                  image if settings.input_check else None, settings.ink_share),
-        sentence=compose_sentence(cls, prob, cited), extra=extra)
+        faithfulness=faith, sentence=compose_sentence(cls, prob, cited), extra=extra, removed_ink=removed)
 
 
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
@@ -423,6 +427,7 @@ def unfamiliar_note(explanation: Explanation) -> str | None:
 # ----------------------------------------------------------------------------- overlay
 PALETTE = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
+REMOVED_RGB = (255, 190, 0)   # the outline of the ink the input check whited out (in no concept's colour)
 
 
 def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int = 384, max_concepts: int | None = None):
@@ -430,7 +435,8 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
 
     Heat maps are normalised per concept; each token takes the colour of its strongest
     concept (ties to the higher-ranked), colours and strength are upsampled bilinearly,
-    and pixels are tinted in proportion to that strength, strokes more than paper.
+    and pixels are tinted in proportion to that strength, strokes more than paper. The ink
+    the input check whited out (``explanation.removed_ink``) is outlined in amber.
     Returns a PIL RGB image.
     """
     neurons = explanation.neurons[:max_concepts]  # None: every cited concept, the region the evidence line tested
@@ -448,6 +454,8 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         ink = 1.0 - base.mean(-1, keepdims=True) / 255.0
         alpha = strength * (0.3 + 0.6 * ink)  # strokes take the colour, paper a tint
         base = base * (1 - alpha) + colour * alpha
+    if explanation.removed_ink is not None:
+        base = np.where(outline(explanation.removed_ink, size)[..., None], np.float32(REMOVED_RGB), base)
     font = ImageFont.load_default()
     line, note = 16, unfamiliar_note(explanation)
     head = 2 + (2 * line if note else 0)  # the warning takes two lines above the legend
@@ -468,9 +476,20 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         label = fit_text(draw, n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)
     if check:
-        draw.text((4, size + head + line * (len(neurons) + 1)), fit_text(draw, check, font, size - 8),
-                  fill=(90, 90, 90), font=font)
+        y = size + head + line * (len(neurons) + 1)
+        left = 4
+        if explanation.removed_ink is not None:
+            draw.rectangle([4, y + 2, 14, y + 12], outline=REMOVED_RGB, width=2)
+            left = 20
+        draw.text((left, y), fit_text(draw, check, font, size - left - 4), fill=(90, 90, 90), font=font)
     return canvas
+
+
+def outline(mask: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) bool: a 2-pixel ring just outside a mask (S, S) scaled to ``size`` (nearest)."""
+    up = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+    grown = np.asarray(Image.fromarray(up.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
+    return grown & ~up
 
 
 def fit_text(draw, text: str, font, width: float) -> str:

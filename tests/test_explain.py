@@ -297,3 +297,22 @@ def test_overlay_legend_cuts_long_concepts_at_a_word_boundary():
     assert cut.endswith("...") and concept.startswith(cut[:-3])
     assert cut[:-3].split()[-1] in concept.split()      # whole words only, no "the (20%)" mid-phrase
     assert draw.textlength(cut, font=font) <= draw.textlength(concept, font=font) / 2
+
+
+def test_overlay_outlines_exactly_the_ink_the_input_check_removed(ckpts, test_images, tmp_path):
+    image = test_images[0][0]
+    checked = explain.explain_images([image], report_dir=str(tmp_path), device="cpu", **ckpts)[0]
+    fast = explain.explain_images([image], report_dir=str(tmp_path), device="cpu", input_check=False, **ckpts)[0]
+    mask = checked.removed_ink
+    assert fast.removed_ink is None and "removed_ink" not in checked.to_dict()
+    assert mask.shape == image.shape and (image[mask] < 255).all()       # ink only
+    ink = 1.0 - image / 255.0
+    assert ink[mask].sum() / ink.sum() == pytest.approx(checked.faithfulness["ink_removed"])
+    size = 4 * image.shape[0]
+    amber = np.all(np.asarray(explain.render_overlay(image, checked, size=size))[:size] == explain.REMOVED_RGB, -1)
+    plain = np.all(np.asarray(explain.render_overlay(image, fast, size=size))[:size] == explain.REMOVED_RGB, -1)
+    assert amber.any() and not plain.any()
+    ring = explain.outline(mask, size)
+    assert (amber == ring).all()                                          # drawn just outside the removed ink
+    up = np.kron(mask, np.ones((4, 4), dtype=bool))
+    assert not (ring & up).any() and ring.sum() > 0
