@@ -18,7 +18,10 @@ part type stage 3 matched it to on the training split (``best_part`` in neurons.
 * coverage: share of the drawn parts named by at least one cited neuron (beside random);
 * pointing: for a cited neuron whose best part is drawn, its peak point lies inside that
   part's box (``concept_measures.pointing_game``'s rule); beside chance,
-  the same rule on maps of noise.
+  the same rule on maps of noise;
+* input-space evidence (why_did_you's check, ``evidence.input_deletion``): the logit drop
+  after whiting out ``INK_SHARE`` of the ink where the cited concepts fire, beside random
+  active neurons and CAM, as ``bench_explain`` measures it on the test split.
 
 Without an SAE for the classifier or a report, that table is left out with a one-line note.
 
@@ -54,6 +57,7 @@ SAE_CKPT = artifacts.SAE_CKPT                  # the classifier's SAE (no agreem
 REPORT_DIR = artifacts.REPORT_DIR              # stage 3's report: best-matching part type per neuron
 N_CITE = 5                                     # cited concepts per sketch (why_did_you's default)
 RANDOM_DRAWS = 8                               # random active-neuron sets per sketch (the baseline)
+INK_SHARE = 0.2                                # input-space check: share of each sketch's ink whited out
 OUT = "bench/results/person.md"                # markdown written here (merged into RESULTS.md)
 
 
@@ -169,9 +173,13 @@ def evaluate_agreement(cfg, models: explain.Models, best_part: dict[int, str], s
             cls = int(analysis.logits[b].argmax())
             cited, sets = cited_and_random(models, analysis, b, cls, cfg, np.random.default_rng([cfg.SEED, start + b]))
             maps = evidence.token_maps(analysis, b, cited).reshape(len(cited), -1)
-            records.append(dict(sketch_agreement(cited, sets, best_part, s.parts, maps, analysis.hw,
-                                                 models.image_size),
-                                layout=s.layout, correct=cls == s.label))
+            record = dict(sketch_agreement(cited, sets, best_part, s.parts, maps, analysis.hw, models.image_size),
+                          layout=s.layout, correct=cls == s.label)
+            if cited:
+                drops = evidence.input_deletion(models, s.image, analysis, b, cited, cls, sets, cfg.INK_SHARE)
+                record.update(ink_cited=drops["input_cited_drop"], ink_random=drops["input_random_drop"],
+                              ink_cam=drops["cam_drop"])
+            records.append(record)
     return records
 
 
@@ -181,6 +189,8 @@ def summarise_agreement(records: list[dict]) -> dict:
     out = {"sketches": len(records), "explained": len(rs)}
     for key in ("n_cited", "part_cited", "part_random", "part_prior", "cover_cited", "cover_random"):
         out[key] = float(np.nanmean([r[key] for r in rs])) if rs else float("nan")
+    for key in ("ink_cited", "ink_random", "ink_cam"):
+        out[key] = float(np.mean([r[key] for r in rs if key in r])) if any(key in r for r in rs) else float("nan")
     pairs = sum(r["where_pairs"] for r in rs)
     out["where_pairs"] = pairs
     out["where_hit"] = sum(r["where_hits"] for r in rs) / pairs if pairs else float("nan")
@@ -208,6 +218,14 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
                      f"{f['part_random']:.3f} | {f['part_prior']:.3f} | {f['cover_cited']:.3f} | "
                      f"{f['cover_random']:.3f} | {f['where_hit']:.3f} | {f['where_chance']:.3f} | "
                      f"{f['where_pairs']} |")
+    lines += ["", f"Input-space evidence on the same drawings (why_did_you's check): the predicted logit's drop "
+              f"after whiting out {cfg.INK_SHARE:.0%} of the ink where the cited concepts fire, where random "
+              "active neurons fire (the same pixel-level rule) and where CAM's token map is highest:", "",
+              "| sketches | cited | random active | CAM | cited / random | cited / CAM |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rs in groups:
+        f = summarise_agreement(rs)
+        lines.append(f"| {name} | {f['ink_cited']:.3f} | {f['ink_random']:.3f} | {f['ink_cam']:.3f} | "
+                     f"{f['ink_cited'] / f['ink_random']:.3f} | {f['ink_cited'] / f['ink_cam']:.3f} |")
     left_out = sum(not r["n_cited"] for r in records)
     if left_out:
         lines += ["", f"{left_out} sketches cited no neuron (no positive contribution) and are left out."]

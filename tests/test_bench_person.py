@@ -92,6 +92,8 @@ def test_bench_person_agreement_table(standins):
     assert row[1] == "36"
     assert [float(x) for x in row[3:6]] == pytest.approx([circles] * 3, abs=1e-3)
     assert float(row[6]) == pytest.approx(circles / 3, abs=1e-3)              # 1 of the 3 drawn parts
+    ink = _row(text.split("Input-space evidence on the same drawings")[1], "all")
+    assert all(np.isfinite(float(x)) for x in ink[1:4])                        # cited, random, CAM drops measured
 
 
 def test_bench_person_skips_agreement_without_a_matching_report(standins):
