@@ -181,3 +181,41 @@ def test_requests_still_queued_when_the_server_stops_are_refused(server):
     for done in pending:
         with pytest.raises(serve.Stopping):
             done.result(timeout=1)
+
+
+def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny_classifier, tiny_sae, cache_dir,
+                                                                          report_dir, sketches, tmp_path):
+    """The real ``why_did_you.py --serve=True`` process: port 0, one POST, then SIGINT stops it cleanly."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = (tmp_path / "serve.log").open("w+b")
+    proc = subprocess.Popen([sys.executable, str(root / "why_did_you.py"), "--serve=True", "--port=0", "--device=cpu",
+                             f"--classifier_ckpt={tiny_classifier / artifacts.BEST_CLASSIFIER}",
+                             f"--sae_ckpt={tiny_sae / artifacts.BEST_SAE}", f"--report_dir={report_dir}",
+                             f"--cache_dir={cache_dir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            log.seek(0)
+            found = re.search(rb"page on http://[^:/]+:(\d+)/", log.read())
+            port = int(found.group(1)) if found else time.sleep(0.2)
+        assert port, "the server did not start"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/explain", sketches[0], {"Content-Type": "image/png"})
+        response = conn.getresponse()
+        assert response.status == 200 and "predicted_class" in json.loads(response.read())
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    assert b"stopped" in log.read()
