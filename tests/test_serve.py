@@ -186,12 +186,12 @@ def test_requests_still_queued_when_the_server_stops_are_refused(server):
 def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny_classifier, tiny_sae, cache_dir,
                                                                           report_dir, sketches, tmp_path):
     """The real ``why_did_you.py --serve=True`` process: port 0, one POST, then SIGINT stops it cleanly."""
-    import re
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
+
+    from bench import bench_explain
 
     root = Path(__file__).resolve().parents[1]
     log = (tmp_path / "serve.log").open("w+b")
@@ -200,12 +200,7 @@ def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny
                              f"--sae_ckpt={tiny_sae / artifacts.BEST_SAE}", f"--report_dir={report_dir}",
                              f"--cache_dir={cache_dir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        deadline, port = time.monotonic() + 120, None
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            log.seek(0)
-            found = re.search(rb"page on http://[^:/]+:(\d+)/", log.read())
-            port = int(found.group(1)) if found else time.sleep(0.2)
-        assert port, "the server did not start"
+        port = bench_explain.wait_for_port(proc, log, timeout_s=120)   # the bench's reader of the start-up line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/explain", sketches[0], {"Content-Type": "image/png"})
         response = conn.getresponse()
