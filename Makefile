@@ -17,7 +17,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train_standard_cnn.py --overwrite=True
+	$(PY) train_standard_cnn.py --overwrite=True --epochs=8
 	$(PY) train_sae.py --overwrite=True
 	$(PY) sae_summarize.py --overwrite=True
 	$(PY) sae_summary_to_llm.py --backend=offline

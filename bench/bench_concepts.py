@@ -57,7 +57,7 @@ NUM_THREADS = 0                                # torch intra-op threads (0 = tor
 SWEEP = False                                  # train and score SAEs over SWEEP_K x SWEEP_M instead
 SWEEP_K = [4, 8, 16, 32]                       # sweep: active latents per token
 SWEEP_M = [256, 512, 1024]                     # sweep: number of latents
-SWEEP_EPOCHS = 20                              # sweep: SAE epochs per cell (the demo's)
+SWEEP_EPOCHS = 12                              # sweep: SAE epochs per cell (the demo's)
 SWEEP_DIR = "bench/_work/sweep"                # sweep: SAE run folders
 OUT = "bench/results/concepts.md"              # markdown written here (merged into RESULTS.md)
 

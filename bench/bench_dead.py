@@ -42,7 +42,7 @@ CACHE_DIR = artifacts.CACHE_DIR  # decoded-image and token cache
 LATENT_DIM = 512               # M on the demo tokens
 FOLDER_LATENT_DIM = 256        # M on the folder tokens (issue 13: M=256, K=8 on ~12k tokens)
 TOP_K = 8                      # K (mean L0 for batchtopk)
-EPOCHS = 20                    # SAE epochs per row (train_sae.py's default)
+EPOCHS = 12                    # SAE epochs per row (train_sae.py's default)
 ARCHS = ["topk", "batchtopk"]  # the sparsity rules compared
 WORK_DIR = "bench/_work/dead"  # the rows' SAE run folders
 OUT = "bench/results/dead.md"  # the markdown section (bench/run_all.py merges it into RESULTS.md)

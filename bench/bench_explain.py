@@ -424,7 +424,7 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
               f"{_verdict(fig['ratio_random'] >= 1.5)}); cited / CAM: **{fig['ratio_cam']:.3f}x** "
               f"(target >= 0.95x, {_verdict(fig['ratio_cam'] >= 0.95)}). For scale, CAM itself (the class's own "
               f"map, no concepts) / random: {d['cam_drop'] / max(d['input_random_drop'], 1e-12):.3f}x. Maps: "
-              f"the neurons' token maps summed (`evidence.where_map`), upsampled"
+              f"the neurons' token maps, each scaled to sum 1, summed (`evidence.where_map`), upsampled"
               f"{pixel_words}; the same rule for the cited and the random sets; chosen on the validation split "
               "(`bench/choose_where_map.py`). CAM here is the token-level class map the target names; given the "
               "same pixel rule (the rows without concepts) it removes more: cited / CAM at pixel level "

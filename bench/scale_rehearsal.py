@@ -86,7 +86,7 @@ def main(**overrides) -> list[dict]:
     rows.append(run_stage(f"stage 2: tokens of {cfg.SAE_MAX_IMAGES} images + {cfg.SAE_EPOCHS} SAE epochs, M=2048 K=20",
                           "train_sae.py", [f"--classifier_ckpt={cnn / 'best.pt'}", f"--out_dir={work / 'sae'}",
                                            "--latent_dim=2048", "--top_k=20", "--batch_size=4096",
-                                           f"--epochs={cfg.SAE_EPOCHS}", f"--max_images={cfg.SAE_MAX_IMAGES}", *common]))
+                                           f"--epochs={cfg.SAE_EPOCHS}", "--min_steps=0", f"--max_images={cfg.SAE_MAX_IMAGES}", *common]))
     rows.append(run_stage(f"stage 3: summary, {cfg.MAX_PER_CLASS} images/class", "sae_summarize.py",
                           [f"--classifier_ckpt={cnn / 'best.pt'}", f"--sae_ckpt={work / 'sae' / 'best_sae.pt'}",
                            f"--out_dir={work / 'report'}", f"--max_per_class={cfg.MAX_PER_CLASS}",

@@ -44,8 +44,8 @@ from .errors import UserError
 
 INK_SHARE = 0.2  # default share of the sketch's ink an input-space check removes
 # rank ink by token maps x pixel attribution (True) or by the upsampled token maps alone (False); chosen on the
-# validation split (bench/choose_where_map.py): cited / random active 1.69x against 1.43x for the best token-only
-# rule (the peak-normalised sum; where_map's raw sum, chosen for the pixel rule, gives 1.39x alone)
+# validation split (bench/choose_where_map.py): cited / random active 1.67x against 1.34x for the best token-only
+# rule (session 9's models; session 8's: 1.69x against 1.43x)
 PIXEL_MAPS = True
 # counterfactuals: σ of the window, in cells, that splits a token's evidence among the parts' ink (chosen on the
 # validation split among 1/16 .. 6/4 of a cell and the boxes: bench/results/explain_notes.md)
@@ -123,18 +123,22 @@ def peak_normalised(maps: np.ndarray) -> np.ndarray:
 
 
 def where_map(maps: np.ndarray) -> np.ndarray:
-    """One (h, w) "where" of several neurons' token maps (n, h, w): their sum, the set's code per token.
+    """One (h, w) "where" of several neurons' token maps (n, h, w): each map scaled to sum 1, then summed.
 
-    The same quantity :func:`set_activation_pixels` attributes to the ink (the set's summed
-    code), so the token map says which cells carry it and the pixel map which ink inside them.
-    Chosen on the validation split (``bench/choose_where_map.py``, figures in
-    bench/RESULTS.md) by cited / random active among the ways with cited >= 0.95x CAM: times
-    the pixel attribution, 1.692x against 1.665x for the maps each scaled to its peak (the
-    choice with token maps alone, where the sum gave 1.388x against 1.428x). No maps (n = 0)
-    is all zeros.
+    Raw activations are not comparable across neurons; scaled by its own mass, each neuron
+    says where *its* code sits and weighs as much as the others. Chosen on the validation
+    split (``bench/choose_where_map.py``, figures in bench/RESULTS.md) by cited / random
+    active among the ways with cited >= 0.95x CAM, times the pixel attribution: on session
+    9's models 1.667x against 1.644x for the plain sum (the set's code per token, session
+    8's choice at 1.692x against 1.665x on its models), a lead of +0.023 whose paired
+    bootstrap interval (+0.005 to +0.041) excludes 0. An all-zero map adds nothing; no maps
+    (n = 0) is all zeros.
     """
     maps = np.asarray(maps, dtype=np.float64)
-    return maps.sum(0) if len(maps) else np.zeros(maps.shape[1:], dtype=np.float64)
+    if not len(maps):
+        return np.zeros(maps.shape[1:], dtype=np.float64)
+    mass = maps.reshape(len(maps), -1).sum(1)
+    return (maps / np.maximum(mass, 1e-12)[:, None, None]).sum(0)
 
 
 def concept_ink_mask(image_uint8: np.ndarray, maps: np.ndarray, ink_share: float = INK_SHARE,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class SAETrainSettings:
     arch: str = "topk"             # topk | batchtopk
     threshold_rate: float = 0.01   # batchtopk: EMA weight of each batch's smallest kept activation in θ
     epochs: int = 30               # passes over the cached training tokens
+    min_steps: int = 0             # ... raised until they make at least this many optimiser steps
     batch_size: int = 512          # tokens per optimiser step (per process under DDP)
     lr: float = 2e-3               # peak Adam learning rate
     warmup_fraction: float = 0.05  # share of steps warming up, then cosine
@@ -415,8 +416,8 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     ``head`` maps a layer4 map to logits (the classifier's), for spliced accuracy;
     ``usage_ema`` (M,) is updated in place.
     """
-    s = settings
-    n_steps = steps_per_epoch(tokens.train, s.batch_size, runtime)
+    n_steps = steps_per_epoch(tokens.train, settings.batch_size, runtime)
+    s = settings = lengthened(settings, n_steps, runtime)
     total_steps = max(1, s.epochs * n_steps)
     tau = s.usage_ema_epochs * n_steps * s.batch_size * runtime.world_size
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
@@ -454,6 +455,23 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
             raise RuntimeError("DDP ranks ended with different SAE weights")
         runtime.log(f"all {runtime.world_size} ranks hold identical SAE weights")
     return finish(state, s, runtime)
+
+
+def lengthened(settings: SAETrainSettings, n_steps: int, runtime: Runtime) -> SAETrainSettings:
+    """``settings`` with EPOCHS raised, when needed, to make at least MIN_STEPS optimiser steps.
+
+    An SAE learns per step, not per epoch: AuxK revives dead latents a step at a time.
+    The demo's 12 epochs are 2,160 steps of 512 tokens; on a folder of 12,600 tokens 12
+    epochs are 288 steps and left 12.1% of M=256 latents dead on validation (20 epochs,
+    480 steps: 2.7%; lengthened to 84 epochs: 0.0%). A deterministic function of the
+    token count, so a resumed run lengthens the same way.
+    """
+    if settings.epochs == 0 or settings.epochs * n_steps >= settings.min_steps:
+        return settings
+    epochs = math.ceil(settings.min_steps / n_steps)
+    runtime.log(f"EPOCHS={settings.epochs} make {settings.epochs * n_steps} steps of {n_steps} per epoch, fewer than "
+                f"MIN_STEPS={settings.min_steps}: training {epochs} epochs")
+    return replace(settings, epochs=epochs)
 
 
 def train_epoch(sae, optimizer, usage_ema, train: TokenStore, epoch: int, n_steps: int, total_steps: int, tau: float,

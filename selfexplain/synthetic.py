@@ -18,7 +18,7 @@ Layout, in one of two styles (``STYLES``, recorded in the dataset spec):
   the image (in half of the images all three are large, 30-48%; a part that finds no free
   room is shrunk until it fits), with a gap between their boxes so parts never overlap, a
   pen from a fine liner to a marker (1.2-5%, log-uniform) and strokes from clean to shaky.
-  It needs more training: the demo's 600 sketches per class x 6 epochs, drawn anew every
+  It needs more training: the demo's 600 sketches per class x 8 epochs, drawn anew every
   epoch (``fresh_sketches``), reach 0.99.
 
 Both turn and flip parts at random. With probability ``DISTRACTOR_PROB`` one smaller

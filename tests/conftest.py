@@ -51,5 +51,5 @@ def tiny_sae(tmp_path_factory, tiny_classifier, cache_dir) -> Path:
     out = tmp_path_factory.mktemp("sae_topk")
     train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(out), latent_dim=64, top_k=4,
                    arch="topk", dead_latents="both",  # the tests below check Top-K's exact L0; e2e runs the default
-                   epochs=3, tensorboard=False, cache_dir=str(cache_dir))
+                   epochs=3, min_steps=0, tensorboard=False, cache_dir=str(cache_dir))
     return out

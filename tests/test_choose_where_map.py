@@ -24,3 +24,15 @@ def test_the_rule_takes_the_best_ratio_among_rows_that_keep_up_with_cam():
              "plain": np.array([2.0, 1.5, 2.0])}              # 1.33x random
     assert choose_where_map.choose(means) == "good"
     assert choose_where_map.choose({"weak": np.array([1.0, 0.5, 2.0])}) == "weak"  # none qualifies: best of all
+
+
+def test_a_pick_overturns_the_products_rule_only_beyond_noise():
+    rng = np.random.default_rng(0)
+    random_drop = rng.uniform(1.0, 2.0, 300)
+    product = np.stack([1.6 * random_drop + rng.normal(0, 0.3, 300), random_drop, random_drop], 1)
+    close = product + np.stack([rng.normal(0.01, 0.3, 300), np.zeros(300), np.zeros(300)], 1)
+    far = product + np.stack([np.full(300, 0.8), np.zeros(300), np.zeros(300)], 1)
+    rows = {choose_where_map.PRODUCT: list(product), "close": list(close), "far": list(far)}
+    assert "keeps its rule" in choose_where_map.versus_product(rows, "close", seed=0)
+    assert "should change" in choose_where_map.versus_product(rows, "far", seed=0)
+    assert "is the product's rule" in choose_where_map.versus_product(rows, choose_where_map.PRODUCT, seed=0)

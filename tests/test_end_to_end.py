@@ -21,7 +21,7 @@ def test_five_stages_end_to_end(tmp_path):
     assert {"best.pt", "last.pt", "label_decoder.json", "metrics.json"} <= {p.name for p in cnn.iterdir()}
 
     stage("train_sae.py", f"--classifier_ckpt={cnn / 'best.pt'}", f"--out_dir={sae}", "--latent_dim=64",
-          "--top_k=4", "--epochs=3", "--tensorboard=False", f"--cache_dir={cache}")
+          "--top_k=4", "--epochs=3", "--min_steps=0", "--tensorboard=False", f"--cache_dir={cache}")
     sae_metrics = json.loads((sae / "metrics.json").read_text())
     assert (sae / "best_sae.pt").is_file()
     assert 0.0 <= sae_metrics["val_fvu"] < 1.0, sae_metrics  # better than predicting the mean token

@@ -40,9 +40,10 @@ def test_ink_mask_covers_the_requested_share_with_the_strongest_pixels():
     assert not evidence.concept_ink_mask(image, np.zeros((0, 2, 2))).any()
 
 
-def test_where_map_is_the_sets_code_per_token_and_the_overlay_scales_each_map_to_its_peak():
-    maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]]])
-    assert evidence.where_map(maps).tolist() == [[24.0, 2.0], [0.0, 1.0]]
+def test_where_map_weighs_each_neuron_alike_and_the_overlay_scales_each_map_to_its_peak():
+    maps = np.array([[[20.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [0.0, 0.0]],
+                     np.zeros((2, 2))])
+    assert np.allclose(evidence.where_map(maps), [[20 / 22 + 1.0, 2 / 22], [0.0, 1.0]])  # a silent map adds nothing
     assert evidence.peak_normalised(maps).max(0).tolist() == [[1.0, 0.1], [0.0, 1.0]]
     assert evidence.where_map(np.zeros((0, 2, 2))).shape == (2, 2)
 

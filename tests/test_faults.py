@@ -85,7 +85,7 @@ def test_missing_earlier_stage_names_the_script_to_run(script, missing, first, t
 
 def test_sigkill_during_sae_training_then_resume(tiny_classifier, tmp_path, cache_dir):
     args = [f"--classifier_ckpt={tiny_classifier / 'best.pt'}", f"--out_dir={tmp_path}", "--latent_dim=64",
-            "--top_k=4", "--epochs=40", "--tensorboard=False", f"--cache_dir={cache_dir}"]
+            "--top_k=4", "--epochs=40", "--min_steps=0", "--tensorboard=False", f"--cache_dir={cache_dir}"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_sae.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     last = tmp_path / "last_sae.pt"
@@ -192,7 +192,7 @@ def test_sigterm_during_a_checkpoint_save_leaves_a_whole_file_and_no_temp_file(t
 
 def test_sigterm_stops_a_training_script_cleanly(tiny_classifier, tmp_path, cache_dir):
     args = [f"--classifier_ckpt={tiny_classifier / 'best.pt'}", f"--out_dir={tmp_path}", "--latent_dim=64",
-            "--top_k=4", "--epochs=400", "--tensorboard=False", f"--cache_dir={cache_dir}"]
+            "--top_k=4", "--epochs=400", "--min_steps=0", "--tensorboard=False", f"--cache_dir={cache_dir}"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_sae.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120

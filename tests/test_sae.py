@@ -14,6 +14,7 @@ import numpy as np
 
 from conftest import ROOT
 from selfexplain import artifacts, data
+from selfexplain import sae as sae_module
 from selfexplain import sae_train as st
 from selfexplain.errors import UserError
 from selfexplain.features import iter_feature_maps
@@ -84,6 +85,28 @@ def test_sparse_backward_matches_dense_autograd_with_auxk_and_duplicates(seed):
     reference = _dense_reference_grads(sae, x, dead, 6, 0.5)
     for name, g, ref in zip(("W_e", "b_e", "D", "b_d"), fast, reference):
         assert ref.abs().sum() > 0 and torch.allclose(g, ref, atol=1e-6), name
+
+
+@pytest.mark.parametrize("width", [3, 20])
+def test_wide_and_narrow_codes_decode_alike(seed, monkeypatch, width):
+    """decode_sparse's two routes (embedding_bag; dense scatter + matmul for wide codes) agree, gradients too."""
+    sae = _sae(d_in=16, m=32, k=4)
+    idx = torch.stack([torch.randperm(32)[:width] for _ in range(24)])
+    code = torch.rand(24, width)
+    gathers = []
+    bag = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **kw: gathers.append(1) or bag(*a, **kw))
+    out = {}
+    for name, share in (("gather", 2.0), ("dense", 0.0)):
+        monkeypatch.setattr(sae_module, "DENSE_DECODE_SHARE", share)
+        values = code.clone().requires_grad_(True)
+        sae.D.grad = None
+        recon = sae.decode_sparse(values, idx, bias=(width == 3))
+        (recon ** 2).sum().backward()
+        out[name] = (recon.detach(), values.grad, sae.D.grad.clone())
+    assert len(gathers) == 1, "the two settings must take different routes"
+    for a, b in zip(out["gather"], out["dense"]):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_decoder_columns_stay_unit_norm(seed):
@@ -327,7 +350,7 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
     import train_sae
 
     cfg = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path), cache_dir=str(cache_dir),
-               latent_dim=32, top_k=4, batch_size=128, tensorboard=False)
+               latent_dim=32, top_k=4, batch_size=128, min_steps=0, tensorboard=False)
     train_sae.main(**cfg, epochs=2)
     with pytest.raises(UserError, match="holds an earlier run"):
         train_sae.main(**cfg, epochs=3)  # neither --resume nor --overwrite: the run is kept
@@ -342,11 +365,26 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
     assert adam_steps and all(s == 3 * steps for s in adam_steps)
 
 
+def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, cache_dir):
+    """MIN_STEPS lengthens EPOCHS on a small token set (and only there); the log says so."""
+    import train_sae
+
+    cfg = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), cache_dir=str(cache_dir), latent_dim=32, top_k=4,
+               batch_size=128, epochs=1, tensorboard=False)
+    train_sae.main(**cfg, min_steps=0, out_dir=str(tmp_path / "one"))
+    per_epoch = artifacts.load_checkpoint(tmp_path / "one" / "last_sae.pt", "sae")["step"]
+    metrics = train_sae.main(**cfg, min_steps=2 * per_epoch + 1, out_dir=str(tmp_path / "more"))
+    assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert artifacts.load_checkpoint(tmp_path / "more" / "last_sae.pt", "sae")["step"] == 3 * per_epoch
+    enough = train_sae.main(**cfg, min_steps=per_epoch, out_dir=str(tmp_path / "enough"))
+    assert enough["epochs"] == 1  # already makes MIN_STEPS: EPOCHS is kept
+
+
 def test_tokens_spill_to_a_memmap(tiny_classifier, tmp_path, cache_dir):
     import train_sae
 
     train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path / "run"),
-                   cache_dir=str(cache_dir), latent_dim=32, top_k=4, batch_size=128, epochs=1,
+                   cache_dir=str(cache_dir), latent_dim=32, top_k=4, batch_size=128, epochs=1, min_steps=0,
                    token_ram_gb=0.0, tensorboard=False)
     files = sorted(p.name for p in (Path(cache_dir) / "sae_tokens").glob("*.npy"))
     assert any("-train-" in f and f.endswith("-r0of1.npy") for f in files)
@@ -382,7 +420,7 @@ def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_sae.py"), "--device=cpu", f"--classifier_ckpt={tiny_classifier / 'best.pt'}",
            f"--out_dir={tmp_path}", f"--cache_dir={cache_dir}", "--latent_dim=32", "--top_k=4",
-           "--batch_size=64", "--epochs=2", "--tensorboard=False"]
+           "--batch_size=64", "--epochs=2", "--min_steps=0", "--tensorboard=False"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
