@@ -18,8 +18,9 @@ instead of K per token, and codes z = ReLU(s)·(s > θ) afterwards, θ estimated
 records ARCH (and θ), and every later stage uses that rule (``selfexplain/sae.py``).
 
 Defaults are sized for the 64 px synthetic demo: a 4x4 layer4 map (LAYER4_STRIDE=1 in
-stage 1), M=512 latents for 512 channels, K=8. For TU-Berlin at 224 px use M=2048, K=20
-(density 0.01), BATCH_SIZE=4096, EPOCHS≈20.
+stage 1), M=512 latents for 512 channels, K=8, 12 epochs. For TU-Berlin at 224 px use
+M=2048, K=20 (density 0.01), BATCH_SIZE=4096, EPOCHS≈20. A small token set trains more
+epochs than EPOCHS, until the run makes MIN_STEPS optimiser steps (``--min_steps=0``: exactly EPOCHS).
 
 Dead latents: a latent's usage EMA tracks the share of tokens it fires on (time constant
 USAGE_EMA_EPOCHS of an epoch); it is dead when the EMA falls below DEAD_USAGE x K/M.
