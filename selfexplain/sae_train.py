@@ -417,7 +417,7 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     ``usage_ema`` (M,) is updated in place.
     """
     n_steps = steps_per_epoch(tokens.train, settings.batch_size, runtime)
-    s = settings = lengthened(settings, n_steps, runtime)
+    s = lengthened(settings, n_steps, runtime)  # EPOCHS raised to MIN_STEPS on small token sets
     total_steps = max(1, s.epochs * n_steps)
     tau = s.usage_ema_epochs * n_steps * s.batch_size * runtime.world_size
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
