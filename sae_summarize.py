@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from selfexplain import artifacts, baselines, report, summarize
+from selfexplain import concept_measures as cm
 from selfexplain.artifacts import save_effective_config
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import exit_on_sigterm, keep_freed_memory, resolve_device, set_threads
@@ -172,6 +173,9 @@ def _log(summary: dict, out: Path) -> None:
         if len(codes) > 1:
             log("baselines, held-out part AUROC: " + ", ".join(
                 f"{r['code']} {_fmt(r['mean_test_auroc'])}" for key, r in codes.items() if key != "sae"))
+        versus = measures.get("sae_versus_best_baseline")
+        if versus:
+            log(cm.versus_text(versus["baseline"], versus["difference"], versus["low"], versus["high"]))
     log(f"-> {out / artifacts.NEURONS}, {out / artifacts.INDEX_HTML}")
 
 

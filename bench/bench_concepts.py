@@ -153,16 +153,6 @@ def _fmt(x, spec=".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def sae_versus_best_baseline(measured: dict, present: np.ndarray, seed: int, n_boot: int = 1000) -> dict | None:
-    """The SAE's mean held-out AUROC minus the best baseline's, with a paired bootstrap interval over test images."""
-    others = {k: r for k, r in measured.items() if k != "sae"}
-    if "sae" not in measured or not others:
-        return None
-    best = max(others, key=lambda k: np.nanmean(others[k].selection.test_auroc))
-    out = cm.paired_auroc_difference(measured["sae"].unit_scores, others[best].unit_scores, present, n_boot, seed)
-    return {"baseline": others[best].code, **out}
-
-
 def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -> str:
     lines = ["## Concept measures, held out (synthetic demo)", "", context, "",
              "| code | units | held-out AUROC | AP | distractor-only AUROC | pointing (chance; shuffled) | cell-centre "
@@ -184,10 +174,8 @@ def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -
                   f"{_fmt(r0.get('mean_pointing_ceiling'))}. Pointing rule: {cm.POINTING_RULE}. Cell-centre rule: "
                   f"{cm.POINTING_CELL_RULE}. Dead: no positive activation on any test image."]
     if versus:
-        lines += ["", f"SAE minus the best baseline ({versus['baseline']}) in mean held-out AUROC: "
-                      f"**{versus['difference']:+.4f}**, 95% interval {versus['low']:+.4f} to {versus['high']:+.4f} "
-                      f"({versus['n_boot']} paired bootstrap resamples of the test images; an interval holding 0 "
-                      "means these images cannot tell the two apart)."]
+        lines += ["", cm.versus_text(versus["baseline"], versus["difference"], versus["low"], versus["high"])
+                  + f"; {versus['n_boot']} resamples of the test images."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,14 +233,13 @@ def fresh_report(cfg, codes: dict, maps: dict, truth: dict, seed_codes: dict) ->
     codes = {"sae": codes["sae"], **seed_codes, **{k: v for k, v in codes.items() if k != "sae"}}
     measured = measure(codes, maps, truth, None, cfg.BATCH_SIZE)
     sae_keys = ["sae", *seed_codes]
-    baseline_keys = [k for k in measured if k not in sae_keys]
-    best = max(baseline_keys, key=lambda k: np.nanmean(measured[k].selection.test_auroc)) if baseline_keys else None
+    baselines_measured = {k: r for k, r in measured.items() if k not in sae_keys}
     rows = []
     for key, rep in measured.items():
         row = rep.to_dict()
-        if key in sae_keys and best is not None:
-            row["versus"] = {"baseline": measured[best].code, **cm.paired_auroc_difference(
-                rep.unit_scores, measured[best].unit_scores, truth["test"].present, 1000, cfg.SEED)}
+        if key in sae_keys:
+            row["versus"] = cm.versus_best_baseline({"sae": rep, **baselines_measured}, truth["test"].present,
+                                                    seed=cfg.SEED)
         rows.append(row)
     return rows
 
@@ -343,7 +330,7 @@ def main(**overrides) -> dict:
     t = time.time()
     codes = comparison_codes(sae, maps["train"], cfg)
     measured = measure(codes, maps, truth, cf, cfg.BATCH_SIZE)
-    versus = sae_versus_best_baseline(measured, truth["test"].present, cfg.SEED)
+    versus = cm.versus_best_baseline(measured, truth["test"].present, seed=cfg.SEED)
     reports = [r.to_dict() for r in measured.values()]
     log("held-out AUROC: " + ", ".join(f"{r['code']} {r['mean_test_auroc']:.3f}" for r in reports)
         + f" ({time.time() - t:.1f}s)")

@@ -542,3 +542,32 @@ def paired_auroc_difference(scores_a, scores_b, present, n_boot: int = 1000, see
     resampled = np.array([difference(rng.integers(0, n, n)) for _ in range(n_boot)])
     low, high = np.nanpercentile(resampled, [2.5, 97.5])
     return {"difference": difference(np.arange(n)), "low": float(low), "high": float(high), "n_boot": n_boot}
+
+
+def versus_best_baseline(reports: dict, present, n_boot: int = 1000, seed: int = 0, subject: str = "sae") -> dict | None:
+    """Code ``subject``'s mean held-out AUROC minus the best other code's, with a paired bootstrap interval.
+
+    Parameters
+    ----------
+    reports : :class:`ConceptReport` by code key, scored on the same test images (``subject`` among them).
+    present : (N, P) bool, those images' part presence.
+
+    Returns
+    -------
+    dict: ``baseline`` (the best other code's name, by its mean held-out AUROC) and the fields of
+    :func:`paired_auroc_difference`; None without ``subject`` or another code.
+    """
+    others = {k: r for k, r in reports.items() if k != subject}
+    if subject not in reports or not others:
+        return None
+    best = max(others, key=lambda k: _nanmean(others[k].selection.test_auroc))
+    diff = paired_auroc_difference(reports[subject].unit_scores, others[best].unit_scores, present, n_boot, seed)
+    return {"baseline": others[best].code, **diff}
+
+
+def versus_text(baseline: str, difference: float, low: float, high: float) -> str:
+    """One sentence for :func:`versus_best_baseline`'s figures, saying whether the images resolve them."""
+    verdict = ("the interval holds 0: these images cannot tell the two apart" if low <= 0 <= high
+               else "the SAE is ahead beyond these images' noise" if low > 0 else "the SAE is behind beyond noise")
+    return (f"SAE minus the best baseline ({baseline}) in mean held-out AUROC: {difference:+.4f}, "
+            f"95% paired bootstrap interval {low:+.4f} to {high:+.4f} ({verdict})")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import concept_measures as cm
 from . import concepts, stats
 from .artifacts import (INDEX_HTML, NEURONS, SPRITES_DIR, SUMMARY, THUMBS_DIR, atomic_write_bytes,
                         read_json, read_jsonl)
@@ -367,4 +368,8 @@ def held_out_table(measures: dict) -> dict | None:
     for key, name in (("pointing_rule", "Pointing"), ("pointing_cell_rule", "Cell-centre rule")):
         if _text(measures.get(key)):
             note += f" {name}: {_text(measures.get(key))}."
+    versus = _dict(measures.get("sae_versus_best_baseline"))
+    figures = [_number(versus.get(k)) for k in ("difference", "low", "high")]
+    if _text(versus.get("baseline")) and None not in figures:
+        note += f" {cm.versus_text(_text(versus['baseline']), *figures)}."
     return {"note": note, "parts": parts, "codes": rows}

@@ -361,6 +361,7 @@ class HeldOut:
     n_test: int
     rerenders: Rerenders | None
     sae_train_auroc: np.ndarray            # (P, M) every SAE neuron's AUROC per part on the training images
+    versus: dict | None = None             # the SAE minus the best baseline, paired interval (cm.versus_best_baseline)
 
     def to_dict(self) -> dict:
         """The ``concept_measures`` block of summary.json."""
@@ -369,7 +370,8 @@ class HeldOut:
                 "n_test_images": self.n_test, "pointing_rule": cm.POINTING_RULE,
                 "pointing_cell_rule": cm.POINTING_CELL_RULE,
                 "counterfactual": {"test_images": cf.n_images, "rerenders": len(cf.row)} if cf else None,
-                "codes": {key: report.to_dict() for key, report in self.reports.items()}}
+                "codes": {key: report.to_dict() for key, report in self.reports.items()},
+                "sae_versus_best_baseline": self.versus}
 
 
 def held_out_measures(inputs: Inputs, acts: Activations, indices: np.ndarray, codes: dict[str, CodeProvider],
@@ -400,7 +402,8 @@ def held_out_measures(inputs: Inputs, acts: Activations, indices: np.ndarray, co
     cf_batches = None if rerenders is None else feature_batches(
         inputs, rerenders.images, np.arange(len(rerenders.row)), desc="counterfactuals", **run)
     reports, train_auc = score_codes(codes, train_max, train, test, test_batches, cf_batches, rerenders)
-    return HeldOut(reports, len(indices), len(test_idx), rerenders, train_auc)
+    versus = cm.versus_best_baseline(reports, test.present, seed=seed)   # is the SAE's lead more than these images' noise?
+    return HeldOut(reports, len(indices), len(test_idx), rerenders, train_auc, versus)
 
 
 @dataclass

@@ -167,11 +167,14 @@ def test_atlas_header_shows_the_held_out_figures(tmp_path):
     artifacts.write_json(out / "summary.json", {
         "sae_fingerprint": FINGERPRINT, "n_images": 10,
         "concept_measures": {"n_train_images": 10, "n_test_images": 4, "codes": {
-            "sae": _measures("SAE (M=6, K=2)", 0.951, 2), "channels": _measures("channels", "0.9", 7)}}})
+            "sae": _measures("SAE (M=6, K=2)", 0.951, 2), "channels": _measures("channels", "0.9", 7)},
+            "sae_versus_best_baseline": {"baseline": "channels", "difference": 0.004, "low": -0.001, "high": 0.009}}})
     page = report.write_index_html(out)
     held = _payload(page.read_text())["meta"]["held_out"]
     assert [r["part"] for r in held["parts"]] == ["spiral", "<b>arc</b>"] and held["parts"][0]["unit"] == 2
     assert held["codes"][1]["mean_test_auroc"] is None       # a string in summary.json never reaches the page
+    assert "(channels) in mean held-out AUROC: +0.0040, 95% paired bootstrap interval -0.0010 to +0.0090 (the " \
+           "interval holds 0" in held["note"]
     dom = _chromium_dom(page, tmp_path)
     table = dom.split('id="heldout-rows">')[1].split("</tbody>")[0]
     assert '<a href="#neuron-2">#2</a>' in table and "0.951" in table and "mean · SAE (M=6, K=2)" in table

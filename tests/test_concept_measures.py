@@ -254,6 +254,26 @@ def test_paired_auroc_difference_separates_a_real_gap_from_none():
     assert same["low"] <= 0 <= same["high"] and abs(same["difference"]) < 0.01
 
 
+def test_versus_best_baseline_picks_the_strongest_other_code_and_says_if_the_images_resolve_it():
+    rng = np.random.default_rng(1)
+    present = rng.random((400, 2)) < 0.5
+    parts = [[{"part": p, "box": [0, 0, 8, 8]} for j, p in enumerate(PARTS) if present[i, j]] for i in range(400)]
+    truth = cm.part_truth(parts, np.zeros(400, int), PARTS, np.ones((2, 1), bool), (2, 2), 64)
+
+    def code(name, noise):                                             # one unit per part, chosen on these images
+        scores = present + rng.normal(0, noise, present.shape)
+        return cm.concept_report(name, np.eye(2), scores, np.zeros((400, 2, 4)), truth)
+
+    reports = {"sae": code("SAE", 0.3), "weak": code("weak", 2.0), "strong": code("strong", 0.31)}
+    tie = cm.versus_best_baseline(reports, present, n_boot=200)
+    assert tie["baseline"] == "strong" and tie["low"] <= 0 <= tie["high"]     # compared with the best, not the weakest
+    assert "cannot tell the two apart" in cm.versus_text(tie["baseline"], tie["difference"], tie["low"], tie["high"])
+    ahead = cm.versus_best_baseline({"sae": reports["sae"], "weak": reports["weak"]}, present, n_boot=200)
+    assert ahead["low"] > 0 and "ahead beyond" in cm.versus_text("weak", ahead["difference"], ahead["low"], ahead["high"])
+    assert "behind beyond" in cm.versus_text("x", -0.01, -0.02, -0.005)
+    assert cm.versus_best_baseline({"sae": reports["sae"]}, present) is None
+
+
 def test_concept_report_keeps_the_chosen_units_test_scores():
     parts = [[{"part": "a", "box": [0, 0, 32, 32]}], [{"part": "b", "box": [0, 0, 32, 32]}]] * 3
     truth = cm.part_truth(parts, [0, 1] * 3, PARTS, np.array([[True, False], [False, True]]), (2, 2), 64)
