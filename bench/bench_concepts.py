@@ -86,9 +86,17 @@ def in_batches(maps: torch.Tensor, batch_size: int):
 
 
 # ----------------------------------------------------------------------------- measures
-def measure(codes: dict, maps: dict, truth: dict, cf: dict | None, batch_size: int) -> dict:
-    """Every concept measure for each code: ``{key: ConceptReport}``."""
-    train_max = summarize.code_maxima(codes, in_batches(maps["train"], batch_size))[0]
+def measure(codes: dict, maps: dict, truth: dict, cf: dict | None, batch_size: int, train_max: dict | None = None
+            ) -> dict:
+    """Every concept measure for each code: ``{key: ConceptReport}``.
+
+    ``train_max``: the codes' per-image maxima on ``maps["train"]`` where already computed
+    (by key); the codes missing there are run over the training maps.
+    """
+    train_max = dict(train_max or {})
+    missing = {k: c for k, c in codes.items() if k not in train_max}
+    if missing:
+        train_max.update(summarize.code_maxima(missing, in_batches(maps["train"], batch_size))[0])
     cf_batches = None if cf is None else in_batches(cf["maps"], batch_size)
     return summarize.score_codes(codes, train_max, truth["train"], truth["test"], in_batches(maps["test"], batch_size),
                                  cf_batches, None if cf is None else cf["rerenders"])[0]
@@ -194,8 +202,8 @@ def fresh_sketches(model, ckpt: dict, imageset: data.ImageSet, grid: tuple, cfg)
     drawn = synthetic.generate_synthetic(cfg.FRESH_PER_CLASS, spec["image_size"], seed=cfg.FRESH_SEED,
                                          style=synthetic.spec_style(spec))
     maps = layer4_maps(model, drawn["images"], np.arange(len(drawn["labels"])), ckpt["preprocess"], cfg.BATCH_SIZE)[0]
-    table = cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
-    truth = cm.part_truth(drawn["parts"], drawn["labels"], imageset.part_types, table, grid, spec["image_size"])
+    truth = cm.part_truth(drawn["parts"], drawn["labels"], imageset.part_types, summarize.part_table(imageset), grid,
+                          spec["image_size"])
     log(f"fresh sketches: {len(maps)} (seed {cfg.FRESH_SEED}), {time.time() - t:.1f}s")
     return maps, truth
 
@@ -228,10 +236,13 @@ def seed_sae(cfg, sae_ckpt: dict, classifier_ckpt: dict, seed: int):
     return artifacts.load_sae(path, classifier_ckpt)[0]
 
 
-def fresh_report(cfg, codes: dict, maps: dict, truth: dict, seed_codes: dict) -> list[dict]:
-    """Detection measures of every code on the fresh sketches; each SAE against the best baseline."""
+def fresh_report(cfg, codes: dict, maps: dict, truth: dict, seed_codes: dict, train_max: dict) -> list[dict]:
+    """Detection measures of every code on the fresh sketches; each SAE against the best baseline.
+
+    ``train_max``: the codes' training maxima from the test-split pass (the seed SAEs' are computed here).
+    """
     codes = {"sae": codes["sae"], **seed_codes, **{k: v for k, v in codes.items() if k != "sae"}}
-    measured = measure(codes, maps, truth, None, cfg.BATCH_SIZE)
+    measured = measure(codes, maps, truth, None, cfg.BATCH_SIZE, train_max)
     sae_keys = ["sae", *seed_codes]
     baselines_measured = {k: r for k, r in measured.items() if k not in sae_keys}
     rows = []
@@ -329,7 +340,8 @@ def main(**overrides) -> dict:
         cf_note = f"counterfactuals: {rerenders.n_images} test images x each part left out ({len(rerenders.row)} re-renders)."
     t = time.time()
     codes = comparison_codes(sae, maps["train"], cfg)
-    measured = measure(codes, maps, truth, cf, cfg.BATCH_SIZE)
+    train_max = summarize.code_maxima(codes, in_batches(maps["train"], cfg.BATCH_SIZE))[0]   # reused on fresh sketches
+    measured = measure(codes, maps, truth, cf, cfg.BATCH_SIZE, train_max)
     versus = cm.versus_best_baseline(measured, truth["test"].present, seed=cfg.SEED)
     reports = [r.to_dict() for r in measured.values()]
     log("held-out AUROC: " + ", ".join(f"{r['code']} {r['mean_test_auroc']:.3f}" for r in reports)
@@ -346,7 +358,7 @@ def main(**overrides) -> dict:
         codes = {"sae": baselines.sae_code(sae, f"{codes['sae'].name}, seed {given_seed} (the one given)"),
                  **{k: v for k, v in codes.items() if k != "sae"}}
         fresh = fresh_report(cfg, codes, {"train": maps["train"], "test": fresh_maps},
-                             {"train": truth["train"], "test": fresh_truth}, seed_codes)
+                             {"train": truth["train"], "test": fresh_truth}, seed_codes, train_max)
         log("fresh sketches, held-out AUROC: " + ", ".join(f"{r['code']} {r['mean_test_auroc']:.4f}" for r in fresh))
         lines += render_fresh(fresh, len(fresh_maps), cfg)
     write_section(cfg.OUT, lines)

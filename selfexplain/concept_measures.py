@@ -544,24 +544,24 @@ def paired_auroc_difference(scores_a, scores_b, present, n_boot: int = 1000, see
     return {"difference": difference(np.arange(n)), "low": float(low), "high": float(high), "n_boot": n_boot}
 
 
-def versus_best_baseline(reports: dict, present, n_boot: int = 1000, seed: int = 0, subject: str = "sae") -> dict | None:
-    """Code ``subject``'s mean held-out AUROC minus the best other code's, with a paired bootstrap interval.
+def versus_best_baseline(reports: dict, present, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """The SAE's (key ``"sae"``) mean held-out AUROC minus the best other code's, with a paired bootstrap interval.
 
     Parameters
     ----------
-    reports : :class:`ConceptReport` by code key, scored on the same test images (``subject`` among them).
+    reports : :class:`ConceptReport` by code key, scored on the same test images (``"sae"`` among them).
     present : (N, P) bool, those images' part presence.
 
     Returns
     -------
     dict: ``baseline`` (the best other code's name, by its mean held-out AUROC) and the fields of
-    :func:`paired_auroc_difference`; None without ``subject`` or another code.
+    :func:`paired_auroc_difference`; None without the SAE or another code.
     """
-    others = {k: r for k, r in reports.items() if k != subject}
-    if subject not in reports or not others:
+    others = {k: r for k, r in reports.items() if k != "sae"}
+    if "sae" not in reports or not others:
         return None
     best = max(others, key=lambda k: _nanmean(others[k].selection.test_auroc))
-    diff = paired_auroc_difference(reports[subject].unit_scores, others[best].unit_scores, present, n_boot, seed)
+    diff = paired_auroc_difference(reports["sae"].unit_scores, others[best].unit_scores, present, n_boot, seed)
     return {"baseline": others[best].code, **diff}
 
 

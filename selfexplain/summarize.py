@@ -250,11 +250,15 @@ def feature_batches(inputs: Inputs, images: np.ndarray, indices: np.ndarray, fma
         yield idx, fmap
 
 
+def part_table(imageset: data.ImageSet) -> np.ndarray:
+    """(P, C) bool: which part types are each class's own parts, read off the whole dataset."""
+    return cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
+
+
 def part_ground_truth(imageset: data.ImageSet, indices: np.ndarray, grid: tuple[int, int]) -> cm.PartTruth:
     """Part presence, the class-part table and the token-in-box masks of the images at ``indices``."""
-    table = cm.class_parts(imageset.parts, imageset.labels, imageset.part_types, len(imageset.class_names))
-    return cm.part_truth([imageset.parts[i] for i in indices], imageset.labels[indices], imageset.part_types, table,
-                         grid, imageset.spec["image_size"])
+    return cm.part_truth([imageset.parts[i] for i in indices], imageset.labels[indices], imageset.part_types,
+                         part_table(imageset), grid, imageset.spec["image_size"])
 
 
 @dataclass
