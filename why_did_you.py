@@ -33,7 +33,7 @@ from pathlib import Path
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
-from selfexplain.explain import explain_image, explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
+from selfexplain.explain import explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
 from selfexplain.llm_backends import LLMError, make_backend
 from selfexplain.logs import log
 
@@ -72,6 +72,23 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
     except LLMError as exc:
         log(f"note: LLM answer failed ({exc}); keeping the composed sentence")
         return None
+
+
+def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
+                  device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, **settings) -> explain.Explanation:
+    """Explain one image (path, PIL image or uint8 array) as the command line does.
+
+    The notebook API: ``exp.to_json()`` is the ``--json=True`` object, with the familiarity
+    verdict (``familiar=False`` skips it; the calibration is fitted once per model pair into
+    ``report_dir``) and the most-active list (N, PERCENTILE, AGG defaults). ``settings`` are
+    :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
+    ``input_check``, ``ink_share``, ``active``).
+    """
+    settings.setdefault("active", explain.MostActive(max(settings.get("n_cite", N), 1), PERCENTILE, AGG))
+    models = explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(device))
+    judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
+    return explain.explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, models.device,
+                                  judge=judge, **settings)[0]
 
 
 # ----------------------------------------------------------------------------- main

@@ -92,6 +92,16 @@ def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Minimum of a tensor over ranks in place (no-op single-process); returns it.
+
+    The tensor must live on ``runtime.device``: NCCL reduces CUDA tensors only.
+    """
+    if runtime.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def broadcast(tensor: torch.Tensor, runtime: Runtime, src: int = 0) -> torch.Tensor:
     if runtime.distributed:
         dist.broadcast(tensor, src=src)

@@ -136,14 +136,19 @@ class TopKSAE(nn.Module):
         return values, indices
 
     @torch.no_grad()
-    def update_threshold_(self, kept: torch.Tensor, rate: float) -> None:
+    def update_threshold_(self, kept: torch.Tensor, rate: float, reduce_min=None) -> None:
         """batchtopk: move θ towards the smallest positive kept activation of a training batch.
 
         ``rate`` is the running-mean weight (1/(step+1) early on, a floor later: an EMA).
+        ``reduce_min(t)`` (DDP) replaces the one-element tensor ``t`` by its minimum over
+        ranks, so every rank moves θ by the same amount and the replicas stay identical.
         """
         positive = kept[kept > 0]
-        if len(positive):
-            self.threshold.lerp_(positive.min().to(self.threshold.dtype), rate)
+        smallest = (positive.min() if len(positive) else kept.new_tensor(float("inf"))).float().reshape(1)
+        if reduce_min is not None:
+            reduce_min(smallest)
+        if torch.isfinite(smallest).item():
+            self.threshold.lerp_(smallest[0].to(self.threshold.dtype), rate)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The inference code as a dense (N, M) tensor (zeros outside the kept latents)."""

@@ -15,6 +15,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data
 from .artifacts import TrainState
-from .distributed import Runtime, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at
+from .distributed import Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
@@ -145,9 +146,7 @@ def cache_split_tokens(model, clf_ckpt: dict, cache_dir: str | Path, runtime: Ru
 
 def steps_per_epoch(store: TokenStore, batch_size: int, runtime: Runtime) -> int:
     """Equal on every rank (the smallest shard decides), at least 1."""
-    n = torch.tensor([store.n_tokens // batch_size], dtype=torch.int64)
-    if runtime.distributed:
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    n = all_reduce_min(torch.tensor([store.n_tokens // batch_size], dtype=torch.int64, device=runtime.device), runtime)
     if n.item() < 1:
         raise UserError(f"BATCH_SIZE={batch_size} is larger than the {store.n_tokens} training tokens per process")
     return int(n.item())
@@ -171,7 +170,8 @@ def train_step(sae: TopKSAE, optimizer, x: torch.Tensor, *, dead: torch.Tensor |
     k_batch = sae.k * len(x) if sae.arch == "batchtopk" else 0
     values, idx, aux_v, aux_idx = TopKEncode.apply(x, sae.W_e, sae.b_e, sae.k_max, k_aux, dead_mask, dtype, k_batch)
     if k_batch:
-        sae.update_threshold_(values, threshold_rate)
+        distributed = runtime is not None and runtime.distributed
+        sae.update_threshold_(values, threshold_rate, partial(all_reduce_min, runtime=runtime) if distributed else None)
     recon = sae.decode_sparse(values, idx)
     loss = fvu_loss(x, recon)
     aux_loss = torch.zeros((), device=x.device)
@@ -388,11 +388,11 @@ def evaluate_sae(sae: TopKSAE, head, store: TokenStore, labels: np.ndarray, runt
 
 
 def replicas_agree(sae: TopKSAE, runtime: Runtime) -> bool:
-    """True when every rank holds the same SAE weights (checked via a broadcast checksum)."""
+    """True when every rank holds the same SAE weights and buffers (checked via a broadcast checksum)."""
     if not runtime.distributed:
         return True
-    mine = torch.stack([p.detach().double().sum() for p in sae.parameters()]
-                       + [p.detach().double().abs().sum() for p in sae.parameters()])
+    tensors = list(sae.parameters()) + [b for b in sae.buffers() if b.is_floating_point()]  # θ, μ, σ too
+    mine = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum() for t in tensors])
     ref = broadcast(mine.clone(), runtime)
     ok = torch.tensor([float(torch.equal(mine, ref))], device=mine.device)
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)

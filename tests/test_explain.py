@@ -191,6 +191,18 @@ def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
         why_did_you.main(image="test:100000", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
 
 
+def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, image_dir, tmp_path):
+    """README: exp.to_json() is the --json=True object, familiarity and most-active list included."""
+    path = str(image_dir / "sketch_1.png")
+    cli = why_did_you.main(image=path, report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)[0]
+    exp = why_did_you.explain_image(path, report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
+    api = json.loads(exp.to_json())
+    assert {"familiarity", "unfamiliar", "top_active"} <= set(api)
+    assert api == cli
+    bare = why_did_you.explain_image(path, report_dir=str(tmp_path), device="cpu", familiar=False, **ckpts)
+    assert "familiarity" not in bare.to_dict()
+
+
 def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts, test_images, tmp_path):
     names = ["a/cat.png", "b/cat.png", "cat.jpg"]
     for k, rel in enumerate(names):
