@@ -43,6 +43,7 @@ from selfexplain import artifacts
 from selfexplain import sae_train as st
 from selfexplain.artifacts import TrainState, save_effective_config
 from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.errors import UserError
 from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, maybe_launch_torchrun,
                                      set_threads, setup_runtime)
 
@@ -82,17 +83,20 @@ def main(**overrides) -> dict:
     cfg = make_config(module_constants(globals()), overrides)
     settings = st.SAETrainSettings.from_config(cfg)
     settings.check()
+    if cfg.FEATURE_BATCH < 1 or cfg.MAX_IMAGES < 0:
+        raise UserError(f"need FEATURE_BATCH >= 1 and MAX_IMAGES >= 0, got {cfg.FEATURE_BATCH}, {cfg.MAX_IMAGES}")
     runtime = setup_runtime(cfg.DEVICE)
     set_threads(cfg.NUM_THREADS)
     model, clf_ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, runtime.device)
-    artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, resume=cfg.RESUME, overwrite=cfg.OVERWRITE,
-                              clear=runtime.is_main)
-    barrier(runtime)
+    out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
+    artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later
     model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)
     model.requires_grad_(False)
     tokens = st.cache_split_tokens(model, clf_ckpt, cfg.CACHE_DIR, runtime, max_images=cfg.MAX_IMAGES, seed=cfg.SEED,
                                    ram_gb=cfg.TOKEN_RAM_GB, feature_batch=cfg.FEATURE_BATCH)
-
+    # --overwrite removes the earlier run only now, once the data has loaded: a typo loses nothing
+    artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=runtime.is_main)
+    barrier(runtime)
     sae, usage_ema = st.new_sae(tokens, settings, runtime.device)
     optimizer = st.make_sae_optimizer(sae, cfg.LR)
     state = TrainState(best=float("inf"))

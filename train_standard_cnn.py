@@ -77,15 +77,17 @@ def main(**overrides) -> dict:
     cfg = make_config(module_constants(globals()), overrides)
     if cfg.ACCUM_STEPS < 1 or cfg.BATCH_SIZE < 1 or cfg.EPOCHS < 0:
         raise UserError("BATCH_SIZE and ACCUM_STEPS must be >= 1 and EPOCHS >= 0")
+    if not (0 < cfg.VAL_FRACTION and 0 < cfg.TEST_FRACTION and cfg.VAL_FRACTION + cfg.TEST_FRACTION < 1):
+        raise UserError(f"need VAL_FRACTION > 0, TEST_FRACTION > 0 and their sum < 1, got {cfg.VAL_FRACTION}, "
+                        f"{cfg.TEST_FRACTION} (validation picks best.pt; later stages score on the test split)")
     settings = ct.ClassifierTrainSettings.from_config(cfg, augment=ct.resolve_augment(cfg.AUGMENT, cfg.DATASET))
     spec = build_spec(cfg)
     runtime = setup_runtime(cfg.DEVICE)
     set_threads(cfg.NUM_THREADS)
     torch.manual_seed(cfg.SEED + runtime.rank)
-    if cfg.EPOCHS > 0:  # a cache-only run writes nothing into OUT_DIR
-        artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, resume=cfg.RESUME, overwrite=cfg.OVERWRITE,
-                                  clear=runtime.is_main)
-        barrier(runtime)
+    out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
+    if cfg.EPOCHS > 0:  # a cache-only run writes nothing into OUT_DIR; refuse now, clear once the settings hold
+        artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=False)
     last = Path(cfg.OUT_DIR) / artifacts.LAST_CLASSIFIER
     resumed = ct.resume_point(last, spec, cfg.LAYER4_STRIDE) if cfg.RESUME else None
     imageset = data.load_dataset(resumed["dataset"] if resumed else spec, cfg.CACHE_DIR, progress=runtime.is_main)
@@ -112,6 +114,10 @@ def main(**overrides) -> dict:
     else:
         split, prep = ct.new_split(imageset, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED, cfg.IMAGE_SIZE)
         state = TrainState(best=float("-inf"))
+    ct.epoch_batches(len(split["train"]), settings, runtime.world_size)  # enough images for one step?
+    # --overwrite removes the earlier run only now: a bad data root, stride, AMP mode or split loses nothing
+    artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=runtime.is_main)
+    barrier(runtime)
     if runtime.is_main:
         save_effective_config(cfg, cfg.OUT_DIR)
         artifacts.write_label_decoder(Path(cfg.OUT_DIR) / artifacts.LABEL_DECODER, imageset.class_names)

@@ -120,6 +120,7 @@ def train_epoch(model, optimizer, scaler, loader, *, settings: ClassifierTrainSe
                 bar=None) -> tuple[float, float, int]:
     """One pass over ``loader``; advances ``state.step``; returns (mean loss, accuracy, images)."""
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # an epoch's leftover micro-batches (not a full ACCUM_STEPS) are dropped
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device)
@@ -248,13 +249,29 @@ def restore(ckpt: dict, model, optimizer, scaler) -> tuple[TrainState, dict, dic
 
 
 # ----------------------------------------------------------------------------- the loop
+def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> int:
+    """Micro-batches per epoch and rank (full batches only, capped by MAX_BATCHES).
+
+    Raises
+    ------
+    UserError
+        The training split cannot fill one optimiser step (BATCH_SIZE x ACCUM_STEPS) per rank.
+    """
+    n = n_train // world_size // s.batch_size
+    n = n if s.max_batches <= 0 else min(s.max_batches, n)
+    if n < s.accum_steps:
+        raise UserError(f"the training split has {n_train} images ({world_size} process(es), MAX_BATCHES="
+                        f"{s.max_batches}): too few for one optimiser step of BATCH_SIZE={s.batch_size} x "
+                        f"ACCUM_STEPS={s.accum_steps}")
+    return n
+
+
 def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settings: ClassifierTrainSettings,
         runtime: Runtime) -> dict:
     """The epoch loop: train, validate, checkpoint; then test the best model (see :func:`finish`)."""
     s, split, imageset = settings, run.split, run.imageset
-    per_rank = len(split["train"]) // runtime.world_size
-    batches_per_epoch = per_rank // s.batch_size if s.max_batches <= 0 else min(s.max_batches, per_rank // s.batch_size)
-    total_steps = max(1, s.epochs * batches_per_epoch // s.accum_steps)
+    batches_per_epoch = epoch_batches(len(split["train"]), s, runtime.world_size)
+    total_steps = max(1, s.epochs * (batches_per_epoch // s.accum_steps))
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
     runtime.log(f"{len(imageset)} images, {len(imageset.class_names)} classes, split "
                 f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])}, device {runtime.device}, "

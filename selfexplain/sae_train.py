@@ -81,6 +81,11 @@ class SAETrainSettings:
             raise UserError(f"ARCH must be topk or batchtopk, got '{self.arch}'")
         if self.dead_latents not in DEAD_LATENT_MODES:
             raise UserError(f"DEAD_LATENTS must be resample, auxk, both or none, got '{self.dead_latents}'")
+        if self.use_resample and self.resample_sample < 1:
+            raise UserError(f"RESAMPLE_SAMPLE must be >= 1 when resampling, got {self.resample_sample}")
+        if self.auxk_k < 0 or self.min_steps < 0:
+            raise UserError(f"AUXK_K and MIN_STEPS must be >= 0, got {self.auxk_k}, {self.min_steps}")
+        amp_dtype(torch.device("cpu"), self.amp)  # an unknown AMP mode fails here, not after the token pass
 
     @property
     def use_auxk(self) -> bool:

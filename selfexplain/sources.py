@@ -31,6 +31,7 @@ from .logs import log
 
 TU_BERLIN_REPO = "kmewhort/tu-berlin-png"  # Hugging Face dataset repo of the TU-Berlin sketches
 TU_BERLIN_PATTERNS = ["data/*.parquet", "README.md"]  # what the download fetches
+TU_BERLIN_SPLITS = ("train", "test")  # each must have all its shards, or the copy is incomplete
 SOURCE_DATASETS = ("tu-berlin", "parquet", "folder")  # the DATASET values this module reads
 PARQUET_BATCH_ROWS = 64  # rows per streamed parquet batch (1111 px PNGs are ~20-60 kB each)
 
@@ -276,7 +277,7 @@ def ensure_tu_berlin(data_root: str) -> Path:
     naming the dataset and the ways out.
     """
     root = Path(data_root).expanduser().resolve()
-    if _find_parquet(root) and not _missing_shards(root):
+    if _find_parquet(root) and not _missing_shards(root, TU_BERLIN_SPLITS):
         return root
     log(f"downloading Hugging Face dataset {TU_BERLIN_REPO} into {root}")
     try:
@@ -288,22 +289,24 @@ def ensure_tu_berlin(data_root: str) -> Path:
                               allow_patterns=TU_BERLIN_PATTERNS)
     except _hub_errors() as exc:
         raise UserError(_download_failed(root, exc)) from None
-    missing = _missing_shards(root)
+    missing = _missing_shards(root, TU_BERLIN_SPLITS)
     if not _find_parquet(root) or missing:
         reason = f"missing {', '.join(missing)}" if missing else "no parquet files arrived"
         raise UserError(_download_failed(root, reason))
     return root
 
 
-def _missing_shards(root: Path) -> list[str]:
-    """Shards named '<split>-<i>-of-<n>' whose siblings are absent (an interrupted download)."""
+def _missing_shards(root: Path, splits: tuple[str, ...] = ()) -> list[str]:
+    """What an interrupted download left out: shards named '<split>-<i>-of-<n>' whose
+    siblings are absent, and each of ``splits`` with no shard at all ('<split>-*')."""
     seen: dict[tuple[str, int], set[int]] = {}
     for path in _find_parquet(root):
         m = _SHARD.match(path.relative_to(root).as_posix())
         if m:
             seen.setdefault((m["split"], int(m["total"])), set()).add(int(m["index"]))
+    named = {Path(split).name for split, _ in seen}  # shards sit under data/
     return [f"{split}-{i:05d}-of-{n:05d}" for (split, n), have in sorted(seen.items())
-            for i in range(n) if i not in have]
+            for i in range(n) if i not in have] + [f"{split}-*" for split in splits if split not in named]
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

@@ -354,6 +354,11 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
     train_sae.main(**cfg, epochs=2)
     with pytest.raises(UserError, match="holds an earlier run"):
         train_sae.main(**cfg, epochs=3)  # neither --resume nor --overwrite: the run is kept
+    for bad in (dict(amp="fp8"), dict(feature_batch=0), dict(cache_dir=str(tmp_path / "no" / "cache"),
+                                                         classifier_ckpt=str(tmp_path / "nope.pt"))):
+        with pytest.raises(UserError):
+            train_sae.main(**{**cfg, **bad}, epochs=3, overwrite=True)
+        assert (tmp_path / "last_sae.pt").is_file()  # --overwrite with a mistake deletes nothing
     first = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
     metrics = train_sae.main(**cfg, epochs=3, resume=True)
     last = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")

@@ -243,16 +243,17 @@ def test_tu_berlin_downloads_through_huggingface_hub_then_reads_offline(tmp_path
     assert labels == [lab for rel in sorted(manifest) for lab in manifest[rel]]
 
 
-def test_tu_berlin_interrupted_download_fetches_only_missing_shards(tmp_path):
+@pytest.mark.parametrize("have", [TU_BERLIN_FILES[0], TU_BERLIN_FILES[2]])
+def test_tu_berlin_interrupted_download_fetches_only_missing_shards(tmp_path, have):
+    """A sibling shard missing, or a whole split (the small test shard arrives first)."""
     files, _ = _hub_files(tmp_path)
     root = tmp_path / "tu"
-    have = TU_BERLIN_FILES[0]
     (root / have).parent.mkdir(parents=True)
     (root / have).write_bytes(files[have])
     with FakeHubServer(files) as hub:
         done = _describe_in_subprocess(root, hub_env(hub.url, tmp_path / "hf_home"))
         assert done.returncode == 0, done.stderr
-        assert sorted(hub.downloads()) == sorted([*TU_BERLIN_FILES[1:], "README.md"])
+        assert sorted(hub.downloads()) == sorted([f for f in TU_BERLIN_FILES if f != have] + ["README.md"])
 
 
 CLI_SCRIPT = '''

@@ -216,6 +216,11 @@ def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tiny_classifier, t
     assert (run / "best.pt").read_bytes() == before  # nothing touched
     with pytest.raises(UserError, match="choose one"):
         stage1.main(**cfg, resume=True, overwrite=True)
+    for mistake in (dict(amp="fp8"), dict(layer4_stride=3), dict(dataset="folder", data_root=str(tmp_path / "typo")),
+                    dict(val_fraction=0.0), dict(batch_size=100000)):
+        with pytest.raises((UserError, ValueError)):
+            stage1.main(**{**cfg, **mistake}, overwrite=True)
+        assert (run / "best.pt").read_bytes() == before  # --overwrite with a mistake deletes nothing
     stage1.main(**dict(cfg, tensorboard=True), overwrite=True)
     assert not (run / "tb" / "events.out.tfevents.old").exists()  # the old curves cannot interleave
     assert artifacts.load_checkpoint(run / "last.pt", "classifier")["epoch"] == 1
