@@ -92,7 +92,26 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
     folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"
     if not (folder / "meta.json").is_file():
         _build_cache(spec, source, folder, progress)
-    return _open_cache(folder, spec)
+    imageset = _open_cache(folder, spec)
+    if source is not None:
+        _check_items(imageset, spec)
+    return imageset
+
+
+def _check_items(imageset: ImageSet, spec: dict) -> None:
+    """Record which images, in which order, a source's indices point at; refuse another list.
+
+    A checkpoint's split is a list of positions in this list: once files are added, removed
+    or renamed, the same positions name other images (validation images would train the
+    SAE). Modification times alone do not count: a copied or touched folder still loads.
+    """
+    digest = hashlib.sha256(json.dumps([list(imageset.names), imageset.labels.tolist()]).encode()).hexdigest()[:16]
+    recorded = spec.get("items_digest")
+    if recorded is not None and recorded != digest:
+        raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
+                        "added, removed or renamed), so its saved split would index other images; restore the "
+                        "folder or retrain with train_standard_cnn.py --overwrite=True")
+    imageset.spec = {**spec, "items_digest": digest}
 
 
 def _open_cache(folder: Path, spec: dict) -> ImageSet:

@@ -119,3 +119,17 @@ def test_a_classifier_of_another_generator_version_is_refused(tmp_path):
     assert spec["generator_version"] == synthetic.GENERATOR_VERSION
     with pytest.raises(UserError, match="generator version"):
         data.load_dataset({**spec, "generator_version": synthetic.GENERATOR_VERSION - 1}, tmp_path, progress=False)
+
+
+def test_a_changed_folder_is_refused_where_a_saved_split_would_index_other_images(tmp_path):
+    """Stage 1 records which images its split indexes; later loads refuse another list, not a touched file."""
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=3, clutter=False)
+    spec = data.dataset_spec("folder", str(tmp_path / "src"), 64)
+    recorded = data.load_dataset(spec, tmp_path / "cache", progress=False).spec  # what the checkpoint keeps
+    assert "items_digest" in recorded
+    os.utime(tmp_path / "src" / "a" / "000.png", ns=(1, 1))  # a copy or a touch: same images, new cache
+    assert data.load_dataset(recorded, tmp_path / "cache", progress=False).names[0] == "a/000.png"
+    first = (tmp_path / "src" / "a" / "001.jpg").read_bytes()
+    (tmp_path / "src" / "a" / "0000_new.jpg").write_bytes(first)  # sorts first: every later index shifts
+    with pytest.raises(UserError, match="no longer holds the images"):
+        data.load_dataset(recorded, tmp_path / "cache", progress=False)
