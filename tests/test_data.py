@@ -133,3 +133,17 @@ def test_a_changed_folder_is_refused_where_a_saved_split_would_index_other_image
     (tmp_path / "src" / "a" / "0000_new.jpg").write_bytes(first)  # sorts first: every later index shifts
     with pytest.raises(UserError, match="no longer holds the images"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
+
+
+def test_the_lighter_pen_keeps_a_thin_stroke(seed):
+    """Augmentation's thinning must not erase 1-2 px strokes (a blank image with a label)."""
+    ink = torch.zeros(64, 1, 64, 64)
+    ink[:, :, 20:22, 8:56] = 1.0  # a 2 px stroke
+    ink[:, :, 30:50, 40] = 1.0    # a 1 px stroke
+    out = data.augment(ink, torch.Generator().manual_seed(0), degrees=0.0, scale=(1.0, 1.0), translate=0.0,
+                       flip=False, thickness_p=1.0)
+    strokes = ink[0, 0] > 0
+    kept = (out[:, 0][:, strokes] >= 0.4).float().mean(1)  # share of the stroke still drawn, per image
+    assert kept.min() > 0.95
+    lighter = out.sum((1, 2, 3)) < ink.sum((1, 2, 3)) - 1  # about half the batch takes the lighter pen
+    assert 16 < int(lighter.sum()) < 48
