@@ -6,6 +6,7 @@ the layer4 tokens of a set of images once (stage 2 trains on them for many epoch
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -66,11 +67,16 @@ class TokenStore:
         rng = np.random.default_rng(seed)
         n = self.n_tokens
         in_ram = not isinstance(self.tokens, np.memmap)
-        starts = [0] if in_ram else list(rng.permutation(np.arange(0, n, chunk)))
+        if in_ram:  # gather batch by batch: a shuffled copy of all tokens would double the RAM they take
+            order = rng.permutation(n)
+            for b in range(min(n_batches, n // batch_size)):
+                yield torch.from_numpy(self.tokens[order[b * batch_size:(b + 1) * batch_size]])
+            return
+        starts = list(rng.permutation(np.arange(0, n, chunk)))
         carry, made = None, 0
         for s in starts:
-            block = self.tokens if in_ram else self.tokens[s:s + chunk]
-            block = np.asarray(block)[rng.permutation(len(block))]
+            block = np.asarray(self.tokens[s:s + chunk])
+            block = block[rng.permutation(len(block))]
             if carry is not None:
                 block = np.concatenate([carry, block])
             full = len(block) // batch_size
@@ -107,11 +113,15 @@ def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, dev
     n_tok = len(indices) * h * w
     disk_path = Path(disk_path)
     on_disk = n_tok * c * 2 > ram_gb * 2 ** 30
-    if on_disk and disk_path.is_file() and not stats:
+    sums_path = disk_path.with_name(disk_path.name + ".sums.npz")  # (Σa, Σa²) of a stats pass, kept beside it
+    if on_disk and disk_path.is_file() and (sums_path.is_file() or not stats):
         arr = np.load(disk_path, mmap_mode="r")
         if arr.shape == (n_tok, c):
-            return TokenStore(arr, indices, (h, w)), None
-    tmp = disk_path.with_name(disk_path.name + ".tmp.npy")
+            if not stats:
+                return TokenStore(arr, indices, (h, w)), None
+            saved = np.load(sums_path)
+            return TokenStore(arr, indices, (h, w)), (n_tok, *(torch.from_numpy(saved[k]).to(device) for k in ("sum", "sq")))
+    tmp = disk_path.with_name(f"{disk_path.name}.tmp{os.getpid()}.npy")  # two runs never share a temp file
     try:
         if on_disk:
             disk_path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,12 +132,21 @@ def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, dev
         if on_disk:
             arr.flush()
             del arr
+            if stats:  # the sums land first: tokens without them would be recomputed, never misread
+                write_npz_atomic(sums_path, sum=sums[0].cpu().numpy(), sq=sums[1].cpu().numpy())
             tmp.replace(disk_path)
             arr = np.load(disk_path, mmap_mode="r")
     except BaseException:  # interrupted or failed: no full-size temporary file left behind
         tmp.unlink(missing_ok=True)
         raise
     return TokenStore(arr, indices, (h, w)), ((n_tok, *sums) if stats else None)
+
+
+def write_npz_atomic(path: Path, **arrays) -> None:
+    """``np.savez`` to a temp name, then rename: a reader sees the whole file or none."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def _fill_tokens(arr, model, images, indices, prep, device, batch_size, progress, stats):

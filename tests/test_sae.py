@@ -398,6 +398,38 @@ def test_tokens_spill_to_a_memmap(tiny_classifier, tmp_path, cache_dir):
     assert (tmp_path / "run" / "best_sae.pt").is_file()
 
 
+def test_a_second_run_reuses_the_spilled_tokens_and_their_sums(tiny_classifier, tmp_path, cache_dir, monkeypatch):
+    """The train split's memmap comes back with its (Σa, Σa²): no backbone pass, the same μ, σ and SAE."""
+    import train_sae
+    from selfexplain import features
+
+    run = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), cache_dir=str(cache_dir), latent_dim=32, top_k=4,
+               batch_size=16, epochs=1, min_steps=0, token_ram_gb=0.0, max_images=20, tensorboard=False)
+    train_sae.main(**run, out_dir=str(tmp_path / "a"))
+    assert list((Path(cache_dir) / "sae_tokens").glob("*-train-n20-*.sums.npz"))
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("cached tokens must be reused")
+
+    monkeypatch.setattr(features, "_fill_tokens", no_backbone)
+    train_sae.main(**run, out_dir=str(tmp_path / "b"))
+    first, second = (artifacts.load_checkpoint(tmp_path / d / "best_sae.pt", "sae") for d in ("a", "b"))
+    for key in ("mu", "sigma", "W_e", "D"):
+        assert torch.equal(first["state"][key], second["state"][key]), key
+
+
+def test_in_ram_batches_are_a_permutation_without_a_full_copy(seed):
+    """Batches gather rows of one permutation: the same batches as shuffling a copy, every row at most once."""
+    from selfexplain.features import TokenStore
+
+    tokens = np.arange(1000 * 4, dtype=np.float16).reshape(1000, 4)
+    store = TokenStore(tokens, np.arange(250), (2, 2))
+    batches = list(store.iter_batches(64, [0, 1], n_batches=100))
+    assert len(batches) == 1000 // 64
+    order = np.random.default_rng([0, 1]).permutation(1000)
+    assert np.array_equal(torch.cat(batches).numpy(), tokens[order][:len(batches) * 64])
+
+
 def test_token_cache_is_fp32_and_keyed_by_the_chosen_images(tiny_classifier, tmp_path, cache_dir):
     """AMP=bf16 still caches fp32 features; another SEED's --max_images subset never reuses old tokens."""
     import train_sae
