@@ -20,6 +20,7 @@ from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folders are searched for
 MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
+MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 200000 strip would need 40 GB
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
 
 
@@ -49,8 +50,9 @@ def decode_image(payload: bytes | str | Path | BadImage, image_size: int) -> np.
     Raises
     ------
     BadImage
-        Empty payload, not an image, truncated or corrupt data, or more than
-        ``MAX_PIXELS`` pixels (checked on the header, before any pixel is decoded).
+        Empty payload, not an image, truncated or corrupt data, more than ``MAX_PIXELS``
+        pixels or a side longer than ``MAX_SIDE`` (checked on the header, before any pixel
+        is decoded).
     """
     if int(image_size) < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
@@ -113,7 +115,7 @@ def _open_checked(payload: bytes | str | Path):
             raise BadImage(_failure_reason(exc)) from None
         with im:
             width, height = im.size
-            if width * height > MAX_PIXELS:  # decided on the header: a bomb is never decoded
+            if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:  # decided on the header: never decoded
                 raise BadImage(f"too large ({width}x{height})")
             if width == 0 or height == 0:
                 raise BadImage("corrupt (zero-sized image)")

@@ -98,6 +98,7 @@ def bad_image_payloads() -> dict[str, bytes]:
         "palette_transparent": png_bytes(pal, transparency=0),
         "huge_header": png_with_header(20000, 20000),  # 400 MP: past PIL's own bomb limit
         "large_header": png_with_header(8000, 8000),  # 64 MP: past MAX_PIXELS, under PIL's limit
+        "long_strip": png_with_header(200000, 1),  # 0.2 MP, but padding it square would take 40 GB
     }
 
 

@@ -60,7 +60,8 @@ def test_bad_images_in_a_folder_are_skipped_counted_and_named(tmp_path):
     images = data.load_dataset(spec, tmp_path / "cache", progress=False)
     reasons = {s["source"].split("/")[-1]: s["reason"] for s in images.skipped}
     assert set(reasons) == {"zero_bytes.png", "not_an_image.png", "truncated_png.png", "huge_header.png",
-                            "large_header.png"}
+                            "large_header.png", "long_strip.png"}
+    assert reasons["long_strip.png"] == "too large (200000x1)"
     assert len(images) == 6 + 4  # the good ones plus RGBA, LA, 16-bit and palette images
     kept = {n.split("/")[-1]: i for i, n in enumerate(images.names)}
     rgba = images.images[kept["rgba_transparent.png"]]

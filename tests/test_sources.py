@@ -142,6 +142,7 @@ def test_folder_without_class_folders_is_a_user_error(tmp_path):
     ("truncated_png", "truncated"),
     ("huge_header", "too large (400000000 pixels)"),
     ("large_header", "too large (8000x8000)"),
+    ("long_strip", "too large (200000x1)"),
 ])
 def test_unusable_payloads_raise_bad_image_with_reason(payloads, name, reason):
     with pytest.raises(BadImage) as info:
