@@ -144,7 +144,8 @@ def _read_concepts(report: Path, sae_fingerprint: str | None) -> dict[int, str]:
         summaries, stale_summaries = [], len(summaries)
     concepts = {n["neuron_id"]: prompts.strip_controls(n["auto_summary"]) for n in summaries}
     answers, stale_answers = current_answers(report, sae_fingerprint)
-    concepts.update({i: r.answer for i, r in answers.items() if r.answer.strip()})
+    # "unclear" is an answer (it is not asked again) but no name: the statistics summary stays
+    concepts.update({i: r.answer for i, r in answers.items() if r.answer.strip() and not prompts.is_unclear(r.answer)})
     if stale_summaries or (stale_answers and not answers):  # older answers beside current ones are history
         log(f"{report}: set aside {stale_answers} answers and {stale_summaries} summaries made for another SAE "
             f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)")

@@ -49,6 +49,9 @@ TEMPERATURE = 0.0  # labels should not change from run to run
 # OpenAI's reasoning families refuse `max_tokens` and any temperature but the default
 REASONING_MODEL = re.compile(r"(^|/)(o\d|gpt-5)", re.I)
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})  # what the openai client retries too
+# A replicate create (POST) that failed with a 5xx may still have started a paid prediction:
+# only a refusal (rate limit, overloaded) is sure to have run nothing and is sent again.
+CREATE_RETRY_STATUSES = frozenset({429, 503})
 FATAL_STATUSES = (401, 403, 404)  # every later request would fail the same way
 TOKEN_VARS = ("REPLICATE_API_TOKEN", "OPENAI_API_KEY")  # settings that start paid calls
 
@@ -331,17 +334,20 @@ class ReplicateBackend(Backend):
         super().__init__(model=model or DEFAULT_MODELS[("replicate", images)], secrets=[api_token], **kwargs)
         self.image_field, self.system_field = self._input_layout(images, image_input)
         self.accepts_images = bool(self.image_field)
+        # The HTTP read timeout outlasts the server-side wait of a create (Prefer: wait=N,
+        # N <= TIMEOUT): equal, the client could give up just as the answer arrives.
         self.client = replicate.Client(
             api_token=api_token, base_url=base_url or None,
-            timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+            timeout=httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout)),
             transport=httpx.HTTPTransport(retries=self.retries))  # httpx retries connections that fail
         # The client wraps its transport in a RetryTransport that retries only GETs on 429/503/504.
-        # A create is a POST, and one refused with these statuses was not run: retry it as well.
-        retrying = self.client._client._transport
-        retrying.max_attempts = self.retries + 1
-        retrying.retryable_methods = retrying.retryable_methods | {"POST"}
-        retrying.retry_status_codes = RETRY_STATUSES
-        retrying.backoff_factor = self.backoff
+        # Polls (GET) retry every transient status; creates and cancels (POST) only refusals.
+        polls = self.client._client._transport
+        polls.max_attempts, polls.backoff_factor = self.retries + 1, self.backoff
+        polls.retry_status_codes = RETRY_STATUSES
+        posts = type(polls)(polls._wrapped_transport, max_attempts=self.retries + 1, backoff_factor=self.backoff,
+                            retryable_methods={"POST"}, retry_status_codes=CREATE_RETRY_STATUSES)
+        self.client._client._transport = _ByMethod(polls, posts)
 
     def _input_layout(self, images: bool, image_input: str) -> tuple[str, str]:
         known = REPLICATE_INPUTS.get(self.model.split(":")[0])
@@ -382,14 +388,18 @@ class ReplicateBackend(Backend):
             raise MalformedAnswer(f"unreadable response: {exc}") from None
 
     def _run(self, payload: dict) -> str:
-        """Create a prediction (waiting up to the timeout on the server), poll until done."""
-        deadline = time.monotonic() + self.timeout
+        """Create a prediction (waiting up to the timeout on the server), poll until done.
+
+        The prediction gets TIMEOUT after its create returns: a model slower than the
+        create's wait (at most 60 s) is polled, not cancelled on arrival.
+        """
         wait = max(1, min(60, int(math.ceil(self.timeout))))  # Replicate accepts 1..60 s
         ref, _, version = self.model.partition(":")
         if version:  # community models run by version id
             pred = self.client.predictions.create(version=version, input=payload, wait=wait)
         else:
             pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
+        deadline = time.monotonic() + self.timeout
         while pred.status not in ("succeeded", "failed", "canceled"):
             if time.monotonic() >= deadline:
                 self._cancel(pred.id)
@@ -411,6 +421,25 @@ class ReplicateBackend(Backend):
             self.client.predictions.cancel(prediction_id)
         except Exception:  # noqa: BLE001  the timeout is what gets reported
             pass
+
+
+class _ByMethod:
+    """An httpx transport that hands POSTs to one retrying transport and the rest to another."""
+
+    def __init__(self, others, posts):
+        self.others, self.posts = others, posts
+
+    def handle_request(self, request):
+        return (self.posts if request.method == "POST" else self.others).handle_request(request)
+
+    def close(self) -> None:
+        self.others.close()  # both wrap the same connection pool
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- factory

@@ -26,6 +26,7 @@ from .errors import UserError
 PROMPT_DIR = Path(__file__).with_name("prompts")
 CONCEPT_PROMPTS = ("concept_system", "concept_user")  # the files prompt_version() hashes
 PART_AUROC = 0.8  # offline labels name a ground-truth part when a neuron detects it this well
+UNCLEAR = "unclear"  # what concept_system.txt asks the model to reply when it sees no concept
 
 
 class MalformedAnswer(ValueError):
@@ -111,6 +112,11 @@ def _clean_line(line: str) -> str:
         line = _PREFIX.sub("", line).strip()
     line = line.strip(" \t\"'“”‘’«»")
     return line.rstrip(".;:,!").strip(" \"'“”‘’")
+
+
+def is_unclear(answer: str) -> bool:
+    """True for the model's "no consistent concept" reply: not a name to cite a neuron by."""
+    return answer.strip().strip(".\"'!").strip().lower() == UNCLEAR
 
 
 def parse_concept(raw: str, max_words: int = 12) -> str:

@@ -312,6 +312,18 @@ def test_5xx_until_give_up_lists_the_neuron_and_exits_1(api, report, monkeypatch
     assert "neuron 3: failed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("api, tries", [("openai", 3), ("replicate", 1)])
+def test_a_5xx_create_is_not_sent_again_to_replicate(api, tries, report, monkeypatch, waits):
+    """A 502 may come after Replicate started a paid prediction: a second create could bill twice."""
+    def script(_, nid, attempt):
+        return Reply(kind="status", status=502, detail="bad gateway") if nid == 3 else Reply(text=f"shape {nid}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert RUNNERS[api](report, srv, monkeypatch, retries=2) == 1
+        assert srv.attempts[(api, 3)] == tries
+    assert sorted(answers(report)) == [0, 1, 4, 5]
+
+
 def test_cli_exit_code_says_when_neurons_failed(report, monkeypatch):
     from selfexplain.config import run_cli
 
@@ -536,6 +548,15 @@ def test_load_concepts_prefers_answers_then_summaries_of_the_same_sae(report):
                                                          "model": "m", "sae_fingerprint": "ffffffffffffffff"})
     got = concepts.load_concepts(report, SAE_FP)
     assert got[1] == "spoked wheel" and got[3] == "fires on sun" and got[0] == "fires on wheel"
+
+
+
+def test_an_unclear_answer_is_kept_but_never_cited_as_the_concept(report):
+    """The prompt lets the model say "unclear"; an explanation must not read "because of unclear"."""
+    artifacts.append_jsonl(report / "llm_output.jsonl", {"neuron_id": 0, "answer": "Unclear.", "backend": "openai",
+                                                         "model": "m", "sae_fingerprint": SAE_FP})
+    assert prompts.is_unclear("Unclear.") and not prompts.is_unclear("unclear stroke blob")
+    assert concepts.load_concepts(report, SAE_FP)[0] == "fires on wheel"  # the statistics summary stays
 
 
 # ----------------------------------------------------------------------------- nothing lost
