@@ -45,6 +45,8 @@ def image_list(image: str | Sequence[str]) -> list[str]:
     if isinstance(image, str) and _is_list_text(image):
         image = _parse_list(image.strip())
     entries = image if isinstance(image, (list, tuple)) else [image]
+    if not entries:
+        raise UserError("no image given (an empty list); use --image=PATH (a file, a folder, a [list] or test:K)")
     out = []
     for entry in (str(e).strip() for e in entries):
         if not entry:

@@ -42,6 +42,8 @@ MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
 PAGE = Path(__file__).with_name("static") / "draw.html"
+ATLAS_FILES = ("index.html", "thumbs/", "sprites/")  # what /atlas/ serves: never the report's other files
+REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
 
 
 class Stopping(Exception):
@@ -120,13 +122,19 @@ class Explainer:
 
 
 def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
-    """The file under ``report_dir`` that ``/atlas/<url_path>`` names, or None (missing or outside)."""
+    """The atlas file under ``report_dir`` that ``/atlas/<url_path>`` names, or None.
+
+    None when it is missing, outside ``report_dir`` or not part of the atlas (``ATLAS_FILES``):
+    with ``--host=0.0.0.0`` a report folder's other files (a ``.env`` beside them) stay private.
+    """
     root = Path(report_dir).resolve()
     rel = unquote(url_path).lstrip("/") or "index.html"
     target = (root / rel).resolve()
     if not target.is_relative_to(root) or not target.is_file():
         return None
-    return target
+    inside = target.relative_to(root).as_posix()
+    return target if any(inside == name or (name.endswith("/") and inside.startswith(name))
+                         for name in ATLAS_FILES) else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -134,6 +142,7 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "selfexplain"
     protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT  # a stalled body read (Content-Length larger than the body) ends, not a stuck thread
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = urlsplit(self.path).path
@@ -158,11 +167,14 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header", close=True)
             return
+        if length < 0:
+            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length}", close=True)
+            return
         if length > MAX_BODY:
             self._drain(length)
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload over {MAX_BODY // 2 ** 20} MiB", close=True)
             return
-        payload = self.rfile.read(max(length, 0))
+        payload = self.rfile.read(length)
         try:
             result = self.server.explainer.explain_png(payload)
         except UserError as exc:
@@ -203,15 +215,29 @@ class Handler(BaseHTTPRequestHandler):
             log(f"{self.address_string()} {format % args}")
 
 
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """The listening server on ``host:port``; a bad or taken address is a one-line UserError."""
+    if not 0 <= int(port) <= 65535:
+        raise UserError(f"PORT must be in 0..65535, got {port}")
+    try:
+        return ThreadingHTTPServer((host, int(port)), Handler)
+    except OSError as exc:  # taken port, unknown host, address not on this machine
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
                 port: int = 8000, device: str = "auto", quiet: bool = False, **options) -> ThreadingHTTPServer:
     """Load the models and the familiarity calibration once; return the bound (not yet serving) server.
 
     ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``).
     """
-    models = explain.load_models(classifier_ckpt, sae_ckpt, device)
-    calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
-    server = ThreadingHTTPServer((host, int(port)), Handler)
+    server = bind(host, port)  # before the models load: a taken port fails in a second, not after a minute
+    try:
+        models = explain.load_models(classifier_ckpt, sae_ckpt, device)
+        calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
+    except BaseException:
+        server.server_close()
+        raise
     server.daemon_threads, server.quiet = True, quiet
     server.explainer = Explainer(models, calibration, str(classifier_ckpt), str(sae_ckpt), str(report_dir),
                                  dict(options, device=models.device))

@@ -227,6 +227,9 @@ def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp
     assert explain_io.image_list(json.dumps(both)) == both
     assert explain_io.image_list(f"[{comma},{plain}]") == both  # bare list: an existing name stays whole
     assert explain_io.image_list(str(comma)) == [str(comma)]
+    for nothing in ("[]", [], "", "  "):
+        with pytest.raises(UserError, match="no image given"):
+            explain_io.image_list(nothing)
     out = why_did_you.main(image=repr(both), report_dir=str(tmp_path), device="cpu", json=True, **ckpts)
     assert [rec["image"] for rec in out] == both
     assert why_did_you.main(image=str(comma), report_dir=str(tmp_path), device="cpu", **ckpts)[0]["image"] == str(comma)

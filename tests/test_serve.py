@@ -25,6 +25,8 @@ def report_dir(tmp_path_factory):
     (folder / artifacts.INDEX_HTML).write_text("<html><article id='neuron-0'>atlas</article></html>")
     Image.new("RGB", (8, 8), "red").save(folder / artifacts.THUMBS_DIR / "n00000_0.png")
     (folder.parent / "secret.txt").write_text("not for the web")
+    (folder / ".env").write_text("OPENAI_API_KEY=sk-not-for-the-web")  # --report_dir=. would put it here
+    (folder / "neurons.jsonl").write_text("{}\n")
     return folder
 
 
@@ -121,7 +123,8 @@ def test_atlas_files_are_served_and_contained(server):
     status, thumb = request(server, "GET", "/atlas/thumbs/n00000_0.png")
     assert status == 200 and thumb.startswith(b"\x89PNG")
     for escape in ("/atlas/../secret.txt", "/atlas/%2e%2e/secret.txt", "/atlas/..%2fsecret.txt",
-                   "/atlas//etc/passwd", "/atlas/thumbs/../../secret.txt"):
+                   "/atlas//etc/passwd", "/atlas/thumbs/../../secret.txt", "/atlas/.env", "/atlas/neurons.jsonl",
+                   "/atlas/thumbs/../.env"):
         status, out = request(server, "GET", escape)
         assert status == 404, escape
     assert request(server, "GET", "/nowhere")[0] == 404
@@ -214,3 +217,27 @@ def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny
             proc.wait()
     log.seek(0)
     assert b"stopped" in log.read()
+
+
+def test_a_negative_content_length_closes_the_connection(server):
+    """Its body would otherwise be read as the next request on the kept-alive connection."""
+    import socket
+
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
+                     b"GET /atlas/index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400") and received.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_path):
+    from selfexplain.errors import UserError
+
+    host, port = server.server_address[:2]
+    with pytest.raises(UserError, match=f"cannot listen on {host}:{port}"):  # not "run train_standard_cnn.py"
+        serve.make_server(str(tmp_path / "none.pt"), str(tmp_path / "none_sae.pt"), str(tmp_path), str(tmp_path),
+                          host=host, port=port)
+    with pytest.raises(UserError, match="PORT must be in 0..65535"):
+        serve.bind(host, 99999)
