@@ -311,11 +311,16 @@ def _failure(future: Future) -> Exception | None:
     return None
 
 
+REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
+
+
 def ask_all(backend: Backend, neurons: list[dict], question: Question, out: AnswerLog, workers: int) -> dict[int, str]:
     """Ask every neuron on ``workers`` threads; each answer is appended to ``out`` as it arrives.
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
-    unknown model) stops submitting and raises a :class:`UserError`; Ctrl-C stops
+    unknown model), or a client error (400, 422: say, a model that takes no images) on the
+    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, stops submitting and
+    raises a :class:`UserError`; Ctrl-C stops
     submitting, lets the requests in flight finish (their answers are saved) and re-raises.
     """
     system, version = prompts.system_prompt(question.max_words), prompts.prompt_version()
@@ -323,19 +328,21 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     def task(neuron: dict) -> None:  # on a worker thread: the answer is on disk before anything else happens
         out.append(ask_neuron(backend, neuron, question, system, version))
 
-    failures, fatal = {}, None
+    failures, fatal, answered, refused = {}, None, 0, 0
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = {pool.submit(task, n): n["neuron_id"] for n in neurons}
     try:
         for fut in tqdm(as_completed(futures), total=len(futures), desc="concepts", unit="neuron", disable=None):
             exc = _failure(fut)
             if exc is None:
+                answered += 1
                 continue
             nid = futures[fut]
             message = str(exc) if isinstance(exc, LLMError) else f"{type(exc).__name__}: {exc}"
             failures[nid] = prompts.strip_controls(backend.scrub(message))
             log(f"neuron {nid}: failed: {failures[nid]}")
-            if getattr(exc, "fatal", False) and fatal is None:
+            refused += not answered and 400 <= (getattr(exc, "status", None) or 0) < 500
+            if (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP) and fatal is None:
                 fatal = failures[nid]
                 for other in futures:
                     other.cancel()

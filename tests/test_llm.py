@@ -324,6 +324,25 @@ def test_a_5xx_create_is_not_sent_again_to_replicate(api, tries, report, monkeyp
     assert sorted(answers(report)) == [0, 1, 4, 5]
 
 
+@pytest.mark.parametrize("api", ["openai", "replicate"])
+def test_the_same_client_error_for_the_first_neurons_stops_the_run(api, report, monkeypatch):
+    """A 422 for every neuron (a schema the model does not take) stops after 3, not after all of them."""
+    script = lambda _, nid, attempt: Reply(kind="status", status=422, detail="input: unknown field")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        with pytest.raises(UserError, match="422"):
+            RUNNERS[api](report, srv, monkeypatch, workers=1, retries=0)
+        assert concepts.REFUSALS_BEFORE_STOP <= sum(srv.attempts.values()) < len(LIVE)  # + one already in flight
+    assert answers(report) == {}
+
+
+def test_a_client_error_after_answers_fails_only_that_neuron(report, monkeypatch):
+    script = lambda _, nid, attempt: (Reply(kind="status", status=400, detail="image too large") if nid >= 3  # noqa: E731
+                                      else Reply(text=f"shape {nid}"))
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, workers=1, retries=0) == 1
+    assert sorted(answers(report)) == [0, 1]  # 3, 4 and 5 failed and are listed, the run went on
+
+
 def test_cli_exit_code_says_when_neurons_failed(report, monkeypatch):
     from selfexplain.config import run_cli
 
