@@ -42,7 +42,8 @@ IMAGE = "test:0"                           # image file, [list], folder/, or tes
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # stage 1 checkpoint
 SAE_CKPT = artifacts.SAE_CKPT              # stage 2 checkpoint (must match the classifier)
 REPORT_DIR = artifacts.REPORT_DIR          # stage 3/4 outputs: neurons.jsonl, llm_output.jsonl
-N = 5                                      # concepts cited per image (also caps the most-active list)
+N = 5                                      # concepts cited per image
+TOP_ACTIVE = 20                            # most-active list: at most this many neurons (top_neuron_ids_for_image's N)
 PERCENTILE = 99.0                          # most-active list: neurons above this percentile of the image's scores
 AGG = "max"                                # most-active list: max | mean | sum of each neuron's code over tokens
 RANDOM_DRAWS = 8                           # random active-neuron sets for the faithfulness baselines
@@ -80,11 +81,11 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
 
     The notebook API: ``exp.to_json()`` is the ``--json=True`` object, with the familiarity
     verdict (``familiar=False`` skips it; the calibration is fitted once per model pair into
-    ``report_dir``) and the most-active list (N, PERCENTILE, AGG defaults). ``settings`` are
+    ``report_dir``) and the most-active list (TOP_ACTIVE, PERCENTILE, AGG defaults). ``settings`` are
     :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
     ``input_check``, ``ink_share``, ``active``).
     """
-    settings.setdefault("active", explain.MostActive(max(settings.get("n_cite", N), 1), PERCENTILE, AGG))
+    settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     models = explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(device))
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     return explain.explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, models.device,
@@ -94,7 +95,7 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
 # ----------------------------------------------------------------------------- main
 def main(**overrides) -> list[dict]:
     cfg = make_config(module_constants(globals()), overrides)
-    active = explain.MostActive(max(cfg.N, 1), cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
+    active = explain.MostActive(cfg.TOP_ACTIVE, cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
     if cfg.SERVE:

@@ -554,13 +554,15 @@ def versus_best_baseline(reports: dict, present, n_boot: int = 1000, seed: int =
 
     Returns
     -------
-    dict: ``baseline`` (the best other code's name, by its mean held-out AUROC) and the fields of
-    :func:`paired_auroc_difference`; None without the SAE or another code.
+    dict: ``baseline`` (the best other code's name) and the fields of
+    :func:`paired_auroc_difference`; None without the SAE or another code. The baseline is
+    picked by its chosen units' mean AUROC on the training split, where they were chosen:
+    the test images only score the difference.
     """
     others = {k: r for k, r in reports.items() if k != "sae"}
     if "sae" not in reports or not others:
         return None
-    best = max(others, key=lambda k: _nanmean(others[k].selection.test_auroc))
+    best = max(others, key=lambda k: _nanmean(others[k].selection.train_auroc))
     diff = paired_auroc_difference(reports["sae"].unit_scores, others[best].unit_scores, present, n_boot, seed)
     return {"baseline": others[best].code, **diff}
 

@@ -198,13 +198,15 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
 
     Example: ``"offline: strokes typical of wheel/bicycle, lower left"``; on data with
     ground-truth parts (the synthetic set), a neuron that detects one part well is named
-    after it: ``"offline: spiral (part AUROC 0.92), upper right"``.
+    after it: ``"offline: spiral (train AUROC 0.92), upper right"`` (its AUROC for that part
+    on the training sketches, where the part was also picked: a description, not held-out
+    evidence).
     """
     classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]]
     core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a class preference"
     part = neuron.get("parts") or {}
     if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
-        core = f"{strip_controls(part['best_part'])} (part AUROC {part['auroc']:.2f})"
+        core = f"{strip_controls(part['best_part'])} (train AUROC {part['auroc']:.2f})"
     where = strip_controls((neuron.get("where") or {}).get("description") or "")
     label = f"{core}, {where}" if where else core
     return "offline: " + " ".join(label.split()[:max_words])

@@ -260,9 +260,9 @@ def test_versus_best_baseline_picks_the_strongest_other_code_and_says_if_the_ima
     parts = [[{"part": p, "box": [0, 0, 8, 8]} for j, p in enumerate(PARTS) if present[i, j]] for i in range(400)]
     truth = cm.part_truth(parts, np.zeros(400, int), PARTS, np.ones((2, 1), bool), (2, 2), 64)
 
-    def code(name, noise):                                             # one unit per part, chosen on these images
+    def code(name, noise):                     # one unit per part; its training-split AUROC says how good it is
         scores = present + rng.normal(0, noise, present.shape)
-        return cm.concept_report(name, np.eye(2), scores, np.zeros((400, 2, 4)), truth)
+        return cm.concept_report(name, np.eye(2) * (1 - noise / 10), scores, np.zeros((400, 2, 4)), truth)
 
     reports = {"sae": code("SAE", 0.3), "weak": code("weak", 2.0), "strong": code("strong", 0.31)}
     tie = cm.versus_best_baseline(reports, present, n_boot=200)

@@ -306,7 +306,7 @@ def test_overlay_legend_cuts_long_concepts_at_a_word_boundary():
     from PIL import ImageDraw, ImageFont
 
     draw, font = ImageDraw.Draw(Image.new("RGB", (8, 8))), ImageFont.load_default()
-    concept = "offline: circle (part AUROC 1.00), anywhere in the sketch"
+    concept = "offline: circle (train AUROC 1.00), anywhere in the sketch"
     assert explain.fit_text(draw, concept, font, 10_000) == concept
     cut = explain.fit_text(draw, concept, font, draw.textlength(concept, font=font) / 2)
     assert cut.endswith("...") and concept.startswith(cut[:-3])

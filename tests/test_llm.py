@@ -161,6 +161,13 @@ def test_offline_answers_every_live_neuron_and_reruns_ask_nothing(report, capsys
     assert (report / "llm_output.jsonl").read_bytes() == before
     assert concepts.load_concepts(report)[0].startswith("offline: ")
 
+    neurons = [json.loads(line) for line in (report / "neurons.jsonl").read_text().splitlines()]
+    neurons[0]["where"]["description"] = "upper right"  # new statistics (same SAE): the label must follow
+    (report / "neurons.jsonl").write_text("".join(json.dumps(n) + "\n" for n in neurons))
+    assert stage.main(report_dir=str(report), backend="offline") == 0
+    assert answers(report)[0]["answer"] == "offline: strokes typical of wheel/bicycle, upper right"
+    assert "1 neurons to ask, 4 already answered" in capsys.readouterr().err
+
 
 def test_auto_chooses_offline_without_settings(capsys):
     backend = llm_backends.make_backend("auto")
@@ -478,7 +485,7 @@ def test_backend_ask_api_for_stage_5(monkeypatch):
 def test_offline_label_names_a_well_detected_ground_truth_part():
     neuron = {"neuron_id": 3, "top_classes": [{"class": "a-b-c"}], "where": {"description": "upper right"},
               "parts": {"best_part": "spiral", "auroc": 0.93, "in_box_share": 0.8}}
-    assert prompts.offline_label(neuron) == "offline: spiral (part AUROC 0.93), upper right"
+    assert prompts.offline_label(neuron) == "offline: spiral (train AUROC 0.93), upper right"
     neuron["parts"]["auroc"] = 0.6  # a weak detector is not named after the part
     assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
 
