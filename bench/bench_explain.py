@@ -121,15 +121,12 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
 
 
 def class_pixel_drops(models, image, analysis, b: int, cls: int, ink_share: float) -> dict[str, float]:
-    """Baselines at pixel level, no concepts: the logit drop after whiting out the ink that carries the
-    class logit (its gradient x ink alone: ``class_pixels_drop``; CAM given the concepts' pixel rule, its
-    upsampled map times that attribution: ``cam_pixels_drop``)."""
-    pixels = evidence.class_logit_pixels(models, image, cls)
-    cam = evidence.upsample(evidence.cam_map(models, analysis, b, cls)[None], image.shape[-1])
-    masks = evidence.rank_ink(image, np.stack([pixels, evidence.pixel_scores(cam, pixels[None])[0]]), ink_share)
+    """A baseline at pixel level, no concepts and no map: the logit drop after whiting out the ink that
+    carries the class logit (its gradient x ink alone: ``class_pixels_drop``). CAM given the concepts'
+    pixel rule (``cam_pixels_drop``) comes with :func:`evidence.input_deletion`."""
+    masks = evidence.rank_ink(image, evidence.class_logit_pixels(models, image, cls)[None], ink_share)
     logits, _ = evidence.class_scores(models, evidence.delete_ink(image, masks), cls)
-    drops = float(analysis.logits[b, cls]) - logits
-    return {"class_pixels_drop": float(drops[0]), "cam_pixels_drop": float(drops[1])}
+    return {"class_pixels_drop": float(analysis.logits[b, cls]) - float(logits[0])}
 
 
 # ----------------------------------------------------------------------------- the test split
@@ -413,7 +410,7 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
              f"| cited concepts' maps | {d['input_cited_drop']:.3f} | {d['input_cited_prob_drop']:.3f} |",
              f"| random active neurons' maps | {d['input_random_drop']:.3f} | {d['input_random_prob_drop']:.3f} |",
              f"| CAM | {d['cam_drop']:.3f} | {d['cam_prob_drop']:.3f} |"]
-    if "class_pixels_drop" in d:
+    if "class_pixels_drop" in d and "cam_pixels_drop" in d:
         lines += [f"| no concepts, pixel level: CAM times the class logit's pixel attribution (CAM given the "
                   f"concepts' rule) | {d['cam_pixels_drop']:.3f} | – |",
                   f"| no concepts, pixel level: the class logit's pixel attribution (gradient x ink) alone | "

@@ -278,25 +278,32 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
     (``*_prob_drop``) and ``ink_removed`` (share of the ink the cited mask removed); with
-    ``with_mask``, also the cited mask itself (S, S) bool, for the overlay.
+    pixel maps, also ``cam_pixels_drop``: CAM's cells times the class logit's gradient x
+    ink, the concepts' own rule (``cam_drop`` ranks ink by CAM's cells alone, so at 4x4 it
+    is the weaker baseline). With ``with_mask``, also the cited mask itself (S, S) bool.
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
     scores = concept_scores(models, image_uint8, analysis, b, sets, combine, pixel)
     cam = upsample(cam_map(models, analysis, b, cls)[None], size)
-    shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share]          # no neurons: no ink
+    pixel = PIXEL_MAPS if pixel is None else pixel
+    if pixel:  # CAM given the concepts' own rule: its cells times the ink that carries the class logit
+        cam = np.concatenate([cam, pixel_scores(cam, class_logit_pixels(models, image_uint8, cls)[None])])
+    shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share] * len(cam)  # no neurons: no ink
     masks = rank_ink(image_uint8, np.concatenate([scores, cam]), np.array(shares))
     logits, probs = class_scores(models, delete_ink(image_uint8, masks), cls)
     logit0, prob0 = float(analysis.logits[b, cls]), float(analysis.probs[b, cls])
     drop, prob_drop = logit0 - logits, prob0 - probs
-    randoms = slice(1, len(sets))
+    randoms, at_cam = slice(1, len(sets)), len(sets)
     out = {"input_cited_drop": float(drop[0]),
-            "input_random_drop": float(drop[randoms].mean()) if random_sets else 0.0,
-            "cam_drop": float(drop[-1]),
-            "input_cited_prob_drop": float(prob_drop[0]),
-            "input_random_prob_drop": float(prob_drop[randoms].mean()) if random_sets else 0.0,
-            "cam_prob_drop": float(prob_drop[-1]),
-            "ink_removed": float(ink_share_of(image_uint8, masks[0]))}
+           "input_random_drop": float(drop[randoms].mean()) if random_sets else 0.0,
+           "cam_drop": float(drop[at_cam]),
+           "input_cited_prob_drop": float(prob_drop[0]),
+           "input_random_prob_drop": float(prob_drop[randoms].mean()) if random_sets else 0.0,
+           "cam_prob_drop": float(prob_drop[at_cam]),
+           "ink_removed": float(ink_share_of(image_uint8, masks[0]))}
+    if pixel:
+        out |= {"cam_pixels_drop": float(drop[at_cam + 1]), "cam_pixels_prob_drop": float(prob_drop[at_cam + 1])}
     return (out, masks[0]) if with_mask else out
 
 

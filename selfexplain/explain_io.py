@@ -174,7 +174,8 @@ def format_text(exp: Explanation) -> str:
     if "input_cited_drop" in f:
         lines.append(f"evidence: whiting out {f['ink_removed']:.0%} of the ink where the cited concepts fire lowers "
                      f"the logit by {f['input_cited_drop']:.3f}; the same ink where random active neurons fire: "
-                     f"{f['input_random_drop']:.3f}; where CAM is highest: {f['cam_drop']:.3f}")
+                     f"{f['input_random_drop']:.3f}; where CAM's cells are highest: {f['cam_drop']:.3f}"
+                     + (f"; CAM under the same pixel rule: {f['cam_pixels_drop']:.3f}" if "cam_pixels_drop" in f else ""))
     lines.append(f"consistency (true by construction): zeroing the cited neurons in the code lowers the logit by "
                  f"{f.get('code_cited_drop', 0.0):.3f}; as many random active neurons: "
                  f"{f.get('code_random_drop', 0.0):.3f}")

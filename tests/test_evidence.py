@@ -202,6 +202,14 @@ def test_input_deletion_matches_separate_reruns(tiny):
         random = np.mean([drop(evidence.token_maps(analysis, b, s), ids(s)) for s in sets])
         assert out["input_random_drop"] == pytest.approx(random, abs=1e-4)
         assert 0.2 <= out["ink_removed"] < 0.22
+        assert ("cam_pixels_drop" in out) == pixel
+    # CAM under the concepts' pixel rule: its cells times the class logit's gradient x ink, one separate rerun
+    cam = evidence.upsample(evidence.cam_map(models, analysis, b, cls)[None], images[b].shape[-1])
+    ranked = evidence.pixel_scores(cam, evidence.class_logit_pixels(models, images[b], cls)[None])
+    mask = evidence.rank_ink(images[b], ranked, 0.2)
+    cam_pixels = logit0 - evidence.class_scores(models, evidence.delete_ink(images[b], mask), cls)[0][0]
+    with_pixels = evidence.input_deletion(models, images[b], analysis, b, cited, cls, sets, 0.2, pixel=True)
+    assert with_pixels["cam_pixels_drop"] == pytest.approx(cam_pixels, abs=1e-4)
 
 
 def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
