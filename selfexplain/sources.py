@@ -115,17 +115,21 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def _check_schema(files: list[Path], root: Path) -> None:
-    """Every file must be readable parquet with ``image`` and ``label`` columns."""
-    _, pq = _arrow()
+    """Every file must be readable parquet with ``image`` and integer ``label`` columns."""
+    pa, pq = _arrow()
     for path in files:
         rel = path.relative_to(root).as_posix()
         try:
-            names = pq.read_schema(path).names
+            schema = pq.read_schema(path)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
             raise UserError(f"{rel} is not a readable parquet file ({str(exc).splitlines()[0][:80]})") from None
-        if "image" not in names or "label" not in names:
+        if "image" not in schema.names or "label" not in schema.names:
             raise UserError(f"{rel}: expected columns 'image' and 'label' (Hugging Face image schema), "
-                            f"found {', '.join(names)}")
+                            f"found {', '.join(schema.names)}")
+        label_type = schema.field("label").type
+        if not pa.types.is_integer(label_type):  # a ClassLabel is stored as its index
+            raise UserError(f"{rel}: column 'label' holds {label_type}, not class indices (integers; the class "
+                            "names go in the schema metadata or the README, as the Hugging Face hub writes them)")
 
 
 def _count_rows(files: list[Path], root: Path, num_classes: int) -> int:

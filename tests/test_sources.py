@@ -74,6 +74,11 @@ def test_bad_parquet_inputs_are_one_line_user_errors(tmp_path):
     pq.write_table(pa.table({"img": [b"x"], "y": [0]}), wrong / "x.parquet")
     with pytest.raises(UserError, match="expected columns 'image' and 'label'"):
         describe_source("parquet", str(wrong))
+    named = tmp_path / "named"
+    named.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b"x", "path": "x.png"}], "label": ["cat"]}), named / "x.parquet")
+    with pytest.raises(UserError, match="column 'label' holds string, not class indices"):
+        describe_source("parquet", str(named))
     more_labels = tmp_path / "more"
     make_hf_parquet(more_labels, 1, CLASSES)
     meta = {b"huggingface": b'{"info": {"features": {"label": {"names": ["a", "b"], "_type": "ClassLabel"}}}}'}
