@@ -27,8 +27,8 @@ from selfexplain import artifacts, data
 from selfexplain import classifier_train as ct
 from selfexplain.artifacts import TrainState, save_effective_config
 from selfexplain.config import make_config, module_constants, run_cli
-from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, maybe_launch_torchrun,
-                                     set_threads, setup_runtime)
+from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, main_rank_first,
+                                     maybe_launch_torchrun, set_threads, setup_runtime)
 from selfexplain.errors import UserError
 from selfexplain.model import SketchResNet
 
@@ -90,7 +90,8 @@ def main(**overrides) -> dict:
         artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=False)
     last = Path(cfg.OUT_DIR) / artifacts.LAST_CLASSIFIER
     resumed = ct.resume_point(last, spec, cfg.LAYER4_STRIDE) if cfg.RESUME else None
-    imageset = data.load_dataset(resumed["dataset"] if resumed else spec, cfg.CACHE_DIR, progress=runtime.is_main)
+    with main_rank_first(runtime):  # one download and one decode under DDP; the other ranks read the cache
+        imageset = data.load_dataset(resumed["dataset"] if resumed else spec, cfg.CACHE_DIR, progress=runtime.is_main)
     if imageset.skipped:
         runtime.log(f"skipped {len(imageset.skipped)} unreadable images (listed in metrics.json)")
     if cfg.EPOCHS == 0:  # cache-only run: decode the data, train nothing

@@ -137,8 +137,11 @@ def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) 
     try:
         meta = _cache_synthetic(spec, tmp, progress) if source is None else _cache_source(spec, source, tmp, progress)
         write_json(tmp / "meta.json", meta)
-        if not folder.exists():  # else another process finished first
+        try:
             os.replace(tmp, folder)
+        except OSError:  # another process (a DDP rank, a second run) finished first: use its cache
+            if not (folder / "meta.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,12 +15,15 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
 from .logs import log
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # collectives wait this long (a rank-0 download included)
 
 
 @dataclass
@@ -75,7 +78,8 @@ def setup_runtime(preference: str = "auto") -> Runtime:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # 60 min: rank 0 may download and decode a dataset while the others wait at a barrier
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank, in_group=True)
 
 
@@ -106,6 +110,18 @@ def broadcast(tensor: torch.Tensor, runtime: Runtime, src: int = 0) -> torch.Ten
     if runtime.distributed:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+@contextlib.contextmanager
+def main_rank_first(runtime: Runtime):
+    """Run the block on rank 0, then on the other ranks (a download or a cache build done once, then reused)."""
+    if runtime.distributed and not runtime.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if runtime.distributed and runtime.is_main:
+            dist.barrier()
 
 
 def barrier(runtime: Runtime) -> None:

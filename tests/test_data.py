@@ -148,3 +148,24 @@ def test_the_lighter_pen_keeps_a_thin_stroke(seed):
     assert kept.min() > 0.95
     lighter = out.sum((1, 2, 3)) < ink.sum((1, 2, 3)) - 1  # about half the batch takes the lighter pen
     assert 16 < int(lighter.sum()) < 48
+
+
+def test_a_cache_another_process_finished_first_is_used(tmp_path, monkeypatch):
+    """Two DDP ranks (or runs) build the same cache: the later rename finds it done and reads it."""
+    import shutil
+
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=2, clutter=False)
+    real = data._cache_source
+
+    def and_another_finishes(spec, source, tmp, progress):
+        meta = real(spec, source, tmp, progress)
+        other = tmp.with_name(tmp.name.split(".tmp")[0])
+        shutil.copytree(tmp, other)
+        data.write_json(other / "meta.json", meta)
+        return meta
+
+    monkeypatch.setattr(data, "_cache_source", and_another_finishes)
+    images = data.load_dataset(data.dataset_spec("folder", str(tmp_path / "src"), 64), tmp_path / "cache",
+                               progress=False)
+    assert len(images) == 4
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the finished cache; our temporary copy is gone
