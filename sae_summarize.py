@@ -60,9 +60,8 @@ CHANNELS_LAST = True                           # channels_last memory format (fa
 AMP = "off"                                    # off keeps the closed-form contributions exact; auto | bf16 | fp16
 NUM_THREADS = 0                                # CPU intra-op threads (0 = torch default)
 SEED = 0                                       # seeds the per-class sample, the re-rendered test images, NMF
-# ground-truth parts: codes measured beside the SAE, of random_sae | channels | pca | nmf ([] = none); nmf costs
-# ~50 s more on 2 cores at M=512 with a 4x4 map (bench/bench_concepts.py scores all four)
-BASELINES = ["random_sae", "channels", "pca"]
+# nmf costs ~50 s more on 2 cores at M=512 with a 4x4 map (bench/bench_concepts.py scores all four)
+BASELINES = ["random_sae", "channels", "pca"]  # ground-truth parts: codes measured beside the SAE (random_sae | channels | pca | nmf; [] = none)
 CF_IMAGES = 120                                # ground-truth parts: test images re-rendered without each part (0 = none)
 NMF_TOKENS = 4096                              # baselines: training tokens PCA and NMF are fitted on
 NMF_ITERS = 100                                # baselines: NMF fit rounds (bench: 8192 tokens x 200, AUROC +0.003)
