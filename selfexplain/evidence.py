@@ -190,25 +190,28 @@ def ink_attribution(models, image_uint8: np.ndarray, objective: Callable[[torch.
     return (grad * ink).clamp_min(0)[:, 0].detach().cpu().numpy().astype(np.float64)
 
 
-def set_activation_pixels(models, image_uint8: np.ndarray, neuron_sets: Sequence[Sequence[int]]) -> np.ndarray:
+def set_activation_pixels(models, image_uint8: np.ndarray, neuron_sets: Sequence[Sequence[int]],
+                          class_logit: int | None = None) -> np.ndarray:
     """(D, S, S): for each set of neurons, the ink that carries its summed Top-K code (:func:`ink_attribution`).
 
     The code is the SAE's inference code of every token, summed over the set's neurons and
-    the tokens; an empty set carries nothing (all zeros).
+    the tokens; an empty set carries nothing (all zeros). With ``class_logit``, a last row
+    (D+1 in all) holds :func:`class_logit_pixels` of that class, from the same backward pass.
     """
-    sae = models.sae
-    member = torch.zeros(len(neuron_sets), sae.n_latents, device=models.device)
+    sae, n_sets = models.sae, len(neuron_sets)
+    member = torch.zeros(n_sets, sae.n_latents, device=models.device)
     for d, ids in enumerate(neuron_sets):
         member[d, torch.as_tensor(list(ids), dtype=torch.long)] = 1.0
 
     def summed_code(fmap: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = fmap.shape
-        values, indices = sae.encode_topk(sae.map_to_tokens(fmap))
+        b, _, h, w = fmap[:n_sets].shape
+        values, indices = sae.encode_topk(sae.map_to_tokens(fmap[:n_sets]))
         values, indices = values.reshape(b, h * w, -1), indices.reshape(b, h * w, -1)
         rows = torch.arange(b, device=fmap.device)[:, None, None]
-        return (values * member[rows, indices]).sum((1, 2))
+        code = (values * member[rows, indices]).sum((1, 2))
+        return code if class_logit is None else torch.cat([code, models.classifier.head(fmap[n_sets:])[:, class_logit]])
 
-    return ink_attribution(models, image_uint8, summed_code, len(neuron_sets))
+    return ink_attribution(models, image_uint8, summed_code, n_sets + (class_logit is not None))
 
 
 def class_logit_pixels(models, image_uint8: np.ndarray, cls: int) -> np.ndarray:
@@ -222,19 +225,21 @@ def class_logit_pixels(models, image_uint8: np.ndarray, cls: int) -> np.ndarray:
 
 
 def concept_scores(models, image_uint8: np.ndarray, analysis, b: int, neuron_sets: Sequence[Sequence[int]],
-                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None) -> np.ndarray:
+                   combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None,
+                   pixels: np.ndarray | None = None) -> np.ndarray:
     """Where each set of neurons fires on image ``b``, at pixel resolution: (D, S, S).
 
     ``combine`` (:func:`where_map` by default) of the set's token maps, upsampled; with
     ``pixel`` (default :data:`PIXEL_MAPS`), times :func:`set_activation_pixels` (the token
-    map says which cells, the gradient which ink inside them). An empty set scores zero.
+    map says which cells, the gradient which ink inside them; ``pixels`` when the caller
+    has them already). An empty set scores zero.
     """
     combine = combine or where_map
     maps = [combine(token_maps(analysis, b, ids)) if len(ids) else np.zeros(analysis.hw) for ids in neuron_sets]
     scores = upsample(np.stack(maps), image_uint8.shape[-1]).astype(np.float64)
     if not (PIXEL_MAPS if pixel is None else pixel):
         return scores
-    return pixel_scores(scores, set_activation_pixels(models, image_uint8, neuron_sets))
+    return pixel_scores(scores, set_activation_pixels(models, image_uint8, neuron_sets) if pixels is None else pixels)
 
 
 def pixel_scores(token_scores: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -284,11 +289,12 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     """
     size = image_uint8.shape[-1]
     sets = [list(cited_ids)] + [list(s) for s in random_sets]
-    scores = concept_scores(models, image_uint8, analysis, b, sets, combine, pixel)
-    cam = upsample(cam_map(models, analysis, b, cls)[None], size)
     pixel = PIXEL_MAPS if pixel is None else pixel
+    pixels = set_activation_pixels(models, image_uint8, sets, class_logit=cls) if pixel else None  # one backward
+    scores = concept_scores(models, image_uint8, analysis, b, sets, combine, pixel, None if pixels is None else pixels[:-1])
+    cam = upsample(cam_map(models, analysis, b, cls)[None], size)
     if pixel:  # CAM given the concepts' own rule: its cells times the ink that carries the class logit
-        cam = np.concatenate([cam, pixel_scores(cam, class_logit_pixels(models, image_uint8, cls)[None])])
+        cam = np.concatenate([cam, pixel_scores(cam, pixels[-1:])])
     shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share] * len(cam)  # no neurons: no ink
     masks = rank_ink(image_uint8, np.concatenate([scores, cam]), np.array(shares))
     logits, probs = class_scores(models, delete_ink(image_uint8, masks), cls)
