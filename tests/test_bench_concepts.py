@@ -49,6 +49,9 @@ def test_fresh_sketches_score_every_code_and_other_sae_seeds(tiny_classifier, ti
     assert {"channels", "PCA", "NMF"} <= set(codes)
     for row in fresh[:2]:                                                # each SAE against the best baseline
         assert row["versus"]["baseline"] in codes[2:] and row["versus"]["low"] <= row["versus"]["high"]
+        sae_auroc = row["mean_test_auroc"]                              # ... and every close contender, named
+        close = {r["code"] for r in fresh[2:] if r["mean_test_auroc"] >= sae_auroc - bench_concepts.CONTENDER}
+        assert {e["baseline"] for e in row["versus_each"]} == close
     assert all("versus" not in r for r in fresh[2:])
     assert "48 fresh sketches (generator seed 123)" in (tmp_path / "concepts.md").read_text()
     trained = tmp_path / "sae_seed1" / "best_sae.pt"
