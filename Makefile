@@ -22,7 +22,6 @@ demo: $(STAMP)
 	$(PY) sae_summarize.py --overwrite=True
 	$(PY) sae_summary_to_llm.py --backend=offline
 	$(PY) why_did_you.py --image=test:0 --overlay=neuron_report/why_test0.png
-	@echo "overlay: neuron_report/why_test0.png"
 	@echo "neuron atlas: file://$(CURDIR)/neuron_report/index.html"
 
 test: $(STAMP)

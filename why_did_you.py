@@ -6,7 +6,7 @@ Usage
     python why_did_you.py --image=test:0                      # first held-out test image of the classifier's dataset
     python why_did_you.py --image=[a.png,b.png] --json=True   # one JSON object per image, one line each
     python why_did_you.py --image="['a.png', 'b, c.png']"     # a list literal: names with commas stay whole
-    python why_did_you.py --image=sketches/ --json=True       # every image in a folder
+    python why_did_you.py --image=sketches/ --json=True       # every image in a folder and its subfolders
     python why_did_you.py --image=a.png --overlay=why.png     # heat maps of the top concepts, with a legend
     python why_did_you.py --image=sketches/ --overlay=why.png # one overlay per image: why_<image name>.png
     python why_did_you.py --image=a.png --llm=True            # plus a one-sentence answer from the LLM backend
@@ -28,6 +28,7 @@ REPORT_DIR/familiarity.json.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
@@ -105,7 +106,11 @@ def main(**overrides) -> list[dict]:
         return []
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE))
-    inputs = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
+    inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
+    for name, reason in skipped:  # named on stderr, and in the JSON stream as {"image", "skipped"}
+        log(f"skipped: {reason}")
+        if cfg.JSON:
+            print(json.dumps({"image": name, "skipped": reason}, ensure_ascii=False), flush=True)
     judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
@@ -121,13 +126,19 @@ def main(**overrides) -> list[dict]:
         if overlay is not None:
             explain.save_overlay(item.image, exp, overlay)
             exp.extra["overlay"] = str(overlay)
+            log(f"overlay: {overlay}")
         if backend is not None:
             exp.extra["llm_sentence"] = llm_sentence(backend, exp, overlay)
         print(exp.to_json() if cfg.JSON else explain_io.format_text(exp) + ("\n" if len(inputs) > 1 else ""),
               flush=True)
         results.append(exp.to_dict())
-    return results
+    return results + [{"image": name, "skipped": reason} for name, reason in skipped]
+
+
+def cli(**overrides) -> int:
+    """``main`` for the shell: exit code 1 when some images of a folder or list were skipped."""
+    return int(any("skipped" in r for r in main(**overrides)))
 
 
 if __name__ == "__main__":
-    run_cli(main, globals())
+    run_cli(cli, globals())

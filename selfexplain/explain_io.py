@@ -53,7 +53,8 @@ def image_list(image: str | Sequence[str]) -> list[str]:
             raise UserError("no image given; use --image=PATH (a file, a folder, a [list] or test:K)")
         path = Path(entry)
         if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if is_image_file(p))
+            found = sorted(str(p) for p in path.rglob("*") if is_image_file(p)  # subfolders too, as stage 1 reads
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
             out += found
@@ -89,16 +90,28 @@ def _split_bare(inner: str) -> list[str]:
 
 
 def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
-                report_dir: str | Path) -> list[ImageInput]:
-    """Decode every entry up front, so a bad one fails before any output is printed."""
-    inputs = []
+                report_dir: str | Path) -> tuple[list[ImageInput], list[tuple[str, str]]]:
+    """Decode every entry up front; returns (inputs, [(file, why it was skipped)]).
+
+    One image that cannot be read is an error (a UserError); among several (a folder, a
+    list), an unreadable file is skipped and named, as stage 1 skips it, and the rest are
+    explained. A bad ``test:K`` is always an error: it is a wrong argument, not a bad file.
+    """
+    inputs, skipped = [], []
     for entry in entries:
         test = _TEST_ENTRY.match(entry)
         if test and not Path(entry).exists():
             inputs.append(test_image(test.group(1), models, cache_dir, report_dir))
-        else:
+            continue
+        try:
             inputs.append(ImageInput(entry, load_user_image(entry, models.image_size)))
-    return inputs
+        except UserError as exc:
+            if len(entries) == 1:
+                raise
+            skipped.append((entry, str(exc)))
+    if not inputs:
+        raise UserError(f"none of the {len(entries)} images could be read (first: {skipped[0][1]})")
+    return inputs, skipped
 
 
 def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:

@@ -227,6 +227,11 @@ def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp
     assert explain_io.image_list(json.dumps(both)) == both
     assert explain_io.image_list(f"[{comma},{plain}]") == both  # bare list: an existing name stays whole
     assert explain_io.image_list(str(comma)) == [str(comma)]
+    nested = tmp_path / "dataset"
+    for rel in ("cat/a.png", "cat/deeper/b.png", "dog/c.jpg", ".hidden/d.png", "dog/.e.png", "dog/notes.txt"):
+        (nested / rel).parent.mkdir(parents=True, exist_ok=True)
+        (nested / rel).write_bytes(b"x")
+    assert explain_io.image_list(str(nested)) == [str(nested / r) for r in ("cat/a.png", "cat/deeper/b.png", "dog/c.jpg")]
     for nothing in ("[]", [], "", "  "):
         with pytest.raises(UserError, match="no image given"):
             explain_io.image_list(nothing)
@@ -273,9 +278,27 @@ def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path)
         assert total == pytest.approx(rec["logit"], abs=1e-3)
         assert (tmp_path / f"ov_{name[:-4]}.png").is_file()
         active = rec["top_active"]  # PERCENTILE / AGG: the most active neurons, as top_neuron_ids_for_image
-        assert active["agg"] == "max" and len(active["neuron_ids"]) <= 3
+        assert active["agg"] == "max" and len(active["neuron_ids"]) <= why_did_you.TOP_ACTIVE
         assert active["scores"] == sorted(active["scores"], reverse=True)
         assert all(s >= active["threshold"] and s > 0 for s in active["scores"])
+
+
+def test_an_unreadable_file_in_a_folder_is_skipped_named_and_exits_1(ckpts, image_dir, tmp_path):
+    """As stage 1 skips a broken file, stage 5 explains the rest of the folder and says which one it skipped."""
+    folder = tmp_path / "with_broken"
+    folder.mkdir()
+    for png in image_dir.iterdir():
+        (folder / png.name).write_bytes(png.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = _cli(ckpts, tmp_path, f"--image={folder}", "--json=True", "--fast=True")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [CONTRACT <= set(r) for r in records].count(True) == 3
+    broken = [r for r in records if "skipped" in r]
+    assert len(broken) == 1 and broken[0]["image"].endswith("broken.png") and "not an image" in broken[0]["skipped"]
+    assert "skipped:" in out.stderr
+    single = _cli(ckpts, tmp_path, f"--image={folder / 'broken.png'}")  # one image: a plain error
+    assert single.returncode == 2 and "not an image" in single.stderr
 
 
 def test_cli_warns_about_a_blank_page_and_not_about_a_test_sketch(ckpts, image_dir, tmp_path):
