@@ -99,6 +99,10 @@ def main(**overrides) -> dict:
                                       cfg.MAX_PER_CLASS, cfg.SEED)
     labels = imageset.labels[indices]
     log(f"summarising {sae.n_latents} neurons (K={sae.k}) on {len(indices)} training images, device {inputs.device}")
+    if len(indices) * (1 - cfg.QUANTILE) < 20:
+        log(f"warning: each neuron's class statistics rest on about {len(indices) * (1 - cfg.QUANTILE):.0f} images "
+            f"above its threshold ({len(indices)} images x (1 - QUANTILE={cfg.QUANTILE})); lower --quantile or "
+            f"summarise more images for labels that hold")
     run = dict(batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
     acts = summarize.collect(inputs, indices, **run, cache_mb=cfg.FEATURE_CACHE_MB)
     timings["pass1"] = time.time() - t0
@@ -154,9 +158,12 @@ def measure_concepts(cfg, inputs, acts, indices, examples, timings: dict) -> tup
 
 def _log(summary: dict, out: Path) -> None:
     log(f"{summary['n_neurons']} neurons, {summary['n_dead']} dead, {summary['n_clear_class']} with a clear class; "
-        f"SAE keeps {100 * summary['sae_top1_agreement']:.1f}% of predictions; {summary['timings_s']['total']:.1f}s")
+        f"SAE keeps {100 * summary['sae_top1_agreement']:.1f}% of predictions on these training images; "
+        f"{summary['timings_s']['total']:.1f}s")
     measures = summary["concept_measures"]
-    if measures:
+    if not measures:
+        log("no ground-truth parts in this dataset: the held-out concept measures need the synthetic sketches")
+    else:
         codes = measures["codes"]
         sae = codes["sae"]
         cf = (f"; counterfactual drop own part {_fmt(sae.get('mean_cf_own_drop'))}, other parts "

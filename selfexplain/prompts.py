@@ -202,8 +202,8 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
     on the training sketches, where the part was also picked: a description, not held-out
     evidence).
     """
-    classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]]
-    core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a class preference"
+    classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]] if neuron.get("clear_class", True) else []
+    core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a clear class preference"
     part = neuron.get("parts") or {}
     if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
         core = f"{strip_controls(part['best_part'])} (train AUROC {part['auroc']:.2f})"

@@ -106,6 +106,8 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
             rec["parts"] = {"best_part": parts.part[i], "auroc": _rounded(parts.auroc[i]),
                             "pointing": _rounded(parts.pointing[i]),
                             "pointing_chance": _rounded(parts.pointing_chance[i]), "split": "train"}
+        rec["n_on"] = int(st.counts[i].sum())  # images above τ: what the class statistics rest on
+        rec["clear_class"] = has_clear_class(rec, weak_pmi)  # stage 4's offline label follows this verdict
         rec["auto_summary"] = auto_summary(rec, weak_pmi)
         records.append(rec)
     return records
@@ -116,9 +118,17 @@ def _rounded(x) -> float | None:
     return None if np.isnan(x) else round(float(x), 4)
 
 
+MIN_SUPPORT = 5  # images of its top class above τ before a neuron's class preference counts as clear
+
+
 def has_clear_class(rec: dict, weak_pmi: float = 0.5) -> bool:
-    """A live neuron whose most specific class reaches PMI ``weak_pmi``."""
-    return not rec["dead"] and bool(rec["top_classes"]) and rec["top_classes"][0]["pmi"] >= weak_pmi
+    """A live neuron whose most specific class reaches PMI ``weak_pmi`` on at least ``MIN_SUPPORT`` images.
+
+    On a small summary (192 images at QUANTILE 0.99: 2 images above τ per neuron) one or two
+    images would otherwise make any class "clear".
+    """
+    top = rec["top_classes"]
+    return not rec["dead"] and bool(top) and top[0]["pmi"] >= weak_pmi and top[0].get("count", MIN_SUPPORT) >= MIN_SUPPORT
 
 
 def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
@@ -130,7 +140,7 @@ def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
     if not has_clear_class(rec, weak_pmi):
         best = f" (best PMI {top[0]['pmi']:.2f})" if top else ""
         return f"{freq}; weak/unclear class preference{best}; fires {rec['where']['description']}."
-    classes = f"{top[0]['class']} (PMI {top[0]['pmi']:.1f}, {100 * top[0]['p_class_given_on']:.0f}%)"
+    classes = f"{top[0]['class']} (PMI {top[0]['pmi']:.1f}, {top[0]['count']} of {rec['n_on']} images above τ)"
     if len(top) > 1 and top[1]["pmi"] >= weak_pmi:
         classes += f" and {top[1]['class']}"
     push = rec["pushes_toward"]
@@ -334,7 +344,7 @@ def _headline(summary: dict) -> list[str]:
         out.append(f"held-out part AUROC {auroc:.3f}")
     agreement = _number(summary.get("sae_top1_agreement"))
     if agreement is not None:
-        out.append(f"SAE keeps {100 * agreement:.1f}% of predictions")
+        out.append(f"SAE keeps {100 * agreement:.1f}% of predictions (training images)")
     return out
 
 

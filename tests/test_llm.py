@@ -488,6 +488,8 @@ def test_offline_label_names_a_well_detected_ground_truth_part():
     assert prompts.offline_label(neuron) == "offline: spiral (train AUROC 0.93), upper right"
     neuron["parts"]["auroc"] = 0.6  # a weak detector is not named after the part
     assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
+    neuron["clear_class"] = False  # stage 3 found no clear class (weak PMI, or too few images): no class echo
+    assert prompts.offline_label(neuron) == "offline: strokes without a clear class preference, upper right"
 
 
 # ----------------------------------------------------------------------------- injected text

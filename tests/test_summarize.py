@@ -295,3 +295,15 @@ def test_failed_run_keeps_the_previous_atlas_images(report, pipeline, tmp_path, 
     assert "thumbs/stale.png" not in after and after.keys() == before.keys() - {"thumbs/stale.png"}
     assert all(after[k] != before[k] for k in after)                        # 24 px, not the old 32 px
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+
+
+def test_a_class_preference_needs_support_not_one_or_two_images():
+    """192 images at QUANTILE 0.99 leave 2 per neuron above τ: 2 of 2 in one class is not a clear class."""
+    from selfexplain import report
+
+    rec = {"dead": False, "n_on": 2, "image_frequency": 0.4, "where": {"description": "upper left"},
+           "top_classes": [{"class": "circle", "pmi": 1.8, "count": 2}], "pushes_toward": {"class": "circle", "lens": 1.0}}
+    assert not report.has_clear_class(rec) and "weak/unclear" in report.auto_summary(rec)
+    rec["top_classes"][0]["count"] = rec["n_on"] = report.MIN_SUPPORT
+    assert report.has_clear_class(rec)
+    assert f"circle (PMI 1.8, {report.MIN_SUPPORT} of {report.MIN_SUPPORT} images above τ)" in report.auto_summary(rec)
