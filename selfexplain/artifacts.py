@@ -299,6 +299,9 @@ def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True, first_epo
 
 
 # ----------------------------------------------------------------------------- run folders
+REPLACED_DIR = ".replaced"  # an overwritten run waits here until the new run's first checkpoint
+
+
 def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resume: bool = False,
                     overwrite: bool = False, clear: bool = True, can_resume: bool = True) -> Path:
     """Refuse to mix two runs in one output folder.
@@ -306,11 +309,14 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     Parameters
     ----------
     out_dir : the stage's output folder.
-    outputs : file and folder names (in ``out_dir``) that mark an earlier run.
+    outputs : file and folder names (in ``out_dir``) that mark an earlier run; a TensorBoard
+        folder alone (a run stopped before its first checkpoint) is a leftover, not a run.
     resume : the run continues the earlier one; nothing is removed.
     can_resume : whether the stage has a ``--resume`` (the refusal names only what exists).
-    overwrite : the earlier run's ``outputs`` are removed first (with ``clear``; under
-        DDP only rank 0 clears), so its TensorBoard events cannot interleave.
+    overwrite : the earlier run's ``outputs`` leave ``out_dir`` (with ``clear``; under DDP only
+        rank 0 clears), so its TensorBoard events cannot interleave. They are moved into
+        ``REPLACED_DIR`` and deleted by :func:`drop_replaced` once the new run has saved a
+        checkpoint: a run stopped before that leaves the earlier model there, not lost.
 
     Raises
     ------
@@ -323,15 +329,41 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     if resume and overwrite:
         raise UserError("--resume=True continues the run in OUT_DIR, --overwrite=True replaces it: choose one")
     found = [name for name in outputs if (out / name).exists()]
-    if found and not (resume or overwrite):
+    leftovers_only = found == [TENSORBOARD_DIR]
+    if found and not (resume or overwrite or leftovers_only):
         hint = "pass --resume=True to continue it or --overwrite=True to replace it" if can_resume else \
             "pass --overwrite=True to replace it"
         raise UserError(f"{out} holds an earlier run ({', '.join(found)}); {hint}")
-    if overwrite and clear:
-        for name in found:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if clear and leftovers_only and not resume:
+        shutil.rmtree(out / TENSORBOARD_DIR)  # curves of a run that saved nothing
+    elif overwrite and clear and found:
+        _move_aside(out, found)
     return out
+
+
+def _move_aside(out: Path, names: list[str]) -> None:
+    """Move ``names`` into ``out/REPLACED_DIR``; an earlier model already there is kept when these hold none."""
+    aside = out / REPLACED_DIR
+    if aside.exists() and set(names) <= {TENSORBOARD_DIR}:  # the last overwrite never saved: keep the model
+        shutil.rmtree(out / TENSORBOARD_DIR)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    for name in names:
+        os.replace(out / name, aside / name)
+    log(f"the earlier run in {out} waits in {aside} until this run saves its first checkpoint")
+
+
+def require_resumable(path: str | os.PathLike) -> None:
+    """``--resume=True`` needs ``path`` (a ``last*.pt``); say so plainly when the earlier run saved none."""
+    if not Path(path).is_file():
+        raise UserError(f"nothing to resume: {path} does not exist (the earlier run saved no epoch); "
+                        "start again without --resume=True")
+
+
+def drop_replaced(out_dir: str | os.PathLike) -> None:
+    """Delete the run that ``--overwrite`` moved aside (call after the new run's first checkpoint)."""
+    shutil.rmtree(Path(out_dir) / REPLACED_DIR, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- loop state

@@ -211,6 +211,7 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int) -> dict:
     other images would silently mix two datasets. The stride changes no weight shape, so
     a mismatch would load silently and train another network: refuse it too.
     """
+    artifacts.require_resumable(path)
     ckpt = artifacts.load_checkpoint(path, "classifier")
     saved_stride = ckpt["arch"].get("layer4_stride", 2)
     if saved_stride != layer4_stride:
@@ -300,14 +301,15 @@ def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settin
         state.history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": acc, "val_loss": val["loss"],
                               "val_accuracy": val["accuracy"], "lr": lr, "images_per_s": speed,
                               "seconds": time.time() - t0})
-        runtime.log(f"epoch {epoch}/{s.epochs} train_loss {loss:.4f} train_acc {acc:.4f} val_loss {val['loss']:.4f} "
-                    f"val_acc {val['accuracy']:.4f} lr {lr:.2e} {speed:.0f} img/s "
-                    f"{time.time() - t0:.1f}s{' *best*' if is_best else ''}")
         if writer is not None:
             _log_tensorboard(writer, state.history[-1], val, epoch)
         if runtime.is_main:
             save_checkpoints(model, optimizer, scaler, state, run, s, is_best)
+            artifacts.drop_replaced(s.out_dir)  # a run --overwrite moved aside goes once this one has a checkpoint
         barrier(runtime)
+        runtime.log(f"epoch {epoch}/{s.epochs} train_loss {loss:.4f} train_acc {acc:.4f} val_loss {val['loss']:.4f} "
+                    f"val_acc {val['accuracy']:.4f} lr {lr:.2e} {speed:.0f} img/s "
+                    f"{time.time() - t0:.1f}s{' *best*' if is_best else ''}")  # after the save: Ctrl-C now keeps it
     if writer is not None:
         writer.close()
     return finish(run, state, settings, runtime)

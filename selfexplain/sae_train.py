@@ -96,6 +96,9 @@ class SAETrainSettings:
         return self.dead_latents in ("resample", "both")
 
 
+LOG_LINES = 50  # epoch lines at most per run (every epoch still goes to metrics.json and TensorBoard)
+
+
 # ----------------------------------------------------------------------------- token caches
 @dataclass
 class SplitTokens:
@@ -432,6 +435,7 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     if tokens.val.n_tokens * runtime.world_size < need:
         runtime.log(f"warning: {tokens.val.n_tokens * runtime.world_size} validation tokens are fewer than "
                     f"10·M/K = {need}: the validation dead fraction is mostly chance")
+    log_every = max(1, math.ceil(s.epochs / LOG_LINES))  # MIN_STEPS can make hundreds of short epochs
     for epoch in range(state.epoch + 1, s.epochs + 1):
         t0 = time.time()
         row = train_epoch(sae, optimizer, usage_ema, tokens.train, epoch, n_steps, total_steps, tau, state, s, runtime)
@@ -443,16 +447,18 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
         is_best = row["val_fvu"] < state.best
         state.best, state.epoch = min(state.best, row["val_fvu"]), epoch
         state.history.append(row)
-        runtime.log(f"epoch {epoch}/{s.epochs} loss {row['train_fvu']:.4f} val_fvu {row['val_fvu']:.4f} "
-                    f"L0 {row['val_l0']:.1f} dead train {row['train_dead_fraction']:.3f} val "
-                    f"{row['val_dead_fraction']:.3f} spliced_acc "
-                    f"{row['val_spliced_accuracy']:.4f} (own {row['val_classifier_accuracy']:.4f}) resampled "
-                    f"{row['resampled']} {row['tokens_per_s']:.0f} tok/s{' *best*' if is_best else ''}")
         if writer is not None:
             _log_tensorboard(writer, row, epoch)
         if runtime.is_main:
             save_checkpoints(sae, optimizer, usage_ema, state, s, tokens.classifier_fingerprint, is_best)
+            artifacts.drop_replaced(s.out_dir)  # a run --overwrite moved aside goes once this one has a checkpoint
         barrier(runtime)
+        if epoch % log_every == 0 or epoch in (1, s.epochs):  # logged after the save: Ctrl-C now keeps this epoch
+            runtime.log(f"epoch {epoch}/{s.epochs} loss {row['train_fvu']:.4f} val_fvu {row['val_fvu']:.4f} "
+                        f"L0 {row['val_l0']:.1f} dead train {row['train_dead_fraction']:.3f} val "
+                        f"{row['val_dead_fraction']:.3f} spliced_acc "
+                        f"{row['val_spliced_accuracy']:.4f} (own {row['val_classifier_accuracy']:.4f}) resampled "
+                        f"{row['resampled']} {row['tokens_per_s']:.0f} tok/s{' *best*' if is_best else ''}")
     if writer is not None:
         writer.close()
     if runtime.distributed:
@@ -541,6 +547,7 @@ def save_checkpoints(sae, optimizer, usage_ema, state: TrainState, settings: SAE
 
 def restore(path: str | Path, sae, optimizer, classifier_fingerprint: str, runtime: Runtime) -> tuple[TrainState, torch.Tensor]:
     """Load ``last_sae.pt`` (same classifier, M and K required); returns (loop state, usage EMA)."""
+    artifacts.require_resumable(path)
     ckpt = artifacts.load_checkpoint(path, "sae", map_location=runtime.device)
     if ckpt["classifier_fingerprint"] != classifier_fingerprint:
         raise UserError(f"{path} was trained on another classifier; start a new run with --overwrite=True")

@@ -324,3 +324,29 @@ def test_fresh_drawing_forks_at_most_the_cpus_per_rank_and_never_spawns(monkeypa
     assert ct.fresh_workers(1) == ct.FRESH_WORKERS and ct.fresh_workers(8) == 1
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert ct.fresh_workers(1) == 0
+
+
+def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_model(tiny_classifier, tmp_path,
+                                                                                  cache_dir, monkeypatch):
+    import train_standard_cnn as stage1
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        (run / name).write_bytes((tiny_classifier / name).read_bytes())
+    before = (run / "best.pt").read_bytes()
+    cfg = dict(TINY_CNN, epochs=1, max_batches=1, out_dir=str(run), cache_dir=str(cache_dir), tensorboard=True)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ct, "train_epoch", ctrl_c)
+    for _ in range(2):  # a second overwrite that also stops early must not drop the model either
+        with pytest.raises(KeyboardInterrupt):
+            stage1.main(**cfg, overwrite=True)
+        assert (run / artifacts.REPLACED_DIR / "best.pt").read_bytes() == before and not (run / "best.pt").exists()
+    with pytest.raises(UserError, match="nothing to resume"):
+        stage1.main(**cfg, resume=True)
+    monkeypatch.undo()
+    stage1.main(**cfg)  # the stopped run left only TensorBoard curves: not a run to refuse over
+    assert (run / "best.pt").is_file() and not (run / artifacts.REPLACED_DIR).exists()  # gone after the checkpoint
