@@ -14,6 +14,7 @@ Unknown keys and wrong types raise :class:`UserError` with the valid keys listed
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import io
 import json
@@ -119,8 +120,10 @@ def make_config(defaults: dict, overrides: dict | None = None) -> Config:
     for key, value in (overrides or {}).items():
         name = by_lower.get(str(key).lower())
         if name is None:
+            close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             valid = ", ".join(k.lower() for k in defaults)
-            raise UserError(f"unknown setting '{key}'; valid keys: {valid}")
+            raise UserError(f"unknown setting '{key}'; {hint}valid keys: {valid}")
         if isinstance(value, str) and not isinstance(defaults[name], str):
             value = parse_value(value)
         cfg[name] = coerce(name, value, defaults[name])

@@ -48,6 +48,7 @@ from .distributed import resolve_device
 from .errors import UserError
 from .imaging import load_user_image, png_bytes
 from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
+from .stats import describe_map
 
 AGGS = ("max", "mean", "sum")  # how a neuron's per-token code becomes one score per image
 MODEL_CACHE_SIZE = 2  # model pairs kept per process (a notebook may switch between two runs)
@@ -260,13 +261,15 @@ class Explanation:
 
     def to_dict(self, heatmaps: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
-        out["neurons"] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
-                           if heatmaps or k != "heatmap"} for n in self.neurons]
+        out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
+                              if heatmaps or k != "heatmap"},
+                           "where": describe_map(n.heatmap) if n.heatmap is not None else None}  # in this sketch
+                          for n in self.neurons]
         out.update(self.extra)
         return out
 
     def to_json(self, heatmaps: bool = False) -> str:
-        """One line of JSON (the CLI prints one per image)."""
+        """One line of JSON text (the CLI prints one per image); :meth:`to_dict` gives the dict."""
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 

@@ -273,7 +273,9 @@ def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path)
         assert len(rec["top5"]) == 5 and rec["top5"][0]["index"] == rec["predicted_index"]
         assert {"code_cited_drop", "code_random_drop", "input_cited_drop", "input_random_drop", "cam_drop",
                 "ink_removed"} <= set(rec["faithfulness"]) and len(rec["neurons"]) <= 3
-        assert all({"neuron_id", "concept", "activation", "contribution", "share"} <= set(n) for n in rec["neurons"])
+        assert all({"neuron_id", "concept", "activation", "contribution", "share", "where"} <= set(n)
+                   for n in rec["neurons"])
+        assert all(isinstance(n["where"], str) and n["where"] for n in rec["neurons"])  # the text's "here:" words
         total = sum(n["contribution"] for n in rec["neurons"]) + rec["others"] + rec["bias"] + rec["error"]
         assert total == pytest.approx(rec["logit"], abs=1e-3)
         assert (tmp_path / f"ov_{name[:-4]}.png").is_file()
