@@ -96,8 +96,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with sigterm_held():  # a SIGTERM mid-write exits once the file is whole, not from inside the writer
+        with sigterm_held():  # a SIGTERM mid-write exits once the file is whole (held from before the temp exists)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
                 fh.flush()
