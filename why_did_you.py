@@ -3,6 +3,7 @@
 Usage
 -----
     python why_did_you.py --image=my_sketch.png
+    python why_did_you.py my_sketch.png other.png              # bare names are the images
     python why_did_you.py --image=test:0                      # first held-out test image of the classifier's dataset
     python why_did_you.py --image=[a.png,b.png] --json=True   # one JSON object per image, one line each
     python why_did_you.py --image="['a.png', 'b, c.png']"     # a list literal: names with commas stay whole
@@ -29,6 +30,7 @@ REPORT_DIR/familiarity.json.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
@@ -140,5 +142,14 @@ def cli(**overrides) -> int:
     return int(any("skipped" in r for r in main(**overrides)))
 
 
+def shell_argv(argv: list[str]) -> list[str]:
+    """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images)."""
+    images = [a for a in argv if not a.startswith("-")]
+    if not images:
+        return argv
+    rest = [a for a in argv if a.startswith("-")]
+    return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]
+
+
 if __name__ == "__main__":
-    run_cli(cli, globals())
+    run_cli(cli, globals(), shell_argv(sys.argv[1:]))

@@ -285,6 +285,14 @@ def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path)
         assert all(s >= active["threshold"] and s > 0 for s in active["scores"])
 
 
+def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
+    names = sorted(str(p) for p in image_dir.iterdir())[:2]
+    assert why_did_you.shell_argv(["--json=True", names[0]]) == ["--json=True", f"--image={names[0]}"]
+    out = _cli(ckpts, tmp_path, "--json=True", "--fast=True", *names)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["image"] for line in out.stdout.splitlines()] == names
+
+
 def test_an_unreadable_file_in_a_folder_is_skipped_named_and_exits_1(ckpts, image_dir, tmp_path):
     """As stage 1 skips a broken file, stage 5 explains the rest of the folder and says which one it skipped."""
     folder = tmp_path / "with_broken"
