@@ -197,6 +197,6 @@ def format_text(exp: Explanation) -> str:
         listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
         lines.append(f"most active ({active['agg']} over tokens, >= p{active['percentile']:g}): {listed or 'none'}")
     lines.append(exp.sentence)
-    if exp.extra.get("llm_sentence"):
+    if exp.extra.get("llm_sentence") and exp.extra["llm_sentence"] != exp.sentence:  # offline echoes the sentence
         lines.append(f"LLM: {exp.extra['llm_sentence']}")
     return "\n".join(lines)

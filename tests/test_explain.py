@@ -186,6 +186,12 @@ def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
                            llm=True, backend="offline", json=True, **ckpts)
     assert len(out) == 1 and (tmp_path / "test_images" / "test_1.png").is_file()
     assert out[0]["llm_sentence"] == out[0]["sentence"]  # the offline backend answers with the composed sentence
+    exp = explain.explain_images([np.zeros((64, 64), np.uint8) + 255], report_dir=str(tmp_path), device="cpu",
+                                 **ckpts)[0]
+    exp.extra["llm_sentence"] = exp.sentence
+    assert "LLM:" not in explain_io.format_text(exp)  # an echo of the sentence above is not printed twice
+    exp.extra["llm_sentence"] = "It is a wheel because of the spokes."
+    assert explain_io.format_text(exp).endswith("LLM: It is a wheel because of the spokes.")
     assert out[0]["true_class"] in explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu").class_names
     with pytest.raises(UserError, match="test split has"):
         why_did_you.main(image="test:100000", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
