@@ -44,6 +44,7 @@ CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT    # stage 1 checkpoint (records dat
 SAE_CKPT = artifacts.SAE_CKPT                  # stage 2 checkpoint (must be trained on CLASSIFIER_CKPT)
 OUT_DIR = artifacts.REPORT_DIR                 # where neurons.jsonl, summary.json, thumbs/, sprites/, index.html go
 CACHE_DIR = artifacts.CACHE_DIR                # decoded image cache (same as stage 1)
+DATA_ROOT = ""                                 # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
 QUANTILE = 0.99                                # "on" = per-image max activation above this quantile over images
 PMI_LAMBDA = 1.0                               # Laplace smoothing λ of the class PMI
 TOP_EXAMPLES = 8                               # strongest images kept per neuron (thumbs, sprite, LLM)
@@ -89,7 +90,7 @@ def main(**overrides) -> dict:
     torch.manual_seed(cfg.SEED)
     timings, t0 = {}, time.time()
     inputs = summarize.load_inputs(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.CACHE_DIR, resolve_device(cfg.DEVICE),
-                                   cfg.CHANNELS_LAST)
+                                   cfg.CHANNELS_LAST, cfg.DATA_ROOT)
     # after the inputs load (a missing checkpoint is the more useful error); stage 4's answers stay:
     # they carry the SAE fingerprint, so readers set aside those of another SAE
     artifacts.prepare_out_dir(cfg.OUT_DIR, [artifacts.NEURONS, artifacts.SUMMARY], overwrite=cfg.OVERWRITE, clear=False,

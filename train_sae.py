@@ -39,18 +39,19 @@ from pathlib import Path
 
 import torch
 
-from selfexplain import artifacts
+from selfexplain import artifacts, data
 from selfexplain import sae_train as st
 from selfexplain.artifacts import TrainState, save_effective_config
 from selfexplain.config import make_config, module_constants, run_cli
-from selfexplain.errors import UserError
 from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, maybe_launch_torchrun,
                                      set_threads, setup_runtime)
+from selfexplain.errors import UserError
 
 # ----------------------------------------------------------------------------- config
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # stage-1 checkpoint (dataset, split, preprocessing come from it)
 OUT_DIR = artifacts.SAE_DIR   # where checkpoints, metrics and logs go
 CACHE_DIR = artifacts.CACHE_DIR  # decoded-image cache; token memmaps go under CACHE_DIR/sae_tokens
+DATA_ROOT = ""  # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
 LATENT_DIM = 512               # M, number of latents (demo: 512 for 512 channels; TU-Berlin: 2048)
 TOP_K = 8                      # K, active latents per token (demo; TU-Berlin: 20)
 ARCH = "batchtopk"             # topk (K per token) | batchtopk (K·B per batch of B; threshold θ at inference)
@@ -88,6 +89,7 @@ def main(**overrides) -> dict:
     runtime = setup_runtime(cfg.DEVICE)
     set_threads(cfg.NUM_THREADS)
     model, clf_ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, runtime.device)
+    clf_ckpt["dataset"] = data.relocate(clf_ckpt["dataset"], cfg.DATA_ROOT)
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later
     model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)

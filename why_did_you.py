@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
+from selfexplain import artifacts, data, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
 from selfexplain.explain import explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
@@ -60,6 +60,7 @@ MODEL = ""                                 # LLM model ('' = the backend's defau
 DEVICE = "auto"                            # auto | cpu | cuda
 SEED = 0                                   # seeds the random faithfulness baseline
 CACHE_DIR = artifacts.CACHE_DIR            # decoded image cache (for test:K images)
+DATA_ROOT = ""                             # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
 BATCH_SIZE = 64                            # images per forward pass
 FAMILIARITY = True                         # flag inputs unlike the training sketches (calibrated once on validation)
 SERVE = False                              # serve the draw-and-explain page instead of explaining IMAGE
@@ -108,6 +109,7 @@ def main(**overrides) -> list[dict]:
         return []
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE))
+    models.classifier_ckpt["dataset"] = data.relocate(models.classifier_ckpt["dataset"], cfg.DATA_ROOT)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for name, reason in skipped:  # named on stderr, and in the JSON stream as {"image", "skipped"}
         log(f"skipped: {reason}")

@@ -72,6 +72,20 @@ def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) 
     return spec
 
 
+def relocate(spec: dict, data_root: str) -> dict:
+    """A checkpoint's dataset spec read from ``data_root`` instead of the folder stage 1 read ('' = as recorded).
+
+    For data that moved (another machine, another folder): the images must be the same
+    ones, which :func:`load_dataset` checks by the recorded ``items_digest``.
+    """
+    if not data_root:
+        return spec
+    if spec["dataset"] == "synthetic":
+        raise UserError("DATA_ROOT: this classifier was trained on the built-in synthetic sketches; there is no "
+                        "folder to point at (leave DATA_ROOT empty)")
+    return {**spec, "data_root": str(data_root)}
+
+
 # ----------------------------------------------------------------------------- cache
 def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress: bool = True) -> ImageSet:
     """Load a dataset through its on-disk cache, building the cache on first use."""
@@ -85,7 +99,12 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
         key_src["generator_version"] = GENERATOR_VERSION  # a changed drawing never reuses old sketches
         source = None
     else:
-        source = describe_source(spec["dataset"], spec["data_root"])
+        try:
+            source = describe_source(spec["dataset"], spec["data_root"])
+        except UserError as exc:
+            if "items_digest" not in spec:  # stage 1's own settings: the message says it all
+                raise
+            raise UserError(f"{exc}; if the classifier's data moved, pass --data_root=WHERE_IT_IS_NOW") from None
         key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"]}
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]

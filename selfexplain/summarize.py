@@ -55,12 +55,14 @@ class Inputs:
 
 
 def load_inputs(classifier_path: str, sae_path: str, cache_dir: str, device: torch.device,
-                channels_last: bool = True) -> Inputs:
-    """Load the classifier, the SAE trained on it (else a UserError) and the classifier's dataset."""
+                channels_last: bool = True, data_root: str = "") -> Inputs:
+    """Load the classifier, the SAE trained on it (else a UserError) and the classifier's dataset
+    (from ``data_root`` when it moved: :func:`data.relocate`)."""
     model, ckpt = artifacts.load_classifier(classifier_path, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     sae, sae_ckpt = artifacts.load_sae(sae_path, ckpt, device)
+    ckpt["dataset"] = data.relocate(ckpt["dataset"], data_root)
     imageset = data.load_dataset(ckpt["dataset"], cache_dir)
     return Inputs(model, ckpt, str(classifier_path), sae, sae_ckpt, str(sae_path), sae_ckpt["fingerprint"], imageset,
                   device)

@@ -169,3 +169,20 @@ def test_a_cache_another_process_finished_first_is_used(tmp_path, monkeypatch):
                                progress=False)
     assert len(images) == 4
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the finished cache; our temporary copy is gone
+
+
+def test_later_stages_read_moved_data_from_data_root_if_the_images_are_the_same(tmp_path):
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=3, clutter=False)
+    spec = data.load_dataset(data.dataset_spec("folder", str(tmp_path / "src"), 64), tmp_path / "cache",
+                             progress=False).spec                       # as the checkpoint records it
+    (tmp_path / "src").rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="does not exist.*pass --data_root=WHERE_IT_IS_NOW"):
+        data.load_dataset(spec, tmp_path / "cache", progress=False)
+    moved = data.load_dataset(data.relocate(spec, str(tmp_path / "moved")), tmp_path / "cache", progress=False)
+    assert len(moved) == 6 and moved.spec["data_root"] == str(tmp_path / "moved")
+    make_image_folder(tmp_path / "other", ["a", "b"], n_per_class=4, clutter=False)  # not the trained images
+    with pytest.raises(UserError, match="no longer holds the images"):
+        data.load_dataset(data.relocate(spec, str(tmp_path / "other")), tmp_path / "cache", progress=False)
+    assert data.relocate(spec, "") is spec
+    with pytest.raises(UserError, match="synthetic"):
+        data.relocate({"dataset": "synthetic"}, str(tmp_path))
