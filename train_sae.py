@@ -92,6 +92,8 @@ def main(**overrides) -> dict:
     clf_ckpt["dataset"] = data.relocate(clf_ckpt["dataset"], cfg.DATA_ROOT)
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later
+    if cfg.RESUME:  # before the token pass, not after it
+        artifacts.require_resumable(Path(cfg.OUT_DIR) / artifacts.LAST_SAE)
     model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)
     model.requires_grad_(False)
     tokens = st.cache_split_tokens(model, clf_ckpt, cfg.CACHE_DIR, runtime, max_images=cfg.MAX_IMAGES, seed=cfg.SEED,

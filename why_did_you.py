@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from selfexplain import artifacts, data, explain, explain_io, familiarity, prompts, serve
+from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
 from selfexplain.explain import explain_images, top_neuron_ids_for_image  # noqa: F401  (notebook API)
@@ -80,7 +80,8 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
 
 
 def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
-                  device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, **settings) -> explain.Explanation:
+                  device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, data_root: str = DATA_ROOT,
+                  **settings) -> explain.Explanation:
     """Explain one image (path, PIL image or uint8 array) as the command line does.
 
     The notebook API: ``exp.to_json()`` is the ``--json=True`` object, with the familiarity
@@ -90,7 +91,7 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
     ``input_check``, ``ink_share``, ``active``).
     """
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
-    models = explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(device))
+    models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     return explain.explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, models.device,
                                   judge=judge, **settings)[0]
@@ -104,12 +105,12 @@ def main(**overrides) -> list[dict]:
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
     if cfg.SERVE:
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
-                         cfg.DEVICE, n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED,
+                         cfg.DEVICE, data_root=cfg.DATA_ROOT, n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED,
                          input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
         return []
     entries = explain_io.image_list(cfg.IMAGE)
-    models = explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE))
-    models.classifier_ckpt["dataset"] = data.relocate(models.classifier_ckpt["dataset"], cfg.DATA_ROOT)
+    models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
+                               cfg.DATA_ROOT)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for name, reason in skipped:  # named on stderr, and in the JSON stream as {"image", "skipped"}
         log(f"skipped: {reason}")

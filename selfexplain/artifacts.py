@@ -342,16 +342,22 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
 
 
 def _move_aside(out: Path, names: list[str]) -> None:
-    """Move ``names`` into ``out/REPLACED_DIR``; an earlier model already there is kept when these hold none."""
+    """Move ``names`` into ``out/REPLACED_DIR``.
+
+    A folder already there holds a run no later run has replaced yet (each run deletes it
+    only after saving a whole checkpoint): it is kept, the names it lacks join it (the rest
+    of a move that was interrupted) and the names it has are a stopped run's, deleted.
+    """
     aside = out / REPLACED_DIR
-    if aside.exists() and set(names) <= {TENSORBOARD_DIR}:  # the last overwrite never saved: keep the model
-        shutil.rmtree(out / TENSORBOARD_DIR)
-        return
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir(parents=True)
+    aside.mkdir(parents=True, exist_ok=True)
     for name in names:
-        os.replace(out / name, aside / name)
-    log(f"the earlier run in {out} waits in {aside} until this run saves its first checkpoint")
+        target = out / name
+        if not (aside / name).exists():
+            os.replace(target, aside / name)
+        else:
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    log(f"the earlier run in {out} waits in {aside} until this run saves its first checkpoint "
+        "(copy its files back to restore it)")
 
 
 def require_resumable(path: str | os.PathLike) -> None:
@@ -362,8 +368,11 @@ def require_resumable(path: str | os.PathLike) -> None:
 
 
 def drop_replaced(out_dir: str | os.PathLike) -> None:
-    """Delete the run that ``--overwrite`` moved aside (call after the new run's first checkpoint)."""
-    shutil.rmtree(Path(out_dir) / REPLACED_DIR, ignore_errors=True)
+    """Delete the run that ``--overwrite`` moved aside (call after the new run's first whole checkpoint)."""
+    aside = Path(out_dir) / REPLACED_DIR
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        log(f"removed the earlier run kept in {aside}: this run has saved a checkpoint")
 
 
 # ----------------------------------------------------------------------------- loop state

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, prompts
 from .errors import UserError
-from .llm_backends import Backend, LLMError
+from .llm_backends import RETRY_STATUSES, Backend, LLMError
 from .logs import log
 
 try:
@@ -213,6 +213,14 @@ def attachable_examples(neuron: dict, report_dir: Path, n_images: int) -> list[t
 
 
 # ----------------------------------------------------------------------------- resume
+def offline_answer(neuron: dict, max_words: int) -> str | None:
+    """What the offline backend stores for ``neuron`` now: its label, parsed as every answer is."""
+    try:
+        return prompts.parse_concept(prompts.offline_label(neuron, max_words), max_words)
+    except prompts.MalformedAnswer:
+        return None
+
+
 def answered_ids(records: list[Concept], backend: Backend, sae_fingerprint: str | None, version: str,
                  offline_labels: dict[int, str] | None = None) -> set[int]:
     """Neurons whose current answer this run would not change.
@@ -344,7 +352,8 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             message = str(exc) if isinstance(exc, LLMError) else f"{type(exc).__name__}: {exc}"
             failures[nid] = prompts.strip_controls(backend.scrub(message))
             log(f"neuron {nid}: failed: {failures[nid]}")
-            refused += not answered and 400 <= (getattr(exc, "status", None) or 0) < 500
+            status = getattr(exc, "status", None) or 0
+            refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
             if (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP) and fatal is None:
                 fatal = failures[nid]
                 for other in futures:

@@ -38,7 +38,7 @@ from .synthetic import spec_style
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
-_TMP_SUFFIX = re.compile(r"\.tmp(\d+)$")  # a cache folder being built by process <pid>
+_TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:\.npy|\.npz)?$")  # a cache folder or token file being built by <pid>
 
 
 @dataclass
@@ -166,18 +166,19 @@ def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) 
 
 
 def remove_stale_builds(cache_dir: Path) -> list[Path]:
-    """Delete ``*.tmp<pid>`` cache folders whose process is gone (a SIGKILL or power cut).
+    """Delete ``*.tmp<pid>`` cache folders and ``*.tmp<pid>.npy|.npz`` token files whose process is gone
+    (a SIGKILL, an OOM kill or a power cut: each is as large as what it was building).
 
-    Returns the folders removed. Folders of live processes are left alone; on Windows,
-    where a pid cannot be probed without side effects, nothing is removed.
+    Returns what was removed. Those of live processes are left alone; on Windows, where a
+    pid cannot be probed without side effects, nothing is removed.
     """
     if sys.platform == "win32" or not cache_dir.is_dir():
         return []
     removed = []
     for path in cache_dir.iterdir():
         match = _TMP_SUFFIX.search(path.name)
-        if match and path.is_dir() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 

@@ -294,7 +294,7 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     scores = concept_scores(models, image_uint8, analysis, b, sets, combine, pixel, None if pixels is None else pixels[:-1])
     cam = upsample(cam_map(models, analysis, b, cls)[None], size)
     if pixel:  # CAM given the concepts' own rule: its cells times the ink that carries the class logit
-        cam = np.concatenate([cam, pixel_scores(cam, pixels[-1:])])
+        cam = np.concatenate([cam, pixel_scores(np.clip(cam, 0.0, None), pixels[-1:])])  # cells against: last
     shares = [ink_share if ids else 0.0 for ids in sets] + [ink_share] * len(cam)  # no neurons: no ink
     masks = rank_ink(image_uint8, np.concatenate([scores, cam]), np.array(shares))
     logits, probs = class_scores(models, delete_ink(image_uint8, masks), cls)

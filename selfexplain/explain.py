@@ -32,7 +32,7 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import load_concepts
-from .data import model_input
+from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
 from .imaging import load_user_image, png_bytes
@@ -111,6 +111,15 @@ class Models:
 def _file_key(path: str | Path) -> tuple[str, int]:
     p = Path(path).expanduser().resolve()
     return str(p), (p.stat().st_mtime_ns if p.is_file() else -1)
+
+
+def relocated(models: Models, data_root: str) -> Models:
+    """``models`` whose classifier's dataset is read from ``data_root`` (:func:`data.relocate`); a copy, so the
+    cached pair keeps what its checkpoint records."""
+    if not data_root:
+        return models
+    ckpt = {**models.classifier_ckpt, "dataset": relocate(models.classifier_ckpt["dataset"], data_root)}
+    return replace(models, classifier_ckpt=ckpt)
 
 
 def load_models(classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT, sae_ckpt: str | Path = artifacts.SAE_CKPT,

@@ -23,6 +23,7 @@ this module: every error message and answer is scrubbed of them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import os
@@ -393,19 +394,26 @@ class ReplicateBackend(Backend):
         The prediction gets TIMEOUT after its create returns: a model slower than the
         create's wait (at most 60 s) is polled, not cancelled on arrival.
         """
+        import httpx  # lazy: see __init__
+
         wait = max(1, min(60, int(math.ceil(self.timeout))))  # Replicate accepts 1..60 s
         ref, _, version = self.model.partition(":")
-        if version:  # community models run by version id
-            pred = self.client.predictions.create(version=version, input=payload, wait=wait)
-        else:
-            pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
+        try:
+            if version:  # community models run by version id
+                pred = self.client.predictions.create(version=version, input=payload, wait=wait)
+            else:
+                pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
+        except (httpx.ReadTimeout, httpx.WriteTimeout):  # sent: a prediction may be running and billing
+            raise LLMError(f"the create request timed out after {self.timeout + 10:g}s once sent; not sent again "
+                           "(it may have started a prediction)") from None
         deadline = time.monotonic() + self.timeout
         while pred.status not in ("succeeded", "failed", "canceled"):
             if time.monotonic() >= deadline:
                 self._cancel(pred.id)
                 raise TransientError(f"timed out after {self.timeout:g}s (prediction {pred.status})")
             time.sleep(min(POLL_INTERVAL, self.timeout / 10))
-            pred.reload()
+            with contextlib.suppress(httpx.TimeoutException):  # a slow poll: poll again, never create again
+                pred.reload()
         if pred.status != "succeeded":
             raise TransientError(f"prediction {pred.status}: {pred.error or 'no reason given'}")
         output = pred.output

@@ -226,14 +226,16 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
 
 
 def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
-                port: int = 8000, device: str = "auto", quiet: bool = False, **options) -> ThreadingHTTPServer:
+                port: int = 8000, device: str = "auto", quiet: bool = False, data_root: str = "",
+                **options) -> ThreadingHTTPServer:
     """Load the models and the familiarity calibration once; return the bound (not yet serving) server.
 
-    ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``).
+    ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``);
+    ``data_root``: where the classifier's data is now, if it moved (the calibration reads it).
     """
     server = bind(host, port)  # before the models load: a taken port fails in a second, not after a minute
     try:
-        models = explain.load_models(classifier_ckpt, sae_ckpt, device)
+        models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, device), data_root)
         calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
     except BaseException:
         server.server_close()
@@ -245,9 +247,10 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
 
 
 def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
-               port: int = 8000, device: str = "auto", **options) -> None:
+               port: int = 8000, device: str = "auto", data_root: str = "", **options) -> None:
     """Serve the draw-and-explain page until Ctrl-C (``why_did_you.py --serve=True``)."""
-    server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, **options)
+    server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, data_root=data_root,
+                         **options)
     server.explainer.jobs = queue.Queue()
     http_thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     http_thread.start()

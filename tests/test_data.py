@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,14 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
         (folder / "images.npy").write_bytes(b"\0" * 1024)
     data.load_dataset(data.dataset_spec("synthetic", None, 64, per_class=2, seed=1), tmp_path, progress=False)
     assert not stale.exists() and live.is_dir()
+    tokens = tmp_path / "sae_tokens"  # stage 2's spilled token files: as large as the tokens
+    tokens.mkdir()
+    stale_file = tokens / f"abc-train-n10-r0of1.npy.tmp{int(dead.stdout)}.npy"
+    live_file = tokens / f"abc-val-n10-r0of1.npy.tmp{os.getppid()}.npy"
+    kept = tokens / "abc-train-n10-r0of1.npy"
+    for path in (stale_file, live_file, kept):
+        path.write_bytes(b"\0" * 64)
+    assert data.remove_stale_builds(tokens) == [stale_file] and live_file.is_file() and kept.is_file()
 
 
 def test_a_classifier_of_another_generator_version_is_refused(tmp_path):
@@ -151,20 +160,18 @@ def test_the_lighter_pen_keeps_a_thin_stroke(seed):
 
 
 def test_a_cache_another_process_finished_first_is_used(tmp_path, monkeypatch):
-    """Two DDP ranks (or runs) build the same cache: the later rename finds it done and reads it."""
+    """Two DDP ranks (or runs) build the same cache: the one whose rename comes second finds it done and reads it."""
     import shutil
 
     make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=2, clutter=False)
-    real = data._cache_source
+    real = os.replace
 
-    def and_another_finishes(spec, source, tmp, progress):
-        meta = real(spec, source, tmp, progress)
-        other = tmp.with_name(tmp.name.split(".tmp")[0])
-        shutil.copytree(tmp, other)
-        data.write_json(other / "meta.json", meta)
-        return meta
+    def another_finishes_first(src, dst):  # between any check and this rename, the other rank's lands
+        if Path(src).is_dir() and not Path(dst).exists():
+            shutil.copytree(src, dst)
+        return real(src, dst)
 
-    monkeypatch.setattr(data, "_cache_source", and_another_finishes)
+    monkeypatch.setattr(data.os, "replace", another_finishes_first)
     images = data.load_dataset(data.dataset_spec("folder", str(tmp_path / "src"), 64), tmp_path / "cache",
                                progress=False)
     assert len(images) == 4

@@ -205,7 +205,8 @@ def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, imag
     api = json.loads(exp.to_json())
     assert {"familiarity", "unfamiliar", "top_active"} <= set(api)
     assert api == cli
-    bare = why_did_you.explain_image(path, report_dir=str(tmp_path), device="cpu", familiar=False, **ckpts)
+    bare = why_did_you.explain_image(path, report_dir=str(tmp_path), device=torch.device("cpu"), familiar=False,
+                                     **ckpts)
     assert "familiarity" not in bare.to_dict()
 
 

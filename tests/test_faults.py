@@ -223,3 +223,24 @@ def test_sigterm_during_an_atomic_write_exits_143_after_the_file_is_whole(tmp_pa
     assert b"went on" not in proc.stdout
     assert target.read_bytes() == b"a" * 1000 + b"b" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+def test_overwrites_stopped_at_any_point_never_lose_the_run_they_replace(tmp_path):
+    """--overwrite moves the run aside; later stopped runs (half a checkpoint, half a move) keep it there."""
+    from selfexplain.artifacts import REPLACED_DIR, drop_replaced, prepare_out_dir
+
+    outputs = ["best.pt", "last.pt", "metrics.json", "tb"]
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    for name in outputs[:3]:
+        (run / name).write_text("A")                             # run A, finished
+    prepare_out_dir(run, outputs, overwrite=True)                 # run B starts ...
+    (run / "best.pt").write_text("B")                             # ... saves best.pt, stops before last.pt
+    prepare_out_dir(run, outputs, overwrite=True)                 # run C starts
+    assert {p.name: p.read_text() for p in (run / REPLACED_DIR).iterdir() if p.is_file()} == \
+        {"best.pt": "A", "last.pt": "A", "metrics.json": "A"} and not (run / "best.pt").exists()
+    (run / REPLACED_DIR / "last.pt").rename(run / "last.pt")      # a move that stopped halfway
+    prepare_out_dir(run, outputs, overwrite=True)
+    assert (run / REPLACED_DIR / "last.pt").read_text() == "A" and not (run / "last.pt").exists()
+    drop_replaced(run)                                            # a run that saved a whole checkpoint
+    assert not (run / REPLACED_DIR).exists()

@@ -342,6 +342,22 @@ def test_the_same_client_error_for_the_first_neurons_stops_the_run(api, report, 
     assert answers(report) == {}
 
 
+def test_rate_limits_that_outlast_the_retries_fail_neurons_not_the_run(report, monkeypatch, waits):
+    script = lambda _, nid, attempt: Reply(kind="status", status=429, detail="slow down")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, workers=1, retries=0) == 1  # "N neurons failed", exit 1
+        assert sum(srv.attempts.values()) == len(LIVE)
+
+
+def test_long_offline_labels_are_not_asked_again_on_a_rerun(report, capsys):
+    """The stored answer is the parsed label (cut to MAX_WORDS); a rerun compares like with like."""
+    assert stage.main(report_dir=str(report), backend="offline", max_words=3) == 0
+    before = (report / "llm_output.jsonl").read_bytes()
+    assert stage.main(report_dir=str(report), backend="offline", max_words=3) == 0
+    assert (report / "llm_output.jsonl").read_bytes() == before
+    assert "0 neurons to ask" in capsys.readouterr().err
+
+
 def test_a_client_error_after_answers_fails_only_that_neuron(report, monkeypatch):
     script = lambda _, nid, attempt: (Reply(kind="status", status=400, detail="image too large") if nid >= 3  # noqa: E731
                                       else Reply(text=f"shape {nid}"))

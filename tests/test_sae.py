@@ -339,6 +339,19 @@ def test_save_load_round_trip(tiny_sae, tmp_path, seed):
     assert torch.equal(sae.codes_for_map(fmap), sae2.codes_for_map(fmap))
 
 
+def test_resume_without_a_saved_epoch_says_so_before_the_token_pass(tiny_classifier, tmp_path, monkeypatch):
+    import train_sae
+    from selfexplain import sae_train
+
+    def no_token_pass(*args, **kwargs):
+        raise AssertionError("the missing last_sae.pt must be reported before caching tokens")
+
+    monkeypatch.setattr(sae_train, "cache_split_tokens", no_token_pass)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path), resume=True,
+                       tensorboard=False)
+
+
 def test_missing_classifier_is_a_clear_error(tmp_path):
     import train_sae
 
