@@ -148,8 +148,8 @@ def cli(**overrides) -> int:
 def shell_argv(argv: list[str]) -> list[str]:
     """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images)."""
     images = [a for a in argv if not a.startswith("-")]
-    if not images:
-        return argv
+    if not images or any(a.lower().startswith("--image=") for a in argv):
+        return argv  # nothing bare, or both forms: the parser names the stray argument
     rest = [a for a in argv if a.startswith("-")]
     return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]
 

@@ -295,6 +295,7 @@ def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path)
 def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
     names = sorted(str(p) for p in image_dir.iterdir())[:2]
     assert why_did_you.shell_argv(["--json=True", names[0]]) == ["--json=True", f"--image={names[0]}"]
+    assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["a.png", "--image=b.png"]  # refused, not dropped
     out = _cli(ckpts, tmp_path, "--json=True", "--fast=True", *names)
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["image"] for line in out.stdout.splitlines()] == names
