@@ -67,6 +67,9 @@ SEED = 0                       # seeds the split, the synthetic set, init and ba
 
 def build_spec(cfg) -> dict:
     """The dataset spec the settings name (recorded in the checkpoint)."""
+    if cfg.DATASET == "synthetic" and cfg.DATA_ROOT:  # the user meant their folder: training synthetic would mislead
+        raise UserError(f"DATA_ROOT={cfg.DATA_ROOT} is set but DATASET=synthetic draws its own sketches; add "
+                        "--dataset=folder (class-per-folder images) or --dataset=parquet")
     root = cfg.DATA_ROOT or (None if cfg.DATASET == "synthetic" else f"data/{cfg.DATASET}")
     extra = ({"per_class": cfg.SYNTHETIC_PER_CLASS, "seed": cfg.SEED, "style": cfg.SYNTHETIC_STYLE}
              if cfg.DATASET == "synthetic" else {})

@@ -102,6 +102,8 @@ def coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, (int, float)):
             return float(value)
     elif isinstance(default, str):
+        if isinstance(value, bool):  # `--overlay why.png` (a space, not =) left a bare --overlay
+            raise UserError(f"{name} needs a value: --{name.lower()}=VALUE (with '=', not a space)")
         return value if isinstance(value, str) else str(value)
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
@@ -154,8 +156,10 @@ def parse_argv(argv: list[str]) -> tuple[dict, bool]:
             raise UserError(f"arguments look like --key=value, got '{arg}' (see --help)")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:  # a bare --flag means True
-            value = "True"
+        if not eq:  # a bare --flag means True (yes/no settings only: coerce refuses it elsewhere)
+            value = True
+        if key.lower() in {k.lower() for k in cli} | ({"config"} if yaml_path else set()):
+            raise UserError(f"--{key.lower()} is given twice; give it once")
         if key.lower() == "config":
             yaml_path = value
         else:

@@ -75,3 +75,14 @@ def test_scripts_import_without_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_a_value_after_a_space_and_a_repeated_key_are_refused():
+    from selfexplain.config import parse_argv
+
+    overrides, _ = parse_argv(["--overlay", "--resume"])           # `--overlay why.png`: the value went astray
+    with pytest.raises(UserError, match="OVERLAY needs a value: --overlay=VALUE"):
+        make_config({"OVERLAY": "", "RESUME": False}, overrides)
+    assert make_config({"OVERLAY": "", "RESUME": False}, {"resume": True}).RESUME is True  # yes/no flags stay bare
+    with pytest.raises(UserError, match="--image is given twice"):
+        parse_argv(["--image=test:0", "--IMAGE=test:1"])

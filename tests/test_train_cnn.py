@@ -217,6 +217,7 @@ def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tiny_classifier, t
     with pytest.raises(UserError, match="choose one"):
         stage1.main(**cfg, resume=True, overwrite=True)
     for mistake in (dict(amp="fp8"), dict(layer4_stride=3), dict(dataset="folder", data_root=str(tmp_path / "typo")),
+                    dict(data_root=str(tmp_path)),  # a folder named, DATASET left at synthetic
                     dict(val_fraction=0.0), dict(batch_size=100000)):
         with pytest.raises((UserError, ValueError)):
             stage1.main(**{**cfg, **mistake}, overwrite=True)
