@@ -64,8 +64,10 @@ LLM_CONFIG = "llm_config.json"                    # stage 4's effective config
 LLM_SUMMARY = "llm_summary.json"                  # stage 4: counts and failures
 FAMILIARITY = "familiarity.json"                  # stage 5: validation calibration of the "unfamiliar" flag
 # What marks an earlier run in a trainer's OUT_DIR (see prepare_out_dir).
-CLASSIFIER_OUTPUTS = (BEST_CLASSIFIER, LAST_CLASSIFIER, METRICS, TENSORBOARD_DIR)
-SAE_OUTPUTS = (BEST_SAE, LAST_SAE, METRICS, TENSORBOARD_DIR)
+CLASSIFIER_OUTPUTS = (BEST_CLASSIFIER, LAST_CLASSIFIER, METRICS, TENSORBOARD_DIR, CONFIG, LABEL_DECODER)
+SAE_OUTPUTS = (BEST_SAE, LAST_SAE, METRICS, TENSORBOARD_DIR, CONFIG)
+LEFTOVERS = (TENSORBOARD_DIR, CONFIG, LABEL_DECODER)  # alone, they are a run that saved no checkpoint
+REPLACED_DIR = ".replaced"  # an overwritten run waits here until the new run's first checkpoint
 
 # Which script produces which artifact: used to tell users what to run first.
 PRODUCER = {
@@ -154,6 +156,9 @@ def missing_message(path: Path, producer: str | None) -> str:
     """The one-line error for a missing artifact, naming the script that makes it."""
     script = PRODUCER.get(producer or "", producer)
     hint = f"; run {script} first" if script else ""
+    if (Path(path).parent / REPLACED_DIR / Path(path).name).is_file():
+        hint = (f"; an interrupted --overwrite kept the earlier one in {Path(path).parent / REPLACED_DIR}: "
+                "move its files back, or rerun the stage")
     return f"{path} not found{hint}"
 
 
@@ -299,9 +304,6 @@ def open_tensorboard(out_dir: str | os.PathLike, enabled: bool = True, first_epo
 
 
 # ----------------------------------------------------------------------------- run folders
-REPLACED_DIR = ".replaced"  # an overwritten run waits here until the new run's first checkpoint
-
-
 def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resume: bool = False,
                     overwrite: bool = False, clear: bool = True, can_resume: bool = True) -> Path:
     """Refuse to mix two runs in one output folder.
@@ -329,13 +331,17 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     if resume and overwrite:
         raise UserError("--resume=True continues the run in OUT_DIR, --overwrite=True replaces it: choose one")
     found = [name for name in outputs if (out / name).exists()]
-    leftovers_only = found == [TENSORBOARD_DIR]
+    leftovers_only = set(found) <= set(LEFTOVERS)
+    if (out / REPLACED_DIR).exists() and not (resume or overwrite):
+        raise UserError(f"{out / REPLACED_DIR} holds the run an interrupted --overwrite replaced: move its files "
+                        "back into OUT_DIR to keep it, or pass --overwrite=True to replace it")
     if found and not (resume or overwrite or leftovers_only):
         hint = "pass --resume=True to continue it or --overwrite=True to replace it" if can_resume else \
             "pass --overwrite=True to replace it"
         raise UserError(f"{out} holds an earlier run ({', '.join(found)}); {hint}")
-    if clear and leftovers_only and not resume:
-        shutil.rmtree(out / TENSORBOARD_DIR)  # curves of a run that saved nothing
+    if clear and found and leftovers_only and not resume:
+        for name in found:  # curves and settings of a run that saved nothing
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     elif overwrite and clear and found:
         _move_aside(out, found)
     return out

@@ -349,5 +349,9 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_mode
     with pytest.raises(UserError, match="nothing to resume"):
         stage1.main(**cfg, resume=True)
     monkeypatch.undo()
-    stage1.main(**cfg)  # the stopped run left only TensorBoard curves: not a run to refuse over
+    with pytest.raises(UserError, match="holds the run an interrupted --overwrite replaced"):
+        stage1.main(**cfg)  # a plain run must not replace it either
+    with pytest.raises(UserError, match="an interrupted --overwrite kept the earlier one in"):
+        artifacts.load_checkpoint(run / "best.pt", "classifier")  # what stages 2-5 say meanwhile
+    stage1.main(**cfg, overwrite=True)
     assert (run / "best.pt").is_file() and not (run / artifacts.REPLACED_DIR).exists()  # gone after the checkpoint
