@@ -202,7 +202,10 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
     on the training sketches, where the part was also picked: a description, not held-out
     evidence).
     """
-    classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]] if neuron.get("clear_class", True) else []
+    if "clear_classes" in neuron:  # stage 3's verdict: PMI and support (older reports: the top two, if clear)
+        classes = [strip_controls(str(c)) for c in neuron["clear_classes"]][:2]
+    else:
+        classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]] if neuron.get("clear_class", True) else []
     core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a clear class preference"
     part = neuron.get("parts") or {}
     if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts

@@ -108,6 +108,7 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
                             "pointing_chance": _rounded(parts.pointing_chance[i]), "split": "train"}
         rec["n_on"] = int(st.counts[i].sum())  # images above τ: what the class statistics rest on
         rec["clear_class"] = has_clear_class(rec, weak_pmi)  # stage 4's offline label follows this verdict
+        rec["clear_classes"] = clear_classes(rec, weak_pmi)[:2]  # ... and names only these
         rec["auto_summary"] = auto_summary(rec, weak_pmi)
         records.append(rec)
     return records
@@ -127,8 +128,12 @@ def has_clear_class(rec: dict, weak_pmi: float = 0.5) -> bool:
     On a small summary (192 images at QUANTILE 0.99: 2 images above τ per neuron) one or two
     images would otherwise make any class "clear".
     """
-    top = rec["top_classes"]
-    return not rec["dead"] and bool(top) and top[0]["pmi"] >= weak_pmi and top[0].get("count", MIN_SUPPORT) >= MIN_SUPPORT
+    return not rec["dead"] and bool(clear_classes(rec, weak_pmi)[:1])
+
+
+def clear_classes(rec: dict, weak_pmi: float = 0.5) -> list[str]:
+    """The top classes (in order) with PMI >= ``weak_pmi`` on at least ``MIN_SUPPORT`` images above τ."""
+    return [c["class"] for c in rec["top_classes"] if c["pmi"] >= weak_pmi and c.get("count", MIN_SUPPORT) >= MIN_SUPPORT]
 
 
 def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
@@ -136,16 +141,18 @@ def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
     if rec["dead"]:
         return "Dead: never active in the Top-K code on the summarised images."
     freq = f"Active on {100 * rec['image_frequency']:.1f}% of images"
-    top = rec["top_classes"]
-    if not has_clear_class(rec, weak_pmi):
-        best = f" (best PMI {top[0]['pmi']:.2f})" if top else ""
-        return f"{freq}; weak/unclear class preference{best}; fires {rec['where']['description']}."
+    top, names = rec["top_classes"], clear_classes(rec, weak_pmi)
+    if not names:
+        few = top and top[0]["pmi"] >= weak_pmi and rec.get("n_on", MIN_SUPPORT) < MIN_SUPPORT
+        why = (f"too few images above τ to judge a class ({rec['n_on']})" if few else
+               "weak/unclear class preference" + (f" (best PMI {top[0]['pmi']:.2f})" if top else ""))
+        return f"{freq}; {why}; fires {rec['where']['description']}."
     classes = f"{top[0]['class']} (PMI {top[0]['pmi']:.1f}, {top[0]['count']} of {rec['n_on']} images above τ)"
-    if len(top) > 1 and top[1]["pmi"] >= weak_pmi:
-        classes += f" and {top[1]['class']}"
+    if len(names) > 1:
+        classes += f" and {names[1]}"
     push = rec["pushes_toward"]
     pushes = f"pushes toward {push['class']}" if push["lens"] > 0 else "pushes no class up"
-    return f"{freq}; its strongest are mostly {classes}; {pushes}; {rec['where']['description']}."
+    return f"{freq}; its strongest favour {classes}; {pushes}; {rec['where']['description']}."
 
 
 # ----------------------------------------------------------------------------- images

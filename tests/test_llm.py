@@ -506,6 +506,8 @@ def test_offline_label_names_a_well_detected_ground_truth_part():
     assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
     neuron["clear_class"] = False  # stage 3 found no clear class (weak PMI, or too few images): no class echo
     assert prompts.offline_label(neuron) == "offline: strokes without a clear class preference, upper right"
+    neuron["clear_classes"] = ["a-b-c"]  # stage 3 names only the classes that hold (PMI and support)
+    assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
 
 
 # ----------------------------------------------------------------------------- injected text

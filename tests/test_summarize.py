@@ -303,7 +303,9 @@ def test_a_class_preference_needs_support_not_one_or_two_images():
 
     rec = {"dead": False, "n_on": 2, "image_frequency": 0.4, "where": {"description": "upper left"},
            "top_classes": [{"class": "circle", "pmi": 1.8, "count": 2}], "pushes_toward": {"class": "circle", "lens": 1.0}}
-    assert not report.has_clear_class(rec) and "weak/unclear" in report.auto_summary(rec)
+    assert not report.has_clear_class(rec) and "too few images above τ to judge a class (2)" in report.auto_summary(rec)
     rec["top_classes"][0]["count"] = rec["n_on"] = report.MIN_SUPPORT
     assert report.has_clear_class(rec)
     assert f"circle (PMI 1.8, {report.MIN_SUPPORT} of {report.MIN_SUPPORT} images above τ)" in report.auto_summary(rec)
+    rec["top_classes"] += [{"class": "square", "pmi": 0.3, "count": 9}, {"class": "cross", "pmi": 0.9, "count": 2}]
+    assert report.clear_classes(rec) == ["circle"]  # weak PMI, or too few images: not named beside it
