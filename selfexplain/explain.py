@@ -283,11 +283,17 @@ class Explanation:
 
 
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron]) -> str:
-    """'Predicted bicycle (97%) mainly because of wheel (41%), triangle (22%) and spokes (9%).'"""
+    """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
+
+    Neurons with the same concept are named once, with their shares summed.
+    """
     head = f"Predicted {predicted} ({probability:.0%})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
-    parts = [f"{n.concept} ({n.share:.0%})" for n in cited]
+    shares: dict[str, list[float]] = {}
+    for n in cited:  # first appearance keeps the order of the largest contribution
+        shares.setdefault(n.concept, []).append(n.share)
+    parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in shares.items()]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{head} mainly because of {listed}."
 
@@ -484,7 +490,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     for k, n in enumerate(neurons):
         y = size + head + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
-        share = f" ({n.share:.0%})"
+        share = f" ({n.share:.0%}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
         label = fit_text(draw, n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)
     if check:

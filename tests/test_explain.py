@@ -372,3 +372,13 @@ def test_overlay_outlines_exactly_the_ink_the_input_check_removed(ckpts, test_im
     assert (amber == ring).all()                                          # drawn just outside the removed ink
     up = np.kron(mask, np.ones((4, 4), dtype=bool))
     assert not (ring & up).any() and ring.sum() > 0
+
+
+def test_the_sentence_names_a_shared_concept_once_with_the_summed_share():
+    def cited(i, concept, share):
+        return explain.CitedNeuron(i, concept, 1.0, 1.0, share, share, np.zeros((2, 2)))
+
+    neurons = [cited(95, "circle", 0.20), cited(124, "spokes", 0.09), cited(403, "circle", 0.17), cited(7, "dots", 0.05)]
+    assert explain.compose_sentence("wheel", 0.46, neurons) == \
+        "Predicted wheel (46%) mainly because of circle (37%, 2 neurons), spokes (9%) and dots (5%)."
+    assert explain.compose_sentence("wheel", 0.46, neurons[1:2]) == "Predicted wheel (46%) mainly because of spokes (9%)."
