@@ -83,9 +83,10 @@ def main(**overrides) -> int:
     question = concepts.Question(report_dir, concepts.report_fingerprint(report_dir), cfg.MAX_WORDS,
                                  cfg.N_IMAGES if cfg.IMAGES else 0)
     with concepts.AnswerLog(report_dir / artifacts.LLM_OUTPUT) as out:
-        labels = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
-                  if backend.name == "offline" else None)
-        done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(), labels)
+        offline = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
+                   if backend.name == "offline" else None)
+        done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
+                                     offline)
         todo = [n for n in chosen if n["neuron_id"] not in done]
         artifacts.save_effective_config(cfg, report_dir, artifacts.LLM_CONFIG)
         images = "on" if backend.accepts_images and cfg.IMAGES else "off"

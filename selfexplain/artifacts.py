@@ -311,8 +311,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     Parameters
     ----------
     out_dir : the stage's output folder.
-    outputs : file and folder names (in ``out_dir``) that mark an earlier run; a TensorBoard
-        folder alone (a run stopped before its first checkpoint) is a leftover, not a run.
+    outputs : file and folder names (in ``out_dir``) that mark an earlier run; ``LEFTOVERS``
+        alone (a run stopped before its first checkpoint) are removed, not refused.
     resume : the run continues the earlier one; nothing is removed.
     can_resume : whether the stage has a ``--resume`` (the refusal names only what exists).
     overwrite : the earlier run's ``outputs`` leave ``out_dir`` (with ``clear``; under DDP only
@@ -341,7 +341,7 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
         raise UserError(f"{out} holds an earlier run ({', '.join(found)}); {hint}")
     if clear and found and leftovers_only and not resume:
         for name in found:  # curves and settings of a run that saved nothing
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            remove_path(out / name)
     elif overwrite and clear and found:
         _move_aside(out, found)
     return out
@@ -361,9 +361,14 @@ def _move_aside(out: Path, names: list[str]) -> None:
         if not (aside / name).exists():
             os.replace(target, aside / name)
         else:
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            remove_path(target)
     log(f"the earlier run in {out} waits in {aside} until this run saves its first checkpoint "
         "(copy its files back to restore it)")
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a whole folder."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def require_resumable(path: str | os.PathLike) -> None:

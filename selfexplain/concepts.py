@@ -222,18 +222,18 @@ def offline_answer(neuron: dict, max_words: int) -> str | None:
 
 
 def answered_ids(records: list[Concept], backend: Backend, sae_fingerprint: str | None, version: str,
-                 offline_labels: dict[int, str] | None = None) -> set[int]:
+                 offline_answers: dict[int, str | None] | None = None) -> set[int]:
     """Neurons whose current answer this run would not change.
 
     The latest answer for this SAE counts when it came from this backend and model with
     this prompt; an offline run also keeps any real LLM's answer (a label from statistics
-    never replaces one). With ``offline_labels`` (an offline run: the labels it would write
-    now), an offline answer counts only while it equals its label: new statistics relabel.
+    never replaces one). With ``offline_answers`` (an offline run: :func:`offline_answer` of
+    each neuron now), an offline answer counts only while it is unchanged: new statistics relabel.
     """
     current, _ = latest(records, sae_fingerprint)
     return {i for i, r in current.items()
             if ((r.backend, r.model, r.prompt_version) == (backend.name, backend.model, version)
-                and (offline_labels is None or r.backend != "offline" or offline_labels.get(i) == r.answer))
+                and (offline_answers is None or r.backend != "offline" or offline_answers.get(i) == r.answer))
             or (backend.name == "offline" and r.backend not in ("offline", ""))}
 
 

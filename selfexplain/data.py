@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import CACHE_DIR, read_json, write_json
+from .artifacts import CACHE_DIR, read_json, remove_path, write_json
 from .errors import UserError
 from .imaging import BadImage, decode_image
 from .logs import log
@@ -178,7 +178,7 @@ def remove_stale_builds(cache_dir: Path) -> list[Path]:
     for path in cache_dir.iterdir():
         match = _TMP_SUFFIX.search(path.name)
         if match and not _process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_path(path)
             removed.append(path)
     return removed
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import artifacts, data
 from .distributed import Runtime, all_reduce_sum, autocast
 from .sae import tokens_of
 
@@ -135,20 +135,14 @@ def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, dev
             arr.flush()
             del arr
             if stats:  # the sums land first: tokens without them would be recomputed, never misread
-                write_npz_atomic(sums_path, sum=sums[0].cpu().numpy(), sq=sums[1].cpu().numpy())
+                artifacts.atomic_write(sums_path, lambda fh: np.savez(fh, sum=sums[0].cpu().numpy(),
+                                                                      sq=sums[1].cpu().numpy()))
             tmp.replace(disk_path)
             arr = np.load(disk_path, mmap_mode="r")
     except BaseException:  # interrupted or failed: no full-size temporary file left behind
         tmp.unlink(missing_ok=True)
         raise
     return TokenStore(arr, indices, (h, w)), ((n_tok, *sums) if stats else None)
-
-
-def write_npz_atomic(path: Path, **arrays) -> None:
-    """``np.savez`` to a temp name, then rename: a reader sees the whole file or none."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
 
 
 def _fill_tokens(arr, model, images, indices, prep, device, batch_size, progress, stats):
