@@ -228,7 +228,8 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int) -> dict:
 def _data_identity(spec: dict) -> dict:
     root = spec.get("data_root")
     out = {**spec, "data_root": str(Path(root).resolve()) if root else root}
-    out.pop("items_digest", None)  # which files the folder holds is checked when the data loads
+    for key in ("items_digest", "items_count"):  # which files the folder holds is checked when the data loads
+        out.pop(key, None)
     if spec.get("dataset") == "synthetic":  # a spec from before the style setting was drawn in the legacy style
         out["style"] = synthetic.spec_style(spec)
     return out

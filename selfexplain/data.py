@@ -127,10 +127,13 @@ def _check_items(imageset: ImageSet, spec: dict) -> None:
     digest = hashlib.sha256(json.dumps([list(imageset.names), imageset.labels.tolist()]).encode()).hexdigest()[:16]
     recorded = spec.get("items_digest")
     if recorded is not None and recorded != digest:
+        count = spec.get("items_count")  # checkpoints before session 12 record the digest alone
+        counts = (f" (the classifier's run saw {count} images, it now holds {len(imageset.names)})"
+                  if count is not None and count != len(imageset.names) else "")
         raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
-                        "added, removed or renamed), so its saved split would index other images; restore the "
-                        "folder or retrain with train_standard_cnn.py --overwrite=True")
-    imageset.spec = {**spec, "items_digest": digest}
+                        f"added, removed or renamed{counts}), so its saved split would index other images; restore "
+                        "the folder or retrain with train_standard_cnn.py --overwrite=True")
+    imageset.spec = {**spec, "items_digest": digest, "items_count": len(imageset.names)}
 
 
 def _open_cache(folder: Path, spec: dict) -> ImageSet:

@@ -47,6 +47,7 @@ from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
 from .imaging import load_user_image, png_bytes
+from .prompts import OFFLINE_PREFIX, concept_name
 from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 from .stats import describe_map
 
@@ -270,6 +271,7 @@ class Explanation:
 
     def to_dict(self, heatmaps: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
+        out["faithfulness"] = {**dict.fromkeys(INPUT_CHECK_KEYS), **self.faithfulness}  # null: not run (--fast)
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
                            "where": describe_map(n.heatmap) if n.heatmap is not None else None}  # in this sketch
@@ -282,20 +284,27 @@ class Explanation:
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 
+INPUT_CHECK_KEYS = ("input_cited_drop", "input_random_drop", "cam_drop", "cam_pixels_drop", "input_cited_prob_drop",
+                    "input_random_prob_drop", "cam_prob_drop", "cam_pixels_prob_drop", "ink_removed")
+
+
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron]) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
 
-    Neurons with the same concept are named once, with their shares summed.
+    Neurons with the same concept (:func:`prompts.concept_name`: an offline label's part or
+    classes, without its AUROC and place) are named once, with their shares summed; when
+    any name comes from an offline label the sentence says so.
     """
     head = f"Predicted {predicted} ({probability:.0%})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
     shares: dict[str, list[float]] = {}
     for n in cited:  # first appearance keeps the order of the largest contribution
-        shares.setdefault(n.concept, []).append(n.share)
+        shares.setdefault(concept_name(n.concept), []).append(n.share)
     parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in shares.items()]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{head} mainly because of {listed}."
+    offline = any(n.concept.startswith(OFFLINE_PREFIX) for n in cited)
+    return f"{head} mainly because of {listed}{' (offline labels, from statistics)' if offline else ''}."
 
 
 def top5(probs: torch.Tensor, class_names: Sequence[str]) -> list[dict]:

@@ -48,6 +48,7 @@ UNFAMILIAR_PERCENTILE = 1.0       # threshold: this percentile of the validation
 SHRINKAGE = 0.1                   # covariance shrinkage towards a scaled identity (512 dims, a few thousand images)
 INK_FLOOR = 1e-3                  # keeps log(ink) finite on a blank page
 MIN_VAL_IMAGES = 20               # fewer validation images are too thin a reference to rank against
+ROUGH_VAL_IMAGES = 200            # below this the threshold rests on a couple of scores: a warning says so
 MAX_FIT_IMAGES = 5000             # training images that fit the Gaussian (a seeded sample beyond this)
 BATCH = 256                       # images per forward pass while fitting
 
@@ -172,6 +173,11 @@ def fit(models, cache_dir: str | Path) -> Calibration:
     if len(val) < MIN_VAL_IMAGES:
         raise UserError(f"the classifier's validation split has {len(val)} images; the familiarity "
                         f"calibration needs at least {MIN_VAL_IMAGES}")
+    if len(val) < ROUGH_VAL_IMAGES:
+        below = len(val) * UNFAMILIAR_PERCENTILE / 100
+        log(f"warning: the familiarity threshold (percentile {UNFAMILIAR_PERCENTILE:g} of the validation scores) "
+            f"rests on only {len(val)} validation images ({below:.1f} below it): how often familiar sketches are "
+            f"flagged is rough; a validation split of {ROUGH_VAL_IMAGES}+ images pins it down")
     if len(train) > MAX_FIT_IMAGES:
         train = np.random.default_rng(0).choice(train, MAX_FIT_IMAGES, replace=False)
     train = np.sort(train)

@@ -40,7 +40,7 @@ from PIL import Image
 
 from .errors import UserError
 from .logs import log
-from .prompts import MalformedAnswer, clean_text
+from .prompts import OFFLINE_PREFIX, MalformedAnswer, clean_text
 
 BACKENDS = ("auto", "replicate", "openai", "offline")
 POLL_INTERVAL = 0.5  # seconds between replicate polls (at most a tenth of the timeout)
@@ -230,7 +230,7 @@ class OfflineBackend(Backend):
         if fallback:
             return fallback
         first = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
-        return "offline: " + first
+        return OFFLINE_PREFIX + first
 
 
 class OpenAIBackend(Backend):

@@ -193,6 +193,19 @@ def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = 
     ).strip()
 
 
+OFFLINE_PREFIX = "offline: "  # marks a label made from statistics, not by a model
+
+
+def concept_name(label: str) -> str:
+    """The concept a label names, for a sentence: an offline label's core without its marker,
+    its AUROC and its typical place (``"offline: spokes (train AUROC 0.95), lower"`` ->
+    ``"spokes"``), so neurons of one part read as one concept; a model's label as given."""
+    if not label.startswith(OFFLINE_PREFIX):
+        return label
+    core = label[len(OFFLINE_PREFIX):].split(", ")[0]
+    return re.sub(r"\s*\(train AUROC [^)]*\)$", "", core).strip() or label
+
+
 def offline_label(neuron: dict, max_words: int = 12) -> str:
     """A deterministic concept from the statistics alone, marked ``offline:``.
 
@@ -212,4 +225,4 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
         core = f"{strip_controls(part['best_part'])} (train AUROC {part['auroc']:.2f})"
     where = strip_controls((neuron.get("where") or {}).get("description") or "")
     label = f"{core}, {where}" if where else core
-    return "offline: " + " ".join(label.split()[:max_words])
+    return OFFLINE_PREFIX + " ".join(label.split()[:max_words])

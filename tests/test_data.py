@@ -141,7 +141,10 @@ def test_a_changed_folder_is_refused_where_a_saved_split_would_index_other_image
     assert data.load_dataset(recorded, tmp_path / "cache", progress=False).names[0] == "a/000.png"
     first = (tmp_path / "src" / "a" / "001.jpg").read_bytes()
     (tmp_path / "src" / "a" / "0000_new.jpg").write_bytes(first)  # sorts first: every later index shifts
-    with pytest.raises(UserError, match="no longer holds the images"):
+    with pytest.raises(UserError, match=r"no longer holds the images.*saw 6 images, it now holds 7"):
+        data.load_dataset(recorded, tmp_path / "cache", progress=False)
+    (tmp_path / "src" / "a" / "001.jpg").unlink()  # as many images again, another list: no counts to give
+    with pytest.raises(UserError, match=r"added, removed or renamed\), so"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
 
 

@@ -96,6 +96,11 @@ def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpt
     assert [e.faithfulness for e in again] == [e.faithfulness for e in exps[:4]]
     fast = _explain(images[:2], ckpts, tmp_path, n_cite=3, input_check=False)
     assert all("input_cited_drop" not in e.faithfulness for e in fast)
+    for e in fast:  # the JSON keeps one schema: the input check's fields are null when it did not run
+        stored = json.loads(e.to_json())["faithfulness"]
+        assert set(explain.INPUT_CHECK_KEYS) <= set(stored) and stored["input_cited_drop"] is None
+    checked = next(e for e in exps if e.neurons).faithfulness
+    assert set(checked) - {"code_cited_drop", "code_random_drop"} == set(explain.INPUT_CHECK_KEYS)  # one schema
 
 
 def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
@@ -382,3 +387,19 @@ def test_the_sentence_names_a_shared_concept_once_with_the_summed_share():
     assert explain.compose_sentence("wheel", 0.46, neurons) == \
         "Predicted wheel (46%) mainly because of circle (37%, 2 neurons), spokes (9%) and dots (5%)."
     assert explain.compose_sentence("wheel", 0.46, neurons[1:2]) == "Predicted wheel (46%) mainly because of spokes (9%)."
+
+
+def test_the_sentence_reads_offline_labels_of_one_part_as_one_concept():
+    def cited(i, concept, share):
+        return explain.CitedNeuron(i, concept, 1.0, 1.0, share, share, np.zeros((2, 2)))
+
+    neurons = [cited(95, "offline: circle (train AUROC 1.00), anywhere in the sketch", 0.20),
+               cited(124, "offline: spokes (train AUROC 0.95), lower", 0.09),
+               cited(474, "offline: spokes (train AUROC 0.99), anywhere in the sketch", 0.08),
+               cited(7, "offline: strokes typical of wheel/bicycle, lower left", 0.05)]
+    assert explain.compose_sentence("wheel", 0.46, neurons) == (
+        "Predicted wheel (46%) mainly because of circle (20%), spokes (17%, 2 neurons) and strokes typical of "
+        "wheel/bicycle (5%) (offline labels, from statistics).")
+    model_label = cited(3, "spokes (train AUROC 0.95), lower", 0.1)  # a model's words are kept as given
+    assert explain.compose_sentence("wheel", 0.46, [model_label]) == \
+        "Predicted wheel (46%) mainly because of spokes (train AUROC 0.95), lower (10%)."

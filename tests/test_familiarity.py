@@ -96,3 +96,10 @@ def test_score_is_the_strangest_scaled_signal_and_mahalanobis_by_hand():
     precision = a @ a.T + np.eye(3)
     brute = [min(float((xi - m) @ precision @ (xi - m)) for m in means) for xi in x]
     assert familiarity.mahalanobis(x, means, precision) == pytest.approx(brute)
+
+
+def test_a_small_validation_split_is_warned_about(models, cache_dir, capsys):
+    n_val = len(models.classifier_ckpt["split"]["val"])
+    assert n_val < familiarity.ROUGH_VAL_IMAGES  # the tiny fixture's split
+    familiarity.fit(models, cache_dir)
+    assert f"rests on only {n_val} validation images" in capsys.readouterr().err
