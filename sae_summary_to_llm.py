@@ -88,13 +88,16 @@ def main(**overrides) -> int:
         done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
                                      offline)
         todo = [n for n in chosen if n["neuron_id"] not in done]
-        artifacts.save_effective_config(cfg, report_dir, artifacts.LLM_CONFIG)
+        artifacts.save_effective_config({**cfg, "ASKED": {"backend": backend.name, "model": backend.model,
+                                                          "base_url": backend.base_url}},
+                                        report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
         images = "on" if backend.accepts_images and cfg.IMAGES else "off"
         log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, {len(chosen) - len(todo)} "
             f"already answered, {n_dead} dead skipped, images {images}")
         failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
     artifacts.write_json(report_dir / artifacts.LLM_SUMMARY, {
-        "backend": backend.name, "model": backend.model, "sae_fingerprint": question.sae_fingerprint,
+        "backend": backend.name, "model": backend.model, "base_url": backend.base_url,
+        "sae_fingerprint": question.sae_fingerprint,
         "asked": len(todo), "answered": len(todo) - len(failures), "already_answered": len(chosen) - len(todo),
         "dead_skipped": n_dead, "failed": [{"neuron_id": i, "error": e} for i, e in sorted(failures.items())]})
     log(f"wrote {len(todo) - len(failures)} answers to {out.path}")

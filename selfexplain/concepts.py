@@ -150,8 +150,8 @@ def _read_concepts(report: Path, sae_fingerprint: str | None) -> dict[int, str]:
         log(f"{report}: set aside {stale_answers} answers and {stale_summaries} summaries made for another SAE "
             f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)")
     if not neurons_path.is_file() and not answers_path.is_file():
-        log(f"note: no concepts in {report} (run sae_summarize.py and sae_summary_to_llm.py); "
-            "neurons are named by id")
+        log(f"note: no concepts in {report}: neither {neurons_path.name} nor {answers_path.name} is there (check "
+            "REPORT_DIR, or run sae_summarize.py and sae_summary_to_llm.py); neurons are named by id")
     return concepts
 
 
@@ -323,6 +323,7 @@ def _failure(future: Future) -> Exception | None:
 
 
 REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
+FAILURES_BEFORE_STOP = 8  # any failure for this many neurons and no answer yet: the server is down or wrong
 
 
 def ask_all(backend: Backend, neurons: list[dict], question: Question, out: AnswerLog, workers: int) -> dict[int, str]:
@@ -330,8 +331,9 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
     unknown model), or a client error (400, 422: say, a model that takes no images) on the
-    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, stops submitting and
-    raises a :class:`UserError`; Ctrl-C stops
+    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or any failure of the first
+    ``FAILURES_BEFORE_STOP`` with none answered (a server that is down, or answers garbage:
+    each neuron costs its retries), stops submitting and raises a :class:`UserError`; Ctrl-C stops
     submitting, lets the requests in flight finish (their answers are saved) and re-raises.
     """
     system, version = prompts.system_prompt(question.max_words), prompts.prompt_version()
@@ -354,8 +356,11 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             log(f"neuron {nid}: failed: {failures[nid]}")
             status = getattr(exc, "status", None) or 0
             refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
-            if (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP) and fatal is None:
-                fatal = failures[nid]
+            nothing_works = not answered and len(failures) >= FAILURES_BEFORE_STOP
+            if (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP or nothing_works) and fatal is None:
+                fatal = (f"{backend.name} refused the requests ({failures[nid]})" if not nothing_works else
+                         f"{backend.name}: the first {len(failures)} neurons all failed and none was answered (the "
+                         f"last: {failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
                 for other in futures:
                     other.cancel()
     except KeyboardInterrupt:
@@ -365,5 +370,5 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if fatal:
-        raise UserError(f"{backend.name} refused the requests ({fatal}); answers so far are kept, rerun to resume")
+        raise UserError(f"{fatal}; answers so far are kept, rerun to resume")
     return failures

@@ -31,6 +31,7 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -88,6 +89,23 @@ class ExplainSettings:
             raise UserError(f"need N >= 0 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
         if not 0.0 < self.ink_share < 1.0:
             raise UserError(f"INK_SHARE must be in (0, 1), got {self.ink_share}")
+
+    @classmethod
+    def from_kwargs(cls, settings: dict) -> "ExplainSettings":
+        """Settings from keyword arguments; an unknown name is a UserError naming the right one
+        (the command line's ``N`` is ``n_cite`` here, ``FAST`` is ``input_check=False``)."""
+        names = list(cls.__dataclass_fields__)
+        for key in settings:
+            if key not in names:
+                hint = CLI_NAMES.get(key.lower()) or next(iter(difflib.get_close_matches(key, names, n=1)), None)
+                raise UserError(f"unknown explanation setting '{key}'" + (f" (did you mean {hint}?)" if hint else "")
+                                + f"; the settings are {', '.join(names)}")
+        return cls(**settings)
+
+
+CLI_NAMES = {"n": "n_cite", "fast": "input_check=False", "random_draws": "n_random",
+             "top_active": "active=MostActive(...)", "percentile": "active=MostActive(...)",
+             "agg": "active=MostActive(...)"}  # the command line's names for ExplainSettings fields
 
 
 # ----------------------------------------------------------------------------- models
@@ -169,18 +187,37 @@ class Analysis:
 
 
 def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
-    """Paths, PIL images or uint8 (S, S) arrays -> a uint8 batch (B, S, S) and display names."""
+    """Paths, PIL images or arrays -> a uint8 batch (B, S, S) and display names (:func:`array_image`)."""
     arrays, names = [], []
     for item in images:
         if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.shape != (image_size, image_size):
-                raise UserError(f"array input must be uint8 ({image_size}, {image_size}), got {item.dtype} {item.shape}")
-            arrays.append(item)
+            arrays.append(array_image(item, image_size))
             names.append("<array>")
         else:
             arrays.append(load_user_image(item, image_size))
             names.append(str(item) if isinstance(item, (str, Path)) else "<PIL image>")
     return np.stack(arrays), names
+
+
+def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
+    """An array as a model input: uint8 (S, S) at the model's size is taken as is (like the cache's
+    images); any other grey (H, W) or colour (H, W, 3|4) array is read as a picture, like a file
+    (padded, resized). Floats are 0-1 when their largest value is at most 1, else 0-255."""
+    if array.dtype == np.uint8 and array.shape == (image_size, image_size):
+        return array
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
+    if not shape_ok or array.dtype == bool or not (np.issubdtype(array.dtype, np.floating)
+                                                     or np.issubdtype(array.dtype, np.integer)):
+        raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
+                        f"ink), got {array.dtype} {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        top = np.nanmax(array) if array.size else 0.0
+        array = np.clip(np.nan_to_num(array * (255.0 if top <= 1.0 else 1.0)), 0, 255).round()
+    elif array.size and (array.min() < 0 or array.max() > 255):
+        raise UserError(f"array input holds values outside 0-255 ({array.min()}..{array.max()}): scale it to 0-255")
+    array = array.astype(np.uint8)
+    return load_user_image(Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array),
+                           image_size)
 
 
 def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
@@ -396,7 +433,7 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     """
     if batch_size < 1:
         raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
-    options = ExplainSettings(**settings)
+    options = ExplainSettings.from_kwargs(settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
     concepts = load_concepts(report_dir, models.sae_ckpt["fingerprint"])  # only concepts of this SAE
     out = []

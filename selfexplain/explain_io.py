@@ -99,9 +99,9 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
     """
     inputs, skipped = [], []
     for entry in entries:
-        test = _TEST_ENTRY.match(entry)
-        if test and not Path(entry).exists():
-            inputs.append(test_image(test.group(1), models, cache_dir, report_dir))
+        k_text = test_entry(entry)
+        if k_text is not None:
+            inputs.append(test_image(k_text, models, cache_dir, report_dir))
             continue
         try:
             inputs.append(ImageInput(entry, load_user_image(entry, models.image_size)))
@@ -112,6 +112,12 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
     if not inputs:
         raise UserError(f"none of the {len(entries)} images could be read (first: {skipped[0][1]})")
     return inputs, skipped
+
+
+def test_entry(entry) -> str | None:
+    """The K of a ``test:K`` entry (a file of that name wins), else None."""
+    test = _TEST_ENTRY.match(str(entry)) if isinstance(entry, (str, Path)) else None
+    return test.group(1) if test and not Path(entry).exists() else None
 
 
 def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:

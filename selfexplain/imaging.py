@@ -66,10 +66,23 @@ def decode_image(payload: bytes | str | Path | BadImage, image_size: int) -> np.
     return square_resize(gray, int(image_size))
 
 
+PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # what a PIL image is re-encoded in as is
+
+
 def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int) -> np.ndarray:
-    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError."""
+    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError.
+
+    A PIL image in a mode PNG cannot hold is converted first (CMYK, the mode of CMYK JPEGs,
+    and the other colour modes to RGB; float ``F`` to ``L``, clipped to 0-255), so it reads
+    as the same picture saved as a file does.
+    """
     if isinstance(path_or_pil, Image.Image):
-        payload = png_bytes(path_or_pil)
+        if 0 in path_or_pil.size:
+            raise UserError(f"cannot read image <PIL image>: empty ({path_or_pil.width}x{path_or_pil.height})")
+        picture = path_or_pil
+        if picture.mode not in PNG_MODES:
+            picture = picture.convert("L" if picture.mode in ("F", "I;16B", "I;16L", "I;16N") else "RGB")
+        payload = png_bytes(picture)
     else:
         payload = Path(path_or_pil)
         if not payload.is_file():

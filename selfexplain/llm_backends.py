@@ -97,6 +97,11 @@ def _status_error(status: int, detail: str) -> LLMError:
     return LLMError(f"HTTP {status}: {detail}".strip().rstrip(":"), status, fatal=status in FATAL_STATUSES)
 
 
+def public_url(url: str) -> str:
+    """``url`` without a ``user:password@`` part, so it can be logged and stored."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1", url, flags=re.IGNORECASE)
+
+
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every secret (and anything shaped like an API token) replaced by ``***``."""
     text = str(text)
@@ -154,10 +159,12 @@ class Backend:
     name : ``"replicate"``, ``"openai"`` or ``"offline"``.
     model : the model asked.
     accepts_images : whether ``ask`` sends the images it is given.
+    base_url : the server asked ('' offline), without any user:password part, for the records.
     """
 
     name = "base"
     accepts_images = False
+    base_url = ""
 
     def __init__(self, model: str, timeout: float = 60.0, retries: int = 4, backoff: float = 1.0,
                  seed: int | None = None, secrets: Iterable[str] = ()):
@@ -246,10 +253,19 @@ class OpenAIBackend(Backend):
         self.accepts_images = images
         self.client = openai.OpenAI(base_url=base_url or None, api_key=api_key, max_retries=self.retries,
                                     timeout=self.timeout)
+        self.base_url = public_url(str(self.client.base_url))
         self._refused: set[str] = set()  # parameters the server refused for this model (400 unsupported_*)
         self._lock = threading.Lock()
         if not self.model:
             self.model = self._served_model() or DEFAULT_MODELS[("openai", images)]
+
+    def _status_error(self, exc) -> LLMError:
+        """The client's status error, without its own 'Error code: N - ' prefix; a 404 says where to look."""
+        detail = re.sub(r"^Error code: \d+\s*-?\s*", "", str(exc.message))
+        if exc.status_code == 404:
+            detail += (f" (no such model or path: is MODEL={self.model} served there, and is BASE_URL "
+                       f"{self.client.base_url} the API's address, often ending in /v1?)")
+        return _status_error(exc.status_code, detail)
 
     def _served_model(self) -> str:
         """The model a self-hosted server (vLLM, llama.cpp, Ollama) serves, when it lists one."""
@@ -258,7 +274,8 @@ class OpenAIBackend(Backend):
         try:
             names = [m.id for m in self.client.models.list()]
         except Exception as exc:  # noqa: BLE001  any failure: fall back to the default name
-            log(f"could not list models at {self.client.base_url} ({type(exc).__name__}); using the default")
+            log(f"could not list models at {self.client.base_url} ({type(exc).__name__}); asking for "
+                f"{DEFAULT_MODELS[('openai', self.accepts_images)]}: set MODEL to the name this server serves")
             return ""
         if len(names) > 1:  # picking one at random would surprise: ask instead
             listed = ", ".join(names[:8])
@@ -313,9 +330,12 @@ class OpenAIBackend(Backend):
                 raise LLMError(f"connection error: {exc}") from None
             except openai.APIStatusError as exc:
                 if not self._refuse(exc):
-                    raise _status_error(exc.status_code, str(exc.message)) from None
+                    raise self._status_error(exc) from None
             except (openai.APIResponseValidationError, ValueError) as exc:
                 raise MalformedAnswer(f"unreadable response: {exc}") from None
+        if isinstance(resp, str):  # the client hands back a body that is not JSON as text (an HTML page, say)
+            raise MalformedAnswer(f"the server answered with text, not JSON ({' '.join(resp.split())[:60]!r}); "
+                                  f"is BASE_URL ({self.client.base_url}) the API's address?")
         choices = getattr(resp, "choices", None)
         if not choices or not getattr(choices[0].message, "content", None):
             raise MalformedAnswer("no answer in the response")
@@ -341,6 +361,7 @@ class ReplicateBackend(Backend):
             api_token=api_token, base_url=base_url or None,
             timeout=httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout)),
             transport=httpx.HTTPTransport(retries=self.retries))  # httpx retries connections that fail
+        self.base_url = public_url(str(self.client._client.base_url))
         # The client wraps its transport in a RetryTransport that retries only GETs on 429/503/504.
         # Polls (GET) retry every transient status; creates and cancels (POST) only refusals.
         polls = self.client._client._transport

@@ -41,7 +41,8 @@ class Reply:
     kind : ``ok`` (answer ``text``), ``status`` (HTTP ``status`` with ``headers`` and
         ``detail``), ``slow`` (answer after ``delay`` s; on replicate the prediction runs
         that long), ``hold`` (keep the request open until :meth:`FakeLLMServer.release`,
-        then close it unanswered).
+        then close it unanswered), ``html`` (openai: HTTP 200 with ``text`` as an HTML page,
+        what a login proxy or a wrong path answers).
     """
 
     kind: str = "ok"
@@ -160,11 +161,12 @@ def _make_handler(server: FakeLLMServer):
             raw = self.rfile.read(length) if length else b""
             return json.loads(raw) if raw else {}
 
-        def _send(self, status: int, payload: dict, headers: dict | None = None) -> bool:
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, payload: dict | str, headers: dict | None = None) -> bool:
+            html = isinstance(payload, str)
+            data = payload.encode() if html else json.dumps(payload).encode()
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/html" if html else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, str(value))
@@ -248,6 +250,9 @@ def _make_handler(server: FakeLLMServer):
                 server.record(**entry, status=reply.status)
                 return self._send(reply.status, {"error": {"message": reply.detail, "type": "server_error"}},
                                   reply.headers)
+            if reply.kind == "html":
+                server.record(**entry, status=200)
+                return self._send(200, f"<html><body><h1>{reply.text}</h1></body></html>")
             time.sleep(reply.delay)
             payload = {"id": "chatcmpl-" + uuid.uuid4().hex[:8], "object": "chat.completion", "created": int(time.time()),
                        "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",

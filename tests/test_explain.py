@@ -215,6 +215,23 @@ def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, imag
     assert "familiarity" not in bare.to_dict()
 
 
+def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpts, cache_dir, image_dir, tmp_path):
+    """One explanation per input, in order, each the CLI's object; the command line's names get a pointed error."""
+    kw = dict(report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
+    path = image_dir / "sketch_1.png"
+    cli = why_did_you.main(image=["test:2", str(path)], **kw)
+    got = [json.loads(e.to_json()) for e in why_did_you.explain_images(["test:2", path], **kw)]
+    assert got == cli and got[0]["true_class"] and got[0]["image"].endswith("test_2.png")
+    pictures = [Image.open(path).convert("RGB"), np.asarray(Image.open(path))]  # the same picture, as PIL and array
+    got += [json.loads(e.to_json()) for e in why_did_you.explain_images(pictures, **kw)]
+    assert [g["predicted_class"] for g in got[2:]] == [cli[1]["predicted_class"]] * 2
+    assert [g["logit"] for g in got[2:]] == pytest.approx([cli[1]["logit"]] * 2, rel=1e-4)
+    assert all({"familiarity", "unfamiliar", "top_active"} <= set(g) for g in got)
+    for wrong, hint in [({"N": 3}, "n_cite"), ({"fast": True}, "input_check=False"), ({"n_cites": 3}, "n_cite")]:
+        with pytest.raises(UserError, match=f"unknown explanation setting .*did you mean {hint}"):
+            why_did_you.explain_image(path, **kw, **wrong)
+
+
 def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts, test_images, tmp_path):
     names = ["a/cat.png", "b/cat.png", "cat.jpg"]
     for k, rel in enumerate(names):
@@ -403,3 +420,26 @@ def test_the_sentence_reads_offline_labels_of_one_part_as_one_concept():
     model_label = cited(3, "spokes (train AUROC 0.95), lower", 0.1)  # a model's words are kept as given
     assert explain.compose_sentence("wheel", 0.46, [model_label]) == \
         "Predicted wheel (46%) mainly because of spokes (train AUROC 0.95), lower (10%)."
+
+
+def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
+    """CMYK (what PIL opens CMYK JPEGs as), float F, RGB arrays and 0-1 floats are the same picture as the PNG."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (200, 160), "white")
+    ImageDraw.Draw(picture).ellipse((40, 30, 160, 130), outline="black", width=6)
+    picture.save(tmp_path / "drawn.png")
+    expected = explain.to_uint8([tmp_path / "drawn.png"], 64)[0][0]
+    grey = np.asarray(picture.convert("L"))
+    same = [picture.convert("CMYK"), picture.convert("F"), picture.convert("L"), np.asarray(picture),
+            grey, grey.astype(np.float32) / 255.0, grey.astype(np.float64), grey[..., None]]
+    batch, names = explain.to_uint8(same, 64)
+    for k, got in enumerate(batch):
+        assert np.abs(got.astype(int) - expected).max() <= 1, k  # CMYK round trip: off by one at most
+    assert names[:3] == ["<PIL image>"] * 3 and names[3:] == ["<array>"] * 5
+    at_size = np.full((64, 64), 255, np.uint8)  # the model's own size: taken as is, like the cache's images
+    assert (explain.to_uint8([at_size], 64)[0][0] == at_size).all()
+    for bad, message in [(Image.new("L", (0, 0)), "empty"), (np.zeros((64, 64), bool), "white paper"),
+                         (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), 300, np.int32), "0-255")]:
+        with pytest.raises(UserError, match=message):
+            explain.to_uint8([bad], 64)

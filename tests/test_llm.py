@@ -240,6 +240,9 @@ def test_openai_success_sends_stats_and_images(report, monkeypatch):
     assert chats[0]["system"] == prompts.system_prompt(12)
     text3 = next(e["text"] for e in chats if e["neuron_id"] == 3)
     assert "- sun: PMI +2.00; 40%; lens +0.80" in text3 and "fish" in text3  # class names decoded
+    config = json.loads((report / "llm_config.json").read_text())  # which server answered, whatever set it
+    assert config["ASKED"] == {"backend": "openai", "model": "fake-vision-1", "base_url": srv.openai_url.rstrip("/") + "/"}
+    assert json.loads((report / "llm_summary.json").read_text())["base_url"] == config["ASKED"]["base_url"]
 
 
 def test_replicate_success_uses_models_endpoint_and_one_tiled_image(report, monkeypatch):
@@ -252,6 +255,7 @@ def test_replicate_success_uses_models_endpoint_and_one_tiled_image(report, monk
     assert {e["path"] for e in creates} == {"/v1/models/anthropic/claude-4-sonnet/predictions"}
     assert all(e["prefer"] == "wait=60" and e["images"] == 1 for e in creates)
     assert creates[0]["input"]["system_prompt"] == prompts.system_prompt(12)
+    assert json.loads((report / "llm_summary.json").read_text())["base_url"].startswith(srv.replicate_url.rstrip("/"))
 
 
 def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
@@ -340,6 +344,31 @@ def test_the_same_client_error_for_the_first_neurons_stops_the_run(api, report, 
             RUNNERS[api](report, srv, monkeypatch, workers=1, retries=0)
         assert concepts.REFUSALS_BEFORE_STOP <= sum(srv.attempts.values()) < len(LIVE)  # + one already in flight
     assert answers(report) == {}
+
+
+@pytest.mark.parametrize("reply", ["html", "down"])
+def test_a_server_that_never_answers_stops_the_run_early(reply, report, monkeypatch, waits):
+    """Down, or a page that is not the API: each neuron would cost its retries, so the run stops, saying where to look."""
+    monkeypatch.setattr(concepts, "FAILURES_BEFORE_STOP", 2)  # the tiny report has 5 live neurons (the real rule: 8)
+    with FakeLLMServer(script=lambda *_: Reply(kind="html", text="Please sign in")) as srv:
+        url = srv.openai_url
+        if reply == "down":
+            srv.__exit__(None, None, None)  # nothing listens there any more
+        with pytest.raises(UserError, match=r"the first 2 neurons all failed and none was answered .*"
+                                            + ("text, not JSON.*Please sign in" if reply == "html" else "connection")
+                                            + r".*check that the server is up"):
+            run_openai(report, srv, monkeypatch, workers=1, retries=0, base_url=url, model="m")
+        if reply == "html":
+            assert sum(srv.attempts.values()) < len(LIVE) * 2  # stopped before asking every neuron
+    assert answers(report) == {}
+
+
+def test_a_404_says_where_to_look(report, monkeypatch):
+    script = lambda _, nid, attempt: Reply(kind="status", status=404, detail="not found")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        with pytest.raises(UserError, match=r"HTTP 404: not found \(no such model or path: is MODEL=m served there.*"
+                                            r"/v1\?\)\); answers so far are kept"):
+            run_openai(report, srv, monkeypatch, workers=1, retries=0, model="m")
 
 
 def test_rate_limits_that_outlast_the_retries_fail_neurons_not_the_run(report, monkeypatch, waits):
