@@ -24,7 +24,10 @@ SAE (summary.json's sae_fingerprint), another prompt, backend or model (an offli
 replaces a real LLM's answer). The file is only appended to: superseded lines stay on disk and
 readers set them aside. Each answer is written as it arrives; Ctrl-C stops new requests and
 keeps the answers of those in flight. A second run on the same REPORT_DIR is refused while one
-is writing. Neurons that still fail are listed at the end and the exit code is 1. Dead neurons
+is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
+first neurons all fail stops early (exit 2): 3 refusals, a bad token or unknown model, or 8
+failures that are not timeouts or rate limits (the server is down or BASE_URL is not its API).
+llm_config.json records what was asked (ASKED: backend, model, server). Dead neurons
 are skipped unless ONLY names them. Logic: selfexplain/concepts.py.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 from selfexplain import artifacts, concepts, prompts, report
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.errors import UserError
-from selfexplain.llm_backends import make_backend
+from selfexplain.llm_backends import make_backend, public_url
 from selfexplain.logs import log
 
 # ----------------------------------------------------------------------------- config
@@ -88,8 +91,9 @@ def main(**overrides) -> int:
         done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
                                      offline)
         todo = [n for n in chosen if n["neuron_id"] not in done]
-        artifacts.save_effective_config({**cfg, "ASKED": {"backend": backend.name, "model": backend.model,
-                                                          "base_url": backend.base_url}},
+        artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
+                                         "ASKED": {"backend": backend.name, "model": backend.model,
+                                                   "base_url": backend.base_url}},
                                         report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
         images = "on" if backend.accepts_images and cfg.IMAGES else "off"
         log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, {len(chosen) - len(todo)} "

@@ -80,31 +80,29 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
 
 
 def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
-                   device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, data_root: str = DATA_ROOT,
-                   batch_size: int = BATCH_SIZE, **settings) -> list[explain.Explanation]:
+                   device=DEVICE, batch_size: int = BATCH_SIZE, *, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY,
+                   data_root: str = DATA_ROOT, **settings) -> list[explain.Explanation]:
     """Explain several images as the command line does, one explanation per image, in order.
 
     The notebook API. An image is a path, ``"test:K"`` (the K-th test image of the classifier's
-    dataset, with its true class), a PIL image, or an array (a uint8 (S, S) array at the model's
-    size is taken as is; any other grey or colour array is read like a picture file). A bad
-    image is a UserError, not skipped. ``exp.to_json()`` is the ``--json=True`` object, with the
-    familiarity verdict (``familiar=False`` skips it; the calibration is fitted once per model
-    pair into ``report_dir``) and the most-active list (TOP_ACTIVE, PERCENTILE, AGG defaults).
-    ``settings`` are :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``,
-    ``seed``, ``input_check``, ``ink_share``, ``active``).
+    dataset, with its true class), a PIL image, or an array (:func:`selfexplain.imaging.array_to_sketch`);
+    one image alone is also taken. A bad image is a UserError, not skipped. ``exp.to_json()`` is
+    the ``--json=True`` object, with the familiarity verdict (``familiar=False`` skips it; the
+    calibration is fitted once per model pair into ``report_dir``) and the most-active list
+    (TOP_ACTIVE, PERCENTILE, AGG defaults). ``settings`` are
+    :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
+    ``input_check``, ``ink_share``, ``active``).
     """
+    images = explain_io.as_image_list(images)
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
-    tests = {k: explain_io.test_image(explain_io.test_entry(item), models, cache_dir, report_dir)
-             for k, item in enumerate(images) if explain_io.test_entry(item) is not None}
-    pictures = [tests[k].image if k in tests else item for k, item in enumerate(images)]
+    inputs = [explain_io.notebook_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
-    explanations = explain.explain_images(pictures, classifier_ckpt, sae_ckpt, report_dir, models.device, batch_size,
-                                          judge=judge, **settings)
-    for k, item in tests.items():
-        explanations[k].image = item.name
-        explanations[k].extra["true_class"] = item.true_class
+    explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
+                                          models.device, batch_size, judge=judge, **settings)
+    for exp, item in zip(explanations, inputs):
+        explain_io.label(exp, item)
     return explanations
 
 
@@ -113,8 +111,8 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
                   **settings) -> explain.Explanation:
     """Explain one image (path, ``"test:K"``, PIL image or array) as the command line does:
     :func:`explain_images` of one."""
-    return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir, familiar,
-                          data_root, **settings)[0]
+    return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
+                          familiar=familiar, data_root=data_root, **settings)[0]
 
 
 # ----------------------------------------------------------------------------- main
@@ -145,9 +143,7 @@ def main(**overrides) -> list[dict]:
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None
     results = []
     for exp, item, overlay in zip(explanations, inputs, overlays):
-        exp.image = item.name
-        if item.true_class is not None:
-            exp.extra["true_class"] = item.true_class
+        explain_io.label(exp, item)
         if overlay is not None:
             explain.save_overlay(item.image, exp, overlay)
             exp.extra["overlay"] = str(overlay)

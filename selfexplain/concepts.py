@@ -323,7 +323,8 @@ def _failure(future: Future) -> Exception | None:
 
 
 REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
-FAILURES_BEFORE_STOP = 8  # any failure for this many neurons and no answer yet: the server is down or wrong
+FAILURES_BEFORE_STOP = 8  # this many neurons failed, none answered, none for time or rate: the server is down or wrong
+BUSY_STATUSES = (408, 409, 429)  # a busy server, not a wrong one: such failures never stop the run
 
 
 def ask_all(backend: Backend, neurons: list[dict], question: Question, out: AnswerLog, workers: int) -> dict[int, str]:
@@ -331,9 +332,10 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
     unknown model), or a client error (400, 422: say, a model that takes no images) on the
-    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or any failure of the first
-    ``FAILURES_BEFORE_STOP`` with none answered (a server that is down, or answers garbage:
-    each neuron costs its retries), stops submitting and raises a :class:`UserError`; Ctrl-C stops
+    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or failures of the first
+    ``FAILURES_BEFORE_STOP`` with none answered and none a timeout or rate limit (a server that
+    is down or answers garbage: each neuron costs its retries), stops submitting and raises a
+    :class:`UserError`; a busy server only fails neurons, listed for a rerun. Ctrl-C stops
     submitting, lets the requests in flight finish (their answers are saved) and re-raises.
     """
     system, version = prompts.system_prompt(question.max_words), prompts.prompt_version()
@@ -341,7 +343,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     def task(neuron: dict) -> None:  # on a worker thread: the answer is on disk before anything else happens
         out.append(ask_neuron(backend, neuron, question, system, version))
 
-    failures, fatal, answered, refused = {}, None, 0, 0
+    failures, fatal, answered, refused, broken = {}, None, 0, 0, 0
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = {pool.submit(task, n): n["neuron_id"] for n in neurons}
     try:
@@ -356,11 +358,13 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             log(f"neuron {nid}: failed: {failures[nid]}")
             status = getattr(exc, "status", None) or 0
             refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
-            nothing_works = not answered and len(failures) >= FAILURES_BEFORE_STOP
-            if (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP or nothing_works) and fatal is None:
-                fatal = (f"{backend.name} refused the requests ({failures[nid]})" if not nothing_works else
-                         f"{backend.name}: the first {len(failures)} neurons all failed and none was answered (the "
-                         f"last: {failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
+            broken += not answered and status not in BUSY_STATUSES and not getattr(exc, "slow", False)
+            if fatal is None and (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP):
+                fatal = f"{backend.name} refused the requests ({failures[nid]})"
+            elif fatal is None and broken >= FAILURES_BEFORE_STOP:
+                fatal = (f"{backend.name}: {broken} neurons failed and none was answered (the last: "
+                         f"{failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
+            if fatal is not None:
                 for other in futures:
                     other.cancel()
     except KeyboardInterrupt:

@@ -268,6 +268,11 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 
 
 # ----------------------------------------------------------------------------- input-space deletion
+INPUT_CHECK_KEYS = ("input_cited_drop", "input_random_drop", "cam_drop", "cam_pixels_drop", "input_cited_prob_drop",
+                    "input_random_prob_drop", "cam_prob_drop", "cam_pixels_prob_drop", "ink_removed")
+FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop") + INPUT_CHECK_KEYS  # an explanation's JSON, in order
+
+
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,
                    random_sets: Sequence[Sequence[int]], ink_share: float = INK_SHARE,
                    combine: Callable[[np.ndarray], np.ndarray] | None = None, pixel: bool | None = None,
@@ -280,7 +285,7 @@ def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids:
     ``random_sets``), and where CAM for ``cls`` is highest (its token map, upsampled); then
     one batched forward of the classifier over every edited sketch.
 
-    Returns the ``faithfulness`` input-space fields: ``input_cited_drop``,
+    Returns the ``faithfulness`` input-space fields (:data:`INPUT_CHECK_KEYS`): ``input_cited_drop``,
     ``input_random_drop``, ``cam_drop`` (logit drops), the same as probability drops
     (``*_prob_drop``) and ``ink_removed`` (share of the ink the cited mask removed); with
     pixel maps, also ``cam_pixels_drop``: CAM's cells times the class logit's gradient x

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,7 +47,7 @@ from .concepts import load_concepts
 from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
-from .imaging import load_user_image, png_bytes
+from .imaging import array_to_sketch, load_user_image, png_bytes
 from .prompts import OFFLINE_PREFIX, concept_name
 from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 from .stats import describe_map
@@ -93,19 +93,21 @@ class ExplainSettings:
     @classmethod
     def from_kwargs(cls, settings: dict) -> "ExplainSettings":
         """Settings from keyword arguments; an unknown name is a UserError naming the right one
-        (the command line's ``N`` is ``n_cite`` here, ``FAST`` is ``input_check=False``)."""
-        names = list(cls.__dataclass_fields__)
+        (the command line's ``N`` is ``n_cite`` here, ``FAST`` is ``input_check = not fast``)."""
+        names = [f.name for f in fields(cls)]
         for key in settings:
             if key not in names:
-                hint = CLI_NAMES.get(key.lower()) or next(iter(difflib.get_close_matches(key, names, n=1)), None)
+                lower = str(key).lower()
+                hint = (lower if lower in names else CLI_NAMES.get(lower)
+                        or next(iter(difflib.get_close_matches(lower, names, n=1)), None))
                 raise UserError(f"unknown explanation setting '{key}'" + (f" (did you mean {hint}?)" if hint else "")
                                 + f"; the settings are {', '.join(names)}")
         return cls(**settings)
 
 
-CLI_NAMES = {"n": "n_cite", "fast": "input_check=False", "random_draws": "n_random",
+CLI_NAMES = {"n": "n_cite", "fast": "input_check (= not fast)", "random_draws": "n_random",
              "top_active": "active=MostActive(...)", "percentile": "active=MostActive(...)",
-             "agg": "active=MostActive(...)"}  # the command line's names for ExplainSettings fields
+             "agg": "active=MostActive(...)"}  # why_did_you.py's names for ExplainSettings fields
 
 
 # ----------------------------------------------------------------------------- models
@@ -187,37 +189,16 @@ class Analysis:
 
 
 def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
-    """Paths, PIL images or arrays -> a uint8 batch (B, S, S) and display names (:func:`array_image`)."""
+    """Paths, PIL images or arrays (:func:`imaging.array_to_sketch`) -> a uint8 batch (B, S, S) and display names."""
     arrays, names = [], []
     for item in images:
         if isinstance(item, np.ndarray):
-            arrays.append(array_image(item, image_size))
+            arrays.append(array_to_sketch(item, image_size))
             names.append("<array>")
         else:
             arrays.append(load_user_image(item, image_size))
             names.append(str(item) if isinstance(item, (str, Path)) else "<PIL image>")
     return np.stack(arrays), names
-
-
-def array_image(array: np.ndarray, image_size: int) -> np.ndarray:
-    """An array as a model input: uint8 (S, S) at the model's size is taken as is (like the cache's
-    images); any other grey (H, W) or colour (H, W, 3|4) array is read as a picture, like a file
-    (padded, resized). Floats are 0-1 when their largest value is at most 1, else 0-255."""
-    if array.dtype == np.uint8 and array.shape == (image_size, image_size):
-        return array
-    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
-    if not shape_ok or array.dtype == bool or not (np.issubdtype(array.dtype, np.floating)
-                                                     or np.issubdtype(array.dtype, np.integer)):
-        raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
-                        f"ink), got {array.dtype} {array.shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        top = np.nanmax(array) if array.size else 0.0
-        array = np.clip(np.nan_to_num(array * (255.0 if top <= 1.0 else 1.0)), 0, 255).round()
-    elif array.size and (array.min() < 0 or array.max() > 255):
-        raise UserError(f"array input holds values outside 0-255 ({array.min()}..{array.max()}): scale it to 0-255")
-    array = array.astype(np.uint8)
-    return load_user_image(Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array),
-                           image_size)
 
 
 def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
@@ -308,7 +289,7 @@ class Explanation:
 
     def to_dict(self, heatmaps: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
-        out["faithfulness"] = {**dict.fromkeys(INPUT_CHECK_KEYS), **self.faithfulness}  # null: not run (--fast)
+        out["faithfulness"] = {**dict.fromkeys(evidence.FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
                            "where": describe_map(n.heatmap) if n.heatmap is not None else None}  # in this sketch
@@ -321,27 +302,27 @@ class Explanation:
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 
-INPUT_CHECK_KEYS = ("input_cited_drop", "input_random_drop", "cam_drop", "cam_pixels_drop", "input_cited_prob_drop",
-                    "input_random_prob_drop", "cam_prob_drop", "cam_pixels_prob_drop", "ink_removed")
-
-
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron]) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
 
     Neurons with the same concept (:func:`prompts.concept_name`: an offline label's part or
-    classes, without its AUROC and place) are named once, with their shares summed; when
-    any name comes from an offline label the sentence says so.
+    classes, without its AUROC and place) are named once, with their shares summed. Names
+    from offline labels are marked: the whole list when all are, else each with ``*``.
     """
     head = f"Predicted {predicted} ({probability:.0%})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
+    offline = {n.concept.startswith(OFFLINE_PREFIX) for n in cited}
+    mark = "*" if offline == {True, False} else ""
     shares: dict[str, list[float]] = {}
     for n in cited:  # first appearance keeps the order of the largest contribution
-        shares.setdefault(concept_name(n.concept), []).append(n.share)
+        name = concept_name(n.concept) + (mark if n.concept.startswith(OFFLINE_PREFIX) else "")
+        shares.setdefault(name, []).append(n.share)
     parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in shares.items()]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    offline = any(n.concept.startswith(OFFLINE_PREFIX) for n in cited)
-    return f"{head} mainly because of {listed}{' (offline labels, from statistics)' if offline else ''}."
+    note = (" (* offline label, from statistics)" if mark else
+            " (offline labels, from statistics)" if offline == {True} else "")
+    return f"{head} mainly because of {listed}{note}."
 
 
 def top5(probs: torch.Tensor, class_names: Sequence[str]) -> list[dict]:
@@ -424,10 +405,10 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
                    device: str | torch.device = "auto", batch_size: int = 64,
                    judge: Callable[[Analysis, np.ndarray], list[dict]] | None = None,
                    **settings) -> list[Explanation]:
-    """Explain several images (paths, PIL images or uint8 arrays), batched through the models.
+    """Explain several images (paths, PIL images or arrays: :func:`to_uint8`), batched through the models.
 
     ``settings`` are the fields of :class:`ExplainSettings` (``n_cite``, ``n_random``,
-    ``seed``, ``active``). ``judge(analysis, uint8 batch)`` returns one dict per image that
+    ``seed``, ``active``, ``input_check``, ``ink_share``). ``judge(analysis, uint8 batch)`` returns one dict per image that
     goes into the explanation as is (the familiarity calibration's ``judge`` adds
     ``familiarity`` and ``unfamiliar``), so checks of the input reuse the same forward pass.
     """

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError
-from .explain import Explanation, Models, unfamiliar_note
+from .explain import Explanation, Models, to_uint8, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, load_user_image, png_bytes
 from .stats import describe_map
 
@@ -112,6 +113,30 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
     if not inputs:
         raise UserError(f"none of the {len(entries)} images could be read (first: {skipped[0][1]})")
     return inputs, skipped
+
+
+def as_image_list(images) -> list:
+    """The notebook's images as a list: one path, PIL image or (H, W[, C]) array alone is one image."""
+    one = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)
+                                                          and images.dtype != object)
+    return [images] if one else list(images)
+
+
+def notebook_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:
+    """A notebook image decoded: ``test:K`` as the command line reads it (with its class), a path,
+    PIL image or array by :func:`explain.to_uint8`; a bad one is a UserError."""
+    k_text = test_entry(item)
+    if k_text is not None:
+        return test_image(k_text, models, cache_dir, report_dir)
+    batch, names = to_uint8([item], models.image_size)
+    return ImageInput(names[0], batch[0])
+
+
+def label(exp: Explanation, item: ImageInput) -> None:
+    """Name the explanation after its input and add the input's true class when known."""
+    exp.image = item.name
+    if item.true_class is not None:
+        exp.extra["true_class"] = item.true_class
 
 
 def test_entry(entry) -> str | None:

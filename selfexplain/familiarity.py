@@ -174,10 +174,9 @@ def fit(models, cache_dir: str | Path) -> Calibration:
         raise UserError(f"the classifier's validation split has {len(val)} images; the familiarity "
                         f"calibration needs at least {MIN_VAL_IMAGES}")
     if len(val) < ROUGH_VAL_IMAGES:
-        below = len(val) * UNFAMILIAR_PERCENTILE / 100
         log(f"warning: the familiarity threshold (percentile {UNFAMILIAR_PERCENTILE:g} of the validation scores) "
-            f"rests on only {len(val)} validation images ({below:.1f} below it): how often familiar sketches are "
-            f"flagged is rough; a validation split of {ROUGH_VAL_IMAGES}+ images pins it down")
+            f"rests on only {len(val)} validation images, so on their lowest one or two scores: how often familiar "
+            f"sketches are flagged is rough; a validation split of {ROUGH_VAL_IMAGES}+ images pins it down")
     if len(train) > MAX_FIT_IMAGES:
         train = np.random.default_rng(0).choice(train, MAX_FIT_IMAGES, replace=False)
     train = np.sort(train)

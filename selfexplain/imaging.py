@@ -37,13 +37,14 @@ def is_image_file(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_image(payload: bytes | str | Path | BadImage, image_size: int) -> np.ndarray:
+def decode_image(payload: bytes | str | Path | BadImage | Image.Image, image_size: int) -> np.ndarray:
     """Decode one sketch to a uint8 ``(image_size, image_size)`` array on white.
 
     Parameters
     ----------
-    payload : bytes | str | Path | BadImage
-        Encoded image bytes, a path to an image file, or the reason a row has none.
+    payload : bytes | str | Path | BadImage | PIL.Image.Image
+        Encoded image bytes, a path to an image file, a PIL image (any mode: decoded as
+        the same picture in a file would be), or the reason a row has none.
     image_size : int
         Side of the output square.
 
@@ -58,39 +59,63 @@ def decode_image(payload: bytes | str | Path | BadImage, image_size: int) -> np.
         raise ValueError(f"image_size must be positive, got {image_size}")
     if isinstance(payload, BadImage):
         raise payload
+    if isinstance(payload, Image.Image):
+        _check_size(payload)
+        return _to_sketch(payload, int(image_size))
     with _open_checked(payload) as im:
-        try:
-            gray = _to_white_gray(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying "broken"
-            raise BadImage(_failure_reason(exc)) from None
-    return square_resize(gray, int(image_size))
+        return _to_sketch(im, int(image_size))
 
 
-PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # what a PIL image is re-encoded in as is
+def _to_sketch(im: Image.Image, image_size: int) -> np.ndarray:
+    try:
+        gray = _to_white_gray(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's ways of saying "broken"
+        raise BadImage(_failure_reason(exc)) from None
+    return square_resize(gray, image_size)
 
 
-def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int) -> np.ndarray:
-    """A user's image file or PIL image -> uint8 (S, S) like the cache; bad input is a UserError.
-
-    A PIL image in a mode PNG cannot hold is converted first (CMYK, the mode of CMYK JPEGs,
-    and the other colour modes to RGB; float ``F`` to ``L``, clipped to 0-255), so it reads
-    as the same picture saved as a file does.
-    """
+def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name: str = "") -> np.ndarray:
+    """A user's image file or PIL image (any mode) -> uint8 (S, S) like the cache; bad input is a
+    UserError that names the file, or ``name`` (default ``<PIL image>``)."""
     if isinstance(path_or_pil, Image.Image):
-        if 0 in path_or_pil.size:
-            raise UserError(f"cannot read image <PIL image>: empty ({path_or_pil.width}x{path_or_pil.height})")
-        picture = path_or_pil
-        if picture.mode not in PNG_MODES:
-            picture = picture.convert("L" if picture.mode in ("F", "I;16B", "I;16L", "I;16N") else "RGB")
-        payload = png_bytes(picture)
+        payload, name = path_or_pil, name or "<PIL image>"
     else:
-        payload = Path(path_or_pil)
+        payload, name = Path(path_or_pil), name or str(path_or_pil)
         if not payload.is_file():
             raise UserError(f"image not found: {payload}")
     try:
         return decode_image(payload, image_size)
     except BadImage as exc:
-        raise UserError(f"cannot read image {path_or_pil}: {exc}") from None
+        raise UserError(f"cannot read image {name}: {exc}") from None
+
+
+def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
+    """An array as a model input (the notebook's third kind of image).
+
+    A uint8 ``(S, S)`` array at the model's size is taken as is, like the cache's images.
+    Any other grey ``(H, W)`` or colour ``(H, W, 3|4)`` array is read as the picture it
+    holds, through :func:`decode_image` (padded, resized): white paper, dark ink; grey
+    floats are 0-1 when their largest value is at most 1, else their range is inferred as
+    for a 16-bit or float file; colour floats are 0-1 or 0-255. Bad arrays are a UserError.
+    """
+    if array.dtype == np.uint8 and array.shape == (image_size, image_size):
+        return array
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if not numeric or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
+                        f"ink), got {array.dtype} {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
+        raise UserError("array input holds NaN values: give paper its white value (1.0 or 255) instead")
+    if array.ndim == 2:  # grey: the decoder's high-depth rules scale it, as for a 16-bit or float file
+        picture = Image.fromarray(array.astype(np.float32 if array.dtype.kind == "f" else np.int32),
+                                  "F" if array.dtype.kind == "f" else "I")
+    else:
+        top = float(array.max()) if array.size else 0.0
+        scale = 255.0 if array.dtype.kind == "f" and top <= 1.0 else (255.0 / 65535 if top > 255 else 1.0)
+        picture = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8))
+    return load_user_image(picture, image_size, name="<array>")
 
 
 def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
@@ -127,12 +152,16 @@ def _open_checked(payload: bytes | str | Path):
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise BadImage(_failure_reason(exc)) from None
         with im:
-            width, height = im.size
-            if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:  # decided on the header: never decoded
-                raise BadImage(f"too large ({width}x{height})")
-            if width == 0 or height == 0:
-                raise BadImage("corrupt (zero-sized image)")
+            _check_size(im)  # decided on the header: never decoded
             yield im
+
+
+def _check_size(im: Image.Image) -> None:
+    width, height = im.size
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise BadImage(f"too large ({width}x{height})")
+    if width == 0 or height == 0:
+        raise BadImage("empty (0 pixels)" if width == height == 0 else "corrupt (zero-sized image)")
 
 
 def _failure_reason(exc: BaseException) -> str:

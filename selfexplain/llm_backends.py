@@ -81,11 +81,12 @@ _SECRET_PATTERNS = [re.compile(r"r8_[A-Za-z0-9]{16,}"), re.compile(r"sk-[A-Za-z0
 
 # ----------------------------------------------------------------------------- errors
 class LLMError(Exception):
-    """A request that failed for good. ``fatal``: every later request would fail too."""
+    """A request that failed for good. ``fatal``: every later request would fail too;
+    ``slow``: it ran out of time (the server may be busy, not wrong)."""
 
-    def __init__(self, message: str, status: int | None = None, fatal: bool = False):
+    def __init__(self, message: str, status: int | None = None, fatal: bool = False, slow: bool = False):
         super().__init__(message)
-        self.status, self.fatal = status, fatal
+        self.status, self.fatal, self.slow = status, fatal, slow
 
 
 class TransientError(LLMError):
@@ -98,8 +99,10 @@ def _status_error(status: int, detail: str) -> LLMError:
 
 
 def public_url(url: str) -> str:
-    """``url`` without a ``user:password@`` part, so it can be logged and stored."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1", url, flags=re.IGNORECASE)
+    """``url`` without a ``user:password@`` part, a query or a fragment (``?api-key=...``), so
+    it can be logged and stored."""
+    bare = re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1", str(url), flags=re.IGNORECASE)
+    return scrub(re.split(r"[?#]", bare, maxsplit=1)[0])
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -210,9 +213,9 @@ class Backend:
                 if attempt < self.retries:
                     time.sleep(self._backoff(attempt))
             except LLMError as exc:
-                raise LLMError(self.scrub(str(exc)), exc.status, exc.fatal) from None
+                raise LLMError(self.scrub(str(exc)), exc.status, exc.fatal, exc.slow) from None
         raise LLMError(self.scrub(f"gave up after {self.retries + 1} attempts: {last}"),
-                       getattr(last, "status", None)) from None
+                       getattr(last, "status", None), slow=getattr(last, "slow", False)) from None
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter (0.5x to 1.5x) so parallel workers spread out."""
@@ -259,12 +262,14 @@ class OpenAIBackend(Backend):
         if not self.model:
             self.model = self._served_model() or DEFAULT_MODELS[("openai", images)]
 
-    def _status_error(self, exc) -> LLMError:
-        """The client's status error, without its own 'Error code: N - ' prefix; a 404 says where to look."""
-        detail = re.sub(r"^Error code: \d+\s*-?\s*", "", str(exc.message))
+    def _http_error(self, exc) -> LLMError:
+        """The client's status error as an :class:`LLMError`; a 404 says where to look."""
+        body = exc.body.get("message") if isinstance(getattr(exc, "body", None), dict) else None
+        detail = str(body) if body else re.sub(r"^Error code: \d+\s*-?\s*", "", str(exc.message))
         if exc.status_code == 404:
-            detail += (f" (no such model or path: is MODEL={self.model} served there, and is BASE_URL "
-                       f"{self.client.base_url} the API's address, often ending in /v1?)")
+            detail = " ".join(filter(None, [detail, f"(no such model or path: is MODEL={self.model} served there, "
+                                                    f"and is BASE_URL {self.base_url} the API's address, often "
+                                                    f"ending in /v1?)"]))
         return _status_error(exc.status_code, detail)
 
     def _served_model(self) -> str:
@@ -274,12 +279,12 @@ class OpenAIBackend(Backend):
         try:
             names = [m.id for m in self.client.models.list()]
         except Exception as exc:  # noqa: BLE001  any failure: fall back to the default name
-            log(f"could not list models at {self.client.base_url} ({type(exc).__name__}); asking for "
+            log(f"could not list models at {self.base_url} ({type(exc).__name__}); asking for "
                 f"{DEFAULT_MODELS[('openai', self.accepts_images)]}: set MODEL to the name this server serves")
             return ""
         if len(names) > 1:  # picking one at random would surprise: ask instead
             listed = ", ".join(names[:8])
-            raise UserError(f"{self.client.base_url} serves several models; set MODEL to one of: {listed}")
+            raise UserError(f"{self.base_url} serves several models; set MODEL to one of: {listed}")
         return names[0] if names else ""
 
     def sampling(self) -> dict:
@@ -325,17 +330,17 @@ class OpenAIBackend(Backend):
                 resp = self.client.chat.completions.create(model=self.model, messages=messages, **self.sampling())
                 break
             except openai.APITimeoutError:
-                raise LLMError(f"timed out after {self.timeout:g}s ({self.retries + 1} tries)") from None
+                raise LLMError(f"timed out after {self.timeout:g}s ({self.retries + 1} tries)", slow=True) from None
             except openai.APIConnectionError as exc:
                 raise LLMError(f"connection error: {exc}") from None
             except openai.APIStatusError as exc:
                 if not self._refuse(exc):
-                    raise self._status_error(exc) from None
+                    raise self._http_error(exc) from None
             except (openai.APIResponseValidationError, ValueError) as exc:
                 raise MalformedAnswer(f"unreadable response: {exc}") from None
         if isinstance(resp, str):  # the client hands back a body that is not JSON as text (an HTML page, say)
             raise MalformedAnswer(f"the server answered with text, not JSON ({' '.join(resp.split())[:60]!r}); "
-                                  f"is BASE_URL ({self.client.base_url}) the API's address?")
+                                  f"is BASE_URL ({self.base_url}) the API's address?")
         choices = getattr(resp, "choices", None)
         if not choices or not getattr(choices[0].message, "content", None):
             raise MalformedAnswer("no answer in the response")
@@ -403,7 +408,7 @@ class ReplicateBackend(Backend):
         except ReplicateError as exc:
             raise _status_error(exc.status or 0, exc.detail or exc.title or "") from None
         except httpx.TimeoutException:  # httpx retries connecting, not waiting: ask again ourselves
-            raise TransientError(f"timed out after {self.timeout:g}s") from None
+            raise TransientError(f"timed out after {self.timeout:g}s", slow=True) from None
         except httpx.TransportError as exc:
             raise LLMError(f"connection error: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:  # JSON that is not a prediction
@@ -426,12 +431,12 @@ class ReplicateBackend(Backend):
                 pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
         except (httpx.ReadTimeout, httpx.WriteTimeout):  # sent: a prediction may be running and billing
             raise LLMError(f"the create request timed out after {self.timeout + 10:g}s once sent; not sent again "
-                           "(it may have started a prediction)") from None
+                           "(it may have started a prediction)", slow=True) from None
         deadline = time.monotonic() + self.timeout
         while pred.status not in ("succeeded", "failed", "canceled"):
             if time.monotonic() >= deadline:
                 self._cancel(pred.id)
-                raise TransientError(f"timed out after {self.timeout:g}s (prediction {pred.status})")
+                raise TransientError(f"timed out after {self.timeout:g}s (prediction {pred.status})", slow=True)
             time.sleep(min(POLL_INTERVAL, self.timeout / 10))
             with contextlib.suppress(httpx.TimeoutException):  # a slow poll: poll again, never create again
                 pred.reload()

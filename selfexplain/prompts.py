@@ -196,14 +196,21 @@ def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = 
 OFFLINE_PREFIX = "offline: "  # marks a label made from statistics, not by a model
 
 
+# An offline label's place (stats.describe_position's words), also cut short by MAX_WORDS, and its AUROC
+_PLACE_TAIL = re.compile(r",\s*(?:(?:upper|lower)(?: (?:left|right))?|left|right|centre|(?:all|anywhere)"
+                         r"(?: (?:over|in|the|sketch))*)(?:, but(?: spread(?: out)?)?)?,?$")
+_AUROC_TAIL = re.compile(r"\s*\(train(?: AUROC.*)?$")
+
+
 def concept_name(label: str) -> str:
     """The concept a label names, for a sentence: an offline label's core without its marker,
     its AUROC and its typical place (``"offline: spokes (train AUROC 0.95), lower"`` ->
-    ``"spokes"``), so neurons of one part read as one concept; a model's label as given."""
+    ``"spokes"``; also when MAX_WORDS cut the label short), so neurons of one part read as one
+    concept; a model's label as given."""
     if not label.startswith(OFFLINE_PREFIX):
         return label
-    core = label[len(OFFLINE_PREFIX):].split(", ")[0]
-    return re.sub(r"\s*\(train AUROC [^)]*\)$", "", core).strip() or label
+    core = _AUROC_TAIL.sub("", _PLACE_TAIL.sub("", label[len(OFFLINE_PREFIX):].strip()))
+    return core.rstrip(", ") or label
 
 
 def offline_label(neuron: dict, max_words: int = 12) -> str:

@@ -233,6 +233,7 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
     ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``);
     ``data_root``: where the classifier's data is now, if it moved (the calibration reads it).
     """
+    explain.ExplainSettings.from_kwargs(options)  # a wrong name fails now, not as a 400 on every request
     server = bind(host, port)  # before the models load: a taken port fails in a second, not after a minute
     try:
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, device), data_root)

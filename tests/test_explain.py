@@ -11,7 +11,7 @@ from PIL import Image
 
 import why_did_you
 from conftest import ROOT
-from selfexplain import artifacts, data, explain, explain_io
+from selfexplain import artifacts, data, evidence, explain, explain_io, prompts
 from selfexplain.errors import UserError
 from selfexplain.sae import TopKSAE
 
@@ -98,9 +98,10 @@ def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpt
     assert all("input_cited_drop" not in e.faithfulness for e in fast)
     for e in fast:  # the JSON keeps one schema: the input check's fields are null when it did not run
         stored = json.loads(e.to_json())["faithfulness"]
-        assert set(explain.INPUT_CHECK_KEYS) <= set(stored) and stored["input_cited_drop"] is None
+        assert set(evidence.INPUT_CHECK_KEYS) <= set(stored) and stored["input_cited_drop"] is None
+        assert list(stored)[:2] == ["code_cited_drop", "code_random_drop"]  # the README's order
     checked = next(e for e in exps if e.neurons).faithfulness
-    assert set(checked) - {"code_cited_drop", "code_random_drop"} == set(explain.INPUT_CHECK_KEYS)  # one schema
+    assert set(checked) - {"code_cited_drop", "code_random_drop"} == set(evidence.INPUT_CHECK_KEYS)  # one schema
 
 
 def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
@@ -227,7 +228,10 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
     assert [g["predicted_class"] for g in got[2:]] == [cli[1]["predicted_class"]] * 2
     assert [g["logit"] for g in got[2:]] == pytest.approx([cli[1]["logit"]] * 2, rel=1e-4)
     assert all({"familiarity", "unfamiliar", "top_active"} <= set(g) for g in got)
-    for wrong, hint in [({"N": 3}, "n_cite"), ({"fast": True}, "input_check=False"), ({"n_cites": 3}, "n_cite")]:
+    alone = why_did_you.explain_images(path, familiar=False, **kw)  # one image alone, or a generator of them
+    assert len(alone) == 1 and len(why_did_you.explain_images((p for p in [path, path]), familiar=False, **kw)) == 2
+    for wrong, hint in [({"N": 3}, "n_cite"), ({"fast": True}, r"input_check \(= not fast\)"), ({"n_cites": 3}, "n_cite"),
+                        ({"SEED": 1}, "seed")]:
         with pytest.raises(UserError, match=f"unknown explanation setting .*did you mean {hint}"):
             why_did_you.explain_image(path, **kw, **wrong)
 
@@ -420,26 +424,42 @@ def test_the_sentence_reads_offline_labels_of_one_part_as_one_concept():
     model_label = cited(3, "spokes (train AUROC 0.95), lower", 0.1)  # a model's words are kept as given
     assert explain.compose_sentence("wheel", 0.46, [model_label]) == \
         "Predicted wheel (46%) mainly because of spokes (train AUROC 0.95), lower (10%)."
+    assert explain.compose_sentence("wheel", 0.46, [model_label, neurons[1]]) == (  # mixed: each offline one marked
+        "Predicted wheel (46%) mainly because of spokes (train AUROC 0.95), lower (10%) and spokes* (9%) "
+        "(* offline label, from statistics).")
+    part = {"parts": {"best_part": "spokes", "auroc": 0.95}, "where": {"description": "upper left, but spread out"}}
+    classes = {"clear_classes": ["car (sedan)", "dog, cat"], "where": {"description": "anywhere in the sketch"}}
+    for words in range(1, 14):  # MAX_WORDS may cut a label anywhere: the concept stays the same
+        assert prompts.concept_name(prompts.offline_label(part, words)) == "spokes"
+    assert [prompts.concept_name(prompts.offline_label(classes, w)) for w in (12, 8, 6)] == \
+        ["strokes typical of car (sedan)/dog, cat"] * 3
 
 
 def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
-    """CMYK (what PIL opens CMYK JPEGs as), float F, RGB arrays and 0-1 floats are the same picture as the PNG."""
-    from PIL import Image, ImageDraw
+    """CMYK (what PIL opens CMYK JPEGs as), float and integer modes, transparency, and arrays of every
+    usual form are the same picture as the PNG file."""
+    from PIL import ImageDraw
 
     picture = Image.new("RGB", (200, 160), "white")
     ImageDraw.Draw(picture).ellipse((40, 30, 160, 130), outline="black", width=6)
     picture.save(tmp_path / "drawn.png")
     expected = explain.to_uint8([tmp_path / "drawn.png"], 64)[0][0]
     grey = np.asarray(picture.convert("L"))
-    same = [picture.convert("CMYK"), picture.convert("F"), picture.convert("L"), np.asarray(picture),
-            grey, grey.astype(np.float32) / 255.0, grey.astype(np.float64), grey[..., None]]
-    batch, names = explain.to_uint8(same, 64)
+    on_glass = Image.new("RGBA", picture.size, (0, 0, 0, 0))  # ink on a transparent canvas
+    on_glass.putalpha(Image.fromarray(255 - grey))
+    pil = [picture.convert("CMYK"), picture.convert("F"), Image.fromarray(grey.astype(np.float32) / 255, "F"),
+           Image.fromarray(grey.astype(np.int32)), Image.fromarray(grey.astype(np.uint16) * 257),
+           picture.convert("L"), on_glass, on_glass.convert("LA")]
+    arrays = [np.asarray(picture), grey, grey.astype(np.float32) / 255.0, grey.astype(np.float64), grey[..., None],
+              grey.astype(np.uint16) * 257, np.asarray(picture).astype(np.float32) / 255.0, np.asarray(on_glass)]
+    batch, names = explain.to_uint8(pil + arrays, 64)
     for k, got in enumerate(batch):
-        assert np.abs(got.astype(int) - expected).max() <= 1, k  # CMYK round trip: off by one at most
-    assert names[:3] == ["<PIL image>"] * 3 and names[3:] == ["<array>"] * 5
+        assert np.abs(got.astype(int) - expected).max() <= 2, k  # rounding of the CMYK and 16-bit round trips
+    assert names == ["<PIL image>"] * len(pil) + ["<array>"] * len(arrays)
     at_size = np.full((64, 64), 255, np.uint8)  # the model's own size: taken as is, like the cache's images
     assert (explain.to_uint8([at_size], 64)[0][0] == at_size).all()
-    for bad, message in [(Image.new("L", (0, 0)), "empty"), (np.zeros((64, 64), bool), "white paper"),
-                         (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), 300, np.int32), "0-255")]:
+    for bad, message in [(Image.new("L", (0, 0)), "<PIL image>: empty"), (np.zeros((64, 64), bool), "white paper"),
+                         (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), np.nan), "NaN"),
+                         (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)

@@ -350,17 +350,47 @@ def test_the_same_client_error_for_the_first_neurons_stops_the_run(api, report, 
 def test_a_server_that_never_answers_stops_the_run_early(reply, report, monkeypatch, waits):
     """Down, or a page that is not the API: each neuron would cost its retries, so the run stops, saying where to look."""
     monkeypatch.setattr(concepts, "FAILURES_BEFORE_STOP", 2)  # the tiny report has 5 live neurons (the real rule: 8)
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     with FakeLLMServer(script=lambda *_: Reply(kind="html", text="Please sign in")) as srv:
-        url = srv.openai_url
-        if reply == "down":
-            srv.__exit__(None, None, None)  # nothing listens there any more
-        with pytest.raises(UserError, match=r"the first 2 neurons all failed and none was answered .*"
-                                            + ("text, not JSON.*Please sign in" if reply == "html" else "connection")
+        with pytest.raises(UserError, match=r"2 neurons failed and none was answered .*"
+                                            + ("text, not JSON.*Please sign in" if reply == "html" else "onnection")
                                             + r".*check that the server is up"):
-            run_openai(report, srv, monkeypatch, workers=1, retries=0, base_url=url, model="m")
+            run_openai(report, srv, monkeypatch, workers=1, retries=0, model="m",
+                       **({"base_url": url} if reply == "down" else {}))
         if reply == "html":
-            assert sum(srv.attempts.values()) < len(LIVE) * 2  # stopped before asking every neuron
+            assert concepts.FAILURES_BEFORE_STOP <= sum(srv.attempts.values()) < len(LIVE)  # + one in flight at most
     assert answers(report) == {}
+
+
+def test_a_busy_server_fails_neurons_and_never_stops_the_run(report, monkeypatch, waits):
+    """Rate limits and timeouts say the server is busy, not wrong: the neurons are listed for a rerun (exit 1)."""
+    monkeypatch.setattr(concepts, "FAILURES_BEFORE_STOP", 2)
+    script = lambda _, nid, attempt: (Reply(kind="status", status=429, detail="slow down") if nid % 2  # noqa: E731
+                                      else Reply(kind="slow", delay=30.0, text="late"))
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, workers=2, retries=0, timeout=0.5, model="m") == 1
+        assert {nid for (_, nid) in srv.attempts} == set(LIVE)  # every neuron was asked
+
+
+def test_a_password_in_base_url_is_never_shown_or_stored(report, monkeypatch, capsys):
+    assert llm_backends.public_url("https://u:s3cret@host:8/v1?api-key=k3y#x") == "https://host:8/v1"
+    script = lambda _, nid, attempt: Reply(kind="status", status=404, detail="not found")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        url = srv.openai_url.replace("://", "://user:s3cret@")
+        with pytest.raises(UserError, match="404") as refused:
+            run_openai(report, srv, monkeypatch, workers=1, retries=0, base_url=url)  # no MODEL: lists models
+    stored = (report / "llm_config.json").read_text()
+    assert "s3cret" not in str(refused.value) + stored + "".join(capsys.readouterr())
+    assert json.loads(stored)["ASKED"]["base_url"] == srv.openai_url.rstrip("/") + "/"
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then closed, by this process)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_a_404_says_where_to_look(report, monkeypatch):

@@ -241,3 +241,6 @@ def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_pat
                           host=host, port=port)
     with pytest.raises(UserError, match="PORT must be in 0..65535"):
         serve.bind(host, 99999)
+    with pytest.raises(UserError, match="unknown explanation setting 'n_site'"):  # not a 400 on every request
+        serve.make_server(str(tmp_path / "none.pt"), str(tmp_path / "none_sae.pt"), str(tmp_path), str(tmp_path),
+                          host=host, port=0, n_site=3)
