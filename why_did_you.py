@@ -123,8 +123,7 @@ def main(**overrides) -> list[dict]:
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
     if cfg.SERVE:
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
-                         cfg.DEVICE, data_root=cfg.DATA_ROOT, n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED,
-                         input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
+                         cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
         return []
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),

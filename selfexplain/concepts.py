@@ -116,8 +116,12 @@ def current_answers(report_dir: str | Path, sae_fingerprint: str | None) -> tupl
 _LOADED: dict = {}  # (folder, fingerprint, files' mtimes) -> concepts: explaining many images reads them once
 
 
-def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) -> dict[int, str]:
+def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None, short: bool = False) -> dict[int, str]:
     """``{neuron_id: concept}``: stage 4's answer, else stage 3's ``auto_summary``.
+
+    ``short=True`` gives the names a sentence uses: stage 4's answer, else the label the
+    offline backend would make from the statistics (:func:`prompts.offline_label`), not the
+    summary's whole sentence.
 
     With ``sae_fingerprint`` only concepts of that SAE count; the others are set aside
     (left on disk) with one log line saying how many. Neurons without a concept are
@@ -131,11 +135,11 @@ def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) ->
     if key not in _LOADED:
         _LOADED.clear()  # one report at a time is the common case; no unbounded growth
         _LOADED[key] = _read_concepts(report, sae_fingerprint)
-    return dict(_LOADED[key])
+    return dict(_LOADED[key][int(short)])
 
 
-def _read_concepts(report: Path, sae_fingerprint: str | None) -> dict[int, str]:
-    """:func:`load_concepts` without the reuse."""
+def _read_concepts(report: Path, sae_fingerprint: str | None) -> tuple[dict[int, str], dict[int, str]]:
+    """:func:`load_concepts` without the reuse: (concepts, short names)."""
     neurons_path, answers_path = report / artifacts.NEURONS, report / artifacts.LLM_OUTPUT
     summaries = [n for n in artifacts.read_jsonl(neurons_path) if isinstance(n, dict)
                  and isinstance(n.get("neuron_id"), int) and isinstance(n.get("auto_summary"), str)]
@@ -143,16 +147,19 @@ def _read_concepts(report: Path, sae_fingerprint: str | None) -> dict[int, str]:
     if summaries and sae_fingerprint is not None and report_fingerprint(report) != sae_fingerprint:
         summaries, stale_summaries = [], len(summaries)
     concepts = {n["neuron_id"]: prompts.strip_controls(n["auto_summary"]) for n in summaries}
+    names = {n["neuron_id"]: prompts.offline_label(n) for n in summaries}
     answers, stale_answers = current_answers(report, sae_fingerprint)
     # "unclear" is an answer (it is not asked again) but no name: the statistics summary stays
-    concepts.update({i: r.answer for i, r in answers.items() if r.answer.strip() and not prompts.is_unclear(r.answer)})
+    named = {i: r.answer for i, r in answers.items() if r.answer.strip() and not prompts.is_unclear(r.answer)}
+    concepts.update(named)
+    names.update(named)
     if stale_summaries or (stale_answers and not answers):  # older answers beside current ones are history
         log(f"{report}: set aside {stale_answers} answers and {stale_summaries} summaries made for another SAE "
             f"(kept on disk; rerun sae_summarize.py and sae_summary_to_llm.py)")
     if not neurons_path.is_file() and not answers_path.is_file():
         log(f"note: no concepts in {report}: neither {neurons_path.name} nor {answers_path.name} is there (check "
             "REPORT_DIR, or run sae_summarize.py and sae_summary_to_llm.py); neurons are named by id")
-    return concepts
+    return concepts, names
 
 
 # ----------------------------------------------------------------------------- inputs

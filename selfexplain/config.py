@@ -87,8 +87,11 @@ def parse_value(text: str) -> Any:
 
 def coerce(name: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of ``default``; convert where it is safe."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:  # `--epochs=None`, an empty YAML key: only a setting whose default is None takes it
+        raise UserError(f"{name} expects {'True or False' if isinstance(default, bool) else type(default).__name__}, "
+                        "got None")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import load_concepts
+from .config import coerce
 from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
@@ -102,7 +103,8 @@ class ExplainSettings:
                         or next(iter(difflib.get_close_matches(lower, names, n=1)), None))
                 raise UserError(f"unknown explanation setting '{key}'" + (f" (did you mean {hint}?)" if hint else "")
                                 + f"; the settings are {', '.join(names)}")
-        return cls(**settings)
+        defaults = {f.name: f.default for f in fields(cls)}
+        return cls(**{key: coerce(key, value, defaults[key]) for key, value in settings.items()})  # types, too
 
 
 CLI_NAMES = {"n": "n_cite", "fast": "input_check (= not fast)", "random_draws": "n_random",
@@ -302,23 +304,28 @@ class Explanation:
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 
-def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron]) -> str:
+def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron],
+                     names: dict[int, str] | None = None) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
 
-    Neurons with the same concept (:func:`prompts.concept_name`: an offline label's part or
-    classes, without its AUROC and place) are named once, with their shares summed. Names
-    from offline labels are marked: the whole list when all are, else each with ``*``.
+    Each neuron is named by ``names`` (``load_concepts(short=True)``: no summary sentences),
+    else by its concept. Neurons with the same name (:func:`prompts.concept_name`: an offline
+    label's part or classes, without its AUROC and place) are named once, with their shares
+    summed, largest first. Names from offline labels are marked: the whole list when all
+    are, else each with ``*``.
     """
     head = f"Predicted {predicted} ({probability:.0%})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
-    offline = {n.concept.startswith(OFFLINE_PREFIX) for n in cited}
+    labels = [(names or {}).get(n.neuron_id, n.concept) for n in cited]
+    offline = {label.startswith(OFFLINE_PREFIX) for label in labels}
     mark = "*" if offline == {True, False} else ""
     shares: dict[str, list[float]] = {}
-    for n in cited:  # first appearance keeps the order of the largest contribution
-        name = concept_name(n.concept) + (mark if n.concept.startswith(OFFLINE_PREFIX) else "")
+    for n, label in zip(cited, labels):
+        name = concept_name(label) + (mark if label.startswith(OFFLINE_PREFIX) else "")
         shares.setdefault(name, []).append(n.share)
-    parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in shares.items()]
+    ranked = sorted(shares.items(), key=lambda item: -sum(item[1]))  # stable: ties keep the contribution order
+    parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in ranked]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     note = (" (* offline label, from statistics)" if mark else
             " (offline labels, from statistics)" if offline == {True} else "")
@@ -367,8 +374,10 @@ def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_id
 
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
                 settings: ExplainSettings = ExplainSettings(), index: int | None = None,
-                image: np.ndarray | None = None) -> Explanation:
+                image: np.ndarray | None = None, names: dict[int, str] | None = None) -> Explanation:
     """Build image ``b``'s explanation from a batch :class:`Analysis`.
+
+    ``concepts`` name the cited neurons; ``names`` (short ones) name them in the sentence.
 
     ``index`` (default ``b``) seeds the random draws with ``settings.seed``, so an image
     gets the same draws whatever batch it lands in. With ``image`` (its uint8 sketch) and
@@ -397,7 +406,7 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
-        faithfulness=faith, sentence=compose_sentence(cls, prob, cited), extra=extra, removed_ink=removed)
+        faithfulness=faith, sentence=compose_sentence(cls, prob, cited, names), extra=extra, removed_ink=removed)
 
 
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
@@ -417,13 +426,14 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     options = ExplainSettings.from_kwargs(settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
     concepts = load_concepts(report_dir, models.sae_ckpt["fingerprint"])  # only concepts of this SAE
+    short_names = load_concepts(report_dir, models.sae_ckpt["fingerprint"], short=True)  # for the sentence
     out = []
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)
         analysis = analyse(models, batch)
         verdicts = judge(analysis, batch) if judge is not None else [{}] * len(batch)
         for b in range(len(batch)):
-            exp = explain_one(models, analysis, b, names[b], concepts, options, start + b, batch[b])
+            exp = explain_one(models, analysis, b, names[b], concepts, options, start + b, batch[b], short_names)
             exp.extra.update(verdicts[b])
             out.append(exp)
     return out

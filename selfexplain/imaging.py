@@ -37,7 +37,8 @@ def is_image_file(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_image(payload: bytes | str | Path | BadImage | Image.Image, image_size: int) -> np.ndarray:
+def decode_image(payload: bytes | str | Path | BadImage | Image.Image, image_size: int,
+                 max_side: int = MAX_SIDE) -> np.ndarray:
     """Decode one sketch to a uint8 ``(image_size, image_size)`` array on white.
 
     Parameters
@@ -47,12 +48,15 @@ def decode_image(payload: bytes | str | Path | BadImage | Image.Image, image_siz
         the same picture in a file would be), or the reason a row has none.
     image_size : int
         Side of the output square.
+    max_side : int
+        Longest side accepted (a server takes less than ``MAX_SIDE``: decoding costs memory
+        the upload's size does not bound).
 
     Raises
     ------
     BadImage
         Empty payload, not an image, truncated or corrupt data, more than ``MAX_PIXELS``
-        pixels or a side longer than ``MAX_SIDE`` (checked on the header, before any pixel
+        pixels or a side longer than ``max_side`` (checked on the header, before any pixel
         is decoded).
     """
     if int(image_size) < 1:
@@ -60,9 +64,9 @@ def decode_image(payload: bytes | str | Path | BadImage | Image.Image, image_siz
     if isinstance(payload, BadImage):
         raise payload
     if isinstance(payload, Image.Image):
-        _check_size(payload)
+        _check_size(payload, max_side)
         return _to_sketch(payload, int(image_size))
-    with _open_checked(payload) as im:
+    with _open_checked(payload, max_side) as im:
         return _to_sketch(im, int(image_size))
 
 
@@ -128,7 +132,7 @@ def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes
 
 
 @contextlib.contextmanager
-def _open_checked(payload: bytes | str | Path):
+def _open_checked(payload: bytes | str | Path, max_side: int = MAX_SIDE):
     """Open an image lazily (header only) and refuse empty, non-image or huge ones."""
     if isinstance(payload, (str, Path)):
         try:
@@ -152,13 +156,13 @@ def _open_checked(payload: bytes | str | Path):
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise BadImage(_failure_reason(exc)) from None
         with im:
-            _check_size(im)  # decided on the header: never decoded
+            _check_size(im, max_side)  # decided on the header: never decoded
             yield im
 
 
-def _check_size(im: Image.Image) -> None:
+def _check_size(im: Image.Image, max_side: int = MAX_SIDE) -> None:
     width, height = im.size
-    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+    if width * height > MAX_PIXELS or max(width, height) > max_side:
         raise BadImage(f"too large ({width}x{height})")
     if width == 0 or height == 0:
         raise BadImage("empty (0 pixels)" if width == height == 0 else "corrupt (zero-sized image)")

@@ -53,6 +53,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})  # what the open
 # A replicate create (POST) that failed with a 5xx may still have started a paid prediction:
 # only a refusal (rate limit, overloaded) is sure to have run nothing and is sent again.
 CREATE_RETRY_STATUSES = frozenset({429, 503})
+REPLICATE_MODEL = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.-]+)?")  # owner/name or owner/name:version
 FATAL_STATUSES = (401, 403, 404)  # every later request would fail the same way
 TOKEN_VARS = ("REPLICATE_API_TOKEN", "OPENAI_API_KEY")  # settings that start paid calls
 
@@ -358,6 +359,8 @@ class ReplicateBackend(Backend):
         import replicate
 
         super().__init__(model=model or DEFAULT_MODELS[("replicate", images)], secrets=[api_token], **kwargs)
+        if not REPLICATE_MODEL.fullmatch(self.model):  # the client refuses it before any request, per neuron
+            raise UserError(f"MODEL for replicate must be owner/name or owner/name:version, got '{self.model}'")
         self.image_field, self.system_field = self._input_layout(images, image_input)
         self.accepts_images = bool(self.image_field)
         # The HTTP read timeout outlasts the server-side wait of a create (Prefer: wait=N,
@@ -406,7 +409,11 @@ class ReplicateBackend(Backend):
         try:
             return self._run(self._input(system, text, images))
         except ReplicateError as exc:
-            raise _status_error(exc.status or 0, exc.detail or exc.title or "") from None
+            detail = exc.detail or exc.title or ""
+            if exc.status == 404:
+                detail += (f" (no such model: is MODEL={self.model} on {self.base_url}? community models run by "
+                           "version: owner/name:version)")
+            raise _status_error(exc.status or 0, detail.strip()) from None
         except httpx.TimeoutException:  # httpx retries connecting, not waiting: ask again ourselves
             raise TransientError(f"timed out after {self.timeout:g}s", slow=True) from None
         except httpx.TransportError as exc:

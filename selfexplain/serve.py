@@ -24,6 +24,7 @@ import base64
 import json
 import mimetypes
 import queue
+import signal
 import threading
 import traceback
 from concurrent.futures import Future
@@ -44,6 +45,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
 PAGE = Path(__file__).with_name("static") / "draw.html"
 ATLAS_FILES = ("index.html", "thumbs/", "sprites/")  # what /atlas/ serves: never the report's other files
 REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
+MAX_UPLOAD_SIDE = 4096                  # longest side of an uploaded PNG: a 200 KB 8192x4880 one took 0.7 GB to decode
+DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): memory stays bounded
 
 
 class Stopping(Exception):
@@ -61,6 +64,7 @@ class Explainer:
     report_dir: str
     options: dict = field(default_factory=dict)   # keyword arguments for explain.explain_images
     lock: threading.Lock = field(default_factory=threading.Lock)
+    decoding: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(DECODES_AT_ONCE))
     jobs: queue.Queue | None = None   # set: the passes run where :meth:`work` drains it (run_server: main thread)
 
     def explain_png(self, payload: bytes) -> dict:
@@ -68,7 +72,8 @@ class Explainer:
         if not payload.startswith(PNG_SIGNATURE):
             raise UserError("the body must be a PNG image" if payload else "empty body: send the PNG bytes")
         try:
-            image = decode_image(payload, self.models.image_size)
+            with self.decoding:
+                image = decode_image(payload, self.models.image_size, max_side=MAX_UPLOAD_SIDE)
         except BadImage as exc:
             raise UserError(f"cannot read the PNG: {exc}") from None
         if self.jobs is None:
@@ -129,8 +134,11 @@ def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
     """
     root = Path(report_dir).resolve()
     rel = unquote(url_path).lstrip("/") or "index.html"
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
+    try:
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            return None
+    except (ValueError, OSError):  # a NUL byte, a name too long for the file system
         return None
     inside = target.relative_to(root).as_posix()
     return target if any(inside == name or (name.endswith("/") and inside.startswith(name))
@@ -148,7 +156,9 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
-        elif path == "/atlas" or path.startswith("/atlas/"):
+        elif path == "/atlas":  # the page's relative image links need the slash
+            self._send(HTTPStatus.MOVED_PERMANENTLY, b"", "text/plain", {"Location": "/atlas/"})
+        elif path.startswith("/atlas/"):
             target = atlas_file(self.server.explainer.report_dir, path[len("/atlas"):])
             if target is None:
                 self._error(HTTPStatus.NOT_FOUND, f"no such atlas file: {path}")
@@ -158,9 +168,22 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
+    def do_HEAD(self) -> None:  # noqa: N802 (link checkers, proxies): GET's status and headers, no body
+        self.head_only = True
+        try:
+            self.do_GET()
+        finally:
+            self.head_only = False  # the next request on this kept-alive connection may be a GET
+
+    def _not_allowed(self) -> None:
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain",
+                    close=True)  # any body is unread
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
     def do_POST(self) -> None:  # noqa: N802
         if urlsplit(self.path).path != "/explain":
-            self._error(HTTPStatus.NOT_FOUND, "POST goes to /explain")
+            self._error(HTTPStatus.NOT_FOUND, "POST goes to /explain", close=True)  # its body is unread
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -200,15 +223,20 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._send(status, json.dumps({"error": message}).encode("utf-8"), "application/json")
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, HEAD, POST")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if not getattr(self, "head_only", False):
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
         if not self.server.quiet:
@@ -257,10 +285,16 @@ def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: 
     http_thread.start()
     host, port = server.server_address[:2]
     log(f"draw-and-explain page on http://{host}:{port}/ (the atlas at /atlas/index.html); Ctrl-C stops")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # kill, systemd, docker: stop as Ctrl-C does
     try:
         server.explainer.work(threading.Event())  # the model passes, on this (the main) thread
     except KeyboardInterrupt:
         log("stopped")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.shutdown()
         server.server_close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -28,6 +28,17 @@ def test_int_accepted_for_float_but_not_string_for_int():
         make_config(DEFAULTS, {"top_k": "many"})
 
 
+def test_none_is_refused_where_the_default_is_not_none(tmp_path):
+    """`--epochs=None` or an empty YAML key was a TypeError traceback from deep inside a stage."""
+    with pytest.raises(UserError, match="TOP_K expects int, got None"):
+        make_config(DEFAULTS, {"top_k": None})
+    path = tmp_path / "c.yaml"
+    path.write_text("lr:\n")
+    with pytest.raises(UserError, match="LR expects float, got None"):
+        make_config(DEFAULTS, parse_argv([f"--config={path}"])[0])
+    assert make_config({"LIMIT": None}, {"limit": None}).LIMIT is None  # a None default takes None
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(UserError) as err:
         make_config(DEFAULTS, {"topk": 3})

@@ -185,6 +185,8 @@ def test_concepts_fall_back_from_llm_to_stats_to_id(ckpts, test_images, tmp_path
     e = explain.explain_image(image, report_dir=str(report), device="cpu", n_cite=3, **ckpts)
     assert [n.concept for n in e.neurons] == ["wheel-like circles", "stats for b", f"neuron {c}"]
     assert "wheel-like circles (" in e.sentence and "no concepts" not in capsys.readouterr().err
+    assert "stats for b" not in e.sentence and "strokes without a clear class preference" in e.sentence  # a name,
+    # not a summary's whole sentence (stage 3's summaries alone made a 900-character one)
 
 
 def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
@@ -233,6 +235,9 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
     for wrong, hint in [({"N": 3}, "n_cite"), ({"fast": True}, r"input_check \(= not fast\)"), ({"n_cites": 3}, "n_cite"),
                         ({"SEED": 1}, "seed")]:
         with pytest.raises(UserError, match=f"unknown explanation setting .*did you mean {hint}"):
+            why_did_you.explain_image(path, **kw, **wrong)
+    for wrong in ({"n_cite": "three"}, {"ink_share": "0.2"}, {"n_random": None}, {"input_check": "no"}):
+        with pytest.raises(UserError, match=f"{next(iter(wrong))} expects"):  # not a TypeError from deep inside
             why_did_you.explain_image(path, **kw, **wrong)
 
 
@@ -407,6 +412,9 @@ def test_the_sentence_names_a_shared_concept_once_with_the_summed_share():
     neurons = [cited(95, "circle", 0.20), cited(124, "spokes", 0.09), cited(403, "circle", 0.17), cited(7, "dots", 0.05)]
     assert explain.compose_sentence("wheel", 0.46, neurons) == \
         "Predicted wheel (46%) mainly because of circle (37%, 2 neurons), spokes (9%) and dots (5%)."
+    later = neurons + [cited(8, "dots", 0.045)]  # summed, dots (9.5%) overtakes spokes (9%): largest first
+    assert explain.compose_sentence("wheel", 0.46, later).endswith("circle (37%, 2 neurons), dots (10%, 2 neurons) "
+                                                                   "and spokes (9%).")
     assert explain.compose_sentence("wheel", 0.46, neurons[1:2]) == "Predicted wheel (46%) mainly because of spokes (9%)."
 
 

@@ -372,6 +372,17 @@ def test_a_busy_server_fails_neurons_and_never_stops_the_run(report, monkeypatch
         assert {nid for (_, nid) in srv.attempts} == set(LIVE)  # every neuron was asked
 
 
+def test_a_replicate_model_is_checked_before_any_request_and_its_404_says_where_to_look(report, monkeypatch):
+    with FakeLLMServer() as srv:
+        with pytest.raises(UserError, match="owner/name or owner/name:version, got 'nosuchmodel'"):
+            run_replicate(report, srv, monkeypatch, model="nosuchmodel")
+        assert srv.log == []  # nothing was sent
+    script = lambda _, nid, attempt: Reply(kind="status", status=404, detail="Not found")  # noqa: E731
+    with FakeLLMServer(script=script) as srv:
+        with pytest.raises(UserError, match=r"HTTP 404: Not found \(no such model: is MODEL=nobody/nothing on "):
+            run_replicate(report, srv, monkeypatch, model="nobody/nothing", workers=1)
+
+
 def test_a_password_in_base_url_is_never_shown_or_stored(report, monkeypatch, capsys):
     assert llm_backends.public_url("https://u:s3cret@host:8/v1?api-key=k3y#x") == "https://host:8/v1"
     script = lambda _, nid, attempt: Reply(kind="status", status=404, detail="not found")  # noqa: E731

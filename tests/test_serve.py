@@ -129,6 +129,37 @@ def test_atlas_files_are_served_and_contained(server):
         assert status == 404, escape
     assert request(server, "GET", "/nowhere")[0] == 404
     assert request(server, "POST", "/atlas/index.html", b"x")[0] == 404
+    for odd in ("/atlas/%00", "/atlas/thumbs/" + "a" * 300):  # a NUL byte, a name too long: 404, not a dropped line
+        status, out = request(server, "GET", odd)
+        assert status == 404 and "no such atlas file" in out["error"]
+    status, _ = request(server, "GET", "/atlas")  # its relative image links need the slash
+    assert status == 301
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        status, out = request(server, method, "/explain", b"x")
+        assert status == 405 and "POST /explain" in out["error"]
+    assert request(server, "HEAD", "/")[0] == 200
+
+
+def test_a_body_sent_to_another_path_is_never_read_as_the_next_request(server):
+    """POST /foo with a body: answered 404 and the connection closed, so the body cannot pose as a request."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    try:
+        conn.request("POST", "/foo", body=b"GET /atlas/index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = conn.getresponse()
+        assert response.status == 404 and response.getheader("Connection") == "close"
+        response.read()
+        conn.request("GET", "/favicon.ico")  # http.client reconnects: a fresh request, answered for itself
+        second = conn.getresponse()
+        assert second.status == 404 and b"favicon" in second.read()
+    finally:
+        conn.close()
+
+
+def test_an_upload_too_wide_to_decode_cheaply_is_refused_on_its_header(server):
+    wide = io.BytesIO()
+    Image.new("1", (serve.MAX_UPLOAD_SIDE + 1, 8), 1).save(wide, format="PNG")  # a few hundred bytes
+    status, out = request(server, "POST", "/explain", wide.getvalue())
+    assert status == 400 and f"too large ({serve.MAX_UPLOAD_SIDE + 1}x8)" in out["error"]
 
 
 def test_queued_passes_run_on_the_working_thread_and_a_failure_is_a_500(tiny_classifier, tiny_sae, cache_dir,
@@ -186,9 +217,11 @@ def test_requests_still_queued_when_the_server_stops_are_refused(server):
             done.result(timeout=1)
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])  # Ctrl-C; kill, systemd, docker
 def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny_classifier, tiny_sae, cache_dir,
-                                                                          report_dir, sketches, tmp_path):
-    """The real ``why_did_you.py --serve=True`` process: port 0, one POST, then SIGINT stops it cleanly."""
+                                                                          report_dir, sketches, tmp_path, stop):
+    """The real ``why_did_you.py --serve=True`` process: port 0, one POST with the --json object, then the signal
+    stops it cleanly."""
     import signal
     import subprocess
     import sys
@@ -207,9 +240,10 @@ def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/explain", sketches[0], {"Content-Type": "image/png"})
         response = conn.getresponse()
-        assert response.status == 200 and "predicted_class" in json.loads(response.read())
+        answer = json.loads(response.read())
+        assert response.status == 200 and {"predicted_class", "top_active", "familiarity"} <= set(answer)  # as --json
         conn.close()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
