@@ -36,6 +36,7 @@ from pathlib import Path
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import resolve_device
+from selfexplain.errors import UserError
 from selfexplain.explain import top_neuron_ids_for_image  # noqa: F401  (notebook API, with explain_image(s))
 from selfexplain.llm_backends import LLMError, make_backend
 from selfexplain.logs import log
@@ -96,6 +97,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     images = explain_io.as_image_list(images)
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
+    require_report_dir(report_dir)
     models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
     inputs = [explain_io.notebook_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
@@ -104,6 +106,13 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     for exp, item in zip(explanations, inputs):
         explain_io.label(exp, item)
     return explanations
+
+
+def require_report_dir(report_dir) -> None:
+    """A missing REPORT_DIR is refused: a typo would explain with unnamed neurons and calibrate into a new folder."""
+    if not Path(report_dir).is_dir():
+        raise UserError(f"REPORT_DIR={report_dir} does not exist: run sae_summarize.py first (it writes the concepts "
+                        "and the atlas there), or create the folder to explain with neurons named by id")
 
 
 def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
@@ -122,9 +131,11 @@ def main(**overrides) -> list[dict]:
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
     if cfg.SERVE:
+        require_report_dir(cfg.REPORT_DIR)
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
                          cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
         return []
+    require_report_dir(cfg.REPORT_DIR)
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
                                cfg.DATA_ROOT)

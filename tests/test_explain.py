@@ -205,6 +205,15 @@ def test_main_llm_answer_and_test_split_image(ckpts, cache_dir, tmp_path):
         why_did_you.main(image="test:100000", report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
 
 
+def test_a_missing_report_dir_is_refused_before_anything_is_written(ckpts, image_dir, tmp_path):
+    typo = tmp_path / "neuron_reprot"
+    for call in (lambda: why_did_you.main(image=str(image_dir / "sketch_0.png"), report_dir=str(typo), **ckpts),
+                 lambda: why_did_you.explain_image(image_dir / "sketch_0.png", report_dir=str(typo), **ckpts)):
+        with pytest.raises(UserError, match="neuron_reprot does not exist: run sae_summarize.py first"):
+            call()
+    assert not typo.exists()
+
+
 def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, image_dir, tmp_path):
     """README: exp.to_json() is the --json=True object, familiarity and most-active list included."""
     path = str(image_dir / "sketch_1.png")
