@@ -26,7 +26,8 @@ readers set them aside. Each answer is written as it arrives; Ctrl-C stops new r
 keeps the answers of those in flight. A second run on the same REPORT_DIR is refused while one
 is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
 first neurons all fail stops early (exit 2): 3 refusals, a bad token or unknown model, or 8
-failures that are not timeouts or rate limits (the server is down or BASE_URL is not its API).
+failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
+not its API.
 llm_config.json records what was asked (ASKED: backend, model, server). Dead neurons
 are skipped unless ONLY names them. Logic: selfexplain/concepts.py.
 """

@@ -108,8 +108,9 @@ def main(**overrides) -> dict:
         last = Path(cfg.OUT_DIR) / artifacts.LAST_SAE
         state, usage_ema = st.restore(last, sae, optimizer, clf_ckpt["fingerprint"], runtime)
         runtime.log(f"resumed from {last} after epoch {state.epoch}")
-    if runtime.is_main:
-        save_effective_config(cfg, cfg.OUT_DIR)
+    settings = st.lengthened(settings, st.steps_per_epoch(tokens.train, settings.batch_size, runtime), runtime)
+    if runtime.is_main:  # effective: the EPOCHS that MIN_STEPS made (the log says so), replayable with --config
+        save_effective_config({**cfg, "EPOCHS": settings.epochs}, cfg.OUT_DIR)
     result = st.fit(sae, optimizer, usage_ema, model.head, tokens, state, settings, runtime)
     cleanup(runtime)
     return result

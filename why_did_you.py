@@ -45,7 +45,7 @@ from selfexplain.logs import log
 IMAGE = "test:0"                           # image file, [list], folder/, or test:K (K-th test image of the classifier's dataset)
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # stage 1 checkpoint
 SAE_CKPT = artifacts.SAE_CKPT              # stage 2 checkpoint (must match the classifier)
-REPORT_DIR = artifacts.REPORT_DIR          # stage 3/4 outputs: neurons.jsonl, llm_output.jsonl
+REPORT_DIR = artifacts.REPORT_DIR          # stage 3/4 outputs: neurons.jsonl, llm_output.jsonl (must exist)
 N = 5                                      # concepts cited per image
 TOP_ACTIVE = 20                            # most-active list: at most this many neurons (top_neuron_ids_for_image's N)
 PERCENTILE = 99.0                          # most-active list: neurons above this percentile of the image's scores
@@ -104,7 +104,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
                                           models.device, batch_size, judge=judge, **settings)
     for exp, item in zip(explanations, inputs):
-        explain_io.label(exp, item)
+        explain_io.name_after_input(exp, item)
     return explanations
 
 
@@ -130,12 +130,11 @@ def main(**overrides) -> list[dict]:
     active = explain.MostActive(cfg.TOP_ACTIVE, cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
+    require_report_dir(cfg.REPORT_DIR)
     if cfg.SERVE:
-        require_report_dir(cfg.REPORT_DIR)
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
                          cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
         return []
-    require_report_dir(cfg.REPORT_DIR)
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
                                cfg.DATA_ROOT)
@@ -153,7 +152,7 @@ def main(**overrides) -> list[dict]:
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None
     results = []
     for exp, item, overlay in zip(explanations, inputs, overlays):
-        explain_io.label(exp, item)
+        explain_io.name_after_input(exp, item)
         if overlay is not None:
             explain.save_overlay(item.image, exp, overlay)
             exp.extra["overlay"] = str(overlay)

@@ -49,6 +49,7 @@ from bench.plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
 from selfexplain.imaging import png_bytes  # noqa: E402
+from selfexplain.logs import log  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.model import SketchResNet  # noqa: E402
 from selfexplain.sae import TopKSAE  # noqa: E402
@@ -240,6 +241,9 @@ def page_poster(cfg, clf, sae):
     Its own process: there the model passes run on the server's main thread (``serve.run_server``); in
     this process, whose main thread has run torch already, a server thread's passes took ~35% longer.
     """
+    if not Path(cfg.REPORT_DIR).is_dir():  # the page refuses a missing REPORT_DIR; the timing needs no concepts
+        log(f"{cfg.REPORT_DIR} does not exist: created, the page names neurons by id")
+        Path(cfg.REPORT_DIR).mkdir(parents=True)
     cmd = [sys.executable, str(ROOT / "why_did_you.py"), "--serve=True", "--port=0", "--device=cpu",
            f"--classifier_ckpt={Path(clf).resolve()}", f"--sae_ckpt={Path(sae).resolve()}",
            f"--report_dir={Path(cfg.REPORT_DIR).resolve()}", f"--cache_dir={Path(cfg.CACHE_DIR).resolve()}",

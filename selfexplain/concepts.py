@@ -8,8 +8,9 @@ appended the moment it arrives, so neither a crash nor Ctrl-C loses an answer al
 paid for. One run writes at a time: it holds an exclusive lock on ``llm_output.jsonl.lock``
 (released by the operating system when the process ends, so it never goes stale).
 
-:func:`load_concepts` is the one reader of concepts for the other stages: stage 4's
-answers, else stage 3's ``auto_summary``, for the SAE the caller has loaded.
+:func:`concepts_and_names` (and :func:`load_concepts`, its first half) is the one reader of
+concepts for the other stages: stage 4's answers, else stage 3's ``auto_summary`` (or, as a
+short name, the statistics' offline label), for the SAE the caller has loaded.
 """
 from __future__ import annotations
 
@@ -116,12 +117,17 @@ def current_answers(report_dir: str | Path, sae_fingerprint: str | None) -> tupl
 _LOADED: dict = {}  # (folder, fingerprint, files' mtimes) -> concepts: explaining many images reads them once
 
 
-def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None, short: bool = False) -> dict[int, str]:
-    """``{neuron_id: concept}``: stage 4's answer, else stage 3's ``auto_summary``.
+def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None) -> dict[int, str]:
+    """``{neuron_id: concept}``: stage 4's answer, else stage 3's ``auto_summary``; see :func:`concepts_and_names`."""
+    return concepts_and_names(report_dir, sae_fingerprint)[0]
 
-    ``short=True`` gives the names a sentence uses: stage 4's answer, else the label the
-    offline backend would make from the statistics (:func:`prompts.offline_label`), not the
-    summary's whole sentence.
+
+def concepts_and_names(report_dir: str | Path, sae_fingerprint: str | None = None) -> tuple[dict, dict]:
+    """``({neuron_id: concept}, {neuron_id: name})`` from one reading of the report.
+
+    A concept is stage 4's answer, else stage 3's ``auto_summary``; a name (what a sentence
+    uses) is stage 4's answer, else the label the offline backend would make from the
+    statistics (:func:`prompts.offline_label`), not the summary's whole sentence.
 
     With ``sae_fingerprint`` only concepts of that SAE count; the others are set aside
     (left on disk) with one log line saying how many. Neurons without a concept are
@@ -135,7 +141,8 @@ def load_concepts(report_dir: str | Path, sae_fingerprint: str | None = None, sh
     if key not in _LOADED:
         _LOADED.clear()  # one report at a time is the common case; no unbounded growth
         _LOADED[key] = _read_concepts(report, sae_fingerprint)
-    return dict(_LOADED[key][int(short)])
+    concepts, names = _LOADED[key]
+    return dict(concepts), dict(names)
 
 
 def _read_concepts(report: Path, sae_fingerprint: str | None) -> tuple[dict[int, str], dict[int, str]]:
@@ -330,8 +337,7 @@ def _failure(future: Future) -> Exception | None:
 
 
 REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
-FAILURES_BEFORE_STOP = 8  # this many neurons failed, none answered, none for time or rate: the server is down or wrong
-BUSY_STATUSES = (408, 409, 429)  # a busy server, not a wrong one: such failures never stop the run
+FAILURES_BEFORE_STOP = 8  # this many failures, not of a busy server, and no answer yet: the server is down or wrong
 
 
 def ask_all(backend: Backend, neurons: list[dict], question: Question, out: AnswerLog, workers: int) -> dict[int, str]:
@@ -339,10 +345,11 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
     unknown model), or a client error (400, 422: say, a model that takes no images) on the
-    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or failures of the first
-    ``FAILURES_BEFORE_STOP`` with none answered and none a timeout or rate limit (a server that
-    is down or answers garbage: each neuron costs its retries), stops submitting and raises a
-    :class:`UserError`; a busy server only fails neurons, listed for a rerun. Ctrl-C stops
+    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or ``FAILURES_BEFORE_STOP``
+    failures that are not of a busy server (:attr:`LLMError.busy`: timeouts, rate limits,
+    overload) with none answered (a server that is down or answers garbage: each neuron costs
+    its retries), stops submitting and raises a :class:`UserError`; a busy server only fails
+    neurons, listed for a rerun. Ctrl-C stops
     submitting, lets the requests in flight finish (their answers are saved) and re-raises.
     """
     system, version = prompts.system_prompt(question.max_words), prompts.prompt_version()
@@ -365,7 +372,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             log(f"neuron {nid}: failed: {failures[nid]}")
             status = getattr(exc, "status", None) or 0
             refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
-            broken += not answered and status not in BUSY_STATUSES and not getattr(exc, "slow", False)
+            broken += not answered and not getattr(exc, "busy", False)  # LLMError.busy: timeouts, 429, 503...
             if fatal is None and (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP):
                 fatal = f"{backend.name} refused the requests ({failures[nid]})"
             elif fatal is None and broken >= FAILURES_BEFORE_STOP:

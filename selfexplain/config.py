@@ -23,6 +23,7 @@ import tokenize
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import yaml
 
 from .errors import UserError
@@ -89,6 +90,8 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of ``default``; convert where it is safe."""
     if default is None:
         return value
+    if isinstance(value, np.generic):  # numpy scalars from a notebook sweep (np.int64, np.float32, np.bool_)
+        value = value.item()
     if value is None:  # `--epochs=None`, an empty YAML key: only a setting whose default is None takes it
         raise UserError(f"{name} expects {'True or False' if isinstance(default, bool) else type(default).__name__}, "
                         "got None")

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -208,6 +209,25 @@ def exit_on_sigterm() -> None:
 
 
 _SIGTERM = {"held": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """In the block, SIGTERM raises KeyboardInterrupt: a server stops as on Ctrl-C (``kill``,
+    systemd, docker send SIGTERM). Only the main thread can set a handler: elsewhere (a
+    notebook serving from a thread) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:  # None: a handler not set from Python (an embedding host); the default then
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

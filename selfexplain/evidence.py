@@ -270,7 +270,6 @@ def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- input-space deletion
 INPUT_CHECK_KEYS = ("input_cited_drop", "input_random_drop", "cam_drop", "cam_pixels_drop", "input_cited_prob_drop",
                     "input_random_prob_drop", "cam_prob_drop", "cam_pixels_prob_drop", "ink_removed")
-FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop") + INPUT_CHECK_KEYS  # an explanation's JSON, in order
 
 
 def input_deletion(models, image_uint8: np.ndarray, analysis, b: int, cited_ids: Sequence[int], cls: int,

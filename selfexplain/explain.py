@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
-from .concepts import load_concepts
+from .concepts import concepts_and_names
 from .config import coerce
 from .data import model_input, relocate
 from .distributed import resolve_device
@@ -90,6 +90,8 @@ class ExplainSettings:
             raise UserError(f"need N >= 0 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
         if not 0.0 < self.ink_share < 1.0:
             raise UserError(f"INK_SHARE must be in (0, 1), got {self.ink_share}")
+        if self.active is not None and not isinstance(self.active, MostActive):
+            raise UserError(f"active must be None or MostActive(n, percentile, agg), got {self.active!r}")
 
     @classmethod
     def from_kwargs(cls, settings: dict) -> "ExplainSettings":
@@ -291,7 +293,7 @@ class Explanation:
 
     def to_dict(self, heatmaps: bool = False) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
-        out["faithfulness"] = {**dict.fromkeys(evidence.FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
+        out["faithfulness"] = {**dict.fromkeys(FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
                            "where": describe_map(n.heatmap) if n.heatmap is not None else None}  # in this sketch
@@ -304,11 +306,14 @@ class Explanation:
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 
+FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop") + evidence.INPUT_CHECK_KEYS  # the JSON's, in order
+
+
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron],
                      names: dict[int, str] | None = None) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
 
-    Each neuron is named by ``names`` (``load_concepts(short=True)``: no summary sentences),
+    Each neuron is named by ``names`` (:func:`concepts.concepts_and_names`: no summary sentences),
     else by its concept. Neurons with the same name (:func:`prompts.concept_name`: an offline
     label's part or classes, without its AUROC and place) are named once, with their shares
     summed, largest first. Names from offline labels are marked: the whole list when all
@@ -377,7 +382,8 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
                 image: np.ndarray | None = None, names: dict[int, str] | None = None) -> Explanation:
     """Build image ``b``'s explanation from a batch :class:`Analysis`.
 
-    ``concepts`` name the cited neurons; ``names`` (short ones) name them in the sentence.
+    ``concepts`` name the cited neurons; ``names`` (short ones, :func:`concepts.concepts_and_names`) name them
+    in the sentence.
 
     ``index`` (default ``b``) seeds the random draws with ``settings.seed``, so an image
     gets the same draws whatever batch it lands in. With ``image`` (its uint8 sketch) and
@@ -425,8 +431,7 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
         raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
     options = ExplainSettings.from_kwargs(settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
-    concepts = load_concepts(report_dir, models.sae_ckpt["fingerprint"])  # only concepts of this SAE
-    short_names = load_concepts(report_dir, models.sae_ckpt["fingerprint"], short=True)  # for the sentence
+    concepts, short_names = concepts_and_names(report_dir, models.sae_ckpt["fingerprint"])  # of this SAE only
     out = []
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)

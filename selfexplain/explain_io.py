@@ -117,8 +117,8 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
 
 def as_image_list(images) -> list:
     """The notebook's images as a list: one path, PIL image or (H, W[, C]) array alone is one image."""
-    one = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)
-                                                          and images.dtype != object)
+    picture = isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3, 4)))
+    one = isinstance(images, (str, Path, Image.Image)) or picture  # a (B, S, S) stack is B images
     return [images] if one else list(images)
 
 
@@ -132,7 +132,7 @@ def notebook_input(item, models: Models, cache_dir: str | Path, report_dir: str 
     return ImageInput(names[0], batch[0])
 
 
-def label(exp: Explanation, item: ImageInput) -> None:
+def name_after_input(exp: Explanation, item: ImageInput) -> None:
     """Name the explanation after its input and add the input's true class when known."""
     exp.image = item.name
     if item.true_class is not None:

@@ -98,9 +98,10 @@ def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
 
     A uint8 ``(S, S)`` array at the model's size is taken as is, like the cache's images.
     Any other grey ``(H, W)`` or colour ``(H, W, 3|4)`` array is read as the picture it
-    holds, through :func:`decode_image` (padded, resized): white paper, dark ink; grey
-    floats are 0-1 when their largest value is at most 1, else their range is inferred as
-    for a 16-bit or float file; colour floats are 0-1 or 0-255. Bad arrays are a UserError.
+    holds, through :func:`decode_image` (padded, resized; white paper, dark ink). Floats are
+    0-1 when their largest value is at most 1, else 0-255 (clipped); integers are 0-255, or
+    0-65535 when any value is above 255. NaN, infinity, negative integers and integers above
+    65535 are a UserError, as are other shapes.
     """
     if array.dtype == np.uint8 and array.shape == (image_size, image_size):
         return array
@@ -110,16 +111,23 @@ def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
     if not numeric or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
                         f"ink), got {array.dtype} {array.shape}")
-    if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
-        raise UserError("array input holds NaN values: give paper its white value (1.0 or 255) instead")
-    if array.ndim == 2:  # grey: the decoder's high-depth rules scale it, as for a 16-bit or float file
-        picture = Image.fromarray(array.astype(np.float32 if array.dtype.kind == "f" else np.int32),
-                                  "F" if array.dtype.kind == "f" else "I")
-    else:
-        top = float(array.max()) if array.size else 0.0
-        scale = 255.0 if array.dtype.kind == "f" and top <= 1.0 else (255.0 / 65535 if top > 255 else 1.0)
-        picture = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8))
-    return load_user_image(picture, image_size, name="<array>")
+    return load_user_image(Image.fromarray(_to_uint8_values(array)), image_size, name="<array>")
+
+
+def _to_uint8_values(array: np.ndarray) -> np.ndarray:
+    """:func:`array_to_sketch`'s value rules: its numbers as 0-255 uint8."""
+    if array.size == 0:
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise UserError("array input holds NaN or infinite values: give paper its white value (1.0 or 255)")
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise UserError(f"array input holds integers outside 0-65535 ({low}..{high}): scale it to 0-255")
+    wide = array.astype(np.int64)
+    return (wide if high <= 255 else np.rint(wide * (255.0 / 65535))).astype(np.uint8)
 
 
 def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
@@ -178,6 +186,8 @@ def _to_white_gray(im: Image.Image) -> Image.Image:
     """Any PIL image -> mode 'L', transparency composited on white, high depth scaled."""
     if _exif_orientation(im) != 1:  # phone photos of sketches: honour EXIF rotation
         im = ImageOps.exif_transpose(im)
+    if im.mode in ("La", "LAB"):  # premultiplied grey, CIELAB: PIL converts them to little directly
+        im = im.convert("LA") if im.mode == "La" else im.getchannel(0)  # LAB's L band is its lightness
     mode, has_key = im.mode, "transparency" in im.info
     if mode in ("P", "PA"):
         im = im.convert("RGBA" if has_key or mode == "PA" else "RGB")

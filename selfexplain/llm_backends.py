@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 from PIL import Image
@@ -54,6 +55,7 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})  # what the open
 # only a refusal (rate limit, overloaded) is sure to have run nothing and is sent again.
 CREATE_RETRY_STATUSES = frozenset({429, 503})
 REPLICATE_MODEL = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.-]+)?")  # owner/name or owner/name:version
+BUSY_STATUSES = frozenset({408, 409, 429, 503})  # timeouts, conflicts, rate limits, overloaded: try later
 FATAL_STATUSES = (401, 403, 404)  # every later request would fail the same way
 TOKEN_VARS = ("REPLICATE_API_TOKEN", "OPENAI_API_KEY")  # settings that start paid calls
 
@@ -83,11 +85,16 @@ _SECRET_PATTERNS = [re.compile(r"r8_[A-Za-z0-9]{16,}"), re.compile(r"sk-[A-Za-z0
 # ----------------------------------------------------------------------------- errors
 class LLMError(Exception):
     """A request that failed for good. ``fatal``: every later request would fail too;
-    ``slow``: it ran out of time (the server may be busy, not wrong)."""
+    ``slow``: it ran out of time; :attr:`busy`: the server is busy (slow, rate limits,
+    overloaded), not wrong."""
 
     def __init__(self, message: str, status: int | None = None, fatal: bool = False, slow: bool = False):
         super().__init__(message)
         self.status, self.fatal, self.slow = status, fatal, slow
+
+    @property
+    def busy(self) -> bool:
+        return self.slow or self.status in BUSY_STATUSES
 
 
 class TransientError(LLMError):
@@ -100,10 +107,10 @@ def _status_error(status: int, detail: str) -> LLMError:
 
 
 def public_url(url: str) -> str:
-    """``url`` without a ``user:password@`` part, a query or a fragment (``?api-key=...``), so
-    it can be logged and stored."""
-    bare = re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1", str(url), flags=re.IGNORECASE)
-    return scrub(re.split(r"[?#]", bare, maxsplit=1)[0])
+    """``url`` without its ``user:password@`` part (up to the last ``@``), query and fragment
+    (``?api-key=...``), so it can be logged and stored."""
+    parts = urlsplit(str(url))
+    return scrub(urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")))
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -163,7 +170,8 @@ class Backend:
     name : ``"replicate"``, ``"openai"`` or ``"offline"``.
     model : the model asked.
     accepts_images : whether ``ask`` sends the images it is given.
-    base_url : the server asked ('' offline), without any user:password part, for the records.
+    base_url : the server asked ('' offline), without any user:password part, query or
+        fragment (:func:`public_url`), for the records.
     """
 
     name = "base"

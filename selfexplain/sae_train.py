@@ -426,10 +426,6 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     """
     n_steps = steps_per_epoch(tokens.train, settings.batch_size, runtime)
     s = lengthened(settings, n_steps, runtime)  # EPOCHS raised to MIN_STEPS on small token sets
-    if s.epochs != settings.epochs and runtime.is_main:  # the saved config says what ran, beside what was asked
-        path = Path(s.out_dir) / artifacts.CONFIG
-        if path.is_file():
-            artifacts.write_json(path, {**artifacts.read_json(path), "EPOCHS_RUN": s.epochs})
     if s.epochs == 0:
         runtime.log("EPOCHS=0: the tokens are cached; no SAE was trained")
     total_steps = max(1, s.epochs * n_steps)

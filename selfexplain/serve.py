@@ -8,7 +8,13 @@ Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from 
   ``familiarity``/``unfamiliar`` and ``overlay_png`` (the heat overlay, base64 PNG);
   a bad body is a 400 with ``{"error": "..."}``, a body over ``MAX_BODY`` bytes a 413;
 * ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
-  sprites), read-only, refusing any path that leaves ``REPORT_DIR``.
+  sprites), read-only, refusing any path that leaves ``REPORT_DIR`` (``/atlas`` redirects
+  to ``/atlas/``);
+* ``HEAD`` answers as ``GET`` without the body; other methods get a 405. Every error,
+  http.server's own included, is a one-line JSON ``{"error"}``; a refused body is drained
+  and its connection closed, so it cannot pose as the next request. Uploads over
+  ``MAX_UPLOAD_SIDE`` px on a side are refused on their header, and at most
+  ``DECODES_AT_ONCE`` are decoded at a time. Ctrl-C or SIGTERM stops :func:`run_server`.
 
 Models load once, when the server is made, and every model pass is serialised, so
 concurrent requests are safe (each request's explanation owns its own tensors). Under
@@ -24,7 +30,6 @@ import base64
 import json
 import mimetypes
 import queue
-import signal
 import threading
 import traceback
 from concurrent.futures import Future
@@ -35,6 +40,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import explain, familiarity
+from .distributed import sigterm_interrupts
 from .errors import UserError
 from .imaging import BadImage, decode_image, png_bytes
 from .logs import log
@@ -46,7 +52,7 @@ PAGE = Path(__file__).with_name("static") / "draw.html"
 ATLAS_FILES = ("index.html", "thumbs/", "sprites/")  # what /atlas/ serves: never the report's other files
 REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
 MAX_UPLOAD_SIDE = 4096                  # longest side of an uploaded PNG: a 200 KB 8192x4880 one took 0.7 GB to decode
-DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): memory stays bounded
+DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): decoding memory stays bounded
 
 
 class Stopping(Exception):
@@ -168,30 +174,24 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
-    def do_HEAD(self) -> None:  # noqa: N802 (link checkers, proxies): GET's status and headers, no body
-        self.head_only = True
-        try:
-            self.do_GET()
-        finally:
-            self.head_only = False  # the next request on this kept-alive connection may be a GET
+    do_HEAD = do_GET  # link checkers, proxies: GET's status and headers; _send leaves the body out  # noqa: N815
 
     def _not_allowed(self) -> None:
-        self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain",
-                    close=True)  # any body is unread
+        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain")
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
+    def send_error(self, code, message=None, explain=None) -> None:
+        """http.server's own errors (bad request line, unknown method, long URL) as JSON too."""
+        self.close_connection = True
+        self._error(HTTPStatus(code), message or HTTPStatus(code).phrase, close=True)
+
     def do_POST(self) -> None:  # noqa: N802
         if urlsplit(self.path).path != "/explain":
-            self._error(HTTPStatus.NOT_FOUND, "POST goes to /explain", close=True)  # its body is unread
+            self._refuse(HTTPStatus.NOT_FOUND, "POST goes to /explain")
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header", close=True)
-            return
-        if length < 0:
-            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length}", close=True)
+        length = self._body_length()
+        if length is None:
             return
         if length > MAX_BODY:
             self._drain(length)
@@ -211,6 +211,26 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the explanation failed: {type(exc).__name__}: {exc}")
             return
         self._send(HTTPStatus.OK, json.dumps(result, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def _body_length(self) -> int | None:
+        """The request's Content-Length; None (after answering a 411 or 400) when it has none usable."""
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header", close=True)
+            return None
+        if length < 0:
+            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length}", close=True)
+            return None
+        return length
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer without reading the request's body: drained first (a client still sending would
+        miss the answer), then the connection closes (it could pose as the next request)."""
+        length = self._body_length() if "Content-Length" in self.headers else 0
+        if length is not None:
+            self._drain(length)
+            self._error(status, message, close=True)
 
     def _drain(self, length: int) -> None:
         """Read and drop a refused body (clients that are still sending would miss the answer)."""
@@ -235,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if not getattr(self, "head_only", False):
+        if self.command != "HEAD":
             self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
@@ -277,7 +297,7 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
 
 def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
                port: int = 8000, device: str = "auto", data_root: str = "", **options) -> None:
-    """Serve the draw-and-explain page until Ctrl-C (``why_did_you.py --serve=True``)."""
+    """Serve the draw-and-explain page until Ctrl-C or SIGTERM (``why_did_you.py --serve=True``)."""
     server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, data_root=data_root,
                          **options)
     server.explainer.jobs = queue.Queue()
@@ -285,16 +305,11 @@ def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: 
     http_thread.start()
     host, port = server.server_address[:2]
     log(f"draw-and-explain page on http://{host}:{port}/ (the atlas at /atlas/index.html); Ctrl-C stops")
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # kill, systemd, docker: stop as Ctrl-C does
     try:
-        server.explainer.work(threading.Event())  # the model passes, on this (the main) thread
+        with sigterm_interrupts():  # kill, systemd, docker: stop as Ctrl-C does
+            server.explainer.work(threading.Event())  # the model passes, on this (the main) thread
     except KeyboardInterrupt:
         log("stopped")
     finally:
-        signal.signal(signal.SIGTERM, previous)
         server.shutdown()
         server.server_close()
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt

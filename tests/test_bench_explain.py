@@ -5,7 +5,6 @@ from selfexplain import artifacts
 
 def test_bench_explain_times_the_page_request_and_writes_its_section(tiny_classifier, tiny_sae, cache_dir, tmp_path):
     out = tmp_path / "explain.md"
-    (tmp_path / "report").mkdir()  # no concepts: neurons named by id (stage 5 refuses a missing REPORT_DIR)
     result = bench_explain.main(classifier_ckpt=str(tiny_classifier / artifacts.BEST_CLASSIFIER),
                                 sae_ckpt=str(tiny_sae / artifacts.BEST_SAE), report_dir=str(tmp_path / "report"),
                                 cache_dir=str(cache_dir), max_images=6, iters=2, rounds=1, random_draws=2,

@@ -1,4 +1,5 @@
 """Stage 5: exact decomposition, faithfulness, top neurons, caching, concepts and the CLI."""
+import itertools
 import json
 import os
 import subprocess
@@ -239,12 +240,19 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
     assert [g["predicted_class"] for g in got[2:]] == [cli[1]["predicted_class"]] * 2
     assert [g["logit"] for g in got[2:]] == pytest.approx([cli[1]["logit"]] * 2, rel=1e-4)
     assert all({"familiarity", "unfamiliar", "top_active"} <= set(g) for g in got)
+    assert len(explain_io.as_image_list(np.zeros((5, 64, 64), np.uint8))) == 5  # a stack of the cache's images
+    assert len(explain_io.as_image_list(np.zeros((64, 64, 3), np.uint8))) == 1  # one colour picture
     alone = why_did_you.explain_images(path, familiar=False, **kw)  # one image alone, or a generator of them
     assert len(alone) == 1 and len(why_did_you.explain_images((p for p in [path, path]), familiar=False, **kw)) == 2
     for wrong, hint in [({"N": 3}, "n_cite"), ({"fast": True}, r"input_check \(= not fast\)"), ({"n_cites": 3}, "n_cite"),
                         ({"SEED": 1}, "seed")]:
         with pytest.raises(UserError, match=f"unknown explanation setting .*did you mean {hint}"):
             why_did_you.explain_image(path, **kw, **wrong)
+    sweep = explain.ExplainSettings.from_kwargs({"n_cite": np.int64(3), "ink_share": np.float32(0.25),
+                                                  "input_check": np.bool_(False)})  # a notebook sweep's numbers
+    assert (sweep.n_cite, sweep.ink_share, sweep.input_check) == (3, 0.25, False) and type(sweep.n_cite) is int
+    with pytest.raises(UserError, match="active must be None or MostActive"):
+        explain.ExplainSettings.from_kwargs({"active": "max"})
     for wrong in ({"n_cite": "three"}, {"ink_share": "0.2"}, {"n_random": None}, {"input_check": "no"}):
         with pytest.raises(UserError, match=f"{next(iter(wrong))} expects"):  # not a TypeError from deep inside
             why_did_you.explain_image(path, **kw, **wrong)
@@ -448,6 +456,16 @@ def test_the_sentence_reads_offline_labels_of_one_part_as_one_concept():
     classes = {"clear_classes": ["car (sedan)", "dog, cat"], "where": {"description": "anywhere in the sketch"}}
     for words in range(1, 14):  # MAX_WORDS may cut a label anywhere: the concept stays the same
         assert prompts.concept_name(prompts.offline_label(part, words)) == "spokes"
+    from selfexplain.stats import describe_position
+
+    for row, col, spread, diffuse in itertools.product((0.1, 0.5, 0.9), (0.1, 0.5, 0.9), (0.0, 10.0),
+                                                       ("all over the sketch", "anywhere in the sketch")):
+        where = {"description": describe_position(row, col, spread, diffuse)}  # every place stage 3 can write
+        for words in range(3, 16):
+            label = prompts.offline_label({"clear_classes": ["cat", "dog"], "where": where}, words)
+            assert prompts.concept_name(label) in ("strokes typical of cat/dog", "strokes typical of",
+                                                   "strokes typical", "strokes"), (label, words)
+        assert prompts.concept_name(prompts.offline_label({**part, "where": where}, 12)) == "spokes"
     assert [prompts.concept_name(prompts.offline_label(classes, w)) for w in (12, 8, 6)] == \
         ["strokes typical of car (sedan)/dog, cat"] * 3
 
@@ -475,8 +493,17 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
     assert names == ["<PIL image>"] * len(pil) + ["<array>"] * len(arrays)
     at_size = np.full((64, 64), 255, np.uint8)  # the model's own size: taken as is, like the cache's images
     assert (explain.to_uint8([at_size], 64)[0][0] == at_size).all()
+    overshoot = grey.astype(np.float32)
+    overshoot[0, 0] = 255.4  # what cubic resampling leaves: still 0-255, not 16 bits
+    wide = np.asarray(picture).astype(np.int64) * 257  # 16-bit colour
+    batch, _ = explain.to_uint8([overshoot, wide, picture.convert("RGBA").convert("La"),
+                                 picture.convert("LAB")], 64)
+    for k, got in enumerate(batch):
+        assert np.abs(got.astype(int) - expected).max() <= 2, f"extra {k}"
     for bad, message in [(Image.new("L", (0, 0)), "<PIL image>: empty"), (np.zeros((64, 64), bool), "white paper"),
                          (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), np.nan), "NaN"),
+                         (np.full((8, 8), np.inf), "infinite"), (np.full((8, 8), -1), "outside 0-65535"),
+                         (np.full((8, 8), 2 ** 32, np.int64), "outside 0-65535"),
                          (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)

@@ -365,8 +365,8 @@ def test_a_server_that_never_answers_stops_the_run_early(reply, report, monkeypa
 def test_a_busy_server_fails_neurons_and_never_stops_the_run(report, monkeypatch, waits):
     """Rate limits and timeouts say the server is busy, not wrong: the neurons are listed for a rerun (exit 1)."""
     monkeypatch.setattr(concepts, "FAILURES_BEFORE_STOP", 2)
-    script = lambda _, nid, attempt: (Reply(kind="status", status=429, detail="slow down") if nid % 2  # noqa: E731
-                                      else Reply(kind="slow", delay=30.0, text="late"))
+    script = lambda _, nid, attempt: (Reply(kind="status", status=(429, 503)[nid % 4 == 1], detail="busy")  # noqa: E731
+                                      if nid % 2 else Reply(kind="slow", delay=30.0, text="late"))
     with FakeLLMServer(script=script) as srv:
         assert run_openai(report, srv, monkeypatch, workers=2, retries=0, timeout=0.5, model="m") == 1
         assert {nid for (_, nid) in srv.attempts} == set(LIVE)  # every neuron was asked
@@ -385,6 +385,7 @@ def test_a_replicate_model_is_checked_before_any_request_and_its_404_says_where_
 
 def test_a_password_in_base_url_is_never_shown_or_stored(report, monkeypatch, capsys):
     assert llm_backends.public_url("https://u:s3cret@host:8/v1?api-key=k3y#x") == "https://host:8/v1"
+    assert llm_backends.public_url("https://user:p@ss@host/v1") == "https://host/v1"  # up to the last @
     script = lambda _, nid, attempt: Reply(kind="status", status=404, detail="not found")  # noqa: E731
     with FakeLLMServer(script=script) as srv:
         url = srv.openai_url.replace("://", "://user:s3cret@")
