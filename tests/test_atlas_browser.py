@@ -181,3 +181,30 @@ def test_atlas_header_shows_the_held_out_figures(tmp_path):
     assert "&lt;b&gt;arc&lt;/b&gt;" in table and "<b>arc</b>" not in table
     assert "mean · channels" in table and "held-out part AUROC 0.951" in dom
     assert "best part (training images): <b>spiral</b> · AUROC 0.91" in dom
+
+
+def test_class_filter_keeps_neurons_that_favour_the_class_and_chips_say_which(tmp_path):
+    """A class a neuron is seen on with PMI <= 0 is a grey chip, and filtering by it does not list the neuron."""
+    from selfexplain.browser import Chromium
+
+    out = tmp_path / "neuron_report"
+    records = _fake_report(out)
+    records[1]["top_classes"].append({"class": "car", "index": 0, "pmi": -1.07, "p_class_given_on": 0.02,
+                                      "lens": 0.0, "knockout": 0.0})  # seen on a car once, against the odds
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    artifacts.write_jsonl(out / "llm_output.jsonl", [
+        {"neuron_id": 3, "answer": "offline: zigzag (train AUROC 0.97), lower left", "backend": "offline",
+         "model": "offline", "sae_fingerprint": FINGERPRINT}])
+    page = report.write_index_html(out)
+    with Chromium(1000, 800) as browser:
+        browser.goto(page.as_uri())
+        browser.evaluate("(() => { const s = document.getElementById('cls'); s.value = 'car';"
+                         " s.dispatchEvent(new Event('input')); })()")
+        shown = browser.evaluate("[...document.querySelectorAll('article')].map(a => Number(a.dataset.id))")
+        browser.evaluate("(() => { const s = document.getElementById('cls'); s.value = '';"
+                         " s.dispatchEvent(new Event('input')); })()")
+        weak = browser.evaluate("[...document.querySelectorAll('#neuron-1 .chip.weak')].map(c => c.textContent)")
+        concept = browser.evaluate("document.querySelector('#neuron-3 .concept').textContent")
+    assert sorted(shown) == [0, 2]  # neurons 0 and 2 favour car (PMI 1.2); 1 only met one; 4 is dead
+    assert weak == ["car PMI -1.07"]
+    assert concept == "zigzag (train AUROC 0.97), lower left offline"  # the backend named once

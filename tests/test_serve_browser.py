@@ -65,3 +65,49 @@ def test_drawing_strokes_shows_the_explanation(url):
         browser.wait_for(f"document.body.dataset.explained > {count}")
         browser.evaluate("document.getElementById('clear').click()")
         assert browser.evaluate("document.getElementById('prediction').textContent") == ""
+
+
+def test_an_answer_that_arrives_after_clear_is_not_shown(url):
+    """Clear while a request is in flight: the late answer belongs to an erased drawing."""
+    with Chromium(1100, 800) as browser:
+        browser.goto(url)
+        browser.evaluate("(() => { const f = window.fetch; window.fetch = (...a) => "
+                         "new Promise(r => setTimeout(() => r(f(...a)), 800)); })()")  # every answer arrives late
+        left, top, side = browser.evaluate(f"(r => [r.left, r.top, r.width])({CANVAS})")
+        browser.stroke([(left + 0.2 * side, top + 0.5 * side), (left + 0.8 * side, top + 0.5 * side)], "mouse")
+        browser.evaluate("document.getElementById('clear').click()")
+        browser.wait_for("new Promise(r => setTimeout(() => r(true), 2500))")
+        assert browser.evaluate("document.getElementById('prediction').textContent") == ""
+        assert not browser.evaluate("document.body.dataset.explained")
+
+
+def test_an_upload_is_explained_as_the_file_itself(url, tmp_path, tiny_classifier, cache_dir):
+    """The page sends an upload at its own size: the answer is the one a direct POST of the file gets."""
+    import http.client
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from selfexplain import data
+
+    ckpt = artifacts.load_checkpoint(tiny_classifier / artifacts.BEST_CLASSIFIER, "classifier")
+    image = np.array(data.load_dataset(ckpt["dataset"], cache_dir, progress=False).images[int(ckpt["split"]["test"][0])])
+    path = tmp_path / "upload.png"
+    Image.fromarray(image).save(path)
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/explain", path.read_bytes(), {"Content-Type": "image/png"})
+    direct = json.loads(conn.getresponse().read())
+    conn.close()
+    with Chromium(1100, 800) as browser:
+        browser.goto(url)
+        root = browser.call("DOM.getDocument")["root"]["nodeId"]
+        node = browser.call("DOM.querySelector", {"nodeId": root, "selector": "#file"})["nodeId"]
+        browser.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(path)]})
+        browser.wait_for("document.body.dataset.explained >= 1")
+        shown = browser.evaluate("document.getElementById('prediction').textContent")
+        here = browser.evaluate("[...document.querySelectorAll('#concepts li')].map(li => li.textContent)")
+    p = direct["probability"]
+    assert shown == f"{direct['predicted_class']} ({100 * p:.{1 if p < 0.1 else 0}f}%)"  # the page's rounding
+    assert all("here: " in line for line in here) and len(here) == len(direct["neurons"])
