@@ -309,6 +309,18 @@ class Explanation:
 FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop") + evidence.INPUT_CHECK_KEYS  # the JSON's, in order
 
 
+BLANK_ABOVE = 245  # an input with no pixel darker than this has no ink: nothing for a concept to explain
+
+
+def blank_sentence(predicted: str, probability: float, image: np.ndarray | None) -> str | None:
+    """The sentence for an input without ink (a blank page), else None: concepts would still be cited
+    (the code is never all zero), but they would explain a guess, not a drawing."""
+    if image is None or int(np.asarray(image).min()) <= BLANK_ABOVE:
+        return None
+    return (f"Predicted {predicted} ({probability:.0%}) for a blank page: it has no ink, so no concept explains "
+            "the guess.")
+
+
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron],
                      names: dict[int, str] | None = None) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
@@ -412,7 +424,8 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
-        faithfulness=faith, sentence=compose_sentence(cls, prob, cited, names), extra=extra, removed_ink=removed)
+        faithfulness=faith, sentence=blank_sentence(cls, prob, image) or compose_sentence(cls, prob, cited, names),
+        extra=extra, removed_ink=removed)
 
 
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,

@@ -372,8 +372,10 @@ def test_cli_warns_about_a_blank_page_and_not_about_a_test_sketch(ckpts, image_d
     Image.new("L", (256, 256), 255).save(blank)
     out = _cli(ckpts, tmp_path, f"--image=[{blank},{image_dir / 'sketch_0.png'}]", "--json=True")
     assert out.returncode == 0, out.stderr
-    flagged = {json.loads(line)["image"]: json.loads(line)["unfamiliar"] for line in out.stdout.strip().splitlines()}
-    assert flagged == {str(blank): True, str(image_dir / "sketch_0.png"): False}
+    records = {json.loads(line)["image"]: json.loads(line) for line in out.stdout.strip().splitlines()}
+    assert {name: r["unfamiliar"] for name, r in records.items()} == {str(blank): True, str(image_dir / "sketch_0.png"): False}
+    assert "blank page: it has no ink" in records[str(blank)]["sentence"]  # no concepts credited for a guess
+    assert "mainly because of" in records[str(image_dir / "sketch_0.png")]["sentence"]
     text = _cli(ckpts, tmp_path, f"--image={blank}", f"--overlay={tmp_path / 'why.png'}")
     assert "WARNING: unfamiliar input" in text.stdout
     assert (tmp_path / "familiarity.json").is_file()  # calibrated once, then reused
