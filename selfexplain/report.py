@@ -105,7 +105,8 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
         if parts is not None:
             rec["parts"] = {"best_part": parts.part[i], "auroc": _rounded(parts.auroc[i]),
                             "pointing": _rounded(parts.pointing[i]),
-                            "pointing_chance": _rounded(parts.pointing_chance[i]), "split": "train"}
+                            "pointing_chance": _rounded(parts.pointing_chance[i]),
+                            "n_examples": int(parts.n_holding[i]), "split": "train"}
         rec["n_on"] = int(st.counts[i].sum())  # images above τ: what the class statistics rest on
         rec["clear_class"] = has_clear_class(rec, weak_pmi)  # stage 4's offline label follows this verdict
         rec["clear_classes"] = clear_classes(rec, weak_pmi)[:2]  # ... and names only these
@@ -294,7 +295,8 @@ def _card(rec: dict, concept: concepts.Concept | None, report_dir: Path) -> dict
     if isinstance(parts, dict):
         card["parts"] = {"best_part": _text(parts.get("best_part")), "auroc": _number(parts.get("auroc")),
                          "pointing": _number(parts.get("pointing")),
-                         "pointing_chance": _number(parts.get("pointing_chance"))}
+                         "pointing_chance": _number(parts.get("pointing_chance")),
+                         "n_examples": _number(parts.get("n_examples"))}
     if concept is not None:
         card["concept"] = concept.answer
         card["concept_source"] = " ".join(dict.fromkeys(t for t in (concept.backend, concept.model) if t))  # once each

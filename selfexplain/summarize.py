@@ -419,6 +419,7 @@ class NeuronParts:
     auroc: np.ndarray            # (M,) that AUROC, chosen and scored on the training images (optimistic)
     pointing: np.ndarray         # (M,) of its example images holding that part, share where its peak is inside
     pointing_chance: np.ndarray  # (M,) the same rule on maps of noise, against the same images' boxes
+    n_holding: np.ndarray        # (M,) how many of its example images hold that part (what pointing rests on)
 
 
 def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,
@@ -439,7 +440,7 @@ def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.Ima
     point = cm.pointing_game(maps.transpose(1, 0, 2), own_boxes.transpose(1, 0, 2, 3), holds.T,
                              [types[j] for j in best], grid, imageset.spec["image_size"])
     auc = np.asarray(train_auroc)[best, np.arange(m)]
-    return NeuronParts([types[j] for j in best], auc, point.hit_rate, point.chance)
+    return NeuronParts([types[j] for j in best], auc, point.hit_rate, point.chance, holds.sum(1))
 
 
 # ----------------------------------------------------------------------------- summary

@@ -162,7 +162,8 @@ def test_atlas_header_shows_the_held_out_figures(tmp_path):
     out = tmp_path / "neuron_report"
     records = _fake_report(out)
     for r in records:
-        r["parts"] = {"best_part": "spiral", "auroc": 0.91, "pointing": 0.5, "pointing_chance": 0.25, "split": "train"}
+        r["parts"] = {"best_part": "spiral", "auroc": 0.91, "pointing": 0.5, "pointing_chance": 0.25, "split": "train",
+                      "n_examples": 6}
     artifacts.write_jsonl(out / "neurons.jsonl", records)
     artifacts.write_json(out / "summary.json", {
         "sae_fingerprint": FINGERPRINT, "n_images": 10,
@@ -181,6 +182,7 @@ def test_atlas_header_shows_the_held_out_figures(tmp_path):
     assert "&lt;b&gt;arc&lt;/b&gt;" in table and "<b>arc</b>" not in table
     assert "mean · channels" in table and "held-out part AUROC 0.951" in dom
     assert "best part (training images): <b>spiral</b> · AUROC 0.91" in dom
+    assert "peak inside the part on 3 of the 6 top examples holding it (chance 25.0%)" in dom  # counts, not a rate
 
 
 def test_class_filter_keeps_neurons_that_favour_the_class_and_chips_say_which(tmp_path):

@@ -163,6 +163,7 @@ def test_held_out_units_are_chosen_on_train_and_scored_on_test(report, pipeline)
     for r in records:
         assert r["parts"]["split"] == "train" and r["parts"]["best_part"] == inputs.imageset.part_types[best[r["neuron_id"]]]
         assert r["parts"]["auroc"] == pytest.approx(train_auc[best[r["neuron_id"]], r["neuron_id"]], abs=1e-4)
+        assert 0 <= r["parts"]["n_examples"] <= len(r["top_examples"])  # the pointing share rests on these
 
 
 def test_summary_holds_every_baseline_with_finite_held_out_figures(report):
