@@ -22,8 +22,8 @@ version: --model=yorickvp/llava-13b:VERSION_ID.
 A rerun resumes: a neuron is asked again only when its latest answer was made for another
 SAE (summary.json's sae_fingerprint), another prompt, backend or model (an offline run never
 replaces a real LLM's answer). The file is only appended to: superseded lines stay on disk and
-readers set them aside. Each answer is written as it arrives; Ctrl-C stops new requests and
-keeps the answers of those in flight. A second run on the same REPORT_DIR is refused while one
+readers set them aside (PRUNE=True first drops the lines made for another SAE). Each answer
+is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight. A second run on the same REPORT_DIR is refused while one
 is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
 first neurons all fail stops early (exit 2): 3 refusals, a bad token or unknown model, or 8
 failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
@@ -57,6 +57,7 @@ ONLY = None  # list of neuron ids to ask (dead ones included), None = all live n
 LIMIT = None  # ask at most this many of the selected neurons (the first in neurons.jsonl order)
 MAX_WORDS = 12  # longest concept kept, in words
 SEED = 0  # seeds the backoff jitter; sent to OpenAI-compatible servers as `seed`
+PRUNE = False  # first drop the answers made for another SAE from llm_output.jsonl (readers set them aside anyway)
 
 
 def check_config(cfg) -> None:
@@ -87,6 +88,8 @@ def main(**overrides) -> int:
     question = concepts.Question(report_dir, concepts.report_fingerprint(report_dir), cfg.MAX_WORDS,
                                  cfg.N_IMAGES if cfg.IMAGES else 0)
     with concepts.AnswerLog(report_dir / artifacts.LLM_OUTPUT) as out:
+        if cfg.PRUNE:
+            log(f"pruned {out.prune(question.sae_fingerprint)} answers made for another SAE from {out.path}")
         offline = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
                    if backend.name == "offline" else None)
         done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),

@@ -296,6 +296,18 @@ class AnswerLog:
     def records(self) -> list[Concept]:
         return read_concepts(self.path)
 
+    def prune(self, sae_fingerprint: str | None) -> int:
+        """Drop every line not made for this SAE (the file is rewritten atomically, under the
+        lock); returns how many went. Readers set such lines aside anyway: pruning only keeps
+        a folder whose SAE was retrained many times from growing."""
+        if not self.path.is_file() or sae_fingerprint is None:
+            return 0
+        lines = artifacts.read_jsonl(self.path)
+        kept = [r for r in lines if isinstance(r, dict) and r.get("sae_fingerprint") == sae_fingerprint]
+        if len(kept) < len(lines):
+            artifacts.write_jsonl(self.path, kept)
+        return len(lines) - len(kept)
+
     def append(self, record: Concept) -> None:
         with self._threads:
             artifacts.append_jsonl(self.path, asdict(record))

@@ -643,6 +643,10 @@ def test_answers_for_another_sae_are_set_aside_and_asked_again(report, capsys):
     concepts.load_concepts(report, "fedcba9876543210")  # an SAE nothing was made for
     assert "set aside 10 answers and 6 summaries made for another SAE" in capsys.readouterr().err
     assert concepts.load_concepts(report, "fedcba9876543210") == {}
+    assert stage.main(report_dir=str(report), backend="offline", prune=True) == 0  # retrained often: tidy up
+    assert "pruned 5 answers made for another SAE" in capsys.readouterr().err
+    assert {r["sae_fingerprint"] for r in read_jsonl(report / "llm_output.jsonl")} == {"0123456789abcdef"}
+    assert sorted(answers(report, "0123456789abcdef")) == LIVE  # the current SAE's answers stay
 
 
 def test_a_changed_prompt_or_model_is_asked_again(report, monkeypatch):
