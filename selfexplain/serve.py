@@ -96,6 +96,7 @@ class Explainer:
         exp.image = "<upload>"
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
+        out["n_classes"] = len(self.models.class_names)  # the page shows the chance rate, 1 / n_classes
         # zlib level 1: ~5 ms instead of ~13 ms per overlay here (demo size), for a somewhat larger body
         out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp), compress_level=1)
                                               ).decode("ascii")

@@ -67,6 +67,7 @@ def test_good_png_answers_the_json_contract(server, sketches):
     assert status == 200
     assert CONTRACT <= set(out)
     assert out["predicted_class"] == out["top5"][0]["class"] and len(out["top5"]) == 5
+    assert out["n_classes"] == len(server.explainer.models.class_names)  # the page's chance rate
     assert 0 <= out["familiarity"] <= 100 and isinstance(out["unfamiliar"], bool)
     cited = sum(n["contribution"] for n in out["neurons"])
     assert cited + out["others"] + out["bias"] + out["error"] == pytest.approx(out["logit"], abs=1e-3)

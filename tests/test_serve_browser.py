@@ -57,6 +57,7 @@ def test_drawing_strokes_shows_the_explanation(url):
                           for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; })(),
         })""")
         assert page["top5"] == 5
+        assert browser.evaluate("document.getElementById('chance').textContent").startswith("(chance ")
         assert page["links"] and all(h.startswith("/atlas/index.html#neuron-") for h in page["links"])
         assert page["overlay"] > 0 and page["ink"] > 500
         # undo removes the last stroke and explains again; clear empties the page
