@@ -23,8 +23,8 @@ A rerun resumes: a neuron is asked again only when its latest answer was made fo
 SAE (summary.json's sae_fingerprint), another prompt, backend or model (an offline run never
 replaces a real LLM's answer). The file is only appended to: superseded lines stay on disk and
 readers set them aside (PRUNE=True first drops the lines made for another SAE). Each answer
-is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight. A second run on the same REPORT_DIR is refused while one
-is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
+is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight.
+A second run on the same REPORT_DIR is refused while one is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
 first neurons all fail stops early (exit 2): 3 refusals, a bad token or unknown model, or 8
 failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
 not its API.

@@ -121,6 +121,12 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     raise UserError(f"{name} expects {type(default).__name__}, got {value!r}")
 
 
+def closest(key: str, names) -> str | None:
+    """The name in ``names`` closest to a mistyped ``key`` (for a 'did you mean' hint), else None."""
+    close = difflib.get_close_matches(str(key).lower(), list(names), n=1)
+    return close[0] if close else None
+
+
 def make_config(defaults: dict, overrides: dict | None = None) -> Config:
     """Merge case-insensitive ``overrides`` into ``defaults``, checking keys and types."""
     by_lower = {k.lower(): k for k in defaults}
@@ -128,8 +134,8 @@ def make_config(defaults: dict, overrides: dict | None = None) -> Config:
     for key, value in (overrides or {}).items():
         name = by_lower.get(str(key).lower())
         if name is None:
-            close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            close = closest(key, by_lower)
+            hint = f"did you mean '{close}'? " if close else ""
             valid = ", ".join(k.lower() for k in defaults)
             raise UserError(f"unknown setting '{key}'; {hint}valid keys: {valid}")
         if isinstance(value, str) and not isinstance(defaults[name], str):

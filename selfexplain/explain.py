@@ -31,7 +31,6 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import concepts_and_names
-from .config import coerce
+from .config import closest, coerce
 from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
@@ -101,8 +100,7 @@ class ExplainSettings:
         for key in settings:
             if key not in names:
                 lower = str(key).lower()
-                hint = (lower if lower in names else CLI_NAMES.get(lower)
-                        or next(iter(difflib.get_close_matches(lower, names, n=1)), None))
+                hint = lower if lower in names else CLI_NAMES.get(lower) or closest(lower, names)
                 raise UserError(f"unknown explanation setting '{key}'" + (f" (did you mean {hint}?)" if hint else "")
                                 + f"; the settings are {', '.join(names)}")
         defaults = {f.name: f.default for f in fields(cls)}

@@ -24,7 +24,7 @@ from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError
 from .explain import Explanation, Models, to_uint8, unfamiliar_note
-from .imaging import IMAGE_EXTENSIONS, is_image_file, load_user_image, png_bytes
+from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes
 from .stats import describe_map
 
 TEST_IMAGES_DIR = "test_images"  # under REPORT_DIR: test:K images saved as PNG, so outputs can name a file
@@ -100,14 +100,10 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
     """
     inputs, skipped = [], []
     for entry in entries:
-        k_text = test_entry(entry)
-        if k_text is not None:
-            inputs.append(test_image(k_text, models, cache_dir, report_dir))
-            continue
         try:
-            inputs.append(ImageInput(entry, load_user_image(entry, models.image_size)))
+            inputs.append(read_input(entry, models, cache_dir, report_dir))
         except UserError as exc:
-            if len(entries) == 1:
+            if len(entries) == 1 or test_entry(entry) is not None:
                 raise
             skipped.append((entry, str(exc)))
     if not inputs:
@@ -122,9 +118,9 @@ def as_image_list(images) -> list:
     return [images] if one else list(images)
 
 
-def notebook_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:
-    """A notebook image decoded: ``test:K`` as the command line reads it (with its class), a path,
-    PIL image or array by :func:`explain.to_uint8`; a bad one is a UserError."""
+def read_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:
+    """One image decoded: ``test:K`` (with its class), a path, a PIL image or an array (the
+    notebook's) by :func:`explain.to_uint8`; a bad one is a UserError."""
     k_text = test_entry(item)
     if k_text is not None:
         return test_image(k_text, models, cache_dir, report_dir)

@@ -184,7 +184,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None) -> None:
         """http.server's own errors (bad request line, unknown method, long URL) as JSON too."""
-        self.close_connection = True
         self._error(HTTPStatus(code), message or HTTPStatus(code).phrase, close=True)
 
     def do_POST(self) -> None:  # noqa: N802
