@@ -268,6 +268,8 @@ class CitedNeuron:
     contribution: float        # exact contribution to the predicted logit
     share: float               # contribution / sum of all positive contributions
     heatmap: np.ndarray = field(repr=False, default=None)  # (H, W) code per token
+    name: str = ""             # short name (what the sentence, the page and the legend call it)
+    offline: bool = False      # named by the offline backend's statistics label, not by a model
 
 
 @dataclass
@@ -319,6 +321,12 @@ def blank_sentence(predicted: str, probability: float, image: np.ndarray | None)
             "the guess.")
 
 
+def short_name(label: str) -> tuple[str, bool]:
+    """``(name, offline)`` for a neuron's label: :func:`prompts.concept_name` (an offline label's
+    part or classes, without marker, AUROC and place) and whether the offline backend made it."""
+    return concept_name(label), label.startswith(OFFLINE_PREFIX)
+
+
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron],
                      names: dict[int, str] | None = None) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
@@ -332,13 +340,12 @@ def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNe
     head = f"Predicted {predicted} ({probability:.0%})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
-    labels = [(names or {}).get(n.neuron_id, n.concept) for n in cited]
-    offline = {label.startswith(OFFLINE_PREFIX) for label in labels}
+    named = [short_name((names or {}).get(n.neuron_id, n.concept)) for n in cited]
+    offline = {is_offline for _, is_offline in named}
     mark = "*" if offline == {True, False} else ""
     shares: dict[str, list[float]] = {}
-    for n, label in zip(cited, labels):
-        name = concept_name(label) + (mark if label.startswith(OFFLINE_PREFIX) else "")
-        shares.setdefault(name, []).append(n.share)
+    for n, (name, is_offline) in zip(cited, named):
+        shares.setdefault(name + (mark if is_offline else ""), []).append(n.share)
     ranked = sorted(shares.items(), key=lambda item: -sum(item[1]))  # stable: ties keep the contribution order
     parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in ranked]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -407,7 +414,8 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     maps = evidence.token_maps(analysis, b, cited_ids)  # (n, H, W): where each cited neuron fired
     cited = [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
                          float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
-                         maps[k]) for k, i in enumerate(cited_ids)]
+                         maps[k], *short_name((names or {}).get(i) or concept_of(concepts, i)))
+             for k, i in enumerate(cited_ids)]
     rng = np.random.default_rng([settings.seed, b if index is None else index])
     extra = {}
     if settings.active is not None:
@@ -538,13 +546,14 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         cut = note.index(";") + 1
         draw.text((4, size + 2), note[:cut], fill=(200, 0, 0), font=font)
         draw.text((4, size + 2 + line), note[cut:].strip(), fill=(200, 0, 0), font=font)
-    draw.text((4, size + head), f"{explanation.predicted_class} ({explanation.probability:.0%})", fill="black",
-              font=font)
+    offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
+    draw.text((4, size + head), f"{explanation.predicted_class} ({explanation.probability:.0%}){offline}",
+              fill="black", font=font)
     for k, n in enumerate(neurons):
         y = size + head + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
         share = f" ({n.share:.0%}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
-        label = fit_text(draw, n.concept, font, size - 24 - draw.textlength(share, font=font))
+        label = fit_text(draw, n.name or n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)
     if check:
         y = size + head + line * (len(neurons) + 1)

@@ -53,3 +53,6 @@ def test_five_stages_end_to_end(tmp_path):
     assert abs(total - exp["logit"]) < 1e-3
     concepts = {a["neuron_id"]: a["answer"] for a in answers}
     assert all(n["concept"] == concepts[n["neuron_id"]] for n in exp["neurons"] if n["neuron_id"] in concepts)
+    named = [n for n in exp["neurons"] if n["neuron_id"] in concepts]  # offline labels: a short name, marked
+    assert named and all(n["offline"] and n["name"] and not n["name"].startswith("offline")
+                         and n["concept"].startswith("offline: " + n["name"]) for n in named)

@@ -185,6 +185,10 @@ def test_concepts_fall_back_from_llm_to_stats_to_id(ckpts, test_images, tmp_path
          "sae_fingerprint": "0" * 16}])
     e = explain.explain_image(image, report_dir=str(report), device="cpu", n_cite=3, **ckpts)
     assert [n.concept for n in e.neurons] == ["wheel-like circles", "stats for b", f"neuron {c}"]
+    # the page and the legend use short names: a summary's sentence gives way to its statistics label
+    assert [(n.name, n.offline) for n in e.neurons] == [
+        ("wheel-like circles", False), ("strokes without a clear class preference", True), (f"neuron {c}", False)]
+    assert [n["name"] for n in e.to_dict()["neurons"]] == [n.name for n in e.neurons]
     assert "wheel-like circles (" in e.sentence and "no concepts" not in capsys.readouterr().err
     assert "stats for b" not in e.sentence and "strokes without a clear class preference" in e.sentence  # a name,
     # not a summary's whole sentence (stage 3's summaries alone made a 900-character one)

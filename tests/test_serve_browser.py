@@ -17,6 +17,10 @@ CANVAS = "document.getElementById('pad').getBoundingClientRect()"
 def url(tiny_classifier, tiny_sae, cache_dir, tmp_path_factory):
     report = tmp_path_factory.mktemp("browser_report")
     (report / artifacts.INDEX_HTML).write_text("<html><body>atlas</body></html>")
+    fingerprint = artifacts.load_checkpoint(tiny_sae / artifacts.BEST_SAE, "sae")["fingerprint"]
+    artifacts.write_jsonl(report / artifacts.LLM_OUTPUT, [  # the offline backend's labels for every neuron
+        {"neuron_id": i, "answer": f"offline: part{i} (train AUROC 0.90), anywhere in the sketch",
+         "backend": "offline", "model": "offline", "sae_fingerprint": fingerprint} for i in range(64)])
     srv = serve.make_server(str(tiny_classifier / artifacts.BEST_CLASSIFIER), str(tiny_sae / artifacts.BEST_SAE),
                             str(report), str(cache_dir), port=0, device="cpu", quiet=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -59,6 +63,11 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert page["top5"] == 5
         assert browser.evaluate("document.getElementById('chance').textContent").startswith("(chance ")
         assert page["links"] and all(h.startswith("/atlas/index.html#neuron-") for h in page["links"])
+        # offline labels read as their part, the whole label on hover, and the page says once where names came from
+        names = browser.evaluate("[...document.querySelectorAll('#concepts a')].map(a => [a.textContent, a.title])")
+        assert all(text == f"part{h.split('-')[-1]}" and title.startswith(f"offline: {text} (train AUROC")
+                   for (text, title), h in zip(names, page["links"]))
+        assert browser.evaluate("document.getElementById('names').textContent").startswith("Names from the statistics")
         assert page["overlay"] > 0 and page["ink"] > 500
         # undo removes the last stroke and explains again; clear empties the page
         count = browser.evaluate("Number(document.body.dataset.explained)")
