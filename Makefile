@@ -1,6 +1,7 @@
 # make demo  : the five stages on the built-in synthetic sketches (CPU, a few minutes)
 # make test  : the whole test suite
 # make bench : the benchmarks; rewrites bench/RESULTS.md
+# make install / figures / clean : the venv alone; the README's figures; delete runs, neuron_report and cache
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

@@ -100,8 +100,8 @@ def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
     Any other grey ``(H, W)`` or colour ``(H, W, 3|4)`` array is read as the picture it
     holds, through :func:`decode_image` (padded, resized; white paper, dark ink). Floats are
     0-1 when their largest value is at most 1, else 0-255 (clipped); integers are 0-255, or
-    0-65535 when any value is above 255. NaN, infinity, negative integers and integers above
-    65535 are a UserError, as are other shapes.
+    0-65535 when any value is above 255. NaN, infinity, negative values (a normalised tensor)
+    and integers above 65535 are a UserError, as are other shapes.
     """
     if array.dtype == np.uint8 and array.shape == (image_size, image_size):
         return array
@@ -121,6 +121,9 @@ def _to_uint8_values(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             raise UserError("array input holds NaN or infinite values: give paper its white value (1.0 or 255)")
+        if array.min() < -1e-6:  # a normalised tensor (mean/std), not pixels; rounding noise is let through
+            raise UserError(f"array input holds negative values (min {float(array.min()):.3g}): give pixel values, "
+                            f"0-1 or 0-255 with white paper, not a normalised tensor")
         scale = 255.0 if array.max() <= 1.0 else 1.0
         return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     low, high = int(array.min()), int(array.max())

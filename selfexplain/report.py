@@ -1,7 +1,7 @@
 """Stage 3's outputs: per-neuron records, example thumbnails and sprites, the HTML atlas.
 
 * :func:`neuron_records` turns the typed records of ``summarize.py`` (:class:`NeuronStats`,
-  :class:`NeuronParts`) into the ``neurons.jsonl`` objects (contract fields in DESIGN.md);
+  :class:`NeuronParts`) into the ``neurons.jsonl`` objects (fields listed in the README, stage 3);
 * :func:`render_examples` draws every neuron's top examples with their activation heat
   (``thumbs/``) and one strip per neuron (``sprites/``), batched in numpy/torch, inside
   :func:`staged_images` so a failed run leaves the previous images in place;

@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from . import explain, familiarity
+from . import artifacts, explain, familiarity
 from .distributed import sigterm_interrupts
 from .errors import UserError
 from .imaging import BadImage, decode_image, png_bytes
@@ -49,7 +49,8 @@ MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
 PAGE = Path(__file__).with_name("static") / "draw.html"
-ATLAS_FILES = ("index.html", "thumbs/", "sprites/")  # what /atlas/ serves: never the report's other files
+# what /atlas/ serves: never the report's other files
+ATLAS_FILES = (artifacts.INDEX_HTML, f"{artifacts.THUMBS_DIR}/", f"{artifacts.SPRITES_DIR}/")
 REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
 MAX_UPLOAD_SIDE = 4096                  # longest side of an uploaded PNG: a 200 KB 8192x4880 one took 0.7 GB to decode
 DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): decoding memory stays bounded
@@ -140,7 +141,7 @@ def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
     with ``--host=0.0.0.0`` a report folder's other files (a ``.env`` beside them) stay private.
     """
     root = Path(report_dir).resolve()
-    rel = unquote(url_path).lstrip("/") or "index.html"
+    rel = unquote(url_path).lstrip("/") or artifacts.INDEX_HTML
     try:
         target = (root / rel).resolve()
         if not target.is_relative_to(root) or not target.is_file():

@@ -10,7 +10,7 @@ over neurons M and classes C, so the maths can be checked on small hand-made inp
 * ``auroc``: rank-based AUROC of per-image scores against binary labels, ties averaged;
 * ``weighted_position`` / ``describe_position``: where in the image a neuron fires.
 
-Notation follows DESIGN.md: a neuron with mean code m = mean_tokens(z_i) over an image's
+Notation follows the README's "How it works": a neuron with mean code m = mean_tokens(z_i) over an image's
 tokens adds m · w_i[c] to class c's logit, where w_i = W_out (d_i ⊙ σ) is its logit lens.
 """
 from __future__ import annotations

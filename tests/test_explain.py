@@ -501,6 +501,9 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
     assert (explain.to_uint8([at_size], 64)[0][0] == at_size).all()
     overshoot = grey.astype(np.float32)
     overshoot[0, 0] = 255.4  # what cubic resampling leaves: still 0-255, not 16 bits
+    darkest = np.unravel_index(grey.argmin(), grey.shape)
+    assert grey[darkest] == 0
+    overshoot[darkest] = -1e-9  # ... and rounding noise below black
     wide = np.asarray(picture).astype(np.int64) * 257  # 16-bit colour
     batch, _ = explain.to_uint8([overshoot, wide, picture.convert("RGBA").convert("La"),
                                  picture.convert("LAB")], 64)
@@ -510,6 +513,7 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
                          (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), np.nan), "NaN"),
                          (np.full((8, 8), np.inf), "infinite"), (np.full((8, 8), -1), "outside 0-65535"),
                          (np.full((8, 8), 2 ** 32, np.int64), "outside 0-65535"),
+                         (np.linspace(-2.1, 2.6, 64, dtype=np.float32).reshape(8, 8), "normalised tensor"),
                          (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)
