@@ -102,6 +102,9 @@ def main(**overrides) -> dict:
         cleanup(runtime)
         return {"num_images": len(imageset), "skipped_images": imageset.skipped}
 
+    if len(imageset.class_names) < 2:
+        raise UserError(f"the data has {len(imageset.class_names)} class ({', '.join(imageset.class_names)}): "
+                        f"a classifier needs at least 2 (one sub-folder per class)")
     model = SketchResNet(len(imageset.class_names), pretrained=cfg.PRETRAINED,
                          layer4_stride=cfg.LAYER4_STRIDE).to(runtime.device)
     if cfg.CHANNELS_LAST:

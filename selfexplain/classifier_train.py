@@ -269,6 +269,22 @@ def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> 
     return n
 
 
+FEW_STEPS = 20  # optimiser steps per epoch below which the log suggests a smaller BATCH_SIZE
+
+
+def steps_note(n_train: int, batches_per_epoch: int, s: ClassifierTrainSettings, world_size: int) -> str:
+    """The epoch's step count, and what full batches (drop_last) leave out: on small data the
+    default BATCH_SIZE gave 1 step an epoch with a third of the training images sitting out."""
+    steps, used = batches_per_epoch // s.accum_steps, batches_per_epoch * s.batch_size * world_size
+    note = f"{steps} optimiser steps per epoch (BATCH_SIZE={s.batch_size} x ACCUM_STEPS={s.accum_steps})"
+    if n_train - used > 0.1 * n_train:
+        why = f"MAX_BATCHES={s.max_batches}" if s.max_batches > 0 else "full batches only"
+        note += f"; {n_train - used} of {n_train} training images sit out each epoch ({why})"
+    if steps < FEW_STEPS:
+        note += "; few steps: a smaller --batch_size learns more per epoch"
+    return note
+
+
 def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settings: ClassifierTrainSettings,
         runtime: Runtime) -> dict:
     """The epoch loop: train, validate, checkpoint; then test the best model (see :func:`finish`)."""
@@ -280,6 +296,7 @@ def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settin
                 f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])}, device {runtime.device}, "
                 f"world {runtime.world_size}, augment {'on' if s.augment else 'off'}"
                 f"{', fresh sketches each epoch' if s.synthetic_fresh and imageset.origins else ''}")
+    runtime.log(steps_note(len(split["train"]), batches_per_epoch, s, runtime.world_size))
     for epoch in range(state.epoch + 1, s.epochs + 1):
         t0 = time.time()
         order = np.random.default_rng([s.seed, epoch]).permutation(split["train"])

@@ -268,8 +268,19 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
         os.replace(tmp / "images_kept.npy", tmp / "images.npy")
     if kept == 0:
         raise UserError(f"no readable images in {source['data_root']} ({len(skipped)} skipped)")
-    np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-    return {"class_names": source["class_names"], "names": names, "skipped": skipped}
+    labels, class_names = drop_empty_classes(np.asarray(labels, dtype=np.int64), source["class_names"])
+    np.save(tmp / "labels.npy", labels)
+    return {"class_names": class_names, "names": names, "skipped": skipped}
+
+
+def drop_empty_classes(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Leave out classes none of whose images decoded (a class without images has nothing to
+    train or test, and broke stratified splits), renumbering the labels; each one is logged."""
+    present = np.bincount(labels, minlength=len(class_names)) > 0
+    for name in np.asarray(class_names, dtype=object)[~present]:
+        log(f"class {name!r} has no readable images: left out")
+    new_index = np.cumsum(present) - 1
+    return new_index[labels].astype(np.int64), [c for c, keep in zip(class_names, present) if keep]
 
 
 def _chunks(iterable, n: int) -> Iterator[list]:

@@ -79,9 +79,8 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
         with its chance rate, all on training images, ``split: "train"``; held-out figures are
         summary.json's ``concept_measures``).
     """
-    # top classes: classes the neuron was on for, most specific first; anti: lowest PMI, then most negative lens
+    # top classes: classes the neuron was on for, most specific first; anti: see avoided_classes
     order_top = np.argsort(-st.pmi, axis=1, kind="stable")
-    order_anti = np.lexsort((st.lens, st.pmi), axis=1)
     pos = st.position
     records = []
     for i in range(len(st.tau)):
@@ -95,7 +94,8 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
                "score_class": class_names[st.best_class[i]] if st.best_class[i] >= 0 else None,
                "top_classes": _class_entries(top, st, i, class_names,
                                              ("pmi", "p_class_given_on", "lens", "knockout", "counts")),
-               "anti_classes": _class_entries(order_anti[i][:n_anti], st, i, class_names, ("pmi", "lens")),
+               "anti_classes": _class_entries(avoided_classes(st.pmi[i], st.lens[i], top, n_anti), st, i,
+                                              class_names, ("pmi", "lens")),
                "where": {"row": round(float(pos["row"][i]), 4), "col": round(float(pos["col"][i]), 4),
                          "spread": round(float(pos["spread"][i]), 4),
                          "description": stats.describe_position(pos["row"][i], pos["col"][i], pos["spread"][i],
@@ -113,6 +113,13 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
         rec["auto_summary"] = auto_summary(rec, weak_pmi)
         records.append(rec)
     return records
+
+
+def avoided_classes(pmi: np.ndarray, lens: np.ndarray, top: list[int], n_anti: int) -> list[int]:
+    """The classes a neuron avoids: negative PMI only, lowest first (ties: most negative lens),
+    never one of its ``top`` classes (with 3 classes, the 3 lowest were every class, its favourite too)."""
+    order = np.lexsort((lens, pmi))
+    return [int(c) for c in order if pmi[c] < 0 and c not in top][:n_anti]
 
 
 def _rounded(x) -> float | None:

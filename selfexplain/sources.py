@@ -104,6 +104,7 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
         images = sorted(p for p in folder.rglob("*")
                         if is_image_file(p) and _visible(p, root))
         if not images:  # an empty class would break stratified splits: leave it out
+            log(f"class folder {folder.name}/ has no images: left out")
             continue
         labels += [len(class_names)] * len(images)
         class_names.append(folder.name)

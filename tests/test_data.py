@@ -196,3 +196,20 @@ def test_later_stages_read_moved_data_from_data_root_if_the_images_are_the_same(
     assert data.relocate(spec, "") is spec
     with pytest.raises(UserError, match="synthetic"):
         data.relocate({"dataset": "synthetic"}, str(tmp_path))
+
+
+def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
+    make_image_folder(tmp_path / "src", ["a", "b", "c"], n_per_class=3)  # clutter: an empty class folder too
+    for k in range(3):  # class a: every file unreadable
+        (tmp_path / "src" / "a" / f"{k:03d}.png").write_text("junk")
+    for stale in (tmp_path / "src" / "a").glob("*.*"):
+        if stale.suffix.lower() != ".png":
+            stale.unlink()
+    spec = data.dataset_spec("folder", str(tmp_path / "src"), 64)
+    images = data.load_dataset(spec, tmp_path / "cache", progress=False)
+    err = capsys.readouterr().err
+    assert images.class_names == ["b", "c"] and sorted(set(images.labels.tolist())) == [0, 1]
+    assert [n.split("/")[0] for n in images.names] == ["b"] * 3 + ["c"] * 3
+    assert all(images.class_names[label] == name.split("/")[0] for label, name in zip(images.labels, images.names))
+    assert "class 'a' has no readable images: left out" in err
+    assert "class folder zz_empty_class/ has no images: left out" in err

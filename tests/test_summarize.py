@@ -114,6 +114,8 @@ def test_report_files_and_records(report):
         assert {"class", "index", "pmi", "p_class_given_on", "lens", "knockout"} <= set(r["top_classes"][0])
         assert 0 <= r["where"]["row"] <= 1 and r["where"]["description"]
         assert r["auto_summary"].endswith(".")
+        top = {c["class"] for c in r["top_classes"]}
+        assert all(c["pmi"] < 0 and c["class"] not in top for c in r["anti_classes"])
     for r in records:
         if r["dead"]:
             assert r["top_examples"] == [] and r["sprite"] is None and r["score"] == 0
@@ -310,3 +312,14 @@ def test_a_class_preference_needs_support_not_one_or_two_images():
     assert f"circle (PMI 1.8, {report.MIN_SUPPORT} of {report.MIN_SUPPORT} images above τ)" in report.auto_summary(rec)
     rec["top_classes"] += [{"class": "square", "pmi": 0.3, "count": 9}, {"class": "cross", "pmi": 0.9, "count": 2}]
     assert report.clear_classes(rec) == ["circle"]  # weak PMI, or too few images: not named beside it
+
+
+def test_avoided_classes_have_negative_pmi_and_are_never_a_top_class():
+    """3 classes: the 3 lowest-PMI classes were all of them, the favourite too ("square PMI +0.93", "not square")."""
+    from selfexplain import report
+
+    pmi, lens = np.array([-1.47, -1.47, 0.93]), np.array([-0.2, -0.5, 0.8])
+    assert report.avoided_classes(pmi, lens, top=[2], n_anti=3) == [1, 0]   # ties: most negative lens first
+    assert report.avoided_classes(pmi, lens, top=[1, 2], n_anti=3) == [0]
+    assert report.avoided_classes(np.zeros(3), lens, top=[], n_anti=3) == []   # no preference: nothing avoided
+    assert report.avoided_classes(np.array([-3.0, -2.0, -1.0, 0.5]), np.zeros(4), top=[3], n_anti=2) == [0, 1]

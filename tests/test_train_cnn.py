@@ -355,3 +355,24 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_earlier_mode
         artifacts.load_checkpoint(run / "best.pt", "classifier")  # what stages 2-5 say meanwhile
     stage1.main(**cfg, overwrite=True)
     assert (run / "best.pt").is_file() and not (run / artifacts.REPLACED_DIR).exists()  # gone after the checkpoint
+
+
+def test_one_class_is_refused_before_training(tmp_path):
+    import train_standard_cnn as stage1
+    from hf_fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "one", ["circle"], n_per_class=12, clutter=False)
+    with pytest.raises(UserError, match=r"the data has 1 class \(circle\): a classifier needs at least 2"):
+        stage1.main(**dict(TINY_CNN, dataset="folder", data_root=str(tmp_path / "one"), out_dir=str(tmp_path / "run"),
+                           cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "run" / artifacts.BEST_CLASSIFIER).exists()
+
+
+def test_the_log_gives_steps_per_epoch_and_the_images_full_batches_leave_out():
+    small = ct.ClassifierTrainSettings("run", batch_size=64)
+    note = ct.steps_note(96, ct.epoch_batches(96, small, 1), small, 1)  # a small folder at the default batch
+    assert note.startswith("1 optimiser steps per epoch") and "32 of 96 training images sit out" in note
+    assert "a smaller --batch_size" in note
+    demo = ct.ClassifierTrainSettings("run", batch_size=64)
+    note = ct.steps_note(5760, ct.epoch_batches(5760, demo, 1), demo, 1)  # the demo: 90 full batches, none left out
+    assert note == "90 optimiser steps per epoch (BATCH_SIZE=64 x ACCUM_STEPS=1)"
