@@ -93,11 +93,15 @@ def main(**overrides) -> dict:
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later
     if cfg.RESUME:  # before the token pass, not after it
-        artifacts.require_resumable(Path(cfg.OUT_DIR) / artifacts.LAST_SAE)
+        st.check_resumable(Path(cfg.OUT_DIR) / artifacts.LAST_SAE, settings, clf_ckpt["fingerprint"])
     model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)
     model.requires_grad_(False)
     tokens = st.cache_split_tokens(model, clf_ckpt, cfg.CACHE_DIR, runtime, max_images=cfg.MAX_IMAGES, seed=cfg.SEED,
                                    ram_gb=cfg.TOKEN_RAM_GB, feature_batch=cfg.FEATURE_BATCH)
+    if cfg.EPOCHS == 0:  # a cache-only run: nothing goes into OUT_DIR
+        runtime.log(st.cache_only_note(tokens, cfg.CACHE_DIR))
+        cleanup(runtime)
+        return {"train_tokens": tokens.train.n_tokens, "val_tokens": tokens.val.n_tokens}
     # --overwrite removes the earlier run only now, once the data has loaded: a typo loses nothing
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=runtime.is_main)
     barrier(runtime)
@@ -106,7 +110,7 @@ def main(**overrides) -> dict:
     state = TrainState(best=float("inf"))
     if cfg.RESUME:
         last = Path(cfg.OUT_DIR) / artifacts.LAST_SAE
-        state, usage_ema = st.restore(last, sae, optimizer, clf_ckpt["fingerprint"], runtime)
+        state, usage_ema = st.restore(last, sae, optimizer, settings, clf_ckpt["fingerprint"], runtime)
         runtime.log(f"resumed from {last} after epoch {state.epoch}")
     settings = st.lengthened(settings, st.steps_per_epoch(tokens.train, settings.batch_size, runtime), runtime)
     if runtime.is_main:  # effective: the EPOCHS that MIN_STEPS made (the log says so), replayable with --config

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -159,6 +160,10 @@ def missing_message(path: Path, producer: str | None) -> str:
     if (Path(path).parent / REPLACED_DIR / Path(path).name).is_file():
         hint = (f"; an interrupted --overwrite kept the earlier one in {Path(path).parent / REPLACED_DIR}: "
                 "move its files back, or rerun the stage")
+    if Path(path).is_dir():  # a run folder given where its checkpoint file was meant
+        inside = sorted(p.name for p in Path(path).glob("*.pt"))
+        return (f"{path} is a folder, not a file" +
+                (f": did you mean {Path(path) / inside[0]}? ({', '.join(inside)} there)" if inside else ""))
     return f"{path} not found{hint}"
 
 
@@ -240,9 +245,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torc
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise UserError(f"{path} refused: it holds objects a safe load will not run ({first})")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
+        if unsafe:  # a real pickle of some class: name it, never load it
+            raise UserError(f"{path} refused: it holds objects a safe load will not run ({unsafe.group(1)})")
+        raise UserError(f"{path} is not a checkpoint (a safe load cannot read it); "
+                        f"rerun {PRODUCER.get(kind, 'its stage')}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
         raise UserError(f"{path} is truncated or not a checkpoint ({first}); rerun {PRODUCER.get(kind, 'its stage')}")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
@@ -374,6 +382,11 @@ def remove_path(path: Path) -> None:
 def require_resumable(path: str | os.PathLike) -> None:
     """``--resume=True`` needs ``path`` (a ``last*.pt``); say so plainly when the earlier run saved none."""
     if not Path(path).is_file():
+        aside = Path(path).parent / REPLACED_DIR
+        if (aside / Path(path).name).is_file():  # an --overwrite stopped before its first checkpoint
+            raise UserError(f"nothing to resume: {path} does not exist; the run an interrupted --overwrite replaced "
+                            f"is in {aside}: move its files back into OUT_DIR to resume it, or pass "
+                            "--overwrite=True to start again")
         raise UserError(f"nothing to resume: {path} does not exist (the earlier run saved no epoch); "
                         "start again without --resume=True")
 

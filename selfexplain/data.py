@@ -131,8 +131,8 @@ def _check_items(imageset: ImageSet, spec: dict) -> None:
         counts = (f" (the classifier's run saw {count} images, it now holds {len(imageset.names)})"
                   if count is not None and count != len(imageset.names) else "")
         raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
-                        f"added, removed or renamed{counts}), so its saved split would index other images; restore "
-                        "the folder or retrain with train_standard_cnn.py --overwrite=True")
+                        f"added, removed or renamed, or became unreadable{counts}), so its saved split would index "
+                        "other images; restore the folder or retrain with train_standard_cnn.py --overwrite=True")
     imageset.spec = {**spec, "items_digest": digest, "items_count": len(imageset.names)}
 
 

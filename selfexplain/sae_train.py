@@ -31,6 +31,7 @@ from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
 
 DEAD_LATENT_MODES = ("resample", "auxk", "both", "none")
 DEAD_MIN_FIRES = 10  # dead is counted over splits of at least this many average-rate firings per latent
+TOKEN_CACHE_DIR = "sae_tokens"  # inside CACHE_DIR: token caches too big for TOKEN_RAM_GB, reused by later runs
 
 
 @dataclass
@@ -127,7 +128,7 @@ def token_cache_path(cache_dir: str | Path, classifier_fingerprint: str, split_n
     SEED, rank and world size), so another subset never reuses old tokens.
     """
     digest = hashlib.sha256(np.ascontiguousarray(images, dtype=np.int64).tobytes()).hexdigest()[:12]
-    return (Path(cache_dir) / "sae_tokens" /
+    return (Path(cache_dir) / TOKEN_CACHE_DIR /
             f"{classifier_fingerprint}-{split_name}-n{len(images)}-{digest}-r{runtime.rank}of{runtime.world_size}.npy")
 
 
@@ -150,6 +151,14 @@ def cache_split_tokens(model, clf_ckpt: dict, cache_dir: str | Path, runtime: Ru
     runtime.log(f"cached {train.n_tokens * runtime.world_size} train / {val.n_tokens * runtime.world_size} val "
                 f"tokens ({train.hw[0]}x{train.hw[1]} per image) in {time.time() - t0:.1f}s")
     return SplitTokens(train, val, mu, sigma, imageset.labels, clf_ckpt["fingerprint"])
+
+
+def cache_only_note(tokens: SplitTokens, cache_dir: str | Path) -> str:
+    """What an ``EPOCHS=0`` run leaves: tokens on disk for the next run, or nothing (they fit in RAM)."""
+    if isinstance(tokens.train.tokens, np.memmap):
+        return f"EPOCHS=0: the tokens are cached in {Path(cache_dir) / TOKEN_CACHE_DIR} for the next run; no SAE was trained"
+    return ("EPOCHS=0: no SAE was trained, and no tokens are kept: they fit in TOKEN_RAM_GB, so a run "
+            "computes them in memory each time")
 
 
 def steps_per_epoch(store: TokenStore, batch_size: int, runtime: Runtime) -> int:
@@ -426,8 +435,6 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     """
     n_steps = steps_per_epoch(tokens.train, settings.batch_size, runtime)
     s = lengthened(settings, n_steps, runtime)  # EPOCHS raised to MIN_STEPS on small token sets
-    if s.epochs == 0:
-        runtime.log("EPOCHS=0: the tokens are cached; no SAE was trained")
     total_steps = max(1, s.epochs * n_steps)
     tau = s.usage_ema_epochs * n_steps * s.batch_size * runtime.world_size
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
@@ -547,16 +554,25 @@ def save_checkpoints(sae, optimizer, usage_ema, state: TrainState, settings: SAE
     artifacts.save_checkpoint(ckpt, out / artifacts.LAST_SAE)
 
 
-def restore(path: str | Path, sae, optimizer, classifier_fingerprint: str, runtime: Runtime) -> tuple[TrainState, torch.Tensor]:
-    """Load ``last_sae.pt`` (same classifier, M and K required); returns (loop state, usage EMA)."""
+def check_resumable(path: str | Path, settings: SAETrainSettings, classifier_fingerprint: str,
+                    map_location="cpu") -> dict:
+    """``last_sae.pt`` if the run can go on with these settings (same classifier, M, K and ARCH),
+    else a UserError saying what to pass; stage 2 asks before its token pass, not after it."""
     artifacts.require_resumable(path)
-    ckpt = artifacts.load_checkpoint(path, "sae", map_location=runtime.device)
+    ckpt = artifacts.load_checkpoint(path, "sae", map_location=map_location)
     if ckpt["classifier_fingerprint"] != classifier_fingerprint:
         raise UserError(f"{path} was trained on another classifier; start a new run with --overwrite=True")
     saved = (ckpt["n_latents"], ckpt["k"], ckpt.get("arch", "topk"))
-    if saved != (sae.n_latents, sae.k, sae.arch):
+    if saved != (settings.latent_dim, settings.top_k, settings.arch):
         raise UserError(f"{path} has M={saved[0]} K={saved[1]} ARCH={saved[2]}; "
                         f"resume with --latent_dim={saved[0]} --top_k={saved[1]} --arch={saved[2]}")
+    return ckpt
+
+
+def restore(path: str | Path, sae, optimizer, settings: SAETrainSettings, classifier_fingerprint: str,
+            runtime: Runtime) -> tuple[TrainState, torch.Tensor]:
+    """Load ``last_sae.pt`` (see :func:`check_resumable`); returns (loop state, usage EMA)."""
+    ckpt = check_resumable(path, settings, classifier_fingerprint, runtime.device)
     sae.load_state_dict(ckpt["state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return TrainState.from_checkpoint(ckpt), ckpt["usage_ema"].to(runtime.device)

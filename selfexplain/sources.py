@@ -69,7 +69,9 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
     if dataset == "tu-berlin":
         root = ensure_tu_berlin(str(root))
     elif not root.is_dir():
-        raise UserError(f"DATA_ROOT={root} does not exist (DATASET={dataset} reads a folder)")
+        what = f"is a file; DATASET={dataset} reads a folder: give its folder, {root.parent}" if root.is_file() else \
+            f"does not exist (DATASET={dataset} reads a folder)"
+        raise UserError(f"DATA_ROOT={root} {what}")
     if dataset == "folder":
         files, labels, class_names = _scan_image_folder(root)
         num_items = len(files)
@@ -183,6 +185,8 @@ def parquet_class_names(files: list[Path], readme: Path | None) -> list[str]:
         labels = pq.ParquetFile(path).read(columns=["label"]).column("label").drop_null()
         if len(labels):
             high = max(high, int(labels.to_numpy().max()))
+    log(f"no class names in the parquet metadata or a README.md beside it: classes are named class_0..class_{high} "
+        "(a dataset card's class_label names would name them)")
     return [f"class_{i}" for i in range(high + 1)]
 
 

@@ -144,7 +144,7 @@ def test_a_changed_folder_is_refused_where_a_saved_split_would_index_other_image
     with pytest.raises(UserError, match=r"no longer holds the images.*saw 6 images, it now holds 7"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
     (tmp_path / "src" / "a" / "001.jpg").unlink()  # as many images again, another list: no counts to give
-    with pytest.raises(UserError, match=r"added, removed or renamed\), so"):
+    with pytest.raises(UserError, match=r"added, removed or renamed, or became unreadable\), so"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
 
 

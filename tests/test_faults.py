@@ -35,7 +35,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "best.pt"
     torch.save({"kind": "classifier", "model": Payload(marker)}, path)
-    with pytest.raises(UserError, match="refused"):
+    with pytest.raises(UserError, match=r"refused: it holds objects a safe load will not run \(\w+\.system\)"):
         artifacts.load_checkpoint(path, "classifier")
     out = run_script("train_sae.py", f"--classifier_ckpt={path}", f"--out_dir={tmp_path / 'sae'}")
     assert out.returncode == 2 and "refused" in out.stderr and out.stderr.count("\n") == 1
@@ -50,6 +50,27 @@ def test_truncated_checkpoint_is_a_clear_error(tiny_classifier, tmp_path):
         artifacts.load_checkpoint(broken, "classifier")
     out = run_script("train_sae.py", f"--classifier_ckpt={broken}", f"--out_dir={tmp_path / 'sae'}")
     assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b'{"a": 1}\n', b"PK\x03\x04garbage", b""])
+def test_a_file_that_is_not_a_checkpoint_is_named_so_and_not_called_unsafe(tmp_path, content):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="not a checkpoint") as err:
+        artifacts.load_checkpoint(path, "classifier")
+    assert "refused" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_folder_given_for_its_checkpoint_names_the_file_inside(tiny_classifier):
+    with pytest.raises(UserError, match=f"is a folder, not a file: did you mean {tiny_classifier / 'best.pt'}"):
+        artifacts.load_checkpoint(tiny_classifier, "classifier")
+
+
+def test_resume_after_an_interrupted_overwrite_points_at_the_run_kept_aside(tmp_path):
+    (tmp_path / artifacts.REPLACED_DIR).mkdir()
+    (tmp_path / artifacts.REPLACED_DIR / "last.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"interrupted --overwrite replaced is in .*\.replaced: move its files back"):
+        artifacts.require_resumable(tmp_path / "last.pt")
 
 
 def test_wrong_kind_of_checkpoint(tiny_classifier):

@@ -373,6 +373,15 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
             train_sae.main(**{**cfg, **bad}, epochs=3, overwrite=True)
         assert (tmp_path / "last_sae.pt").is_file()  # --overwrite with a mistake deletes nothing
     first = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
+    from selfexplain import sae_train
+
+    def no_token_pass(*args, **kwargs):
+        raise AssertionError("a resume that cannot go on must be refused before caching tokens")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sae_train, "cache_split_tokens", no_token_pass)
+        with pytest.raises(UserError, match="has M=32 K=4 ARCH=batchtopk; resume with --latent_dim=32"):
+            train_sae.main(**{**cfg, "latent_dim": 64}, epochs=3, resume=True)
     metrics = train_sae.main(**cfg, epochs=3, resume=True)
     last = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
@@ -454,6 +463,7 @@ def test_token_cache_is_fp32_and_keyed_by_the_chosen_images(tiny_classifier, tmp
     tokens = Path(cache_dir) / "sae_tokens"
     before = set(tokens.glob("*-val-n10-*.npy"))
     train_sae.main(**run, seed=1, out_dir=str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # a cache-only run writes nothing into OUT_DIR
     first = set(tokens.glob("*-val-n10-*.npy")) - before
     train_sae.main(**run, seed=2, out_dir=str(tmp_path / "b"))
     second = set(tokens.glob("*-val-n10-*.npy")) - before - first
@@ -483,3 +493,15 @@ def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):
     clf = artifacts.load_checkpoint(tiny_classifier / "best.pt", "classifier")
     assert metrics["history"][-1]["val_n_tokens"] == len(clf["split"]["val"]) * 4  # both shards evaluated
     artifacts.load_sae(tmp_path / "best_sae.pt", clf)
+
+
+def test_a_cache_only_run_says_whether_it_kept_the_tokens(tiny_classifier, tmp_path, cache_dir, capsys):
+    import train_sae
+
+    run = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), cache_dir=str(cache_dir), latent_dim=32, top_k=4,
+               epochs=0, max_images=10, tensorboard=False, out_dir=str(tmp_path / "run"))
+    train_sae.main(**run, token_ram_gb=4.0)
+    assert "no tokens are kept: they fit in TOKEN_RAM_GB" in capsys.readouterr().err
+    train_sae.main(**run, token_ram_gb=0.0)
+    assert f"the tokens are cached in {Path(cache_dir) / 'sae_tokens'}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

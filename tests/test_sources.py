@@ -46,7 +46,7 @@ def test_parquet_source_reads_names_from_hf_metadata_and_streams_every_row(tmp_p
     assert means == sorted(means) and means[0] > 0
 
 
-def test_class_names_fall_back_to_readme_then_to_label_numbers(tmp_path):
+def test_class_names_fall_back_to_readme_then_to_label_numbers(tmp_path, capsys):
     with_card = tmp_path / "card"
     make_hf_parquet(with_card, 1, CLASSES, with_metadata=False, readme=True)
     assert describe_source("parquet", str(with_card))["class_names"] == CLASSES
@@ -54,6 +54,7 @@ def test_class_names_fall_back_to_readme_then_to_label_numbers(tmp_path):
     make_hf_parquet(bare, 1, CLASSES, with_metadata=False, split_files=("part.parquet",))
     files = sorted(bare.glob("*.parquet"))
     assert parquet_class_names(files, None) == ["class_0", "class_1", "class_2", "class_3"]
+    assert "no class names in the parquet metadata or a README.md beside it" in capsys.readouterr().err
 
 
 def test_parquet_folder_is_searched_recursively_and_hidden_files_are_skipped(tmp_path):
@@ -66,6 +67,10 @@ def test_parquet_folder_is_searched_recursively_and_hidden_files_are_skipped(tmp
 def test_bad_parquet_inputs_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         describe_source("parquet", str(tmp_path / "nope"))
+    (tmp_path / "one.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=f"one.parquet is a file; DATASET=parquet reads a folder: give its folder, "
+                                        f"{tmp_path.resolve()}"):
+        describe_source("parquet", str(tmp_path / "one.parquet"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no \*\.parquet"):
         describe_source("parquet", str(tmp_path / "empty"))

@@ -376,3 +376,17 @@ def test_the_log_gives_steps_per_epoch_and_the_images_full_batches_leave_out():
     demo = ct.ClassifierTrainSettings("run", batch_size=64)
     note = ct.steps_note(5760, ct.epoch_batches(5760, demo, 1), demo, 1)  # the demo: 90 full batches, none left out
     assert note == "90 optimiser steps per epoch (BATCH_SIZE=64 x ACCUM_STEPS=1)"
+
+
+def test_a_cached_folder_still_names_its_unreadable_images(tmp_path, capsys):
+    import train_standard_cnn as stage1
+    from hf_fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=4, clutter=False)
+    (tmp_path / "src" / "a" / "broken.png").write_text("junk")
+    run = dict(TINY_CNN, dataset="folder", data_root=str(tmp_path / "src"), epochs=0, out_dir=str(tmp_path / "run"),
+               cache_dir=str(tmp_path / "cache"))
+    stage1.main(**run)  # builds the cache: the decoder names it
+    capsys.readouterr()
+    stage1.main(**run)  # reads the cache: the run's log still names it
+    assert "skipped 1 unreadable images: a/broken.png (all listed in metrics.json)" in capsys.readouterr().err
