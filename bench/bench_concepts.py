@@ -181,7 +181,9 @@ def render(reports: list[dict], cfg, context: str, versus: dict | None = None) -
                   f"not evidence), {r0['code']}: {r0['mean_test_best_auroc_upper_bound']:.3f}. Cell-centre pointing "
                   f"ceiling (share of images where any cell centre lies in the part's box): "
                   f"{_fmt(r0.get('mean_pointing_ceiling'))}. Pointing rule: {cm.POINTING_RULE}. Cell-centre rule: "
-                  f"{cm.POINTING_CELL_RULE}. Dead: no positive activation on any test image."]
+                  f"{cm.POINTING_CELL_RULE}. Dead: no positive activation on any test image. PCA: each direction "
+                  f"as two units (+ and - its projection: an eigenvector's sign is arbitrary), chosen on train like "
+                  f"every unit; no counterfactual drop, since its zero (the training mean) is arbitrary."]
     if versus:
         lines += ["", cm.versus_text(versus["baseline"], versus["difference"], versus["low"], versus["high"])
                   + f"; {versus['n_boot']} resamples of the test images."]

@@ -5,7 +5,7 @@ Each provider turns a layer4 map (B, C, H, W) into per-token codes (B, H*W, U), 
 
 * ``sae_code``: an SAE's Top-K code (the trained one, or a random one of the same shape as a floor);
 * ``channel_code``: the classifier's own layer4 channels (identity, U = C);
-* ``fit_pca``: the top principal directions of the training tokens (signed projections);
+* ``fit_pca``: the top principal directions of the training tokens (signed projections, both signs);
 * ``nmf_dictionary`` + ``nmf_code``: non-negative matrix factorisation of the post-ReLU tokens (CRAFT's choice),
   fitted with Lee-Seung multiplicative updates on a token subsample; new tokens are coded
   against the fixed dictionary by the same updates (non-negative least squares).
@@ -34,6 +34,7 @@ class CodeProvider:
     name: str
     n_units: int
     encode: Callable[[torch.Tensor], torch.Tensor]
+    natural_zero: bool = True  # 0 means "absent" (SAE, channels, NMF): relative counterfactual drops mean something
 
     @torch.no_grad()
     def codes_for_map(self, feature_map: torch.Tensor) -> torch.Tensor:
@@ -65,9 +66,16 @@ def channel_code(n_channels: int) -> CodeProvider:
 
 
 def fit_pca(tokens: torch.Tensor, n_components: int) -> CodeProvider:
-    """PCA of the training tokens: codes are signed projections on the top directions.
+    """PCA of the training tokens: codes are signed projections on the top directions, each
+    direction as two units, ``+p`` then ``-p`` (2m units).
 
-    ``n_components`` is capped at the token dimension C (PCA has no more directions).
+    An eigenvector's sign is arbitrary, and a unit is scored by its largest value over an
+    image's tokens: with one sign only, a direction that finds a part on its negative side
+    could never be chosen (4 of the demo's 9 parts; mean held-out AUROC 0.878 against 0.968
+    with both). The units are chosen on the training split like every code's. The origin
+    (the training mean) is arbitrary too, so PCA has no natural zero: relative
+    counterfactual drops are not reported for it. ``n_components`` is capped at the token
+    dimension C (PCA has no more directions).
     """
     x = tokens.double()
     mean = x.mean(0)
@@ -76,7 +84,11 @@ def fit_pca(tokens: torch.Tensor, n_components: int) -> CodeProvider:
     m = min(n_components, x.shape[1])
     basis = vectors[:, -m:].flip(1).float()                               # (C, m), largest first
     mean = mean.float()
-    return CodeProvider("PCA", m, lambda t: (t - mean) @ basis)
+    def encode(t: torch.Tensor) -> torch.Tensor:
+        projections = (t - mean) @ basis
+        return torch.cat([projections, -projections], 1)
+
+    return CodeProvider("PCA", 2 * m, encode, natural_zero=False)
 
 
 def nmf_codes(tokens: torch.Tensor, dictionary: torch.Tensor, iters: int) -> torch.Tensor:

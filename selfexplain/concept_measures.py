@@ -488,6 +488,10 @@ class ConceptReport:
             for name, fields in d.pop("per_part").items():
                 out["per_part"].setdefault(name, {}).update(fields)
             out.update(d)
+        if self.counterfactual is None:  # not run, or no natural zero (PCA): one schema, null figures
+            out.update(mean_cf_own_drop=None, mean_cf_other_drop=None)
+            for fields in out["per_part"].values():
+                fields.update(cf_own_drop=None, cf_other_drop=None)
         return out
 
 

@@ -352,10 +352,12 @@ def score_codes(codes: dict[str, CodeProvider], train_max: dict[str, np.ndarray]
     train_auc = {k: stats.auroc(v, train.present) for k, v in train_max.items()}
     units = {k: cm.best_units(auc) for k, auc in train_auc.items()}
     test_max, unit_maps = code_maxima(codes, test_batches, units)
-    cf_max = {} if cf_batches is None else code_maxima(codes, cf_batches)[0]
+    with_zero = {k: c for k, c in codes.items() if c.natural_zero}
+    cf_max = {} if cf_batches is None else code_maxima(with_zero, cf_batches)[0]
     row, part = (None, None) if rerenders is None else (rerenders.row, rerenders.part)
-    reports = {k: cm.concept_report(codes[k].name, train_auc[k], test_max[k], unit_maps[k], test, cf_max.get(k), row,
-                                    part) for k in codes}
+    # relative drops need a code whose 0 means "absent": none for PCA (its origin is the training mean)
+    reports = {k: cm.concept_report(codes[k].name, train_auc[k], test_max[k], unit_maps[k], test,
+                                    cf_max.get(k) if codes[k].natural_zero else None, row, part) for k in codes}
     return reports, train_auc["sae"]
 
 

@@ -181,14 +181,31 @@ def test_nmf_recovers_a_nonnegative_low_rank_matrix():
 def test_pca_and_channel_codes_have_the_sae_interface():
     fmap = torch.rand(3, 8, 2, 2)
     pca = baselines.fit_pca(fmap.permute(0, 2, 3, 1).reshape(-1, 8), 20)
-    assert pca.n_units == 8                               # capped at the token dimension
+    assert pca.n_units == 16 and not pca.natural_zero     # 8 directions (capped at C), each with both signs
     codes = pca.codes_for_map(fmap)
-    assert codes.shape == (3, 4, 8)
+    assert codes.shape == (3, 4, 16) and torch.equal(codes[..., 8:], -codes[..., :8])
     # an orthonormal basis keeps the tokens' centred energy
     centred = fmap.permute(0, 2, 3, 1).reshape(-1, 8)
     centred = centred - centred.mean(0)
-    assert float(codes.reshape(-1, 8).pow(2).sum()) == pytest.approx(float(centred.pow(2).sum()), rel=1e-4)
+    assert float(codes[..., :8].reshape(-1, 8).pow(2).sum()) == pytest.approx(float(centred.pow(2).sum()), rel=1e-4)
     assert torch.equal(baselines.channel_code(8).codes_for_map(fmap)[1, 2], fmap[1, :, 1, 0])
+
+
+def test_a_pca_direction_that_finds_a_part_on_its_negative_side_can_be_chosen(seed):
+    """An eigenvector's sign is arbitrary: a part that pushes tokens to -x is found by the -p unit."""
+    from selfexplain import stats
+
+    n, t = 200, 4
+    present = np.arange(n) % 2 == 0
+    tokens = 0.05 * torch.randn(n, t, 2)
+    tokens[present, 0, 0] -= 3.0                          # the part: one token far along -x
+    tokens[~present, :, 0] += 0.3                         # elsewhere a little +x
+    pca = baselines.fit_pca(tokens.reshape(-1, 2), 1)
+    sign = float(torch.sign(pca.encode(torch.tensor([[-3.0, 0.0]]))[0, 0]))
+    per_image = pca.encode(tokens.reshape(-1, 2)).reshape(n, t, 2).amax(1).numpy()  # (n, 2): +p and -p
+    auc = stats.auroc(per_image, present[:, None])[0]
+    assert auc[0 if sign > 0 else 1] > 0.99              # the unit on the part's side detects it ...
+    assert auc[1 if sign > 0 else 0] < 0.6               # ... the other side alone could not
 
 
 def test_constructed_part_detector_beats_noise_units():
