@@ -361,7 +361,12 @@ def top5(probs: torch.Tensor, class_names: Sequence[str]) -> list[dict]:
 
 
 def random_active_sets(active: np.ndarray, size: int, draws: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``draws`` random subsets of ``size`` active neurons (all of them when fewer)."""
+    """``draws`` random subsets of ``size`` active neurons (all of them when fewer).
+
+    Drawn from every active neuron, the cited ones included: a random choice, the null a
+    reader would make; it shares a neuron with the cited set now and then, which narrows
+    the cited-vs-random gap (conservative), never widens it.
+    """
     size = min(size, len(active))
     return [rng.choice(active, size=size, replace=False) for _ in range(draws)] if size else []
 

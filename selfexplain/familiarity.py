@@ -96,8 +96,14 @@ class Calibration:
     def score(self, analysis, images: np.ndarray) -> list[Familiarity]:
         """One :class:`Familiarity` per image of ``images`` (uint8 (B, S, S)) and its analysis."""
         scores = self.scores(self.signals(analysis, images))
-        percentiles = 100.0 * np.searchsorted(self.val_scores, scores, side="right") / len(self.val_scores)
-        return [Familiarity(float(s), float(p), bool(s < self.threshold)) for s, p in zip(scores, percentiles)]
+        return [Familiarity(float(s), float(p), bool(s < self.threshold)) for s, p in zip(scores, self.percentiles(scores))]
+
+    def percentiles(self, scores: np.ndarray) -> np.ndarray:
+        """Each score's percentile among the validation scores, by the rule that placed the threshold
+        (``np.percentile``'s linear interpolation, inverted), so an image is flagged exactly when its
+        percentile is below ``UNFAMILIAR_PERCENTILE`` (a step count showed 1.11 for a flagged image)."""
+        ranks = 100.0 * np.arange(len(self.val_scores)) / max(len(self.val_scores) - 1, 1)
+        return np.interp(scores, self.val_scores, ranks)
 
     def judge(self, analysis, images: np.ndarray) -> list[dict]:
         """The ``--json`` fields per image (``explain.explain_images(..., judge=calibration.judge)``)."""

@@ -45,11 +45,15 @@ def test_strange_inputs_are_flagged_and_test_sketches_mostly_not(calibration, mo
         assert flagged(calibration, models, batch) >= 0.9, name
 
 
-def test_validation_percentiles_spread_over_0_to_100(calibration):
-    n = len(calibration.val_scores)
-    percentiles = 100.0 * np.searchsorted(calibration.val_scores, calibration.val_scores, side="right") / n
-    assert percentiles.max() == 100.0 and np.median(percentiles) < 75
-    assert np.mean(calibration.val_scores < calibration.threshold) <= 0.05
+def test_validation_percentiles_spread_over_0_to_100_and_agree_with_the_flag(calibration):
+    val = calibration.val_scores
+    percentiles = calibration.percentiles(val)
+    assert percentiles.min() == 0.0 and percentiles.max() == 100.0 and 25 < np.median(percentiles) < 75
+    assert np.mean(val < calibration.threshold) <= 0.05
+    grid = np.linspace(val[0] - 1, val[min(len(val) - 1, 20)], 2001)  # dense around the threshold
+    flagged = grid < calibration.threshold
+    assert flagged.any() and not flagged.all()
+    assert np.array_equal(flagged, calibration.percentiles(grid) < familiarity.UNFAMILIAR_PERCENTILE)
 
 
 def test_calibration_is_stored_reused_and_refitted_when_stale(calibration, models, report_dir, cache_dir, monkeypatch):
