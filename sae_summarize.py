@@ -33,7 +33,7 @@ import torch
 from selfexplain import artifacts, baselines, report, summarize
 from selfexplain import concept_measures as cm
 from selfexplain.artifacts import save_effective_config
-from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.config import Config, make_config, module_constants, run_cli
 from selfexplain.distributed import exit_on_sigterm, keep_freed_memory, resolve_device, set_threads
 from selfexplain.errors import UserError
 from selfexplain.logs import log
@@ -46,6 +46,7 @@ OUT_DIR = artifacts.REPORT_DIR                 # where neurons.jsonl, summary.js
 CACHE_DIR = artifacts.CACHE_DIR                # decoded image cache (same as stage 1)
 DATA_ROOT = ""                                 # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
 QUANTILE = 0.99                                # "on" = per-image max activation above this quantile over images
+MIN_ON_IMAGES = 20                             # QUANTILE is lowered so that this many images sit above τ (0 = never)
 PMI_LAMBDA = 1.0                               # Laplace smoothing λ of the class PMI
 TOP_EXAMPLES = 8                               # strongest images kept per neuron (thumbs, sprite, LLM)
 TOP_CLASSES = 5                                # classes listed per neuron (most specific first)
@@ -74,8 +75,8 @@ def check_config(cfg) -> None:
     """Refuse settings no run could use, with one line."""
     if not 0.0 < cfg.QUANTILE < 1.0:
         raise UserError(f"QUANTILE must be in (0, 1), got {cfg.QUANTILE}")
-    if cfg.PMI_LAMBDA < 0 or cfg.TOP_EXAMPLES < 1 or cfg.BATCH_SIZE < 1 or cfg.THUMB_SIZE < 8:
-        raise UserError("need PMI_LAMBDA >= 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1 and THUMB_SIZE >= 8")
+    if cfg.PMI_LAMBDA < 0 or cfg.TOP_EXAMPLES < 1 or cfg.BATCH_SIZE < 1 or cfg.THUMB_SIZE < 8 or cfg.MIN_ON_IMAGES < 0:
+        raise UserError("need PMI_LAMBDA >= 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1, THUMB_SIZE >= 8 and MIN_ON_IMAGES >= 0")
     if cfg.CF_IMAGES < 0 or cfg.NMF_TOKENS < 1 or cfg.NMF_ITERS < 1 or cfg.NMF_CODE_ITERS < 1:
         raise UserError("need CF_IMAGES >= 0, NMF_TOKENS >= 1, NMF_ITERS >= 1 and NMF_CODE_ITERS >= 1")
     if not isinstance(cfg.BASELINES, (list, tuple)) or set(cfg.BASELINES) - set(baselines.BASELINES):
@@ -100,10 +101,12 @@ def main(**overrides) -> dict:
                                       cfg.MAX_PER_CLASS, cfg.SEED)
     labels = imageset.labels[indices]
     log(f"summarising {sae.n_latents} neurons (K={sae.k}) on {len(indices)} training images, device {inputs.device}")
-    if len(indices) * (1 - cfg.QUANTILE) < 20:
-        log(f"warning: each neuron's class statistics rest on about {len(indices) * (1 - cfg.QUANTILE):.0f} images "
-            f"above its threshold ({len(indices)} images x (1 - QUANTILE={cfg.QUANTILE})); lower --quantile or "
-            f"summarise more images for labels that hold")
+    quantile = summarize.effective_quantile(cfg.QUANTILE, len(indices), cfg.MIN_ON_IMAGES)
+    if quantile < cfg.QUANTILE:  # like stage 2's MIN_STEPS: small data still gets class statistics
+        log(f"QUANTILE={cfg.QUANTILE} leaves about {len(indices) * (1 - cfg.QUANTILE):.1f} images above each neuron's "
+            f"threshold on {len(indices)} training images (a class preference needs {report.MIN_SUPPORT} of one "
+            f"class): lowered to {quantile:.4g} so that {cfg.MIN_ON_IMAGES} are (--min_on_images=0 keeps it)")
+    cfg = Config({**cfg, "QUANTILE": quantile})  # the effective value: config.json and summary.json record what ran
     run = dict(batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
     acts = summarize.collect(inputs, indices, **run, cache_mb=cfg.FEATURE_CACHE_MB)
     timings["pass1"] = time.time() - t0

@@ -101,6 +101,10 @@ def test_report_files_and_records(report):
     out, summary = report
     records = artifacts.read_jsonl(out / "neurons.jsonl")
     assert len(records) == summary["n_neurons"] == 48
+    n_train = summary["concept_measures"]["n_train_images"]     # small data: QUANTILE lowered so 20 sit above τ
+    assert n_train * 0.01 < 20 and records[0]["quantile"] == pytest.approx(1 - 20 / n_train)
+    assert summary["config"]["QUANTILE"] == records[0]["quantile"]
+    assert artifacts.read_json(out / artifacts.CONFIG)["QUANTILE"] == records[0]["quantile"]
     assert [r["neuron_id"] for r in records] == list(range(48))
     keys = {"neuron_id", "dead", "threshold", "frequency", "token_frequency", "mean_on_activation", "max_activation",
             "score", "top_classes", "anti_classes", "where", "auto_summary", "top_examples", "sprite", "parts"}
@@ -326,3 +330,11 @@ def test_avoided_classes_have_negative_pmi_and_are_never_a_top_class():
     assert report.avoided_classes(pmi, lens, top=[1, 2], n_anti=3) == [0]
     assert report.avoided_classes(np.zeros(3), lens, top=[], n_anti=3) == []   # no preference: nothing avoided
     assert report.avoided_classes(np.array([-3.0, -2.0, -1.0, 0.5]), np.zeros(4), top=[3], n_anti=2) == [0, 1]
+
+
+def test_quantile_is_lowered_so_that_small_data_keeps_class_statistics():
+    """160 training images at QUANTILE 0.99 left ~2 per neuron above τ: no class could ever be clear."""
+    assert summarize.effective_quantile(0.99, 160, 20) == pytest.approx(0.875)   # 20 of 160 above τ
+    assert summarize.effective_quantile(0.99, 5760, 20) == 0.99                 # the demo: already 57.6
+    assert summarize.effective_quantile(0.99, 160, 0) == 0.99                   # MIN_ON_IMAGES=0: kept
+    assert summarize.effective_quantile(0.99, 12, 20) == 0.99                   # too few images to help
