@@ -87,33 +87,51 @@ def main(**overrides) -> int:
                            image_input=cfg.IMAGE_INPUT, backoff=cfg.BACKOFF, seed=cfg.SEED)
     question = concepts.Question(report_dir, concepts.report_fingerprint(report_dir), cfg.MAX_WORDS,
                                  cfg.N_IMAGES if cfg.IMAGES else 0)
-    with concepts.AnswerLog(report_dir / artifacts.LLM_OUTPUT) as out:
-        if cfg.PRUNE:
-            log(f"pruned {out.prune(question.sae_fingerprint)} answers made for another SAE from {out.path}")
-        offline = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
-                   if backend.name == "offline" else None)
-        done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
-                                     offline)
-        todo = [n for n in chosen if n["neuron_id"] not in done]
-        artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
-                                         "ASKED": {"backend": backend.name, "model": backend.model,
-                                                   "base_url": backend.base_url}},
-                                        report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
-        images = "on" if backend.accepts_images and cfg.IMAGES else "off"
-        log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, {len(chosen) - len(todo)} "
-            f"already answered, {n_dead} dead skipped, images {images}")
-        failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
-    artifacts.write_json(report_dir / artifacts.LLM_SUMMARY, {
-        "backend": backend.name, "model": backend.model, "base_url": backend.base_url,
-        "sae_fingerprint": question.sae_fingerprint,
-        "asked": len(todo), "answered": len(todo) - len(failures), "already_answered": len(chosen) - len(todo),
-        "dead_skipped": n_dead, "failed": [{"neuron_id": i, "error": e} for i, e in sorted(failures.items())]})
-    log(f"wrote {len(todo) - len(failures)} answers to {out.path}")
-    refresh_atlas(report_dir)
+    failures, stopped, todo, answered = {}, None, None, 0
+    try:
+        with concepts.AnswerLog(report_dir / artifacts.LLM_OUTPUT) as out:
+            if cfg.PRUNE:
+                log(f"pruned {out.prune(question.sae_fingerprint)} answers made for another SAE from {out.path}")
+            offline = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
+                       if backend.name == "offline" else None)
+            done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
+                                         offline)
+            todo = [n for n in chosen if n["neuron_id"] not in done]
+            artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
+                                             "ASKED": {"backend": backend.name, "model": backend.model,
+                                                       "base_url": backend.base_url}},
+                                            report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
+            images = "on" if backend.accepts_images and cfg.IMAGES else "off"
+            log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, {len(chosen) - len(todo)} "
+                f"already answered, {n_dead} dead skipped, images {images}")
+            try:
+                failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
+            except (UserError, KeyboardInterrupt) as exc:  # a fatal answer or Ctrl-C: say so in the summary too
+                stopped = str(exc) or exc.__class__.__name__
+                raise
+            finally:  # the answers made before a stop count, and the atlas shows them
+                answered = sum(n["neuron_id"] in concepts.answered_ids(out.records(), backend, question.sae_fingerprint,
+                                                                       prompts.prompt_version(), offline) for n in todo)
+    finally:
+        if todo is not None:  # the run got as far as choosing what to ask
+            write_llm_summary(report_dir, backend, question.sae_fingerprint, len(todo), answered,
+                              len(chosen) - len(todo), n_dead, failures, stopped)
+            refresh_atlas(report_dir)
+    log(f"wrote {answered} answers to {report_dir / artifacts.LLM_OUTPUT}")
     if failures:
         log(f"{len(failures)} neurons failed (rerun to retry them): {sorted(failures)}")
         return 1
     return 0
+
+
+def write_llm_summary(report_dir: Path, backend, sae_fingerprint: str, asked: int, answered: int,
+                      already: int, n_dead: int, failures: dict, stopped: str | None) -> None:
+    """``llm_summary.json``: this run's counts, its failures and, when it stopped early, why."""
+    artifacts.write_json(report_dir / artifacts.LLM_SUMMARY, {
+        "backend": backend.name, "model": backend.model, "base_url": backend.base_url,
+        "sae_fingerprint": sae_fingerprint, "asked": asked, "answered": answered, "already_answered": already,
+        "dead_skipped": n_dead, "failed": [{"neuron_id": i, "error": e} for i, e in sorted(failures.items())],
+        "stopped": stopped})
 
 
 if __name__ == "__main__":

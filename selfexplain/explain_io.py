@@ -161,7 +161,8 @@ def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: s
 
 # ----------------------------------------------------------------------------- overlays
 def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
-    """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``.
+    """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``;
+    an existing folder (or a path ending in ``/``) gets ``<folder>/<label>.png`` for each.
 
     The label is the image's file stem; images whose stems repeat (``a/cat.png``,
     ``b/cat.png``, ``cat.jpg``) are labelled by their path below the inputs' common
@@ -169,6 +170,8 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
     repeated is numbered, so no overlay overwrites another.
     """
     out = Path(overlay)
+    if out.is_dir() or str(overlay).endswith(("/", "\\")):  # a folder: one file per image inside it
+        return [out / f"{label}.png" for label in _unique_labels(names)]
     if out.suffix.lower() != ".png":
         out = out.with_suffix(".png")
     if len(names) == 1:

@@ -275,6 +275,11 @@ def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts
     # distinct stems keep the short names; a name repeated outright is numbered
     assert [p.name for p in explain_io.overlay_paths("ov", ["x/s_0.png", "y/s_1.png"])] == ["ov_s_0.png", "ov_s_1.png"]
     assert [p.name for p in explain_io.overlay_paths("ov.png", ["s.png", "s.png"])] == ["ov_s_png.png", "ov_s_png_2.png"]
+    # an existing folder, or a path ending in /, holds one overlay per image (was written beside it as folder.png)
+    (tmp_path / "overlays").mkdir()
+    assert explain_io.overlay_paths(tmp_path / "overlays", ["x/s_0.png"]) == [tmp_path / "overlays" / "s_0.png"]
+    assert explain_io.overlay_paths(f"{tmp_path}/new/", ["a.png", "b.jpg"]) == [tmp_path / "new" / "a.png",
+                                                                             tmp_path / "new" / "b.png"]
 
 
 def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp_path):

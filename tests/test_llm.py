@@ -483,12 +483,28 @@ def test_slow_answers_time_out_then_fail(api, report, monkeypatch):
     assert failed[0]["neuron_id"] == 5 and "timed out" in failed[0]["error"]
 
 
+def test_answers_made_before_a_fatal_stop_are_counted_and_shown_in_the_atlas(report, monkeypatch):
+    def script(_, nid, attempt):  # the key is revoked after two neurons
+        return Reply(text=f"shape number {nid}") if nid in LIVE[:2] else Reply(kind="status", status=401,
+                                                                              detail="key revoked")
+    with FakeLLMServer(script=script) as srv:
+        with pytest.raises(UserError, match="401"):
+            run_openai(report, srv, monkeypatch, workers=1, retries=0, model="m")
+    assert set(answers(report)) == set(LIVE[:2])
+    summary = json.loads((report / "llm_summary.json").read_text())
+    assert summary["answered"] == 2 and summary["asked"] == len(LIVE) and "401" in summary["stopped"]
+    atlas = (report / "index.html").read_text()
+    assert "shape number 0" in atlas and "shape number 1" in atlas
+
+
 def test_bad_token_stops_the_run_with_a_clear_error(report, monkeypatch):
     with FakeLLMServer(token="sk-the-right-key-0123456789") as srv:
         with pytest.raises(UserError, match="401"):
             run_openai(report, srv, monkeypatch, workers=1, model="m")
         assert len([e for e in srv.log if e["status"] == 401]) < len(LIVE)  # stopped early
     assert answers(report) == {}
+    summary = json.loads((report / "llm_summary.json").read_text())  # this run's, not an earlier run's
+    assert summary["backend"] == "openai" and summary["answered"] == 0 and "401" in summary["stopped"]
 
 
 @pytest.mark.parametrize("api", ["openai", "replicate"])
