@@ -85,8 +85,8 @@ class ExplainSettings:
     ink_share: float = evidence.INK_SHARE  # share of the sketch's ink the input-space check removes
 
     def __post_init__(self):
-        if self.n_cite < 0 or self.n_random < 1:
-            raise UserError(f"need N >= 0 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
+        if self.n_cite < 1 or self.n_random < 1:  # N=0 explained nothing, then called no neuron "standing out"
+            raise UserError(f"need N >= 1 and RANDOM_DRAWS >= 1, got {self.n_cite}, {self.n_random}")
         if not 0.0 < self.ink_share < 1.0:
             raise UserError(f"INK_SHARE must be in (0, 1), got {self.ink_share}")
         if self.active is not None and not isinstance(self.active, MostActive):
@@ -317,8 +317,18 @@ def blank_sentence(predicted: str, probability: float, image: np.ndarray | None)
     (the code is never all zero), but they would explain a guess, not a drawing."""
     if image is None or int(np.asarray(image).min()) <= BLANK_ABOVE:
         return None
-    return (f"Predicted {predicted} ({probability:.0%}) for a blank page: it has no ink, so no concept explains "
+    return (f"Predicted {predicted} ({percent(probability)}) for a blank page: it has no ink, so no concept explains "
             "the guess.")
+
+
+def percent(p: float) -> str:
+    """A probability as a whole percentage that never reads 100% or 0% when it is neither
+    (0.996 -> "99.6%", 0.9999 -> ">99.9%"): the header said 99.6%, the sentence 100%."""
+    text = f"{p:.0%}"
+    if (text == "100%" and p < 1) or (text == "0%" and p > 0):
+        text = f"{p:.1%}"
+        text = ">99.9%" if text == "100.0%" else "<0.1%" if text == "0.0%" else text
+    return text
 
 
 def short_name(label: str) -> tuple[str, bool]:
@@ -337,7 +347,7 @@ def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNe
     summed, largest first. Names from offline labels are marked: the whole list when all
     are, else each with ``*``.
     """
-    head = f"Predicted {predicted} ({probability:.0%})"
+    head = f"Predicted {predicted} ({percent(probability)})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
     named = [short_name((names or {}).get(n.neuron_id, n.concept)) for n in cited]
@@ -552,7 +562,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
         draw.text((4, size + 2), note[:cut], fill=(200, 0, 0), font=font)
         draw.text((4, size + 2 + line), note[cut:].strip(), fill=(200, 0, 0), font=font)
     offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
-    draw.text((4, size + head), f"{explanation.predicted_class} ({explanation.probability:.0%}){offline}",
+    draw.text((4, size + head), f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}",
               fill="black", font=font)
     for k, n in enumerate(neurons):
         y = size + head + line * (k + 1)

@@ -85,6 +85,9 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         payload, name = path_or_pil, name or "<PIL image>"
     else:
         payload, name = Path(path_or_pil), name or str(path_or_pil)
+        if payload.is_dir():
+            raise UserError(f"{payload} is a folder: pass its image files, e.g. sorted(Path(folder).glob('*.png')) "
+                            f"(why_did_you.py --image=FOLDER reads a folder)")
         if not payload.is_file():
             raise UserError(f"image not found: {payload}")
     try:

@@ -263,7 +263,7 @@ def page_path(report_dir: str | Path, rel) -> str | None:
 
 
 # ----------------------------------------------------------------------------- HTML atlas
-NUMBER_FIELDS = ("frequency", "image_frequency", "token_frequency", "mean_on_activation", "max_activation", "score")
+NUMBER_FIELDS = ("quantile", "frequency", "image_frequency", "token_frequency", "mean_on_activation", "max_activation", "score")
 CLASS_NUMBERS = ("pmi", "p_class_given_on", "lens", "knockout")
 
 

@@ -23,7 +23,8 @@ def _fake_report(folder, n=6, dead=(4,)):
             sprite = f"sprites/n{i:05d}.png"
             Image.fromarray(np.full((24, 74, 3), 40 * i, dtype=np.uint8)).save(folder / sprite)
         records.append({
-            "neuron_id": i, "sae_fingerprint": FINGERPRINT, "dead": i in dead, "threshold": 0.5, "frequency": 0.01,
+            "neuron_id": i, "sae_fingerprint": FINGERPRINT, "dead": i in dead, "threshold": 0.5, "frequency": 0.1,
+            "quantile": 0.9,
             "image_frequency": 0.1 * i, "token_frequency": 0.02, "mean_on_activation": 1.5, "max_activation": 2.0,
             "score": float(n - i), "score_class": "bicycle",
             "top_classes": [{"class": "bicycle" if i % 2 else "car", "index": i % 2, "pmi": 1.2,
@@ -66,6 +67,9 @@ def test_atlas_renders_cards_and_concepts_in_chromium(tmp_path):
     assert "double spoked wheel" in dom and "zigzag crown teeth" in dom
     assert "<b>not bold</b>" not in dom  # summaries are escaped, and '</script>' did not end the data early
     assert 'src="sprites/n00000.png"' in dom
+    # the tooltip states the run's own QUANTILE (it said "about 1% by design" whatever the setting)
+    assert 'title="share of images above its threshold τ (the 90.0% quantile of its per-image max: about 10.0% by ' \
+           'design)"' in dom
     assert "<small>fake m</small>" in dom and "<small>offline</small>" in dom  # the backend tag once, not twice
     order = [int(m) for m in re.findall(r'data-id="(\d+)"', dom)]
     assert order == sorted(order, key=lambda i: -records[i]["score"])  # default sort: score

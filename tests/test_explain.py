@@ -257,6 +257,10 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
     assert (sweep.n_cite, sweep.ink_share, sweep.input_check) == (3, 0.25, False) and type(sweep.n_cite) is int
     with pytest.raises(UserError, match="active must be None or MostActive"):
         explain.ExplainSettings.from_kwargs({"active": "max"})
+    with pytest.raises(UserError, match="need N >= 1"):  # N=0 cited nothing, then said no neuron stood out
+        why_did_you.explain_image(path, **kw, n_cite=0)
+    with pytest.raises(UserError, match=r"is a folder: pass its image files"):  # was "image not found"
+        why_did_you.explain_images(os.path.dirname(path), **kw)
     for wrong in ({"n_cite": "three"}, {"ink_share": "0.2"}, {"n_random": None}, {"input_check": "no"}):
         with pytest.raises(UserError, match=f"{next(iter(wrong))} expects"):  # not a TypeError from deep inside
             why_did_you.explain_image(path, **kw, **wrong)
@@ -431,6 +435,13 @@ def test_overlay_outlines_exactly_the_ink_the_input_check_removed(ckpts, test_im
     assert (amber == ring).all()                                          # drawn just outside the removed ink
     up = np.kron(mask, np.ones((4, 4), dtype=bool))
     assert not (ring & up).any() and ring.sum() > 0
+
+
+def test_probabilities_never_read_100_or_0_percent_unless_they_are():
+    assert [explain.percent(p) for p in (0.996, 0.9999, 1.0, 0.462, 0.004, 0.0004, 0.0)] == \
+        ["99.6%", ">99.9%", "100%", "46%", "0.4%", "<0.1%", "0%"]
+    cited = [explain.CitedNeuron(1, "circle", 1.0, 1.0, 1.0, 1.0, np.zeros((2, 2)))]
+    assert explain.compose_sentence("triangle", 0.996, cited).startswith("Predicted triangle (99.6%) mainly")
 
 
 def test_the_sentence_names_a_shared_concept_once_with_the_summed_share():
