@@ -105,7 +105,8 @@ def main(**overrides) -> dict:
     if quantile < cfg.QUANTILE:  # like stage 2's MIN_STEPS: small data still gets class statistics
         log(f"QUANTILE={cfg.QUANTILE} leaves about {len(indices) * (1 - cfg.QUANTILE):.1f} images above each neuron's "
             f"threshold on {len(indices)} training images (a class preference needs {report.MIN_SUPPORT} of one "
-            f"class): lowered to {quantile:.4g} so that {cfg.MIN_ON_IMAGES} are (--min_on_images=0 keeps it)")
+            f"class): lowered to {quantile:.4g} so that about {len(indices) * (1 - quantile):.0f} are (at least "
+            f"{summarize.QUANTILE_FLOOR}; --min_on_images=0 keeps it)")
     cfg = Config({**cfg, "QUANTILE": quantile})  # the effective value: config.json and summary.json record what ran
     run = dict(batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
     acts = summarize.collect(inputs, indices, **run, cache_mb=cfg.FEATURE_CACHE_MB)

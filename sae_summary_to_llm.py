@@ -106,17 +106,23 @@ def main(**overrides) -> int:
                 f"already answered, {n_dead} dead skipped, images {images}")
             try:
                 failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
-            except (UserError, KeyboardInterrupt) as exc:  # a fatal answer or Ctrl-C: say so in the summary too
+            except BaseException as exc:  # a fatal answer, Ctrl-C or a crash: say so in the summary too
                 stopped = str(exc) or exc.__class__.__name__
+                failures = getattr(exc, "failures", failures)
                 raise
             finally:  # the answers made before a stop count, and the atlas shows them
                 answered = sum(n["neuron_id"] in concepts.answered_ids(out.records(), backend, question.sae_fingerprint,
                                                                        prompts.prompt_version(), offline) for n in todo)
     finally:
         if todo is not None:  # the run got as far as choosing what to ask
-            write_llm_summary(report_dir, backend, question.sae_fingerprint, len(todo), answered,
-                              len(chosen) - len(todo), n_dead, failures, stopped)
-            refresh_atlas(report_dir)
+            try:
+                write_llm_summary(report_dir, backend, question.sae_fingerprint, len(todo), answered,
+                                  len(chosen) - len(todo), n_dead, failures, stopped)
+                refresh_atlas(report_dir)
+            except Exception as exc:  # never let the summary hide the error that stopped the run
+                if stopped is None:
+                    raise
+                log(f"could not write {artifacts.LLM_SUMMARY} or refresh the atlas: {exc}")
     log(f"wrote {answered} answers to {report_dir / artifacts.LLM_OUTPUT}")
     if failures:
         log(f"{len(failures)} neurons failed (rerun to retry them): {sorted(failures)}")

@@ -248,8 +248,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str, map_location: str | torc
         unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if unsafe:  # a real pickle of some class: name it, never load it
             raise UserError(f"{path} refused: it holds objects a safe load will not run ({unsafe.group(1)})")
-        raise UserError(f"{path} is not a checkpoint (a safe load cannot read it); "
-                        f"rerun {PRODUCER.get(kind, 'its stage')}") from None
+        detail = re.search(r"WeightsUnpickler error: *(\S.*)", str(exc))  # torch's own reason, when it gives one
+        raise UserError(f"{path} is not a checkpoint a safe load can read"
+                        f"{f' ({detail.group(1)[:160]})' if detail else ''}; rerun {PRODUCER.get(kind, 'its stage')}"
+                        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
         raise UserError(f"{path} is truncated or not a checkpoint ({first}); rerun {PRODUCER.get(kind, 'its stage')}")

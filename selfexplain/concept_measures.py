@@ -491,7 +491,7 @@ class ConceptReport:
         if self.counterfactual is None:  # not run, or no natural zero (PCA): one schema, null figures
             out.update(mean_cf_own_drop=None, mean_cf_other_drop=None)
             for fields in out["per_part"].values():
-                fields.update(cf_own_drop=None, cf_other_drop=None)
+                fields.update(cf_own_drop=None, cf_other_drop=None, cf_own_n=None, cf_other_n=None)
         return out
 
 

@@ -400,5 +400,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if fatal:
-        raise UserError(f"{fatal}; answers so far are kept, rerun to resume")
+        error = UserError(f"{fatal}; answers so far are kept, rerun to resume")
+        error.failures = failures  # the neurons that failed before the stop, for llm_summary.json
+        raise error
     return failures

@@ -105,7 +105,8 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
             if "items_digest" not in spec:  # stage 1's own settings: the message says it all
                 raise
             raise UserError(f"{exc}; if the classifier's data moved, pass --data_root=WHERE_IT_IS_NOW") from None
-        key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"]}
+        key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"],
+                   "classes": "readable only"}  # caches built before empty classes were left out are rebuilt
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"

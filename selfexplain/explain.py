@@ -48,7 +48,7 @@ from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
 from .imaging import array_to_sketch, load_user_image, png_bytes
-from .prompts import OFFLINE_PREFIX, concept_name
+from .prompts import OFFLINE_PREFIX, concept_name, percent
 from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 from .stats import describe_map
 
@@ -319,16 +319,6 @@ def blank_sentence(predicted: str, probability: float, image: np.ndarray | None)
         return None
     return (f"Predicted {predicted} ({percent(probability)}) for a blank page: it has no ink, so no concept explains "
             "the guess.")
-
-
-def percent(p: float) -> str:
-    """A probability as a whole percentage that never reads 100% or 0% when it is neither
-    (0.996 -> "99.6%", 0.9999 -> ">99.9%"): the header said 99.6%, the sentence 100%."""
-    text = f"{p:.0%}"
-    if (text == "100%" and p < 1) or (text == "0%" and p > 0):
-        text = f"{p:.1%}"
-        text = ">99.9%" if text == "100.0%" else "<0.1%" if text == "0.0%" else text
-    return text
 
 
 def short_name(label: str) -> tuple[str, bool]:

@@ -162,7 +162,8 @@ def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: s
 # ----------------------------------------------------------------------------- overlays
 def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
     """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``;
-    an existing folder (or a path ending in ``/``) gets ``<folder>/<label>.png`` for each.
+    an existing folder (or a path ending in ``/``) gets ``<folder>/<label>_why.png`` for each (the
+    suffix keeps an overlay off an input of the same name when the folder is the inputs' own).
 
     The label is the image's file stem; images whose stems repeat (``a/cat.png``,
     ``b/cat.png``, ``cat.jpg``) are labelled by their path below the inputs' common
@@ -171,7 +172,7 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
     """
     out = Path(overlay)
     if out.is_dir() or str(overlay).endswith(("/", "\\")):  # a folder: one file per image inside it
-        return [out / f"{label}.png" for label in _unique_labels(names)]
+        return [out / f"{label}_why.png" for label in _unique_labels(names)]
     if out.suffix.lower() != ".png":
         out = out.with_suffix(".png")
     if len(names) == 1:

@@ -58,7 +58,7 @@ class Familiarity:
     """One image's verdict."""
 
     score: float       # minus the largest scaled signal (higher = more familiar)
-    percentile: float  # % of validation images whose score is at most this one
+    percentile: float  # its rank among the validation scores, 0-100 (the threshold's own interpolation)
     unfamiliar: bool   # score below the calibration's threshold
 
     def to_dict(self) -> dict:

@@ -19,6 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folders are searched for
+FLOAT_ONE_MAX = 1.5       # float arrays up to this are 0-1 pixels (cubic resampling overshoots 1 a little)
+FLOAT_ONE_MIN = -0.5      # ... and down to this (below: a normalised tensor, not pixels)
+FLOAT_255_MIN_TOP = 32.0  # float arrays whose top is above this are 0-255 pixels; in between: neither
 MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
 MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 200000 strip would need 40 GB
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
@@ -102,9 +105,10 @@ def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
     A uint8 ``(S, S)`` array at the model's size is taken as is, like the cache's images.
     Any other grey ``(H, W)`` or colour ``(H, W, 3|4)`` array is read as the picture it
     holds, through :func:`decode_image` (padded, resized; white paper, dark ink). Floats are
-    0-1 when their largest value is at most 1, else 0-255 (clipped); integers are 0-255, or
-    0-65535 when any value is above 255. NaN, infinity, negative values (a normalised tensor)
-    and integers above 65535 are a UserError, as are other shapes.
+    0-1 when their largest value is at most 1.5, 0-255 when it is above 32 (resampling
+    overshoot is clipped); integers are 0-255, or 0-65535 when any value is above 255. NaN,
+    infinity, floats that fit neither scale (a normalised tensor), negative integers and
+    integers above 65535 are a UserError, as are other shapes.
     """
     if array.dtype == np.uint8 and array.shape == (image_size, image_size):
         return array
@@ -124,10 +128,13 @@ def _to_uint8_values(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             raise UserError("array input holds NaN or infinite values: give paper its white value (1.0 or 255)")
-        if array.min() < -1e-6:  # a normalised tensor (mean/std), not pixels; rounding noise is let through
-            raise UserError(f"array input holds negative values (min {float(array.min()):.3g}): give pixel values, "
-                            f"0-1 or 0-255 with white paper, not a normalised tensor")
-        scale = 255.0 if array.max() <= 1.0 else 1.0
+        low, high = float(array.min()), float(array.max())
+        # 0-1 or 0-255 pixels, with the overshoot cubic resampling leaves on either side (clipped); a
+        # normalised tensor (mean/std: about -3..3) is neither, and reading it as pixels would be garbage
+        if (high <= FLOAT_ONE_MAX and low < FLOAT_ONE_MIN) or FLOAT_ONE_MAX < high <= FLOAT_255_MIN_TOP:
+            raise UserError(f"array input holds values from {low:.3g} to {high:.3g}: neither 0-1 nor 0-255 pixels "
+                            f"(a normalised tensor?); give pixel values with white paper")
+        scale = 255.0 if high <= FLOAT_ONE_MAX else 1.0
         return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     low, high = int(array.min()), int(array.max())
     if low < 0 or high > 65535:

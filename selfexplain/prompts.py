@@ -60,11 +60,21 @@ def why_system_prompt() -> str:
     return load_prompt("why_system").strip()
 
 
+def percent(p: float) -> str:
+    """A probability as a whole percentage that never reads 100% or 0% when it is neither
+    (0.996 -> "99.6%", 0.9999 -> ">99.9%"): the header said 99.6%, the sentence 100%."""
+    text = f"{p:.0%}"
+    if (text == "100%" and p < 1) or (text == "0%" and p > 0):
+        text = f"{p:.1%}"
+        text = ">99.9%" if text == "100.0%" else "<0.1%" if text == "0.0%" else text
+    return text
+
+
 def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]]) -> str:
     """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``."""
     evidence = "; ".join(f"{strip_controls(concept)} ({share:.0%} of the evidence)" for concept, share in cited)
     return load_prompt("why_user").format(predicted_class=strip_controls(predicted_class),
-                                          probability=f"{probability:.0%}",
+                                          probability=percent(probability),
                                           evidence=evidence or "no single concept").strip()
 
 
@@ -164,8 +174,9 @@ def _strong_rule(neuron: dict) -> str:
     quantile, threshold = neuron.get("quantile"), neuron.get("threshold")
     if quantile is None or threshold is None:
         return "per-image max above the neuron's own threshold"
-    return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.0f', 100)}th "
-            f"percentile over images, so at most {_fmt(1 - quantile, '.0f', 100)}% of sketches by definition")
+    # .3g: a QUANTILE lowered on small data (0.875) reads 87.5th and 12.5%, not 88th and 12%
+    return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.3g', 100)}th "
+            f"percentile over images, so at most {_fmt(1 - quantile, '.3g', 100)}% of sketches by definition")
 
 
 def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = ()) -> str:

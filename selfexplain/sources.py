@@ -69,7 +69,8 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
     if dataset == "tu-berlin":
         root = ensure_tu_berlin(str(root))
     elif not root.is_dir():
-        what = f"is a file; DATASET={dataset} reads a folder: give its folder, {root.parent}" if root.is_file() else \
+        holder = root.parent if dataset == "parquet" else root.parent.parent  # folder: DATA_ROOT/<class>/<image>
+        what = f"is a file; DATASET={dataset} reads a folder: give {holder}" if root.is_file() else \
             f"does not exist (DATASET={dataset} reads a folder)"
         raise UserError(f"DATA_ROOT={root} {what}")
     if dataset == "folder":

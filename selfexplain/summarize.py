@@ -160,16 +160,21 @@ class NeuronStats:
     position: dict                 # row, col, spread (M,)
 
 
+QUANTILE_FLOOR = 0.8  # the lowest QUANTILE small data lowers it to: "on" stays the top fifth at most
+
+
 def effective_quantile(quantile: float, n_images: int, min_on: int) -> float:
     """QUANTILE, lowered where it would leave fewer than ``min_on`` of ``n_images`` above τ.
 
     On 160 training images the default 0.99 left ~2 images above each neuron's threshold, so
     no neuron could show a class preference (it needs report.MIN_SUPPORT images of one class)
-    and every offline label read "no clear class preference". ``min_on`` = 0 keeps QUANTILE.
+    and every offline label read "no clear class preference". Never below ``QUANTILE_FLOOR``:
+    "on" must still mean strongly on (21 images would otherwise give 0.05, nearly all on).
+    ``min_on`` = 0 keeps QUANTILE.
     """
-    if min_on <= 0 or n_images <= min_on:
+    if min_on <= 0:
         return quantile
-    return min(quantile, 1.0 - min_on / n_images)
+    return min(quantile, max(1.0 - min_on / n_images, QUANTILE_FLOOR))
 
 
 def neuron_stats(acts: Activations, labels: np.ndarray, lens: np.ndarray, quantile: float = 0.99,

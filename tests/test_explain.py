@@ -281,9 +281,9 @@ def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts
     assert [p.name for p in explain_io.overlay_paths("ov.png", ["s.png", "s.png"])] == ["ov_s_png.png", "ov_s_png_2.png"]
     # an existing folder, or a path ending in /, holds one overlay per image (was written beside it as folder.png)
     (tmp_path / "overlays").mkdir()
-    assert explain_io.overlay_paths(tmp_path / "overlays", ["x/s_0.png"]) == [tmp_path / "overlays" / "s_0.png"]
-    assert explain_io.overlay_paths(f"{tmp_path}/new/", ["a.png", "b.jpg"]) == [tmp_path / "new" / "a.png",
-                                                                             tmp_path / "new" / "b.png"]
+    assert explain_io.overlay_paths(tmp_path / "overlays", ["x/s_0.png"]) == [tmp_path / "overlays" / "s_0_why.png"]
+    assert explain_io.overlay_paths(f"{tmp_path}/new/", ["a.png", "b.jpg"]) == [tmp_path / "new" / "a_why.png",
+                                                                             tmp_path / "new" / "b_why.png"]
 
 
 def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp_path):
@@ -519,9 +519,10 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
     overshoot[0, 0] = 255.4  # what cubic resampling leaves: still 0-255, not 16 bits
     darkest = np.unravel_index(grey.argmin(), grey.shape)
     assert grey[darkest] == 0
-    overshoot[darkest] = -1e-9  # ... and rounding noise below black
+    overshoot[darkest] = -50.0  # ... and below black, as torch's bicubic resize leaves it (clipped)
+    unit = overshoot / 255.0    # the same on a 0-1 scale, overshooting 1 and 0 (1.0016, -0.196)
     wide = np.asarray(picture).astype(np.int64) * 257  # 16-bit colour
-    batch, _ = explain.to_uint8([overshoot, wide, picture.convert("RGBA").convert("La"),
+    batch, _ = explain.to_uint8([overshoot, unit, wide, picture.convert("RGBA").convert("La"),
                                  picture.convert("LAB")], 64)
     for k, got in enumerate(batch):
         assert np.abs(got.astype(int) - expected).max() <= 2, f"extra {k}"
@@ -530,6 +531,7 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
                          (np.full((8, 8), np.inf), "infinite"), (np.full((8, 8), -1), "outside 0-65535"),
                          (np.full((8, 8), 2 ** 32, np.int64), "outside 0-65535"),
                          (np.linspace(-2.1, 2.6, 64, dtype=np.float32).reshape(8, 8), "normalised tensor"),
+                         (np.linspace(-1.0, 1.0, 64, dtype=np.float32).reshape(8, 8), "normalised tensor"),
                          (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)

@@ -505,6 +505,7 @@ def test_bad_token_stops_the_run_with_a_clear_error(report, monkeypatch):
     assert answers(report) == {}
     summary = json.loads((report / "llm_summary.json").read_text())  # this run's, not an earlier run's
     assert summary["backend"] == "openai" and summary["answered"] == 0 and "401" in summary["stopped"]
+    assert summary["failed"] and all("401" in f["error"] for f in summary["failed"])  # the failures that stopped it
 
 
 @pytest.mark.parametrize("api", ["openai", "replicate"])
@@ -756,3 +757,6 @@ def test_prompt_carries_the_real_image_frequency_and_the_threshold_rule():
     text = prompts.neuron_prompt(neuron)
     assert "fires at all on 42.0% of training sketches" in text
     assert "99th percentile" in text and "at most 1% of sketches by definition" in text
+    lowered = prompts.neuron_prompt({**neuron, "quantile": 0.875})  # QUANTILE lowered on small data
+    assert "87.5th percentile" in lowered and "at most 12.5% of sketches by definition" in lowered
+    assert "probability 99.6%." in prompts.why_prompt("triangle", 0.996, [("circle", 0.5)])  # not "100%"

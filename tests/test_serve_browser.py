@@ -64,8 +64,8 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert page["top5"] == 5
         assert browser.evaluate("document.getElementById('chance').textContent").startswith("(chance ")
         pct = re.search(r"const pct=(.*?);  //", serve.PAGE.read_text()).group(1)  # the page's own formatter
-        assert browser.evaluate(f"[0.996, 0.9999, 1, 0.46, 0.083].map({pct})") == \
-            ["99.6%", ">99.9%", "100%", "46%", "8.3%"]
+        assert browser.evaluate(f"[0.996, 0.9999, 1, 0.46, 0.083, 0.0004, 0].map({pct})") == \
+            ["99.6%", ">99.9%", "100%", "46%", "8.3%", "<0.1%", "0.0%"]
         assert page["links"] and all(h.startswith("/atlas/index.html#neuron-") for h in page["links"])
         # offline labels read as their part, the whole label on hover, and the page says once where names came from
         names = browser.evaluate("[...document.querySelectorAll('#concepts a')].map(a => [a.textContent, a.title])")

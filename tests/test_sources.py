@@ -2,6 +2,7 @@
 and the TU-Berlin download through the real huggingface_hub client against a fake hub."""
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -68,8 +69,8 @@ def test_bad_parquet_inputs_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         describe_source("parquet", str(tmp_path / "nope"))
     (tmp_path / "one.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UserError, match=f"one.parquet is a file; DATASET=parquet reads a folder: give its folder, "
-                                        f"{tmp_path.resolve()}"):
+    with pytest.raises(UserError, match="one.parquet is a file; DATASET=parquet reads a folder: give "
+                                        + re.escape(str(tmp_path.resolve()))):
         describe_source("parquet", str(tmp_path / "one.parquet"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no \*\.parquet"):
@@ -306,3 +307,12 @@ def test_tu_berlin_offline_is_one_line_user_error_with_ways_out(tmp_path, offlin
 def test_unknown_dataset_is_a_user_error():
     with pytest.raises(UserError, match="tu-berlin, parquet, folder"):
         describe_source("imagenet", None)
+
+
+def test_an_image_file_given_for_a_folder_dataset_names_the_classes_folder(tmp_path):
+    from hf_fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "data", ["a", "b"], n_per_class=2, clutter=False)
+    with pytest.raises(UserError, match="000.png is a file; DATASET=folder reads a folder: give "
+                                        + re.escape(str((tmp_path / "data").resolve()))):
+        describe_source("folder", str(tmp_path / "data" / "a" / "000.png"))
