@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data, synthetic
 from .artifacts import TrainState
-from .distributed import Runtime, all_reduce_sum, amp_dtype, autocast, barrier, lr_at
+from .distributed import Runtime, all_reduce_sum, amp_dtype, autocast, barrier, broadcast, lr_at
 from .errors import UserError
 from .model import classifier_arch
 
@@ -149,7 +149,10 @@ def train_epoch(model, optimizer, scaler, loader, *, settings: ClassifierTrainSe
             bar.update(len(y) * runtime.world_size)
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen), seen
+    # every rank's images, as validation counts them (rank 0's shard alone was logged before)
+    totals = all_reduce_sum(torch.stack([loss_sum.float(), correct.float(),
+                                         torch.tensor(float(seen), device=runtime.device)]), runtime)
+    return totals[0].item() / max(1.0, totals[2].item()), totals[1].item() / max(1.0, totals[2].item()), seen
 
 
 @torch.no_grad()
@@ -158,6 +161,8 @@ def evaluate(model, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
     """Loss, accuracy and layer4 statistics on ``indices`` (sharded across ranks)."""
     net = model.module if hasattr(model, "module") else model
     net.eval()
+    for buffer in net.buffers():  # DDP: each rank's last forward moved its own BatchNorm statistics; score rank 0's
+        broadcast(buffer, runtime)
     shard = indices[runtime.rank::runtime.world_size]
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)  # loss, correct, n, feat sum, zeros
     for xb, yb, _ in data.batches(images, labels, shard, batch_size):

@@ -188,7 +188,7 @@ def train_step(sae: TopKSAE, optimizer, x: torch.Tensor, *, dead: torch.Tensor |
     values, idx, aux_v, aux_idx = TopKEncode.apply(x, sae.W_e, sae.b_e, sae.k_max, k_aux, dead_mask, dtype, k_batch)
     if k_batch:
         distributed = runtime is not None and runtime.distributed
-        sae.update_threshold_(values, threshold_rate, partial(all_reduce_min, runtime=runtime) if distributed else None)
+        sae.update_threshold_(values, threshold_rate, partial(all_reduce_sum, runtime=runtime) if distributed else None)
     recon = sae.decode_sparse(values, idx)
     loss = fvu_loss(x, recon)
     aux_loss = torch.zeros((), device=x.device)
@@ -518,7 +518,7 @@ def train_epoch(sae, optimizer, usage_ema, train: TokenStore, epoch: int, n_step
         state.step += 1
         bar.update(len(x) * runtime.world_size)
     bar.close()
-    means = (sums / n_steps).tolist()
+    means = (all_reduce_sum(sums, runtime) / (n_steps * runtime.world_size)).tolist()  # every rank's tokens
     return {"train_fvu": means[0], "train_aux_loss": means[1], "lr": optimizer.param_groups[0]["lr"],
             "train_dead_fraction": dead_share(fired), "train_tokens": n_steps * s.batch_size * runtime.world_size}
 

@@ -505,3 +505,20 @@ def test_a_cache_only_run_says_whether_it_kept_the_tokens(tiny_classifier, tmp_p
     train_sae.main(**run, token_ram_gb=0.0)
     assert f"the tokens are cached in {Path(cache_dir) / 'sae_tokens'}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_batchtopk_threshold_under_ddp_moves_to_the_mean_of_the_ranks_values():
+    """Each rank's smallest kept value; their minimum (used before) sat lower the more ranks there were."""
+    sae = TopKSAE(8, 16, 2, arch="batchtopk")
+    other_rank = torch.tensor([3.0, 1.0])                       # another rank's smallest kept value, and "found"
+
+    def reduce_sum(t):                                           # what all_reduce_sum does with two ranks
+        t += other_rank
+        return t
+
+    sae.update_threshold_(torch.tensor([[0.0, 1.0, 5.0]]), rate=1.0, reduce_sum=reduce_sum)
+    assert float(sae.threshold) == pytest.approx(2.0)            # (1 + 3) / 2, not min(1, 3)
+    sae.update_threshold_(torch.tensor([[0.0, 0.0]]), rate=1.0, reduce_sum=lambda t: t)  # nothing kept anywhere
+    assert float(sae.threshold) == pytest.approx(2.0)
+    sae.update_threshold_(torch.tensor([[0.0, 4.0]]), rate=0.5)  # one process: halfway towards its own value
+    assert float(sae.threshold) == pytest.approx(3.0)
