@@ -124,22 +124,27 @@ def main(**overrides) -> dict:
 
     t = time.time()
     out = Path(cfg.OUT_DIR)
-    with report.staged_images(out) as staging:  # a failure before the swap keeps the previous run's images
+    written = {}
+
+    def publish() -> None:  # right after the image swap, with Ctrl-C and SIGTERM held: the atlas is never mixed
+        artifacts.write_jsonl(out / artifacts.NEURONS, written["records"])
+        artifacts.write_json(out / artifacts.SUMMARY, written["summary"])
+        save_effective_config(cfg, out)
+        report.write_index_html(out)
+
+    with report.staged_images(out, publish) as staging:  # a failure before the swap keeps the previous run whole
         thumbs = report.render_examples(staging, lambda r: np.asarray(imageset.images[indices[r]]), examples,
                                         acts.grid, cfg.THUMB_SIZE, cfg.HEAT_ALPHA)
         entries = report.example_entries(examples, thumbs, indices, labels, imageset.class_names)
         records = report.neuron_records(st, imageset.class_names, entries, inputs.sae_fingerprint, parts,
                                         cfg.TOP_CLASSES, cfg.ANTI_CLASSES, cfg.WEAK_PMI)
-    timings["render"] = time.time() - t
-    artifacts.write_jsonl(out / artifacts.NEURONS, records)
-    timings["total"] = time.time() - t0
-    n_clear = sum(report.has_clear_class(r, cfg.WEAK_PMI) for r in records)
-    summary = {**summarize.summary_metrics(inputs, acts, st, labels, n_clear, held_out, timings), "config": dict(cfg)}
-    artifacts.write_json(out / artifacts.SUMMARY, summary)
-    save_effective_config(cfg, out)
-    report.write_index_html(out)
-    _log(summary, out)
-    return summary
+        timings["render"] = time.time() - t
+        timings["total"] = time.time() - t0
+        n_clear = sum(report.has_clear_class(r, cfg.WEAK_PMI) for r in records)
+        written.update(records=records, summary={**summarize.summary_metrics(inputs, acts, st, labels, n_clear,
+                                                                             held_out, timings), "config": dict(cfg)})
+    _log(written["summary"], out)
+    return written["summary"]
 
 
 def measure_concepts(cfg, inputs, acts, indices, examples, timings: dict) -> tuple:

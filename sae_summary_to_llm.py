@@ -37,6 +37,7 @@ from pathlib import Path
 
 from selfexplain import artifacts, concepts, prompts, report
 from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.distributed import exit_on_sigterm
 from selfexplain.errors import UserError
 from selfexplain.llm_backends import make_backend, public_url
 from selfexplain.logs import log
@@ -141,4 +142,5 @@ def write_llm_summary(report_dir: Path, backend, sae_fingerprint: str, asked: in
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM like Ctrl-C: the answers in flight are saved, llm_summary.json says why it stopped
     run_cli(main, globals())

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
 from selfexplain.config import make_config, module_constants, run_cli
-from selfexplain.distributed import resolve_device
+from selfexplain.distributed import exit_on_sigterm, resolve_device
 from selfexplain.errors import UserError
 from selfexplain.explain import top_neuron_ids_for_image  # noqa: F401  (notebook API, with explain_image(s))
 from selfexplain.llm_backends import LLMError, make_backend
@@ -180,4 +180,5 @@ def shell_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends like Ctrl-C, after the overlay or JSON line being written
     run_cli(cli, globals(), shell_argv(sys.argv[1:]))

@@ -67,6 +67,7 @@ FAMILIARITY = "familiarity.json"                  # stage 5: validation calibrat
 # What marks an earlier run in a trainer's OUT_DIR (see prepare_out_dir).
 CLASSIFIER_OUTPUTS = (BEST_CLASSIFIER, LAST_CLASSIFIER, METRICS, TENSORBOARD_DIR, CONFIG, LABEL_DECODER)
 SAE_OUTPUTS = (BEST_SAE, LAST_SAE, METRICS, TENSORBOARD_DIR, CONFIG)
+ALL_OUTPUTS = frozenset(CLASSIFIER_OUTPUTS + SAE_OUTPUTS)  # what a stage-1 or stage-2 run folder may hold
 LEFTOVERS = (TENSORBOARD_DIR, CONFIG, LABEL_DECODER)  # alone, they are a run that saved no checkpoint
 REPLACED_DIR = ".replaced"  # an overwritten run waits here until the new run's first checkpoint
 
@@ -112,6 +113,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):  # torch.save's word for a full disk
+            raise UserError(f"cannot write {path}: the write stopped short (is the disk full?)") from None
         raise
     return path
 
@@ -389,8 +392,11 @@ def require_resumable(path: str | os.PathLike) -> None:
             raise UserError(f"nothing to resume: {path} does not exist; the run an interrupted --overwrite replaced "
                             f"is in {aside}: move its files back into OUT_DIR to resume it, or pass "
                             "--overwrite=True to start again")
-        raise UserError(f"nothing to resume: {path} does not exist (the earlier run saved no epoch); "
-                        "start again without --resume=True")
+        others = sorted(p.name for p in Path(path).parent.glob("*") if p.name in ALL_OUTPUTS)
+        hint = ("start again with --overwrite=True" if set(others) - set(LEFTOVERS)  # a plain rerun would be refused
+                else "start again without --resume=True")
+        raise UserError(f"nothing to resume: {path} does not exist (the earlier run saved no whole epoch"
+                        f"{'; it left ' + ', '.join(others) if others else ''}); {hint}")
 
 
 def drop_replaced(out_dir: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ import difflib
 import inspect
 import io
 import json
+import os
 import sys
 import tokenize
 from pathlib import Path
@@ -215,5 +216,17 @@ def run_cli(main: Callable[..., Any], namespace: dict, argv: list[str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 143:  # SIGTERM (distributed.exit_on_sigterm): say so, as Ctrl-C does
+            print("terminated", file=sys.stderr)
+        raise
+    except BrokenPipeError:  # `... --json=True | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:  # the environment (permissions, a full disk, a file where a folder goes): one line
+        script = Path(namespace.get("__file__", "script")).name
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{script}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(result, int) and not isinstance(result, bool):
         sys.exit(result)

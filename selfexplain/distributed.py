@@ -231,6 +231,24 @@ def sigterm_interrupts():
 
 
 @contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (main thread) and SIGTERM until the block ends, then act on them: for a few
+    writes that must land together (stage 3's image swap and the records that point at them)."""
+    pending = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        with sigterm_held():
+            yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def sigterm_held():
     """Hold the SystemExit of :func:`exit_on_sigterm` until the block ends, then exit.
 

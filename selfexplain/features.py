@@ -6,6 +6,7 @@ the layer4 tokens of a set of images once (stage 2 trains on them for many epoch
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data
 from .distributed import Runtime, all_reduce_sum, autocast
+from .errors import UserError
 from .sae import tokens_of
 
 
@@ -95,6 +97,21 @@ def map_shape(model, image_size: int, device) -> tuple[int, int, int]:
     return tuple(fmap.shape[1:])
 
 
+def reserve_disk(path: Path) -> None:
+    """Allocate a (sparse, memory-mapped) file's blocks now, so a full disk is an error here."""
+    if not hasattr(os, "posix_fallocate"):  # Windows, macOS: the write itself reports it
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.path.getsize(path))
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+                return
+            raise UserError(f"cannot cache tokens in {path.parent}: {exc.strerror} (need "
+                            f"{os.path.getsize(path) / 2 ** 30:.1f} GiB; free space, set CACHE_DIR elsewhere or raise "
+                            f"TOKEN_RAM_GB)") from None
+
+
 def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, device: torch.device, *,
                  ram_gb: float, disk_path: str | Path, batch_size: int = 256, progress: bool = False,
                  stats: bool = False) -> tuple[TokenStore, tuple | None]:
@@ -128,6 +145,7 @@ def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, dev
         if on_disk:
             disk_path.parent.mkdir(parents=True, exist_ok=True)
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n_tok, c))
+            reserve_disk(tmp)  # a sparse file on a full disk would end in SIGBUS mid-pass, with no message
         else:
             arr = np.empty((n_tok, c), dtype=np.float16)
         sums = _fill_tokens(arr, model, images, indices, prep, device, batch_size, progress, stats)

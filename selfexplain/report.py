@@ -29,6 +29,7 @@ from . import concept_measures as cm
 from . import concepts, stats
 from .artifacts import (INDEX_HTML, NEURONS, SPRITES_DIR, SUMMARY, THUMBS_DIR, atomic_write_bytes,
                         read_json, read_jsonl)
+from .distributed import interrupts_held
 from .logs import log
 from .summarize import Examples, NeuronParts, NeuronStats
 
@@ -187,22 +188,27 @@ def overlay(sketches: np.ndarray, heat: np.ndarray, thumb: int, alpha: float = 0
 
 
 @contextmanager
-def staged_images(out_dir: str | Path) -> Iterator[Path]:
+def staged_images(out_dir: str | Path, publish: Callable[[], None] | None = None) -> Iterator[Path]:
     """A scratch folder inside ``out_dir`` to render ``thumbs/`` and ``sprites/`` into.
 
-    When the block succeeds they replace ``out_dir``'s own; when it fails the scratch folder
-    goes and the previous run's images stay, so its atlas and stage 4 keep working.
+    When the block succeeds they replace ``out_dir``'s own and ``publish()`` writes the files
+    that point at them, with Ctrl-C and SIGTERM held from the swap to the last write (an
+    interruption there left the new images under the old neurons.jsonl); when it fails the
+    scratch folder goes and the previous run's images stay, so its atlas and stage 4 keep working.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         yield staging
-        for name in (THUMBS_DIR, SPRITES_DIR):
-            (staging / name).mkdir(exist_ok=True)
-            if (out_dir / name).exists():
-                (out_dir / name).rename(staging / f"old-{name}")  # deleted with the scratch folder
-            (staging / name).rename(out_dir / name)
+        with interrupts_held():
+            for name in (THUMBS_DIR, SPRITES_DIR):
+                (staging / name).mkdir(exist_ok=True)
+                if (out_dir / name).exists():
+                    (out_dir / name).rename(staging / f"old-{name}")  # deleted with the scratch folder
+                (staging / name).rename(out_dir / name)
+            if publish is not None:
+                publish()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

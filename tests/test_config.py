@@ -97,3 +97,36 @@ def test_a_value_after_a_space_and_a_repeated_key_are_refused():
     assert make_config({"OVERLAY": "", "RESUME": False}, {"resume": True}).RESUME is True  # yes/no flags stay bare
     with pytest.raises(UserError, match="--image is given twice"):
         parse_argv(["--image=test:0", "--IMAGE=test:1"])
+
+
+def _run_cli_exit(main, capsys) -> tuple[int, str]:
+    from selfexplain.config import run_cli
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, {"__name__": "t", "__file__": "t.py"}, [])
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_environment_errors_and_sigterm_end_in_one_line(capsys):
+    def unwritable():
+        raise PermissionError(13, "Permission denied", "/ro/report/neurons.jsonl")
+
+    def terminated():
+        raise SystemExit(143)  # what distributed.exit_on_sigterm raises
+
+    code, err = _run_cli_exit(unwritable, capsys)
+    assert code == 2 and err == "t.py: error: Permission denied: /ro/report/neurons.jsonl\n"
+    code, err = _run_cli_exit(terminated, capsys)
+    assert code == 143 and err == "terminated\n"
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
+    code = ("import sys; sys.path.insert(0, '.')\n"
+            "from selfexplain.config import run_cli\n"
+            "def main():\n    for _ in range(200000): print('x' * 100)\n"
+            "run_cli(main, {'__name__': 't', '__file__': 't.py'}, [])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # `| head -c 10`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err

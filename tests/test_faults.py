@@ -75,6 +75,16 @@ def test_resume_after_an_interrupted_overwrite_points_at_the_run_kept_aside(tmp_
         artifacts.require_resumable(tmp_path / "last.pt")
 
 
+def test_resume_after_a_stop_before_the_first_whole_epoch_says_to_overwrite(tmp_path):
+    """best.pt and config.json written, last.pt not yet: --resume had nothing, a plain rerun was refused."""
+    (tmp_path / "best.pt").write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"it left best.pt, config.json\); start again with --overwrite=True"):
+        artifacts.require_resumable(tmp_path / "last.pt")
+    with pytest.raises(UserError, match="start again without --resume=True"):
+        artifacts.require_resumable(tmp_path / "empty" / "last.pt")
+
+
 def test_wrong_kind_of_checkpoint(tiny_classifier):
     with pytest.raises(UserError, match="not a sae checkpoint"):
         artifacts.load_sae(tiny_classifier / "best.pt")
@@ -267,3 +277,20 @@ def test_overwrites_stopped_at_any_point_never_lose_the_run_they_replace(tmp_pat
     assert (run / REPLACED_DIR / "last.pt").read_text() == "A" and not (run / "last.pt").exists()
     drop_replaced(run)                                            # a run that saved a whole checkpoint
     assert not (run / REPLACED_DIR).exists()
+
+
+def test_ctrl_c_between_the_image_swap_and_the_records_waits_for_the_records(tmp_path):
+    """Stage 3 swaps thumbs/ and sprites/, then writes neurons.jsonl: Ctrl-C in between left a mixed atlas."""
+    from selfexplain import report
+
+    def publish():
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C right after the swap ...
+        time.sleep(0.05)
+        artifacts.write_jsonl(tmp_path / "neurons.jsonl", [{"neuron_id": 0}])  # ... the records still land
+
+    with pytest.raises(KeyboardInterrupt):
+        with report.staged_images(tmp_path, publish) as staging:
+            (staging / "thumbs").mkdir()
+            (staging / "thumbs" / "new.png").write_bytes(b"new")
+    assert (tmp_path / "thumbs" / "new.png").is_file() and (tmp_path / "neurons.jsonl").is_file()
+    assert not list(tmp_path.glob(".staging-*"))

@@ -522,3 +522,17 @@ def test_batchtopk_threshold_under_ddp_moves_to_the_mean_of_the_ranks_values():
     assert float(sae.threshold) == pytest.approx(2.0)
     sae.update_threshold_(torch.tensor([[0.0, 4.0]]), rate=0.5)  # one process: halfway towards its own value
     assert float(sae.threshold) == pytest.approx(3.0)
+
+
+def test_a_token_cache_the_disk_cannot_hold_is_a_one_line_error(tmp_path, monkeypatch):
+    from selfexplain import features
+
+    path = tmp_path / "tokens.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(1000, 8))
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(features.os, "posix_fallocate", full, raising=False)
+    with pytest.raises(UserError, match=r"cannot cache tokens in .*: No space left on device \(need 0.0 GiB"):
+        features.reserve_disk(path)
