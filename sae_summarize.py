@@ -94,6 +94,7 @@ def main(**overrides) -> dict:
                                    cfg.CHANNELS_LAST, cfg.DATA_ROOT)
     # after the inputs load (a missing checkpoint is the more useful error); stage 4's answers stay:
     # they carry the SAE fingerprint, so readers set aside those of another SAE
+    artifacts.hold_out_dir(cfg.OUT_DIR)  # one run writes a report at a time (stage 4 locks its own file)
     artifacts.prepare_out_dir(cfg.OUT_DIR, [artifacts.NEURONS, artifacts.SUMMARY], overwrite=cfg.OVERWRITE, clear=False,
                               can_resume=False)
     imageset, sae = inputs.imageset, inputs.sae

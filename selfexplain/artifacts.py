@@ -27,6 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt locks a byte range instead
+    fcntl = None
+    import msvcrt
+
 import torch
 
 from .distributed import sigterm_held
@@ -352,12 +358,48 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
         hint = "pass --resume=True to continue it or --overwrite=True to replace it" if can_resume else \
             "pass --overwrite=True to replace it"
         raise UserError(f"{out} holds an earlier run ({', '.join(found)}); {hint}")
+    if clear:  # this run writes here from now on: a second one at the same time is refused
+        hold_out_dir(out)
     if clear and found and leftovers_only and not resume:
         for name in found:  # curves and settings of a run that saved nothing
             remove_path(out / name)
     elif overwrite and clear and found:
         _move_aside(out, found)
     return out
+
+
+OUT_DIR_LOCK = ".lock"  # in a stage's OUT_DIR: held by the run writing there
+_HELD: dict[Path, Any] = {}  # the lock files this process holds, open until it exits
+
+
+def hold_out_dir(out_dir: str | os.PathLike) -> None:
+    """Lock ``out_dir`` for this process (kept until it exits; taken again by the same process
+    at no cost): two runs writing one folder mixed their checkpoints and TensorBoard events."""
+    out = Path(out_dir).resolve()
+    if out in _HELD:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fh = open(out / OUT_DIR_LOCK, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write {out / OUT_DIR_LOCK}: {exc.strerror or exc}") from None
+    if not lock_exclusive(fh):
+        fh.close()
+        raise UserError(f"another run is writing {out} ({OUT_DIR_LOCK} there is locked): wait for it to finish, "
+                        f"or choose another output folder")
+    _HELD[out] = fh
+
+
+def lock_exclusive(fh) -> bool:
+    """Take an exclusive lock on an open file without waiting; False when another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _move_aside(out: Path, names: list[str]) -> None:

@@ -27,12 +27,6 @@ from .errors import UserError
 from .llm_backends import RETRY_STATUSES, Backend, LLMError
 from .logs import log
 
-try:
-    import fcntl
-except ImportError:  # Windows: msvcrt locks a byte range instead
-    fcntl = None
-    import msvcrt
-
 LOCK_SUFFIX = ".lock"  # beside llm_output.jsonl: held by the run that writes it
 
 
@@ -268,7 +262,7 @@ class AnswerLog:
             self._lock_file = open(self.lock_path, "a+")
         except OSError as exc:
             raise UserError(f"cannot write {self.lock_path}: {exc.strerror or exc}") from None
-        if not _lock_exclusive(self._lock_file):
+        if not artifacts.lock_exclusive(self._lock_file):
             self._lock_file.close()
             raise UserError(f"another sae_summary_to_llm.py run is writing {self.path} ({self.lock_path} is "
                             "locked); wait for it to finish, or use another REPORT_DIR")
@@ -311,18 +305,6 @@ class AnswerLog:
     def append(self, record: Concept) -> None:
         with self._threads:
             artifacts.append_jsonl(self.path, asdict(record))
-
-
-def _lock_exclusive(fh) -> bool:
-    """Take an exclusive lock on an open file without waiting; False when another process holds it."""
-    try:
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- asking

@@ -294,3 +294,21 @@ def test_ctrl_c_between_the_image_swap_and_the_records_waits_for_the_records(tmp
             (staging / "thumbs" / "new.png").write_bytes(b"new")
     assert (tmp_path / "thumbs" / "new.png").is_file() and (tmp_path / "neurons.jsonl").is_file()
     assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    """Two stage-1 runs into one folder both 'finished': best.pt was the other run's."""
+    code = ("import sys, time; sys.path.insert(0, '.')\n"
+            "from selfexplain import artifacts\n"
+            f"artifacts.hold_out_dir({str(tmp_path)!r}); print('held', flush=True); time.sleep(30)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="another run is writing .* choose another output folder"):
+            artifacts.prepare_out_dir(tmp_path, artifacts.CLASSIFIER_OUTPUTS)
+        artifacts.hold_out_dir(tmp_path / "elsewhere")   # another folder is free ...
+        artifacts.hold_out_dir(tmp_path / "elsewhere")   # ... and this process may take its own lock again
+    finally:
+        other.kill()
+        other.wait()
+    artifacts.prepare_out_dir(tmp_path, artifacts.CLASSIFIER_OUTPUTS)  # its process gone: the folder is free
