@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with sigterm_held():  # a SIGTERM mid-write exits once the file is whole (held from before the temp exists)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{os.getpid()}", dir=path.parent)
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
                 fh.flush()
@@ -368,6 +369,38 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     return out
 
 
+def remove_stale_builds(cache_dir: Path) -> list[Path]:
+    """Delete ``*.tmp<pid>`` files and folders (caches, token files, atomic writes, stage 3's staging)
+    whose process is gone (a SIGKILL, an OOM kill or a power cut: a cache or a last.pt in the making
+    is as large as what it was building).
+
+    Returns what was removed. Those of live processes are left alone; on Windows, where a
+    pid cannot be probed without side effects, nothing is removed.
+    """
+    if sys.platform == "win32" or not cache_dir.is_dir():
+        return []
+    removed = []
+    for path in cache_dir.iterdir():
+        match = TMP_SUFFIX.search(path.name)
+        if match and not _process_alive(int(match.group(1))):
+            remove_path(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:\.npy|\.npz)?$")  # a file or folder being built by process <pid>
+
+
 OUT_DIR_LOCK = ".lock"  # in a stage's OUT_DIR: held by the run writing there
 _HELD: dict[Path, Any] = {}  # the lock files this process holds, open until it exits
 
@@ -383,18 +416,24 @@ def hold_out_dir(out_dir: str | os.PathLike) -> None:
         fh = open(out / OUT_DIR_LOCK, "a+")
     except OSError as exc:
         raise UserError(f"cannot write {out / OUT_DIR_LOCK}: {exc.strerror or exc}") from None
-    if not lock_exclusive(fh):
+    if not lock_exclusive(fh, per_process=True):
         fh.close()
         raise UserError(f"another run is writing {out} ({OUT_DIR_LOCK} there is locked): wait for it to finish, "
                         f"or choose another output folder")
     _HELD[out] = fh
+    for path in remove_stale_builds(out):  # a killed run's temp files (a 120 MB last.pt, a staging folder)
+        log(f"removed {path.name}, left by a run that was killed")
 
 
-def lock_exclusive(fh) -> bool:
-    """Take an exclusive lock on an open file without waiting; False when another process holds it."""
+def lock_exclusive(fh, per_process: bool = False) -> bool:
+    """Take an exclusive lock on an open file without waiting; False when another process holds it.
+
+    ``per_process``: a POSIX record lock, which forked children do not share (stage 1's drawing
+    workers would otherwise keep a killed run's folder locked until they exit); else flock.
+    """
     try:
         if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (fcntl.lockf if per_process else fcntl.flock)(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         else:
             msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import CACHE_DIR, read_json, remove_path, write_json
+from .artifacts import CACHE_DIR, read_json, remove_path, remove_stale_builds, write_json
 from .errors import UserError
 from .imaging import BadImage, decode_image
 from .logs import log
@@ -38,7 +38,6 @@ from .synthetic import spec_style
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
 CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
-_TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:\.npy|\.npz)?$")  # a cache folder or token file being built by <pid>
 
 
 @dataclass
@@ -167,34 +166,6 @@ def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_builds(cache_dir: Path) -> list[Path]:
-    """Delete ``*.tmp<pid>`` cache folders and ``*.tmp<pid>.npy|.npz`` token files whose process is gone
-    (a SIGKILL, an OOM kill or a power cut: each is as large as what it was building).
-
-    Returns what was removed. Those of live processes are left alone; on Windows, where a
-    pid cannot be probed without side effects, nothing is removed.
-    """
-    if sys.platform == "win32" or not cache_dir.is_dir():
-        return []
-    removed = []
-    for path in cache_dir.iterdir():
-        match = _TMP_SUFFIX.search(path.name)
-        if match and not _process_alive(int(match.group(1))):
-            remove_path(path)
-            removed.append(path)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _cache_synthetic(spec: dict, tmp: Path, progress: bool) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -198,7 +199,7 @@ def staged_images(out_dir: str | Path, publish: Callable[[], None] | None = None
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", suffix=f".tmp{os.getpid()}", dir=out_dir))
     try:
         yield staging
         with interrupts_held():

@@ -312,3 +312,18 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
         other.kill()
         other.wait()
     artifacts.prepare_out_dir(tmp_path, artifacts.CLASSIFIER_OUTPUTS)  # its process gone: the folder is free
+
+
+def test_temp_files_of_a_killed_run_are_swept_when_the_folder_is_next_written(tmp_path):
+    """SIGKILL during last.pt's write left a hidden 120 MB .tmp file that even --overwrite kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)                                              # a process that has exited
+    stale = tmp_path / f".last.pt.k2j4.tmp{pid}"
+    stale.write_bytes(b"x" * 100)
+    (tmp_path / f".staging-ab12.tmp{pid}").mkdir()
+    live = tmp_path / f".best.pt.zz.tmp{os.getpid()}"                   # this process: left alone
+    live.write_bytes(b"x")
+    artifacts.prepare_out_dir(tmp_path, artifacts.CLASSIFIER_OUTPUTS)
+    assert not stale.exists() and not (tmp_path / f".staging-ab12.tmp{pid}").exists() and live.exists()
+    written = artifacts.atomic_write_bytes(tmp_path / "x.bin", b"1")  # atomic writes name their temp by pid
+    assert written.read_bytes() == b"1" and not list(tmp_path.glob(".x.bin.*"))
