@@ -348,6 +348,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     """
     out = Path(out_dir)
     outputs = list(outputs)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
     if resume and overwrite:
         raise UserError("--resume=True continues the run in OUT_DIR, --overwrite=True replaces it: choose one")
     found = [name for name in outputs if (out / name).exists()]
@@ -411,6 +413,8 @@ def hold_out_dir(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir).resolve()
     if out in _HELD:
         return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
     out.mkdir(parents=True, exist_ok=True)
     try:
         fh = open(out / OUT_DIR_LOCK, "a+")

@@ -212,5 +212,8 @@ def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibr
         log(f"{path} belongs to other models or an older score: refitting")
     log("calibrating the familiarity score on the validation split (once per model pair)")
     calibration = fit(models, cache_dir)
-    write_json(path, calibration.to_json())
+    try:
+        write_json(path, calibration.to_json())
+    except UserError as exc:  # a read-only report (a shared atlas): the flag still works, fitted again next time
+        log(f"warning: {exc}; the calibration is used but not kept (refitted on the next run)")
     return calibration

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from selfexplain import artifacts, data, explain, familiarity
+from selfexplain.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,15 @@ def test_a_small_validation_split_is_warned_about(models, cache_dir, capsys):
     assert n_val < familiarity.ROUGH_VAL_IMAGES  # the tiny fixture's split
     familiarity.fit(models, cache_dir)
     assert f"rests on only {n_val} validation images" in capsys.readouterr().err
+
+
+def test_a_read_only_report_still_gets_a_familiarity_verdict(calibration, models, cache_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    """stage 5 on a shared, read-only atlas failed on 'cannot write familiarity.json'."""
+    def read_only(path, obj):
+        raise UserError(f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(familiarity, "write_json", read_only)
+    fitted = familiarity.load_or_fit(models, tmp_path, cache_dir)
+    assert fitted.threshold == pytest.approx(calibration.threshold)
+    assert "the calibration is used but not kept" in capsys.readouterr().err

@@ -327,3 +327,11 @@ def test_temp_files_of_a_killed_run_are_swept_when_the_folder_is_next_written(tm
     assert not stale.exists() and not (tmp_path / f".staging-ab12.tmp{pid}").exists() and live.exists()
     written = artifacts.atomic_write_bytes(tmp_path / "x.bin", b"1")  # atomic writes name their temp by pid
     assert written.read_bytes() == b"1" and not list(tmp_path.glob(".x.bin.*"))
+
+
+def test_an_output_folder_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    for call in (lambda: artifacts.prepare_out_dir(tmp_path / "run", artifacts.SAE_OUTPUTS),
+                 lambda: artifacts.hold_out_dir(tmp_path / "run")):
+        with pytest.raises(UserError, match="run is a file, not a folder"):   # was "config.json: File exists"
+            call()
