@@ -112,8 +112,9 @@ def main(**overrides) -> int:
                 failures = getattr(exc, "failures", failures)
                 raise
             finally:  # the answers made before a stop count, and the atlas shows them
-                answered = sum(n["neuron_id"] in concepts.answered_ids(out.records(), backend, question.sae_fingerprint,
-                                                                       prompts.prompt_version(), offline) for n in todo)
+                now = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
+                                            offline)
+                answered = sum(n["neuron_id"] in now for n in todo)
     finally:
         if todo is not None:  # the run got as far as choosing what to ask
             try:

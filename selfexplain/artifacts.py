@@ -346,10 +346,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
         The folder holds an earlier run and neither ``resume`` nor ``overwrite`` is set,
         or both are.
     """
-    out = Path(out_dir)
+    out = _require_folder(Path(out_dir))
     outputs = list(outputs)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
     if resume and overwrite:
         raise UserError("--resume=True continues the run in OUT_DIR, --overwrite=True replaces it: choose one")
     found = [name for name in outputs if (out / name).exists()]
@@ -369,6 +367,15 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
     elif overwrite and clear and found:
         _move_aside(out, found)
     return out
+
+
+def _require_folder(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
+    return out
+
+
+TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:\.npy|\.npz)?$")  # a file or folder being built by process <pid>
 
 
 def remove_stale_builds(cache_dir: Path) -> list[Path]:
@@ -400,9 +407,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:\.npy|\.npz)?$")  # a file or folder being built by process <pid>
-
-
 OUT_DIR_LOCK = ".lock"  # in a stage's OUT_DIR: held by the run writing there
 _HELD: dict[Path, Any] = {}  # the lock files this process holds, open until it exits
 
@@ -413,9 +417,7 @@ def hold_out_dir(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir).resolve()
     if out in _HELD:
         return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
-    out.mkdir(parents=True, exist_ok=True)
+    _require_folder(out).mkdir(parents=True, exist_ok=True)
     try:
         fh = open(out / OUT_DIR_LOCK, "a+")
     except OSError as exc:

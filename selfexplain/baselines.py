@@ -84,6 +84,7 @@ def fit_pca(tokens: torch.Tensor, n_components: int) -> CodeProvider:
     m = min(n_components, x.shape[1])
     basis = vectors[:, -m:].flip(1).float()                               # (C, m), largest first
     mean = mean.float()
+
     def encode(t: torch.Tensor) -> torch.Tensor:
         projections = (t - mean) @ basis
         return torch.cat([projections, -projections], 1)

@@ -140,7 +140,7 @@ def cache_tokens(model, images: np.ndarray, indices: np.ndarray, prep: dict, dev
             return TokenStore(arr, indices, (h, w)), (n_tok, *(torch.from_numpy(saved[k]).to(device) for k in ("sum", "sq")))
     tmp = disk_path.with_name(f"{disk_path.name}.tmp{os.getpid()}.npy")  # two runs never share a temp file
     if on_disk:
-        data.remove_stale_builds(disk_path.parent)  # full-size temp files of killed runs
+        artifacts.remove_stale_builds(disk_path.parent)  # full-size temp files of killed runs
     try:
         if on_disk:
             disk_path.parent.mkdir(parents=True, exist_ok=True)
