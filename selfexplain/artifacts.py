@@ -370,8 +370,14 @@ def prepare_out_dir(out_dir: str | os.PathLike, outputs: Iterable[str], *, resum
 
 
 def _require_folder(out: Path) -> Path:
+    """``out``, refused when it is a file or cannot be written (checked on the folder, or on the
+    nearest existing folder above it): stage 2 learnt that only after its token pass."""
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
+    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"OUT_DIR={out} cannot be written ({existing} is read-only to this user): "
+                        "choose another output folder")
     return out
 
 

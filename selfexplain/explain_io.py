@@ -25,6 +25,7 @@ from .data import load_dataset
 from .errors import UserError
 from .explain import Explanation, Models, to_uint8, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes
+from .prompts import concept_name, percent
 from .stats import describe_map
 
 TEST_IMAGES_DIR = "test_images"  # under REPORT_DIR: test:K images saved as PNG, so outputs can name a file
@@ -200,17 +201,20 @@ def _unique_labels(names: Sequence[str]) -> list[str]:
 def format_text(exp: Explanation) -> str:
     """The compact human-readable explanation."""
     truth = f"   (true class: {exp.extra['true_class']})" if exp.extra.get("true_class") else ""
-    top5 = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in exp.top5)
+    top5 = ", ".join(f"{t['class']} {percent(t['probability'], 1)}" for t in exp.top5)
     lines = [f"image: {exp.image}",
-             f"predicted: {exp.predicted_class} ({exp.probability:.1%}){truth}",
+             f"predicted: {exp.predicted_class} ({percent(exp.probability, 1)}){truth}",
              f"top-5: {top5}"]
     note = unfamiliar_note(exp)
     if note:
         lines.append(f"WARNING: {note}")
-    lines.append("because of (share of the positive evidence, contribution to the logit):")
+    offline = " (names: offline labels, from statistics)" if any(n.offline for n in exp.neurons) else ""
+    lines.append(f"because of (share of the positive evidence, contribution to the logit){offline}:")
     for n in exp.neurons:
         where = describe_map(n.heatmap) if n.heatmap is not None else "?"  # in this sketch, not on average
-        lines.append(f"  {n.share:6.1%}  {n.concept}  [#{n.neuron_id}, {n.contribution:+.3f}, here: {where}]")
+        # an offline label's own place words are where the neuron fires on average: "here" says this sketch
+        name = concept_name(n.concept, keep_auroc=True)
+        lines.append(f"  {percent(n.share, 1):>6}  {name}  [#{n.neuron_id}, {n.contribution:+.3f}, here: {where}]")
     cited = sum(n.contribution for n in exp.neurons)
     lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "
                  f"+ SAE error {exp.error:.3f}")

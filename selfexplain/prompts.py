@@ -60,13 +60,16 @@ def why_system_prompt() -> str:
     return load_prompt("why_system").strip()
 
 
-def percent(p: float) -> str:
-    """A probability as a whole percentage that never reads 100% or 0% when it is neither
-    (0.996 -> "99.6%", 0.9999 -> ">99.9%"): the header said 99.6%, the sentence 100%."""
-    text = f"{p:.0%}"
-    if (text == "100%" and p < 1) or (text == "0%" and p > 0):
-        text = f"{p:.1%}"
-        text = ">99.9%" if text == "100.0%" else "<0.1%" if text == "0.0%" else text
+def percent(p: float, digits: int = 0) -> str:
+    """A probability as a percentage with ``digits`` decimals that never reads 100% or 0% when it
+    is neither (0.996 -> "99.6%", 0.9999 -> ">99.9%"; digits=1: 0.9996 -> ">99.9%"): the header
+    said 99.6%, the sentence 100%."""
+    text = f"{p:.{digits}%}"
+    full, none = f"{1:.{digits}%}", f"{0:.{digits}%}"
+    if (text == full and p < 1) or (text == none and p > 0):
+        digits = max(digits, 1)
+        text = f"{p:.{digits}%}"
+        text = ">99.9%" if text == f"{1:.{digits}%}" else "<0.1%" if text == f"{0:.{digits}%}" else text
     return text
 
 
@@ -213,14 +216,16 @@ _PLACE_TAIL = re.compile(r",\s*(?:(?:upper|lower)(?: (?:left|right))?|left|right
 _AUROC_TAIL = re.compile(r"\s*\(train(?: AUROC.*)?$")
 
 
-def concept_name(label: str) -> str:
+def concept_name(label: str, keep_auroc: bool = False) -> str:
     """The concept a label names, for a sentence: an offline label's core without its marker,
     its AUROC and its typical place (``"offline: spokes (train AUROC 0.95), lower"`` ->
     ``"spokes"``; also when MAX_WORDS cut the label short), so neurons of one part read as one
-    concept; a model's label as given."""
+    concept; a model's label as given. ``keep_auroc``: ``"spokes (train AUROC 0.95)"`` (the
+    CLI's per-neuron lines, which print their own place in this sketch)."""
     if not label.startswith(OFFLINE_PREFIX):
         return label
-    core = _AUROC_TAIL.sub("", _PLACE_TAIL.sub("", label[len(OFFLINE_PREFIX):].strip()))
+    core = _PLACE_TAIL.sub("", label[len(OFFLINE_PREFIX):].strip())
+    core = core if keep_auroc else _AUROC_TAIL.sub("", core)
     return core.rstrip(", ") or label
 
 

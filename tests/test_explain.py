@@ -492,6 +492,27 @@ def test_the_sentence_reads_offline_labels_of_one_part_as_one_concept():
         ["strokes typical of car (sedan)/dog, cat"] * 3
 
 
+def test_cli_lines_name_offline_concepts_without_their_average_place():
+    """The per-neuron lines print where the neuron fired in this sketch ("here:"); an offline
+    label's own place words (its average over training images) beside it read as a contradiction
+    ("anywhere in the sketch ... here: centre")."""
+    heat = np.zeros((4, 4))
+    heat[1:3, 1:3] = 1.0
+    label = "offline: circle (train AUROC 1.00), anywhere in the sketch"
+    name, offline = explain.short_name(label)
+    neuron = explain.CitedNeuron(95, label, 1.0, 1.0, 0.6, 0.204, heat, name=name, offline=offline)
+    exp = explain.Explanation("x.png", "wheel", 0, 0.9996, [{"class": "wheel", "index": 0, "probability": 0.9996}],
+                              2.0, [neuron], 0.5, -0.3, 0.2, {}, "Predicted wheel.")
+    text = explain_io.format_text(exp)
+    assert "   20.4%  circle (train AUROC 1.00)  [#95, +0.600, here: centre]" in text.splitlines()
+    assert "anywhere" not in text and "offline: " not in text
+    assert "(names: offline labels, from statistics):" in text
+    assert "predicted: wheel (>99.9%)" in text and "wheel >99.9%" in text  # never 100.0% when it is not
+    exp.neurons = [explain.replace(neuron, concept="wheel hub", name="wheel hub", offline=False)]
+    text = explain_io.format_text(exp)
+    assert "   20.4%  wheel hub  [#95" in text and "offline" not in text  # a model's label as given
+
+
 def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
     """CMYK (what PIL opens CMYK JPEGs as), float and integer modes, transparency, and arrays of every
     usual form are the same picture as the PNG file."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +336,19 @@ def test_an_output_folder_that_is_a_file_is_named_so(tmp_path):
                  lambda: artifacts.hold_out_dir(tmp_path / "run")):
         with pytest.raises(UserError, match="run is a file, not a folder"):   # was "config.json: File exists"
             call()
+
+
+def test_a_read_only_output_folder_is_refused_before_the_token_pass(tiny_classifier, tmp_path, monkeypatch):
+    """Stage 2 found an unwritable OUT_DIR only when it saved, after caching every token. (os.access
+    is patched: this suite runs as root in CI, which no permission bit stops.)"""
+    import train_sae
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(artifacts.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match=r"locked/sae cannot be written \(.*locked is read-only"):
+        train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(locked / "sae"),
+                       cache_dir=str(cache), latent_dim=64, top_k=4, epochs=1, tensorboard=False)
+    assert not (cache / "sae_tokens").exists() and not (locked / "sae").exists()  # no token was cached
