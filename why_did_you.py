@@ -37,7 +37,6 @@ from selfexplain import artifacts, explain, explain_io, familiarity, prompts, se
 from selfexplain.config import make_config, module_constants, run_cli
 from selfexplain.distributed import exit_on_sigterm, resolve_device
 from selfexplain.errors import UserError
-from selfexplain.explain import top_neuron_ids_for_image  # noqa: F401  (notebook API, with explain_image(s))
 from selfexplain.llm_backends import LLMError, make_backend
 from selfexplain.logs import log
 
@@ -124,6 +123,21 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
                           familiar=familiar, data_root=data_root, **settings)[0]
 
 
+def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, N: int = TOP_ACTIVE,
+                             percentile: float = PERCENTILE, agg: str = AGG, device=DEVICE, *,
+                             cache_dir=CACHE_DIR, report_dir=REPORT_DIR, data_root: str = DATA_ROOT):
+    """The image's most active SAE neurons: :func:`selfexplain.explain.top_neuron_ids_for_image`,
+    which also takes ``"test:K"`` here (saved as ``report_dir/test_images/test_K.png``, as the CLI does).
+
+    Returns ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``.
+    """
+    if explain_io.test_entry(pil_or_path) is not None:
+        models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))),
+                                   data_root)
+        pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image
+    return explain.top_neuron_ids_for_image(pil_or_path, classifier_ckpt, sae_ckpt, N, percentile, agg, device)
+
+
 # ----------------------------------------------------------------------------- main
 def main(**overrides) -> list[dict]:
     cfg = make_config(module_constants(globals()), overrides)
@@ -139,10 +153,8 @@ def main(**overrides) -> list[dict]:
     models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
                                cfg.DATA_ROOT)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
-    for name, reason in skipped:  # named on stderr, and in the JSON stream as {"image", "skipped"}
+    for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")
-        if cfg.JSON:
-            print(json.dumps({"image": name, "skipped": reason}, ensure_ascii=False), flush=True)
     judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
@@ -151,7 +163,12 @@ def main(**overrides) -> list[dict]:
                 else [None] * len(inputs))
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None
     results = []
+    later = iter(skipped)
+    pending = next(later, None)
     for exp, item, overlay in zip(explanations, inputs, overlays):
+        while pending is not None and pending[0] <= len(results):  # entries before this one that were skipped
+            results.append(print_skipped(pending[1], pending[2], cfg.JSON))
+            pending = next(later, None)
         explain_io.name_after_input(exp, item)
         if overlay is not None:
             explain.save_overlay(item.image, exp, overlay)
@@ -162,7 +179,18 @@ def main(**overrides) -> list[dict]:
         print(exp.to_json() if cfg.JSON else explain_io.format_text(exp) + ("\n" if len(inputs) > 1 else ""),
               flush=True)
         results.append(exp.to_dict())
-    return results + [{"image": name, "skipped": reason} for name, reason in skipped]
+    while pending is not None:
+        results.append(print_skipped(pending[1], pending[2], cfg.JSON))
+        pending = next(later, None)
+    return results  # in the order of the inputs, as printed
+
+
+def print_skipped(name: str, reason: str, as_json: bool) -> dict:
+    """An unreadable image's entry: a JSON line in the ``--json`` stream (the text output named it on stderr)."""
+    entry = {"image": name, "skipped": reason}
+    if as_json:
+        print(json.dumps(entry, ensure_ascii=False), flush=True)
+    return entry
 
 
 def cli(**overrides) -> int:

@@ -32,6 +32,7 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -67,10 +68,20 @@ class MostActive:
     agg: str = "max"           # max | mean | sum of the neuron's code over tokens
 
     def __post_init__(self):
+        if not _is_int(self.n) or not _is_number(self.percentile):  # "99" or 2.5 was a TypeError deep inside
+            raise UserError(f"need an integer N and a number PERCENTILE, got {self.n!r}, {self.percentile!r}")
         if not 0 <= self.percentile <= 100 or self.n < 1:
             raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {self.percentile}, {self.n}")
         if self.agg not in AGGS:
             raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {self.agg!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is not a count
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -191,16 +202,34 @@ class Analysis:
 
 
 def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
-    """Paths, PIL images or arrays (:func:`imaging.array_to_sketch`) -> a uint8 batch (B, S, S) and display names."""
+    """Paths, PIL images, arrays (:func:`imaging.array_to_sketch`) or tensors -> a uint8 batch
+    (B, S, S) and display names. A tensor is read channels-first, as torchvision gives one:
+    (H, W) or (C, H, W) with C in 1, 3, 4 (values 0-1 or 0-255, not normalised)."""
     arrays, names = [], []
     for item in images:
+        if isinstance(item, torch.Tensor):
+            item = tensor_to_array(item)
         if isinstance(item, np.ndarray):
             arrays.append(array_to_sketch(item, image_size))
             names.append("<array>")
-        else:
+        elif isinstance(item, (str, Path, Image.Image)):
             arrays.append(load_user_image(item, image_size))
             names.append(str(item) if isinstance(item, (str, Path)) else "<PIL image>")
+        else:
+            raise UserError(f"an image is a file path, 'test:K', a PIL image, a numpy array or a tensor; got "
+                            f"{type(item).__name__}")
     return np.stack(arrays), names
+
+
+def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """A (H, W) or channels-first (C, H, W) tensor as the (H, W[, C]) array it holds."""
+    array = tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+        array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    elif array.ndim != 2:
+        raise UserError(f"a tensor image must be shaped (H, W) or (C, H, W) with C 1, 3 or 4, got "
+                        f"{tuple(tensor.shape)}")
+    return array
 
 
 def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
@@ -428,14 +457,17 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
                                "threshold": threshold, "neuron_ids": ids, "scores": scores}
     prob, cls = float(probs[pred]), models.class_names[pred]
+    blank = blank_sentence(cls, prob, image)
+    if blank:  # no ink to white out: the input check would measure nothing (0% removed, drop -0.000)
+        extra["blank"] = True
     faith, removed = faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
-                                  image if settings.input_check else None, settings.ink_share)
+                                  image if settings.input_check and not blank else None, settings.ink_share)
     return Explanation(
         image=name, predicted_class=cls, predicted_index=pred, probability=prob,
         top5=top5(probs, models.class_names), logit=float(analysis.logits[b, pred]), neurons=cited,
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
-        faithfulness=faith, sentence=blank_sentence(cls, prob, image) or compose_sentence(cls, prob, cited, names),
+        faithfulness=faith, sentence=blank or compose_sentence(cls, prob, cited, names),
         extra=extra, removed_ink=removed)
 
 
@@ -604,8 +636,9 @@ def evidence_line(faith: dict) -> str | None:
     """The input-space check in one short line (overlay legend), or None when it did not run."""
     if "input_cited_drop" not in faith:
         return None
+    pixels = f", CAM pixels -{faith['cam_pixels_drop']:.2f}" if faith.get("cam_pixels_drop") is not None else ""
     return (f"ink {faith['ink_removed']:.0%} removed: logit -{faith['input_cited_drop']:.2f} "
-            f"(random -{faith['input_random_drop']:.2f}, CAM -{faith['cam_drop']:.2f})")
+            f"(random -{faith['input_random_drop']:.2f}, CAM cells -{faith['cam_drop']:.2f}{pixels})")
 
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:

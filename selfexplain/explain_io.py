@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .artifacts import atomic_write_bytes
@@ -25,6 +26,7 @@ from .data import load_dataset
 from .errors import UserError
 from .explain import Explanation, Models, to_uint8, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes
+from .logs import log
 from .prompts import concept_name, percent
 from .stats import describe_map
 
@@ -53,7 +55,7 @@ def image_list(image: str | Sequence[str]) -> list[str]:
     for entry in (str(e).strip() for e in entries):
         if not entry:
             raise UserError("no image given; use --image=PATH (a file, a folder, a [list] or test:K)")
-        path = Path(entry)
+        path = Path(entry).expanduser()
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if is_image_file(p)  # subfolders too, as stage 1 reads
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -92,29 +94,40 @@ def _split_bare(inner: str) -> list[str]:
 
 
 def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
-                report_dir: str | Path) -> tuple[list[ImageInput], list[tuple[str, str]]]:
-    """Decode every entry up front; returns (inputs, [(file, why it was skipped)]).
+                report_dir: str | Path) -> tuple[list[ImageInput], list[tuple[int, str, str]]]:
+    """Decode every entry up front; returns (inputs, [(position in entries, file, why it was skipped)]).
 
     One image that cannot be read is an error (a UserError); among several (a folder, a
     list), an unreadable file is skipped and named, as stage 1 skips it, and the rest are
     explained. A bad ``test:K`` is always an error: it is a wrong argument, not a bad file.
     """
     inputs, skipped = [], []
-    for entry in entries:
+    for position, entry in enumerate(entries):
         try:
             inputs.append(read_input(entry, models, cache_dir, report_dir))
         except UserError as exc:
             if len(entries) == 1 or test_entry(entry) is not None:
                 raise
-            skipped.append((entry, str(exc)))
+            skipped.append((position, entry, str(exc)))
     if not inputs:
-        raise UserError(f"none of the {len(entries)} images could be read (first: {skipped[0][1]})")
+        raise UserError(f"none of the {len(entries)} images could be read (first: {skipped[0][2]})")
     return inputs, skipped
 
 
 def as_image_list(images) -> list:
-    """The notebook's images as a list: one path, PIL image or (H, W[, C]) array alone is one image."""
+    """The notebook's images as a list: one path, PIL image, (H, W[, C]) array or (H, W) /
+    (C, H, W) tensor alone is one image; a (B, H, W) array and a (B, C, H, W) or (B, H, W) tensor
+    are B images. A (3, H, W) array is three grey images, not one colour image (numpy's colour
+    axis is last): a warning says so."""
+    if isinstance(images, torch.Tensor):
+        one = images.ndim == 2 or (images.ndim == 3 and images.shape[0] in (1, 3, 4))
+        return [images] if one else list(images)
+    if isinstance(images, dict):
+        raise UserError("images are a list of paths, PIL images or arrays, not a dict")
     picture = isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3, 4)))
+    if isinstance(images, np.ndarray) and images.ndim == 3 and not picture and images.shape[0] in (3, 4):
+        log(f"warning: a {images.shape} array is read as {images.shape[0]} grey images; for one colour image "
+            "pass it as (H, W, C): np.moveaxis(array, 0, -1)")
     one = isinstance(images, (str, Path, Image.Image)) or picture  # a (B, S, S) stack is B images
     return [images] if one else list(images)
 
@@ -209,7 +222,9 @@ def format_text(exp: Explanation) -> str:
     if note:
         lines.append(f"WARNING: {note}")
     offline = " (names: offline labels, from statistics)" if any(n.offline for n in exp.neurons) else ""
-    lines.append(f"because of (share of the positive evidence, contribution to the logit){offline}:")
+    lines.append("because of: nothing (a blank page has no ink; the neurons below only sum the logit)"
+                 if exp.extra.get("blank") else
+                 f"because of (share of the positive evidence, contribution to the logit){offline}:")
     for n in exp.neurons:
         where = describe_map(n.heatmap) if n.heatmap is not None else "?"  # in this sketch, not on average
         # an offline label's own place words are where the neuron fires on average: "here" says this sketch

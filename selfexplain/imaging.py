@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,8 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
     if isinstance(path_or_pil, Image.Image):
         payload, name = path_or_pil, name or "<PIL image>"
     else:
-        payload, name = Path(path_or_pil), name or str(path_or_pil)
+        payload = user_path(path_or_pil)
+        name = name or str(path_or_pil)
         if payload.is_dir():
             raise UserError(f"{payload} is a folder: pass its image files, e.g. sorted(Path(folder).glob('*.png')) "
                             f"(why_did_you.py --image=FOLDER reads a folder)")
@@ -97,6 +100,18 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         return decode_image(payload, image_size)
     except BadImage as exc:
         raise UserError(f"cannot read image {name}: {exc}") from None
+
+
+def user_path(text: str | Path) -> Path:
+    """A typed path as a file path: ``~`` expanded, a ``file://`` URI unquoted; a web URL is a
+    UserError (nothing is downloaded; it read as "image not found: https:/example.com/x.png")."""
+    text = str(text)
+    scheme = urllib.parse.urlparse(text).scheme.lower()
+    if scheme == "file":
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(text).path))
+    if scheme in ("http", "https", "ftp", "s3", "gs"):
+        raise UserError(f"{text} is a URL: images are not downloaded; save it and pass the file's path")
+    return Path(text).expanduser()
 
 
 def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:

@@ -4,7 +4,7 @@ Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from 
 
 * ``GET /``: the drawing page (``static/draw.html``): a canvas for mouse, touch and pen,
   undo, clear, stroke width and an upload button; after each stroke it posts the canvas;
-* ``POST /explain``: body = PNG bytes; answers the ``why_did_you --json`` object, plus
+* ``POST /explain``: body = PNG or JPEG bytes; answers the ``why_did_you --json`` object, plus
   ``familiarity``/``unfamiliar`` and ``overlay_png`` (the heat overlay, base64 PNG);
   a bad body is a 400 with ``{"error": "..."}``, a body over ``MAX_BODY`` bytes a 413;
 * ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
@@ -30,6 +30,7 @@ import base64
 import json
 import mimetypes
 import queue
+import sys
 import threading
 import traceback
 from concurrent.futures import Future
@@ -48,6 +49,7 @@ from .logs import log
 MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 413
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
+JPEG_SIGNATURE = b"\xff\xd8\xff"          # ... and of every JPEG file (the page sends a photo's own bytes)
 PAGE = Path(__file__).with_name("static") / "draw.html"
 # what /atlas/ serves: never the report's other files
 ATLAS_FILES = (artifacts.INDEX_HTML, f"{artifacts.THUMBS_DIR}/", f"{artifacts.SPRITES_DIR}/")
@@ -75,14 +77,14 @@ class Explainer:
     jobs: queue.Queue | None = None   # set: the passes run where :meth:`work` drains it (run_server: main thread)
 
     def explain_png(self, payload: bytes) -> dict:
-        """PNG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError."""
-        if not payload.startswith(PNG_SIGNATURE):
-            raise UserError("the body must be a PNG image" if payload else "empty body: send the PNG bytes")
+        """PNG or JPEG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError."""
+        if not payload.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
+            raise UserError("the body must be a PNG or JPEG image" if payload else "empty body: send the image's bytes")
         try:
             with self.decoding:
                 image = decode_image(payload, self.models.image_size, max_side=MAX_UPLOAD_SIDE)
         except BadImage as exc:
-            raise UserError(f"cannot read the PNG: {exc}") from None
+            raise UserError(f"cannot read the image: {exc}") from None
         if self.jobs is None:
             with self.lock:  # one model pass at a time: torch modules are shared, CPU threads are few
                 return self.answer(image)
@@ -173,6 +175,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
                 self._send(HTTPStatus.OK, target.read_bytes(), kind)
+        elif path == "/explain":
+            self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "/explain takes a POST of the image's bytes")
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
@@ -184,7 +188,10 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
     def send_error(self, code, message=None, explain=None) -> None:
-        """http.server's own errors (bad request line, unknown method, long URL) as JSON too."""
+        """http.server's own errors (bad request line, long URL) as JSON too; a method it has no
+        handler for (TRACE, CONNECT, made-up ones: its 501) is a 405, like PUT."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain"
         self._error(HTTPStatus(code), message or HTTPStatus(code).phrase, close=True)
 
     def do_POST(self) -> None:  # noqa: N802
@@ -264,12 +271,24 @@ class Handler(BaseHTTPRequestHandler):
             log(f"{self.address_string()} {format % args}")
 
 
+class Server(ThreadingHTTPServer):
+    """The HTTP server; a client that hangs up mid-request (a closed tab, a reload) is one log line,
+    not socketserver's traceback."""
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            if not getattr(self, "quiet", False):
+                log(f"{client_address[0]} hung up: {sys.exc_info()[1].__class__.__name__}")
+            return
+        super().handle_error(request, client_address)
+
+
 def bind(host: str, port: int) -> ThreadingHTTPServer:
     """The listening server on ``host:port``; a bad or taken address is a one-line UserError."""
     if not 0 <= int(port) <= 65535:
         raise UserError(f"PORT must be in 0..65535, got {port}")
     try:
-        return ThreadingHTTPServer((host, int(port)), Handler)
+        return Server((host, int(port)), Handler)
     except OSError as exc:  # taken port, unknown host, address not on this machine
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 

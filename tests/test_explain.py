@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,47 @@ def test_top_neuron_ids_threshold_semantics(ckpts, test_images, agg):
 def test_bad_agg_is_a_user_error(ckpts, test_images):
     with pytest.raises(UserError, match="AGG"):
         explain.top_neuron_ids_for_image(test_images[0][0], agg="median", device="cpu", **ckpts)
+
+
+def test_notebook_inputs_beyond_paths_and_arrays(ckpts, test_images, tmp_path, capsys):
+    """test:K in top_neuron_ids_for_image; tensors (channels first); ~ and file:// paths; clear errors
+    for URLs, dicts, bytes and bad N / percentile types (they were raw TypeErrors or 'image not found')."""
+    settings = dict(device="cpu", report_dir=str(tmp_path), **ckpts)
+    by_test = why_did_you.top_neuron_ids_for_image("test:0", N=5, **settings)
+    assert by_test == explain.top_neuron_ids_for_image(test_images[0][0], N=5, device="cpu", **ckpts)
+    image = test_images[0][1]
+
+    def same(got, want):
+        assert got[0] == want[0] and got[1] == pytest.approx(want[1], rel=1e-5) and got[3] == want[3]
+
+    as_float = image.astype(np.float32) / 255.0
+    want = explain.top_neuron_ids_for_image(as_float, device="cpu", **ckpts)  # the (H, W) float array's reading
+    as_tensor = torch.from_numpy(as_float)
+    for tensor in (as_tensor, as_tensor[None], as_tensor[None].repeat(3, 1, 1)):  # (H, W), (1, H, W), (3, H, W)
+        same(explain.top_neuron_ids_for_image(tensor, device="cpu", **ckpts), want)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    want = explain.top_neuron_ids_for_image(str(tmp_path / "x.png"), device="cpu", **ckpts)
+    path = Path.home() / f".selfexplain_test_{os.getpid()}.png"
+    try:
+        Image.fromarray(image).save(path)
+        same(explain.top_neuron_ids_for_image(f"~/{path.name}", device="cpu", **ckpts), want)
+        same(explain.top_neuron_ids_for_image(path.as_uri(), device="cpu", **ckpts), want)
+    finally:
+        path.unlink(missing_ok=True)
+    for bad, words in [("https://example.com/x.png", "is a URL"), (b"\x89PNG", "got bytes"),
+                       (None, "got NoneType"), (torch.zeros(2, 5, 8, 8), "tensor image must be")]:
+        with pytest.raises(UserError, match=words):
+            explain.top_neuron_ids_for_image(bad, device="cpu", **ckpts)
+    for n, percentile in [(2.5, 99.0), (True, 99.0), (5, "99")]:
+        with pytest.raises(UserError, match="integer N and a number PERCENTILE"):
+            explain.top_neuron_ids_for_image(image, N=n, percentile=percentile, device="cpu", **ckpts)
+    with pytest.raises(UserError, match="not a dict"):
+        why_did_you.explain_images({"a": image}, **settings)
+    three = why_did_you.explain_images(np.stack([image] * 3), input_check=False, familiar=False, **settings)
+    assert len(three) == 3 and "read as 3 grey images" in capsys.readouterr().err
+    batch = why_did_you.explain_images(torch.stack([as_tensor[None]] * 2), input_check=False, familiar=False,
+                                       **settings)
+    assert [e.predicted_class for e in batch] == [three[0].predicted_class] * 2  # (B, C, H, W): B images
 
 
 def test_models_load_once_per_process(ckpts, test_images, tmp_path, monkeypatch):
@@ -368,15 +410,16 @@ def test_an_unreadable_file_in_a_folder_is_skipped_named_and_exits_1(ckpts, imag
     folder.mkdir()
     for png in image_dir.iterdir():
         (folder / png.name).write_bytes(png.read_bytes())
-    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "sketch_1b.png").write_bytes(b"not a png")
     out = _cli(ckpts, tmp_path, f"--image={folder}", "--json=True", "--fast=True")
     assert out.returncode == 1, out.stderr
     records = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert [CONTRACT <= set(r) for r in records].count(True) == 3
-    broken = [r for r in records if "skipped" in r]
-    assert len(broken) == 1 and broken[0]["image"].endswith("broken.png") and "not an image" in broken[0]["skipped"]
+    assert ["skipped" in r for r in records] == [False, False, True, False]  # at its place (was printed first)
+    broken = records[2]
+    assert broken["image"].endswith("sketch_1b.png") and "not an image" in broken["skipped"]
     assert "skipped:" in out.stderr
-    single = _cli(ckpts, tmp_path, f"--image={folder / 'broken.png'}")  # one image: a plain error
+    single = _cli(ckpts, tmp_path, f"--image={folder / 'sketch_1b.png'}")  # one image: a plain error
     assert single.returncode == 2 and "not an image" in single.stderr
 
 
@@ -389,8 +432,11 @@ def test_cli_warns_about_a_blank_page_and_not_about_a_test_sketch(ckpts, image_d
     assert {name: r["unfamiliar"] for name, r in records.items()} == {str(blank): True, str(image_dir / "sketch_0.png"): False}
     assert "blank page: it has no ink" in records[str(blank)]["sentence"]  # no concepts credited for a guess
     assert "mainly because of" in records[str(image_dir / "sketch_0.png")]["sentence"]
+    assert records[str(blank)]["blank"] is True and "blank" not in records[str(image_dir / "sketch_0.png")]
+    assert records[str(blank)]["faithfulness"]["input_cited_drop"] is None  # no ink to white out: not run
     text = _cli(ckpts, tmp_path, f"--image={blank}", f"--overlay={tmp_path / 'why.png'}")
     assert "WARNING: unfamiliar input" in text.stdout
+    assert "because of: nothing (a blank page has no ink" in text.stdout and "evidence:" not in text.stdout
     assert (tmp_path / "familiarity.json").is_file()  # calibrated once, then reused
 
 

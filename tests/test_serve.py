@@ -138,8 +138,11 @@ def test_atlas_files_are_served_and_contained(server):
     for method in ("PUT", "DELETE", "OPTIONS"):
         status, out = request(server, method, "/explain", b"x")
         assert status == 405 and "POST /explain" in out["error"]
-    status, out = request(server, "TRACE", "/")  # http.server's own errors answer JSON too
-    assert status == 501 and "error" in out
+    for method in ("TRACE", "BREW"):  # no do_TRACE: http.server's own 501, answered as the 405 it is
+        status, out = request(server, method, "/")
+        assert status == 405 and f"{method} is not served" in out["error"]
+    status, out = request(server, "GET", "/explain")  # the route exists: the method is what is wrong
+    assert status == 405 and "POST" in out["error"]
 
 
 def test_a_body_sent_to_another_path_is_never_read_as_the_next_request(server):
@@ -320,3 +323,44 @@ def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_pat
     with pytest.raises(UserError, match="unknown explanation setting 'n_site'"):  # not a 400 on every request
         serve.make_server(str(tmp_path / "none.pt"), str(tmp_path / "none_sae.pt"), str(tmp_path), str(tmp_path),
                           host=host, port=0, n_site=3)
+
+
+def test_a_jpeg_upload_reads_as_the_command_line_reads_the_file(server, sketches, tmp_path):
+    """The page sends a photo's own bytes (a phone's 4032 px JPEG re-encoded as PNG was over 4 MiB)."""
+    from selfexplain import explain
+
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(io.BytesIO(sketches[0])).resize((640, 480)).convert("RGB").save(jpeg, quality=90)
+    status, out = request(server, "POST", "/explain", jpeg.read_bytes(), {"Content-Type": "image/jpeg"})
+    direct = explain.explain_images([str(jpeg)], server.explainer.classifier_ckpt, server.explainer.sae_ckpt,
+                                    server.explainer.report_dir, device="cpu")[0]
+    assert status == 200 and out["predicted_class"] == direct.predicted_class
+    assert out["probability"] == pytest.approx(direct.probability, abs=1e-5)
+
+
+def test_a_blank_page_is_flagged_and_gets_no_input_check(server):
+    """Nothing to white out: the check read '0% of the ink ... lowers the logit by -0.000'."""
+    status, out = request(server, "POST", "/explain", png_bytes(np.full((64, 64), 255, np.uint8)))
+    assert status == 200 and out["blank"] is True and "blank page" in out["sentence"]
+    assert out["faithfulness"]["input_cited_drop"] is None and out["faithfulness"]["ink_removed"] is None
+    status, out = request(server, "POST", "/explain", png_bytes(np.full((64, 64), 200, np.uint8)))  # grey: ink
+    assert status == 200 and "blank" not in out and out["faithfulness"]["input_cited_drop"] is not None
+
+
+def test_a_client_that_hangs_up_is_one_log_line_not_a_traceback(server, capsys):
+    for gone in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe")):
+        try:
+            raise gone
+        except OSError:
+            server.quiet = False
+            try:
+                server.handle_error(None, ("10.0.0.7", 5000))
+            finally:
+                server.quiet = True
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("10.0.0.7 hung up") == 2
+    try:
+        raise ValueError("a real bug")
+    except ValueError:
+        server.handle_error(None, ("10.0.0.7", 5000))  # anything else keeps socketserver's traceback
+    assert "ValueError: a real bug" in capsys.readouterr().err
