@@ -71,6 +71,8 @@ def build_spec(cfg) -> dict:
         raise UserError(f"DATA_ROOT={cfg.DATA_ROOT} is set but DATASET=synthetic draws its own sketches; add "
                         "--dataset=folder (class-per-folder images) or --dataset=parquet")
     root = cfg.DATA_ROOT or (None if cfg.DATASET == "synthetic" else f"data/{cfg.DATASET}")
+    if root:  # absolute: a later stage run from another folder read (or downloaded) another copy
+        root = str(Path(root).expanduser().resolve())
     extra = ({"per_class": cfg.SYNTHETIC_PER_CLASS, "seed": cfg.SEED, "style": cfg.SYNTHETIC_STYLE}
              if cfg.DATASET == "synthetic" else {})
     return data.dataset_spec(cfg.DATASET, root, cfg.IMAGE_SIZE, **extra)

@@ -105,16 +105,31 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
                 raise
             raise UserError(f"{exc}; if the classifier's data moved, pass --data_root=WHERE_IT_IS_NOW") from None
         key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"],
-                   "classes": "readable only"}  # caches built before empty classes were left out are rebuilt
+                   "classes": "readable only",  # caches built before empty classes were left out are rebuilt
+                   "class_names": source["class_names"]}  # names from a README edited since, not only the files
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"
     if not (folder / "meta.json").is_file():
         _build_cache(spec, source, folder, progress)
+        if source is not None:  # synthetic caches of other settings are not older versions
+            _note_older_caches(folder)
     imageset = _open_cache(folder, spec)
     if source is not None:
         _check_items(imageset, spec)
     return imageset
+
+
+def _note_older_caches(folder: Path) -> None:
+    """Say how much disk the caches of earlier versions of this dataset hold (each change to the
+    files, even a copy that resets their times, builds a new one: ~1 GB for TU-Berlin at 224 px)."""
+    older = [p for p in folder.parent.glob(folder.name.rsplit("-", 1)[0] + "-*")
+             if p != folder and p.is_dir() and (p / "meta.json").is_file()]
+    if older:
+        size = sum(f.stat().st_size for p in older for f in p.rglob("*") if f.is_file())
+        log(f"{len(older)} older cache(s) of this dataset in {folder.parent} hold {size / 2 ** 30:.2f} GB "
+            f"({', '.join(p.name for p in older[:3])}{', ...' if len(older) > 3 else ''}): delete them if no "
+            "checkpoint reads that data any more")
 
 
 def _check_items(imageset: ImageSet, spec: dict) -> None:

@@ -80,6 +80,11 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
         files = _find_parquet(root)
         if not files:
             raise UserError(f"no *.parquet files under DATA_ROOT={root}")
+        missing = _missing_shards(root)
+        if missing:  # '-of-00002' with one of the two there: part of the data, without a word
+            raise UserError(f"DATA_ROOT={root} lacks shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                            " named by their siblings' '-of-N': add them, or rename the files to train on what is there")
+        _refuse_duplicate_shards(root)
         _check_schema(files, root)
         readme = root / "README.md"
         class_names = parquet_class_names(files, readme if readme.is_file() else None)
@@ -126,7 +131,8 @@ def _check_schema(files: list[Path], root: Path) -> None:
         try:
             schema = pq.read_schema(path)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
-            raise UserError(f"{rel} is not a readable parquet file ({str(exc).splitlines()[0][:80]})") from None
+            raise UserError(f"{rel} is not a readable parquet file ({one_line(exc, 200)}); a damaged download: "
+                            "delete it and rerun to fetch it again") from None
         if "image" not in schema.names or "label" not in schema.names:
             raise UserError(f"{rel}: expected columns 'image' and 'label' (Hugging Face image schema), "
                             f"found {', '.join(schema.names)}")
@@ -138,11 +144,15 @@ def _check_schema(files: list[Path], root: Path) -> None:
 
 def _count_rows(files: list[Path], root: Path, num_classes: int) -> int:
     """Row count, checking that every label names a class (label column only: cheap)."""
-    _, pq = _arrow()
+    pa, pq = _arrow()
     total = 0
     for path in files:
         rel = path.relative_to(root).as_posix()
-        labels = pq.ParquetFile(path).read(columns=["label"]).column("label")
+        try:
+            labels = pq.ParquetFile(path).read(columns=["label"]).column("label")
+        except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
+            raise UserError(f"{rel} is damaged ({one_line(exc, 200)}): delete it (a download fetches it again) "
+                            "or replace it") from None
         if labels.null_count:
             raise UserError(f"{rel}: {labels.null_count} rows have no label")
         if len(labels):
@@ -242,15 +252,19 @@ def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path | BadImage, in
         for rel in source["files"]:
             yield rel, root / rel, index[rel.split("/", 1)[0]]
         return
-    _, pq = _arrow()
+    pa, pq = _arrow()
     for rel in source["files"]:
-        pf = pq.ParquetFile(root / rel)
         row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["image", "label"]):
-            images, labels = batch.column("image"), batch.column("label").to_pylist()
-            for payload, label in zip(_image_payloads(images, (root / rel).parent, root), labels):
-                yield f"{rel}#{row}", payload, int(label)
-                row += 1
+        try:
+            for batch in pq.ParquetFile(root / rel).iter_batches(batch_size=PARQUET_BATCH_ROWS,
+                                                                 columns=["image", "label"]):
+                images, labels = batch.column("image"), batch.column("label").to_pylist()
+                for payload, label in zip(_image_payloads(images, (root / rel).parent, root), labels):
+                    yield f"{rel}#{row}", payload, int(label)
+                    row += 1
+        except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
+            raise UserError(f"{rel} is damaged after row {row} ({one_line(exc, 200)}): delete it (a download "
+                            "fetches it again) or replace it") from None
 
 
 def _image_payloads(images, folder: Path, root: Path) -> list[bytes | Path | BadImage]:
@@ -281,14 +295,33 @@ def _contained_file(folder: Path, path: str, root: Path) -> Path | bytes | BadIm
 def ensure_tu_berlin(data_root: str) -> Path:
     """Make sure ``data_root`` holds the TU-Berlin parquet files; download them if not.
 
-    Nothing is fetched when every shard is present (``train-00000-of-00002`` ...). A
-    missing or partial copy is completed with ``huggingface_hub.snapshot_download``
-    (which skips files already there). Without network, raises a one-line UserError
-    naming the dataset and the ways out.
+    Nothing is fetched when every shard is present (``train-00000-of-00002`` ...). An empty
+    ``data_root`` reads a complete copy in the Hugging Face cache when there is one (offline
+    compute nodes); else the dataset is downloaded there. A partial download (the hub's
+    ``data/`` shards) is completed with ``huggingface_hub.snapshot_download``, which skips the
+    files already there. Parquet files in another layout are refused, not downloaded beside:
+    both copies would be read (test images in the training split). Without network, raises
+    a one-line UserError naming the dataset and the ways out.
+
+    Returns the folder to read: ``data_root``, or the cache's snapshot folder.
     """
     root = Path(data_root).expanduser().resolve()
-    if _find_parquet(root) and not _missing_shards(root, TU_BERLIN_SPLITS):
-        return root
+    if root.is_file():
+        raise UserError(f"DATA_ROOT={root} is a file; DATASET=tu-berlin reads a folder: give {root.parent}")
+    found = _find_parquet(root)
+    if found and not _missing_shards(root, TU_BERLIN_SPLITS):
+        return _refuse_duplicate_shards(root)
+    foreign = [p.relative_to(root).as_posix() for p in found if not _is_hub_shard(p, root)]
+    if foreign:
+        raise UserError(f"DATA_ROOT={root} holds parquet files that are not the hub's data/<split>-NNNNN-of-NNNNN "
+                        f"shards ({', '.join(foreign[:2])}{', ...' if len(foreign) > 2 else ''}) and is not a "
+                        f"complete copy ({', '.join(_missing_shards(root, TU_BERLIN_SPLITS))} missing): a download "
+                        "there would be read beside them; read them as they are with --dataset=parquet, or give an "
+                        "empty DATA_ROOT to download")
+    cached = None if found else _cached_snapshot()
+    if cached is not None:
+        log(f"reading {TU_BERLIN_REPO} from the Hugging Face cache: {cached}")
+        return cached
     log(f"downloading Hugging Face dataset {TU_BERLIN_REPO} into {root}")
     try:
         # lazy: huggingface_hub reads HF_ENDPOINT/HF_HUB_OFFLINE at import and costs 0.1 s; only downloads need it
@@ -303,7 +336,43 @@ def ensure_tu_berlin(data_root: str) -> Path:
     if not _find_parquet(root) or missing:
         reason = f"missing {', '.join(missing)}" if missing else "no parquet files arrived"
         raise UserError(_download_failed(root, reason))
+    return _refuse_duplicate_shards(root)
+
+
+def _is_hub_shard(path: Path, root: Path) -> bool:
+    """Named and placed as the hub names its shards (what an interrupted download leaves)."""
+    rel = path.relative_to(root).as_posix()
+    return rel.startswith("data/") and _SHARD.match(rel) is not None
+
+
+def _refuse_duplicate_shards(root: Path) -> Path:
+    """``root``, unless two files are the same shard (a hand copy without the hub's hash suffix
+    beside the downloaded one): every image would be read twice."""
+    shards: dict[tuple[str, int, int], list[str]] = {}
+    for path in _find_parquet(root):
+        rel = path.relative_to(root).as_posix()
+        m = _SHARD.match(rel)
+        if m:
+            shards.setdefault((Path(m["split"]).name, int(m["index"]), int(m["total"])), []).append(rel)
+    twice = next((names for names in shards.values() if len(names) > 1), None)
+    if twice:
+        raise UserError(f"DATA_ROOT={root} holds one shard twice ({' and '.join(twice)}): every image would be read "
+                        "twice; delete one copy")
     return root
+
+
+def _cached_snapshot() -> Path | None:
+    """A complete copy of the dataset in the Hugging Face cache (``HF_HOME``), else None; no network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        with _quiet_hub_warnings():
+            folder = Path(snapshot_download(repo_id=TU_BERLIN_REPO, repo_type="dataset",
+                                            allow_patterns=TU_BERLIN_PATTERNS, local_files_only=True))
+    except (*_hub_errors(), ValueError, ImportError):  # not cached (LocalEntryNotFoundError), or no hub library
+        return None
+    complete = _find_parquet(folder) and not _missing_shards(folder, TU_BERLIN_SPLITS)
+    return _refuse_duplicate_shards(folder) if complete else None
 
 
 def _missing_shards(root: Path, splits: tuple[str, ...] = ()) -> list[str]:
@@ -342,9 +411,20 @@ def _quiet_hub_warnings():
 
 def _download_failed(root: Path, exc: BaseException | str) -> str:
     if not isinstance(exc, str):
-        while (exc.__cause__ or exc.__context__) is not None:  # the hub wraps the real cause
-            exc = exc.__cause__ or exc.__context__
-        exc = f"{type(exc).__name__}: {str(exc).strip()}"
-    reason = " ".join(exc.split())[:160]  # one line, whatever the hub said
-    return (f"cannot download Hugging Face dataset {TU_BERLIN_REPO} ({reason}); put a local copy "
-            f"(data/*.parquet) in DATA_ROOT={root}, or run offline with --dataset=synthetic")
+        chain = [exc]
+        while (chain[-1].__cause__ or chain[-1].__context__) is not None:  # the hub wraps the real cause
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        kinds = {type(e).__name__ for e in chain}
+        if kinds & {"RepositoryNotFoundError", "GatedRepoError"}:
+            exc = "the hub has no such dataset, or it needs a login (hf auth login)"
+        else:
+            exc = f"{type(chain[-1]).__name__}: {str(chain[-1]).strip()}"
+    return (f"cannot download Hugging Face dataset {TU_BERLIN_REPO} ({one_line(exc)}); put a local copy "
+            f"(data/*.parquet) in DATA_ROOT={root}, or train offline on the built-in sketches "
+            "(train_standard_cnn.py --dataset=synthetic)")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut at a word (not mid-word, as '...please unse)') when over ``limit``."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -316,3 +316,88 @@ def test_an_image_file_given_for_a_folder_dataset_names_the_classes_folder(tmp_p
     with pytest.raises(UserError, match="000.png is a file; DATASET=folder reads a folder: give "
                                         + re.escape(str((tmp_path / "data").resolve()))):
         describe_source("folder", str(tmp_path / "data" / "a" / "000.png"))
+
+
+# ----------------------------------------------------------------------------- layouts a download must not join
+def _no_download(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        raise AssertionError("nothing may be downloaded beside these files")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+
+
+def test_tu_berlin_copy_in_another_layout_is_refused_not_downloaded_beside(tmp_path, monkeypatch):
+    """A download on top of the hub's auto-converted layout read both copies: 200 images from 100,
+    19 of 20 test images also in train."""
+    _no_download(monkeypatch)
+    make_hf_parquet(tmp_path / "other", 1, CLASSES, split_files=("default/train/0000.parquet",
+                                                                 "default/test/0000.parquet"))
+    with pytest.raises(UserError, match=r"not the hub's data/.*default/test/0000.parquet.*--dataset=parquet"):
+        describe_source("tu-berlin", str(tmp_path / "other"))
+    assert describe_source("parquet", str(tmp_path / "other"))["num_items"] == 4  # the way out works
+    hand = tmp_path / "hand"  # a complete download plus a hand copy of one shard without its hash suffix
+    make_hf_parquet(hand, 1, CLASSES)
+    (hand / "data/train-00000-of-00002.parquet").write_bytes((hand / TU_BERLIN_FILES[0]).read_bytes())
+    for dataset in ("tu-berlin", "parquet"):
+        with pytest.raises(UserError, match="holds one shard twice"):
+            describe_source(dataset, str(hand))
+
+
+def test_parquet_shards_missing_a_sibling_are_refused(tmp_path):
+    make_hf_parquet(tmp_path, 1, CLASSES)
+    (tmp_path / TU_BERLIN_FILES[1]).unlink()  # train-00001-of-00002: 'trained on 60 images' without a word
+    with pytest.raises(UserError, match="lacks shard.*train-00001-of-00002"):
+        describe_source("parquet", str(tmp_path))
+
+
+def test_a_damaged_parquet_page_is_one_line_naming_the_file(tmp_path):
+    make_hf_parquet(tmp_path, 8, CLASSES, split_files=("x.parquet",))
+    path = tmp_path / "x.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[200:2000] = bytes(1800)  # data pages zeroed; the footer (at the end) still reads
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"x\.parquet .*(damaged|not a readable)") as info:
+        source = describe_source("parquet", str(tmp_path))
+        list(iter_source(source))
+    assert "\n" not in str(info.value)
+
+
+def test_tu_berlin_reads_a_complete_copy_in_the_hugging_face_cache_offline(tmp_path):
+    """Compute nodes without internet: the snapshot fetched earlier into HF_HOME is read, not refused."""
+    files, _ = _hub_files(tmp_path)
+    fetch = ("from huggingface_hub import snapshot_download; print(snapshot_download(repo_id='kmewhort/tu-berlin-png', "
+             "repo_type='dataset', allow_patterns=['data/*.parquet', 'README.md']))")
+    with FakeHubServer(files) as hub:
+        done = subprocess.run([PYTHON, "-c", fetch], env=hub_env(hub.url, tmp_path / "hf_home"),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    root = tmp_path / "data" / "tu-berlin"
+    env = hub_env(closed_port_url(), tmp_path / "hf_home", HF_HUB_OFFLINE="1")
+    done = _describe_in_subprocess(root, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "8" and "from the Hugging Face cache" in done.stderr
+    assert not root.exists()  # nothing copied or downloaded
+
+
+def test_class_names_from_an_edited_readme_reach_the_cache(tmp_path, capsys):
+    make_hf_parquet(tmp_path / "d", 2, CLASSES, with_metadata=False, readme=True)
+    spec = data.dataset_spec("parquet", str(tmp_path / "d"), 32)
+    assert data.load_dataset(spec, tmp_path / "cache", progress=False).class_names == CLASSES
+    renamed = ["plane", "clock", "angel", "ant"]
+    readme = tmp_path / "d" / "README.md"
+    readme.write_text(readme.read_text().replace("airplane", "plane").replace("alarm clock", "clock"))
+    assert data.load_dataset(spec, tmp_path / "cache", progress=False).class_names == renamed
+    assert "1 older cache(s) of this dataset" in capsys.readouterr().err  # the disk the first one still holds
+
+
+def test_stage_1_records_the_data_folder_as_an_absolute_path(tmp_path, monkeypatch):
+    import train_standard_cnn
+    from selfexplain.config import make_config, module_constants
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(module_constants(vars(train_standard_cnn)), {"dataset": "parquet", "data_root": "mine"})
+    assert train_standard_cnn.build_spec(cfg)["data_root"] == str(tmp_path / "mine")
