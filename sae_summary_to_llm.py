@@ -23,11 +23,12 @@ A rerun resumes: a neuron is asked again only when its latest answer was made fo
 SAE (summary.json's sae_fingerprint), another prompt, backend or model (an offline run never
 replaces a real LLM's answer). The file is only appended to: superseded lines stay on disk and
 readers set them aside (PRUNE=True first drops the lines made for another SAE). Each answer
-is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight.
+is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight
+(a second Ctrl-C quits at once without them).
 A second run on the same REPORT_DIR is refused while one is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
-first neurons all fail stops early (exit 2): 3 refusals, a bad token or unknown model, or 8
-failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
-not its API.
+first neurons all fail stops early (exit 2): 3 refusals, a bad token, unknown model or exhausted
+quota, 8 failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
+not its API, or 16 busy failures (rerun later).
 llm_config.json records what was asked (ASKED: backend, model, server). Dead neurons
 are skipped unless ONLY names them. Logic: selfexplain/concepts.py.
 """
@@ -49,7 +50,7 @@ MODEL = ""  # "" = default per backend (see the docstring); replicate community 
 BASE_URL = ""  # API base URL; "" = REPLICATE_API_BASE_URL / OPENAI_BASE_URL from the environment, else official
 WORKERS = 4  # requests in flight at once
 TIMEOUT = 60.0  # seconds per request before it counts as failed (and is retried)
-RETRIES = 4  # retries by the client (408, 409, 429, 5xx, timeouts) and of unusable answers
+RETRIES = 4  # retries by the client (408, 409, 429, 5xx, timeouts; a replicate create: 429, 503 only) and of unusable answers
 BACKOFF = 1.0  # base of replicate's exponential backoff, and of the wait after a failed prediction, in seconds
 IMAGES = True  # attach each neuron's top thumbnails where the model takes images
 N_IMAGES = 4  # how many thumbnails to attach
@@ -108,7 +109,7 @@ def main(**overrides) -> int:
             try:
                 failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
             except BaseException as exc:  # a fatal answer, Ctrl-C or a crash: say so in the summary too
-                stopped = str(exc) or exc.__class__.__name__
+                stopped = stop_reason(exc)
                 failures = getattr(exc, "failures", failures)
                 raise
             finally:  # the answers made before a stop count, and the atlas shows them
@@ -130,6 +131,15 @@ def main(**overrides) -> int:
         log(f"{len(failures)} neurons failed (rerun to retry them): {sorted(failures)}")
         return 1
     return 0
+
+
+def stop_reason(exc: BaseException) -> str:
+    """Why the run stopped, for ``llm_summary.json`` (SIGTERM's SystemExit read "143")."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return "terminated (SIGTERM)" if exc.code == 143 else f"exited ({exc.code})"
+    return str(exc) or exc.__class__.__name__
 
 
 def write_llm_summary(report_dir: Path, backend, sae_fingerprint: str, asked: int, answered: int,

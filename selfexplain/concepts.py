@@ -332,6 +332,7 @@ def _failure(future: Future) -> Exception | None:
 
 REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
 FAILURES_BEFORE_STOP = 8  # this many failures, not of a busy server, and no answer yet: the server is down or wrong
+BUSY_BEFORE_STOP = 16  # this many busy failures (timeouts, 429, 503) and no answer yet: come back later
 
 
 def ask_all(backend: Backend, neurons: list[dict], question: Question, out: AnswerLog, workers: int) -> dict[int, str]:
@@ -351,7 +352,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     def task(neuron: dict) -> None:  # on a worker thread: the answer is on disk before anything else happens
         out.append(ask_neuron(backend, neuron, question, system, version))
 
-    failures, fatal, answered, refused, broken = {}, None, 0, 0, 0
+    failures, fatal, answered, refused, broken, busy = {}, None, 0, 0, 0, 0
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = {pool.submit(task, n): n["neuron_id"] for n in neurons}
     try:
@@ -367,17 +368,22 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             status = getattr(exc, "status", None) or 0
             refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
             broken += not answered and not getattr(exc, "busy", False)  # LLMError.busy: timeouts, 429, 503...
+            busy += not answered and getattr(exc, "busy", False)
             if fatal is None and (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP):
                 fatal = f"{backend.name} refused the requests ({failures[nid]})"
             elif fatal is None and broken >= FAILURES_BEFORE_STOP:
                 fatal = (f"{backend.name}: {broken} neurons failed and none was answered (the last: "
                          f"{failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
+            elif fatal is None and busy >= BUSY_BEFORE_STOP:  # each busy neuron costs its retries and their waits
+                fatal = (f"{backend.name}: the server was busy (timeouts, rate limits) for {busy} neurons and "
+                         f"answered none (the last: {failures[nid]}); rerun later, or with fewer WORKERS")
             if fatal is not None:
                 for other in futures:
                     other.cancel()
     except KeyboardInterrupt:
         in_flight = sum(f.running() for f in futures)
-        log(f"interrupted: no new requests; waiting for the {in_flight} in flight, whose answers are saved")
+        log(f"interrupted: no new requests; waiting for the {in_flight} in flight, whose answers are saved "
+            "(Ctrl-C again to quit now without them)")
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import sys
+import threading
 import tokenize
 from pathlib import Path
 from typing import Any, Callable
@@ -193,6 +194,18 @@ def help_text(doc: str | None, defaults: dict, comments: dict) -> str:
     return "\n".join(lines)
 
 
+def quit_now_if_threads_linger(code: int) -> None:
+    """Exit at once when worker threads are still running (a second Ctrl-C while stage 4 waits for
+    the requests in flight): Python would join them first, minutes against a hung server.
+    Everything the stage keeps is already written atomically, line by line."""
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()
+                 and not t.daemon]
+    if lingering:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_cli(main: Callable[..., Any], namespace: dict, argv: list[str] | None = None) -> None:
     """Entry point for a script's ``__main__`` guard: parse argv, run ``main``, map errors.
 
@@ -215,10 +228,12 @@ def run_cli(main: Callable[..., Any], namespace: dict, argv: list[str] | None = 
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        quit_now_if_threads_linger(130)
         sys.exit(130)
     except SystemExit as exc:
         if exc.code == 143:  # SIGTERM (distributed.exit_on_sigterm): say so, as Ctrl-C does
             print("terminated", file=sys.stderr)
+            quit_now_if_threads_linger(143)
         raise
     except BrokenPipeError:  # `... --json=True | head -1`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -106,6 +106,16 @@ def _status_error(status: int, detail: str) -> LLMError:
     return LLMError(f"HTTP {status}: {detail}".strip().rstrip(":"), status, fatal=status in FATAL_STATUSES)
 
 
+def _error_text(error) -> str:
+    return str(error.get("message") or error) if isinstance(error, dict) else str(error)
+
+
+def _inside_think(text: str | None) -> bool:
+    """The text opens a reasoning block it never closes (cut off mid-thought)."""
+    low = (text or "").lower()
+    return "<think>" in low and "</think>" not in low.rsplit("<think>", 1)[1]
+
+
 def public_url(url: str) -> str:
     """``url`` without its ``user:password@`` part (up to the last ``@``), query and fragment
     (``?api-key=...``), so it can be logged and stored."""
@@ -267,6 +277,7 @@ class OpenAIBackend(Backend):
                                     timeout=self.timeout)
         self.base_url = public_url(str(self.client.base_url))
         self._refused: set[str] = set()  # parameters the server refused for this model (400 unsupported_*)
+        self._long = False  # an answer was cut off inside <think>: ask with the reasoning budget
         self._lock = threading.Lock()
         if not self.model:
             self.model = self._served_model() or DEFAULT_MODELS[("openai", images)]
@@ -275,6 +286,11 @@ class OpenAIBackend(Backend):
         """The client's status error as an :class:`LLMError`; a 404 says where to look."""
         body = exc.body.get("message") if isinstance(getattr(exc, "body", None), dict) else None
         detail = str(body) if body else re.sub(r"^Error code: \d+\s*-?\s*", "", str(exc.message))
+        code = getattr(exc, "code", None) or (exc.body.get("code") if isinstance(getattr(exc, "body", None), dict)
+                                               else None)
+        if code == "insufficient_quota":  # a 429 that no wait cures: every later request gets it too
+            return LLMError(f"HTTP {exc.status_code}: the account is out of quota ({detail})", exc.status_code,
+                            fatal=True)
         if exc.status_code == 404:
             detail = " ".join(filter(None, [detail, f"(no such model or path: is MODEL={self.model} served there, "
                                                     f"and is BASE_URL {self.base_url} the API's address, often "
@@ -305,7 +321,8 @@ class OpenAIBackend(Backend):
         if REASONING_MODEL.search(self.model):
             params = {"max_completion_tokens": REASONING_MAX_TOKENS}
         else:
-            params = {"max_tokens": OPENAI_MAX_TOKENS, "temperature": TEMPERATURE}
+            params = {"max_tokens": REASONING_MAX_TOKENS if self._long else OPENAI_MAX_TOKENS,
+                      "temperature": TEMPERATURE}
         if self.seed is not None:
             params["seed"] = self.seed
         with self._lock:
@@ -314,16 +331,23 @@ class OpenAIBackend(Backend):
             params["max_completion_tokens"] = REASONING_MAX_TOKENS  # the name servers ask for instead
         return {k: v for k, v in params.items() if k not in refused}
 
-    def _refuse(self, exc) -> bool:
-        """Remember a parameter a 400 names as unsupported; False when there is none to drop."""
+    def _refuse(self, exc, sent: dict) -> bool:
+        """Remember a parameter a 400 names as unsupported; False when there is none to drop.
+
+        ``sent``: the parameters this request sent. Requests in flight on other workers sent
+        it too: each is asked again without it (checking the current parameters instead, they
+        found it already dropped and failed: 3 such neurons stopped the run).
+        """
         param = getattr(exc, "param", None)
         if exc.status_code != 400 or getattr(exc, "code", None) not in ("unsupported_parameter", "unsupported_value"):
             return False
-        if param not in self.sampling():  # not one of ours (or already dropped): nothing to fall back on
+        if param not in sent:  # not one of ours: nothing to fall back on
             return False
         with self._lock:
+            first = param not in self._refused
             self._refused.add(param)
-        log(f"openai: {self.model} refuses '{param}'; asking without it")
+        if first:
+            log(f"openai: {self.model} refuses '{param}'; asking without it")
         return True
 
     def _request(self, system, text, images, fallback):
@@ -334,16 +358,17 @@ class OpenAIBackend(Backend):
             content = [{"type": "text", "text": text}] + [
                 {"type": "image_url", "image_url": {"url": data_url(png_bytes(p))}} for p in images]
         messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
-        while True:  # ends: each refusal drops one of finitely many parameters
+        while True:  # ends: each refusal drops one of finitely many parameters from what is sent
+            sent = self.sampling()
             try:
-                resp = self.client.chat.completions.create(model=self.model, messages=messages, **self.sampling())
+                resp = self.client.chat.completions.create(model=self.model, messages=messages, **sent)
                 break
             except openai.APITimeoutError:
                 raise LLMError(f"timed out after {self.timeout:g}s ({self.retries + 1} tries)", slow=True) from None
             except openai.APIConnectionError as exc:
                 raise LLMError(f"connection error: {exc}") from None
             except openai.APIStatusError as exc:
-                if not self._refuse(exc):
+                if not self._refuse(exc, sent):
                     raise self._http_error(exc) from None
             except (openai.APIResponseValidationError, ValueError) as exc:
                 raise MalformedAnswer(f"unreadable response: {exc}") from None
@@ -351,9 +376,29 @@ class OpenAIBackend(Backend):
             raise MalformedAnswer(f"the server answered with text, not JSON ({' '.join(resp.split())[:60]!r}); "
                                   f"is BASE_URL ({self.base_url}) the API's address?")
         choices = getattr(resp, "choices", None)
-        if not choices or not getattr(choices[0].message, "content", None):
-            raise MalformedAnswer("no answer in the response")
-        return choices[0].message.content
+        if not choices:
+            error = (getattr(resp, "model_extra", None) or {}).get("error")  # proxies answer 200 {"error": ...}
+            raise MalformedAnswer(f"the server sent an error, not an answer: {_error_text(error)}" if error
+                                  else "no answer in the response")
+        message, finish = choices[0].message, getattr(choices[0], "finish_reason", None)
+        content = getattr(message, "content", None)
+        if finish == "length" and _inside_think(content):
+            self._long_answers()
+            raise MalformedAnswer(f"the answer was cut off inside <think> (a reasoning model out of tokens); asking "
+                                  f"again with {REASONING_MAX_TOKENS} tokens")
+        if not content:
+            refusal = getattr(message, "refusal", None)
+            raise MalformedAnswer(f"the model refused: {refusal}" if refusal else
+                                  "the answer was cut at the token limit before any text" if finish == "length" else
+                                  "no answer in the response")
+        return content
+
+    def _long_answers(self) -> None:
+        """Ask with the reasoning budget from now on (a model the name rule missed: R1 distills, QwQ...)."""
+        with self._lock:
+            first, self._long = not self._long, True
+        if first:
+            log(f"openai: {self.model} thinks before it answers; asking with {REASONING_MAX_TOKENS} tokens")
 
 
 class ReplicateBackend(Backend):
@@ -371,8 +416,7 @@ class ReplicateBackend(Backend):
             raise UserError(f"MODEL for replicate must be owner/name or owner/name:version, got '{self.model}'")
         self.image_field, self.system_field = self._input_layout(images, image_input)
         self.accepts_images = bool(self.image_field)
-        # The HTTP read timeout outlasts the server-side wait of a create (Prefer: wait=N,
-        # N <= TIMEOUT): equal, the client could give up just as the answer arrives.
+        # The HTTP timeout of polls; a create's read timeout is the client's own: its wait + 0.5 s.
         self.client = replicate.Client(
             api_token=api_token, base_url=base_url or None,
             timeout=httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout)),
@@ -385,6 +429,8 @@ class ReplicateBackend(Backend):
         polls.retry_status_codes = RETRY_STATUSES
         posts = type(polls)(polls._wrapped_transport, max_attempts=self.retries + 1, backoff_factor=self.backoff,
                             retryable_methods={"POST"}, retry_status_codes=CREATE_RETRY_STATUSES)
+        for transport in (polls, posts):  # it sleeps a numeric Retry-After as given: 3600 outlived SIGTERM
+            transport._calculate_sleep = _capped(transport._calculate_sleep, self.timeout)
         self.client._client._transport = _ByMethod(polls, posts)
 
     def _input_layout(self, images: bool, image_input: str) -> tuple[str, str]:
@@ -445,8 +491,8 @@ class ReplicateBackend(Backend):
             else:
                 pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
         except (httpx.ReadTimeout, httpx.WriteTimeout):  # sent: a prediction may be running and billing
-            raise LLMError(f"the create request timed out after {self.timeout + 10:g}s once sent; not sent again "
-                           "(it may have started a prediction)", slow=True) from None
+            raise LLMError(f"the create request got no answer within its {wait + 0.5:g}s once sent (Prefer: "
+                           f"wait={wait}); not sent again (it may have started a prediction)", slow=True) from None
         deadline = time.monotonic() + self.timeout
         while pred.status not in ("succeeded", "failed", "canceled"):
             if time.monotonic() >= deadline:
@@ -470,6 +516,11 @@ class ReplicateBackend(Backend):
             self.client.predictions.cancel(prediction_id)
         except Exception:  # noqa: BLE001  the timeout is what gets reported
             pass
+
+
+def _capped(sleep_for: Callable, cap: float) -> Callable:
+    """The replicate client's retry wait, at most ``cap`` seconds."""
+    return lambda attempts_made, headers: min(float(sleep_for(attempts_made, headers)), cap)
 
 
 class _ByMethod:
@@ -514,6 +565,14 @@ def choose_auto(env: dict, dotenv: dict, base_url: str = "") -> tuple[str, str]:
     return "offline", why
 
 
+def _check_token(name: str, token: str) -> None:
+    """A token HTTP can carry: printable ASCII, no spaces or line ends (a pasted curly quote was a
+    traceback; a trailing CR failed every neuron). The token itself is never shown."""
+    if not (token.isascii() and token.isprintable()) or token != token.strip() or " " in token:
+        raise UserError(f"{name} holds characters no token has (a pasted quote, a space or a line end?): set it "
+                        "again, copied as plain text")
+
+
 def make_backend(name: str = "auto", model: str = "", base_url: str = "", timeout: float = 60.0,
                  retries: int = 4, *, images: bool = True, image_input: str = "auto",
                  backoff: float = 1.0, seed: int | None = None) -> Backend:
@@ -538,10 +597,12 @@ def make_backend(name: str = "auto", model: str = "", base_url: str = "", timeou
     if timeout <= 0 or retries < 0 or backoff < 0:
         raise UserError(f"TIMEOUT must be > 0, RETRIES >= 0 and BACKOFF >= 0, got {timeout}, {retries}, {backoff}")
     dotenv = read_dotenv()
+    environment = {k: v for k, v in os.environ.items() if v}
     if name == "auto":
         name, why = choose_auto(os.environ, dotenv, base_url)
         log(f"BACKEND=auto chose {name}: {why}")
-    env = {**dotenv, **{k: v for k, v in os.environ.items() if v}}  # the environment wins over .env
+        dotenv = {}  # auto reads the environment only: a key kept in ./.env went to the server the environment named
+    env = {**dotenv, **environment}  # the environment wins over .env
     common = dict(timeout=timeout, retries=retries, backoff=backoff, seed=seed)
     if name == "offline":
         return OfflineBackend(**common)
@@ -549,11 +610,14 @@ def make_backend(name: str = "auto", model: str = "", base_url: str = "", timeou
         token = env.get("REPLICATE_API_TOKEN", "")
         if not token:
             raise UserError("BACKEND=replicate needs REPLICATE_API_TOKEN (environment or ./.env)")
+        _check_token("REPLICATE_API_TOKEN", token)
         url = base_url or env.get("REPLICATE_API_BASE_URL") or env.get("REPLICATE_BASE_URL") or ""
         return ReplicateBackend(model, url, token, images=images, image_input=image_input, **common)
     url = base_url or env.get("OPENAI_BASE_URL", "")
     key = env.get("OPENAI_API_KEY", "")
     if not key and not url:
         raise UserError("BACKEND=openai needs OPENAI_API_KEY, or OPENAI_BASE_URL for a local server")
+    if key:
+        _check_token("OPENAI_API_KEY", key)
     # local servers (vLLM, Ollama, llama.cpp) accept any key, but the client insists on one
     return OpenAIBackend(model, url, key or NO_KEY, images=images, **common)

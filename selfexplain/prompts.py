@@ -99,28 +99,44 @@ def strip_controls(text: str, keep_newlines: bool = False) -> str:
 
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
-_PREFIX = re.compile(r"^(final answer|answer|concept|label|the concept is|this neuron detects|neuron)\s*[:\-–]\s*",
-                     re.I)
-_REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|as an ai)", re.I)
+_CLOSE_THINK = re.compile(r"</think>", re.I)
+_FENCE = re.compile(r"^\s*```[\w+-]*\s*$", re.M)  # a code fence line, with its language tag ("```text")
+_PREFIX = re.compile(r"^(final answer|answer|concept|label|this neuron detects|neuron)\s*[:\-–]\s*"
+                     r"|^(the concept is|the neuron detects|it detects)\s*[:\-–]?\s*", re.I)
+_LABELLED = re.compile(r"^(final answer|answer|concept|label)\s*[:\-–]\s*\S", re.I)  # "**Answer:** wheel"
+_REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i'?m unable|i am unable|as an ai|"
+                      r"as a (large )?language model|unfortunately)", re.I)
 
 
 def clean_text(raw: str) -> str:
     """Strip control characters, reasoning blocks, code fences and whitespace.
 
+    A reply that closes a reasoning block it never opened (R1-style models print only the
+    ``</think>``) keeps what follows it.
+
     Raises
     ------
     MalformedAnswer
-        Nothing is left.
+        Nothing is left, or the reply ends inside a reasoning block.
     """
-    text = _THINK.sub("", strip_controls(raw or "", keep_newlines=True)).replace("```", "").strip()
+    text = strip_controls(raw or "", keep_newlines=True)
+    if _CLOSE_THINK.search(text) and "<think>" not in text.lower():
+        text = _CLOSE_THINK.split(text)[-1]
+    cut_off = "<think>" in text.lower() and "</think>" not in text.lower().rsplit("<think>", 1)[1]
+    text = _FENCE.sub("", _THINK.sub("", text)).replace("```", "").strip()
     if not text:
-        raise MalformedAnswer("empty answer")
+        raise MalformedAnswer("the answer ended inside <think> (out of tokens?)" if cut_off else "empty answer")
     return text
 
 
+def _bare(line: str) -> str:
+    """A line without markdown emphasis, headings, quotes and list markers."""
+    line = re.sub(r"[*_`#>]+", "", line).strip()
+    return re.sub(r"^(\d+[.)]|[-•])\s+", "", line)
+
+
 def _clean_line(line: str) -> str:
-    line = re.sub(r"[*_`#>]+", "", line).strip()  # markdown emphasis, headings, quotes
-    line = re.sub(r"^(\d+[.)]|[-•])\s+", "", line)  # list markers
+    line = _bare(line)
     for _ in range(3):  # "Answer: Concept: ..." peels twice
         line = _PREFIX.sub("", line).strip()
     line = line.strip(" \t\"'“”‘’«»")
@@ -141,7 +157,12 @@ def parse_concept(raw: str, max_words: int = 12) -> str:
         Nothing left, no letters, mostly symbols, or a refusal.
     """
     text = clean_text(raw)
-    line = next((c for c in (_clean_line(ln) for ln in text.splitlines()) if c), "")
+    lines = [(_bare(ln), _clean_line(ln)) for ln in text.splitlines()]
+    lines = [(bare, clean) for bare, clean in lines if clean]
+    labelled = next((clean for bare, clean in lines if _LABELLED.match(bare)), None)  # "## Analysis ... Answer: x"
+    # else the first line that is not a lead-in ("Here is the concept:" above the answer)
+    line = labelled or next((clean for k, (bare, clean) in enumerate(lines)
+                             if not (bare.endswith(":") and k + 1 < len(lines))), "")
     words = line.split()
     if len(words) > max_words:
         line = " ".join(words[:max_words]).rstrip(".;:,!-–")

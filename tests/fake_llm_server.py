@@ -42,7 +42,10 @@ class Reply:
         ``detail``), ``slow`` (answer after ``delay`` s; on replicate the prediction runs
         that long), ``hold`` (keep the request open until :meth:`FakeLLMServer.release`,
         then close it unanswered), ``html`` (openai: HTTP 200 with ``text`` as an HTML page,
-        what a login proxy or a wrong path answers).
+        what a login proxy or a wrong path answers), ``json`` (openai: HTTP 200 with ``body``
+        as the whole response, e.g. a proxy's ``{"error": ...}``).
+    code : openai ``status`` replies: the error's ``code`` (e.g. ``insufficient_quota``).
+    finish : openai ``ok`` replies: the choice's ``finish_reason`` (``length``: cut at the token limit).
     """
 
     kind: str = "ok"
@@ -51,6 +54,9 @@ class Reply:
     headers: dict = field(default_factory=dict)
     detail: str = "server error"
     delay: float = 0.0
+    code: str = ""
+    finish: str = "stop"
+    body: dict | None = None
 
 
 def default_script(api: str, neuron_id: int | None, attempt: int) -> Reply:
@@ -61,9 +67,11 @@ class FakeLLMServer:
     """Serve on an ephemeral port in a background thread; see the module docstring."""
 
     def __init__(self, token: str | None = None, script: Callable[[str, int | None, int], Reply] | None = None,
-                 model_id: str | list = "fake-vision-1", max_wait: float = 60.0, reasoning_models: tuple = ()):
+                 model_id: str | list = "fake-vision-1", max_wait: float = 60.0, reasoning_models: tuple = (),
+                 refusal_delay: float = 0.0):
         self.token, self.script, self.model_id = token, script or default_script, model_id
         self.reasoning_models = set(reasoning_models)
+        self.refusal_delay = refusal_delay  # a reasoning model's 400 comes this late (requests pile up in flight)
         self.max_wait = max_wait  # Replicate holds a `Prefer: wait` request at most this long
         self.log: list[dict] = []  # one entry per request
         self.attempts: Counter = Counter()  # (api, neuron) -> requests seen
@@ -238,9 +246,11 @@ def _make_handler(server: FakeLLMServer):
             reply = server.script("openai", nid, attempt)
             entry = dict(api="openai", path=self.path, neuron_id=nid, attempt=attempt, images=images,
                          model=body.get("model"), system=body["messages"][0]["content"], text=text,
-                         params={k: v for k, v in body.items() if k not in ("model", "messages")})
+                         params={k: v for k, v in body.items() if k not in ("model", "messages")},
+                         auth=self.headers.get("Authorization"))
             refusal = _reasoning_refusal(body) if body.get("model") in server.reasoning_models else None
             if refusal:
+                time.sleep(server.refusal_delay)
                 server.record(**entry, status=400)
                 return self._send(400, refusal)
             if reply.kind == "hold":
@@ -248,14 +258,17 @@ def _make_handler(server: FakeLLMServer):
                 return self._hold()
             if reply.kind == "status":
                 server.record(**entry, status=reply.status)
-                return self._send(reply.status, {"error": {"message": reply.detail, "type": "server_error"}},
-                                  reply.headers)
+                error = {"message": reply.detail, "type": "server_error", **({"code": reply.code} if reply.code else {})}
+                return self._send(reply.status, {"error": error}, reply.headers)
+            if reply.kind == "json":
+                server.record(**entry, status=200)
+                return self._send(200, reply.body)
             if reply.kind == "html":
                 server.record(**entry, status=200)
                 return self._send(200, f"<html><body><h1>{reply.text}</h1></body></html>")
             time.sleep(reply.delay)
             payload = {"id": "chatcmpl-" + uuid.uuid4().hex[:8], "object": "chat.completion", "created": int(time.time()),
-                       "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
+                       "model": body.get("model"), "choices": [{"index": 0, "finish_reason": reply.finish,
                        "message": {"role": "assistant", "content": reply.text}}],
                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
             entry = server.record(**entry, status=200, answered=reply.kind == "ok")  # counted before it is sent,

@@ -120,12 +120,19 @@ TOKENS = {"openai": OPENAI_KEY, "replicate": REPLICATE_TOKEN}
     ("Concept:\n- fish tail fin\nbecause the examples show fish", "fish tail fin"),
     ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen", " ".join(
         "one two three four five six seven eight nine ten eleven twelve".split())),
+    ("```text\nround wheel\n```", "round wheel"),  # the fence's language tag was kept as the concept
+    ("Okay, so the neuron fires on circles.\n</think>\n\nround wheel", "round wheel"),  # R1: no opening tag
+    ("Here is the concept:\nround wheel", "round wheel"),  # a lead-in line
+    ('The concept is "round wheel".', "round wheel"),
+    ("## Analysis\nThe strokes are circular.\n**Answer:** round wheel", "round wheel"),  # the labelled line wins
 ])
 def test_parse_concept_cleans_answers(raw, concept):
     assert prompts.parse_concept(raw, max_words=12) == concept
 
 
-@pytest.mark.parametrize("raw", ["", "  \n ", "!!! ??? ...", "12345 678", "I'm sorry, I can't help with that."])
+@pytest.mark.parametrize("raw", ["", "  \n ", "!!! ??? ...", "12345 678", "I'm sorry, I can't help with that.",
+                                 "Unfortunately I cannot see any images.", "As a language model, I cannot view images.",
+                                 "<think>circles, maybe wheels, or"])
 def test_parse_concept_rejects_garbage(raw):
     with pytest.raises(prompts.MalformedAnswer):
         prompts.parse_concept(raw)
@@ -760,3 +767,106 @@ def test_prompt_carries_the_real_image_frequency_and_the_threshold_rule():
     lowered = prompts.neuron_prompt({**neuron, "quantile": 0.875})  # QUANTILE lowered on small data
     assert "87.5th percentile" in lowered and "at most 12.5% of sketches by definition" in lowered
     assert "probability 99.6%." in prompts.why_prompt("triangle", 0.996, [("circle", 0.5)])  # not "100%"
+
+
+# ----------------------------------------------------------------------------- session 14: a walkthrough's findings
+def test_workers_in_flight_when_a_parameter_is_refused_ask_again_without_it(report, monkeypatch):
+    """Every request in flight had sent max_tokens; the first 400 dropped it, the others then found it
+    'already dropped' and failed: 3 such neurons stopped the whole run (exit 2)."""
+    with FakeLLMServer(reasoning_models=("house-reasoner",), refusal_delay=0.3) as srv:
+        assert run_openai(report, srv, monkeypatch, model="house-reasoner", workers=5) == 0
+        chats = [e for e in srv.requests("openai") if e["path"] == "/v1/chat/completions"]
+    assert sorted(answers(report)) == LIVE
+    assert sum(e["status"] == 400 for e in chats) >= 5  # the race happened: every worker saw a refusal
+
+
+def test_a_reasoning_model_cut_off_while_thinking_is_asked_with_room_to_answer(report, monkeypatch, capsys):
+    def script(api, nid, attempt):
+        return Reply(text="<think>circles, maybe wheels", finish="length") if attempt == 1 else Reply(text="wheel")
+
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, model="deepseek-r1:14b", workers=1, only=[0, 1]) == 0
+        chats = srv.requests("openai")
+    assert [a["answer"] for a in answers(report).values()] == ["wheel", "wheel"]
+    assert chats[0]["params"]["max_tokens"] == llm_backends.OPENAI_MAX_TOKENS
+    assert chats[-1]["params"]["max_tokens"] == llm_backends.REASONING_MAX_TOKENS  # learnt from the first cut-off
+    assert "thinks before it answers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reply, words", [
+    (Reply(kind="json", body={"error": {"message": "upstream provider down", "code": 502}}), "upstream provider down"),
+    (Reply(text="", finish="length"), "cut at the token limit"),
+])
+def test_a_reply_without_text_says_why(report, monkeypatch, reply, words):
+    with FakeLLMServer(script=lambda api, nid, attempt: reply) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[0], retries=0) == 1
+    summary = json.loads((report / "llm_summary.json").read_text())
+    assert summary["failed"][0]["neuron_id"] == 0 and words in summary["failed"][0]["error"]
+
+
+def test_an_account_out_of_quota_stops_at_once(report, monkeypatch, waits):
+    quota = Reply(kind="status", status=429, code="insufficient_quota", detail="You exceeded your current quota")
+    with FakeLLMServer(script=lambda api, nid, attempt: quota) as srv:
+        with pytest.raises(UserError, match="out of quota"):
+            run_openai(report, srv, monkeypatch, workers=1, retries=0)
+        assert len(srv.requests("openai")) <= 2  # the next one may have started; not all 5, each with retries
+
+
+def test_a_server_busy_for_every_neuron_stops_the_run(report, monkeypatch, waits):
+    busy = Reply(kind="status", status=503, detail="overloaded")
+    monkeypatch.setattr(concepts, "BUSY_BEFORE_STOP", 3)
+    with FakeLLMServer(script=lambda api, nid, attempt: busy) as srv:
+        with pytest.raises(UserError, match="busy .* for 3 neurons and answered none"):
+            run_openai(report, srv, monkeypatch, workers=1, retries=0)
+
+
+def test_auto_never_sends_a_key_kept_in_dotenv(report, monkeypatch, tmp_path):
+    """./.env held a real key; the environment named only a local server: auto sent the key there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY={OPENAI_KEY}\n")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    with FakeLLMServer() as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.openai_url)
+        assert stage.main(report_dir=str(report), backend="auto", only=[0]) == 0
+        sent = {e.get("auth") for e in srv.requests("openai") if e["path"] == "/v1/chat/completions"}
+    assert sent == {f"Bearer {llm_backends.NO_KEY}"}
+
+
+@pytest.mark.parametrize("name", ["REPLICATE_API_TOKEN", "OPENAI_API_KEY"])
+@pytest.mark.parametrize("bad", ["r8_abcdefghijklmnop\u201d", "sk-abcdefghijklmnopqrst\r", "sk-abc def"])
+def test_a_token_with_characters_no_token_has_is_one_line(monkeypatch, name, bad):
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(UserError, match=f"{name} holds characters no token has") as info:
+        llm_backends.make_backend("replicate" if name.startswith("REPLICATE") else "openai")
+    assert bad.strip() not in str(info.value)
+
+
+def test_replicate_never_sleeps_a_retry_after_longer_than_the_timeout(report, monkeypatch, waits):
+    limited = Reply(kind="status", status=429, detail="throttled", headers={"Retry-After": "3600"})
+    with FakeLLMServer(token=REPLICATE_TOKEN, script=lambda api, nid, attempt: limited) as srv:
+        run_replicate(report, srv, monkeypatch, only=[0], retries=1, timeout=5)
+    assert waits and max(waits) <= 5  # 3600 s outlived SIGTERM
+
+
+def test_llm_summary_says_why_the_run_stopped_in_words():
+    assert stage.stop_reason(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+    assert stage.stop_reason(SystemExit(143)) == "terminated (SIGTERM)"  # was "143"
+    assert stage.stop_reason(UserError("openai refused the requests")) == "openai refused the requests"
+
+
+def test_a_second_ctrl_c_quits_without_waiting_for_threads_in_flight(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import threading, time\n"
+        "from selfexplain.config import run_cli\n"
+        "def main():\n"
+        "    threading.Thread(target=time.sleep, args=(60,)).start()  # a request in flight to a hung server\n"
+        "    raise KeyboardInterrupt\n"
+        "if __name__ == '__main__':\n"
+        "    run_cli(main, globals())\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted"
+    assert time.monotonic() - start < 30  # not after the thread's 60 s
