@@ -60,6 +60,16 @@ def why_system_prompt() -> str:
     return load_prompt("why_system").strip()
 
 
+def fixed(x: float, digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, more where rounding would show 1 or 0 for a value that is
+    neither (an AUROC of 0.9996 is not "1.00")."""
+    text = f"{x:.{digits}f}"
+    while digits < 6 and ((float(text) == 1 and 0.5 < x < 1) or (float(text) == 0 and x > 0)):
+        digits += 1
+        text = f"{x:.{digits}f}"
+    return text
+
+
 def percent(p: float, digits: int = 0) -> str:
     """A probability as a percentage with ``digits`` decimals that never reads 100% or 0% when it
     is neither (0.996 -> "99.6%", 0.9999 -> ">99.9%"; digits=1: 0.9996 -> ">99.9%"): the header
@@ -266,7 +276,7 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
     core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a clear class preference"
     part = neuron.get("parts") or {}
     if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
-        core = f"{strip_controls(part['best_part'])} (train AUROC {part['auroc']:.2f})"
+        core = f"{strip_controls(part['best_part'])} (train AUROC {fixed(part['auroc'])})"
     where = strip_controls((neuron.get("where") or {}).get("description") or "")
     label = f"{core}, {where}" if where else core
     return OFFLINE_PREFIX + " ".join(label.split()[:max_words])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import concept_measures as cm
-from . import concepts, stats
+from . import concepts, prompts, stats
 from .artifacts import (INDEX_HTML, NEURONS, SPRITES_DIR, SUMMARY, THUMBS_DIR, atomic_write_bytes,
                         read_json, read_jsonl)
 from .distributed import interrupts_held
@@ -150,7 +150,7 @@ def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
     """One honest sentence from a record's statistics ("weak/unclear" when they say little)."""
     if rec["dead"]:
         return "Dead: never active in the Top-K code on the summarised images."
-    freq = f"Active on {100 * rec['image_frequency']:.1f}% of images"
+    freq = f"Active on {prompts.percent(rec['image_frequency'], 1)} of images"  # not "0.0%" for a live neuron
     top, names = rec["top_classes"], clear_classes(rec, weak_pmi)
     if not names:
         few = top and top[0]["pmi"] >= weak_pmi and rec.get("n_on", MIN_SUPPORT) < MIN_SUPPORT
@@ -270,7 +270,7 @@ def page_path(report_dir: str | Path, rel) -> str | None:
 
 
 # ----------------------------------------------------------------------------- HTML atlas
-NUMBER_FIELDS = ("quantile", "frequency", "image_frequency", "token_frequency", "mean_on_activation", "max_activation", "score")
+NUMBER_FIELDS = ("quantile", "threshold", "frequency", "image_frequency", "token_frequency", "mean_on_activation", "max_activation", "score")
 CLASS_NUMBERS = ("pmi", "p_class_given_on", "lens", "knockout")
 
 
@@ -330,11 +330,12 @@ def write_index_html(report_dir: str | Path) -> Path:
     classes = sorted({c["class"] for card in cards for c in card["top_classes"] if c["class"]})
     headline = _headline(summary)
     if n_stale:
-        headline.append(f"{n_stale} answers for another SAE set aside")
+        headline.append(f"{n_stale} LLM answers made for an earlier SAE ignored")
     meta = {"title": _text(summary.get("title")) or "SAE neuron atlas", "classes": classes,
             "n_neurons": len(cards), "n_dead": sum(c["dead"] for c in cards),
             "n_concepts": sum(1 for c in cards if c.get("concept")), "n_stale": n_stale, "headline": headline,
-            "held_out": held_out_table(_dict(summary.get("concept_measures")))}
+            "held_out": held_out_table(_dict(summary.get("concept_measures"))),
+            "part_auroc": prompts.PART_AUROC}  # a best part below this is not what the neuron means
     payload = script_json({"meta": meta, "neurons": cards})
     html = ATLAS_TEMPLATE.read_text(encoding="utf-8").replace(ATLAS_PLACEHOLDER, payload)
     return atomic_write_bytes(report_dir / INDEX_HTML, html.encode("utf-8"))
@@ -361,10 +362,17 @@ def _headline(summary: dict) -> list[str]:
     sae = _dict(summary.get("sae"))
     if sae:
         out.append(f"M={_number(sae.get('n_latents'))}, K={_number(sae.get('k'))}")
-    sae_measures = _dict(_dict(_dict(summary.get("concept_measures")).get("codes")).get("sae"))
-    auroc = _number(sae_measures.get("mean_test_auroc"))
-    if auroc is not None:
-        out.append(f"held-out part AUROC {auroc:.3f}")
+    codes = _dict(_dict(summary.get("concept_measures")).get("codes"))
+    auroc = _number(_dict(codes.get("sae")).get("mean_test_auroc"))
+    if auroc is not None:  # beside what it is measured against: alone, 0.996 reads as a feat
+        others = [f"{_text(_dict(code).get('code')) or key} {prompts.fixed(_number(_dict(code).get('mean_test_auroc')), 3)}"
+                  for key, code in codes.items() if key in ("channels", "random_sae")
+                  and _number(_dict(code).get("mean_test_auroc")) is not None]
+        class_set = _number(_dict(codes.get("sae")).get("mean_class_set_auroc"))
+        if class_set is not None:
+            others.append(f"a perfect class detector {prompts.fixed(class_set, 3)}")
+        out.append(f"held-out part AUROC {prompts.fixed(auroc, 3)}" + (f" (against: {', '.join(others)})" if others
+                                                                        else ""))
     agreement = _number(summary.get("sae_top1_agreement"))
     if agreement is not None:
         out.append(f"SAE keeps {100 * agreement:.1f}% of predictions (training images)")
@@ -374,6 +382,27 @@ def _headline(summary: dict) -> list[str]:
 HELD_OUT_PART = ("test_auroc", "test_ap", "distractor_auroc", "pointing", "pointing_chance", "pointing_shuffled",
                  "pointing_cell", "pointing_cell_chance", "pointing_ceiling", "cf_own_drop", "cf_other_drop")
 HELD_OUT_MEAN = tuple(f"mean_{k}" for k in HELD_OUT_PART)
+
+
+def _span(code: dict, key: str) -> str:
+    """'13-33': the range of a per-part count, for the note (how many images a figure rests on)."""
+    counts = [n for n in (_number(_dict(row).get(key)) for row in _dict(code.get("per_part")).values())
+              if n is not None]
+    if not counts:
+        return "?"
+    low, high = int(min(counts)), int(max(counts))
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def _counterfactual_note(measures: dict, sae: dict) -> str:
+    cf = _dict(measures.get("counterfactual"))
+    if _number(cf.get("test_images")) is None:
+        return ""
+    return (f" CF drop: {int(cf['test_images'])} test images re-drawn with one part left out, everything else "
+            "identical; the relative fall of the chosen unit's activation, Σ(a − a′)/Σa (1: gone, 0: unchanged), "
+            f"when its own part goes ({_span(sae, 'cf_own_n')} images per part) and when another part goes "
+            f"({_span(sae, 'cf_other_n')}). The random SAE's row is the null. PCA has none (–): its zero, the "
+            "training mean, is arbitrary.")
 
 
 def held_out_table(measures: dict) -> dict | None:
@@ -395,7 +424,8 @@ def held_out_table(measures: dict) -> dict | None:
     class_set = _number(sae.get("mean_class_set_auroc"))
     note = (f"Each part's unit chosen on {n_train} training images, scored on {n_test} held-out test images. "
             "Distractor-only AUROC: among images of the classes without the part, where only distractors carry it "
-            "(a class detector scores 0.5 there).")
+            f"(a class detector scores 0.5 there; {_span(sae, 'distractor_positives')} such images per part)."
+            + _counterfactual_note(measures, sae))
     if class_set is not None:
         note += f" A perfect detector of the part's classes reaches AUROC {class_set:.3f} overall."
     for key, name in (("pointing_rule", "Pointing"), ("pointing_cell_rule", "Cell-centre rule")):

@@ -21,7 +21,7 @@ def _fake_report(folder, n=6, dead=(4,)):
         sprite = None
         if i not in dead:
             sprite = f"sprites/n{i:05d}.png"
-            Image.fromarray(np.full((24, 74, 3), 40 * i, dtype=np.uint8)).save(folder / sprite)
+            Image.fromarray(np.full((24, 74, 3), 40 * i % 256, dtype=np.uint8)).save(folder / sprite)
         records.append({
             "neuron_id": i, "sae_fingerprint": FINGERPRINT, "dead": i in dead, "threshold": 0.5, "frequency": 0.1,
             "quantile": 0.9,
@@ -185,7 +185,7 @@ def test_atlas_header_shows_the_held_out_figures(tmp_path):
     assert '<a href="#neuron-2">#2</a>' in table and "0.951" in table and "mean · SAE (M=6, K=2)" in table
     assert "&lt;b&gt;arc&lt;/b&gt;" in table and "<b>arc</b>" not in table
     assert "mean · channels" in table and "held-out part AUROC 0.951" in dom
-    assert "best part (training images): <b>spiral</b> · AUROC 0.91" in dom
+    assert "detects <b>spiral</b> (training images: AUROC 0.91, 0.5 = chance)" in dom
     assert "peak inside the part on 3 of the 6 top examples holding it (chance 25.0%)" in dom  # counts, not a rate
 
 
@@ -214,3 +214,77 @@ def test_class_filter_keeps_neurons_that_favour_the_class_and_chips_say_which(tm
     assert sorted(shown) == [0, 2]  # neurons 0 and 2 favour car (PMI 1.2); 1 only met one; 4 is dead
     assert weak == ["car PMI -1.07"]
     assert concept == "zigzag (train AUROC 0.97), lower left offline"  # the backend named once
+
+
+def _page_with_parts(tmp_path, n=40):
+    out = tmp_path / "neuron_report"
+    records = _fake_report(out, n=n, dead=(4,))
+    for r in records:
+        i = r["neuron_id"]
+        r["parts"] = {"best_part": "spiral" if i % 3 == 0 else "cross", "auroc": 0.95 if i % 3 == 0 else 0.52,
+                      "pointing": 0.5, "pointing_chance": 0.25, "split": "train", "n_examples": 0 if i == 6 else 4}
+        r["top_classes"][0]["class"] = "spiral-cross" if i % 2 else "car"  # a class named after parts
+        r["auto_summary"] = f"Neuron {i}."
+    records[5]["image_frequency"], records[5]["threshold"] = 0.00004, 0.0
+    artifacts.write_jsonl(out / "neurons.jsonl", records)
+    measures = {"n_train_images": 10, "n_test_images": 4, "counterfactual": {"test_images": 120, "rerenders": 393},
+                "codes": {"sae": _measures("SAE", 0.9996, 2), "channels": _measures("channels", 0.995, 7)}}
+    for name, row in measures["codes"]["sae"]["per_part"].items():
+        row.update(distractor_positives=13 if name == "spiral" else 33, cf_own_n=36, cf_other_n=85)
+    artifacts.write_json(out / "summary.json", {"sae_fingerprint": FINGERPRINT, "n_images": 10,
+                                                "concept_measures": measures})
+    return report.write_index_html(out)
+
+
+def test_a_linked_card_lands_below_the_sticky_header_and_a_stale_link_keeps_the_filters(tmp_path):
+    """The draw page links #neuron-<id>: the card's top was hidden under the header, or off-screen
+    when the cards above it were drawn at their estimated height."""
+    from selfexplain.browser import Chromium
+
+    page = _page_with_parts(tmp_path)
+    with Chromium(1200, 800) as browser:
+        browser.goto(page.as_uri() + "#neuron-37")
+        browser.wait_for("document.querySelector('.linked') !== null")
+        browser.wait_for("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+        head = browser.evaluate("document.querySelector('header').getBoundingClientRect().bottom")
+        top = browser.evaluate("document.getElementById('neuron-37').getBoundingClientRect().top")
+        browser.evaluate("(() => { const q = document.getElementById('q'); q.value = 'spiral';"
+                         " q.dispatchEvent(new Event('input')); location.hash = '#neuron-9999'; })()")
+        browser.wait_for("document.getElementById('count').textContent.startsWith('no neuron #9999')")
+        kept = browser.evaluate("document.getElementById('q').value")
+    assert head <= top < 800 - 100, (head, top)
+    assert kept == "spiral"
+
+
+def test_parts_are_searched_filtered_and_sorted_only_where_a_neuron_detects_them(tmp_path):
+    """'spiral' matched every neuron whose favoured classes were named after parts, or whose best part
+    was at chance (AUROC 0.52)."""
+    from selfexplain.browser import Chromium
+
+    page = _page_with_parts(tmp_path)
+    with Chromium(1200, 800) as browser:
+        browser.goto(page.as_uri())
+        chance = browser.evaluate("document.querySelector('#neuron-1 .parts').textContent")
+        none = browser.evaluate("document.querySelector('#neuron-6 .parts').textContent")
+        rare = browser.evaluate("document.querySelector('#neuron-5 .stats').textContent")
+        ids = "[...document.querySelectorAll('article')].map(a => Number(a.dataset.id))"
+        browser.evaluate("(() => { const q = document.getElementById('q'); q.value = 'cross';"
+                         " q.dispatchEvent(new Event('input')); })()")
+        by_search = browser.evaluate(ids)
+        browser.evaluate("(() => { const q = document.getElementById('q'); q.value = '';"
+                         " q.dispatchEvent(new Event('input')); const p = document.getElementById('part');"
+                         " p.value = 'spiral'; p.dispatchEvent(new Event('input')); })()")
+        by_part = browser.evaluate(ids)
+        options = browser.evaluate("[...document.querySelectorAll('#part option')].map(o => o.value)")
+        table = browser.evaluate("document.getElementById('heldout-rows').textContent")
+        note = browser.evaluate("document.getElementById('heldout-note').textContent")
+        facts = browser.evaluate("document.getElementById('facts').textContent")
+    spiral = [i for i in range(40) if i % 3 == 0 and i != 4]
+    assert by_search == [i for i in range(40) if i % 2 and i != 4]  # favoured 'spiral-cross'; never a part at chance
+    assert sorted(by_part) == spiral and options == ["", "spiral"]
+    assert "no part it detects (best: cross, AUROC 0.52; 0.5 = chance" in chance
+    assert "none of its top examples holds it" in none and "?" not in none
+    assert "active 0.004%" in rare and "τ 0.00" in rare  # not "0.0%" for a neuron that fires
+    assert "0.9996" in table and "1.000" not in table  # not rounded up to a perfect score
+    assert "120 test images re-drawn" in note and "(36 images per part)" in note and "13-33 such images" in note
+    assert "held-out part AUROC 1.000" not in facts and "against: channels 0.995" in facts
