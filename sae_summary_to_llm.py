@@ -7,7 +7,7 @@ appends to REPORT_DIR/llm_output.jsonl, one line per answer (the latest per neur
 Usage:
     python sae_summary_to_llm.py                                # auto backend, all live neurons
     python sae_summary_to_llm.py --backend=offline              # no network: labels from statistics
-    python sae_summary_to_llm.py --backend=replicate --limit=20 # needs REPLICATE_API_TOKEN (env or ./.env)
+    python sae_summary_to_llm.py --backend=replicate --limit=20 # 20 unanswered neurons; rerun for the next 20
     OPENAI_BASE_URL=http://localhost:11434/v1 python sae_summary_to_llm.py --model=llava --only=[3,17]
 
 Backends: replicate (REPLICATE_API_TOKEN; base URL from REPLICATE_API_BASE_URL), openai
@@ -56,7 +56,7 @@ IMAGES = True  # attach each neuron's top thumbnails where the model takes image
 N_IMAGES = 4  # how many thumbnails to attach
 IMAGE_INPUT = "auto"  # replicate input for thumbnails: auto (known models) | image (one tiled PNG) | images | none
 ONLY = None  # list of neuron ids to ask (dead ones included), None = all live neurons
-LIMIT = None  # ask at most this many of the selected neurons (the first in neurons.jsonl order)
+LIMIT = None  # ask at most this many neurons with no answer yet (the first in neurons.jsonl order): rerun for the next batch
 MAX_WORDS = 12  # longest concept kept, in words
 SEED = 0  # seeds the backoff jitter; sent to OpenAI-compatible servers as `seed`
 PRUNE = False  # first drop the answers made for another SAE from llm_output.jsonl (readers set them aside anyway)
@@ -84,12 +84,12 @@ def main(**overrides) -> int:
     cfg = make_config(module_constants(globals()), overrides)
     check_config(cfg)
     report_dir = Path(cfg.REPORT_DIR)
-    chosen, n_dead = concepts.select_neurons(concepts.load_neurons(report_dir), cfg.ONLY, cfg.LIMIT)
+    chosen, n_dead = concepts.select_neurons(concepts.load_neurons(report_dir), cfg.ONLY, None)
     backend = make_backend(cfg.BACKEND, cfg.MODEL, cfg.BASE_URL, cfg.TIMEOUT, cfg.RETRIES, images=cfg.IMAGES,
                            image_input=cfg.IMAGE_INPUT, backoff=cfg.BACKOFF, seed=cfg.SEED)
     question = concepts.Question(report_dir, concepts.report_fingerprint(report_dir), cfg.MAX_WORDS,
                                  cfg.N_IMAGES if cfg.IMAGES else 0)
-    failures, stopped, todo, answered = {}, None, None, 0
+    failures, stopped, todo, answered, later = {}, None, None, 0, 0
     try:
         with concepts.AnswerLog(report_dir / artifacts.LLM_OUTPUT) as out:
             if cfg.PRUNE:
@@ -99,13 +99,17 @@ def main(**overrides) -> int:
             done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
                                          offline)
             todo = [n for n in chosen if n["neuron_id"] not in done]
+            later = len(todo) - len(todo[:cfg.LIMIT]) if cfg.LIMIT is not None else 0
+            todo = todo[:cfg.LIMIT] if cfg.LIMIT is not None else todo  # a batch of the unanswered: reruns go on
             artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
                                              "ASKED": {"backend": backend.name, "model": backend.model,
                                                        "base_url": backend.base_url}},
                                             report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
             images = "on" if backend.accepts_images and cfg.IMAGES else "off"
-            log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, {len(chosen) - len(todo)} "
-                f"already answered, {n_dead} dead skipped, images {images}")
+            log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, "
+                f"{len(chosen) - len(todo) - later} already answered, "
+                + (f"{later} left for later runs (LIMIT={cfg.LIMIT}), " if later else "")
+                + f"{n_dead} dead skipped, images {images}")
             try:
                 failures = concepts.ask_all(backend, todo, question, out, cfg.WORKERS)
             except BaseException as exc:  # a fatal answer, Ctrl-C or a crash: say so in the summary too
@@ -120,7 +124,7 @@ def main(**overrides) -> int:
         if todo is not None:  # the run got as far as choosing what to ask
             try:
                 write_llm_summary(report_dir, backend, question.sae_fingerprint, len(todo), answered,
-                                  len(chosen) - len(todo), n_dead, failures, stopped)
+                                  len(chosen) - len(todo) - later, n_dead, failures, stopped)
                 refresh_atlas(report_dir)
             except Exception as exc:  # never let the summary hide the error that stopped the run
                 if stopped is None:

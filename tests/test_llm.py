@@ -228,6 +228,10 @@ def test_only_and_limit_select_neurons(report):
     assert sorted(answers(report)) == [DEAD, 4]  # ONLY may name a dead neuron
     assert stage.main(report_dir=str(report), backend="offline", limit=2) == 0
     assert sorted(answers(report)) == [0, 1, DEAD, 4]
+    assert stage.main(report_dir=str(report), backend="offline", limit=2) == 0  # the next batch, not the same two
+    assert sorted(answers(report)) == [0, 1, DEAD, 3, 4, 5]
+    summary = json.loads((report / "llm_summary.json").read_text())
+    assert (summary["asked"], summary["already_answered"]) == (2, 3)
     with pytest.raises(UserError, match="99"):
         stage.main(report_dir=str(report), backend="offline", only=[99])
 
