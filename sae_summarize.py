@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfexplain import artifacts, baselines, report, summarize
+from selfexplain import artifacts, baselines, prompts, report, summarize
 from selfexplain import concept_measures as cm
 from selfexplain.artifacts import save_effective_config
 from selfexplain.config import Config, make_config, module_constants, run_cli
@@ -197,7 +197,7 @@ def _log(summary: dict, out: Path) -> None:
 
 
 def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    return "n/a" if x is None else prompts.fixed(x, 3)  # 0.9996 is not "1.000"
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def main(**overrides) -> int:
     cfg = make_config(module_constants(globals()), overrides)
     check_config(cfg)
     report_dir = Path(cfg.REPORT_DIR)
-    chosen, n_dead = concepts.select_neurons(concepts.load_neurons(report_dir), cfg.ONLY, None)
+    chosen, n_dead = concepts.select_neurons(concepts.load_neurons(report_dir), cfg.ONLY)
     backend = make_backend(cfg.BACKEND, cfg.MODEL, cfg.BASE_URL, cfg.TIMEOUT, cfg.RETRIES, images=cfg.IMAGES,
                            image_input=cfg.IMAGE_INPUT, backoff=cfg.BACKOFF, seed=cfg.SEED)
     question = concepts.Question(report_dir, concepts.report_fingerprint(report_dir), cfg.MAX_WORDS,

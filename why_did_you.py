@@ -132,6 +132,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     Returns ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``.
     """
     if explain_io.test_entry(pil_or_path) is not None:
+        require_report_dir(report_dir)  # the sketch is saved there: a typo would create a folder
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))),
                                    data_root)
         pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image

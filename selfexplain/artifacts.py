@@ -375,6 +375,8 @@ def _require_folder(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT_DIR={out} is a file, not a folder: choose a folder for this stage's outputs")
     existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"OUT_DIR={out} lies under {existing}, which is a file: choose another output folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"OUT_DIR={out} cannot be written ({existing} is read-only to this user): "
                         "choose another output folder")

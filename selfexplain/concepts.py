@@ -175,8 +175,9 @@ def load_neurons(report_dir: Path) -> list[dict]:
     return neurons
 
 
-def select_neurons(neurons: list[dict], only, limit: int | None) -> tuple[list[dict], int]:
-    """The neurons to answer (ONLY, else the live ones; then LIMIT) and how many dead were skipped."""
+def select_neurons(neurons: list[dict], only) -> tuple[list[dict], int]:
+    """The neurons to answer (ONLY, else the live ones) and how many dead were skipped (LIMIT applies
+    later, to those without an answer)."""
     if only is not None:
         wanted = [only] if isinstance(only, int) else list(only)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in wanted):
@@ -189,7 +190,7 @@ def select_neurons(neurons: list[dict], only, limit: int | None) -> tuple[list[d
     else:
         chosen = [n for n in neurons if not n.get("dead")]
         n_dead = len(neurons) - len(chosen)
-    return (chosen if limit is None else chosen[:limit]), n_dead
+    return chosen, n_dead
 
 
 def contained(root: Path, relative) -> Path | None:
@@ -343,8 +344,9 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or ``FAILURES_BEFORE_STOP``
     failures that are not of a busy server (:attr:`LLMError.busy`: timeouts, rate limits,
     overload) with none answered (a server that is down or answers garbage: each neuron costs
-    its retries), stops submitting and raises a :class:`UserError`; a busy server only fails
-    neurons, listed for a rerun. Ctrl-C stops
+    its retries), or ``BUSY_BEFORE_STOP`` busy failures with none answered, stops submitting and
+    raises a :class:`UserError`; a busy server that answers some neurons only fails the others,
+    listed for a rerun. Ctrl-C stops
     submitting, lets the requests in flight finish (their answers are saved) and re-raises.
     """
     system, version = prompts.system_prompt(question.max_words), prompts.prompt_version()

@@ -123,8 +123,10 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
 def _note_older_caches(folder: Path) -> None:
     """Say how much disk the caches of earlier versions of this dataset hold (each change to the
     files, even a copy that resets their times, builds a new one: ~1 GB for TU-Berlin at 224 px)."""
-    older = [p for p in folder.parent.glob(folder.name.rsplit("-", 1)[0] + "-*")
-             if p != folder and p.is_dir() and (p / "meta.json").is_file()]
+    root = read_json(folder / "meta.json").get("data_root")
+    older = [p for p in folder.parent.glob(folder.name.rsplit("-", 1)[0] + "-*")  # same source kind and size ...
+             if p != folder and p.is_dir() and (p / "meta.json").is_file()
+             and root is not None and read_json(p / "meta.json").get("data_root") == root]  # ... and folder
     if older:
         size = sum(f.stat().st_size for p in older for f in p.rglob("*") if f.is_file())
         log(f"{len(older)} older cache(s) of this dataset in {folder.parent} hold {size / 2 ** 30:.2f} GB "
@@ -257,7 +259,8 @@ def _cache_source(spec: dict, source: dict, tmp: Path, progress: bool) -> dict:
         raise UserError(f"no readable images in {source['data_root']} ({len(skipped)} skipped)")
     labels, class_names = drop_empty_classes(np.asarray(labels, dtype=np.int64), source["class_names"])
     np.save(tmp / "labels.npy", labels)
-    return {"class_names": class_names, "names": names, "skipped": skipped}
+    return {"class_names": class_names, "names": names, "skipped": skipped,
+            "data_root": source["data_root"]}  # which folder this cache decoded (older versions are found by it)
 
 
 def drop_empty_classes(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, list[str]]:

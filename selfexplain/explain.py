@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -212,9 +213,9 @@ def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
         if isinstance(item, np.ndarray):
             arrays.append(array_to_sketch(item, image_size))
             names.append("<array>")
-        elif isinstance(item, (str, Path, Image.Image)):
+        elif isinstance(item, (str, os.PathLike, Image.Image)):
             arrays.append(load_user_image(item, image_size))
-            names.append(str(item) if isinstance(item, (str, Path)) else "<PIL image>")
+            names.append("<PIL image>" if isinstance(item, Image.Image) else os.fspath(item))
         else:
             raise UserError(f"an image is a file path, 'test:K', a PIL image, a numpy array or a tensor; got "
                             f"{type(item).__name__}")
@@ -376,7 +377,7 @@ def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNe
     for n, (name, is_offline) in zip(cited, named):
         shares.setdefault(name + (mark if is_offline else ""), []).append(n.share)
     ranked = sorted(shares.items(), key=lambda item: -sum(item[1]))  # stable: ties keep the contribution order
-    parts = [f"{concept} ({sum(s):.0%}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in ranked]
+    parts = [f"{concept} ({percent(sum(s))}{f', {len(s)} neurons' if len(s) > 1 else ''})" for concept, s in ranked]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     note = (" (* offline label, from statistics)" if mark else
             " (offline labels, from statistics)" if offline == {True} else "")
@@ -589,7 +590,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     for k, n in enumerate(neurons):
         y = size + head + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
-        share = f" ({n.share:.0%}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
+        share = f" ({percent(n.share)}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
         label = fit_text(draw, n.name or n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)
     if check:

@@ -116,10 +116,11 @@ def load_inputs(entries: Sequence[str], models: Models, cache_dir: str | Path,
 
 def as_image_list(images) -> list:
     """The notebook's images as a list: one path, PIL image, (H, W[, C]) array or (H, W) /
-    (C, H, W) tensor alone is one image; a (B, H, W) array and a (B, C, H, W) or (B, H, W) tensor
-    are B images. A (3, H, W) array is three grey images, not one colour image (numpy's colour
+    (C, H, W) tensor (C 1, 3 or 4) alone is one image; a (B, H, W) array and a (B, C, H, W)
+    tensor are B images (so is a (B, H, W) tensor unless B is 1, 3 or 4: pass grey stacks as
+    (B, 1, H, W)). A (3, H, W) array is three grey images, not one colour image (numpy's colour
     axis is last): a warning says so."""
-    if isinstance(images, torch.Tensor):
+    if isinstance(images, torch.Tensor):  # channels first: (3, H, W) is one colour image; grey stacks are (B, 1, H, W)
         one = images.ndim == 2 or (images.ndim == 3 and images.shape[0] in (1, 3, 4))
         return [images] if one else list(images)
     if isinstance(images, dict):
@@ -128,7 +129,7 @@ def as_image_list(images) -> list:
     if isinstance(images, np.ndarray) and images.ndim == 3 and not picture and images.shape[0] in (3, 4):
         log(f"warning: a {images.shape} array is read as {images.shape[0]} grey images; for one colour image "
             "pass it as (H, W, C): np.moveaxis(array, 0, -1)")
-    one = isinstance(images, (str, Path, Image.Image)) or picture  # a (B, S, S) stack is B images
+    one = isinstance(images, (str, os.PathLike, Image.Image)) or picture  # a (B, S, S) stack is B images
     return [images] if one else list(images)
 
 
@@ -221,14 +222,17 @@ def format_text(exp: Explanation) -> str:
     note = unfamiliar_note(exp)
     if note:
         lines.append(f"WARNING: {note}")
-    offline = " (names: offline labels, from statistics)" if any(n.offline for n in exp.neurons) else ""
+    kinds = {n.offline for n in exp.neurons}
+    mixed = kinds == {True, False}  # then each offline name is starred, as in the sentence
+    offline = (" (* offline label, from statistics)" if mixed else
+               " (names: offline labels, from statistics)" if kinds == {True} else "")
     lines.append("because of: nothing (a blank page has no ink; the neurons below only sum the logit)"
                  if exp.extra.get("blank") else
                  f"because of (share of the positive evidence, contribution to the logit){offline}:")
     for n in exp.neurons:
         where = describe_map(n.heatmap) if n.heatmap is not None else "?"  # in this sketch, not on average
         # an offline label's own place words are where the neuron fires on average: "here" says this sketch
-        name = concept_name(n.concept, keep_auroc=True)
+        name = concept_name(n.concept, keep_auroc=True) + ("*" if mixed and n.offline else "")
         lines.append(f"  {percent(n.share, 1):>6}  {name}  [#{n.neuron_id}, {n.contribution:+.3f}, here: {where}]")
     cited = sum(n.contribution for n in exp.neurons)
     lines.append(f"logit {exp.logit:.3f} = cited {cited:.3f} + others {exp.others:.3f} + bias {exp.bias:.3f} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import urllib.parse
 import urllib.request
@@ -90,7 +91,7 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         payload, name = path_or_pil, name or "<PIL image>"
     else:
         payload = user_path(path_or_pil)
-        name = name or str(path_or_pil)
+        name = name or os.fspath(path_or_pil)
         if payload.is_dir():
             raise UserError(f"{payload} is a folder: pass its image files, e.g. sorted(Path(folder).glob('*.png')) "
                             f"(why_did_you.py --image=FOLDER reads a folder)")
@@ -102,10 +103,10 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         raise UserError(f"cannot read image {name}: {exc}") from None
 
 
-def user_path(text: str | Path) -> Path:
+def user_path(text: str | os.PathLike) -> Path:
     """A typed path as a file path: ``~`` expanded, a ``file://`` URI unquoted; a web URL is a
     UserError (nothing is downloaded; it read as "image not found: https:/example.com/x.png")."""
-    text = str(text)
+    text = os.fspath(text)
     scheme = urllib.parse.urlparse(text).scheme.lower()
     if scheme == "file":
         return Path(urllib.request.url2pathname(urllib.parse.urlparse(text).path))

@@ -41,7 +41,7 @@ from PIL import Image
 
 from .errors import UserError
 from .logs import log
-from .prompts import OFFLINE_PREFIX, MalformedAnswer, clean_text
+from .prompts import OFFLINE_PREFIX, MalformedAnswer, clean_text, ends_inside_think
 
 BACKENDS = ("auto", "replicate", "openai", "offline")
 POLL_INTERVAL = 0.5  # seconds between replicate polls (at most a tenth of the timeout)
@@ -108,12 +108,6 @@ def _status_error(status: int, detail: str) -> LLMError:
 
 def _error_text(error) -> str:
     return str(error.get("message") or error) if isinstance(error, dict) else str(error)
-
-
-def _inside_think(text: str | None) -> bool:
-    """The text opens a reasoning block it never closes (cut off mid-thought)."""
-    low = (text or "").lower()
-    return "<think>" in low and "</think>" not in low.rsplit("<think>", 1)[1]
 
 
 def public_url(url: str) -> str:
@@ -382,10 +376,13 @@ class OpenAIBackend(Backend):
                                   else "no answer in the response")
         message, finish = choices[0].message, getattr(choices[0], "finish_reason", None)
         content = getattr(message, "content", None)
-        if finish == "length" and _inside_think(content):
+        # cut off while thinking: in the text (<think> never closed) or in a separate field (vLLM, DeepSeek,
+        # Ollama put it in reasoning_content / reasoning and send no content)
+        if finish == "length" and (not content or ends_inside_think(content)) and \
+                sent.get("max_tokens") == OPENAI_MAX_TOKENS:  # sent with the short budget: lengthen, ask again
             self._long_answers()
-            raise MalformedAnswer(f"the answer was cut off inside <think> (a reasoning model out of tokens); asking "
-                                  f"again with {REASONING_MAX_TOKENS} tokens")
+            raise MalformedAnswer(f"the answer was cut off before it began (a reasoning model out of tokens?); "
+                                  f"asking again with {REASONING_MAX_TOKENS} tokens")
         if not content:
             refusal = getattr(message, "refusal", None)
             raise MalformedAnswer(f"the model refused: {refusal}" if refusal else

@@ -85,7 +85,7 @@ def percent(p: float, digits: int = 0) -> str:
 
 def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]]) -> str:
     """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``."""
-    evidence = "; ".join(f"{strip_controls(concept)} ({share:.0%} of the evidence)" for concept, share in cited)
+    evidence = "; ".join(f"{strip_controls(concept)} ({percent(share)} of the evidence)" for concept, share in cited)
     return load_prompt("why_user").format(predicted_class=strip_controls(predicted_class),
                                           probability=percent(probability),
                                           evidence=evidence or "no single concept").strip()
@@ -118,6 +118,12 @@ _REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i'?m un
                       r"as a (large )?language model|unfortunately)", re.I)
 
 
+def ends_inside_think(text: str | None) -> bool:
+    """The text opens a reasoning block it never closes (a reasoning model cut off mid-thought)."""
+    low = (text or "").lower()
+    return "<think>" in low and "</think>" not in low.rsplit("<think>", 1)[1]
+
+
 def clean_text(raw: str) -> str:
     """Strip control characters, reasoning blocks, code fences and whitespace.
 
@@ -132,7 +138,7 @@ def clean_text(raw: str) -> str:
     text = strip_controls(raw or "", keep_newlines=True)
     if _CLOSE_THINK.search(text) and "<think>" not in text.lower():
         text = _CLOSE_THINK.split(text)[-1]
-    cut_off = "<think>" in text.lower() and "</think>" not in text.lower().rsplit("<think>", 1)[1]
+    cut_off = ends_inside_think(text)
     text = _FENCE.sub("", _THINK.sub("", text)).replace("```", "").strip()
     if not text:
         raise MalformedAnswer("the answer ended inside <think> (out of tokens?)" if cut_off else "empty answer")

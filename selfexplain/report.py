@@ -375,7 +375,7 @@ def _headline(summary: dict) -> list[str]:
                                                                         else ""))
     agreement = _number(summary.get("sae_top1_agreement"))
     if agreement is not None:
-        out.append(f"SAE keeps {100 * agreement:.1f}% of predictions (training images)")
+        out.append(f"SAE keeps {prompts.percent(agreement, 1)} of predictions (training images)")
     return out
 
 
@@ -427,7 +427,7 @@ def held_out_table(measures: dict) -> dict | None:
             f"(a class detector scores 0.5 there; {_span(sae, 'distractor_positives')} such images per part)."
             + _counterfactual_note(measures, sae))
     if class_set is not None:
-        note += f" A perfect detector of the part's classes reaches AUROC {class_set:.3f} overall."
+        note += f" A perfect detector of the part's classes reaches AUROC {prompts.fixed(class_set, 3)} overall."
     for key, name in (("pointing_rule", "Pointing"), ("pointing_cell_rule", "Cell-centre rule")):
         if _text(measures.get(key)):
             note += f" {name}: {_text(measures.get(key))}."

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .imaging import IMAGE_EXTENSIONS, BadImage, is_image_file
 from .logs import log
 
@@ -85,10 +85,10 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
             raise UserError(f"DATA_ROOT={root} lacks shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
                             " named by their siblings' '-of-N': add them, or rename the files to train on what is there")
         _refuse_duplicate_shards(root)
-        _check_schema(files, root)
+        _check_schema(files, root, dataset)
         readme = root / "README.md"
         class_names = parquet_class_names(files, readme if readme.is_file() else None)
-        num_items = _count_rows(files, root, len(class_names))
+        num_items = _count_rows(files, root, len(class_names), dataset)
     rel = [p.relative_to(root).as_posix() for p in files]
     return {"dataset": dataset, "data_root": str(root), "files": rel,
             "fingerprint": _fingerprint(root, rel), "num_items": num_items, "class_names": class_names}
@@ -123,16 +123,24 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, class_names
 
 
-def _check_schema(files: list[Path], root: Path) -> None:
+def _damaged(rel: str, exc: BaseException, dataset: str, where: str = "") -> UserError:
+    """A parquet file that does not read: what to do depends on whether a download can replace it."""
+    cure = ("delete it and rerun: the download fetches it again" if dataset == "tu-berlin" else
+            "replace it with a whole copy")
+    return UserError(f"{rel} is damaged{where} ({one_line(exc, 200)}): {cure}")
+
+
+def _check_schema(files: list[Path], root: Path, dataset: str = "parquet") -> None:
     """Every file must be readable parquet with ``image`` and integer ``label`` columns."""
     pa, pq = _arrow()
     for path in files:
         rel = path.relative_to(root).as_posix()
         try:
             schema = pq.read_schema(path)
+        except PermissionError:
+            raise  # not damage: run_cli names the file in one line
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
-            raise UserError(f"{rel} is not a readable parquet file ({one_line(exc, 200)}); a damaged download: "
-                            "delete it and rerun to fetch it again") from None
+            raise _damaged(rel, exc, dataset, ": not a readable parquet file") from None
         if "image" not in schema.names or "label" not in schema.names:
             raise UserError(f"{rel}: expected columns 'image' and 'label' (Hugging Face image schema), "
                             f"found {', '.join(schema.names)}")
@@ -142,7 +150,7 @@ def _check_schema(files: list[Path], root: Path) -> None:
                             "names go in the schema metadata or the README, as the Hugging Face hub writes them)")
 
 
-def _count_rows(files: list[Path], root: Path, num_classes: int) -> int:
+def _count_rows(files: list[Path], root: Path, num_classes: int, dataset: str = "parquet") -> int:
     """Row count, checking that every label names a class (label column only: cheap)."""
     pa, pq = _arrow()
     total = 0
@@ -150,9 +158,10 @@ def _count_rows(files: list[Path], root: Path, num_classes: int) -> int:
         rel = path.relative_to(root).as_posix()
         try:
             labels = pq.ParquetFile(path).read(columns=["label"]).column("label")
+        except PermissionError:
+            raise
         except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
-            raise UserError(f"{rel} is damaged ({one_line(exc, 200)}): delete it (a download fetches it again) "
-                            "or replace it") from None
+            raise _damaged(rel, exc, dataset) from None
         if labels.null_count:
             raise UserError(f"{rel}: {labels.null_count} rows have no label")
         if len(labels):
@@ -262,9 +271,10 @@ def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path | BadImage, in
                 for payload, label in zip(_image_payloads(images, (root / rel).parent, root), labels):
                     yield f"{rel}#{row}", payload, int(label)
                     row += 1
+        except PermissionError:
+            raise
         except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
-            raise UserError(f"{rel} is damaged after row {row} ({one_line(exc, 200)}): delete it (a download "
-                            "fetches it again) or replace it") from None
+            raise _damaged(rel, exc, source["dataset"], f" after row {row}") from None
 
 
 def _image_payloads(images, folder: Path, root: Path) -> list[bytes | Path | BadImage]:
@@ -309,8 +319,13 @@ def ensure_tu_berlin(data_root: str) -> Path:
     if root.is_file():
         raise UserError(f"DATA_ROOT={root} is a file; DATASET=tu-berlin reads a folder: give {root.parent}")
     found = _find_parquet(root)
+    unnamed = [p.relative_to(root).as_posix() for p in found if not _SHARD.match(p.relative_to(root).as_posix())]
+    if unnamed:  # beside a complete copy too: they would be read with it (4 images became 8)
+        raise UserError(f"DATA_ROOT={root} holds parquet files that are not <split>-NNNNN-of-NNNNN shards "
+                        f"({', '.join(unnamed[:2])}{', ...' if len(unnamed) > 2 else ''}), which would be read with "
+                        "the dataset: move them out, or read the folder as it is with --dataset=parquet")
     if found and not _missing_shards(root, TU_BERLIN_SPLITS):
-        return _refuse_duplicate_shards(root)
+        return _refuse_duplicate_shards(root, across_folders=True)
     foreign = [p.relative_to(root).as_posix() for p in found if not _is_hub_shard(p, root)]
     if foreign:
         raise UserError(f"DATA_ROOT={root} holds parquet files that are not the hub's data/<split>-NNNNN-of-NNNNN "
@@ -336,7 +351,7 @@ def ensure_tu_berlin(data_root: str) -> Path:
     if not _find_parquet(root) or missing:
         reason = f"missing {', '.join(missing)}" if missing else "no parquet files arrived"
         raise UserError(_download_failed(root, reason))
-    return _refuse_duplicate_shards(root)
+    return _refuse_duplicate_shards(root, across_folders=True)
 
 
 def _is_hub_shard(path: Path, root: Path) -> bool:
@@ -345,15 +360,18 @@ def _is_hub_shard(path: Path, root: Path) -> bool:
     return rel.startswith("data/") and _SHARD.match(rel) is not None
 
 
-def _refuse_duplicate_shards(root: Path) -> Path:
-    """``root``, unless two files are the same shard (a hand copy without the hub's hash suffix
-    beside the downloaded one): every image would be read twice."""
+def _refuse_duplicate_shards(root: Path, across_folders: bool = False) -> Path:
+    """``root``, unless two files are the same shard: a hand copy without the hub's hash suffix
+    beside the downloaded one (same folder), or, with ``across_folders`` (a dataset of one
+    configuration: TU-Berlin), a flat copy beside ``data/``; every image would be read twice.
+    Without it, ``a/train-00000-of-00001`` and ``b/...`` are two configurations, not a copy."""
     shards: dict[tuple[str, int, int], list[str]] = {}
     for path in _find_parquet(root):
         rel = path.relative_to(root).as_posix()
         m = _SHARD.match(rel)
         if m:
-            shards.setdefault((Path(m["split"]).name, int(m["index"]), int(m["total"])), []).append(rel)
+            split = Path(m["split"]).name if across_folders else m["split"]
+            shards.setdefault((split, int(m["index"]), int(m["total"])), []).append(rel)
     twice = next((names for names in shards.values() if len(names) > 1), None)
     if twice:
         raise UserError(f"DATA_ROOT={root} holds one shard twice ({' and '.join(twice)}): every image would be read "
@@ -372,7 +390,7 @@ def _cached_snapshot() -> Path | None:
     except (*_hub_errors(), ValueError, ImportError):  # not cached (LocalEntryNotFoundError), or no hub library
         return None
     complete = _find_parquet(folder) and not _missing_shards(folder, TU_BERLIN_SPLITS)
-    return _refuse_duplicate_shards(folder) if complete else None
+    return _refuse_duplicate_shards(folder, across_folders=True) if complete else None
 
 
 def _missing_shards(root: Path, splits: tuple[str, ...] = ()) -> list[str]:
@@ -423,8 +441,3 @@ def _download_failed(root: Path, exc: BaseException | str) -> str:
             f"(data/*.parquet) in DATA_ROOT={root}, or train offline on the built-in sketches "
             "(train_standard_cnn.py --dataset=synthetic)")
 
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line, cut at a word (not mid-word, as '...please unse)') when over ``limit``."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

@@ -169,6 +169,10 @@ def test_notebook_inputs_beyond_paths_and_arrays(ckpts, test_images, tmp_path, c
         same(explain.top_neuron_ids_for_image(path.as_uri(), device="cpu", **ckpts), want)
     finally:
         path.unlink(missing_ok=True)
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "x.png")  # an os.PathLike that is not a Path
+    same(explain.top_neuron_ids_for_image(entry, device="cpu", **ckpts), want)
+    with pytest.raises(UserError, match="REPORT_DIR"):  # test:K saves the sketch there: a typo is refused
+        why_did_you.top_neuron_ids_for_image("test:0", device="cpu", report_dir=str(tmp_path / "typo"), **ckpts)
     for bad, words in [("https://example.com/x.png", "is a URL"), (b"\x89PNG", "got bytes"),
                        (None, "got NoneType"), (torch.zeros(2, 5, 8, 8), "tensor image must be")]:
         with pytest.raises(UserError, match=words):
@@ -554,9 +558,15 @@ def test_cli_lines_name_offline_concepts_without_their_average_place():
     assert "anywhere" not in text and "offline: " not in text
     assert "(names: offline labels, from statistics):" in text
     assert "predicted: wheel (>99.9%)" in text and "wheel >99.9%" in text  # never 100.0% when it is not
-    exp.neurons = [explain.replace(neuron, concept="wheel hub", name="wheel hub", offline=False)]
+    model = explain.replace(neuron, concept="wheel hub", name="wheel hub", offline=False)
+    exp.neurons = [model]
     text = explain_io.format_text(exp)
     assert "   20.4%  wheel hub  [#95" in text and "offline" not in text  # a model's label as given
+    exp.neurons = [model, neuron]  # mixed (an offline run, then --limit with an LLM): the offline one is starred
+    lines = explain_io.format_text(exp).splitlines()
+    assert any(line.startswith("   20.4%  wheel hub  [") for line in lines)
+    assert any(line.startswith("   20.4%  circle (train AUROC 1.00)*  [") for line in lines)
+    assert any(line.endswith("(* offline label, from statistics):") for line in lines)
 
 
 def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):

@@ -784,9 +784,10 @@ def test_workers_in_flight_when_a_parameter_is_refused_ask_again_without_it(repo
     assert sum(e["status"] == 400 for e in chats) >= 5  # the race happened: every worker saw a refusal
 
 
-def test_a_reasoning_model_cut_off_while_thinking_is_asked_with_room_to_answer(report, monkeypatch, capsys):
+@pytest.mark.parametrize("cut", ["<think>circles, maybe wheels", ""])  # thinking in the text, or in its own field
+def test_a_reasoning_model_cut_off_while_thinking_is_asked_with_room_to_answer(report, monkeypatch, capsys, cut):
     def script(api, nid, attempt):
-        return Reply(text="<think>circles, maybe wheels", finish="length") if attempt == 1 else Reply(text="wheel")
+        return Reply(text=cut, finish="length") if attempt == 1 else Reply(text="wheel")
 
     with FakeLLMServer(script=script) as srv:
         assert run_openai(report, srv, monkeypatch, model="deepseek-r1:14b", workers=1, only=[0, 1]) == 0
@@ -799,7 +800,7 @@ def test_a_reasoning_model_cut_off_while_thinking_is_asked_with_room_to_answer(r
 
 @pytest.mark.parametrize("reply, words", [
     (Reply(kind="json", body={"error": {"message": "upstream provider down", "code": 502}}), "upstream provider down"),
-    (Reply(text="", finish="length"), "cut at the token limit"),
+    (Reply(text="", finish="length"), "cut off before it began"),
 ])
 def test_a_reply_without_text_says_why(report, monkeypatch, reply, words):
     with FakeLLMServer(script=lambda api, nid, attempt: reply) as srv:

@@ -336,9 +336,23 @@ def test_tu_berlin_copy_in_another_layout_is_refused_not_downloaded_beside(tmp_p
     _no_download(monkeypatch)
     make_hf_parquet(tmp_path / "other", 1, CLASSES, split_files=("default/train/0000.parquet",
                                                                  "default/test/0000.parquet"))
-    with pytest.raises(UserError, match=r"not the hub's data/.*default/test/0000.parquet.*--dataset=parquet"):
+    with pytest.raises(UserError, match=r"not <split>-NNNNN-of-NNNNN shards \(default/test/0000.parquet.*"
+                                        r"--dataset=parquet"):
         describe_source("tu-berlin", str(tmp_path / "other"))
     assert describe_source("parquet", str(tmp_path / "other"))["num_items"] == 4  # the way out works
+    extra = tmp_path / "extra"  # a complete copy, and an export beside it: both were read (4 images became 8)
+    make_hf_parquet(extra, 1, CLASSES)
+    make_hf_parquet(extra / "export", 1, CLASSES, split_files=("train.parquet",))
+    with pytest.raises(UserError, match="export/train.parquet"):
+        describe_source("tu-berlin", str(extra))
+    flat = tmp_path / "flat"  # a partial copy of the shards outside data/: a download would add data/ beside it
+    make_hf_parquet(flat, 1, CLASSES, split_files=("train-00000-of-00002.parquet",))
+    with pytest.raises(UserError, match=r"not the hub's data/.*train-00000-of-00002.parquet"):
+        describe_source("tu-berlin", str(flat))
+    configs = tmp_path / "configs"  # two configurations of one hub dataset: different data, both read
+    make_hf_parquet(configs, 1, CLASSES, split_files=("a/train-00000-of-00001.parquet",
+                                                      "b/train-00000-of-00001.parquet"))
+    assert describe_source("parquet", str(configs))["num_items"] == 4
     hand = tmp_path / "hand"  # a complete download plus a hand copy of one shard without its hash suffix
     make_hf_parquet(hand, 1, CLASSES)
     (hand / "data/train-00000-of-00002.parquet").write_bytes((hand / TU_BERLIN_FILES[0]).read_bytes())
@@ -354,16 +368,24 @@ def test_parquet_shards_missing_a_sibling_are_refused(tmp_path):
         describe_source("parquet", str(tmp_path))
 
 
-def test_a_damaged_parquet_page_is_one_line_naming_the_file(tmp_path):
-    make_hf_parquet(tmp_path, 8, CLASSES, split_files=("x.parquet",))
+@pytest.mark.parametrize("column", ["label", "image"])
+def test_a_damaged_parquet_page_is_one_line_naming_the_file(tmp_path, column):
+    """Zeroed pages of one column (the footer intact): the label column fails when the source is
+    described, the image column only when its rows are read."""
+    make_hf_parquet(tmp_path, 8, CLASSES, split_files=("x.parquet",), row_group_size=32)
     path = tmp_path / "x.parquet"
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema.startswith(column))
     raw = bytearray(path.read_bytes())
-    raw[200:2000] = bytes(1800)  # data pages zeroed; the footer (at the end) still reads
+    start = chunk.data_page_offset
+    raw[start:start + 64] = bytes(64)
     path.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match=r"x\.parquet .*(damaged|not a readable)") as info:
+    with pytest.raises(UserError, match=r"x\.parquet is damaged.*replace it with a whole copy") as info:
         source = describe_source("parquet", str(tmp_path))
+        assert column == "image"  # the labels read: the damage shows while the rows stream
         list(iter_source(source))
     assert "\n" not in str(info.value)
+    assert ("after row" in str(info.value)) == (column == "image")
 
 
 def test_tu_berlin_reads_a_complete_copy_in_the_hugging_face_cache_offline(tmp_path):
@@ -392,6 +414,9 @@ def test_class_names_from_an_edited_readme_reach_the_cache(tmp_path, capsys):
     readme.write_text(readme.read_text().replace("airplane", "plane").replace("alarm clock", "clock"))
     assert data.load_dataset(spec, tmp_path / "cache", progress=False).class_names == renamed
     assert "1 older cache(s) of this dataset" in capsys.readouterr().err  # the disk the first one still holds
+    make_hf_parquet(tmp_path / "other", 2, CLASSES)  # another folder's cache is not an older version of this one
+    data.load_dataset(data.dataset_spec("parquet", str(tmp_path / "other"), 32), tmp_path / "cache", progress=False)
+    assert "older cache" not in capsys.readouterr().err
 
 
 def test_stage_1_records_the_data_folder_as_an_absolute_path(tmp_path, monkeypatch):
