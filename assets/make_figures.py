@@ -23,7 +23,7 @@ from selfexplain.logs import log  # noqa: E402
 STAGES = [
     ("train_standard_cnn.py", "ResNet-18, 1-channel sketches",
      f"{CLASSIFIER_DIR}/\n{BEST_CLASSIFIER}  {LABEL_DECODER}\n{METRICS}"),
-    ("train_sae.py", "Top-K SAE on layer4 tokens", f"{SAE_DIR}/\n{BEST_SAE}  (μ, σ, M, K)\n{METRICS}"),
+    ("train_sae.py", "BatchTopK SAE on layer4 tokens", f"{SAE_DIR}/\n{BEST_SAE}  (μ, σ, M, K, θ)\n{METRICS}"),
     ("sae_summarize.py", "PMI, logit lens, knockout",
      f"{REPORT_DIR}/\n{NEURONS}  {SPRITES_DIR}/\n{INDEX_HTML}  {SUMMARY}"),
     ("sae_summary_to_llm.py", "statistics + images → concept", f"{REPORT_DIR}/\n{LLM_OUTPUT}"),
