@@ -1,5 +1,5 @@
 # make demo  : the five stages on the built-in synthetic sketches (CPU, a few minutes)
-# make test  : the whole test suite
+# make test  : the whole test suite (installs Debian's chromium for the browser tests where it can)
 # make bench : the benchmarks; rewrites bench/RESULTS.md
 # make install / figures / clean : the venv alone; the README's figures; delete runs, neuron_report and cache
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench figures install clean
+.PHONY: demo test bench figures install clean chromium
 
 install: $(STAMP)
 
@@ -25,8 +25,15 @@ demo: $(STAMP)
 	$(PY) why_did_you.py --image=test:0 --overlay=neuron_report/why_test0.png
 	@echo "neuron atlas: file://$(CURDIR)/neuron_report/index.html"
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# the browser tests (the atlas, the draw page) need Chromium: installed with apt where it is missing and
+# allowed (Debian/Ubuntu as root); elsewhere install it yourself, or those tests fail and say so
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; the browser tests will fail (install it: apt-get install chromium)" )
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r bench/requirements-bench.txt
