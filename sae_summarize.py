@@ -33,7 +33,7 @@ import torch
 from selfexplain import artifacts, baselines, prompts, report, summarize
 from selfexplain import concept_measures as cm
 from selfexplain.artifacts import save_effective_config
-from selfexplain.config import Config, make_config, module_constants, run_cli
+from selfexplain.config import Config, make_config, module_constants, require_ranges, run_cli
 from selfexplain.distributed import exit_on_sigterm, keep_freed_memory, resolve_device, set_threads
 from selfexplain.errors import UserError
 from selfexplain.logs import log
@@ -79,6 +79,8 @@ def check_config(cfg) -> None:
         raise UserError("need PMI_LAMBDA >= 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1, THUMB_SIZE >= 8 and MIN_ON_IMAGES >= 0")
     if cfg.CF_IMAGES < 0 or cfg.NMF_TOKENS < 1 or cfg.NMF_ITERS < 1 or cfg.NMF_CODE_ITERS < 1:
         raise UserError("need CF_IMAGES >= 0, NMF_TOKENS >= 1, NMF_ITERS >= 1 and NMF_CODE_ITERS >= 1")
+    require_ranges(cfg, {"SEED": (0, None), "TOP_CLASSES": (1, None), "ANTI_CLASSES": (0, None), "HEAT_ALPHA": (0, 1),
+                         "NUM_THREADS": (0, None)})
     if not isinstance(cfg.BASELINES, (list, tuple)) or set(cfg.BASELINES) - set(baselines.BASELINES):
         raise UserError(f"BASELINES must be a list of {', '.join(baselines.BASELINES)}, got {cfg.BASELINES}")
 

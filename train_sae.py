@@ -42,7 +42,7 @@ import torch
 from selfexplain import artifacts, data
 from selfexplain import sae_train as st
 from selfexplain.artifacts import TrainState, save_effective_config
-from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.config import make_config, module_constants, require_ranges, run_cli
 from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, maybe_launch_torchrun,
                                      set_threads, setup_runtime)
 from selfexplain.errors import UserError
@@ -84,6 +84,9 @@ def main(**overrides) -> dict:
     cfg = make_config(module_constants(globals()), overrides)
     settings = st.SAETrainSettings.from_config(cfg)
     settings.check()
+    require_ranges(cfg, {"SEED": (0, None), "THRESHOLD_RATE": (0, 1), "WARMUP_FRACTION": (0, 1), "AUXK_COEF": (0, None),
+                         "DEAD_USAGE": (0, None), "RESAMPLE_STOP": (0, 1), "USAGE_EMA_EPOCHS": (0, None),
+                         "NUM_THREADS": (0, None)})
     if cfg.FEATURE_BATCH < 1 or cfg.MAX_IMAGES < 0:
         raise UserError(f"need FEATURE_BATCH >= 1 and MAX_IMAGES >= 0, got {cfg.FEATURE_BATCH}, {cfg.MAX_IMAGES}")
     runtime = setup_runtime(cfg.DEVICE)
@@ -98,10 +101,14 @@ def main(**overrides) -> dict:
     model.requires_grad_(False)
     tokens = st.cache_split_tokens(model, clf_ckpt, cfg.CACHE_DIR, runtime, max_images=cfg.MAX_IMAGES, seed=cfg.SEED,
                                    ram_gb=cfg.TOKEN_RAM_GB, feature_batch=cfg.FEATURE_BATCH)
+    if tokens.val.n_tokens == 0:  # val FVU 0.0000 on no tokens picked the "best" checkpoint
+        raise UserError(f"{cfg.CLASSIFIER_CKPT} has an empty validation split: nothing to choose the best SAE on; "
+                        "retrain stage 1 with more images per class")
     if cfg.EPOCHS == 0:  # a cache-only run: nothing goes into OUT_DIR
         runtime.log(st.cache_only_note(tokens, cfg.CACHE_DIR))
         cleanup(runtime)
         return {"train_tokens": tokens.train.n_tokens, "val_tokens": tokens.val.n_tokens}
+    steps = st.steps_per_epoch(tokens.train, settings.batch_size, runtime)  # too few tokens: refused before
     # --overwrite removes the earlier run only now, once the data has loaded: a typo loses nothing
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=runtime.is_main)
     barrier(runtime)
@@ -112,7 +119,7 @@ def main(**overrides) -> dict:
         last = Path(cfg.OUT_DIR) / artifacts.LAST_SAE
         state, usage_ema = st.restore(last, sae, optimizer, settings, clf_ckpt["fingerprint"], runtime)
         runtime.log(f"resumed from {last} after epoch {state.epoch}")
-    settings = st.lengthened(settings, st.steps_per_epoch(tokens.train, settings.batch_size, runtime), runtime)
+    settings = st.lengthened(settings, steps, runtime)
     if runtime.is_main:  # effective: the EPOCHS that MIN_STEPS made (the log says so), replayable with --config
         save_effective_config({**cfg, "EPOCHS": settings.epochs}, cfg.OUT_DIR)
     result = st.fit(sae, optimizer, usage_ema, model.head, tokens, state, settings, runtime)

@@ -26,7 +26,7 @@ import torch
 from selfexplain import artifacts, data
 from selfexplain import classifier_train as ct
 from selfexplain.artifacts import TrainState, save_effective_config
-from selfexplain.config import make_config, module_constants, run_cli
+from selfexplain.config import make_config, module_constants, require_ranges, run_cli
 from selfexplain.distributed import (barrier, cleanup, exit_on_sigterm, keep_freed_memory, main_rank_first,
                                      maybe_launch_torchrun, set_threads, setup_runtime)
 from selfexplain.errors import UserError
@@ -80,8 +80,11 @@ def build_spec(cfg) -> dict:
 
 def main(**overrides) -> dict:
     cfg = make_config(module_constants(globals()), overrides)
-    if cfg.ACCUM_STEPS < 1 or cfg.BATCH_SIZE < 1 or cfg.EPOCHS < 0:
-        raise UserError("BATCH_SIZE and ACCUM_STEPS must be >= 1 and EPOCHS >= 0")
+    if cfg.ACCUM_STEPS < 1 or cfg.BATCH_SIZE < 1 or cfg.EPOCHS < 0 or cfg.LR <= 0:
+        raise UserError("BATCH_SIZE and ACCUM_STEPS must be >= 1, EPOCHS >= 0 and LR > 0")
+    require_ranges(cfg, {"SEED": (0, None), "WEIGHT_DECAY": (0, None), "WARMUP_FRACTION": (0, 1),
+                         "LABEL_SMOOTHING": (0, 0.99), "GRAD_CLIP": (0, None), "MAX_BATCHES": (0, None),
+                         "NUM_THREADS": (0, None)})
     if not (0 < cfg.VAL_FRACTION and 0 < cfg.TEST_FRACTION and cfg.VAL_FRACTION + cfg.TEST_FRACTION < 1):
         raise UserError(f"need VAL_FRACTION > 0, TEST_FRACTION > 0 and their sum < 1, got {cfg.VAL_FRACTION}, "
                         f"{cfg.TEST_FRACTION} (validation picks best.pt; later stages score on the test split)")
@@ -94,7 +97,8 @@ def main(**overrides) -> dict:
     if cfg.EPOCHS > 0:  # a cache-only run writes nothing into OUT_DIR; refuse now, clear once the settings hold
         artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=False)
     last = Path(cfg.OUT_DIR) / artifacts.LAST_CLASSIFIER
-    resumed = ct.resume_point(last, spec, cfg.LAYER4_STRIDE) if cfg.RESUME else None
+    resumed = (ct.resume_point(last, spec, cfg.LAYER4_STRIDE, {k: cfg[k] for k in ct.SCHEDULE_KEYS})
+               if cfg.RESUME else None)
     with main_rank_first(runtime):  # one download and one decode under DDP; the other ranks read the cache
         imageset = data.load_dataset(resumed["dataset"] if resumed else spec, cfg.CACHE_DIR, progress=runtime.is_main)
     if imageset.skipped:

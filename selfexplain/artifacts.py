@@ -479,6 +479,16 @@ def remove_path(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def require_same_schedule(path: str | os.PathLike, saved_config: dict, current: dict) -> None:
+    """Refuse to resume with settings that change the steps per epoch: the learning-rate schedule
+    counts steps, so a larger BATCH_SIZE resumed past its total and trained every epoch at lr 0."""
+    changed = {k: (saved_config[k], v) for k, v in current.items() if k in saved_config and saved_config[k] != v}
+    if changed:
+        was = ", ".join(f"--{k.lower()}={old}" for k, (old, _) in changed.items())
+        raise UserError(f"{path} was trained with {was}, which set its learning-rate schedule: resume with the same "
+                        "values, or start a new run with --overwrite=True")
+
+
 def require_resumable(path: str | os.PathLike) -> None:
     """``--resume=True`` needs ``path`` (a ``last*.pt``); say so plainly when the earlier run saved none."""
     if not Path(path).is_file():

@@ -110,6 +110,13 @@ def new_split(imageset: data.ImageSet, val_fraction: float, test_fraction: float
               image_size: int) -> tuple[dict, dict]:
     """A fresh stratified split and the preprocessing measured on its training part."""
     split = data.stratified_split(imageset.labels, val_fraction, test_fraction, seed)
+    empty = [name for name in ("val", "test") if len(split[name]) == 0 and (val_fraction if name == "val"
+                                                                          else test_fraction) > 0]
+    if empty:  # a class needs 3 images to reach every split; 0.0 accuracy on no images read as a measurement
+        counts = np.bincount(np.asarray(imageset.labels))
+        raise UserError(f"the {' and '.join(empty)} split(s) would be empty: the smallest class has {counts.min()} "
+                        "images and every class needs at least 3 (one each for train, val and test); add images "
+                        "(for synthetic data: --synthetic_per_class >= 3)")
     mean, std = data.ink_mean_std(imageset.images, split["train"])
     return split, {"image_size": image_size, "mean": mean, "std": std, "ink": True}
 
@@ -209,7 +216,10 @@ def save_checkpoints(model, optimizer, scaler, state: TrainState, run: Classifie
     artifacts.save_checkpoint(ckpt, out / artifacts.LAST_CLASSIFIER)
 
 
-def resume_point(path: str | Path, spec: dict, layer4_stride: int) -> dict:
+SCHEDULE_KEYS = ("BATCH_SIZE", "ACCUM_STEPS", "MAX_BATCHES")  # settings that fix the steps per epoch
+
+
+def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dict | None = None) -> dict:
     """Load ``last.pt`` to resume; refuse it when the current settings name other data or another stride.
 
     The dataset and split come from the checkpoint: training on with the same split but
@@ -227,6 +237,7 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int) -> dict:
         raise UserError(f"{path} was trained on {_describe(saved)} but the settings name {_describe(spec)}; "
                         "resume with the same DATASET, DATA_ROOT, IMAGE_SIZE (and SYNTHETIC_PER_CLASS, SYNTHETIC_STYLE, SEED), "
                         "or start a new run with --overwrite=True")
+    artifacts.require_same_schedule(path, ckpt.get("config") or {}, schedule or {})
     return ckpt
 
 

@@ -194,6 +194,18 @@ def help_text(doc: str | None, defaults: dict, comments: dict) -> str:
     return "\n".join(lines)
 
 
+def require_ranges(cfg: dict, ranges: dict[str, tuple[float | None, float | None]]) -> None:
+    """Refuse a setting outside its closed range ``(low, high)`` (None: unbounded) with one line naming
+    it: a negative SEED was a traceback, a negative TOP_CLASSES a Python slice."""
+    for name, (low, high) in ranges.items():
+        value = cfg.get(name)
+        if value is None or ((low is None or value >= low) and (high is None or value <= high)):
+            continue
+        bound = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
+                 else f">= {low:g}" if low is not None else f"<= {high:g}")
+        raise UserError(f"{name} must be {bound}, got {value}")
+
+
 def quit_now_if_threads_linger(code: int) -> None:
     """Exit at once when worker threads are still running (a second Ctrl-C while stage 4 waits for
     the requests in flight): Python would join them first, minutes against a hung server.

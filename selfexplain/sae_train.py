@@ -82,6 +82,10 @@ class SAETrainSettings:
             raise UserError(f"ARCH must be topk or batchtopk, got '{self.arch}'")
         if self.dead_latents not in DEAD_LATENT_MODES:
             raise UserError(f"DEAD_LATENTS must be resample, auxk, both or none, got '{self.dead_latents}'")
+        if self.use_resample and self.arch == "batchtopk":  # revived rows clear θ on many tokens: FVU 0.44 vs 0.03
+            raise UserError(f"DEAD_LATENTS={self.dead_latents} resamples, which works with ARCH=topk only: under "
+                            "batchtopk the revived latents fire on most tokens (validation FVU 0.44 against 0.03 with "
+                            "auxk, measured); use DEAD_LATENTS=auxk (the default) or ARCH=topk")
         if self.use_resample and self.resample_sample < 1:
             raise UserError(f"RESAMPLE_SAMPLE must be >= 1 when resampling, got {self.resample_sample}")
         if self.auxk_k < 0 or self.min_steps < 0:
@@ -566,6 +570,7 @@ def check_resumable(path: str | Path, settings: SAETrainSettings, classifier_fin
     if saved != (settings.latent_dim, settings.top_k, settings.arch):
         raise UserError(f"{path} has M={saved[0]} K={saved[1]} ARCH={saved[2]}; "
                         f"resume with --latent_dim={saved[0]} --top_k={saved[1]} --arch={saved[2]}")
+    artifacts.require_same_schedule(path, ckpt.get("config") or {}, {"BATCH_SIZE": settings.batch_size})
     return ckpt
 
 

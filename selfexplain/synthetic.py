@@ -38,6 +38,10 @@ exclusive, so ``image[y0:y1, x0:x1]`` holds the part's strokes.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -487,6 +491,19 @@ def _redraw_chunk(args: tuple) -> np.ndarray:
     return np.stack([rerender(c, j, image_size, seed, style=style)[0] for c, j in origins])
 
 
+def _die_with_parent(parent: int) -> None:
+    """A drawing worker's start: killed with its parent (a SIGKILLed stage 1 left two 830 MB workers
+    under PID 1) and stopped by SIGTERM (they inherited stage 1's handler, which only raises)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def fresh_sketches(origins, round_: int, n_per_class: int, image_size: int, seed: int = 0,
                    style: str = LEGACY_STYLE, workers: int = 0) -> np.ndarray:
     """New sketches of the same classes, drawn for training round ``round_`` >= 1.
@@ -528,7 +545,7 @@ def fresh_sketches(origins, round_: int, n_per_class: int, image_size: int, seed
     if n_chunks == 1:
         parts = [_redraw_chunk(a) for a in args]
     else:
-        with ProcessPoolExecutor(len(args)) as pool:
+        with ProcessPoolExecutor(len(args), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             parts = list(pool.map(_redraw_chunk, args))
     out = np.empty((len(shifted), image_size, image_size), dtype=np.uint8)
     for k, block in enumerate(parts):

@@ -130,3 +130,22 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
     proc.stdout.close()  # `| head -c 10`
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script, bad", [
+    ("train_standard_cnn", {"seed": -1}), ("train_standard_cnn", {"lr": -1.0}),
+    ("train_standard_cnn", {"label_smoothing": 2.0}), ("train_standard_cnn", {"weight_decay": -0.1}),
+    ("train_sae", {"seed": -1}), ("train_sae", {"threshold_rate": 5.0}), ("train_sae", {"auxk_coef": -1.0}),
+    ("train_sae", {"warmup_fraction": 2.0}), ("sae_summarize", {"top_classes": -1}),
+    ("sae_summarize", {"anti_classes": -2}), ("sae_summarize", {"heat_alpha": 5.0}),
+])
+def test_out_of_range_settings_are_one_line_errors_naming_them(script, bad, tmp_path):
+    """A negative SEED was a traceback after the token pass; TOP_CLASSES=-1 a Python slice; HEAT_ALPHA=5 a
+    uint8 overflow in the thumbnails."""
+    import importlib
+
+    stage = importlib.import_module(script)
+    name = next(iter(bad)).upper()
+    with pytest.raises(UserError, match=f"^{name} must be|LR > 0"):
+        stage.main(out_dir=str(tmp_path / "out"), **bad)
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -382,6 +382,8 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
         patch.setattr(sae_train, "cache_split_tokens", no_token_pass)
         with pytest.raises(UserError, match="has M=32 K=4 ARCH=batchtopk; resume with --latent_dim=32"):
             train_sae.main(**{**cfg, "latent_dim": 64}, epochs=3, resume=True)
+        with pytest.raises(UserError, match="trained with --batch_size=128, which set its learning-rate schedule"):
+            train_sae.main(**{**cfg, "batch_size": 512}, epochs=3, resume=True)  # trained on at lr 0 before
     metrics = train_sae.main(**cfg, epochs=3, resume=True)
     last = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
@@ -536,3 +538,11 @@ def test_a_token_cache_the_disk_cannot_hold_is_a_one_line_error(tmp_path, monkey
     monkeypatch.setattr(features.os, "posix_fallocate", full, raising=False)
     with pytest.raises(UserError, match=r"cannot cache tokens in .*: No space left on device \(need 0.0 GiB"):
         features.reserve_disk(path)
+
+
+def test_resampling_under_batchtopk_is_refused_before_any_work():
+    """Revived latents cleared θ on most tokens: validation FVU 0.44 against 0.03 with AuxK, without a word."""
+    for dead in ("resample", "both"):
+        with pytest.raises(UserError, match="works with ARCH=topk only"):
+            st.SAETrainSettings(out_dir="x", classifier_ckpt="y", arch="batchtopk", dead_latents=dead).check()
+    st.SAETrainSettings(out_dir="x", classifier_ckpt="y", arch="topk", dead_latents="both").check()

@@ -214,3 +214,42 @@ def test_fresh_sketches_are_new_drawings_of_the_same_classes_reproducibly():
     assert all(not np.array_equal(a, b) for a, b in zip(first, second))
     with pytest.raises(UserError, match="round_"):
         fresh_sketches(origins, 0, 10, 64)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_drawing_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of stage 1 mid-draw left its two drawing workers (830 MB each) running under PID 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from selfexplain import synthetic\n"
+        "def pid(_):\n"
+        "    return os.getpid()\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessPoolExecutor(1, initializer=synthetic._die_with_parent, initargs=(os.getpid(),)) as pool:\n"
+        "        print(pool.submit(pid, 0).result(), flush=True)\n"
+        "        time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"worker {worker} outlived its killed parent")

@@ -237,6 +237,18 @@ def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
                   dict(synthetic_style="varied")):
         with pytest.raises(UserError, match="was trained on synthetic .* but the settings name"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+    for other in (dict(batch_size=64), dict(accum_steps=2), dict(max_batches=1)):  # steps per epoch: lr went to 0
+        with pytest.raises(UserError, match="which set its learning-rate schedule"):
+            stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+
+
+def test_too_few_images_for_a_validation_split_is_refused(tmp_path, cache_dir):
+    """2 sketches per class split 24/0/0 and reported val and test accuracy 0.0000 as measurements."""
+    import train_standard_cnn as stage1
+
+    with pytest.raises(UserError, match="val and test split.*would be empty.*at least 3"):
+        stage1.main(**dict(TINY_CNN, out_dir=str(tmp_path / "run"), cache_dir=str(cache_dir), synthetic_per_class=2,
+                           batch_size=4))
 
 
 def test_a_spec_from_before_the_style_setting_reads_as_the_legacy_style():
