@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data, synthetic
 from .artifacts import TrainState
-from .distributed import Runtime, all_reduce_sum, amp_dtype, autocast, barrier, broadcast, lr_at
+from .distributed import (Runtime, all_reduce_sum, amp_dtype, autocast, barrier, broadcast, lr_at,
+                          precision_note)
 from .errors import UserError
 from .model import classifier_arch
 
@@ -310,7 +311,8 @@ def fit(model, optimizer, scaler, run: ClassifierData, state: TrainState, settin
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
     runtime.log(f"{len(imageset)} images, {len(imageset.class_names)} classes, split "
                 f"{len(split['train'])}/{len(split['val'])}/{len(split['test'])}, device {runtime.device}, "
-                f"world {runtime.world_size}, augment {'on' if s.augment else 'off'}"
+                f"world {runtime.world_size}, {precision_note(runtime.device, s.amp)}, "
+                f"augment {'on' if s.augment else 'off'}"
                 f"{', fresh sketches each epoch' if s.synthetic_fresh and imageset.origins else ''}")
     runtime.log(steps_note(len(split["train"]), batches_per_epoch, s, runtime.world_size))
     for epoch in range(state.epoch + 1, s.epochs + 1):

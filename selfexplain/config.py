@@ -116,7 +116,11 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return list(value)
-        if isinstance(value, (int, str, float)):
+        if isinstance(value, str):  # --baselines=[pca,channels]: a list without Python's quotes
+            inner = value.strip()
+            inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
+            return [parse_value(item.strip()) for item in inner.split(",") if item.strip()]
+        if isinstance(value, (int, float)):
             return [value]
     elif isinstance(default, dict) and isinstance(value, dict):
         return value
@@ -156,6 +160,10 @@ def load_yaml_overrides(path: str) -> dict:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of key: value")
+    names = [str(k).lower().replace("-", "_") for k in data]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:  # EPOCHS and epochs: the last one won, silently (the command line refuses the same)
+        raise UserError(f"config file {path} sets {', '.join(twice)} twice (keys are case-blind): keep one")
     return data
 
 

@@ -495,7 +495,7 @@ def lengthened(settings: SAETrainSettings, n_steps: int, runtime: Runtime) -> SA
     epochs = math.ceil(settings.min_steps / n_steps)
     runtime.log(f"EPOCHS={settings.epochs} make {settings.epochs * n_steps} steps of {n_steps} per epoch, fewer than "
                 f"MIN_STEPS={settings.min_steps}: training {epochs} epochs")
-    return replace(settings, epochs=epochs)
+    return replace(settings, epochs=epochs, config={**settings.config, "EPOCHS": epochs})  # checkpoints: what ran
 
 
 def train_epoch(sae, optimizer, usage_ema, train: TokenStore, epoch: int, n_steps: int, total_steps: int, tau: float,

@@ -149,3 +149,34 @@ def test_out_of_range_settings_are_one_line_errors_naming_them(script, bad, tmp_
     with pytest.raises(UserError, match=f"^{name} must be|LR > 0"):
         stage.main(out_dir=str(tmp_path / "out"), **bad)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_list_setting_takes_a_bare_comma_list(tmp_path):
+    """--baselines=[pca,channels] read as ['[pca,channels]'] and was refused; only Python quoting worked."""
+    from selfexplain.config import coerce, parse_argv
+
+    overrides, _ = parse_argv(["--baselines=[pca,channels]"])
+    assert coerce("BASELINES", overrides["baselines"], ["channels"]) == ["pca", "channels"]
+    assert coerce("BASELINES", "nmf", ["channels"]) == ["nmf"] and coerce("SWEEP_K", "[4, 8]", [8]) == [4, 8]
+    assert coerce("BASELINES", parse_argv(["--baselines=[]"])[0]["baselines"], ["channels"]) == []
+
+
+def test_a_yaml_file_naming_a_setting_twice_is_refused(tmp_path):
+    from selfexplain.config import load_yaml_overrides
+
+    path = tmp_path / "my.yaml"
+    path.write_text("EPOCHS: 1\nepochs: 2\n")
+    with pytest.raises(UserError, match="sets epochs twice"):
+        load_yaml_overrides(str(path))
+
+
+def test_the_precision_amp_chose_is_named_and_fp16_on_a_cpu_warned():
+    import torch
+
+    from selfexplain.distributed import precision_note
+
+    cpu = torch.device("cpu")
+    assert precision_note(cpu, "off") == "precision fp32 (AMP=off)"
+    assert precision_note(cpu, "bf16") == "precision bf16 (AMP=bf16)"
+    assert "warning: fp16 autocast on a CPU" in precision_note(cpu, "fp16")
+    assert precision_note(cpu, "auto").startswith(("precision bf16 (AMP=auto)", "precision fp32 (AMP=auto)"))

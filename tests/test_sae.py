@@ -406,6 +406,7 @@ def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, ca
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
     assert artifacts.load_checkpoint(tmp_path / "more" / "last_sae.pt", "sae")["step"] == 3 * per_epoch
     assert artifacts.read_json(tmp_path / "more" / artifacts.CONFIG)["EPOCHS"] == 3  # the effective config: what ran
+    assert artifacts.load_checkpoint(tmp_path / "more" / "best_sae.pt", "sae")["config"]["EPOCHS"] == 3  # was 1
     assert artifacts.read_json(tmp_path / "one" / artifacts.CONFIG)["EPOCHS"] == 1
     enough = train_sae.main(**cfg, min_steps=per_epoch, out_dir=str(tmp_path / "enough"))
     assert enough["epochs"] == 1  # already makes MIN_STEPS: EPOCHS is kept
