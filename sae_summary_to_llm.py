@@ -99,8 +99,8 @@ def main(**overrides) -> int:
             done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
                                          offline)
             todo = [n for n in chosen if n["neuron_id"] not in done]
-            later = len(todo) - len(todo[:cfg.LIMIT]) if cfg.LIMIT is not None else 0
-            todo = todo[:cfg.LIMIT] if cfg.LIMIT is not None else todo  # a batch of the unanswered: reruns go on
+            asked = todo[:cfg.LIMIT]  # a batch of the unanswered (LIMIT None: all): reruns go on
+            later, todo = len(todo) - len(asked), asked
             artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
                                              "ASKED": {"backend": backend.name, "model": backend.model,
                                                        "base_url": backend.base_url}},

@@ -164,12 +164,13 @@ def main(**overrides) -> list[dict]:
                 else [None] * len(inputs))
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None
     results = []
-    later = iter(skipped)
-    pending = next(later, None)
-    for exp, item, overlay in zip(explanations, inputs, overlays):
-        while pending is not None and pending[0] <= len(results):  # entries before this one that were skipped
-            results.append(print_skipped(pending[1], pending[2], cfg.JSON))
-            pending = next(later, None)
+    skipped_at = {position: (name, reason) for position, name, reason in skipped}
+    explained = iter(zip(explanations, inputs, overlays))
+    for position in range(len(entries)):  # in the order of the inputs, a skipped one at its place
+        if position in skipped_at:
+            results.append(print_skipped(*skipped_at[position], cfg.JSON))
+            continue
+        exp, item, overlay = next(explained)
         explain_io.name_after_input(exp, item)
         if overlay is not None:
             explain.save_overlay(item.image, exp, overlay)
@@ -180,10 +181,7 @@ def main(**overrides) -> list[dict]:
         print(exp.to_json() if cfg.JSON else explain_io.format_text(exp) + ("\n" if len(inputs) > 1 else ""),
               flush=True)
         results.append(exp.to_dict())
-    while pending is not None:
-        results.append(print_skipped(pending[1], pending[2], cfg.JSON))
-        pending = next(later, None)
-    return results  # in the order of the inputs, as printed
+    return results
 
 
 def print_skipped(name: str, reason: str, as_json: bool) -> dict:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import CACHE_DIR, read_json, remove_path, remove_stale_builds, write_json
-from .errors import UserError
+from .errors import UserError, some
 from .imaging import BadImage, decode_image
 from .logs import log
 from .sources import describe_source, iter_source
@@ -130,7 +130,7 @@ def _note_older_caches(folder: Path) -> None:
     if older:
         size = sum(f.stat().st_size for p in older for f in p.rglob("*") if f.is_file())
         log(f"{len(older)} older cache(s) of this dataset in {folder.parent} hold {size / 2 ** 30:.2f} GB "
-            f"({', '.join(p.name for p in older[:3])}{', ...' if len(older) > 3 else ''}): delete them if no "
+            f"({some(p.name for p in older)}): delete them if no "
             "checkpoint reads that data any more")
 
 

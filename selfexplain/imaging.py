@@ -107,9 +107,10 @@ def user_path(text: str | os.PathLike) -> Path:
     """A typed path as a file path: ``~`` expanded, a ``file://`` URI unquoted; a web URL is a
     UserError (nothing is downloaded; it read as "image not found: https:/example.com/x.png")."""
     text = os.fspath(text)
-    scheme = urllib.parse.urlparse(text).scheme.lower()
+    url = urllib.parse.urlparse(text)
+    scheme = url.scheme.lower()
     if scheme == "file":
-        return Path(urllib.request.url2pathname(urllib.parse.urlparse(text).path))
+        return Path(urllib.request.url2pathname(url.path))
     if scheme in ("http", "https", "ftp", "s3", "gs"):
         raise UserError(f"{text} is a URL: images are not downloaded; save it and pass the file's path")
     return Path(text).expanduser()

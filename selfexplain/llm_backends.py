@@ -278,10 +278,10 @@ class OpenAIBackend(Backend):
 
     def _http_error(self, exc) -> LLMError:
         """The client's status error as an :class:`LLMError`; a 404 says where to look."""
-        body = exc.body.get("message") if isinstance(getattr(exc, "body", None), dict) else None
-        detail = str(body) if body else re.sub(r"^Error code: \d+\s*-?\s*", "", str(exc.message))
-        code = getattr(exc, "code", None) or (exc.body.get("code") if isinstance(getattr(exc, "body", None), dict)
-                                               else None)
+        body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+        detail = str(body["message"]) if body.get("message") else re.sub(r"^Error code: \d+\s*-?\s*", "",
+                                                                          str(exc.message))
+        code = getattr(exc, "code", None) or body.get("code")
         if code == "insufficient_quota":  # a 429 that no wait cures: every later request gets it too
             return LLMError(f"HTTP {exc.status_code}: the account is out of quota ({detail})", exc.status_code,
                             fatal=True)

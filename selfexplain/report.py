@@ -365,9 +365,9 @@ def _headline(summary: dict) -> list[str]:
     codes = _dict(_dict(summary.get("concept_measures")).get("codes"))
     auroc = _number(_dict(codes.get("sae")).get("mean_test_auroc"))
     if auroc is not None:  # beside what it is measured against: alone, 0.996 reads as a feat
-        others = [f"{_text(_dict(code).get('code')) or key} {prompts.fixed(_number(_dict(code).get('mean_test_auroc')), 3)}"
-                  for key, code in codes.items() if key in ("channels", "random_sae")
-                  and _number(_dict(code).get("mean_test_auroc")) is not None]
+        others = [f"{_text(_dict(codes.get(key)).get('code')) or key} {prompts.fixed(value, 3)}"
+                  for key in ("random_sae", "channels")
+                  if (value := _number(_dict(codes.get(key)).get("mean_test_auroc"))) is not None]
         class_set = _number(_dict(codes.get("sae")).get("mean_class_set_auroc"))
         if class_set is not None:
             others.append(f"a perfect class detector {prompts.fixed(class_set, 3)}")

@@ -183,7 +183,10 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET  # link checkers, proxies: GET's status and headers; _send leaves the body out  # noqa: N815
 
     def _not_allowed(self) -> None:
-        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain")
+        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, self._not_served())
+
+    def _not_served(self) -> str:
+        return f"{self.command} is not served: GET pages, POST /explain"
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
@@ -191,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, long URL) as JSON too; a method it has no
         handler for (TRACE, CONNECT, made-up ones: its 501) is a 405, like PUT."""
         if code == HTTPStatus.NOT_IMPLEMENTED:
-            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served: GET pages, POST /explain"
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, self._not_served()
         self._error(HTTPStatus(code), message or HTTPStatus(code).phrase, close=True)
 
     def do_POST(self) -> None:  # noqa: N802

@@ -21,11 +21,11 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import yaml
 
-from .errors import UserError, one_line
+from .errors import UserError, one_line, some
 from .imaging import IMAGE_EXTENSIONS, BadImage, is_image_file
 from .logs import log
 
@@ -82,8 +82,8 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
             raise UserError(f"no *.parquet files under DATA_ROOT={root}")
         missing = _missing_shards(root)
         if missing:  # '-of-00002' with one of the two there: part of the data, without a word
-            raise UserError(f"DATA_ROOT={root} lacks shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-                            " named by their siblings' '-of-N': add them, or rename the files to train on what is there")
+            raise UserError(f"DATA_ROOT={root} lacks shard(s) {some(missing)} named by their siblings' '-of-N': "
+                            "add them, or rename the files to train on what is there")
         _refuse_duplicate_shards(root)
         _check_schema(files, root, dataset)
         readme = root / "README.md"
@@ -130,17 +130,26 @@ def _damaged(rel: str, exc: BaseException, dataset: str, where: str = "") -> Use
     return UserError(f"{rel} is damaged{where} ({one_line(exc, 200)}): {cure}")
 
 
+@contextlib.contextmanager
+def _reading(rel: str, dataset: str, where: Callable[[], str] = str):
+    """Turn a parquet read that fails (a damaged footer or page) into :func:`_damaged`; a permission
+    error is not damage (run_cli names the file in one line). ``where``: how far it got."""
+    pa, _ = _arrow()
+    try:
+        yield
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise _damaged(rel, exc, dataset, where()) from None
+
+
 def _check_schema(files: list[Path], root: Path, dataset: str = "parquet") -> None:
     """Every file must be readable parquet with ``image`` and integer ``label`` columns."""
     pa, pq = _arrow()
     for path in files:
         rel = path.relative_to(root).as_posix()
-        try:
+        with _reading(rel, dataset, lambda: ": not a readable parquet file"):
             schema = pq.read_schema(path)
-        except PermissionError:
-            raise  # not damage: run_cli names the file in one line
-        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
-            raise _damaged(rel, exc, dataset, ": not a readable parquet file") from None
         if "image" not in schema.names or "label" not in schema.names:
             raise UserError(f"{rel}: expected columns 'image' and 'label' (Hugging Face image schema), "
                             f"found {', '.join(schema.names)}")
@@ -152,16 +161,12 @@ def _check_schema(files: list[Path], root: Path, dataset: str = "parquet") -> No
 
 def _count_rows(files: list[Path], root: Path, num_classes: int, dataset: str = "parquet") -> int:
     """Row count, checking that every label names a class (label column only: cheap)."""
-    pa, pq = _arrow()
+    _, pq = _arrow()
     total = 0
     for path in files:
         rel = path.relative_to(root).as_posix()
-        try:
+        with _reading(rel, dataset):  # a damaged page: the footer read fine, the data does not
             labels = pq.ParquetFile(path).read(columns=["label"]).column("label")
-        except PermissionError:
-            raise
-        except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
-            raise _damaged(rel, exc, dataset) from None
         if labels.null_count:
             raise UserError(f"{rel}: {labels.null_count} rows have no label")
         if len(labels):
@@ -261,20 +266,16 @@ def iter_source(source: dict) -> Iterator[tuple[str, bytes | Path | BadImage, in
         for rel in source["files"]:
             yield rel, root / rel, index[rel.split("/", 1)[0]]
         return
-    pa, pq = _arrow()
+    _, pq = _arrow()
     for rel in source["files"]:
         row = 0
-        try:
+        with _reading(rel, source["dataset"], lambda: f" after row {row}"):
             for batch in pq.ParquetFile(root / rel).iter_batches(batch_size=PARQUET_BATCH_ROWS,
                                                                  columns=["image", "label"]):
                 images, labels = batch.column("image"), batch.column("label").to_pylist()
                 for payload, label in zip(_image_payloads(images, (root / rel).parent, root), labels):
                     yield f"{rel}#{row}", payload, int(label)
                     row += 1
-        except PermissionError:
-            raise
-        except (pa.ArrowException, OSError) as exc:  # a damaged page: the footer read fine, the data does not
-            raise _damaged(rel, exc, source["dataset"], f" after row {row}") from None
 
 
 def _image_payloads(images, folder: Path, root: Path) -> list[bytes | Path | BadImage]:
@@ -322,14 +323,14 @@ def ensure_tu_berlin(data_root: str) -> Path:
     unnamed = [p.relative_to(root).as_posix() for p in found if not _SHARD.match(p.relative_to(root).as_posix())]
     if unnamed:  # beside a complete copy too: they would be read with it (4 images became 8)
         raise UserError(f"DATA_ROOT={root} holds parquet files that are not <split>-NNNNN-of-NNNNN shards "
-                        f"({', '.join(unnamed[:2])}{', ...' if len(unnamed) > 2 else ''}), which would be read with "
+                        f"({some(unnamed, 2)}), which would be read with "
                         "the dataset: move them out, or read the folder as it is with --dataset=parquet")
     if found and not _missing_shards(root, TU_BERLIN_SPLITS):
         return _refuse_duplicate_shards(root, across_folders=True)
     foreign = [p.relative_to(root).as_posix() for p in found if not _is_hub_shard(p, root)]
     if foreign:
         raise UserError(f"DATA_ROOT={root} holds parquet files that are not the hub's data/<split>-NNNNN-of-NNNNN "
-                        f"shards ({', '.join(foreign[:2])}{', ...' if len(foreign) > 2 else ''}) and is not a "
+                        f"shards ({some(foreign, 2)}) and is not a "
                         f"complete copy ({', '.join(_missing_shards(root, TU_BERLIN_SPLITS))} missing): a download "
                         "there would be read beside them; read them as they are with --dataset=parquet, or give an "
                         "empty DATA_ROOT to download")
