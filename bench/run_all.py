@@ -20,7 +20,7 @@ SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
 RUN = True                    # run the benchmarks (False: only rebuild RESULTS.md from bench/results/*.md)
 SWEEP = True                  # also run the K x M sweep scored by held-out recovery (~12 min on 2 cores)
 SECTIONS = ["train", "demos", "sae", "dead", "concepts", "concepts_sweep", "explain", "explain_where", "familiarity", "person",
-            "scale"]  # bench/results/<name>.md, each followed by <name>_notes.md when present (hand-written, never rewritten)
+            "scale", "gpu"]  # bench/results/<name>.md, each followed by <name>_notes.md when present (hand-written, never rewritten)
 BENCHES = {"train": "bench/bench_train.py", "demos": "bench/compare_demos.py", "sae": "bench/bench_sae.py", "dead": "bench/bench_dead.py",
            "concepts": "bench/bench_concepts.py",
            "concepts_sweep": "bench/bench_concepts.py --sweep=True",
@@ -39,6 +39,8 @@ def machine() -> str:
 def main(**overrides) -> None:
     cfg = make_config(module_constants(globals()), overrides)
     for name in SECTIONS if cfg.RUN else []:
+        if name not in BENCHES:  # gpu: written by hand from bench/gpu_check.sh on a lent GPU machine
+            continue
         if (name == "scale" and not cfg.SCALE) or (name == "concepts_sweep" and not cfg.SWEEP):
             continue
         print(f"== {BENCHES[name]}", flush=True)

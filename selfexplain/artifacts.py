@@ -36,7 +36,7 @@ except ImportError:  # Windows: msvcrt locks a byte range instead
 
 import torch
 
-from .distributed import sigterm_held
+from .distributed import exact_fp32_convs, sigterm_held
 from .errors import UserError
 from .logs import log
 from .model import build_classifier
@@ -560,13 +560,18 @@ def classifier_checkpoint(model: torch.nn.Module, *, arch: dict, preprocess: dic
 
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the classifier from its checkpoint; returns (model in eval mode, checkpoint)."""
+    """Rebuild the classifier from its checkpoint; returns (model in eval mode, checkpoint).
+
+    Every stage that reads features loads the classifier here, so on CUDA this also turns TF32
+    convolutions off (:func:`distributed.exact_fp32_convs`): the features are fp32 on any device.
+    """
     ckpt = load_checkpoint(path, "classifier")
     model = build_classifier(ckpt["arch"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise UserError(f"{path} does not match its recorded architecture ({str(exc).splitlines()[0]})")
+    exact_fp32_convs(device)
     return model.to(device).eval(), ckpt
 
 

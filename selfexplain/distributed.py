@@ -46,6 +46,12 @@ class Runtime:
         # torchrun with one process still takes the DDP path, so a single GPU checks NCCL
         return self.world_size > 1 or self.in_group
 
+    def describe(self) -> str:
+        """Device and world for a run's first log line; names the process group when there is one
+        (a one-process torchrun still trains under DDP: the line shows the NCCL/gloo path was taken)."""
+        group = f" (DDP on {dist.get_backend()})" if self.in_group and dist.is_initialized() else ""
+        return f"device {self.device}, world {self.world_size}{group}"
+
     def log(self, message: str) -> None:
         """Log a line from rank 0 only (every rank runs the same loop)."""
         if self.is_main:
@@ -80,7 +86,9 @@ def setup_runtime(preference: str = "auto") -> Runtime:
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         # 60 min: rank 0 may download and decode a dataset while the others wait at a barrier
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        # device_id binds NCCL to this rank's GPU (barriers otherwise guess it, and warn: seen on an H200)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank, in_group=True)
 
 
@@ -187,6 +195,19 @@ def precision_note(device: torch.device, mode: str = "auto") -> str:
     if dtype == torch.float16 and device.type == "cpu":
         note += "; warning: fp16 autocast on a CPU is far slower than bf16 or fp32: use --amp=auto"
     return note
+
+
+def exact_fp32_convs(device: str | torch.device) -> None:
+    """Make fp32 convolutions IEEE fp32 on CUDA, for the stages that read the classifier (2-5).
+
+    cuDNN runs fp32 convolutions in TF32 by default (a 10-bit mantissa). On an H200 the cached layer4
+    tokens then differed from the CPU's fp32 ones by up to 7e-4 relative (more than their fp16 storage
+    rounding), and a recomputation with another batch could disagree with the report. The features
+    are documented as fp32, so they are. Matmuls are IEEE fp32 by PyTorch's default already; stage 1's
+    training keeps TF32 (it trains in bf16 under AMP=auto anyway). A no-op on CPU.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # the legacy flag sets conv and RNN alike (mixing APIs raises)
 
 
 def autocast(device: torch.device, mode: str = "auto"):

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data
 from .artifacts import TrainState
-from .distributed import Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at
+from .distributed import (Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at,
+                          precision_note)
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
@@ -443,7 +444,8 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
     tau = s.usage_ema_epochs * n_steps * s.batch_size * runtime.world_size
     writer = artifacts.open_tensorboard(s.out_dir, s.tensorboard, state.epoch + 1) if runtime.is_main else None
     runtime.log(f"SAE {s.arch} M={s.latent_dim} K={s.top_k}, {n_steps} steps/epoch of {s.batch_size} tokens x "
-                f"{runtime.world_size} ranks, dead latents: {s.dead_latents}, device {runtime.device}")
+                f"{runtime.world_size} ranks, dead latents: {s.dead_latents}, {runtime.describe()}, "
+                f"{precision_note(runtime.device, s.amp)} encoder")
     need = min_tokens_for_dead(s.latent_dim, s.top_k)
     if tokens.val.n_tokens * runtime.world_size < need:
         runtime.log(f"warning: {tokens.val.n_tokens * runtime.world_size} validation tokens are fewer than "

@@ -11,6 +11,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # the repo root; pytest.ini puts it and tests/ on sys.path
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The device the pipeline fixtures train and summarise on (the scripts' DEVICE=auto): a test that recomputes
+# their figures does it here too (a CUDA report checked against a CPU recomputation failed on an H200)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # The tiny synthetic config every pipeline test shares (64 px, layer4 stride 2 -> 2x2 layer4 map). It pins the
 # quadrants style, which a 2-epoch run on 24 images per class learns; the demo's varied style needs ~35k images (540 steps).

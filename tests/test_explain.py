@@ -95,7 +95,8 @@ def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpt
         for key in ("input_cited_drop", "input_random_drop", "cam_drop"):
             assert np.isfinite(f[key])
     again = _explain(images[:4], ckpts, tmp_path, n_cite=3, n_random=8, seed=0)  # seeded draws
-    assert [e.faithfulness for e in again] == [e.faithfulness for e in exps[:4]]
+    # equal up to float noise: another batch may take other kernels (failed bit-exact on a 16-core Xeon)
+    assert [e.faithfulness for e in again] == [pytest.approx(e.faithfulness, rel=1e-5, abs=1e-6) for e in exps[:4]]
     fast = _explain(images[:2], ckpts, tmp_path, n_cite=3, input_check=False)
     assert all("input_cited_drop" not in e.faithfulness for e in fast)
     for e in fast:  # the JSON keeps one schema: the input check's fields are null when it did not run

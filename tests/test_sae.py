@@ -12,7 +12,7 @@ import torch
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import DEVICE, ROOT
 from selfexplain import artifacts, data
 from selfexplain import sae as sae_module
 from selfexplain import sae_train as st
@@ -472,11 +472,12 @@ def test_token_cache_is_fp32_and_keyed_by_the_chosen_images(tiny_classifier, tmp
     second = set(tokens.glob("*-val-n10-*.npy")) - before - first
     assert len(first) == 1 and len(second) == 1  # the second seed built its own cache
 
-    model, clf = artifacts.load_classifier(tiny_classifier / "best.pt")
+    model, clf = artifacts.load_classifier(tiny_classifier / "best.pt", DEVICE)  # where train_sae ran (auto)
     model = model.to(memory_format=torch.channels_last)  # as train_sae runs it: same kernels, same rounding
     chosen = st.subsample(clf["split"]["val"].numpy(), 10, 2)
     images = data.load_dataset(clf["dataset"], cache_dir, progress=False).images
-    fmap = torch.cat([f for _, f, _ in iter_feature_maps(model, images, chosen, clf["preprocess"], "cpu", amp="off")])
+    fmap = torch.cat([f.cpu() for _, f, _ in iter_feature_maps(model, images, chosen, clf["preprocess"], DEVICE,
+                                                               amp="off")])
     cached = torch.from_numpy(np.load(second.pop())).float()
     assert torch.equal(cached, tokens_of(fmap).half().float())  # the fp32 features, stored as fp16
 
@@ -490,6 +491,7 @@ def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "all 2 ranks hold identical SAE weights" in out.stderr
+    assert "world 2 (DDP on gloo), precision " in out.stderr  # the group and the encoder precision are named
     assert out.stderr.count("best epoch") == 1  # only rank 0 reports and writes
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 2

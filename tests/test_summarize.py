@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DEVICE
 import sae_summarize
 from selfexplain import artifacts, baselines, data, stats, summarize, synthetic
 from selfexplain import concept_measures as cm
@@ -143,7 +144,7 @@ def _split_scores(inputs, split: str) -> tuple[np.ndarray, np.ndarray]:
 def test_held_out_units_are_chosen_on_train_and_scored_on_test(report, pipeline):
     """Each part's neuron is the best one on the training images; its reported AUROC is measured on the test split."""
     out, summary = report
-    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], torch.device("cpu"))
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], DEVICE)
     train_max, train_present = _split_scores(inputs, "train")
     test_max, test_present = _split_scores(inputs, "test")
     measures = summary["concept_measures"]
@@ -258,7 +259,7 @@ def test_image_frequency_is_the_share_of_images_where_a_neuron_fires(report, pip
     """`frequency` is capped near 1 - QUANTILE by its definition; `image_frequency` is not."""
     out, summary = report
     records = artifacts.read_jsonl(out / "neurons.jsonl")
-    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], torch.device("cpu"))
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], DEVICE)
     idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy())
     acts = summarize.collect(inputs, idx, batch_size=32, progress=False)
     assert summary["n_images"] == len(idx)

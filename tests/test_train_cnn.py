@@ -92,7 +92,7 @@ def test_ddp_two_processes_gloo(tmp_path, cache_dir):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "world 2" in out.stderr
+    assert "world 2 (DDP on gloo)" in out.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs"] == 1
     artifacts.load_classifier(tmp_path / "best.pt")
@@ -115,11 +115,29 @@ def test_torchrun_with_one_process_joins_the_group(monkeypatch):
     try:
         assert runtime.distributed and runtime.world_size == 1 and torch.distributed.is_initialized()
         assert all_reduce_sum(torch.ones(3), runtime).tolist() == [1.0, 1.0, 1.0]
+        assert runtime.describe() == "device cpu, world 1 (DDP on gloo)"  # the log shows the group was joined
     finally:
         cleanup(runtime)
     assert not torch.distributed.is_initialized()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    assert not setup_runtime("cpu").distributed  # a plain run stays single-process
+    plain = setup_runtime("cpu")
+    assert not plain.distributed and plain.describe() == "device cpu, world 1"  # a plain run stays single-process
+
+
+def test_analysis_stages_read_ieee_fp32_features_on_cuda(monkeypatch, tiny_classifier):
+    """cuDNN's default TF32 moved an H200's cached tokens by 7e-4 relative from fp32; loading the classifier
+    for stages 2-5 turns TF32 convolutions off on CUDA, and leaves a CPU run's settings alone."""
+    from selfexplain.distributed import exact_fp32_convs
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default, restored afterwards
+    exact_fp32_convs("cpu")
+    assert torch.backends.cudnn.allow_tf32
+    exact_fp32_convs(torch.device("cuda", 0))  # the flag is set without a GPU: the rule is checkable here
+    assert not torch.backends.cudnn.allow_tf32
+    seen = []
+    monkeypatch.setattr(artifacts, "exact_fp32_convs", seen.append)
+    artifacts.load_classifier(tiny_classifier / "best.pt", "cpu")
+    assert seen == ["cpu"]  # every reader of features passes through load_classifier
 
 
 def test_pretrained_without_weights_is_a_clear_error(tmp_path, monkeypatch):
@@ -335,6 +353,9 @@ def test_fresh_drawing_forks_at_most_the_cpus_per_rank_and_never_spawns(monkeypa
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
     assert ct.fresh_workers(1) == ct.FRESH_WORKERS and ct.fresh_workers(8) == 1
+    # on a GPU run the cores only draw: more workers, one core kept for the loop, still per rank
+    assert ct.fresh_workers(1, "cuda") == min(ct.FRESH_WORKERS_GPU, 7) > ct.FRESH_WORKERS
+    assert ct.fresh_workers(2, "cuda") == 3 and ct.fresh_workers(8, "cuda") == 1
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert ct.fresh_workers(1) == 0
 
