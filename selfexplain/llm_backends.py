@@ -1,8 +1,8 @@
 """LLM backends: one interface, :class:`Backend` (``ask(system, text, images)``), three servers.
 
 * ``replicate``: the official ``replicate`` client against the predictions API
-  (``POST /v1/models/{owner}/{name}/predictions`` with ``Prefer: wait``, then
-  ``GET /v1/predictions/{id}`` polling). Token ``REPLICATE_API_TOKEN``; base URL from the
+  (``POST /v1/models/{owner}/{name}/predictions``, then ``GET /v1/predictions/{id}``
+  polling). Token ``REPLICATE_API_TOKEN``; base URL from the
   argument, ``REPLICATE_API_BASE_URL`` or ``REPLICATE_BASE_URL``. A model
   ``owner/name:version`` runs a community model by version.
 * ``openai``: any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama,
@@ -413,7 +413,7 @@ class ReplicateBackend(Backend):
             raise UserError(f"MODEL for replicate must be owner/name or owner/name:version, got '{self.model}'")
         self.image_field, self.system_field = self._input_layout(images, image_input)
         self.accepts_images = bool(self.image_field)
-        # The HTTP timeout of polls; a create's read timeout is the client's own: its wait + 0.5 s.
+        # The HTTP timeout of creates and polls (creates never ask the server to hold them: see _run).
         self.client = replicate.Client(
             api_token=api_token, base_url=base_url or None,
             timeout=httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout)),
@@ -473,23 +473,23 @@ class ReplicateBackend(Backend):
             raise MalformedAnswer(f"unreadable response: {exc}") from None
 
     def _run(self, payload: dict) -> str:
-        """Create a prediction (waiting up to the timeout on the server), poll until done.
+        """Create a prediction, then poll it until done (cancelled after TIMEOUT).
 
-        The prediction gets TIMEOUT after its create returns: a model slower than the
-        create's wait (at most 60 s) is polled, not cancelled on arrival.
+        No ``Prefer: wait``: the client gives a waiting create a read timeout of the wait + 0.5 s, so
+        an answer a little late lost the prediction's id while the prediction ran and billed. A plain
+        create answers at once with the id; the answer costs a poll every ``POLL_INTERVAL``.
         """
         import httpx  # lazy: see __init__
 
-        wait = max(1, min(60, int(math.ceil(self.timeout))))  # Replicate accepts 1..60 s
         ref, _, version = self.model.partition(":")
         try:
             if version:  # community models run by version id
-                pred = self.client.predictions.create(version=version, input=payload, wait=wait)
+                pred = self.client.predictions.create(version=version, input=payload)
             else:
-                pred = self.client.models.predictions.create(model=ref, input=payload, wait=wait)
+                pred = self.client.models.predictions.create(model=ref, input=payload)
         except (httpx.ReadTimeout, httpx.WriteTimeout):  # sent: a prediction may be running and billing
-            raise LLMError(f"the create request got no answer within its {wait + 0.5:g}s once sent (Prefer: "
-                           f"wait={wait}); not sent again (it may have started a prediction)", slow=True) from None
+            raise LLMError(f"the create request got no answer within {self.timeout + 10:g}s once sent; not sent "
+                           "again (it may have started a prediction)", slow=True) from None
         deadline = time.monotonic() + self.timeout
         while pred.status not in ("succeeded", "failed", "canceled"):
             if time.monotonic() >= deadline:

@@ -68,11 +68,12 @@ class FakeLLMServer:
 
     def __init__(self, token: str | None = None, script: Callable[[str, int | None, int], Reply] | None = None,
                  model_id: str | list = "fake-vision-1", max_wait: float = 60.0, reasoning_models: tuple = (),
-                 refusal_delay: float = 0.0):
+                 refusal_delay: float = 0.0, create_latency: float = 0.0):
         self.token, self.script, self.model_id = token, script or default_script, model_id
         self.reasoning_models = set(reasoning_models)
         self.refusal_delay = refusal_delay  # a reasoning model's 400 comes this late (requests pile up in flight)
         self.max_wait = max_wait  # Replicate holds a `Prefer: wait` request at most this long
+        self.create_latency = create_latency  # a create's answer comes this much later (a slow network or server)
         self.log: list[dict] = []  # one entry per request
         self.attempts: Counter = Counter()  # (api, neuron) -> requests seen
         self.predictions: dict[str, dict] = {}
@@ -301,6 +302,7 @@ def _make_handler(server: FakeLLMServer):
             wait = re.fullmatch(r"wait(?:=(\d+))?", self.headers.get("Prefer", "") or "")
             if wait:  # Prefer: wait holds the request until done or N seconds pass
                 time.sleep(min(reply.delay, float(wait.group(1) or 60), server.max_wait))
+            time.sleep(server.create_latency)
             self._send_prediction(pid, status=201)
 
         def _send_prediction(self, pid: str, status: int = 200) -> None:

@@ -264,17 +264,18 @@ def test_replicate_success_uses_models_endpoint_and_one_tiled_image(report, monk
     assert sorted(got) == LIVE and got[4]["answer"] == "shape number 4"
     assert got[4]["model"] == "anthropic/claude-4-sonnet"
     assert {e["path"] for e in creates} == {"/v1/models/anthropic/claude-4-sonnet/predictions"}
-    assert all(e["prefer"] == "wait=60" and e["images"] == 1 for e in creates)
+    assert all(e["prefer"] is None and e["images"] == 1 for e in creates)  # never held: the id comes at once
     assert creates[0]["input"]["system_prompt"] == prompts.system_prompt(12)
     assert json.loads((report / "llm_summary.json").read_text())["base_url"].startswith(srv.replicate_url.rstrip("/"))
 
 
 def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
     monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
-    slow = Reply(kind="slow", delay=1.3, text="spiky sun rays")
-    with FakeLLMServer(script=lambda *_: slow, max_wait=0.5) as srv:  # the server ends the wait early
-        backend = llm_backends.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=5.0)
-        assert backend.ask("be brief", "Neuron #7 what is it?") == "spiky sun rays"  # Prefer: wait ends, then polls
+    slow = Reply(kind="slow", delay=3.0, text="spiky sun rays")
+    # the create's answer comes 2 s late: a create held with `Prefer: wait=2` timed out at 2.5 s and lost the id
+    with FakeLLMServer(script=lambda *_: slow, create_latency=2.0) as srv:
+        backend = llm_backends.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=2.0)
+        assert backend.ask("be brief", "Neuron #7 what is it?") == "spiky sun rays"  # created, then polled
         create = srv.requests("replicate")[0]
     assert (create["path"], create["version"]) == ("/v1/predictions", "abc123")
     assert create["input"]["prompt"].startswith("be brief")  # llava takes no system prompt: merged
