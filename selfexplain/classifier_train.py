@@ -250,7 +250,7 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dic
 def _data_identity(spec: dict) -> dict:
     root = spec.get("data_root")
     out = {**spec, "data_root": str(Path(root).resolve()) if root else root}
-    for key in ("items_digest", "items_count"):  # which files the folder holds is checked when the data loads
+    for key in ("items_digest", "items_count", "files_digest", "files_count", "files_unread"):  # checked on load
         out.pop(key, None)
     if spec.get("dataset") == "synthetic":  # a spec from before the style setting was drawn in the legacy style
         out["style"] = synthetic.spec_style(spec)

@@ -107,6 +107,7 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
         key_src = {"dataset": spec["dataset"], "image_size": spec["image_size"], "fingerprint": source["fingerprint"],
                    "classes": "readable only",  # caches built before empty classes were left out are rebuilt
                    "class_names": source["class_names"]}  # names from a README edited since, not only the files
+        _refuse_changed_files(spec, source)  # before the decode: minutes for a large folder, then refused
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"
@@ -116,7 +117,7 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
             _note_older_caches(folder)
     imageset = _open_cache(folder, spec)
     if source is not None:
-        _check_items(imageset, spec)
+        _check_items(imageset, spec, source)
     return imageset
 
 
@@ -134,23 +135,53 @@ def _note_older_caches(folder: Path) -> None:
             "checkpoint reads that data any more")
 
 
-def _check_items(imageset: ImageSet, spec: dict) -> None:
+def _check_items(imageset: ImageSet, spec: dict, source: dict) -> None:
     """Record which images, in which order, a source's indices point at; refuse another list.
 
     A checkpoint's split is a list of positions in this list: once files are added, removed
     or renamed, the same positions name other images (validation images would train the
     SAE). Modification times alone do not count: a copied or touched folder still loads.
+    An image folder's file list is recorded too (:func:`_refuse_changed_files`).
     """
     digest = hashlib.sha256(json.dumps([list(imageset.names), imageset.labels.tolist()]).encode()).hexdigest()[:16]
     recorded = spec.get("items_digest")
     if recorded is not None and recorded != digest:
         count = spec.get("items_count")  # checkpoints before session 12 record the digest alone
-        counts = (f" (the classifier's run saw {count} images, it now holds {len(imageset.names)})"
-                  if count is not None and count != len(imageset.names) else "")
-        raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
-                        f"added, removed or renamed, or became unreadable{counts}), so its saved split would index "
-                        "other images; restore the folder or retrain with train_standard_cnn.py --overwrite=True")
+        _changed(spec, count, len(imageset.names), "images")
     imageset.spec = {**spec, "items_digest": digest, "items_count": len(imageset.names)}
+    if spec["dataset"] == "folder":
+        unread = sorted(item["source"] for item in imageset.skipped)
+        digest, count = _files_digest(source, unread)
+        imageset.spec.update(files_digest=digest, files_count=count, files_unread=unread)
+
+
+def _files_digest(source: dict, unread: list[str]) -> tuple[str, int]:
+    """Digest and count of an image folder's file list, less the files stage 1 could not read."""
+    leave_out = set(unread)
+    files = [f for f in source["files"] if f not in leave_out]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16], len(files)
+
+
+def _refuse_changed_files(spec: dict, source: dict) -> None:
+    """An image folder whose file list differs from the one stage 1 recorded is refused before decoding.
+
+    The list is the class folders' image files (their paths name the class) less those stage 1 could
+    not read, so deleting those is no change, and a damaged file added since is one. Parquet is
+    checked after decoding only: rewritten shards can hold the same images.
+    """
+    recorded = spec.get("files_digest")
+    if spec["dataset"] != "folder" or recorded is None:
+        return
+    digest, count = _files_digest(source, spec.get("files_unread", []))
+    if digest != recorded:
+        _changed(spec, spec.get("files_count"), count, "image files")
+
+
+def _changed(spec: dict, count: int | None, now: int, what: str) -> None:
+    counts = f" (the classifier's run saw {count} {what}, it now holds {now})" if count not in (None, now) else ""
+    raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
+                    f"added, removed or renamed, or became unreadable{counts}), so its saved split would index "
+                    "other images; restore the folder or retrain with train_standard_cnn.py --overwrite=True")
 
 
 def _open_cache(folder: Path, spec: dict) -> ImageSet:
