@@ -47,7 +47,7 @@ CACHE_DIR = artifacts.CACHE_DIR                # decoded image cache (same as st
 DATA_ROOT = ""                                 # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
 QUANTILE = 0.99                                # "on" = per-image max activation above this quantile over images
 MIN_ON_IMAGES = 20                             # QUANTILE is lowered so that this many images sit above τ (0 = never)
-PMI_LAMBDA = 1.0                               # Laplace smoothing λ of the class PMI
+PMI_LAMBDA = 1.0                               # Laplace smoothing λ of the class PMI (> 0)
 TOP_EXAMPLES = 8                               # strongest images kept per neuron (thumbs, sprite, LLM)
 TOP_CLASSES = 5                                # classes listed per neuron (most specific first)
 ANTI_CLASSES = 3                               # classes listed as avoided per neuron
@@ -75,8 +75,9 @@ def check_config(cfg) -> None:
     """Refuse settings no run could use, with one line."""
     if not 0.0 < cfg.QUANTILE < 1.0:
         raise UserError(f"QUANTILE must be in (0, 1), got {cfg.QUANTILE}")
-    if cfg.PMI_LAMBDA < 0 or cfg.TOP_EXAMPLES < 1 or cfg.BATCH_SIZE < 1 or cfg.THUMB_SIZE < 8 or cfg.MIN_ON_IMAGES < 0:
-        raise UserError("need PMI_LAMBDA >= 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1, THUMB_SIZE >= 8 and MIN_ON_IMAGES >= 0")
+    # λ = 0 leaves log(0) = -inf for classes a neuron is never on with: "-Infinity" is not JSON
+    if cfg.PMI_LAMBDA <= 0 or cfg.TOP_EXAMPLES < 1 or cfg.BATCH_SIZE < 1 or cfg.THUMB_SIZE < 8 or cfg.MIN_ON_IMAGES < 0:
+        raise UserError("need PMI_LAMBDA > 0, TOP_EXAMPLES >= 1, BATCH_SIZE >= 1, THUMB_SIZE >= 8 and MIN_ON_IMAGES >= 0")
     if cfg.CF_IMAGES < 0 or cfg.NMF_TOKENS < 1 or cfg.NMF_ITERS < 1 or cfg.NMF_CODE_ITERS < 1:
         raise UserError("need CF_IMAGES >= 0, NMF_TOKENS >= 1, NMF_ITERS >= 1 and NMF_CODE_ITERS >= 1")
     require_ranges(cfg, {"SEED": (0, None), "TOP_CLASSES": (1, None), "ANTI_CLASSES": (0, None), "HEAT_ALPHA": (0, 1),

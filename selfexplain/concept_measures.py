@@ -510,9 +510,12 @@ def concept_report(code: str, train_auroc, test_max, unit_maps, test: PartTruth,
     """
     names = test.part_names
     sel = score_units(train_auroc, test_max, test.present, names)
-    conf = class_confound(test_max, test.present, test.labels, test.part_classes, sel.unit, names)
-    point = pointing_game(unit_maps, test.boxes, test.present, names, test.grid, test.image_size)
-    drops = None if cf_max is None else counterfactual_drops(test_max, cf_max, cf_image, cf_part, test.present,
+    # a part with no unit (missing, or everywhere, on the training split) is scored by no measure: unit 0
+    # stands in for it in sel.unit only to keep the arrays' shape, and counts as absent from every image
+    present = np.asarray(test.present, dtype=bool) & np.isfinite(sel.train_auroc)[None, :]
+    conf = class_confound(test_max, present, test.labels, test.part_classes, sel.unit, names)
+    point = pointing_game(unit_maps, test.boxes, present, names, test.grid, test.image_size)
+    drops = None if cf_max is None else counterfactual_drops(test_max, cf_max, cf_image, cf_part, present,
                                                              sel.unit, names)
     unit_scores = np.asarray(test_max)[:, sel.unit]
     return ConceptReport(code, np.shape(test_max)[1], dead_share(test_max), sel, conf, point, drops, unit_scores)
@@ -567,6 +570,9 @@ def versus_best_baseline(reports: dict, present, n_boot: int = 1000, seed: int =
     if "sae" not in reports or not others:
         return None
     best = max(others, key=lambda k: _nanmean(others[k].selection.train_auroc))
+    # only parts both codes chose a unit for: the difference is then that of their mean_test_auroc figures
+    chosen = np.isfinite(reports["sae"].selection.train_auroc) & np.isfinite(others[best].selection.train_auroc)
+    present = np.asarray(present, dtype=bool) & chosen[None, :]
     diff = paired_auroc_difference(reports["sae"].unit_scores, others[best].unit_scores, present, n_boot, seed)
     return {"baseline": others[best].code, **diff}
 

@@ -216,7 +216,7 @@ def _strong_rule(neuron: dict) -> str:
         return "per-image max above the neuron's own threshold"
     # .3g: a QUANTILE lowered on small data (0.875) reads 87.5th and 12.5%, not 88th and 12%
     return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.3g', 100)}th "
-            f"percentile over images, so at most {_fmt(1 - quantile, '.3g', 100)}% of sketches by definition")
+            f"percentile over images, so about {_fmt(1 - quantile, '.3g', 100)}% of sketches by definition")
 
 
 def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = ()) -> str:

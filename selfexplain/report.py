@@ -104,8 +104,9 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
                                                                 diffuse="anywhere in the sketch")},
                "top_examples": examples[i], "sprite": f"{SPRITES_DIR}/n{i:05d}.png" if examples[i] else None,
                "pushes_toward": {"class": class_names[push], "index": push, "lens": float(st.lens[i, push])}}
-        if parts is not None:
-            rec["parts"] = {"best_part": parts.part[i], "auroc": _rounded(parts.auroc[i]),
+        if parts is not None:  # a dead neuron's constant score ties every part at 0.5: it detects none
+            rec["parts"] = {"best_part": None if st.dead[i] else parts.part[i],
+                            "auroc": None if st.dead[i] else _rounded(parts.auroc[i]),
                             "pointing": _rounded(parts.pointing[i]),
                             "pointing_chance": _rounded(parts.pointing_chance[i]),
                             "n_examples": int(parts.n_holding[i]), "split": "train"}

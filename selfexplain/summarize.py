@@ -144,7 +144,7 @@ class NeuronStats:
     tau: np.ndarray                # threshold: QUANTILE of the per-image max
     on: np.ndarray                 # (N, M) bool: per-image max above tau
     dead: np.ndarray               # never active in the Top-K code
-    frequency: np.ndarray          # share of images where the neuron is "on" (<= 1 - QUANTILE by definition)
+    frequency: np.ndarray          # share of images where the neuron is "on" (~1 - QUANTILE by definition, +1 image)
     image_frequency: np.ndarray    # share of images where it fires at all (max Top-K code > 0)
     token_frequency: np.ndarray    # share of tokens where it is in the Top-K
     dense_frequency: np.ndarray    # share of images where its dense ReLU code is > 0

@@ -300,3 +300,22 @@ def test_concept_report_keeps_the_chosen_units_test_scores():
     assert report.selection.unit.tolist() == [1, 0]
     np.testing.assert_array_equal(report.unit_scores, test_max[:, [1, 0]])
     assert "unit_scores" not in report.to_dict()
+
+
+def test_a_part_without_a_unit_on_train_is_scored_by_no_measure():
+    """A part in every training image has no AUROC there, so no unit: unit 0 must not stand in for it in the
+    distractor, pointing or paired figures (the SAE-minus-baseline difference left its mean AUROCs' one)."""
+    rng = np.random.default_rng(2)
+    present = rng.random((300, 2)) < 0.5
+    parts = [[{"part": p, "box": [0, 0, 8, 8]} for j, p in enumerate(PARTS) if present[i, j]] for i in range(300)]
+    truth = cm.part_truth(parts, rng.integers(0, 2, 300), PARTS, np.ones((2, 2), bool), (2, 2), 64)
+    train_auroc = np.array([[np.nan, np.nan], [0.6, 0.9]])           # part a: everywhere on train, no AUROC
+    noise = rng.normal(0, 0.5, (300, 2))
+    sae = cm.concept_report("SAE", train_auroc, present[:, ::-1] + noise, np.ones((300, 2, 4)), truth)
+    other = cm.concept_report("other", train_auroc, rng.normal(0, 1, (300, 2)), np.ones((300, 2, 4)), truth)
+    for report in (sae, other):
+        assert np.isnan(report.selection.test_auroc[0]) and np.isfinite(report.selection.test_auroc[1])
+        assert np.isnan(report.confound.distractor_auroc[0]) and np.isnan(report.pointing.hit_rate[0])
+    versus = cm.versus_best_baseline({"sae": sae, "other": other}, present, n_boot=50)
+    means = [r.to_dict()["mean_test_auroc"] for r in (sae.selection, other.selection)]
+    assert versus["difference"] == pytest.approx(means[0] - means[1])

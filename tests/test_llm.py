@@ -768,9 +768,11 @@ def test_prompt_carries_the_real_image_frequency_and_the_threshold_rule():
               "mean_on_activation": 2.0}
     text = prompts.neuron_prompt(neuron)
     assert "fires at all on 42.0% of training sketches" in text
-    assert "99th percentile" in text and "at most 1% of sketches by definition" in text
+    assert "99th percentile" in text and "about 1% of sketches by definition" in text
+    # interpolated quantiles leave up to one image more above τ (1.01% on the demo): never "at most 1%" beside it
+    assert "for 0.99% of all training sketches" in text and "at most 1%" not in text
     lowered = prompts.neuron_prompt({**neuron, "quantile": 0.875})  # QUANTILE lowered on small data
-    assert "87.5th percentile" in lowered and "at most 12.5% of sketches by definition" in lowered
+    assert "87.5th percentile" in lowered and "about 12.5% of sketches by definition" in lowered
     assert "probability 99.6%." in prompts.why_prompt("triangle", 0.996, [("circle", 0.5)])  # not "100%"
 
 

@@ -16,8 +16,10 @@ from selfexplain.features import iter_feature_maps
 from selfexplain.sae import TopKSAE, logit_lens
 
 
-def _make_sae(folder: Path, classifier_dir: Path, m: int = 48, k: int = 4, fingerprint: str | None = None) -> Path:
-    """A small SAE with μ, σ from real training tokens (random weights are enough here)."""
+def _make_sae(folder: Path, classifier_dir: Path, m: int = 48, k: int = 4, fingerprint: str | None = None,
+              dead: int = 0) -> Path:
+    """A small SAE with μ, σ from real training tokens (random weights are enough here); its last ``dead``
+    latents never fire (a real dictionary has some)."""
     model, ckpt = artifacts.load_classifier(classifier_dir / "best.pt")
     imageset = data.load_dataset(ckpt["dataset"], classifier_dir.parent / "cache_unused")
     idx = ckpt["split"]["train"].numpy()[:64]
@@ -30,6 +32,7 @@ def _make_sae(folder: Path, classifier_dir: Path, m: int = 48, k: int = 4, finge
     sae.sigma.copy_(tokens.std(0).clamp_min(1e-3))
     with torch.no_grad():
         sae.b_d.normal_(0, 0.1)
+        sae.b_e[m - dead:] = -1e4
     ckpt_sae = artifacts.sae_checkpoint(sae, classifier_fingerprint=fingerprint or ckpt["fingerprint"],
                                         classifier_path=str(classifier_dir / "best.pt"), config={}, epoch=1,
                                         metrics={}, usage_ema=torch.zeros(m))
@@ -39,7 +42,7 @@ def _make_sae(folder: Path, classifier_dir: Path, m: int = 48, k: int = 4, finge
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_classifier, cache_dir):
     folder = tmp_path_factory.mktemp("sae_s3")
-    sae_path = _make_sae(folder, tiny_classifier)
+    sae_path = _make_sae(folder, tiny_classifier, dead=1)
     # the tiny classifier's dataset cache lives in the session cache dir
     return {"classifier": tiny_classifier / "best.pt", "sae": sae_path, "cache": cache_dir}
 
@@ -168,6 +171,11 @@ def test_held_out_units_are_chosen_on_train_and_scored_on_test(report, pipeline)
     records = artifacts.read_jsonl(out / "neurons.jsonl")
     best = np.nan_to_num(train_auc, nan=0.5).argmax(0)
     for r in records:
+        if r["neuron_id"] == 47:  # the fixture's dead latent
+            assert r["dead"]
+        if r["dead"]:  # a constant score ties every part: no part named (it read "circle, AUROC 0.5")
+            assert r["parts"]["best_part"] is None and r["parts"]["auroc"] is None
+            continue
         assert r["parts"]["split"] == "train" and r["parts"]["best_part"] == inputs.imageset.part_types[best[r["neuron_id"]]]
         assert r["parts"]["auroc"] == pytest.approx(train_auc[best[r["neuron_id"]], r["neuron_id"]], abs=1e-4)
         assert 0 <= r["parts"]["n_examples"] <= len(r["top_examples"])  # the pointing share rests on these
@@ -247,6 +255,8 @@ def test_clear_errors(tmp_path, pipeline, tiny_classifier):
                            cache_dir=str(pipeline["cache"]), out_dir=str(tmp_path / "r"))
     with pytest.raises(UserError, match="QUANTILE"):
         sae_summarize.main(quantile=1.5)
+    with pytest.raises(UserError, match="PMI_LAMBDA > 0"):  # λ = 0 wrote -Infinity into neurons.jsonl
+        sae_summarize.main(pmi_lambda=0.0)
 
 
 def _run(pipeline, out, **overrides):
