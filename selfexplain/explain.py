@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
-from .concepts import concepts_and_names
+from .concepts import concepts_and_names, report_fingerprint
 from .config import closest, coerce
 from .data import model_input, relocate
 from .distributed import resolve_device
@@ -472,6 +472,20 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         extra=extra, removed_ink=removed)
 
 
+def require_own_report(models: Models, report_dir: str | Path) -> None:
+    """Refuse a report that stage 3 made for another SAE (``summary.json``'s fingerprint).
+
+    Its concepts would all be set aside (neurons named by id, the explanation still printed) and the
+    familiarity calibration refitted into it for these models: the sign that the checkpoint flags
+    were forgotten was one log line. A report without a recorded fingerprint is read as before.
+    """
+    found, own = report_fingerprint(report_dir), models.sae_ckpt["fingerprint"]
+    if found is not None and found != own:
+        raise UserError(f"REPORT_DIR={report_dir} describes another SAE (fingerprint {found}; SAE_CKPT's is {own}): "
+                        "pass the --classifier_ckpt and --sae_ckpt that made it, or rerun sae_summarize.py "
+                        "(and sae_summary_to_llm.py) for these models")
+
+
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
                    sae_ckpt: str | Path = artifacts.SAE_CKPT, report_dir: str | Path = artifacts.REPORT_DIR,
                    device: str | torch.device = "auto", batch_size: int = 64,
@@ -488,6 +502,7 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
         raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
     options = ExplainSettings.from_kwargs(settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
+    require_own_report(models, report_dir)
     concepts, short_names = concepts_and_names(report_dir, models.sae_ckpt["fingerprint"])  # of this SAE only
     out = []
     for start in range(0, len(images), batch_size):

@@ -39,7 +39,7 @@ import torch
 from .artifacts import FAMILIARITY, read_json, write_json
 from .data import load_dataset
 from .errors import UserError
-from .explain import analyse
+from .explain import analyse, require_own_report
 from .logs import log
 
 CALIBRATION_VERSION = 1           # bump when the score changes: stored calibrations are then refitted
@@ -203,6 +203,7 @@ def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibr
 
     Stale = written by another calibration version, or for another classifier or SAE.
     """
+    require_own_report(models, report_dir)  # never refit another SAE's report for these models
     path = Path(report_dir) / FAMILIARITY
     want = (CALIBRATION_VERSION, models.classifier_ckpt["fingerprint"], models.sae_ckpt["fingerprint"])
     if path.is_file():

@@ -212,6 +212,23 @@ def test_mismatched_sae_is_refused(ckpts, tmp_path):
         explain.load_models(ckpts["classifier_ckpt"], path, "cpu")
 
 
+def test_a_report_of_another_sae_is_refused_before_familiarity_is_refitted_into_it(ckpts, test_images, tmp_path,
+                                                                                   cache_dir):
+    """Forgetting --sae_ckpt explained with the demo's models against the user's report: concepts set aside
+    (neurons by id), the user's familiarity.json overwritten for the demo models; one log line said so."""
+    report = tmp_path / "report"
+    report.mkdir()
+    artifacts.write_json(report / artifacts.SUMMARY, {"sae_fingerprint": "0123456789abcdef"})
+    with pytest.raises(UserError, match="describes another SAE .*--sae_ckpt"):
+        explain.explain_image(test_images[0][0], report_dir=str(report), device="cpu", **ckpts)
+    with pytest.raises(UserError, match="describes another SAE"):
+        why_did_you.main(image="test:0", report_dir=str(report), cache_dir=str(cache_dir), device="cpu", **ckpts)
+    assert not (report / "familiarity.json").exists()
+    fingerprint = artifacts.load_checkpoint(ckpts["sae_ckpt"], "sae")["fingerprint"]
+    artifacts.write_json(report / artifacts.SUMMARY, {"sae_fingerprint": fingerprint})  # its own report: read
+    assert explain.explain_image(test_images[0][0], report_dir=str(report), device="cpu", **ckpts).neurons
+
+
 def test_concepts_fall_back_from_llm_to_stats_to_id(ckpts, test_images, tmp_path, capsys):
     image = test_images[0][0]
     empty = tmp_path / "empty"
