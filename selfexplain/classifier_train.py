@@ -22,7 +22,8 @@ from . import artifacts, data, synthetic
 from .artifacts import TrainState
 from .distributed import (Runtime, all_reduce_sum, amp_dtype, autocast, barrier, broadcast, lr_at,
                           precision_note)
-from .errors import UserError
+from .errors import UserError, some
+from .logs import log
 from .model import classifier_arch
 
 FRESH_WORKERS = 2  # processes drawing fresh synthetic sketches on a CPU run (4 s -> 2 s per 5,760 sketches on 2 cores)
@@ -115,14 +116,18 @@ def make_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 def new_split(imageset: data.ImageSet, val_fraction: float, test_fraction: float, seed: int,
               image_size: int) -> tuple[dict, dict]:
     """A fresh stratified split and the preprocessing measured on its training part."""
+    counts = np.bincount(np.asarray(imageset.labels), minlength=len(imageset.class_names))
+    named = lambda small: some(f"{imageset.class_names[c]} ({counts[c]})" for c in small)  # noqa: E731
+    too_few = np.flatnonzero(counts < 3)
+    if len(too_few):  # such a class never reaches val or test: trained on, never measured, without a word
+        raise UserError(f"every class needs at least 3 images (one each for train, val and test); "
+                        f"{named(too_few)} {'has' if len(too_few) == 1 else 'have'} fewer: add images or remove "
+                        "the class (for synthetic data: --synthetic_per_class >= 3)")
+    few = np.flatnonzero(counts < 10)
+    if len(few):
+        log(f"warning: {named(few)} {'has' if len(few) == 1 else 'have'} under 10 images: one or two in each "
+            "of val and test, and little to train on")
     split = data.stratified_split(imageset.labels, val_fraction, test_fraction, seed)
-    empty = [name for name in ("val", "test") if len(split[name]) == 0 and (val_fraction if name == "val"
-                                                                          else test_fraction) > 0]
-    if empty:  # a class needs 3 images to reach every split; 0.0 accuracy on no images read as a measurement
-        counts = np.bincount(np.asarray(imageset.labels))
-        raise UserError(f"the {' and '.join(empty)} split(s) would be empty: the smallest class has {counts.min()} "
-                        "images and every class needs at least 3 (one each for train, val and test); add images "
-                        "(for synthetic data: --synthetic_per_class >= 3)")
     mean, std = data.ink_mean_std(imageset.images, split["train"])
     return split, {"image_size": image_size, "mean": mean, "std": std, "ink": True}
 

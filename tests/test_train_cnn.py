@@ -264,9 +264,26 @@ def test_too_few_images_for_a_validation_split_is_refused(tmp_path, cache_dir):
     """2 sketches per class split 24/0/0 and reported val and test accuracy 0.0000 as measurements."""
     import train_standard_cnn as stage1
 
-    with pytest.raises(UserError, match="val and test split.*would be empty.*at least 3"):
+    with pytest.raises(UserError, match=r"at least 3 images.*; circle-spokes-dots \(2\), .*, \.\.\. have fewer"):
         stage1.main(**dict(TINY_CNN, out_dir=str(tmp_path / "run"), cache_dir=str(cache_dir), synthetic_per_class=2,
                            batch_size=4))
+
+
+def test_one_class_too_small_for_validation_is_refused_and_small_ones_named(tmp_path, capsys):
+    """A 2-image class among larger ones split 150/18/18 without a word: trained on, never in val or test."""
+    from selfexplain import classifier_train as ct
+    from selfexplain.data import ImageSet
+
+    def imageset(sizes):
+        labels = np.repeat(np.arange(len(sizes)), sizes)
+        return ImageSet(images=np.full((len(labels), 8, 8), 255, np.uint8), labels=labels,
+                        class_names=["a", "b", "tiny"], names=[str(i) for i in range(len(labels))])
+
+    with pytest.raises(UserError, match=r"tiny \(2\) has fewer: add images or remove the class"):
+        ct.new_split(imageset([30, 30, 2]), 0.1, 0.1, 0, 8)
+    split, _ = ct.new_split(imageset([30, 30, 5]), 0.1, 0.1, 0, 8)
+    assert "warning: tiny (5) has under 10 images" in capsys.readouterr().err
+    assert all(np.isin(2, np.repeat(np.arange(3), [30, 30, 5])[split[k]]) for k in ("train", "val", "test"))
 
 
 def test_a_spec_from_before_the_style_setting_reads_as_the_legacy_style():
