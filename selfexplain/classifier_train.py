@@ -230,12 +230,15 @@ def save_checkpoints(model, optimizer, scaler, state: TrainState, run: Classifie
 SCHEDULE_KEYS = ("BATCH_SIZE", "ACCUM_STEPS", "MAX_BATCHES")  # settings that fix the steps per epoch
 
 
-def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dict | None = None) -> dict:
+def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dict | None = None,
+                 moved_to: str = "") -> dict:
     """Load ``last.pt`` to resume; refuse it when the current settings name other data or another stride.
 
     The dataset and split come from the checkpoint: training on with the same split but
     other images would silently mix two datasets. The stride changes no weight shape, so
-    a mismatch would load silently and train another network: refuse it too.
+    a mismatch would load silently and train another network: refuse it too. The data is
+    read where the checkpoint says, or at ``moved_to`` (an explicit DATA_ROOT: the folder
+    moved; :func:`data.load_dataset` then checks that it holds the same images).
     """
     artifacts.require_resumable(path)
     ckpt = artifacts.load_checkpoint(path, "classifier")
@@ -246,24 +249,37 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dic
     saved = ckpt["dataset"]
     if _data_identity(saved) != _data_identity(spec):
         raise UserError(f"{path} was trained on {_describe(saved)} but the settings name {_describe(spec)}; "
-                        "resume with the same DATASET, DATA_ROOT, IMAGE_SIZE (and SYNTHETIC_PER_CLASS, SYNTHETIC_STYLE, SEED), "
-                        "or start a new run with --overwrite=True")
+                        f"resume with {_data_flags(saved)}, or start a new run with --overwrite=True")
+    if moved_to:
+        ckpt["dataset"] = data.relocate(saved, moved_to)
     artifacts.require_same_schedule(path, ckpt.get("config") or {}, schedule or {})
     return ckpt
 
 
+# what identifies a run's data beyond the settings: checked when the data loads, never named to the user
+_LOAD_CHECKS = ("items_digest", "items_count", "files_digest", "files_count", "files_unread")
+
+
 def _data_identity(spec: dict) -> dict:
-    root = spec.get("data_root")
-    out = {**spec, "data_root": str(Path(root).resolve()) if root else root}
-    for key in ("items_digest", "items_count", "files_digest", "files_count", "files_unread"):  # checked on load
-        out.pop(key, None)
+    """The settings that name a run's data, less its folder (a resume may read it where it moved)."""
+    out = {k: v for k, v in spec.items() if k not in _LOAD_CHECKS and k != "data_root"}
     if spec.get("dataset") == "synthetic":  # a spec from before the style setting was drawn in the legacy style
         out["style"] = synthetic.spec_style(spec)
     return out
 
 
+def _data_flags(spec: dict) -> str:
+    """The flags that name ``spec``'s data, to repeat when resuming."""
+    flags = [f"--dataset={spec['dataset']}", f"--image_size={spec['image_size']}"]
+    if spec["dataset"] == "synthetic":
+        flags += [f"--synthetic_per_class={spec.get('per_class')}", f"--synthetic_style={synthetic.spec_style(spec)}",
+                  f"--seed={spec.get('seed', 0)}"]
+    return " ".join(flags)
+
+
 def _describe(spec: dict) -> str:
-    extra = "".join(f", {k}={spec[k]}" for k in sorted(spec) if k not in ("dataset", "data_root", "image_size"))
+    extra = "".join(f", {k}={spec[k]}" for k in sorted(spec)
+                    if k not in ("dataset", "data_root", "image_size", *_LOAD_CHECKS))
     return f"{spec['dataset']} ({spec.get('data_root') or 'built in'}, {spec['image_size']} px{extra})"
 
 

@@ -253,7 +253,9 @@ def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
     (run / "last.pt").write_bytes((tiny_classifier / "last.pt").read_bytes())
     for other in (dict(synthetic_per_class=30), dict(image_size=96), dict(dataset="folder", data_root=str(tmp_path)),
                   dict(synthetic_style="varied")):
-        with pytest.raises(UserError, match="was trained on synthetic .* but the settings name"):
+        with pytest.raises(UserError, match="was trained on synthetic .* but the settings name .*; resume with "
+                                            "--dataset=synthetic --image_size=64 --synthetic_per_class=24 "
+                                            "--synthetic_style=quadrants --seed=0, or"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
     for other in (dict(batch_size=64), dict(accum_steps=2), dict(max_batches=1)):  # steps per epoch: lr went to 0
         with pytest.raises(UserError, match="which set its learning-rate schedule"):
@@ -440,3 +442,27 @@ def test_a_cached_folder_still_names_its_unreadable_images(tmp_path, capsys):
     capsys.readouterr()
     stage1.main(**run)  # reads the cache: the run's log still names it
     assert "skipped 1 unreadable images: a/broken.png (all listed in metrics.json)" in capsys.readouterr().err
+
+
+def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
+    """Stages 2-5 take --data_root for moved data; stage 1's resume refused it, naming digests, then
+    suggested --overwrite (losing the run). A resume without DATA_ROOT reads where the checkpoint says."""
+    import shutil
+
+    import train_standard_cnn as stage1
+    from hf_fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=12, clutter=False)
+    run = dict(TINY_CNN, dataset="folder", data_root=str(tmp_path / "src"), epochs=1, batch_size=8,
+               out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    stage1.main(**run)
+    stage1.main(**{**run, "data_root": "", "epochs": 2, "resume": True})  # the folder it was trained on
+    assert artifacts.load_checkpoint(tmp_path / "run" / "last.pt", "classifier")["epoch"] == 2
+    shutil.move(tmp_path / "src", tmp_path / "moved")
+    with pytest.raises(UserError, match="pass --data_root=WHERE_IT_IS_NOW"):
+        stage1.main(**{**run, "data_root": "", "epochs": 3, "resume": True})
+    stage1.main(**{**run, "data_root": str(tmp_path / "moved"), "epochs": 3, "resume": True})
+    assert artifacts.load_checkpoint(tmp_path / "run" / "last.pt", "classifier")["epoch"] == 3
+    (tmp_path / "moved" / "a" / "000.png").unlink()  # moved, and changed: still refused
+    with pytest.raises(UserError, match="no longer holds the images"):
+        stage1.main(**{**run, "data_root": str(tmp_path / "moved"), "epochs": 4, "resume": True})
