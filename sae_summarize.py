@@ -171,7 +171,8 @@ def measure_concepts(cfg, inputs, acts, indices, examples, timings: dict) -> tup
 
 
 def _log(summary: dict, out: Path) -> None:
-    log(f"{summary['n_neurons']} neurons, {summary['n_dead']} dead, {summary['n_clear_class']} with a clear class; "
+    log(f"{summary['n_neurons']} neurons, {summary['n_dead']} dead (never active on these {summary['n_images']} "
+        f"training images), {summary['n_clear_class']} with a clear class; "
         f"SAE keeps {100 * summary['sae_top1_agreement']:.1f}% of predictions on these training images; "
         f"{summary['timings_s']['total']:.1f}s")
     measures = summary["concept_measures"]

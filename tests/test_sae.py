@@ -549,3 +549,11 @@ def test_resampling_under_batchtopk_is_refused_before_any_work():
         with pytest.raises(UserError, match="works with ARCH=topk only"):
             st.SAETrainSettings(out_dir="x", classifier_ckpt="y", arch="batchtopk", dead_latents=dead).check()
     st.SAETrainSettings(out_dir="x", classifier_ckpt="y", arch="topk", dead_latents="both").check()
+
+
+def test_a_dead_share_above_the_target_says_what_to_try():
+    """15.6% dead on validation read as fine beside the atlas's "4 dead" (another count: training images)."""
+    assert st.dead_note(0.05, 4600, 256) == ""
+    note = st.dead_note(0.156, 4600, 256)
+    assert note.startswith("warning: 15.6% of the 256 latents fired on none of the 4600 validation tokens")
+    assert "--latent_dim" in note and "stage 3 counts as dead only" in note
