@@ -174,13 +174,15 @@ def _refuse_changed_files(spec: dict, source: dict) -> None:
         return
     digest, count = _files_digest(source, spec.get("files_unread", []))
     if digest != recorded:
-        _changed(spec, spec.get("files_count"), count, "image files")
+        unread = len(spec.get("files_unread", []))  # left out of both counts
+        _changed(spec, spec.get("files_count"), count,
+                 f"image files{f' besides the {unread} it could not read' if unread else ''}")
 
 
 def _changed(spec: dict, count: int | None, now: int, what: str) -> None:
-    counts = f" (the classifier's run saw {count} {what}, it now holds {now})" if count not in (None, now) else ""
-    raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on (files were "
-                    f"added, removed or renamed, or became unreadable{counts}), so its saved split would index "
+    counts = f" (the classifier's run read {count} {what}, now {now})" if count not in (None, now) else ""
+    raise UserError(f"{spec['data_root']} no longer holds the images the classifier was trained on: files were "
+                    f"added, removed or renamed, or became unreadable{counts}, so its saved split would index "
                     "other images; restore the folder or retrain with train_standard_cnn.py --overwrite=True")
 
 

@@ -142,11 +142,11 @@ def test_a_changed_folder_is_refused_where_a_saved_split_would_index_other_image
     first = (tmp_path / "src" / "a" / "001.jpg").read_bytes()
     (tmp_path / "src" / "a" / "0000_new.jpg").write_bytes(first)  # sorts first: every later index shifts
     caches = set((tmp_path / "cache").iterdir())
-    with pytest.raises(UserError, match=r"no longer holds the images.*saw 6 image files, it now holds 7"):
+    with pytest.raises(UserError, match=r"no longer holds the images.*read 6 image files, now 7\), so"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
     assert set((tmp_path / "cache").iterdir()) == caches  # refused before decoding the changed folder
     (tmp_path / "src" / "a" / "001.jpg").unlink()  # as many images again, another list: no counts to give
-    with pytest.raises(UserError, match=r"added, removed or renamed, or became unreadable\), so"):
+    with pytest.raises(UserError, match=r"added, removed or renamed, or became unreadable, so"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
     older = {k: v for k, v in recorded.items() if not k.startswith("files_")}  # a checkpoint from before the list
     with pytest.raises(UserError, match=r"no longer holds the images"):  # still refused, after decoding
@@ -163,7 +163,7 @@ def test_deleting_the_files_stage_1_could_not_read_is_no_change(tmp_path):
     (tmp_path / "src" / "b" / "broken.png").unlink()
     assert len(data.load_dataset(recorded, tmp_path / "cache", progress=False).names) == 6
     (tmp_path / "src" / "b" / "also_broken.png").write_bytes(b"junk")  # a new file, even unreadable, is a change
-    with pytest.raises(UserError, match=r"saw 6 image files, it now holds 7"):
+    with pytest.raises(UserError, match=r"read 6 image files besides the 1 it could not read, now 7"):
         data.load_dataset(recorded, tmp_path / "cache", progress=False)
 
 
