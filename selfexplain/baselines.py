@@ -50,7 +50,11 @@ def sae_code(sae: TopKSAE, name: str | None = None) -> CodeProvider:
 
 
 def random_sae_like(sae: TopKSAE, seed: int = 0) -> TopKSAE:
-    """An untrained SAE of the same shape and standardisation: the floor any dictionary must beat."""
+    """An untrained SAE of the same shape (M, K) and standardisation: the floor any dictionary must beat.
+
+    It codes by per-token Top-K (exactly K per token), whatever ``sae.arch``: a random SAE has no
+    trained BatchTopK threshold θ to apply.
+    """
     with torch.random.fork_rng(devices=[]):  # its own draws, the caller's random stream untouched
         torch.manual_seed(seed)
         rand = TopKSAE(sae.d_in, sae.n_latents, sae.k)

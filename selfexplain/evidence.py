@@ -10,8 +10,8 @@ classifier, so a wrong explanation shows:
   the same amount of ink under random active neurons' maps (mean over draws, the same
   rule) and under CAM, the class activation map ``W_c · A(h, w) + b_c`` of the GAP +
   linear head (its mean over tokens is the logit). "Where a set of neurons fires" at
-  pixel level (:func:`concept_scores`): their sparse-code token maps summed
-  (:func:`where_map`) and upsampled bilinearly, times the ink that carries
+  pixel level (:func:`concept_scores`): their sparse-code token maps, each scaled to
+  sum 1, then summed (:func:`where_map`), and upsampled bilinearly, times the ink that carries
   their activation (:func:`set_activation_pixels`: gradient x ink of the set's summed
   code, positive part); ink pixels are ranked by it, the strongest covering ``ink_share``
   of the ink;

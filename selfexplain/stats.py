@@ -49,11 +49,12 @@ def pmi(on, labels, n_classes: int, lam: float = 1.0) -> np.ndarray:
 
     Parameters
     ----------
-    on : (N, M) bool. labels : (N,) ints in [0, n_classes). lam : λ >= 0.
+    on : (N, M) bool. labels : (N,) ints in [0, n_classes). lam : λ > 0 (0 gives -inf for empty cells).
 
     Returns
     -------
-    (M, C) float64. With no "on" images a neuron's PMI is log(P_λ(uniform) / P(c)), near 0.
+    (M, C) float64. With no "on" images a neuron's PMI is log(P_λ(uniform) / P(c)): 0 for balanced
+    classes, away from 0 for the rare and common ones.
     """
     counts = class_counts(on, labels, n_classes)              # (M, C)
     n_c = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
