@@ -41,7 +41,7 @@ from selfexplain.llm_backends import LLMError, make_backend
 from selfexplain.logs import log
 
 # ----------------------------------------------------------------------------- config
-IMAGE = "test:0"                           # image file, [list], folder/, or test:K (K-th test image of the classifier's dataset)
+IMAGE = "test:0"                           # image file, [list], folder/, pattern (*.png), or test:K (K-th test image)
 CLASSIFIER_CKPT = artifacts.CLASSIFIER_CKPT  # stage 1 checkpoint
 SAE_CKPT = artifacts.SAE_CKPT              # stage 2 checkpoint (must match the classifier)
 REPORT_DIR = artifacts.REPORT_DIR          # stage 3/4 outputs: neurons.jsonl, llm_output.jsonl (must exist)

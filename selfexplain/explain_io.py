@@ -1,7 +1,7 @@
 """Stage 5's inputs and outputs around :mod:`selfexplain.explain`: what ``IMAGE`` names,
 where overlays go, and the text a person reads.
 
-``IMAGE`` is an image file, a folder (its images, sorted), ``test:K`` (the K-th held-out
+``IMAGE`` is an image file, a folder (its images, sorted), a pattern (``sketches/*.png``), ``test:K`` (the K-th held-out
 test image of the classifier's dataset), or a list of those. On the command line a list
 is a Python/JSON literal, ``--image="['a.png', 'b, c.png']"``, whose names are never
 split; the bare form ``--image=[a.png,b.png]`` splits at commas except inside a name
@@ -10,6 +10,7 @@ that exists on disk. A single path with a comma in it is just a path.
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import re
 from collections import Counter
@@ -45,7 +46,8 @@ class ImageInput:
 
 # ----------------------------------------------------------------------------- IMAGE
 def image_list(image: str | Sequence[str]) -> list[str]:
-    """IMAGE as given -> a list of entries: files, every image of a folder, or test:K."""
+    """IMAGE as given -> a list of entries: files, every image of a folder, the files a pattern
+    (``*``, ``?``, ``[...]``, ``**``) matches, or test:K."""
     if isinstance(image, str) and _is_list_text(image):
         image = _parse_list(image.strip())
     entries = image if isinstance(image, (list, tuple)) else [image]
@@ -62,6 +64,11 @@ def image_list(image: str | Sequence[str]) -> list[str]:
             if not found:
                 raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
             out += found
+        elif not path.exists() and glob.has_magic(entry):  # a pattern quoted past the shell ('new_*.png')
+            matches = sorted(m for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"no file matches {entry}")
+            out += matches
         else:
             out.append(entry)
     return out

@@ -364,6 +364,11 @@ def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp
         (nested / rel).parent.mkdir(parents=True, exist_ok=True)
         (nested / rel).write_bytes(b"x")
     assert explain_io.image_list(str(nested)) == [str(nested / r) for r in ("cat/a.png", "cat/deeper/b.png", "dog/c.jpg")]
+    # a pattern the shell did not expand ('new_*.png' quoted) read "image not found: .../new_*.png"
+    assert explain_io.image_list(str(nested / "*" / "*.png")) == [str(nested / "cat/a.png")]
+    assert explain_io.image_list(str(nested / "**" / "[bc].*")) == [str(nested / r) for r in ("cat/deeper/b.png", "dog/c.jpg")]
+    with pytest.raises(UserError, match=r"no file matches .*\*\.gif"):
+        explain_io.image_list(str(nested / "*.gif"))
     for nothing in ("[]", [], "", "  "):
         with pytest.raises(UserError, match="no image given"):
             explain_io.image_list(nothing)
