@@ -90,24 +90,26 @@ def main(**overrides) -> dict:
     if cfg.FEATURE_BATCH < 1 or cfg.MAX_IMAGES < 0:
         raise UserError(f"need FEATURE_BATCH >= 1 and MAX_IMAGES >= 0, got {cfg.FEATURE_BATCH}, {cfg.MAX_IMAGES}")
     runtime = setup_runtime(cfg.DEVICE)
+    settings.config["WORLD_SIZE"] = runtime.world_size  # fixes the steps per epoch: a resume must match it
     set_threads(cfg.NUM_THREADS)
     model, clf_ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, runtime.device)
     clf_ckpt["dataset"] = data.relocate(clf_ckpt["dataset"], cfg.DATA_ROOT)
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later
     if cfg.RESUME:  # before the token pass, not after it
-        st.check_resumable(Path(cfg.OUT_DIR) / artifacts.LAST_SAE, settings, clf_ckpt["fingerprint"])
+        st.check_resumable(Path(cfg.OUT_DIR) / artifacts.LAST_SAE, settings, clf_ckpt["fingerprint"],
+                           world_size=runtime.world_size)
     model = model.to(memory_format=torch.channels_last)  # 2x faster convs on CPU (measured)
     model.requires_grad_(False)
     tokens = st.cache_split_tokens(model, clf_ckpt, cfg.CACHE_DIR, runtime, max_images=cfg.MAX_IMAGES, seed=cfg.SEED,
                                    ram_gb=cfg.TOKEN_RAM_GB, feature_batch=cfg.FEATURE_BATCH)
-    if tokens.val.n_tokens == 0:  # val FVU 0.0000 on no tokens picked the "best" checkpoint
+    if tokens.n_val == 0:  # val FVU 0.0000 on no tokens picked the "best" checkpoint (all ranks: their shards differ)
         raise UserError(f"{cfg.CLASSIFIER_CKPT} has an empty validation split: nothing to choose the best SAE on; "
                         "retrain stage 1 with more images per class")
     if cfg.EPOCHS == 0:  # a cache-only run: nothing goes into OUT_DIR
         runtime.log(st.cache_only_note(tokens, cfg.CACHE_DIR))
         cleanup(runtime)
-        return {"train_tokens": tokens.train.n_tokens, "val_tokens": tokens.val.n_tokens}
+        return {"train_tokens": tokens.n_train, "val_tokens": tokens.n_val}
     steps = st.steps_per_epoch(tokens.train, settings.batch_size, runtime)  # too few tokens: refused before
     # --overwrite removes the earlier run only now, once the data has loaded: a typo loses nothing
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=runtime.is_main)
@@ -130,5 +132,5 @@ def main(**overrides) -> dict:
 if __name__ == "__main__":
     exit_on_sigterm()
     keep_freed_memory()
-    maybe_launch_torchrun(__file__)
+    maybe_launch_torchrun(__file__, globals())
     run_cli(main, globals())

@@ -91,13 +91,15 @@ def main(**overrides) -> dict:
     settings = ct.ClassifierTrainSettings.from_config(cfg, augment=ct.resolve_augment(cfg.AUGMENT, cfg.DATASET))
     spec = build_spec(cfg)
     runtime = setup_runtime(cfg.DEVICE)
+    settings.config["WORLD_SIZE"] = runtime.world_size  # fixes the steps per epoch: a resume must match it
     set_threads(cfg.NUM_THREADS)
     torch.manual_seed(cfg.SEED + runtime.rank)
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     if cfg.EPOCHS > 0:  # a cache-only run writes nothing into OUT_DIR; refuse now, clear once the settings hold
         artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=False)
     last = Path(cfg.OUT_DIR) / artifacts.LAST_CLASSIFIER
-    resumed = (ct.resume_point(last, spec, cfg.LAYER4_STRIDE, {k: cfg[k] for k in ct.SCHEDULE_KEYS},
+    schedule = {**{k: cfg[k] for k in ct.SCHEDULE_KEYS}, "WORLD_SIZE": runtime.world_size}
+    resumed = (ct.resume_point(last, spec, cfg.LAYER4_STRIDE, schedule,
                                moved_to=spec.get("data_root") if cfg.DATA_ROOT else "")  # '' : where it was read
                if cfg.RESUME else None)
     with main_rank_first(runtime):  # one download and one decode under DDP; the other ranks read the cache
@@ -147,5 +149,5 @@ def main(**overrides) -> dict:
 if __name__ == "__main__":
     exit_on_sigterm()
     keep_freed_memory()
-    maybe_launch_torchrun(__file__)
+    maybe_launch_torchrun(__file__, globals())
     run_cli(main, globals())

@@ -212,7 +212,7 @@ def fresh_sketches(model, ckpt: dict, imageset: data.ImageSet, grid: tuple, cfg)
 
 
 RUN_KEYS = ("CLASSIFIER_CKPT", "OUT_DIR", "CACHE_DIR", "RESUME", "OVERWRITE", "TENSORBOARD", "SEED", "DEVICE",
-            "NUM_THREADS")                       # train_sae settings that do not change what the SAE learns (but SEED)
+            "NUM_THREADS", "WORLD_SIZE")  # recorded settings that do not change what the SAE learns (but SEED), or no flag
 
 
 def sae_settings(sae_ckpt: dict) -> dict:

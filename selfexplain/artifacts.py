@@ -481,10 +481,12 @@ def remove_path(path: Path) -> None:
 
 def require_same_schedule(path: str | os.PathLike, saved_config: dict, current: dict) -> None:
     """Refuse to resume with settings that change the steps per epoch: the learning-rate schedule
-    counts steps, so a larger BATCH_SIZE resumed past its total and trained every epoch at lr 0."""
+    counts steps, so a larger BATCH_SIZE (or more processes) resumed past its total and trained
+    every epoch at lr 0. A key the saved config lacks (an older run) is not compared."""
     changed = {k: (saved_config[k], v) for k, v in current.items() if k in saved_config and saved_config[k] != v}
-    if changed:
-        was = ", ".join(f"--{k.lower()}={old}" for k, (old, _) in changed.items())
+    if changed:  # WORLD_SIZE (recorded by the scripts, no flag): the processes share each step's batches
+        was = ", ".join(f"{old} process(es) (torchrun --nproc_per_node={old})" if k == "WORLD_SIZE"
+                        else f"--{k.lower()}={old}" for k, (old, _) in changed.items())
         raise UserError(f"{path} was trained with {was}, which set its learning-rate schedule: resume with the same "
                         "values, or start a new run with --overwrite=True")
 

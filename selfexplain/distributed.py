@@ -138,19 +138,29 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def maybe_launch_torchrun(script: str, argv: list[str] | None = None) -> None:
+def maybe_launch_torchrun(script: str, namespace: dict | None = None, argv: list[str] | None = None) -> None:
     """Re-run ``script`` under torchrun with one process per GPU when several are visible.
 
-    Skipped when already under torchrun, when ``SELFEXPLAIN_NO_DDP=1``, or when
-    ``--device=cpu`` is given.
+    Skipped when already under torchrun, when ``SELFEXPLAIN_NO_DDP=1``, for ``--help``, and when
+    the settings (command line and ``--config`` YAML, read with the script's constants from
+    ``namespace``) name a device other than auto or cuda (``cpu``, ``cuda:1``). Settings that do not
+    parse are not relaunched either: the script itself then says what is wrong in one line (under
+    torchrun it was a traceback per process and exit 1).
     """
+    from .config import make_config, module_constants, parse_argv  # config reads no torch: no cycle
+
     argv = sys.argv[1:] if argv is None else argv
     if "WORLD_SIZE" in os.environ or os.environ.get("SELFEXPLAIN_NO_DDP") == "1":
         return
-    if any(a.lower().replace("-", "_") in ("--device=cpu", "--help", "-h") for a in argv):
-        return
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus < 2:
+        return
+    try:
+        overrides, wants_help = parse_argv(argv)
+        device = make_config(module_constants(namespace or {}), overrides).get("DEVICE", "auto")
+    except UserError:
+        return
+    if wants_help or str(device).lower() not in ("auto", "cuda"):
         return
     log(f"{n_gpus} GPUs visible: relaunching under torchrun (set SELFEXPLAIN_NO_DDP=1 to stop this)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", script, *argv]

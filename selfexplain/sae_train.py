@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import artifacts, data
 from .artifacts import TrainState
 from .distributed import (Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at,
-                          precision_note)
+                          main_rank_first, precision_note)
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
@@ -116,6 +116,8 @@ class SplitTokens:
     sigma: torch.Tensor
     labels: np.ndarray              # by dataset index
     classifier_fingerprint: str     # the classifier whose layer4 tokens these are
+    n_train: int = 0                # tokens of every rank together (a rank's own: train.n_tokens)
+    n_val: int = 0
 
 
 def subsample(indices: np.ndarray, max_images: int, seed: int) -> np.ndarray:
@@ -140,7 +142,8 @@ def token_cache_path(cache_dir: str | Path, classifier_fingerprint: str, split_n
 def cache_split_tokens(model, clf_ckpt: dict, cache_dir: str | Path, runtime: Runtime, *, max_images: int = 0,
                        seed: int = 0, ram_gb: float = 4.0, feature_batch: int = 256) -> SplitTokens:
     """Cache this rank's shard of the train and val tokens (fp32 backbone, fp16 storage)."""
-    imageset = data.load_dataset(clf_ckpt["dataset"], cache_dir, progress=runtime.is_main)
+    with main_rank_first(runtime):  # one decode under DDP (every rank built the same cache at once); the rest read it
+        imageset = data.load_dataset(clf_ckpt["dataset"], cache_dir, progress=runtime.is_main)
     split = {k: v.numpy() for k, v in clf_ckpt["split"].items()}
     t0 = time.time()
     stores, sums = {}, None
@@ -153,9 +156,13 @@ def cache_split_tokens(model, clf_ckpt: dict, cache_dir: str | Path, runtime: Ru
         sums = found if name == "train" else sums
     mu, sigma = standardization(*sums, runtime)
     train, val = stores["train"], stores["val"]
-    runtime.log(f"cached {train.n_tokens * runtime.world_size} train / {val.n_tokens * runtime.world_size} val "
-                f"tokens ({train.hw[0]}x{train.hw[1]} per image) in {time.time() - t0:.1f}s")
-    return SplitTokens(train, val, mu, sigma, imageset.labels, clf_ckpt["fingerprint"])
+    # totals over ranks (shards differ by up to one image): a rank's count times the world miscounted them,
+    # and a rank with no val shard called the whole split empty
+    n_train, n_val = all_reduce_sum(torch.tensor([train.n_tokens, val.n_tokens], dtype=torch.int64,
+                                                 device=runtime.device), runtime).tolist()
+    runtime.log(f"cached {n_train} train / {n_val} val tokens ({train.hw[0]}x{train.hw[1]} per image) in "
+                f"{time.time() - t0:.1f}s")
+    return SplitTokens(train, val, mu, sigma, imageset.labels, clf_ckpt["fingerprint"], n_train, n_val)
 
 
 def cache_only_note(tokens: SplitTokens, cache_dir: str | Path) -> str:
@@ -168,10 +175,13 @@ def cache_only_note(tokens: SplitTokens, cache_dir: str | Path) -> str:
 
 def steps_per_epoch(store: TokenStore, batch_size: int, runtime: Runtime) -> int:
     """Equal on every rank (the smallest shard decides), at least 1."""
-    n = all_reduce_min(torch.tensor([store.n_tokens // batch_size], dtype=torch.int64, device=runtime.device), runtime)
-    if n.item() < 1:
-        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {store.n_tokens} training tokens per process")
-    return int(n.item())
+    fewest = int(all_reduce_min(torch.tensor([store.n_tokens], dtype=torch.int64, device=runtime.device),
+                                runtime).item())  # the same figure on every rank: the same error everywhere
+    if fewest < batch_size:
+        where = " per process" if runtime.world_size == 1 else f" of the smallest of {runtime.world_size} processes' shares"
+        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {fewest} training tokens{where}: lower "
+                        "--batch_size" + (" or use fewer processes" if runtime.world_size > 1 else ""))
+    return fewest // batch_size
 
 
 # ----------------------------------------------------------------------------- sparse step
@@ -447,8 +457,8 @@ def fit(sae: TopKSAE, optimizer, usage_ema: torch.Tensor, head, tokens: SplitTok
                 f"{runtime.world_size} ranks, dead latents: {s.dead_latents}, {runtime.describe()}, "
                 f"{precision_note(runtime.device, s.amp)} encoder")
     need = min_tokens_for_dead(s.latent_dim, s.top_k)
-    if tokens.val.n_tokens * runtime.world_size < need:
-        runtime.log(f"warning: {tokens.val.n_tokens * runtime.world_size} validation tokens are fewer than "
+    if tokens.n_val < need:
+        runtime.log(f"warning: {tokens.n_val} validation tokens are fewer than "
                     f"10·M/K = {need}: the validation dead fraction is mostly chance")
     log_every = max(1, math.ceil(s.epochs / LOG_LINES))  # MIN_STEPS can make hundreds of short epochs
     for epoch in range(state.epoch + 1, s.epochs + 1):
@@ -561,7 +571,7 @@ def save_checkpoints(sae, optimizer, usage_ema, state: TrainState, settings: SAE
 
 
 def check_resumable(path: str | Path, settings: SAETrainSettings, classifier_fingerprint: str,
-                    map_location="cpu") -> dict:
+                    map_location="cpu", world_size: int = 1) -> dict:
     """``last_sae.pt`` if the run can go on with these settings (same classifier, M, K and ARCH),
     else a UserError saying what to pass; stage 2 asks before its token pass, not after it."""
     artifacts.require_resumable(path)
@@ -572,14 +582,15 @@ def check_resumable(path: str | Path, settings: SAETrainSettings, classifier_fin
     if saved != (settings.latent_dim, settings.top_k, settings.arch):
         raise UserError(f"{path} has M={saved[0]} K={saved[1]} ARCH={saved[2]}; "
                         f"resume with --latent_dim={saved[0]} --top_k={saved[1]} --arch={saved[2]}")
-    artifacts.require_same_schedule(path, ckpt.get("config") or {}, {"BATCH_SIZE": settings.batch_size})
+    artifacts.require_same_schedule(path, ckpt.get("config") or {},
+                                    {"BATCH_SIZE": settings.batch_size, "WORLD_SIZE": world_size})
     return ckpt
 
 
 def restore(path: str | Path, sae, optimizer, settings: SAETrainSettings, classifier_fingerprint: str,
             runtime: Runtime) -> tuple[TrainState, torch.Tensor]:
     """Load ``last_sae.pt`` (see :func:`check_resumable`); returns (loop state, usage EMA)."""
-    ckpt = check_resumable(path, settings, classifier_fingerprint, runtime.device)
+    ckpt = check_resumable(path, settings, classifier_fingerprint, runtime.device, runtime.world_size)
     sae.load_state_dict(ckpt["state"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return TrainState.from_checkpoint(ckpt), ckpt["usage_ema"].to(runtime.device)

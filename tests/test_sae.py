@@ -500,6 +500,21 @@ def test_ddp_two_processes_gloo(tiny_classifier, tmp_path, cache_dir):
     artifacts.load_sae(tmp_path / "best_sae.pt", clf)
 
 
+def test_ddp_with_one_validation_image_counts_every_rank(tiny_classifier, tmp_path, cache_dir):
+    """With one image per split, rank 1's val shard is empty: it called the split empty (exit 1, a gloo
+    traceback on rank 0), and the log counted a rank's tokens times the world (8 for 4)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_sae.py"), "--device=cpu", f"--classifier_ckpt={tiny_classifier / 'best.pt'}",
+           f"--out_dir={tmp_path}", f"--cache_dir={cache_dir}", "--latent_dim=8", "--top_k=2", "--max_images=1",
+           "--batch_size=2", "--epochs=1", "--min_steps=0", "--tensorboard=False"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "cached 4 train / 4 val tokens (2x2 per image)" in out.stderr, out.stderr[-2000:]
+    assert "empty validation split" not in out.stderr
+    # rank 1 holds no training image: both ranks say so alike (rank 0 spoke of its own 4 tokens)
+    assert out.stderr.count("larger than the 0 training tokens of the smallest of 2 processes' shares") == 2
+
+
 def test_a_cache_only_run_says_whether_it_kept_the_tokens(tiny_classifier, tmp_path, cache_dir, capsys):
     import train_sae
 

@@ -98,6 +98,46 @@ def test_ddp_two_processes_gloo(tmp_path, cache_dir):
     artifacts.load_classifier(tmp_path / "best.pt")
 
 
+def test_a_resume_with_another_number_of_processes_is_refused(tiny_classifier, tmp_path, cache_dir):
+    """Steps per epoch depend on the processes: a 1-process run resumed under torchrun with 2 passed its
+    schedule's total at once and trained the rest at lr 0 (stage 2 alike, through the same check)."""
+    assert artifacts.load_checkpoint(tiny_classifier / "last.pt", "classifier")["config"]["WORLD_SIZE"] == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny_classifier / "last.pt").read_bytes())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_standard_cnn.py"), *_flags(**dict(TINY_CNN, epochs=3), out_dir=run, cache_dir=cache_dir,
+                                                          device="cpu", resume=True)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "was trained with 1 process(es) (torchrun --nproc_per_node=1)" in out.stderr
+    with pytest.raises(UserError, match=r"trained with --batch_size=64, 2 process\(es\)"):
+        artifacts.require_same_schedule("x", {"BATCH_SIZE": 64, "WORLD_SIZE": 2}, {"BATCH_SIZE": 32, "WORLD_SIZE": 1})
+    artifacts.require_same_schedule("x", {"BATCH_SIZE": 64}, {"BATCH_SIZE": 64, "WORLD_SIZE": 4})  # older: no record
+
+
+def test_the_relaunch_on_several_gpus_reads_the_settings_as_the_script_does(monkeypatch, tmp_path):
+    """'--device=cpu' was compared after '-' became '_' ('__device=cpu'): a CPU run and --help were relaunched
+    under torchrun on every 2-GPU machine; a typo became a traceback per process."""
+    import train_standard_cnn as stage1
+    from selfexplain import distributed
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "execvp", lambda prog, cmd: launched.append(cmd))
+    (tmp_path / "cpu.yaml").write_text("device: cpu\n")
+    for argv in (["--device=cpu"], ["--help"], ["-h"], ["--device=cuda:1"], [f"--config={tmp_path / 'cpu.yaml'}"],
+                 ["--epocs=3"], ["--epochs=three"]):
+        distributed.maybe_launch_torchrun("train_standard_cnn.py", vars(stage1), argv)
+        assert launched == [], argv
+    distributed.maybe_launch_torchrun("train_standard_cnn.py", vars(stage1), ["--epochs=3", "--device=cuda"])
+    assert launched and launched[0][-3:] == ["train_standard_cnn.py", "--epochs=3", "--device=cuda"]
+    assert "--nproc_per_node=2" in launched[0]
+
+
 def test_torchrun_with_one_process_joins_the_group(monkeypatch):
     """One-GPU machines check the NCCL/DDP path by torchrun with one process."""
     import socket
