@@ -171,7 +171,7 @@ def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
 
     Without them bf16 autocast is emulated: measured 14x slower than fp32 for
-    ResNet-18 training on an AVX2-only AMD EPYC (bench/RESULTS.md).
+    ResNet-18 training on an AVX2-only AMD EPYC (an early session; the figure is not in bench/).
     """
     try:
         flags = open("/proc/cpuinfo").read()

@@ -15,8 +15,9 @@ backends only), and says which backend it picked and why.
 
 Retries: the clients retry HTTP failures themselves, ``retries`` times (openai: 408, 409,
 429, 5xx, timeouts and lost connections, honouring ``Retry-After``, ``retry-after-ms`` and
-HTTP dates; replicate: the same statuses, ``Retry-After`` in seconds, and httpx retries
-failed connections). This module retries only what they cannot see: answers that do not
+HTTP dates; replicate: polls on the same statuses, creates only on 429 and 503 (a create answered
+otherwise may have started a paid prediction), ``Retry-After`` in seconds, and httpx retries failed
+connections). This module retries only what they cannot see: answers that do not
 parse, and replicate predictions that failed or outlasted the timeout. Secrets never leave
 this module: every error message and answer is scrubbed of them.
 """
