@@ -177,6 +177,16 @@ def test_cam_averages_to_the_head_logit(tiny):
     for b in range(3):
         cams = np.stack([evidence.cam_map(models, analysis, b, c) for c in range(len(models.class_names))])
         np.testing.assert_allclose(cams.mean((1, 2)), analysis.logits[b].numpy(), rtol=1e-4, atol=1e-4)
+    # position by position: W_c · A(h, w) + b_c on the classifier's own layer4 map (a transposed CAM kept its mean)
+    x = data.model_input(torch.from_numpy(images[:3]), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        fmap = models.classifier.features(x)
+    fc = models.classifier.fc
+    for b in range(3):
+        for c in range(len(models.class_names)):
+            want = torch.einsum("chw,c->hw", fmap[b], fc.weight[c]) + fc.bias[c]
+            np.testing.assert_allclose(evidence.cam_map(models, analysis, b, c), want.detach().numpy(), rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_input_deletion_matches_separate_reruns(tiny):

@@ -68,6 +68,9 @@ def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):
     images, _ = test_images
     models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
     analysis = explain.analyse(models, np.stack(images[:6]))
+    x = data.model_input(torch.from_numpy(np.stack(images[:6])), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():  # each neuron's code at every token, computed apart from analyse()
+        codes = models.sae.codes_for_map(models.classifier.features(x)).numpy()
     for b in range(6):
         e = explain.explain_one(models, analysis, b, "x", {}, explain.ExplainSettings(n_cite=3))
         contrib = (analysis.z_mean[b] * models.lens[:, e.predicted_index]).double().numpy()
@@ -79,6 +82,8 @@ def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):
             assert n.concept == f"neuron {n.neuron_id}" and n.concept in e.sentence
             assert n.heatmap.shape == analysis.hw and n.heatmap.max() == pytest.approx(n.activation_max, rel=1e-5)
             assert n.heatmap.mean() == pytest.approx(n.activation, rel=1e-5)
+            # the map itself, token by token, the right way up (a transposed map kept its max and mean)
+            np.testing.assert_allclose(n.heatmap, codes[b, :, n.neuron_id].reshape(analysis.hw), rtol=1e-4, atol=1e-5)
 
 
 def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpts, test_images, tmp_path):
@@ -94,6 +99,14 @@ def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpt
         assert 0.15 <= f["ink_removed"] <= 0.25                       # the cited mask's ink, ~20% of it
         for key in ("input_cited_drop", "input_random_drop", "cam_drop"):
             assert np.isfinite(f[key])
+    # the input check whites out the cited neurons' ink, not another set's (only finiteness was checked)
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    analysis = explain.analyse(models, np.stack(images[:4]))
+    for b, e in enumerate(exps[:4]):
+        if e.neurons:
+            alone = evidence.input_deletion(models, images[b], analysis, b, [n.neuron_id for n in e.neurons],
+                                            e.predicted_index, [])
+            assert e.faithfulness["input_cited_drop"] == pytest.approx(alone["input_cited_drop"], abs=1e-4)
     again = _explain(images[:4], ckpts, tmp_path, n_cite=3, n_random=8, seed=0)  # seeded draws
     # equal up to float noise: another batch may take other kernels (failed bit-exact on a 16-core Xeon)
     assert [e.faithfulness for e in again] == [pytest.approx(e.faithfulness, rel=1e-5, abs=1e-6) for e in exps[:4]]
@@ -114,6 +127,10 @@ def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
         one = explain.explain_image(images[k], report_dir=str(tmp_path), device="cpu", **ckpts)
         assert one.predicted_index == e.predicted_index and one.logit == pytest.approx(e.logit, abs=1e-4)
         assert [n.neuron_id for n in one.neurons] == [n.neuron_id for n in e.neurons]
+    # the random sets are drawn per image, not per place in a batch: the checks do not depend on the batching
+    whole = _explain(images[:4], ckpts, tmp_path, batch_size=4)
+    halves = _explain(images[:4], ckpts, tmp_path, batch_size=2)
+    assert [e.faithfulness for e in halves] == [pytest.approx(e.faithfulness, rel=1e-5, abs=1e-6) for e in whole]
     from_file = explain.explain_image(image_dir / "sketch_0.png", report_dir=str(tmp_path), device="cpu", **ckpts)
     assert from_file.image.endswith("sketch_0.png") and from_file.predicted_index == batch[0].predicted_index
 

@@ -194,12 +194,19 @@ def test_a_failed_write_is_one_line_naming_the_path(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
+    (tmp_path / "last.pt").write_bytes(b"the last whole checkpoint")
+    (tmp_path / "summary.json").write_bytes(b'{"the": "old summary"}')
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(UserError, match=f"cannot write {tmp_path / 'last.pt'}: No space left on device"):
         artifacts.save_checkpoint({"kind": "x"}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="cannot write .*summary.json"):
+        artifacts.write_json(tmp_path / "summary.json", {"new": 1})
     with pytest.raises(UserError, match="cannot write .*neurons.jsonl"):
         artifacts.append_jsonl(tmp_path / "neurons.jsonl", {"neuron_id": 0})
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    # atomic: a failed write leaves the earlier file whole (a plain write had truncated it, and left no temp file)
+    assert (tmp_path / "last.pt").read_bytes() == b"the last whole checkpoint"
+    assert (tmp_path / "summary.json").read_bytes() == b'{"the": "old summary"}'
 
 
 def test_sigterm_during_a_checkpoint_save_leaves_a_whole_file_and_no_temp_file(tmp_path, monkeypatch):

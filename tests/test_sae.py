@@ -226,6 +226,8 @@ def test_epoch_reports_dead_on_train_and_val(tiny_sae):
         assert row["train_tokens"] > row["val_n_tokens"] > 0
     assert metrics["dead_min_tokens"] == 10 * 64 // 4 and metrics["arch"] == "topk"
     assert "train_dead_fraction" in metrics
+    # counted from the latents that fired (0.03 here): a loop that dropped the counts reported 1.0, in range
+    assert metrics["history"][-1]["train_dead_fraction"] < 0.5 and metrics["train_dead_fraction"] < 0.5
 
 
 def test_usage_ema_marks_silent_latents_dead():
@@ -572,3 +574,22 @@ def test_a_dead_share_above_the_target_says_what_to_try():
     note = st.dead_note(0.156, 4600, 256)
     assert note.startswith("warning: 15.6% of the 256 latents fired on none of the 4600 validation tokens")
     assert "--latent_dim" in note and "stage 3 counts as dead only" in note
+
+
+def test_best_sae_is_the_epoch_with_the_lowest_validation_fvu(tiny_classifier, tmp_path, cache_dir, monkeypatch):
+    """Every later stage reads best_sae.pt: with validation improving every epoch, best and last were one file,
+    and a loop that saved every epoch as best passed every test."""
+    import train_sae
+
+    real, fvus = st.evaluate_sae, iter([0.5, 0.3, 0.4])
+
+    def scripted(*args, **kwargs):  # the real metrics, with the FVU a bumpy run would report
+        return {**real(*args, **kwargs), "fvu": next(fvus)}
+
+    monkeypatch.setattr(st, "evaluate_sae", scripted)
+    train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path), cache_dir=str(cache_dir),
+                   latent_dim=16, top_k=2, batch_size=64, epochs=3, min_steps=0, tensorboard=False)
+    assert artifacts.load_checkpoint(tmp_path / "best_sae.pt", "sae")["epoch"] == 2
+    assert artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")["epoch"] == 3
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 2 and metrics["val_fvu"] == 0.3

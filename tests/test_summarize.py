@@ -101,6 +101,24 @@ def _knockout_forward(model, sae, fmap, neurons, dtype):
     return out, full.numpy(), z.reshape(b, h * w, -1).mean(1).double().numpy()
 
 
+def test_top_examples_name_their_own_images(report, pipeline):
+    """Each example's image index, class and activation belong together: a shift by one row kept every
+    range check (and the wrong classes reach the LLM prompt)."""
+    out, _ = report
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], DEVICE)
+    idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy())
+    acts = summarize.collect(inputs, idx, batch_size=32, progress=False)
+    row_of = {int(g): r for r, g in enumerate(idx)}
+    names, labels = inputs.imageset.class_names, inputs.imageset.labels
+    checked = 0
+    for rec in artifacts.read_jsonl(out / "neurons.jsonl"):
+        for e in rec["top_examples"]:
+            assert e["activation"] == pytest.approx(acts.top_max[row_of[e["image_index"]], rec["neuron_id"]], rel=1e-4)
+            assert e["class"] == names[labels[e["image_index"]]]
+            checked += 1
+    assert checked > 40
+
+
 def test_report_files_and_records(report):
     out, summary = report
     records = artifacts.read_jsonl(out / "neurons.jsonl")
@@ -215,6 +233,10 @@ def test_counterfactual_drops_on_the_test_split(report):
             for key in ("cf_own_drop", "cf_other_drop"):
                 assert part[key] is None or part[key] <= 1.0       # a = a' - a can fall by all of a at most
         assert row["code"] == "PCA" or (row["mean_cf_own_drop"] <= 1.0 and row["mean_cf_other_drop"] <= 1.0)
+    # the re-renders reach the codes: a unit chosen for its part falls when that part goes, far more than when
+    # another does (the unedited images in their place made every drop 0 and passed the bounds above)
+    sae = summary["concept_measures"]["codes"]["sae"]
+    assert sae["mean_cf_own_drop"] > sae["mean_cf_other_drop"] + 0.2
 
 
 @pytest.mark.parametrize("style", synthetic.STYLES)

@@ -506,3 +506,25 @@ def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
     (tmp_path / "moved" / "a" / "000.png").unlink()  # moved, and changed: still refused
     with pytest.raises(UserError, match="no longer holds the images"):
         stage1.main(**{**run, "data_root": str(tmp_path / "moved"), "epochs": 4, "resume": True})
+
+
+def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(tmp_path, cache_dir, monkeypatch):
+    """Stages 2-5 read best.pt: a loop that saved every epoch as best passed every test (validation improved
+    every epoch). Ties keep the first epoch that reached the best accuracy."""
+    import train_standard_cnn as stage1
+
+    real, accuracies = ct.evaluate, iter([0.5, 0.8, 0.6, 0.8])
+    val_calls = []
+
+    def scripted(model, images, labels, indices, *args, **kwargs):
+        out = real(model, images, labels, indices, *args, **kwargs)
+        if len(val_calls) < 4:  # the epochs' validation passes; the final val/test pass reads best.pt as it is
+            val_calls.append(1)
+            out = {**out, "accuracy": next(accuracies)}
+        return out
+
+    monkeypatch.setattr(ct, "evaluate", scripted)
+    stage1.main(**dict(TINY_CNN, epochs=4, out_dir=str(tmp_path), cache_dir=str(cache_dir)))
+    assert artifacts.load_checkpoint(tmp_path / "best.pt", "classifier")["epoch"] == 2
+    assert artifacts.load_checkpoint(tmp_path / "last.pt", "classifier")["epoch"] == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == 2
