@@ -119,6 +119,29 @@ def test_top_examples_name_their_own_images(report, pipeline):
     assert checked > 40
 
 
+def test_where_a_neuron_fires_is_its_activation_weighted_centre(report, pipeline):
+    """The records' row/col, recomputed from the codes on the training maps (rows and cols swapped passed)."""
+    out, _ = report
+    inputs = summarize.load_inputs(pipeline["classifier"], pipeline["sae"], pipeline["cache"], DEVICE)
+    idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy())
+    fmap = torch.cat([f.cpu() for _, f, _ in iter_feature_maps(inputs.classifier, inputs.imageset.images, idx,
+                                                               inputs.prep, DEVICE, amp="off")])
+    h, w = fmap.shape[2:]
+    with torch.no_grad():
+        z = inputs.sae.cpu().codes_for_map(fmap).double().numpy()           # (N, H*W, M), tokens row-major
+    token = np.arange(h * w)
+    rows, cols = (token // w + 0.5) / h, (token % w + 0.5) / w
+    mass = z.sum((0, 1))
+    moved = 0
+    for rec in artifacts.read_jsonl(out / "neurons.jsonl"):
+        i = rec["neuron_id"]
+        if mass[i] > 0:
+            want_row, want_col = (z[:, :, i] * rows).sum() / mass[i], (z[:, :, i] * cols).sum() / mass[i]
+            assert (rec["where"]["row"], rec["where"]["col"]) == pytest.approx((want_row, want_col), abs=1e-3)
+            moved += abs(want_row - want_col) > 0.05
+    assert moved > 3  # neurons whose row and col differ: a swap shows
+
+
 def test_report_files_and_records(report):
     out, summary = report
     records = artifacts.read_jsonl(out / "neurons.jsonl")
