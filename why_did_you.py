@@ -98,6 +98,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir)
     models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
+    explain.require_own_report(models, report_dir)  # before test:K images are saved into it
     inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
@@ -135,6 +136,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
         require_report_dir(report_dir)  # the sketch is saved there: a typo would create a folder
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))),
                                    data_root)
+        explain.require_own_report(models, report_dir)
         pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image
     return explain.top_neuron_ids_for_image(pil_or_path, classifier_ckpt, sae_ckpt, N, percentile, agg, device)
 
@@ -153,6 +155,7 @@ def main(**overrides) -> list[dict]:
     entries = explain_io.image_list(cfg.IMAGE)
     models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
                                cfg.DATA_ROOT)
+    explain.require_own_report(models, cfg.REPORT_DIR)  # before a test:K decode writes into it
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")

@@ -27,12 +27,12 @@ from .logs import log
 from .model import classifier_arch
 
 FRESH_WORKERS = 2  # processes drawing fresh synthetic sketches on a CPU run (4 s -> 2 s per 5,760 sketches on 2 cores)
-FRESH_WORKERS_GPU = 8  # ... on a GPU run, where the CPU only draws (an H200 epoch waited 6 s of 9 on 2 workers)
+FRESH_WORKERS_GPU = 8  # ... on a GPU run, where the cores are otherwise idle (an H200 epoch waited 6 s of 9 on 2)
 
 
 def fresh_workers(world_size: int = 1, device_type: str = "cpu") -> int:
     """Drawing processes for :func:`epoch_images`: ``FRESH_WORKERS`` (``FRESH_WORKERS_GPU`` when the model
-    trains on a GPU and the cores are otherwise idle, one kept for the loop), at most the CPUs per rank, and
+    trains on a GPU and the cores are otherwise idle; the loop waits while they draw), at most the CPUs per rank, and
     none (draw in this process) where new processes are not forked: a spawned worker re-imports
     torch and the script every epoch, which costs more than it saves (Windows, macOS)."""
     import multiprocessing
@@ -40,7 +40,7 @@ def fresh_workers(world_size: int = 1, device_type: str = "cpu") -> int:
         return 0
     per_rank = max(1, (os.cpu_count() or 1) // max(1, world_size))
     if device_type == "cuda":
-        return min(FRESH_WORKERS_GPU, max(1, per_rank - 1))
+        return min(FRESH_WORKERS_GPU, per_rank)
     return min(FRESH_WORKERS, per_rank)
 
 
@@ -128,6 +128,10 @@ def new_split(imageset: data.ImageSet, val_fraction: float, test_fraction: float
         log(f"warning: {named(few)} {'has' if len(few) == 1 else 'have'} under 10 images: one or two in each "
             "of val and test, and little to train on")
     split = data.stratified_split(imageset.labels, val_fraction, test_fraction, seed)
+    untrained = np.flatnonzero(np.bincount(np.asarray(imageset.labels)[split["train"]], minlength=len(counts)) == 0)
+    if len(untrained):  # large fractions on a small class (0.45 + 0.45 of 4 images) hold out all of it
+        raise UserError(f"VAL_FRACTION={val_fraction} and TEST_FRACTION={test_fraction} leave no training image for "
+                        f"{named(untrained)}: lower them or add images")
     mean, std = data.ink_mean_std(imageset.images, split["train"])
     return split, {"image_size": image_size, "mean": mean, "std": std, "ink": True}
 
@@ -248,9 +252,17 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dic
                         f"--layer4_stride={saved_stride} or start a new run with --overwrite=True")
     saved = ckpt["dataset"]
     if _data_identity(saved) != _data_identity(spec):
+        if _data_flags(saved) == _data_flags(spec):  # nothing a flag can change (the synthetic generator's version)
+            differ = sorted(k for k in {**_data_identity(saved), **_data_identity(spec)}
+                            if _data_identity(saved).get(k) != _data_identity(spec).get(k))
+            raise UserError(f"{path} was trained on data that differs from this code's in {', '.join(differ)}; "
+                            "start a new run with --overwrite=True")
         raise UserError(f"{path} was trained on {_describe(saved)} but the settings name {_describe(spec)}; "
                         f"resume with {_data_flags(saved)}, or start a new run with --overwrite=True")
-    if moved_to:
+    if moved_to and str(Path(moved_to).resolve()) != str(Path(saved.get("data_root") or moved_to).resolve()):
+        if "items_digest" not in saved:  # no record of its images: another folder could not be checked
+            raise UserError(f"{path} predates the record of which images it was trained on, so it resumes only "
+                            f"from {saved.get('data_root')}; start a new run with --overwrite=True to use {moved_to}")
         ckpt["dataset"] = data.relocate(saved, moved_to)
     artifacts.require_same_schedule(path, ckpt.get("config") or {}, schedule or {})
     return ckpt

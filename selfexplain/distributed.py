@@ -214,7 +214,9 @@ def exact_fp32_convs(device: str | torch.device) -> None:
     tokens then differed from the CPU's fp32 ones by up to 7e-4 relative (more than their fp16 storage
     rounding), and a recomputation with another batch could disagree with the report. The features
     are documented as fp32, so they are. Matmuls are IEEE fp32 by PyTorch's default already; stage 1's
-    training keeps TF32 (it trains in bf16 under AMP=auto anyway). A no-op on CPU.
+    training keeps TF32 (it trains in bf16 under AMP=auto anyway) until it loads its best checkpoint to
+    test it: the flag is process-wide, so a later training run in the same process (a notebook) is fp32
+    exact too. A no-op on CPU.
     """
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False  # the legacy flag sets conv and RNN alike (mixing APIs raises)

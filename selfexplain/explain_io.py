@@ -65,9 +65,9 @@ def image_list(image: str | Sequence[str]) -> list[str]:
                 raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
             out += found
         elif not path.exists() and glob.has_magic(entry):  # a pattern quoted past the shell ('new_*.png')
-            matches = sorted(m for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"no file matches {entry}")
+            matches = sorted(m for m in glob.glob(str(path), recursive=True) if is_image_file(Path(m)))
+            if not matches:  # as a folder: its image files only (a notes.txt beside them is no input)
+                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}")
             out += matches
         else:
             out.append(entry)

@@ -415,10 +415,9 @@ class ReplicateBackend(Backend):
         self.image_field, self.system_field = self._input_layout(images, image_input)
         self.accepts_images = bool(self.image_field)
         # The HTTP timeout of creates and polls (creates never ask the server to hold them: see _run).
-        self.client = replicate.Client(
-            api_token=api_token, base_url=base_url or None,
-            timeout=httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout)),
-            transport=httpx.HTTPTransport(retries=self.retries))  # httpx retries connections that fail
+        limits = httpx.Timeout(self.timeout + 10.0, connect=min(10.0, self.timeout))
+        self.client = replicate.Client(api_token=api_token, base_url=base_url or None, timeout=limits,
+                                       transport=httpx.HTTPTransport(retries=self.retries))  # retries failed connects
         self.base_url = public_url(str(self.client._client.base_url))
         # The client wraps its transport in a RetryTransport that retries only GETs on 429/503/504.
         # Polls (GET) retry every transient status; creates and cancels (POST) only refusals.
@@ -429,7 +428,7 @@ class ReplicateBackend(Backend):
                             retryable_methods={"POST"}, retry_status_codes=CREATE_RETRY_STATUSES)
         for transport in (polls, posts):  # it sleeps a numeric Retry-After as given: 3600 outlived SIGTERM
             transport._calculate_sleep = _capped(transport._calculate_sleep, self.timeout)
-        self.client._client._transport = _ByMethod(polls, posts)
+        self.client._client._transport = _ByMethod(polls, posts, limits)
 
     def _input_layout(self, images: bool, image_input: str) -> tuple[str, str]:
         known = REPLICATE_INPUTS.get(self.model.split(":")[0])
@@ -522,12 +521,16 @@ def _capped(sleep_for: Callable, cap: float) -> Callable:
 
 
 class _ByMethod:
-    """An httpx transport that hands POSTs to one retrying transport and the rest to another."""
+    """An httpx transport that hands POSTs to one retrying transport and the rest to another, and gives
+    a request sent with no time limit at all the client's (replicate's create without ``wait`` passes
+    ``timeout=None``, which httpx reads as "wait forever": a server that never answered hung a worker)."""
 
-    def __init__(self, others, posts):
-        self.others, self.posts = others, posts
+    def __init__(self, others, posts, limits):
+        self.others, self.posts, self.limits = others, posts, limits.as_dict()
 
     def handle_request(self, request):
+        if all(v is None for v in (request.extensions.get("timeout") or {}).values()):
+            request.extensions["timeout"] = self.limits
         return (self.posts if request.method == "POST" else self.others).handle_request(request)
 
     def close(self) -> None:

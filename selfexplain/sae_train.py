@@ -615,7 +615,7 @@ def finish(state: TrainState, settings: SAETrainSettings, runtime: Runtime) -> d
     runtime.log(f"best epoch {best['epoch']}: val_fvu {best['val_fvu']:.4f} L0 {best['val_l0']:.1f} dead train "
                 f"{best['train_dead_fraction']:.3f} val {best['val_dead_fraction']:.3f} spliced_acc {best['val_spliced_accuracy']:.4f} "
                 f"(classifier {best['val_classifier_accuracy']:.4f}) -> {out / artifacts.BEST_SAE}")
-    note = dead_note(best["val_dead_fraction"], best["val_n_tokens"], settings.latent_dim)
+    note = dead_note(best["val_dead_fraction"], best["val_n_tokens"], settings.latent_dim, settings.top_k)
     if note:
         runtime.log(note)
     return metrics
@@ -624,13 +624,14 @@ def finish(state: TrainState, settings: SAETrainSettings, runtime: Runtime) -> d
 DEAD_TARGET = 0.05  # the share of latents firing on no validation token we aim under (README's checklist)
 
 
-def dead_note(val_dead: float, val_tokens: int, latent_dim: int) -> str:
-    """A warning for a dead share above :data:`DEAD_TARGET`, with what to try; '' otherwise.
+def dead_note(val_dead: float, val_tokens: int, latent_dim: int, top_k: int) -> str:
+    """A warning for a dead share above :data:`DEAD_TARGET`, with what to try; '' otherwise, and ''
+    where the validation tokens are too few to tell (the run's first lines already said so).
 
     Stage 3's "dead" (never active on the summarised training images, many more tokens) is a
     smaller count than this one: a user saw 15.6% here and "4 dead" (1.6%) in the atlas.
     """
-    if not val_dead > DEAD_TARGET:
+    if not val_dead > DEAD_TARGET or val_tokens < min_tokens_for_dead(latent_dim, top_k):
         return ""
     return (f"warning: {100 * val_dead:.1f}% of the {latent_dim} latents fired on none of the {val_tokens} "
             f"validation tokens (we aim for <= {100 * DEAD_TARGET:.0f}%): try a smaller --latent_dim or more images; "

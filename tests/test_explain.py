@@ -240,7 +240,10 @@ def test_a_report_of_another_sae_is_refused_before_familiarity_is_refitted_into_
         explain.explain_image(test_images[0][0], report_dir=str(report), device="cpu", **ckpts)
     with pytest.raises(UserError, match="describes another SAE"):
         why_did_you.main(image="test:0", report_dir=str(report), cache_dir=str(cache_dir), device="cpu", **ckpts)
-    assert not (report / "familiarity.json").exists()
+    with pytest.raises(UserError, match="describes another SAE"):
+        why_did_you.top_neuron_ids_for_image("test:0", report_dir=str(report), cache_dir=str(cache_dir), device="cpu",
+                                             **ckpts)
+    assert sorted(p.name for p in report.iterdir()) == ["summary.json"]  # no familiarity.json, no test_images/
     fingerprint = artifacts.load_checkpoint(ckpts["sae_ckpt"], "sae")["fingerprint"]
     artifacts.write_json(report / artifacts.SUMMARY, {"sae_fingerprint": fingerprint})  # its own report: read
     assert explain.explain_image(test_images[0][0], report_dir=str(report), device="cpu", **ckpts).neurons
@@ -384,8 +387,9 @@ def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp
     # a pattern the shell did not expand ('new_*.png' quoted) read "image not found: .../new_*.png"
     assert explain_io.image_list(str(nested / "*" / "*.png")) == [str(nested / "cat/a.png")]
     assert explain_io.image_list(str(nested / "**" / "[bc].*")) == [str(nested / r) for r in ("cat/deeper/b.png", "dog/c.jpg")]
-    with pytest.raises(UserError, match=r"no file matches .*\*\.gif"):
+    with pytest.raises(UserError, match=r"no image file .* matches .*\*\.gif"):
         explain_io.image_list(str(nested / "*.gif"))
+    assert explain_io.image_list(str(nested / "dog" / "*")) == [str(nested / "dog/c.jpg")]  # not notes.txt
     for nothing in ("[]", [], "", "  "):
         with pytest.raises(UserError, match="no image given"):
             explain_io.image_list(nothing)

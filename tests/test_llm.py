@@ -282,6 +282,18 @@ def test_replicate_community_model_runs_by_version_while_polling(monkeypatch):
     assert any(e.get("poll") for e in srv.requests("replicate"))
 
 
+def test_a_replicate_create_that_never_answers_times_out(monkeypatch):
+    """Without `Prefer: wait` the client sends creates with timeout=None, which httpx reads as no limit: a
+    server that never answered a create hung the worker (40 s late came back after 40 s, not at TIMEOUT + 10)."""
+    monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
+    with FakeLLMServer(create_latency=30.0) as srv:
+        backend = llm_backends.make_backend("replicate", "yorickvp/llava-13b:abc123", srv.replicate_url, timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(llm_backends.LLMError, match="create request got no answer within 10.5s"):
+            backend.ask("be brief", "Neuron #7 what is it?")
+        assert time.monotonic() - start < 20
+
+
 @pytest.mark.parametrize("api", ["openai", "replicate"])
 def test_429_is_retried_by_the_client_honouring_retry_after(api, report, monkeypatch, waits):
     def script(_, nid, attempt):

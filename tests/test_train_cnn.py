@@ -297,6 +297,11 @@ def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
                                             "--dataset=synthetic --image_size=64 --synthetic_per_class=24 "
                                             "--synthetic_style=quadrants --seed=0, or"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+    old = artifacts.load_checkpoint(run / "last.pt", "classifier")  # drawn by an older generator: no flag helps
+    artifacts.save_checkpoint({**old, "dataset": {**old["dataset"], "generator_version": 1}}, run / "last.pt")
+    with pytest.raises(UserError, match="differs from this code's in generator_version; start a new run"):
+        stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True))
+    (run / "last.pt").write_bytes((tiny_classifier / "last.pt").read_bytes())
     for other in (dict(batch_size=64), dict(accum_steps=2), dict(max_batches=1)):  # steps per epoch: lr went to 0
         with pytest.raises(UserError, match="which set its learning-rate schedule"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
@@ -323,6 +328,8 @@ def test_one_class_too_small_for_validation_is_refused_and_small_ones_named(tmp_
 
     with pytest.raises(UserError, match=r"tiny \(2\) has fewer: add images or remove the class"):
         ct.new_split(imageset([30, 30, 2]), 0.1, 0.1, 0, 8)
+    with pytest.raises(UserError, match=r"leave no training image for tiny \(4\)"):  # 0.45 + 0.45 of 4 images
+        ct.new_split(imageset([30, 30, 4]), 0.45, 0.45, 0, 8)
     split, _ = ct.new_split(imageset([30, 30, 5]), 0.1, 0.1, 0, 8)
     assert "warning: tiny (5) has under 10 images" in capsys.readouterr().err
     assert all(np.isin(2, np.repeat(np.arange(3), [30, 30, 5])[split[k]]) for k in ("train", "val", "test"))
@@ -412,9 +419,9 @@ def test_fresh_drawing_forks_at_most_the_cpus_per_rank_and_never_spawns(monkeypa
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
     assert ct.fresh_workers(1) == ct.FRESH_WORKERS and ct.fresh_workers(8) == 1
-    # on a GPU run the cores only draw: more workers, one core kept for the loop, still per rank
-    assert ct.fresh_workers(1, "cuda") == min(ct.FRESH_WORKERS_GPU, 7) > ct.FRESH_WORKERS
-    assert ct.fresh_workers(2, "cuda") == 3 and ct.fresh_workers(8, "cuda") == 1
+    # on a GPU run the cores only draw (the loop waits for them): more workers, still per rank
+    assert ct.fresh_workers(1, "cuda") == min(ct.FRESH_WORKERS_GPU, 8) > ct.FRESH_WORKERS
+    assert ct.fresh_workers(4, "cuda") == 2 and ct.fresh_workers(8, "cuda") == 1
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
     assert ct.fresh_workers(1) == 0
 
@@ -503,9 +510,15 @@ def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
         stage1.main(**{**run, "data_root": "", "epochs": 3, "resume": True})
     stage1.main(**{**run, "data_root": str(tmp_path / "moved"), "epochs": 3, "resume": True})
     assert artifacts.load_checkpoint(tmp_path / "run" / "last.pt", "classifier")["epoch"] == 3
+    last = artifacts.load_checkpoint(tmp_path / "run" / "last.pt", "classifier")
     (tmp_path / "moved" / "a" / "000.png").unlink()  # moved, and changed: still refused
     with pytest.raises(UserError, match="no longer holds the images"):
         stage1.main(**{**run, "data_root": str(tmp_path / "moved"), "epochs": 4, "resume": True})
+    # a checkpoint from before the images were recorded cannot be checked elsewhere: it resumes only where it was
+    last["dataset"] = {k: v for k, v in last["dataset"].items() if not k.startswith(("items_", "files_"))}
+    artifacts.save_checkpoint(last, tmp_path / "run" / "last.pt")
+    with pytest.raises(UserError, match="predates the record of which images"):
+        stage1.main(**{**run, "data_root": str(tmp_path / "elsewhere"), "epochs": 4, "resume": True})
 
 
 def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(tmp_path, cache_dir, monkeypatch):
