@@ -7,6 +7,7 @@ the config dict, so a notebook can drive a run piece by piece.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -150,11 +151,15 @@ def train_epoch(model, optimizer, scaler, loader, *, settings: ClassifierTrainSe
     for i, (xb, yb, _) in enumerate(loader):
         x = data.model_input(xb, prep, runtime.device, settings.augment, generator, settings.channels_last)
         y = yb.to(runtime.device, non_blocking=True)
-        with autocast(runtime.device, settings.amp):
-            logits = model(x)
-            loss = criterion(logits.float(), y)
-        scaler.scale(loss / settings.accum_steps).backward()
-        if (i + 1) % settings.accum_steps == 0:
+        stepping = (i + 1) % settings.accum_steps == 0
+        # DDP all-reduces at every backward: only a step's last micro-batch needs it (the others accumulate)
+        local = model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with local:
+            with autocast(runtime.device, settings.amp):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            scaler.scale(loss / settings.accum_steps).backward()
+        if stepping:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, total_steps, settings.lr, settings.warmup_fraction)
             if settings.grad_clip > 0:

@@ -541,3 +541,41 @@ def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(tmp_path, cache_
     assert artifacts.load_checkpoint(tmp_path / "best.pt", "classifier")["epoch"] == 2
     assert artifacts.load_checkpoint(tmp_path / "last.pt", "classifier")["epoch"] == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == 2
+
+
+def test_accumulated_micro_batches_skip_the_ddp_all_reduce():
+    """With ACCUM_STEPS=2 under DDP every micro-batch all-reduced its gradients; only a step's last one must."""
+    import contextlib
+
+    import train_standard_cnn as stage1
+    from selfexplain.artifacts import TrainState
+    from selfexplain.config import make_config, module_constants
+    from selfexplain.distributed import Runtime
+
+    class Wrapped(torch.nn.Module):  # DDP's interface: forward, parameters, no_sync
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+            self.local, self.calls = 0, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.local += 1
+            yield
+
+        def forward(self, x):
+            self.calls.append(self.local)
+            return self.net(x)
+
+    model = Wrapped()
+    settings = ct.ClassifierTrainSettings.from_config(
+        make_config(module_constants(vars(stage1)), {"accum_steps": 2, "amp": "off", "channels_last": False}),
+        augment=False)
+    images = np.full((8, 8, 8), 255, np.uint8)
+    loader = data.batches(images, np.arange(8) % 3, np.arange(8), 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(best=0.0)
+    ct.train_epoch(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), loader, settings=settings,
+                   prep={"mean": 0.0, "std": 1.0}, runtime=Runtime(device=torch.device("cpu")), state=state,
+                   total_steps=10, generator=torch.Generator().manual_seed(0))
+    assert model.calls == [1, 1, 2, 2] and state.step == 2  # micro-batches 1 and 3 ran locally; 2 steps taken
