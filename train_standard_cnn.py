@@ -98,8 +98,7 @@ def main(**overrides) -> dict:
     if cfg.EPOCHS > 0:  # a cache-only run writes nothing into OUT_DIR; refuse now, clear once the settings hold
         artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.CLASSIFIER_OUTPUTS, **out_dir, clear=False)
     last = Path(cfg.OUT_DIR) / artifacts.LAST_CLASSIFIER
-    schedule = {**{k: cfg[k] for k in ct.SCHEDULE_KEYS}, "WORLD_SIZE": runtime.world_size}
-    resumed = (ct.resume_point(last, spec, cfg.LAYER4_STRIDE, schedule,
+    resumed = (ct.resume_point(last, spec, cfg.LAYER4_STRIDE, {k: settings.config[k] for k in ct.SCHEDULE_KEYS},
                                moved_to=spec.get("data_root") if cfg.DATA_ROOT else "")  # '' : where it was read
                if cfg.RESUME else None)
     with main_rank_first(runtime):  # one download and one decode under DDP; the other ranks read the cache

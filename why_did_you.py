@@ -79,6 +79,14 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
         return None
 
 
+def _models(classifier_ckpt, sae_ckpt, device, data_root: str, report_dir) -> explain.Models:
+    """The model pair, reading its data where it is now, refused before anything (a test:K image, the
+    familiarity calibration) is written into a report that stage 3 made for another SAE."""
+    models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
+    explain.require_own_report(models, report_dir)
+    return models
+
+
 def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
                    device=DEVICE, batch_size: int = BATCH_SIZE, *, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY,
                    data_root: str = DATA_ROOT, **settings) -> list[explain.Explanation]:
@@ -97,8 +105,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir)
-    models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
-    explain.require_own_report(models, report_dir)  # before test:K images are saved into it
+    models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
     inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
@@ -134,9 +141,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     """
     if explain_io.test_entry(pil_or_path) is not None:
         require_report_dir(report_dir)  # the sketch is saved there: a typo would create a folder
-        models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))),
-                                   data_root)
-        explain.require_own_report(models, report_dir)
+        models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
         pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image
     return explain.top_neuron_ids_for_image(pil_or_path, classifier_ckpt, sae_ckpt, N, percentile, agg, device)
 
@@ -153,9 +158,7 @@ def main(**overrides) -> list[dict]:
                          cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
         return []
     entries = explain_io.image_list(cfg.IMAGE)
-    models = explain.relocated(explain.load_models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, resolve_device(cfg.DEVICE)),
-                               cfg.DATA_ROOT)
-    explain.require_own_report(models, cfg.REPORT_DIR)  # before a test:K decode writes into it
+    models = _models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.DEVICE, cfg.DATA_ROOT, cfg.REPORT_DIR)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")

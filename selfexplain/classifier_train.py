@@ -117,7 +117,8 @@ def make_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 def new_split(imageset: data.ImageSet, val_fraction: float, test_fraction: float, seed: int,
               image_size: int) -> tuple[dict, dict]:
     """A fresh stratified split and the preprocessing measured on its training part."""
-    counts = np.bincount(np.asarray(imageset.labels), minlength=len(imageset.class_names))
+    labels = np.asarray(imageset.labels)
+    counts = np.bincount(labels, minlength=len(imageset.class_names))
     named = lambda small: some(f"{imageset.class_names[c]} ({counts[c]})" for c in small)  # noqa: E731
     too_few = np.flatnonzero(counts < 3)
     if len(too_few):  # such a class never reaches val or test: trained on, never measured, without a word
@@ -129,7 +130,7 @@ def new_split(imageset: data.ImageSet, val_fraction: float, test_fraction: float
         log(f"warning: {named(few)} {'has' if len(few) == 1 else 'have'} under 10 images: one or two in each "
             "of val and test, and little to train on")
     split = data.stratified_split(imageset.labels, val_fraction, test_fraction, seed)
-    untrained = np.flatnonzero(np.bincount(np.asarray(imageset.labels)[split["train"]], minlength=len(counts)) == 0)
+    untrained = np.flatnonzero(np.bincount(labels[split["train"]], minlength=len(counts)) == 0)
     if len(untrained):  # large fractions on a small class (0.45 + 0.45 of 4 images) hold out all of it
         raise UserError(f"VAL_FRACTION={val_fraction} and TEST_FRACTION={test_fraction} leave no training image for "
                         f"{named(untrained)}: lower them or add images")
@@ -236,7 +237,7 @@ def save_checkpoints(model, optimizer, scaler, state: TrainState, run: Classifie
     artifacts.save_checkpoint(ckpt, out / artifacts.LAST_CLASSIFIER)
 
 
-SCHEDULE_KEYS = ("BATCH_SIZE", "ACCUM_STEPS", "MAX_BATCHES")  # settings that fix the steps per epoch
+SCHEDULE_KEYS = ("BATCH_SIZE", "ACCUM_STEPS", "MAX_BATCHES", "WORLD_SIZE")  # what fixes the steps per epoch
 
 
 def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dict | None = None,
@@ -256,10 +257,10 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dic
         raise UserError(f"{path} was trained with LAYER4_STRIDE={saved_stride}; resume with "
                         f"--layer4_stride={saved_stride} or start a new run with --overwrite=True")
     saved = ckpt["dataset"]
-    if _data_identity(saved) != _data_identity(spec):
+    had, want = _data_identity(saved), _data_identity(spec)
+    if had != want:
         if _data_flags(saved) == _data_flags(spec):  # nothing a flag can change (the synthetic generator's version)
-            differ = sorted(k for k in {**_data_identity(saved), **_data_identity(spec)}
-                            if _data_identity(saved).get(k) != _data_identity(spec).get(k))
+            differ = sorted(k for k in {**had, **want} if had.get(k) != want.get(k))
             raise UserError(f"{path} was trained on data that differs from this code's in {', '.join(differ)}; "
                             "start a new run with --overwrite=True")
         raise UserError(f"{path} was trained on {_describe(saved)} but the settings name {_describe(spec)}; "

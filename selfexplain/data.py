@@ -169,14 +169,13 @@ def _refuse_changed_files(spec: dict, source: dict) -> None:
     not read, so deleting those is no change, and a damaged file added since is one. Parquet is
     checked after decoding only: rewritten shards can hold the same images.
     """
-    recorded = spec.get("files_digest")
+    recorded, unread = spec.get("files_digest"), spec.get("files_unread", [])
     if spec["dataset"] != "folder" or recorded is None:
         return
-    digest, count = _files_digest(source, spec.get("files_unread", []))
-    if digest != recorded:
-        unread = len(spec.get("files_unread", []))  # left out of both counts
+    digest, count = _files_digest(source, unread)
+    if digest != recorded:  # the unread files are left out of both counts
         _changed(spec, spec.get("files_count"), count,
-                 f"image files{f' besides the {unread} it could not read' if unread else ''}")
+                 f"image files{f' besides the {len(unread)} it could not read' if unread else ''}")
 
 
 def _changed(spec: dict, count: int | None, now: int, what: str) -> None:
