@@ -521,26 +521,30 @@ def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
         stage1.main(**{**run, "data_root": str(tmp_path / "elsewhere"), "epochs": 4, "resume": True})
 
 
-def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize("losses, best_epoch", [([2.0, 1.0, 0.5, 1.2], 2),    # the tie's later epoch has the higher loss
+                                                ([2.0, 1.0, 0.5, 0.7], 4)])   # ... the lower loss: it wins the tie
+def test_best_pt_is_the_epoch_with_the_best_validation_accuracy(tmp_path, cache_dir, monkeypatch, losses, best_epoch):
     """Stages 2-5 read best.pt: a loop that saved every epoch as best passed every test (validation improved
-    every epoch). Ties keep the first epoch that reached the best accuracy."""
+    every epoch). Ties in accuracy go to the lower validation loss: keeping the first epoch to reach a tie
+    left small validation sets (saturated at 1.0 early) with an undertrained best.pt."""
     import train_standard_cnn as stage1
 
-    real, accuracies = ct.evaluate, iter([0.5, 0.8, 0.6, 0.8])
+    real, scripted_val = ct.evaluate, iter(zip([0.5, 0.8, 0.6, 0.8], losses))
     val_calls = []
 
     def scripted(model, images, labels, indices, *args, **kwargs):
         out = real(model, images, labels, indices, *args, **kwargs)
         if len(val_calls) < 4:  # the epochs' validation passes; the final val/test pass reads best.pt as it is
             val_calls.append(1)
-            out = {**out, "accuracy": next(accuracies)}
+            accuracy, loss = next(scripted_val)
+            out = {**out, "accuracy": accuracy, "loss": loss}
         return out
 
     monkeypatch.setattr(ct, "evaluate", scripted)
     stage1.main(**dict(TINY_CNN, epochs=4, out_dir=str(tmp_path), cache_dir=str(cache_dir)))
-    assert artifacts.load_checkpoint(tmp_path / "best.pt", "classifier")["epoch"] == 2
+    assert artifacts.load_checkpoint(tmp_path / "best.pt", "classifier")["epoch"] == best_epoch
     assert artifacts.load_checkpoint(tmp_path / "last.pt", "classifier")["epoch"] == 4
-    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == best_epoch
 
 
 def test_accumulated_micro_batches_skip_the_ddp_all_reduce():
