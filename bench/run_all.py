@@ -36,6 +36,17 @@ def machine() -> str:
             f"torch {torch.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
 
 
+def machine_line(ran: bool) -> str:
+    """The machine the tables were measured on: this one after a run; with --run=False the one the
+    last run named (a rebuild on another machine relabelled every EPYC table as measured on it)."""
+    results = ROOT / "bench" / "RESULTS.md"
+    if not ran and results.is_file():
+        kept = next((line for line in results.read_text().splitlines() if line.startswith("Machine: ")), None)
+        if kept:
+            return kept
+    return f"Machine: {machine()}."
+
+
 def main(**overrides) -> None:
     cfg = make_config(module_constants(globals()), overrides)
     for name in SECTIONS if cfg.RUN else []:
@@ -45,7 +56,7 @@ def main(**overrides) -> None:
             continue
         print(f"== {BENCHES[name]}", flush=True)
         subprocess.run([sys.executable, *BENCHES[name].split()], cwd=ROOT, check=True)
-    parts = ["# Benchmark results", "", f"Machine: {machine()}.", "",
+    parts = ["# Benchmark results", "", machine_line(cfg.RUN), "",
              "Each generated table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one "
              "run. Notes (`bench/results/*_notes.md`: earlier measurements, settings compared by hand) are kept as "
              "written.", ""]
