@@ -167,7 +167,8 @@ def measure_concepts(cfg, inputs, acts, indices, examples, timings: dict) -> tup
     t = time.time()
     held_out = summarize.held_out_measures(inputs, acts, indices, codes, cfg.CF_IMAGES, cfg.SEED, **run)
     timings["held_out"] = time.time() - t
-    return held_out, summarize.neuron_parts(held_out.sae_train_auroc, examples, imageset, indices, acts.grid)
+    return held_out, summarize.neuron_parts(held_out.sae_train_auroc, acts.top_max, examples, imageset, indices,
+                                              acts.grid)
 
 
 def _log(summary: dict, out: Path) -> None:

@@ -310,13 +310,35 @@ def class_confound(test_scores, test_present, test_labels, part_classes, units, 
     present = np.asarray(test_present, dtype=bool)
     in_class_set = np.asarray(part_classes, dtype=bool)[:, np.asarray(test_labels)].T    # (N, P)
     class_auc = np.diagonal(stats.auroc(in_class_set.astype(np.float64), present)).copy()
-    scores = np.asarray(test_scores, dtype=np.float64)
-    distractor_auc = np.full(len(units), np.nan)
-    for j, u in enumerate(units):                                        # a different image subset per part
-        others = ~in_class_set[:, j]
-        distractor_auc[j] = stats.auroc(scores[others][:, [u]], present[others, j])[0]
+    scores = np.asarray(test_scores, dtype=np.float64)[:, np.asarray(units)]
+    distractor_auc = distractor_auroc(scores, present, test_labels, part_classes, np.arange(len(units)))
     return ClassConfound(part_names=list(part_names), class_set_auroc=class_auc, distractor_auroc=distractor_auc,
                          distractor_positives=(present & ~in_class_set).sum(0))
+
+
+def distractor_auroc(scores, present, labels, part_classes, unit_part) -> np.ndarray:
+    """Each unit's AUROC for its part among the images of classes without that part.
+
+    There only distractors carry the part, so a detector of the part's classes scores 0.5
+    and a part detector near 1.
+
+    Parameters
+    ----------
+    scores : (N, U) per-image unit scores. present : (N, P) bool. labels : (N,) class indices.
+    part_classes : (P, C) bool from :func:`class_parts`. unit_part : (U,) the part index each unit is scored for.
+
+    Returns
+    -------
+    (U,) float64; NaN where no such image carries the part (or every one does).
+    """
+    scores, present = np.asarray(scores, dtype=np.float64), np.asarray(present, dtype=bool)
+    in_class_set = np.asarray(part_classes, dtype=bool)[:, np.asarray(labels)].T          # (N, P)
+    unit_part = np.asarray(unit_part)
+    out = np.full(len(unit_part), np.nan)
+    for j in np.unique(unit_part):                                        # a different image subset per part
+        units, others = np.flatnonzero(unit_part == j), ~in_class_set[:, j]
+        out[units] = stats.auroc(scores[others][:, units], present[others, j])
+    return out
 
 
 # ----------------------------------------------------------------------------- where

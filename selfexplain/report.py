@@ -107,6 +107,7 @@ def neuron_records(st: NeuronStats, class_names: list[str], examples: list[list[
         if parts is not None:  # a dead neuron's constant score ties every part at 0.5: it detects none
             rec["parts"] = {"best_part": None if st.dead[i] else parts.part[i],
                             "auroc": None if st.dead[i] else _rounded(parts.auroc[i]),
+                            "distractor_auroc": None if st.dead[i] else _rounded(parts.distractor_auroc[i]),
                             "pointing": _rounded(parts.pointing[i]),
                             "pointing_chance": _rounded(parts.pointing_chance[i]),
                             "n_examples": int(parts.n_holding[i]), "split": "train"}
@@ -309,6 +310,7 @@ def _card(rec: dict, concept: concepts.Concept | None, report_dir: Path) -> dict
     parts = rec.get("parts")
     if isinstance(parts, dict):
         card["parts"] = {"best_part": _text(parts.get("best_part")), "auroc": _number(parts.get("auroc")),
+                         "distractor_auroc": _number(parts.get("distractor_auroc")),
                          "pointing": _number(parts.get("pointing")),
                          "pointing_chance": _number(parts.get("pointing_chance")),
                          "n_examples": _number(parts.get("n_examples"))}

@@ -436,16 +436,21 @@ class NeuronParts:
     """Each neuron's best part type on the training split, for the per-neuron records."""
     part: list[str]              # (M,) the part type with its best AUROC
     auroc: np.ndarray            # (M,) that AUROC, chosen and scored on the training images (optimistic)
+    distractor_auroc: np.ndarray  # (M,) its AUROC for that part among training images of classes without it
     pointing: np.ndarray         # (M,) of its example images holding that part, share where its peak is inside
     pointing_chance: np.ndarray  # (M,) the same rule on maps of noise, against the same images' boxes
     n_holding: np.ndarray        # (M,) how many of its example images hold that part (what pointing rests on)
 
 
-def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.ImageSet, indices: np.ndarray,
-                 grid: tuple[int, int]) -> NeuronParts:
-    """Best part per neuron (``train_auroc`` (P, M)) and its pointing game on the neuron's own examples."""
+def neuron_parts(train_auroc: np.ndarray, train_max: np.ndarray, examples: Examples, imageset: data.ImageSet,
+                 indices: np.ndarray, grid: tuple[int, int]) -> NeuronParts:
+    """Best part per neuron (``train_auroc`` (P, M), from ``train_max`` (N, M) on ``indices``), its AUROC where
+    only distractors carry the part (a part AUROC cannot tell a part detector from a detector of the part's
+    classes) and its pointing game on the neuron's own examples."""
     types = list(imageset.part_types)
     best = np.nan_to_num(train_auroc, nan=0.5).argmax(0)                     # (M,)
+    train = part_ground_truth(imageset, indices, grid)
+    distractor = cm.distractor_auroc(train_max, train.present, train.labels, train.part_classes, best)
     m, e = examples.rows.shape
     ex_parts = [imageset.parts[g] for g in indices[np.maximum(examples.rows, 0)].ravel()]
     boxes = cm.part_boxes(ex_parts, types)
@@ -459,7 +464,7 @@ def neuron_parts(train_auroc: np.ndarray, examples: Examples, imageset: data.Ima
     point = cm.pointing_game(maps.transpose(1, 0, 2), own_boxes.transpose(1, 0, 2, 3), holds.T,
                              [types[j] for j in best], grid, imageset.spec["image_size"])
     auc = np.asarray(train_auroc)[best, np.arange(m)]
-    return NeuronParts([types[j] for j in best], auc, point.hit_rate, point.chance, holds.sum(1))
+    return NeuronParts([types[j] for j in best], auc, distractor, point.hit_rate, point.chance, holds.sum(1))
 
 
 # ----------------------------------------------------------------------------- summary

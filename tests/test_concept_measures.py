@@ -53,6 +53,11 @@ def test_class_confound_separates_part_from_class_detectors():
     assert conf.distractor_auroc[0] == pytest.approx(1.0) and conf.distractor_positives[0] == 2
     conf = cm.class_confound(scores, present, labels, part_classes, np.array([1]), ["a"])
     assert conf.distractor_auroc[0] == pytest.approx(0.5)              # a class detector is blind here
+    # the per-neuron form (neurons.jsonl's parts): both units for part a at once, and a part no image carries
+    with_b = np.concatenate([present, np.zeros((8, 1), bool)], 1)
+    among = cm.distractor_auroc(np.concatenate([scores, scores[:, :1]], 1), with_b, labels,
+                                np.array([[True, True, False], [False, False, True]]), np.array([0, 0, 1]))
+    assert among[:2] == pytest.approx([1.0, 0.5]) and np.isnan(among[2])
 
 
 def test_class_parts_and_presence_from_records():

@@ -211,6 +211,9 @@ def test_held_out_units_are_chosen_on_train_and_scored_on_test(report, pipeline)
     # the records' part is the neuron's best on the training images, labelled as such
     records = artifacts.read_jsonl(out / "neurons.jsonl")
     best = np.nan_to_num(train_auc, nan=0.5).argmax(0)
+    train_idx = np.sort(inputs.classifier_ckpt["split"]["train"].numpy())
+    table = summarize.part_table(inputs.imageset)                              # (P, C): which classes hold a part
+    holds_part = table[:, inputs.imageset.labels[train_idx]].T                 # (N, P): the image's class holds it
     for r in records:
         if r["neuron_id"] == 47:  # the fixture's dead latent
             assert r["dead"]
@@ -219,6 +222,10 @@ def test_held_out_units_are_chosen_on_train_and_scored_on_test(report, pipeline)
             continue
         assert r["parts"]["split"] == "train" and r["parts"]["best_part"] == inputs.imageset.part_types[best[r["neuron_id"]]]
         assert r["parts"]["auroc"] == pytest.approx(train_auc[best[r["neuron_id"]], r["neuron_id"]], abs=1e-4)
+        # ... and its AUROC among training images of classes without that part, where only distractors carry it
+        j, others = best[r["neuron_id"]], ~holds_part[:, best[r["neuron_id"]]]
+        among = stats.auroc(train_max[others][:, [r["neuron_id"]]], train_present[others, j])[0]
+        assert r["parts"]["distractor_auroc"] == (None if np.isnan(among) else pytest.approx(among, abs=1e-4))
         assert 0 <= r["parts"]["n_examples"] <= len(r["top_examples"])  # the pointing share rests on these
 
 
