@@ -158,17 +158,17 @@ def main(**overrides) -> list[dict]:
                          cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
         return []
     entries = explain_io.image_list(cfg.IMAGE)
+    backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None  # a missing key fails before the work
     models = _models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.DEVICE, cfg.DATA_ROOT, cfg.REPORT_DIR)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")
+    overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs]) if cfg.OVERLAY
+                else [None] * len(inputs))  # before the model passes: an overlay onto an input is refused
     judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
                                           **vars(settings))
-    overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs]) if cfg.OVERLAY
-                else [None] * len(inputs))
-    backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None
     results = []
     skipped_at = {position: (name, reason) for position, name, reason in skipped}
     explained = iter(zip(explanations, inputs, overlays))
@@ -204,11 +204,12 @@ def cli(**overrides) -> int:
 
 
 def shell_argv(argv: list[str]) -> list[str]:
-    """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images)."""
+    """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images); so does
+    ``--image a.png``, with a space (it read "--image is given twice")."""
     images = [a for a in argv if not a.startswith("-")]
     if not images or any(a.lower().startswith("--image=") for a in argv):
         return argv  # nothing bare, or both forms: the parser names the stray argument
-    rest = [a for a in argv if a.startswith("-")]
+    rest = [a for a in argv if a.startswith("-") and a.lower() != "--image"]
     return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]
 
 

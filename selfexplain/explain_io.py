@@ -186,6 +186,7 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
     """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``;
     an existing folder (or a path ending in ``/``) gets ``<folder>/<label>_why.png`` for each (the
     suffix keeps an overlay off an input of the same name when the folder is the inputs' own).
+    A path that is one of the input files is a UserError (:func:`refuse_overwriting_inputs`).
 
     The label is the image's file stem; images whose stems repeat (``a/cat.png``,
     ``b/cat.png``, ``cat.jpg``) are labelled by their path below the inputs' common
@@ -194,12 +195,24 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
     """
     out = Path(overlay)
     if out.is_dir() or str(overlay).endswith(("/", "\\")):  # a folder: one file per image inside it
-        return [out / f"{label}_why.png" for label in _unique_labels(names)]
-    if out.suffix.lower() != ".png":
-        out = out.with_suffix(".png")
-    if len(names) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{label}.png") for label in _unique_labels(names)]
+        paths = [out / f"{label}_why.png" for label in _unique_labels(names)]
+    else:
+        if out.suffix.lower() != ".png":
+            out = out.with_suffix(".png")
+        paths = ([out] if len(names) == 1 else
+                 [out.with_name(f"{out.stem}_{label}.png") for label in _unique_labels(names)])
+    refuse_overwriting_inputs(paths, names)
+    return paths
+
+
+def refuse_overwriting_inputs(paths: Sequence[Path], names: Sequence[str]) -> None:
+    """A UserError when an overlay would replace one of the input images (``--image=a.png --overlay=a.png``
+    wrote the overlay over the sketch; so did ``--overlay=a.jpg``, saved as ``a.png``)."""
+    inputs = {Path(n).resolve() for n in names if Path(n).is_file()}
+    clash = next((p for p in paths if p.resolve() in inputs), None)
+    if clash is not None:
+        raise UserError(f"the overlay {clash} would overwrite the input image of that name: pass another --overlay "
+                        "path (a folder gets <name>_why.png per image)")
 
 
 def _unique_labels(names: Sequence[str]) -> list[str]:

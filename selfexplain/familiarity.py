@@ -198,6 +198,15 @@ def fit(models, cache_dir: str | Path) -> Calibration:
     return calibration
 
 
+def stored_calibration(path: Path, stored: dict, sae) -> Calibration:
+    """:meth:`Calibration.from_json` of ``path``'s object; a field missing or garbled is a UserError."""
+    try:
+        return Calibration.from_json(stored, sae)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # binascii.Error is a ValueError
+        raise UserError(f"{path} is a damaged familiarity calibration ({type(exc).__name__}: {exc}); "
+                        "delete it and rerun") from None
+
+
 def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibration:
     """The calibration in ``report_dir/familiarity.json``; fitted (and written) when missing or stale.
 
@@ -208,8 +217,10 @@ def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibr
     want = (CALIBRATION_VERSION, models.classifier_ckpt["fingerprint"], models.sae_ckpt["fingerprint"])
     if path.is_file():
         stored = read_json(path)
+        if not isinstance(stored, dict):  # a list or a number was an AttributeError's traceback
+            raise UserError(f"{path} is not a familiarity calibration (a JSON object); delete it and rerun")
         if (stored.get("version"), stored.get("classifier_fingerprint"), stored.get("sae_fingerprint")) == want:
-            return Calibration.from_json(stored, models.sae)
+            return stored_calibration(path, stored, models.sae)
         log(f"{path} belongs to other models or an older score: refitting")
     log("calibrating the familiarity score on the validation split (once per model pair)")
     calibration = fit(models, cache_dir)

@@ -50,6 +50,7 @@ MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 
 DRAIN_LIMIT = 64 * 1024 * 1024          # a refused body up to this size is read and dropped, so the client sees the 413
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"    # the first 8 bytes of every PNG file
 JPEG_SIGNATURE = b"\xff\xd8\xff"          # ... and of every JPEG file (the page sends a photo's own bytes)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")  # what curl -F and -d send
 PAGE = Path(__file__).with_name("static") / "draw.html"
 # what /atlas/ serves: never the report's other files
 ATLAS_FILES = (artifacts.INDEX_HTML, f"{artifacts.THUMBS_DIR}/", f"{artifacts.SPRITES_DIR}/")
@@ -76,10 +77,11 @@ class Explainer:
     decoding: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(DECODES_AT_ONCE))
     jobs: queue.Queue | None = None   # set: the passes run where :meth:`work` drains it (run_server: main thread)
 
-    def explain_png(self, payload: bytes) -> dict:
-        """PNG or JPEG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError."""
+    def explain_png(self, payload: bytes, content_type: str = "") -> dict:
+        """PNG or JPEG bytes -> the ``--json`` object with familiarity and the overlay; bad bytes raise UserError
+        (``content_type``, the request's, only words the message)."""
         if not payload.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
-            raise UserError("the body must be a PNG or JPEG image" if payload else "empty body: send the image's bytes")
+            raise UserError(not_an_image(payload, content_type))
         try:
             with self.decoding:
                 image = decode_image(payload, self.models.image_size, max_side=MAX_UPLOAD_SIDE)
@@ -134,6 +136,18 @@ class Explainer:
             except queue.Empty:
                 return
             done.set_exception(Stopping("the server is stopping"))
+
+
+def not_an_image(payload: bytes, content_type: str = "") -> str:
+    """Why a body that is no PNG or JPEG was refused; a form upload is told how to send the bytes (``curl -F``
+    wraps them in a form, ``curl -d`` drops their line breaks: both read "the body must be a PNG or JPEG image"
+    for a PNG file)."""
+    if not payload:
+        return "empty body: send the image's bytes"
+    if content_type in FORM_TYPES:
+        return (f"the body must be a PNG or JPEG image's own bytes, not a form ({content_type}): send the file as "
+                "the body, e.g. curl --data-binary @sketch.png -H 'Content-Type: image/png' URL/explain")
+    return "the body must be a PNG or JPEG image"
 
 
 def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:
@@ -210,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         payload = self.rfile.read(length)
         try:
-            result = self.server.explainer.explain_png(payload)
+            result = self.server.explainer.explain_png(payload, self.headers.get_content_type())
         except UserError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
             return

@@ -370,6 +370,32 @@ def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts
                                                                              tmp_path / "new" / "b_why.png"]
 
 
+def test_an_overlay_never_overwrites_an_input_image(ckpts, test_images, tmp_path):
+    sketch = tmp_path / "sketch.png"
+    Image.fromarray(test_images[0][0]).save(sketch)
+    original = sketch.read_bytes()
+    # --overlay=sketch.png (or sketch.jpg, saved as sketch.png) wrote the overlay over the user's sketch
+    for overlay in (sketch, tmp_path / "sketch.jpg", tmp_path / "." / "sketch"):
+        with pytest.raises(UserError, match="would overwrite the input image"):
+            why_did_you.main(image=str(sketch), overlay=str(overlay), report_dir=str(tmp_path), device="cpu",
+                             fast=True, **ckpts)
+        assert sketch.read_bytes() == original
+    # a folder's earlier overlay read back as an input is not replaced either
+    (tmp_path / "sketch_why.png").write_bytes(original)
+    with pytest.raises(UserError, match=r"sketch_why\.png would overwrite"):
+        explain_io.overlay_paths(f"{tmp_path}/", [str(sketch), str(tmp_path / "sketch_why.png")])
+    assert explain_io.overlay_paths(tmp_path / "why.png", [str(sketch)]) == [tmp_path / "why.png"]
+
+
+def test_a_missing_llm_key_fails_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./.env
+    # it failed after every image was explained (minutes for a folder), printing none of them
+    with pytest.raises(UserError, match="needs REPLICATE_API_TOKEN"):
+        why_did_you.main(image="test:0", llm=True, backend="replicate", report_dir=str(tmp_path),
+                         classifier_ckpt=str(tmp_path / "missing.pt"), sae_ckpt=str(tmp_path / "missing_sae.pt"))
+
+
 def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp_path):
     comma, plain = tmp_path / "a, b.png", tmp_path / "c.png"
     for path in (comma, plain):
@@ -447,6 +473,9 @@ def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
     names = sorted(str(p) for p in image_dir.iterdir())[:2]
     assert why_did_you.shell_argv(["--json=True", names[0]]) == ["--json=True", f"--image={names[0]}"]
     assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["a.png", "--image=b.png"]  # refused, not dropped
+    # --image with a space, as argparse scripts take it, read "--image is given twice; give it once"
+    assert why_did_you.shell_argv(["--image", "a.png", "--json=True"]) == ["--json=True", "--image=a.png"]
+    assert why_did_you.shell_argv(["--image", "a.png", "b.png"]) == ["--image=['a.png', 'b.png']"]
     out = _cli(ckpts, tmp_path, "--json=True", "--fast=True", *names)
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["image"] for line in out.stdout.splitlines()] == names

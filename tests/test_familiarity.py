@@ -81,6 +81,17 @@ def test_calibration_is_stored_reused_and_refitted_when_stale(calibration, model
     assert json.loads(path.read_text())["sae_fingerprint"] == models.sae_ckpt["fingerprint"]
 
 
+def test_a_damaged_stored_calibration_is_a_one_line_error(calibration, models, cache_dir, tmp_path):
+    good = calibration.to_json()
+    # valid JSON but no calibration: a list was an AttributeError, a missing field a KeyError, deep in the load
+    for damaged, reason in (([], "not a familiarity calibration"), ({**good, "scales": None}, "damaged"),
+                            ({k: v for k, v in good.items() if k != "threshold"}, "damaged"),
+                            ({**good, "precision_float32": "%%"}, "damaged")):
+        (tmp_path / familiarity.FAMILIARITY).write_text(json.dumps(damaged))
+        with pytest.raises(UserError, match=f"{reason}.*delete it and rerun"):
+            familiarity.load_or_fit(models, tmp_path, cache_dir)
+
+
 def test_pooled_features_are_exactly_the_classifier_gap(models):
     batch = strange_images(3, models.image_size)["salt and pepper"]
     x = data.model_input(torch.from_numpy(batch), models.classifier_ckpt["preprocess"])

@@ -85,6 +85,20 @@ def test_bad_upload_is_a_400_and_the_server_keeps_serving(server, sketches, body
     assert request(server, "POST", "/explain", sketches[1])[0] == 200
 
 
+def test_a_form_upload_is_told_to_send_the_bytes(server, sketches):
+    # curl -F wraps the PNG in a form, curl -d drops its line breaks: both read "the body must be a PNG or
+    # JPEG image" about a PNG file, with no word of what to send instead
+    form = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n" + sketches[0]
+    stripped = sketches[0].replace(b"\r", b"").replace(b"\n", b"")
+    for body, kind in ((form + b"\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz"),
+                       (stripped, "application/x-www-form-urlencoded")):
+        status, out = request(server, "POST", "/explain", body, {"Content-Type": kind})
+        assert status == 400 and "--data-binary" in out["error"] and "\n" not in out["error"]
+    # the image's own bytes under a form's type (urllib's default for a body) are still read
+    assert request(server, "POST", "/explain", sketches[0], {"Content-Type": "application/x-www-form-urlencoded"}
+                   )[0] == 200
+
+
 def test_truncated_png_is_a_400(server, sketches):
     status, out = request(server, "POST", "/explain", sketches[0][: len(sketches[0]) // 2])
     assert status == 400 and "error" in out
