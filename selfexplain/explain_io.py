@@ -207,12 +207,21 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
 
 def refuse_overwriting_inputs(paths: Sequence[Path], names: Sequence[str]) -> None:
     """A UserError when an overlay would replace one of the input images (``--image=a.png --overlay=a.png``
-    wrote the overlay over the sketch; so did ``--overlay=a.jpg``, saved as ``a.png``)."""
-    inputs = {Path(n).resolve() for n in names if Path(n).is_file()}
-    clash = next((p for p in paths if p.resolve() in inputs), None)
+    wrote the overlay over the sketch; so did ``--overlay=a.jpg``, saved as ``a.png``). Files are compared as
+    the file system sees them (device and inode), not by name: on a case-insensitive volume (macOS, a USB stick)
+    ``--image=A.PNG --overlay=a`` names the input, which :meth:`Path.resolve` does not show."""
+    inputs = {_file_id(Path(n)) for n in names if Path(n).is_file()}
+    clash = next((p for p in paths if p.exists() and _file_id(p) in inputs), None)
     if clash is not None:
         raise UserError(f"the overlay {clash} would overwrite the input image of that name: pass another --overlay "
                         "path (a folder gets <name>_why.png per image)")
+
+
+def _file_id(path: Path) -> tuple[int, int] | Path:
+    """(device, inode) of an existing file, through symbolic links: one value for every name of that file;
+    its resolved path where the file system gives no inode (0: some network shares)."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino) if st.st_ino else path.resolve()
 
 
 def _unique_labels(names: Sequence[str]) -> list[str]:

@@ -202,7 +202,8 @@ def stored_calibration(path: Path, stored: dict, sae) -> Calibration:
     """:meth:`Calibration.from_json` of ``path``'s object; a field missing or garbled is a UserError."""
     try:
         return Calibration.from_json(stored, sae)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # binascii.Error is a ValueError
+    except (LookupError, TypeError, ValueError, AttributeError) as exc:  # binascii.Error is a ValueError;
+        # LookupError: a missing field (KeyError), class_means not a list of rows (IndexError)
         raise UserError(f"{path} is a damaged familiarity calibration ({type(exc).__name__}: {exc}); "
                         "delete it and rerun") from None
 

@@ -387,6 +387,19 @@ def test_an_overlay_never_overwrites_an_input_image(ckpts, test_images, tmp_path
     assert explain_io.overlay_paths(tmp_path / "why.png", [str(sketch)]) == [tmp_path / "why.png"]
 
 
+def test_an_overlay_is_refused_under_any_name_of_an_input(tmp_path):
+    sketch = tmp_path / "A.PNG"
+    sketch.write_bytes(b"the user's sketch")
+    # a case-insensitive volume (macOS, a USB stick) opens a.png as A.PNG, and --overlay=a is saved as a.png:
+    # resolve() keeps the two names apart there. A hard link, another name of the same file, stands in for it
+    os.link(sketch, tmp_path / "a.png")
+    (tmp_path / "link.png").symlink_to(sketch)
+    for overlay in (tmp_path / "a", tmp_path / "link.png"):
+        with pytest.raises(UserError, match="would overwrite the input image"):
+            explain_io.overlay_paths(overlay, [str(sketch)])
+    assert explain_io.overlay_paths(tmp_path / "b", [str(sketch)]) == [tmp_path / "b.png"]
+
+
 def test_a_missing_llm_key_fails_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./.env

@@ -86,7 +86,8 @@ def test_a_damaged_stored_calibration_is_a_one_line_error(calibration, models, c
     # valid JSON but no calibration: a list was an AttributeError, a missing field a KeyError, deep in the load
     for damaged, reason in (([], "not a familiarity calibration"), ({**good, "scales": None}, "damaged"),
                             ({k: v for k, v in good.items() if k != "threshold"}, "damaged"),
-                            ({**good, "precision_float32": "%%"}, "damaged")):
+                            ({**good, "precision_float32": "%%"}, "damaged"),
+                            ({**good, "class_means": []}, "damaged")):  # no rows: an IndexError's traceback
         (tmp_path / familiarity.FAMILIARITY).write_text(json.dumps(damaged))
         with pytest.raises(UserError, match=f"{reason}.*delete it and rerun"):
             familiarity.load_or_fit(models, tmp_path, cache_dir)
