@@ -12,8 +12,9 @@ Usage
     python train_standard_cnn.py --overwrite=True                 # replace the earlier run in OUT_DIR
     torchrun --nproc_per_node=4 train_standard_cnn.py --dataset=tu-berlin   # DDP (auto when >1 GPU)
 
-Writes OUT_DIR/best.pt (best validation accuracy, ties to the lower validation loss), last.pt (every epoch, with optimiser
-state), label_decoder.json, metrics.json, config.json and TensorBoard logs in OUT_DIR/tb.
+Writes OUT_DIR/best.pt (best validation accuracy, ties to the lower validation loss), last.pt
+(every epoch, with optimiser state), label_decoder.json, metrics.json, config.json and
+TensorBoard logs in OUT_DIR/tb.
 The checkpoint records the dataset spec, preprocessing, split and architecture (with
 LAYER4_STRIDE), so later stages never ask for the dataset again and rebuild the same model.
 """
