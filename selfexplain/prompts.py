@@ -25,7 +25,9 @@ from .errors import UserError
 
 PROMPT_DIR = Path(__file__).with_name("prompts")
 CONCEPT_PROMPTS = ("concept_system", "concept_user")  # the files prompt_version() hashes
-PART_AUROC = 0.8  # offline labels name a ground-truth part when a neuron detects it this well
+# offline labels name a ground-truth part when a neuron detects it this well on the training sketches, and as
+# well among those of classes without the part (a detector of the part's four classes scores ~0.96 on the first)
+PART_AUROC = 0.8
 UNCLEAR = "unclear"  # what concept_system.txt asks the model to reply when it sees no concept
 
 
@@ -266,6 +268,15 @@ def concept_name(label: str, keep_auroc: bool = False) -> str:
     return core.rstrip(", ") or label
 
 
+def names_part(parts: dict) -> bool:
+    """Whether a neuron's ``parts`` record (stage 3) says it detects its best part: AUROC >= PART_AUROC on the
+    training sketches and among those of classes without the part (``distractor_auroc``; a report without
+    that figure, or without such sketches, is judged on the first alone)."""
+    among = parts.get("distractor_auroc")
+    return bool(parts.get("best_part")) and (parts.get("auroc") or 0) >= PART_AUROC and (
+        among is None or among >= PART_AUROC)
+
+
 def offline_label(neuron: dict, max_words: int = 12) -> str:
     """A deterministic concept from the statistics alone, marked ``offline:``.
 
@@ -281,7 +292,7 @@ def offline_label(neuron: dict, max_words: int = 12) -> str:
         classes = [_class_name(c) for c in neuron.get("top_classes", [])[:2]] if neuron.get("clear_class", True) else []
     core = f"strokes typical of {'/'.join(classes)}" if classes else "strokes without a clear class preference"
     part = neuron.get("parts") or {}
-    if part.get("best_part") and part.get("auroc", 0) >= PART_AUROC:  # data with ground-truth parts
+    if names_part(part):  # data with ground-truth parts
         core = f"{strip_controls(part['best_part'])} (train AUROC {fixed(part['auroc'])})"
     where = strip_controls((neuron.get("where") or {}).get("description") or "")
     label = f"{core}, {where}" if where else core

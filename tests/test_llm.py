@@ -614,7 +614,11 @@ def test_offline_label_names_a_well_detected_ground_truth_part():
     neuron = {"neuron_id": 3, "top_classes": [{"class": "a-b-c"}], "where": {"description": "upper right"},
               "parts": {"best_part": "spiral", "auroc": 0.93, "in_box_share": 0.8}}
     assert prompts.offline_label(neuron) == "offline: spiral (train AUROC 0.93), upper right"
-    neuron["parts"]["auroc"] = 0.6  # a weak detector is not named after the part
+    neuron["parts"]["distractor_auroc"] = 0.85  # ... and detects it among other classes' sketches too
+    assert prompts.offline_label(neuron) == "offline: spiral (train AUROC 0.93), upper right"
+    neuron["parts"]["distractor_auroc"] = 0.6  # fires on the part's classes more than on the part: not named
+    assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
+    neuron["parts"].update(distractor_auroc=None, auroc=0.6)  # a weak detector is not named after the part
     assert prompts.offline_label(neuron) == "offline: strokes typical of a-b-c, upper right"
     neuron["clear_class"] = False  # stage 3 found no clear class (weak PMI, or too few images): no class echo
     assert prompts.offline_label(neuron) == "offline: strokes without a clear class preference, upper right"
