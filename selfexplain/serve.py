@@ -239,10 +239,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body_length(self) -> int | None:
         """The request's Content-Length; None (after answering a 411 or 400) when it has none usable."""
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
             self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header", close=True)
+            return None
+        try:
+            length = int(raw)
+        except ValueError:  # one was sent: "send a Content-Length header" (a 411) misled
+            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw.strip()[:40]!r}: not a number", close=True)
             return None
         if length < 0:
             self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length}", close=True)

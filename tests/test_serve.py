@@ -312,17 +312,23 @@ def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny
     assert b"stopped" in log.read()
 
 
-def test_a_negative_content_length_closes_the_connection(server):
-    """Its body would otherwise be read as the next request on the kept-alive connection."""
+@pytest.mark.parametrize("length, status, says", [(b"-5", b"400", b"bad Content-Length -5"),
+                                                  (b"abc", b"400", b"bad Content-Length 'abc': not a number"),
+                                                  (None, b"411", b"send a Content-Length header")])
+def test_a_bad_content_length_closes_the_connection(server, length, status, says):
+    """Its body would otherwise be read as the next request on the kept-alive connection. One that is not a
+    number is a 400 that says so (it was a 411 asking for the header that had been sent)."""
     import socket
 
+    header = b"" if length is None else b"Content-Length: " + length + b"\r\n"
     with socket.create_connection(server.server_address[:2], timeout=30) as sock:
-        sock.sendall(b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"
+        sock.sendall(b"POST /explain HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
                      b"GET /atlas/index.html HTTP/1.1\r\nHost: x\r\n\r\n")
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
-    assert received.startswith(b"HTTP/1.1 400") and received.count(b"HTTP/1.1 ") == 1
+    assert received.startswith(b"HTTP/1.1 " + status) and received.count(b"HTTP/1.1 ") == 1
+    assert says in received
 
 
 def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_path):
