@@ -163,8 +163,8 @@ def main(**overrides) -> list[dict]:
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")
-    overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs]) if cfg.OVERLAY
-                else [None] * len(inputs))  # before the model passes: an overlay onto an input is refused
+    overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs], [n for _, n, _ in skipped])
+                if cfg.OVERLAY else [None] * len(inputs))  # before the model passes: an overlay onto an input is refused
     judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,

@@ -557,6 +557,9 @@ def unfamiliar_note(explanation: Explanation) -> str | None:
 
 
 # ----------------------------------------------------------------------------- overlay
+# a PNG text chunk on every saved overlay: a folder that holds them (--overlay=dir/ --image=dir/) is read
+# again without them, so a rerun is not refused for overwriting its own inputs
+OVERLAY_MARK = ("Software", "why_did_you.py overlay")
 PALETTE = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128), (170, 110, 40)]
 REMOVED_RGB = (255, 190, 0)   # the outline of the ink the input check whited out (in no concept's colour)
@@ -658,5 +661,6 @@ def evidence_line(faith: dict) -> str | None:
 
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:
-    """Render the overlay and write it atomically as PNG."""
-    return artifacts.atomic_write_bytes(path, png_bytes(render_overlay(image_uint8, explanation)))
+    """Render the overlay and write it atomically as PNG, marked (:data:`OVERLAY_MARK`) as this tool's output."""
+    return artifacts.atomic_write_bytes(path, png_bytes(render_overlay(image_uint8, explanation),
+                                                        text=dict([OVERLAY_MARK])))

@@ -24,9 +24,9 @@ from PIL import Image
 
 from .artifacts import atomic_write_bytes
 from .data import load_dataset
-from .errors import UserError
-from .explain import Explanation, Models, to_uint8, unfamiliar_note
-from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes
+from .errors import UserError, some
+from .explain import OVERLAY_MARK, Explanation, Models, to_uint8, unfamiliar_note
+from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes, png_text
 from .logs import log
 from .prompts import concept_name, percent
 from .stats import describe_map
@@ -53,7 +53,7 @@ def image_list(image: str | Sequence[str]) -> list[str]:
     entries = image if isinstance(image, (list, tuple)) else [image]
     if not entries:
         raise UserError("no image given (an empty list); use --image=PATH (a file, a folder, a [list] or test:K)")
-    out = []
+    out, overlays = [], []
     for entry in (str(e).strip() for e in entries):
         if not entry:
             raise UserError("no image given; use --image=PATH (a file, a folder, a [list] or test:K)")
@@ -61,17 +61,32 @@ def image_list(image: str | Sequence[str]) -> list[str]:
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if is_image_file(p)  # subfolders too, as stage 1 reads
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found, marked = _without_overlays(found)
             if not found:
-                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
-            out += found
+                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}"
+                                + (f", only the {len(marked)} overlays this script wrote" if marked else ""))
         elif not path.exists() and glob.has_magic(entry):  # a pattern quoted past the shell ('new_*.png')
-            matches = sorted(m for m in glob.glob(str(path), recursive=True) if is_image_file(Path(m)))
-            if not matches:  # as a folder: its image files only (a notes.txt beside them is no input)
-                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}")
-            out += matches
+            found = sorted(m for m in glob.glob(str(path), recursive=True) if is_image_file(Path(m)))
+            found, marked = _without_overlays(found)
+            if not found:  # as a folder: its image files only (a notes.txt beside them is no input)
+                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}"
+                                + (f", only the {len(marked)} overlays this script wrote" if marked else ""))
         else:
-            out.append(entry)
+            found, marked = [entry], []  # a file named on its own is explained, an overlay too
+        out += found
+        overlays += marked
+    if overlays:
+        log(f"left out {len(overlays)} overlay{'s' if len(overlays) > 1 else ''} this script wrote earlier "
+            f"({some(Path(p).name for p in overlays)}); name one on its own to explain it")
     return out
+
+
+def _without_overlays(files: list[str]) -> tuple[list[str], list[str]]:
+    """(the files, the overlays among them): PNGs that carry :data:`explain.OVERLAY_MARK`, so that rerunning
+    ``--image=dir/ --overlay=dir/`` reads the sketches again, not the last run's ``*_why.png``."""
+    key, value = OVERLAY_MARK
+    marked = {f for f in files if f.lower().endswith(".png") and png_text(f).get(key) == value}
+    return [f for f in files if f not in marked], [f for f in files if f in marked]
 
 
 def _is_list_text(text: str) -> bool:
@@ -182,11 +197,12 @@ def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: s
 
 
 # ----------------------------------------------------------------------------- overlays
-def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
+def overlay_paths(overlay: str | Path, names: Sequence[str], also_keep: Sequence[str] = ()) -> list[Path]:
     """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``;
     an existing folder (or a path ending in ``/``) gets ``<folder>/<label>_why.png`` for each (the
     suffix keeps an overlay off an input of the same name when the folder is the inputs' own).
-    A path that is one of the input files is a UserError (:func:`refuse_overwriting_inputs`).
+    A path that is one of the input files, or of ``also_keep`` (the inputs that were skipped as
+    unreadable: still the user's files), is a UserError (:func:`refuse_overwriting_inputs`).
 
     The label is the image's file stem; images whose stems repeat (``a/cat.png``,
     ``b/cat.png``, ``cat.jpg``) are labelled by their path below the inputs' common
@@ -201,7 +217,7 @@ def overlay_paths(overlay: str | Path, names: Sequence[str]) -> list[Path]:
             out = out.with_suffix(".png")
         paths = ([out] if len(names) == 1 else
                  [out.with_name(f"{out.stem}_{label}.png") for label in _unique_labels(names)])
-    refuse_overwriting_inputs(paths, names)
+    refuse_overwriting_inputs(paths, [*names, *also_keep])
     return paths
 
 

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -160,13 +160,28 @@ def _to_uint8_values(array: np.ndarray) -> np.ndarray:
     return (wide if high <= 255 else np.rint(wide * (255.0 / 65535))).astype(np.uint8)
 
 
-def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
-    """A PIL image or a uint8 array encoded as PNG bytes (zlib ``compress_level`` 0-9: 1 is fastest)."""
+def png_bytes(image: Image.Image | np.ndarray, compress_level: int = 6, text: dict[str, str] | None = None) -> bytes:
+    """A PIL image or a uint8 array encoded as PNG bytes (zlib ``compress_level`` 0-9: 1 is fastest),
+    with ``text`` as tEXt chunks (written before the pixels: :func:`png_text` reads them without decoding)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
+    image.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
     return buf.getvalue()
+
+
+def png_text(path: str | Path) -> dict[str, str]:
+    """The tEXt chunks before the pixels of a PNG file; {} for any other file or one that cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return {k: v for k, v in im.info.items() if isinstance(v, str)} if im.format == "PNG" else {}
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return {}
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import why_did_you
 from conftest import ROOT
 from selfexplain import artifacts, data, evidence, explain, explain_io, prompts
 from selfexplain.errors import UserError
+from selfexplain.imaging import png_bytes, png_text
 from selfexplain.sae import TopKSAE
 
 
@@ -385,6 +386,52 @@ def test_an_overlay_never_overwrites_an_input_image(ckpts, test_images, tmp_path
     with pytest.raises(UserError, match=r"sketch_why\.png would overwrite"):
         explain_io.overlay_paths(f"{tmp_path}/", [str(sketch), str(tmp_path / "sketch_why.png")])
     assert explain_io.overlay_paths(tmp_path / "why.png", [str(sketch)]) == [tmp_path / "why.png"]
+
+
+def test_rerunning_a_folder_into_itself_reads_the_sketches_again_not_its_overlays(ckpts, test_images, tmp_path,
+                                                                                   capsys):
+    """``--image=dir/ --overlay=dir/`` twice: the first run's x_why.png were read back as inputs and the rerun was
+    refused (their overlays would overwrite them). Overlays carry a PNG text mark and folders leave them out."""
+    folder = tmp_path / "sketches"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(test_images[0][i]).save(folder / f"s{i}.png")
+    sketches = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "mine_why.png").write_bytes(sketches["s0.png"])  # a sketch of the user's, named like an overlay
+    run = dict(image=str(folder), overlay=f"{folder}/", report_dir=str(tmp_path), device="cpu", fast=True, **ckpts)
+    first = why_did_you.main(**run)
+    assert sorted(Path(r["image"]).name for r in first) == ["mine_why.png", "s0.png", "s1.png"]
+    assert png_text(folder / "s0_why.png") == dict([explain.OVERLAY_MARK])
+    second = why_did_you.main(**run)  # was: UserError "s0_why.png would overwrite the input image"
+    assert sorted(Path(r["image"]).name for r in second) == ["mine_why.png", "s0.png", "s1.png"]
+    assert "left out 3 overlays this script wrote earlier" in capsys.readouterr().err
+    assert all((folder / name).read_bytes() == data for name, data in sketches.items())  # the inputs untouched
+    # an overlay named on its own is explained; a folder of nothing but overlays says so
+    assert why_did_you.main(**{**run, "image": str(folder / "s0_why.png"), "overlay": ""})[0]["predicted_class"]
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a_why.png").write_bytes((folder / "s0_why.png").read_bytes())
+    with pytest.raises(UserError, match="only the 1 overlays this script wrote"):
+        explain_io.image_list(str(only))
+
+
+def test_an_overlay_never_overwrites_an_input_that_could_not_be_read(ckpts, test_images, tmp_path):
+    """A folder's unreadable file is skipped, not explained, but it is still the user's file: an overlay onto it
+    (sketch.png's overlay is sketch_why.png) is refused like one onto a readable input."""
+    Image.fromarray(test_images[0][0]).save(tmp_path / "sketch.png")
+    (tmp_path / "sketch_why.png").write_bytes(b"a PNG cut short by a full disk")
+    with pytest.raises(UserError, match=r"sketch_why\.png would overwrite"):
+        why_did_you.main(image=str(tmp_path), overlay=f"{tmp_path}/", report_dir=str(tmp_path), device="cpu",
+                         fast=True, **ckpts)
+    assert (tmp_path / "sketch_why.png").read_bytes() == b"a PNG cut short by a full disk"
+
+
+def test_png_text_reads_back_what_png_bytes_wrote(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(np.zeros((4, 4), np.uint8), text={"Software": "x", "Note": "y"}))
+    assert png_text(tmp_path / "a.png") == {"Software": "x", "Note": "y"}
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "b.jpg")
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    assert png_text(tmp_path / "b.jpg") == {} and png_text(tmp_path / "c.png") == {}
 
 
 def test_an_overlay_is_refused_under_any_name_of_an_input(tmp_path):
