@@ -63,22 +63,28 @@ def image_list(image: str | Sequence[str]) -> list[str]:
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             found, marked = _without_overlays(found)
             if not found:
-                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}"
-                                + (f", only the {len(marked)} overlays this script wrote" if marked else ""))
+                raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}" + _only(marked))
         elif not path.exists() and glob.has_magic(entry):  # a pattern quoted past the shell ('new_*.png')
             found = sorted(m for m in glob.glob(str(path), recursive=True) if is_image_file(Path(m)))
             found, marked = _without_overlays(found)
             if not found:  # as a folder: its image files only (a notes.txt beside them is no input)
-                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}"
-                                + (f", only the {len(marked)} overlays this script wrote" if marked else ""))
+                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}" + _only(marked))
         else:
             found, marked = [entry], []  # a file named on its own is explained, an overlay too
         out += found
         overlays += marked
     if overlays:
-        log(f"left out {len(overlays)} overlay{'s' if len(overlays) > 1 else ''} this script wrote earlier "
-            f"({some(Path(p).name for p in overlays)}); name one on its own to explain it")
+        log(f"left out {_overlays(overlays)} this script wrote earlier ({some(Path(p).name for p in overlays)}); "
+            "name one on its own to explain it")
     return out
+
+
+def _overlays(files: Sequence[str]) -> str:
+    return f"{len(files)} overlay{'s' if len(files) > 1 else ''}"
+
+
+def _only(overlays: Sequence[str]) -> str:
+    return f", only {_overlays(overlays)} this script wrote" if overlays else ""
 
 
 def _without_overlays(files: list[str]) -> tuple[list[str], list[str]]:

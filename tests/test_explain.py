@@ -411,7 +411,7 @@ def test_rerunning_a_folder_into_itself_reads_the_sketches_again_not_its_overlay
     only = tmp_path / "only"
     only.mkdir()
     (only / "a_why.png").write_bytes((folder / "s0_why.png").read_bytes())
-    with pytest.raises(UserError, match="only the 1 overlays this script wrote"):
+    with pytest.raises(UserError, match="only 1 overlay this script wrote"):
         explain_io.image_list(str(only))
 
 
