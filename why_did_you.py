@@ -11,6 +11,8 @@ Usage
     python why_did_you.py --image=a.png --overlay=why.png     # heat maps of the top concepts, with a legend
     python why_did_you.py --image=sketches/ --overlay=why.png # one overlay per image: why_<image name>.png
     python why_did_you.py --image=a.png --llm=True            # plus a one-sentence answer from the LLM backend
+    python why_did_you.py --image=test:0 --versus=runner_up   # also: why this class rather than the second one
+    python why_did_you.py --image=a.png --versus=cat          # ... or rather than a class you name
     python why_did_you.py --serve=True --port=8000            # draw a sketch in the browser and see why
 
 For the predicted class it prints the probability, the top-5, and the SAE neurons that
@@ -25,7 +27,9 @@ it); the consistency line zeroes the cited neurons in the code, which is true by
 construction and printed only as a check of the arithmetic. Every explanation
 carries a familiarity verdict (the input's percentile among validation sketches, and an
 "unfamiliar" warning when it is unlike them), calibrated once per model pair and stored in
-REPORT_DIR/familiarity.json.
+REPORT_DIR/familiarity.json. With --versus it also explains the margin over another class
+(the runner-up, or one named): a part both classes hold counts for both and cancels, so the
+neurons cited are the ones that tell the two apart.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ AGG = "max"                                # most-active list: max | mean | sum 
 RANDOM_DRAWS = 8                           # random active-neuron sets for the faithfulness baselines
 FAST = False                               # skip the input-space check (no classifier reruns)
 INK_SHARE = 0.2                            # input-space check: share of the sketch's ink whited out
+VERSUS = ""                                # also explain "rather than" this class: '' (off), runner_up, or a class name
 JSON = False                               # print one JSON object per image instead of text
 OVERLAY = ""                               # PNG path for the heat-map overlay ('' = none; several images get _<name> suffixes)
 LLM = False                                # add a one-sentence answer from the LLM backend
@@ -99,7 +104,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     calibration is fitted once per model pair into ``report_dir``) and the most-active list
     (TOP_ACTIVE, PERCENTILE, AGG defaults). ``settings`` are
     :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
-    ``input_check``, ``ink_share``, ``active``).
+    ``input_check``, ``ink_share``, ``active``, ``versus``).
     """
     images = explain_io.as_image_list(images)
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
@@ -151,7 +156,7 @@ def main(**overrides) -> list[dict]:
     cfg = make_config(module_constants(globals()), overrides)
     active = explain.MostActive(cfg.TOP_ACTIVE, cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
-                                       input_check=not cfg.FAST, ink_share=cfg.INK_SHARE)
+                                       input_check=not cfg.FAST, ink_share=cfg.INK_SHARE, versus=cfg.VERSUS)
     require_report_dir(cfg.REPORT_DIR)
     if cfg.SERVE:
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,

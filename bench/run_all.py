@@ -19,12 +19,13 @@ from selfexplain.config import make_config, module_constants, run_cli  # noqa: E
 SCALE = False                 # also run the TU-Berlin-sized scale rehearsal
 RUN = True                    # run the benchmarks (False: only rebuild RESULTS.md from bench/results/*.md)
 SWEEP = True                  # also run the K x M sweep scored by held-out recovery (~12 min on 2 cores)
-SECTIONS = ["train", "demos", "sae", "dead", "concepts", "concepts_sweep", "explain", "explain_where", "familiarity", "person",
-            "scale", "gpu"]  # bench/results/<name>.md, each followed by <name>_notes.md when present (hand-written, never rewritten)
+SECTIONS = ["train", "demos", "sae", "dead", "concepts", "concepts_sweep", "explain", "explain_where", "contrast",
+            "familiarity", "person", "scale", "gpu"]  # bench/results/<name>.md, each followed by <name>_notes.md when present (hand-written, never rewritten)
 BENCHES = {"train": "bench/bench_train.py", "demos": "bench/compare_demos.py", "sae": "bench/bench_sae.py", "dead": "bench/bench_dead.py",
            "concepts": "bench/bench_concepts.py",
            "concepts_sweep": "bench/bench_concepts.py --sweep=True",
            "explain": "bench/bench_explain.py", "explain_where": "bench/choose_where_map.py",
+           "contrast": "bench/bench_contrast.py",
            "familiarity": "bench/bench_familiarity.py", "person": "bench/bench_person.py",
            "scale": "bench/scale_rehearsal.py"}
 

@@ -95,6 +95,7 @@ class ExplainSettings:
     active: MostActive | None = None   # also record the most active neurons in extra["top_active"]
     input_check: bool = True           # white out the cited concepts' ink and rerun (False: the fast path)
     ink_share: float = evidence.INK_SHARE  # share of the sketch's ink the input-space check removes
+    versus: str = ""                   # also explain "rather than" this class: "" (off), "runner_up" or a class name
 
     def __post_init__(self):
         if self.n_cite < 1 or self.n_random < 1:  # N=0 explained nothing, then called no neuron "standing out"
@@ -358,16 +359,17 @@ def short_name(label: str) -> tuple[str, bool]:
 
 
 def compose_sentence(predicted: str, probability: float, cited: Sequence[CitedNeuron],
-                     names: dict[int, str] | None = None) -> str:
+                     names: dict[int, str] | None = None, head: str | None = None) -> str:
     """'Predicted bicycle (97%) mainly because of wheel (41%, 2 neurons), triangle (22%) and spokes (9%).'
 
     Each neuron is named by ``names`` (:func:`concepts.concepts_and_names`: no summary sentences),
     else by its concept. Neurons with the same name (:func:`prompts.concept_name`: an offline
     label's part or classes, without its AUROC and place) are named once, with their shares
     summed, largest first. Names from offline labels are marked: the whole list when all
-    are, else each with ``*``.
+    are, else each with ``*``. ``head`` replaces 'Predicted bicycle (97%)' (a contrast's 'bicycle rather
+    than motorbike (2%)').
     """
-    head = f"Predicted {predicted} ({percent(probability)})"
+    head = head or f"Predicted {predicted} ({percent(probability)})"
     if not cited:
         return head + ", with no single neuron standing out as positive evidence."
     named = [short_name((names or {}).get(n.neuron_id, n.concept)) for n in cited]
@@ -429,6 +431,61 @@ def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_id
     return out | drops, removed
 
 
+def cite(models: Models, analysis: Analysis, b: int, contrib: torch.Tensor, concepts: dict[int, str],
+         names: dict[int, str] | None, n_cite: int) -> list[CitedNeuron]:
+    """The ``n_cite`` neurons with the largest positive ``contrib`` (M,), each with its share of the positive
+    total and its token map."""
+    positive_total = float(contrib.clamp_min(0).sum())
+    order = torch.argsort(contrib, descending=True)
+    cited_ids = [int(i) for i in order[:n_cite] if contrib[i] > 0]
+    maps = evidence.token_maps(analysis, b, cited_ids)  # (n, H, W): where each cited neuron fired
+    return [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
+                        float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
+                        maps[k], *short_name((names or {}).get(i) or concept_of(concepts, i)))
+            for k, i in enumerate(cited_ids)]
+
+
+VERSUS_RUNNER_UP = "runner_up"
+
+
+def versus_index(models: Models, versus: str) -> int | None:
+    """The class a contrast is drawn against: None for the runner-up (it depends on the image), else the
+    index of the class named (a UserError naming the closest class for an unknown one)."""
+    if versus == VERSUS_RUNNER_UP:
+        return None
+    if versus in models.class_names:
+        return models.class_names.index(versus)
+    hint = closest(versus, [*models.class_names, VERSUS_RUNNER_UP])
+    raise UserError(f"VERSUS must be '' (off), {VERSUS_RUNNER_UP} or one of the classifier's "
+                    f"{len(models.class_names)} classes, got '{versus}'" + (f" (did you mean {hint}?)" if hint else ""))
+
+
+def contrast(models: Models, analysis: Analysis, b: int, pred: int, other: int, concepts: dict[int, str],
+             names: dict[int, str] | None, n_cite: int) -> dict:
+    """Why ``pred`` rather than ``other``: the margin ``logit[pred] − logit[other]`` decomposed exactly as the
+    logit is, neuron i giving ``mean_tokens(z_i) · (lens[i, pred] − lens[i, other])``.
+
+    A part both classes hold adds to both logits and cancels here, so the neurons cited are those that
+    tell the two classes apart. ``margin = cited + others + bias + error`` (an identity, as for the logit).
+    Returns the JSON's ``versus`` block.
+    """
+    if other == pred:
+        return {"class": models.class_names[other], "index": other,
+                "skipped": "it is the predicted class: nothing to contrast"}
+    contrib = (analysis.z_mean[b] * (models.lens[:, pred] - models.lens[:, other])).double()
+    cited = cite(models, analysis, b, contrib, concepts, names, n_cite)
+    prob = float(analysis.probs[b, other])
+    head = f"{models.class_names[pred]} rather than {models.class_names[other]} ({percent(prob)})"
+    return {"class": models.class_names[other], "index": other, "probability": prob,
+            "margin": float(analysis.logits[b, pred] - analysis.logits[b, other]),
+            "neurons": [{**{k: v for k, v in asdict(n).items() if k != "heatmap"}, "where": describe_map(n.heatmap)}
+                        for n in cited],
+            "others": float(contrib.sum()) - sum(n.contribution for n in cited),
+            "bias": float(models.bias[pred] - models.bias[other]),
+            "error": float(analysis.error[b, pred] - analysis.error[b, other]),
+            "sentence": compose_sentence(models.class_names[pred], 0.0, cited, names, head=head)}
+
+
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
                 settings: ExplainSettings = ExplainSettings(), index: int | None = None,
                 image: np.ndarray | None = None, names: dict[int, str] | None = None) -> Explanation:
@@ -443,16 +500,15 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     """
     probs, pred = analysis.probs[b], int(analysis.logits[b].argmax())
     contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
-    positive_total = float(contrib.clamp_min(0).sum())
-    order = torch.argsort(contrib, descending=True)
-    cited_ids = [int(i) for i in order[:settings.n_cite] if contrib[i] > 0]
-    maps = evidence.token_maps(analysis, b, cited_ids)  # (n, H, W): where each cited neuron fired
-    cited = [CitedNeuron(i, concept_of(concepts, i), float(analysis.z_mean[b, i]), float(analysis.z_max[b, i]),
-                         float(contrib[i]), float(contrib[i]) / positive_total if positive_total > 0 else 0.0,
-                         maps[k], *short_name((names or {}).get(i) or concept_of(concepts, i)))
-             for k, i in enumerate(cited_ids)]
+    cited = cite(models, analysis, b, contrib, concepts, names, settings.n_cite)
+    cited_ids = [n.neuron_id for n in cited]
     rng = np.random.default_rng([settings.seed, b if index is None else index])
     extra = {}
+    if settings.versus:
+        other = versus_index(models, settings.versus)
+        if other is None:  # the runner-up (a one-class model has none: the contrast is then skipped)
+            other = int(analysis.logits[b].topk(min(2, len(models.class_names))).indices[-1])
+        extra["versus"] = contrast(models, analysis, b, pred, other, concepts, names, settings.n_cite)
     if settings.active is not None:
         ids, scores, threshold = most_active(analysis, b, settings.active)
         extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
@@ -494,7 +550,7 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     """Explain several images (paths, PIL images or arrays: :func:`to_uint8`), batched through the models.
 
     ``settings`` are the fields of :class:`ExplainSettings` (``n_cite``, ``n_random``,
-    ``seed``, ``active``, ``input_check``, ``ink_share``). ``judge(analysis, uint8 batch)`` returns one dict per image that
+    ``seed``, ``active``, ``input_check``, ``ink_share``, ``versus``). ``judge(analysis, uint8 batch)`` returns one dict per image that
     goes into the explanation as is (the familiarity calibration's ``judge`` adds
     ``familiarity`` and ``unfamiliar``), so checks of the input reuse the same forward pass.
     """
@@ -503,6 +559,8 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     options = ExplainSettings.from_kwargs(settings)
     models = load_models(classifier_ckpt, sae_ckpt, device)
     require_own_report(models, report_dir)
+    if options.versus:
+        versus_index(models, options.versus)  # an unknown class fails before any image is explained
     concepts, short_names = concepts_and_names(report_dir, models.sae_ckpt["fingerprint"])  # of this SAE only
     out = []
     for start in range(0, len(images), batch_size):

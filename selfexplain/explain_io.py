@@ -302,6 +302,24 @@ def format_text(exp: Explanation) -> str:
         listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
         lines.append(f"most active ({active['agg']} over tokens, >= p{active['percentile']:g}): {listed or 'none'}")
     lines.append(exp.sentence)
+    lines += versus_lines(exp.extra.get("versus"))
     if exp.extra.get("llm_sentence") and exp.extra["llm_sentence"] != exp.sentence:  # offline echoes the sentence
         lines.append(f"LLM: {exp.extra['llm_sentence']}")
     return "\n".join(lines)
+
+
+def versus_lines(versus: dict | None) -> list[str]:
+    """The contrast's lines (``--versus``): its neurons, the margin's identity and its sentence; [] without one."""
+    if not versus:
+        return []
+    if "skipped" in versus:
+        return [f"versus {versus['class']}: {versus['skipped']}"]
+    lines = [f"versus {versus['class']} ({percent(versus['probability'], 1)}): margin {versus['margin']:.3f}, "
+             "because of (share of the positive evidence, contribution to the margin):"]
+    for n in versus["neurons"]:
+        lines.append(f"  {percent(n['share'], 1):>6}  {concept_name(n['concept'], keep_auroc=True)}  "
+                     f"[#{n['neuron_id']}, {n['contribution']:+.3f}, here: {n['where']}]")
+    cited = sum(n["contribution"] for n in versus["neurons"])
+    lines.append(f"margin {versus['margin']:.3f} = cited {cited:.3f} + others {versus['others']:.3f} "
+                 f"+ bias {versus['bias']:.3f} + SAE error {versus['error']:.3f}")
+    return [*lines, versus["sentence"]]

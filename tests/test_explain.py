@@ -1,5 +1,6 @@
 """Stage 5: exact decomposition, faithfulness, top neurons, caching, concepts and the CLI."""
 import itertools
+from dataclasses import replace
 import json
 import os
 import subprocess
@@ -63,6 +64,63 @@ def test_logit_decomposes_exactly(ckpts, test_images, tmp_path):
         assert cited + e.others + e.bias == pytest.approx(float(recon_logits[b, e.predicted_index]), abs=1e-3)
         # the real ablation pass removes exactly the closed-form contributions
         assert e.faithfulness["code_cited_drop"] == pytest.approx(cited, abs=1e-3)
+
+
+def test_the_contrast_decomposes_the_margin_over_the_runner_up_exactly(ckpts, test_images, tmp_path):
+    images, _ = test_images
+    exps = _explain(images[:6], ckpts, tmp_path, versus="runner_up", input_check=False)
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    x = data.model_input(torch.from_numpy(np.stack(images[:6])), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        logits = models.classifier(x)
+    for b, e in enumerate(exps):
+        v = e.to_dict()["versus"]
+        runner_up = int(logits[b].topk(2).indices[1])
+        assert (v["index"], v["class"]) == (runner_up, models.class_names[runner_up]) == (
+            e.top5[1]["index"], e.top5[1]["class"])
+        assert v["margin"] == pytest.approx(float(logits[b, e.predicted_index] - logits[b, runner_up]), abs=1e-4)
+        cited = sum(n["contribution"] for n in v["neurons"])
+        assert cited + v["others"] + v["bias"] + v["error"] == pytest.approx(v["margin"], abs=1e-3)  # an identity
+        assert all(n["contribution"] > 0 and 0 < n["share"] <= 1 and n["where"] for n in v["neurons"])
+        assert v["sentence"].startswith(f"{e.predicted_class} rather than {v['class']} (")
+
+
+def test_a_neuron_both_classes_count_alike_is_cited_for_the_class_but_not_for_the_contrast(ckpts, test_images):
+    """The point of --versus: a part both classes hold (circle, in four classes) adds to both logits, so it
+    explains the class but not why this class rather than the other."""
+    images, _ = test_images
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    analysis = explain.analyse(models, np.stack(images[:1]))
+    plain = explain.explain_one(models, analysis, 0, "x", {}, explain.ExplainSettings(n_cite=3, input_check=False))
+    top = plain.neurons[0].neuron_id
+    runner_up = plain.top5[1]["index"]
+    lens = models.lens.clone()
+    lens[top, runner_up] = lens[top, plain.predicted_index]  # neuron `top` now argues for both classes alike
+    shared = replace(models, lens=lens)
+    settings = explain.ExplainSettings(n_cite=3, input_check=False, versus="runner_up")
+    again = explain.explain_one(shared, analysis, 0, "x", {}, settings)
+    assert again.neurons[0].neuron_id == top                                 # still the class's strongest support
+    assert top not in [n["neuron_id"] for n in again.extra["versus"]["neurons"]]  # but no reason for the contrast
+
+
+def test_versus_a_named_class_and_its_errors(ckpts, test_images, tmp_path, capsys):
+    images, _ = test_images
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    sketch = tmp_path / "s.png"
+    Image.fromarray(images[0]).save(sketch)
+    run = dict(image=str(sketch), report_dir=str(tmp_path), device="cpu", fast=True, **ckpts)
+    predicted = why_did_you.main(**run)[0]["predicted_class"]
+    other = next(c for c in models.class_names if c != predicted)
+    capsys.readouterr()
+    out = why_did_you.main(**run, versus=other)[0]
+    assert out["versus"]["class"] == other
+    text = capsys.readouterr().out
+    assert f"versus {other} (" in text and f"{predicted} rather than {other}" in text and "margin " in text
+    assert why_did_you.main(**run, versus=predicted)[0]["versus"]["skipped"].startswith("it is the predicted class")
+    assert f"versus {predicted}: it is the predicted class" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"did you mean {other}"):  # before any image is explained
+        why_did_you.main(**run, versus=other[:-1] + "#")
+    assert "versus" not in why_did_you.main(**run)[0]  # off by default: the output is unchanged
 
 
 def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):
