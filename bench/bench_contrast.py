@@ -15,6 +15,12 @@ part, or a neuron named after no part):
 * chance: the distinguishing share of A's parts, |parts(A) - parts(B)| / |parts(A)|, what a citation
   blind to B would give if it spread the evidence evenly over A's parts.
 
+And in input space, without part labels: INK_SHARE of the ink is whited out where the contrast's cited
+neurons fire, where the plain explanation's fire, and where RANDOM_DRAWS sets of as many random active
+neurons fire (the product's own rule, ``evidence.concept_scores``), the classifier reruns, and the margin's
+drop is read. If the contrast names what tells A from B, its ink should cut the margin more than the
+plain explanation's, which also hits the parts both classes hold.
+
 Usage: python bench/bench_contrast.py [--classifier_ckpt=...] [--sae_ckpt=...] [--report_dir=neuron_report]
 """
 from __future__ import annotations
@@ -24,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.run_all import machine  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from selfexplain import artifacts, data, explain, summarize  # noqa: E402
+from selfexplain import artifacts, data, evidence, explain, summarize  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
 from selfexplain.errors import UserError  # noqa: E402
 from selfexplain.logs import log  # noqa: E402
@@ -40,6 +47,9 @@ SAE_CKPT = artifacts.SAE_CKPT                 # its SAE
 REPORT_DIR = artifacts.REPORT_DIR             # stage 3's neurons.jsonl: the part each neuron is named after
 CACHE_DIR = artifacts.CACHE_DIR               # image cache for the test split
 N = 5                                         # neurons cited per explanation (why_did_you's N)
+INK_SHARE = 0.2                               # input-space check: share of the ink whited out (why_did_you's)
+RANDOM_DRAWS = 8                              # input-space check: random active-neuron sets (why_did_you's)
+SEED = 0                                      # those draws
 BATCH_SIZE = 64                               # images per forward pass
 OUT = "bench/results/contrast.md"             # markdown section written here (merged into RESULTS.md)
 
@@ -64,22 +74,47 @@ def evidence_shares(cited: list[explain.CitedNeuron], part_of: dict[int, str], d
     return out / total if total > 0 else out
 
 
-def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set], part_of: dict[int, str],
-             n_cite: int, batch_size: int) -> list[dict]:
-    """One record per image: its classes A and B, chance, and the plain and contrastive evidence shares."""
-    records = []
-    for start in range(0, len(images), batch_size):
-        analysis = explain.analyse(models, images[start:start + batch_size])
-        for b in range(len(analysis.logits)):
+def margin_drops(models: explain.Models, image: np.ndarray, analysis, b: int, sets: list[list[int]], a: int,
+                 other: int, ink_share: float) -> np.ndarray:
+    """Per set of neurons, the drop of ``logit[a] - logit[other]`` after whiting out ``ink_share`` of the ink
+    where the set fires (the input check's rule: token maps times the ink carrying the set's code)."""
+    pixels = evidence.set_activation_pixels(models, image, sets) if evidence.PIXEL_MAPS else None
+    scores = evidence.concept_scores(models, image, analysis, b, sets, pixels=pixels)
+    masks = evidence.rank_ink(image, scores, np.array([ink_share if ids else 0.0 for ids in sets]))
+    x = data.model_input(torch.from_numpy(evidence.delete_ink(image, masks)), models.classifier_ckpt["preprocess"],
+                         models.device)
+    with torch.no_grad():
+        logits = models.classifier(x).float()
+    margin = float(analysis.logits[b, a] - analysis.logits[b, other])
+    return margin - (logits[:, a] - logits[:, other]).cpu().numpy()
+
+
+def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set], part_of: dict[int, str], cfg
+             ) -> list[dict]:
+    """One record per image: its classes A and B, chance, the plain and contrastive evidence shares, and
+    the margin's drop when the ink of each (and of random active neurons) is whited out."""
+    records, rng = [], np.random.default_rng(cfg.SEED)
+    for start in tqdm(range(0, len(images), cfg.BATCH_SIZE), desc="contrast", unit="batch"):
+        batch = images[start:start + cfg.BATCH_SIZE]
+        with torch.no_grad():
+            analysis = explain.analyse(models, batch)
+        for b in range(len(batch)):
             a, other = (int(i) for i in analysis.logits[b].topk(2).indices)
             distinguishing, shared = class_parts[a] - class_parts[other], class_parts[a] & class_parts[other]
-            shares = {}
+            record, cited = {"a": a, "b": other, "n_shared": len(shared),
+                             "chance": len(distinguishing) / max(1, len(class_parts[a]))}, {}
             for kind, lens in (("plain", models.lens[:, a]), ("contrast", models.lens[:, a] - models.lens[:, other])):
                 contrib = (analysis.z_mean[b] * lens).double()
-                shares[kind] = evidence_shares(explain.cite(models, analysis, b, contrib, {}, None, n_cite), part_of,
-                                               distinguishing, shared)
-            records.append({"a": a, "b": other, "n_shared": len(shared),
-                            "chance": len(distinguishing) / max(1, len(class_parts[a])), **shares})
+                cited[kind] = explain.cite(models, analysis, b, contrib, {}, None, cfg.N)
+                record[kind] = evidence_shares(cited[kind], part_of, distinguishing, shared)
+            active = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
+            randoms = explain.random_active_sets(active, len(cited["contrast"]), cfg.RANDOM_DRAWS, rng)
+            sets = [[n.neuron_id for n in cited["contrast"]], [n.neuron_id for n in cited["plain"]],
+                    *[list(r) for r in randoms]]
+            drops = margin_drops(models, batch[b], analysis, b, sets, a, other, cfg.INK_SHARE)
+            record["drop"] = {"contrast": float(drops[0]), "plain": float(drops[1]),
+                              "random": float(drops[2:].mean()) if randoms else float("nan")}
+            records.append(record)
     return records
 
 
@@ -91,6 +126,13 @@ def summarise(records: list[dict]) -> dict:
         out[kind] = np.mean([r[kind] for r in records], axis=0).tolist()
         # images whose cited evidence goes more to distinguishing parts than to shared ones or to neither
         out[f"{kind}_mostly_distinguishing"] = float(np.mean([r[kind][0] > max(r[kind][1:]) for r in records]))
+    drops = {k: np.array([r["drop"][k] for r in records]) for k in ("contrast", "plain", "random")}
+    out["drop"] = {k: float(np.nanmean(v)) for k, v in drops.items()}
+    out["contrast_beats_plain"] = float(np.mean(drops["contrast"] > drops["plain"]))
+    diff = drops["contrast"] - drops["plain"]  # paired over images: a bootstrap interval of the mean difference
+    boot = np.random.default_rng(0).choice(diff, size=(1000, len(diff))).mean(1)
+    out["contrast_minus_plain"] = [float(diff.mean()), *np.percentile(boot, [2.5, 97.5]).tolist()]
+    out["contrast_beats_random"] = float(np.mean(drops["contrast"] > drops["random"]))
     return out
 
 
@@ -107,6 +149,15 @@ def render(row: dict, cfg, n_named: int, n_latents: int) -> list[str]:
         d, s, o = row[kind]
         lines.append(f"| {label} | {d:.3f} | {s:.3f} | {o:.3f} | {row[f'{kind}_mostly_distinguishing']:.3f} | "
                      f"{row['chance']:.3f} |")
+    drop = row["drop"]
+    lines += ["", f"In input space (no part labels): whiting out {cfg.INK_SHARE:.0%} of the ink where each set of "
+              "neurons fires, the mean drop of the margin logit_A - logit_B:", "",
+              "| ink whited out where ... fire | margin drop | the contrast's drop is larger on |", "|---|---:|---:|",
+              f"| the contrast's {cfg.N} cited neurons | **{drop['contrast']:.3f}** | |",
+              f"| the plain explanation's {cfg.N} | {drop['plain']:.3f} | {row['contrast_beats_plain']:.1%} of images "
+              "(mean difference {:+.3f}, 95% paired interval {:+.3f} to {:+.3f}) |".format(*row["contrast_minus_plain"]),
+              f"| as many random active neurons (mean of {cfg.RANDOM_DRAWS} draws) | {drop['random']:.3f} | "
+              f"{row['contrast_beats_random']:.1%} of images |"]
     return lines
 
 
@@ -120,12 +171,11 @@ def main(**overrides) -> dict:
     class_parts = [{imageset.part_types[p] for p in np.flatnonzero(table[:, c])} for c in range(table.shape[1])]
     part_of = neuron_parts(cfg.REPORT_DIR)
     test = np.sort(np.asarray(models.classifier_ckpt["split"]["test"]))
-    with torch.no_grad():
-        records = evaluate(models, np.ascontiguousarray(imageset.images[test]), class_parts, part_of, cfg.N,
-                           cfg.BATCH_SIZE)
+    records = evaluate(models, np.ascontiguousarray(imageset.images[test]), class_parts, part_of, cfg)
     row = summarise(records)
     log(f"distinguishing share of the cited evidence: plain {row['plain'][0]:.3f}, contrast {row['contrast'][0]:.3f} "
-        f"(chance {row['chance']:.3f})")
+        f"(chance {row['chance']:.3f}); margin drop: contrast {row['drop']['contrast']:.3f}, plain "
+        f"{row['drop']['plain']:.3f}, random {row['drop']['random']:.3f}")
     write_section(cfg.OUT, render(row, cfg, len(part_of), models.sae.n_latents))
     return row
 
