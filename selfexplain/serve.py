@@ -319,9 +319,11 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
                 **options) -> ThreadingHTTPServer:
     """Load the models and the familiarity calibration once; return the bound (not yet serving) server.
 
-    ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``);
+    ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``); the page always
+    shows a contrast (``versus``: the runner-up unless another class is given);
     ``data_root``: where the classifier's data is now, if it moved (the calibration reads it).
     """
+    options = {**options, "versus": options.get("versus") or explain.VERSUS_RUNNER_UP}
     explain.ExplainSettings.from_kwargs(options)  # a wrong name fails now, not as a 400 on every request
     server = bind(host, port)  # before the models load: a taken port fails in a second, not after a minute
     try:

@@ -73,6 +73,11 @@ def test_good_png_answers_the_json_contract(server, sketches):
     assert cited + out["others"] + out["bias"] + out["error"] == pytest.approx(out["logit"], abs=1e-3)
     overlay = Image.open(io.BytesIO(base64.b64decode(out["overlay_png"])))
     assert overlay.format == "PNG" and overlay.width >= 64
+    # the page also says why not the runner-up: the margin over it, decomposed the same exact way
+    versus = out["versus"]
+    assert versus["class"] == out["top5"][1]["class"]
+    cited = sum(n["contribution"] for n in versus["neurons"])
+    assert cited + versus["others"] + versus["bias"] + versus["error"] == pytest.approx(versus["margin"], abs=1e-3)
 
 
 @pytest.mark.parametrize("body, reason", [(b"", "empty"), (b"hello, not an image", "PNG"),

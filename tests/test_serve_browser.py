@@ -73,12 +73,17 @@ def test_drawing_strokes_shows_the_explanation(url):
                    for (text, title), h in zip(names, page["links"]))
         assert browser.evaluate("document.getElementById('names').textContent").startswith("Names from the statistics")
         assert page["overlay"] > 0 and page["ink"] > 500
+        # why this class rather than the runner-up, in the page's words
+        top5 = browser.evaluate("[...document.querySelectorAll('#top5 li')].map(li => li.firstChild.textContent.trim())")
+        versus = browser.evaluate("document.getElementById('versus').textContent")
+        assert versus.startswith(f"Why not {top5[1]}? {top5[0]} rather than {top5[1]} (")
         # undo removes the last stroke and explains again; clear empties the page
         count = browser.evaluate("Number(document.body.dataset.explained)")
         browser.evaluate("document.getElementById('undo').click()")
         browser.wait_for(f"document.body.dataset.explained > {count}")
         browser.evaluate("document.getElementById('clear').click()")
         assert browser.evaluate("document.getElementById('prediction').textContent") == ""
+        assert browser.evaluate("document.getElementById('versus').textContent") == ""
 
 
 def test_an_answer_that_arrives_after_clear_is_not_shown(url):
