@@ -76,7 +76,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         # why this class rather than the runner-up, in the page's words
         top5 = browser.evaluate("[...document.querySelectorAll('#top5 li')].map(li => li.firstChild.textContent.trim())")
         versus = browser.evaluate("document.getElementById('versus').textContent")
-        assert versus.startswith(f"Why not {top5[1]}? {top5[0]} rather than {top5[1]} (")
+        assert versus.startswith(f"{top5[0]} rather than {top5[1]} (")
         # undo removes the last stroke and explains again; clear empties the page
         count = browser.evaluate("Number(document.body.dataset.explained)")
         browser.evaluate("document.getElementById('undo').click()")
