@@ -111,6 +111,8 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir)
     models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
+    if settings.get("versus"):
+        explain.versus_index(models, settings["versus"])  # before test:K images are saved and familiarity fitted
     inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
@@ -165,6 +167,8 @@ def main(**overrides) -> list[dict]:
     entries = explain_io.image_list(cfg.IMAGE)
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None  # a missing key fails before the work
     models = _models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.DEVICE, cfg.DATA_ROOT, cfg.REPORT_DIR)
+    if cfg.VERSUS:
+        explain.versus_index(models, cfg.VERSUS)  # before test:K images are saved and familiarity fitted
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")

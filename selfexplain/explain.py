@@ -451,27 +451,44 @@ VERSUS_RUNNER_UP = "runner_up"
 def versus_index(models: Models, versus: str) -> int | None:
     """The class a contrast is drawn against: None for the runner-up (it depends on the image), else the
     index of the class named (a UserError naming the closest class for an unknown one)."""
+    if versus in models.class_names:  # a class of that name wins, even one called runner_up
+        return models.class_names.index(versus)
     if versus == VERSUS_RUNNER_UP:
         return None
-    if versus in models.class_names:
-        return models.class_names.index(versus)
+    folded = [i for i, name in enumerate(models.class_names) if name.casefold() == versus.strip().casefold()]
+    if len(folded) == 1:  # 'Cat' or ' cat' for cat: one class only, so no guess between two
+        return folded[0]
     hint = closest(versus, [*models.class_names, VERSUS_RUNNER_UP])
     raise UserError(f"VERSUS must be '' (off), {VERSUS_RUNNER_UP} or one of the classifier's "
                     f"{len(models.class_names)} classes, got '{versus}'" + (f" (did you mean {hint}?)" if hint else ""))
 
 
+def runner_up(logits: torch.Tensor, pred: int) -> int:
+    """The most likely class other than ``pred`` (a tie with ``pred`` cannot name ``pred`` itself); ``pred``
+    for a one-class model."""
+    if len(logits) < 2:
+        return pred
+    others = logits.clone()
+    others[pred] = -torch.inf
+    return int(others.argmax())
+
+
 def contrast(models: Models, analysis: Analysis, b: int, pred: int, other: int, concepts: dict[int, str],
-             names: dict[int, str] | None, n_cite: int) -> dict:
+             names: dict[int, str] | None, n_cite: int, blank: bool = False) -> dict:
     """Why ``pred`` rather than ``other``: the margin ``logit[pred] − logit[other]`` decomposed exactly as the
     logit is, neuron i giving ``mean_tokens(z_i) · (lens[i, pred] − lens[i, other])``.
 
-    A part both classes hold adds to both logits and cancels here, so the neurons cited are those that
-    tell the two classes apart. ``margin = cited + others + bias + error`` (an identity, as for the logit).
-    Returns the JSON's ``versus`` block.
+    A part both classes hold adds to both logits and cancels here (exactly, where the classifier weighs it
+    alike for both), so the neurons cited are those that tell the two classes apart. ``margin = cited +
+    others + bias + error`` (an identity, as for the logit). Returns the JSON's ``versus`` block; with
+    ``blank`` (a page without ink) the block says so instead of citing neurons for a guess.
     """
     if other == pred:
         return {"class": models.class_names[other], "index": other,
                 "skipped": "it is the predicted class: nothing to contrast"}
+    if blank:
+        return {"class": models.class_names[other], "index": other,
+                "skipped": "a blank page: no concept explains either class"}
     contrib = (analysis.z_mean[b] * (models.lens[:, pred] - models.lens[:, other])).double()
     cited = cite(models, analysis, b, contrib, concepts, names, n_cite)
     prob = float(analysis.probs[b, other])
@@ -504,11 +521,6 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     cited_ids = [n.neuron_id for n in cited]
     rng = np.random.default_rng([settings.seed, b if index is None else index])
     extra = {}
-    if settings.versus:
-        other = versus_index(models, settings.versus)
-        if other is None:  # the runner-up (a one-class model has none: the contrast is then skipped)
-            other = int(analysis.logits[b].topk(min(2, len(models.class_names))).indices[-1])
-        extra["versus"] = contrast(models, analysis, b, pred, other, concepts, names, settings.n_cite)
     if settings.active is not None:
         ids, scores, threshold = most_active(analysis, b, settings.active)
         extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
@@ -517,6 +529,10 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     blank = blank_sentence(cls, prob, image)
     if blank:  # no ink to white out: the input check would measure nothing (0% removed, drop -0.000)
         extra["blank"] = True
+    if settings.versus:
+        other = versus_index(models, settings.versus)
+        other = runner_up(analysis.logits[b], pred) if other is None else other  # a one-class model: skipped
+        extra["versus"] = contrast(models, analysis, b, pred, other, concepts, names, settings.n_cite, bool(blank))
     faith, removed = faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
                                   image if settings.input_check and not blank else None, settings.ink_share)
     return Explanation(

@@ -302,10 +302,9 @@ def format_text(exp: Explanation) -> str:
         listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
         lines.append(f"most active ({active['agg']} over tokens, >= p{active['percentile']:g}): {listed or 'none'}")
     lines.append(exp.sentence)
-    lines += versus_lines(exp.extra.get("versus"))
     if exp.extra.get("llm_sentence") and exp.extra["llm_sentence"] != exp.sentence:  # offline echoes the sentence
-        lines.append(f"LLM: {exp.extra['llm_sentence']}")
-    return "\n".join(lines)
+        lines.append(f"LLM: {exp.extra['llm_sentence']}")  # it answers for the class: before the contrast
+    return "\n".join(lines + versus_lines(exp.extra.get("versus")))
 
 
 def versus_lines(versus: dict | None) -> list[str]:

@@ -328,6 +328,7 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
     server = bind(host, port)  # before the models load: a taken port fails in a second, not after a minute
     try:
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, device), data_root)
+        explain.versus_index(models, options["versus"])  # an unknown class fails now, not on every request
         calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
     except BaseException:
         server.server_close()

@@ -26,6 +26,8 @@ def test_bench_contrast_scores_plain_and_contrast_against_the_parts(tiny_classif
     assert row["images"] > 0 and 0 < row["chance"] < 1
     for kind in ("plain", "contrast"):
         assert sum(row[kind]) == pytest.approx(1.0, abs=1e-6) and all(0 <= x <= 1 for x in row[kind])
+    for key in ("plain_of_own_parts", "contrast_of_own_parts", "plain_over_half", "contrast_over_half"):
+        assert 0 <= row[key] <= 1
     assert set(row["drop"]) == {"contrast", "plain", "random"} and all(math.isfinite(v) for v in row["drop"].values())
     low, high = row["contrast_minus_plain"][1:]
     assert low <= row["contrast_minus_plain"][0] <= high

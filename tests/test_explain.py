@@ -121,6 +121,19 @@ def test_versus_a_named_class_and_its_errors(ckpts, test_images, tmp_path, capsy
     with pytest.raises(UserError, match=f"did you mean {other}"):  # before any image is explained
         why_did_you.main(**run, versus=other[:-1] + "#")
     assert "versus" not in why_did_you.main(**run)[0]  # off by default: the output is unchanged
+    assert why_did_you.main(**run, versus=f" {other.upper()}")[0]["versus"]["class"] == other  # case and spaces
+    # a blank page: the plain sentence says no concept explains the guess, and the contrast does not cite any
+    blank = explain_io.format_text(why_did_you.explain_image(np.full((64, 64), 255, np.uint8), report_dir=str(tmp_path),
+                                                             device="cpu", input_check=False, versus="runner_up",
+                                                             **ckpts))
+    assert "versus " in blank and "a blank page: no concept explains either class" in blank
+    assert "rather than" not in blank
+
+
+def test_the_runner_up_is_never_the_predicted_class_even_on_a_tie():
+    assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 1) == 0
+    assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 0) == 1
+    assert explain.runner_up(torch.tensor([3.0]), 0) == 0  # one class: no other, the contrast is skipped
 
 
 def test_cited_neurons_are_the_strongest_support(ckpts, test_images, tmp_path):

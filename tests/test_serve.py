@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from selfexplain import artifacts, data, serve
+from selfexplain.errors import UserError
 from selfexplain.imaging import png_bytes
 
 CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
@@ -334,6 +335,12 @@ def test_a_bad_content_length_closes_the_connection(server, length, status, says
             received += chunk
     assert received.startswith(b"HTTP/1.1 " + status) and received.count(b"HTTP/1.1 ") == 1
     assert says in received
+
+
+def test_an_unknown_versus_class_fails_at_start_not_on_every_request(tiny_classifier, tiny_sae, cache_dir, tmp_path):
+    with pytest.raises(UserError, match="VERSUS must be"):
+        serve.make_server(str(tiny_classifier / "best.pt"), str(tiny_sae / "best_sae.pt"), str(tmp_path),
+                          str(cache_dir), port=0, quiet=True, versus="no such class")
 
 
 def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_path):
