@@ -75,7 +75,8 @@ PORT = 8000                                # --serve: port
 
 def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str | None:
     """Ask the stage 4 backend for a one-sentence answer; a failure is a notice, not an error."""
-    text = prompts.why_prompt(exp.predicted_class, exp.probability, [(n.concept, n.share) for n in exp.neurons])
+    text = prompts.why_prompt(exp.predicted_class, exp.probability, [(n.concept, n.share) for n in exp.neurons],
+                              exp.extra.get("versus"))
     try:
         return backend.ask(prompts.why_system_prompt(), text, images=(overlay,) if overlay else (),
                            fallback=exp.sentence)

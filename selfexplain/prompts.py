@@ -85,12 +85,24 @@ def percent(p: float, digits: int = 0) -> str:
     return text
 
 
-def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]]) -> str:
-    """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``."""
-    evidence = "; ".join(f"{strip_controls(concept)} ({percent(share)} of the evidence)" for concept, share in cited)
-    return load_prompt("why_user").format(predicted_class=strip_controls(predicted_class),
-                                          probability=percent(probability),
-                                          evidence=evidence or "no single concept").strip()
+def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]],
+               versus: dict | None = None) -> str:
+    """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``; with
+    ``versus`` (an explanation's contrast block, ``--versus``), also the other class and the concepts
+    that told the two apart, asked for in the same sentence."""
+    text = load_prompt("why_user").format(predicted_class=strip_controls(predicted_class),
+                                          probability=percent(probability), evidence=_evidence(cited)).strip()
+    if not versus or not versus.get("neurons"):  # off, skipped (the prediction itself, a blank page) or no neuron
+        return text
+    apart = _evidence([(n["concept"], n["share"]) for n in versus["neurons"]])
+    return text + "\n\n" + load_prompt("why_versus").format(
+        other_class=strip_controls(versus["class"]), other_probability=percent(versus["probability"]),
+        evidence=apart, predicted_class=strip_controls(predicted_class)).strip()
+
+
+def _evidence(cited: Sequence[tuple[str, float]]) -> str:
+    return "; ".join(f"{strip_controls(concept)} ({percent(share)} of the evidence)"
+                     for concept, share in cited) or "no single concept"
 
 
 # ----------------------------------------------------------------------------- untrusted text

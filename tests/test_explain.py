@@ -130,6 +130,21 @@ def test_versus_a_named_class_and_its_errors(ckpts, test_images, tmp_path, capsy
     assert "rather than" not in blank
 
 
+def test_the_llm_is_asked_about_the_contrast_too(ckpts, test_images, tmp_path):
+    """--llm=True with --versus: the one sentence is asked to say why this class rather than the other."""
+    exp = _explain(test_images[0][:1], ckpts, tmp_path, versus="runner_up", input_check=False)[0]
+
+    class Recorder:
+        def ask(self, system, text, images=(), fallback=None):
+            self.text = text
+            return "because of the dots"
+
+    backend = Recorder()
+    assert why_did_you.llm_sentence(backend, exp, None) == "because of the dots"
+    other = exp.extra["versus"]["class"]
+    assert f"rather than '{other}'" in backend.text and exp.extra["versus"]["neurons"][0]["concept"] in backend.text
+
+
 def test_the_runner_up_is_never_the_predicted_class_even_on_a_tie():
     assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 1) == 0
     assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 0) == 1

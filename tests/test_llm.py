@@ -148,9 +148,16 @@ def test_prompt_names_classes_and_examples(report):
 
 def test_every_prompt_is_a_file_that_the_code_reads():
     files = {p.stem for p in prompts.PROMPT_DIR.glob("*.txt")}
-    assert files == {"concept_system", "concept_user", "why_system", "why_user"}
+    assert files == {"concept_system", "concept_user", "why_system", "why_user", "why_versus"}
     assert prompts.why_system_prompt() == prompts.load_prompt("why_system").strip()
     assert "'cat' with probability 80%" in prompts.why_prompt("cat", 0.8, [])
+    # --versus: the other class and what told the two apart, asked for in the same sentence
+    versus = {"class": "dog", "probability": 0.15, "neurons": [{"concept": "whiskers", "share": 0.7}]}
+    text = prompts.why_prompt("cat", 0.8, [("ears", 0.5)], versus)
+    assert "'dog' (probability 15%)" in text and "whiskers (70% of the evidence)" in text
+    assert "rather than 'dog'" in text and text.startswith(prompts.why_prompt("cat", 0.8, [("ears", 0.5)]))
+    assert prompts.why_prompt("cat", 0.8, [], {"class": "cat", "index": 0, "skipped": "it is the predicted class"}
+                              ) == prompts.why_prompt("cat", 0.8, [])
     with pytest.raises(UserError, match="not found"):
         prompts.load_prompt("nope")
 
