@@ -24,6 +24,11 @@ plain explanation's, which also hits the parts both classes hold. The contrast i
 the code, so this checks that the choice holds in input space (as the input check does for the logit);
 the part measure above is the test that does not follow from how the neurons were chosen.
 
+Last, true interventions: CF_IMAGES test images are re-rendered once per part with that part left out
+(everything else identical, ``summarize.rerender_test_images``), and the margin's actual drop is read for
+each of A's parts, split by whether the explanation cites it (a cited neuron is named after it). A
+contrast that names what the margin rests on should cite the parts whose removal cuts the margin most.
+
 Usage: python bench/bench_contrast.py [--classifier_ckpt=...] [--sae_ckpt=...] [--report_dir=neuron_report]
 """
 from __future__ import annotations
@@ -52,7 +57,8 @@ CACHE_DIR = artifacts.CACHE_DIR               # image cache for the test split
 N = 5                                         # neurons cited per explanation (why_did_you's N)
 INK_SHARE = 0.2                               # input-space check: share of the ink whited out (why_did_you's)
 RANDOM_DRAWS = 8                              # input-space check: random active-neuron sets (why_did_you's)
-SEED = 0                                      # those draws
+SEED = 0                                      # those draws, and the re-rendered images
+CF_IMAGES = 240                               # test images re-rendered once per part left out (0 = none)
 BATCH_SIZE = 64                               # images per forward pass
 OUT = "bench/results/contrast.md"             # markdown section written here (merged into RESULTS.md)
 
@@ -114,6 +120,8 @@ def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set],
                      "contrast": [(n["neuron_id"], n["contribution"]) for n in versus["neurons"]]}
             for kind in cited:
                 record[kind] = evidence_shares(cited[kind], part_of, distinguishing, shared)
+            record["cited_parts"] = {kind: {part_of.get(i) for i, _ in pairs} - {None} for kind, pairs in cited.items()}
+            record["margin"] = float(analysis.logits[b, a] - analysis.logits[b, other])
             active = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
             randoms = explain.random_active_sets(active, len(cited["contrast"]), cfg.RANDOM_DRAWS, rng)
             sets = [[i for i, _ in cited["contrast"]], [i for i, _ in cited["plain"]], *[list(r) for r in randoms]]
@@ -122,6 +130,33 @@ def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set],
                               "random": float(drops[2:].mean()) if randoms else float("nan")}
             records.append(record)
     return records
+
+
+def counterfactuals(models: explain.Models, imageset: data.ImageSet, test: np.ndarray, records: list[dict],
+                    class_parts: list[set], cfg) -> dict | None:
+    """The margin's actual drop when one of A's parts is left out of the drawing, by whether each explanation
+    cites that part; and by the ground truth (distinguishing or shared part). None without re-renders."""
+    rer = summarize.rerender_test_images(imageset, test, cfg.CF_IMAGES, cfg.SEED) if cfg.CF_IMAGES else None
+    if rer is None:
+        return None
+    logits = []
+    for start in range(0, len(rer.images), cfg.BATCH_SIZE):
+        x = data.model_input(torch.from_numpy(rer.images[start:start + cfg.BATCH_SIZE]),
+                             models.classifier_ckpt["preprocess"], models.device)
+        with torch.no_grad():
+            logits.append(models.classifier(x).float().cpu())
+    logits = torch.cat(logits)
+    drops: dict[str, list[float]] = {}
+    for k, (r, p) in enumerate(zip(rer.row, rer.part)):
+        rec, part = records[r], imageset.part_types[p]
+        if part not in class_parts[rec["a"]]:  # a distractor: not one of A's parts
+            continue
+        drop = rec["margin"] - float(logits[k, rec["a"]] - logits[k, rec["b"]])
+        truth = "distinguishing" if part not in class_parts[rec["b"]] else "shared"
+        for key in (f"truth {truth}", *(f"{kind} {'cited' if part in rec['cited_parts'][kind] else 'not cited'}"
+                                        for kind in ("plain", "contrast"))):
+            drops.setdefault(key, []).append(drop)
+    return {"images": rer.n_images, **{k: {"n": len(v), "mean_drop": float(np.mean(v))} for k, v in drops.items()}}
 
 
 def summarise(records: list[dict]) -> dict:
@@ -165,6 +200,16 @@ def render(row: dict, cfg, n_named: int, n_latents: int) -> list[str]:
               "(mean difference {:+.3f}, 95% paired interval {:+.3f} to {:+.3f}) |".format(*row["contrast_minus_plain"]),
               f"| as many random active neurons (mean of {cfg.RANDOM_DRAWS} draws) | {drop['random']:.3f} | "
               f"{row['contrast_beats_random']:.1%} of images |"]
+    cf = row.get("counterfactuals")
+    if cf:
+        cell = lambda key: (f"{cf[key]['mean_drop']:.3f} ({cf[key]['n']})" if key in cf else "–")  # noqa: E731
+        lines += ["", f"True interventions: {cf['images']} test images re-rendered once per part left out; the "
+                  "margin's mean actual drop when one of A's parts is removed (pairs in brackets):", "",
+                  "| parts of A | cited | not cited |", "|---|---:|---:|",
+                  f"| by the **contrast** | **{cell('contrast cited')}** | {cell('contrast not cited')} |",
+                  f"| by the plain explanation | {cell('plain cited')} | {cell('plain not cited')} |",
+                  f"| ground truth: parts B lacks / parts both hold | {cell('truth distinguishing')} | "
+                  f"{cell('truth shared')} |"]
     return lines
 
 
@@ -180,6 +225,7 @@ def main(**overrides) -> dict:
     test = np.sort(np.asarray(models.classifier_ckpt["split"]["test"]))
     records = evaluate(models, np.ascontiguousarray(imageset.images[test]), class_parts, part_of, cfg)
     row = summarise(records)
+    row["counterfactuals"] = counterfactuals(models, imageset, test, records, class_parts, cfg)
     log(f"distinguishing share of the cited evidence: plain {row['plain'][0]:.3f}, contrast {row['contrast'][0]:.3f} "
         f"(chance {row['chance']:.3f}); margin drop: contrast {row['drop']['contrast']:.3f}, plain "
         f"{row['drop']['plain']:.3f}, random {row['drop']['random']:.3f}")
