@@ -22,7 +22,10 @@ Definitions used in every explanation:
   so ``logit = Σ cited + others + bias + error`` holds to float precision;
 * faithfulness: the predicted logit's drop when the cited neurons' codes are zeroed and
   the edited reconstruction (plus the fixed error map ``A − Â``) goes through the real
-  head, beside the mean drop for as many random *active* neurons (several seeded draws).
+  head, beside the mean drop for as many random *active* neurons (several seeded draws);
+* contrast (``versus``): the margin ``logit_p − logit_q`` against another class q splits the
+  same way, neuron i giving ``mean_tokens(z_i) · (lens[i, p] − lens[i, q])``, so what both
+  classes use alike cancels and the cited neurons are those that tell p from q.
 
 Models load once per process (:func:`load_models` caches them by resolved path, mtime
 and device); importing this module reads nothing from disk. The reconstruction is the
