@@ -160,7 +160,8 @@ def counterfactuals(models: explain.Models, imageset: data.ImageSet, test: np.nd
 
 
 def summarise(records: list[dict]) -> dict:
-    """Mean shares over the test images, and how many of them are mostly on distinguishing parts."""
+    """Mean shares over the test images, the share on A's own parts, how many images put over half their evidence
+    on distinguishing parts, and the margin drops with the contrast's paired difference from the plain one."""
     out = {"images": len(records), "share_a_part": sum(r["n_shared"] > 0 for r in records),
            "chance": float(np.mean([r["chance"] for r in records]))}
     for kind in ("plain", "contrast"):
