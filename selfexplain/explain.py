@@ -671,8 +671,9 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     font = ImageFont.load_default()
     line, note = 16, unfamiliar_note(explanation)
     head = 2 + (2 * line if note else 0)  # the warning takes two lines above the legend
-    check = evidence_line(explanation.faithfulness)
-    canvas = Image.new("RGB", (size, size + head + line * (len(neurons) + 1 + bool(check)) + 8), "white")
+    check, rather = evidence_line(explanation.faithfulness), versus_line(explanation)
+    canvas = Image.new("RGB", (size, size + head + line * (len(neurons) + 1 + bool(check) + bool(rather)) + 8),
+                       "white")
     canvas.paste(Image.fromarray(base.clip(0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     if note:
@@ -695,7 +696,20 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
             draw.rectangle([4, y + 2, 14, y + 12], outline=REMOVED_RGB, width=2)
             left = 20
         draw.text((left, y), fit_text(draw, check, font, size - left - 4), fill=(90, 90, 90), font=font)
+    if rather:
+        y = size + head + line * (len(neurons) + 1 + bool(check))
+        draw.text((4, y), fit_text(draw, rather, font, size - 8), fill="black", font=font)
     return canvas
+
+
+def versus_line(explanation: Explanation) -> str | None:
+    """The contrast in one legend line ('rather than X (2%): dots, spokes'), or None without one (``--versus``
+    off, skipped, or no neuron cited). Its concepts are named, not mapped: the heat maps are the class's."""
+    versus = explanation.extra.get("versus") or {}
+    if not versus.get("neurons"):
+        return None
+    names = list(dict.fromkeys(n["name"] or n["concept"] for n in versus["neurons"]))  # once each, in order
+    return f"rather than {versus['class']} ({percent(versus['probability'])}): {', '.join(names)}"
 
 
 def outline(mask: np.ndarray, size: int) -> np.ndarray:

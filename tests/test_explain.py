@@ -145,6 +145,17 @@ def test_the_llm_is_asked_about_the_contrast_too(ckpts, test_images, tmp_path):
     assert f"rather than '{other}'" in backend.text and exp.extra["versus"]["neurons"][0]["concept"] in backend.text
 
 
+def test_the_overlay_legend_names_the_contrast_in_one_more_line(ckpts, test_images, tmp_path):
+    images, _ = test_images
+    plain, contrasted = (_explain(images[:1], ckpts, tmp_path, input_check=False, versus=v)[0] for v in ("", "runner_up"))
+    line = explain.versus_line(contrasted)
+    names = {n["name"] or n["concept"] for n in contrasted.extra["versus"]["neurons"]}
+    assert line.startswith(f"rather than {contrasted.extra['versus']['class']} (") and all(n in line for n in names)
+    assert explain.versus_line(plain) is None
+    heights = [explain.render_overlay(images[0], e).height for e in (plain, contrasted)]
+    assert heights[1] == heights[0] + 16  # one legend line more, nothing else moved
+
+
 def test_the_runner_up_is_never_the_predicted_class_even_on_a_tie():
     assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 1) == 0
     assert explain.runner_up(torch.tensor([2.0, 2.0, 1.0]), 0) == 1
