@@ -75,6 +75,8 @@ def test_the_contrast_decomposes_the_margin_over_the_runner_up_exactly(ckpts, te
         logits = models.classifier(x)
     for b, e in enumerate(exps):
         v = e.to_dict()["versus"]
+        assert set(v) == {"class", "index", "probability", "margin", "neurons", "others", "bias", "error",
+                          "sentence"}  # the README's contract
         runner_up = int(logits[b].topk(2).indices[1])
         assert (v["index"], v["class"]) == (runner_up, models.class_names[runner_up]) == (
             e.top5[1]["index"], e.top5[1]["class"])
