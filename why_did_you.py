@@ -85,11 +85,14 @@ def llm_sentence(backend, exp: explain.Explanation, overlay: Path | None) -> str
         return None
 
 
-def _models(classifier_ckpt, sae_ckpt, device, data_root: str, report_dir) -> explain.Models:
+def _models(classifier_ckpt, sae_ckpt, device, data_root: str, report_dir, versus: str = "") -> explain.Models:
     """The model pair, reading its data where it is now, refused before anything (a test:K image, the
-    familiarity calibration) is written into a report that stage 3 made for another SAE."""
+    familiarity calibration) is written into a report that stage 3 made for another SAE, or for a
+    ``versus`` class the classifier does not have."""
     models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, resolve_device(str(device))), data_root)
     explain.require_own_report(models, report_dir)
+    if versus:
+        explain.versus_index(models, versus)
     return models
 
 
@@ -111,9 +114,7 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir)
-    models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
-    if settings.get("versus"):
-        explain.versus_index(models, settings["versus"])  # before test:K images are saved and familiarity fitted
+    models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir, settings.get("versus", ""))
     inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
     judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
@@ -167,9 +168,7 @@ def main(**overrides) -> list[dict]:
         return []
     entries = explain_io.image_list(cfg.IMAGE)
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None  # a missing key fails before the work
-    models = _models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.DEVICE, cfg.DATA_ROOT, cfg.REPORT_DIR)
-    if cfg.VERSUS:
-        explain.versus_index(models, cfg.VERSUS)  # before test:K images are saved and familiarity fitted
+    models = _models(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.DEVICE, cfg.DATA_ROOT, cfg.REPORT_DIR, cfg.VERSUS)
     inputs, skipped = explain_io.load_inputs(entries, models, cfg.CACHE_DIR, cfg.REPORT_DIR)
     for _, _, reason in skipped:  # named on stderr now; in the output at their place, as {"image", "skipped"}
         log(f"skipped: {reason}")
