@@ -10,6 +10,7 @@ Usage
     python why_did_you.py --image=sketches/ --json=True       # every image in a folder and its subfolders
     python why_did_you.py --image=a.png --overlay=why.png     # heat maps of the top concepts, with a legend
     python why_did_you.py --image=sketches/ --overlay=why.png # one overlay per image: why_<image name>.png
+    python why_did_you.py --image=a.png --versus=runner_up --overlay=why.png  # a second panel: the contrast's concepts
     python why_did_you.py --image=a.png --llm=True            # plus a one-sentence answer from the LLM backend
     python why_did_you.py --image=test:0 --versus=runner_up   # also: why this class rather than the second one
     python why_did_you.py --image=a.png --versus=cat          # ... or rather than a class you name

@@ -115,7 +115,7 @@ def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set],
                       "chance": len(distinguishing) / max(1, len(class_parts[a]))}
             plain = explain.cite(models, analysis, b, (analysis.z_mean[b] * models.lens[:, a]).double(), {}, None,
                                  cfg.N)  # as explain_one cites
-            versus = explain.contrast(models, analysis, b, a, other, {}, None, cfg.N)
+            versus, _ = explain.contrast(models, analysis, b, a, other, {}, None, cfg.N)
             cited = {"plain": [(n.neuron_id, n.contribution) for n in plain],
                      "contrast": [(n["neuron_id"], n["contribution"]) for n in versus["neurons"]]}
             for kind in cited:

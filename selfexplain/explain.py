@@ -324,9 +324,10 @@ class Explanation:
     sentence: str
     extra: dict = field(default_factory=dict)  # e.g. true_class, top_active, overlay, llm_sentence
     removed_ink: np.ndarray | None = field(default=None, repr=False)  # (S, S) bool: the input check's cited mask
+    versus_neurons: list[CitedNeuron] | None = field(default=None, repr=False)  # the contrast's, with heat maps
 
     def to_dict(self, heatmaps: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink", "versus_neurons")}
         out["faithfulness"] = {**dict.fromkeys(FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
@@ -477,33 +478,35 @@ def runner_up(logits: torch.Tensor, pred: int) -> int:
 
 
 def contrast(models: Models, analysis: Analysis, b: int, pred: int, other: int, concepts: dict[int, str],
-             names: dict[int, str] | None, n_cite: int, blank: bool = False) -> dict:
+             names: dict[int, str] | None, n_cite: int, blank: bool = False) -> tuple[dict, list[CitedNeuron]]:
     """Why ``pred`` rather than ``other``: the margin ``logit[pred] − logit[other]`` decomposed exactly as the
     logit is, neuron i giving ``mean_tokens(z_i) · (lens[i, pred] − lens[i, other])``.
 
     A part both classes hold adds to both logits and cancels here (exactly, where the classifier weighs it
     alike for both), so the neurons cited are those that tell the two classes apart. ``margin = cited +
-    others + bias + error`` (an identity, as for the logit). Returns the JSON's ``versus`` block; with
-    ``blank`` (a page without ink) the block says so instead of citing neurons for a guess.
+    others + bias + error`` (an identity, as for the logit). Returns the JSON's ``versus`` block and the
+    cited neurons (with their heat maps, for the overlay); with ``blank`` (a page without ink) the block
+    says so instead of citing neurons for a guess.
     """
     if other == pred:
         return {"class": models.class_names[other], "index": other,
-                "skipped": "it is the predicted class: nothing to contrast"}
+                "skipped": "it is the predicted class: nothing to contrast"}, []
     if blank:
         return {"class": models.class_names[other], "index": other,
-                "skipped": "a blank page: no concept explains either class"}
+                "skipped": "a blank page: no concept explains either class"}, []
     contrib = (analysis.z_mean[b] * (models.lens[:, pred] - models.lens[:, other])).double()
     cited = cite(models, analysis, b, contrib, concepts, names, n_cite)
     prob = float(analysis.probs[b, other])
     head = f"{models.class_names[pred]} rather than {models.class_names[other]} ({percent(prob)})"
-    return {"class": models.class_names[other], "index": other, "probability": prob,
-            "margin": float(analysis.logits[b, pred] - analysis.logits[b, other]),
-            "neurons": [{**{k: v for k, v in asdict(n).items() if k != "heatmap"}, "where": describe_map(n.heatmap)}
-                        for n in cited],
-            "others": float(contrib.sum()) - sum(n.contribution for n in cited),
-            "bias": float(models.bias[pred] - models.bias[other]),
-            "error": float(analysis.error[b, pred] - analysis.error[b, other]),
-            "sentence": compose_sentence(models.class_names[pred], 0.0, cited, names, head=head)}
+    block = {"class": models.class_names[other], "index": other, "probability": prob,
+             "margin": float(analysis.logits[b, pred] - analysis.logits[b, other]),
+             "neurons": [{**{k: v for k, v in asdict(n).items() if k != "heatmap"}, "where": describe_map(n.heatmap)}
+                         for n in cited],
+             "others": float(contrib.sum()) - sum(n.contribution for n in cited),
+             "bias": float(models.bias[pred] - models.bias[other]),
+             "error": float(analysis.error[b, pred] - analysis.error[b, other]),
+             "sentence": compose_sentence(models.class_names[pred], 0.0, cited, names, head=head)}
+    return block, cited
 
 
 def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts: dict[int, str],
@@ -523,7 +526,7 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     cited = cite(models, analysis, b, contrib, concepts, names, settings.n_cite)
     cited_ids = [n.neuron_id for n in cited]
     rng = np.random.default_rng([settings.seed, b if index is None else index])
-    extra = {}
+    extra, versus_cited = {}, None
     if settings.active is not None:
         ids, scores, threshold = most_active(analysis, b, settings.active)
         extra["top_active"] = {"agg": settings.active.agg, "percentile": settings.active.percentile,
@@ -535,7 +538,8 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     if settings.versus:
         other = versus_index(models, settings.versus)
         other = runner_up(analysis.logits[b], pred) if other is None else other  # a one-class model: skipped
-        extra["versus"] = contrast(models, analysis, b, pred, other, concepts, names, settings.n_cite, bool(blank))
+        extra["versus"], versus_cited = contrast(models, analysis, b, pred, other, concepts, names, settings.n_cite,
+                                                 bool(blank))
     faith, removed = faithfulness(models, analysis, b, pred, cited_ids, rng, settings.n_random,
                                   image if settings.input_check and not blank else None, settings.ink_share)
     return Explanation(
@@ -544,7 +548,7 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
         faithfulness=faith, sentence=blank or compose_sentence(cls, prob, cited, names),
-        extra=extra, removed_ink=removed)
+        extra=extra, removed_ink=removed, versus_neurons=versus_cited)
 
 
 def require_own_report(models: Models, report_dir: str | Path) -> None:
@@ -649,67 +653,90 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     concept (ties to the higher-ranked), colours and strength are upsampled bilinearly,
     and pixels are tinted in proportion to that strength, strokes more than paper. The ink
     the input check whited out (``explanation.removed_ink``) is outlined in amber.
-    Returns a PIL RGB image.
+    Returns a PIL RGB image (:func:`overlay_image` adds the contrast's panel beside it).
     """
     neurons = explanation.neurons[:max_concepts]  # None: every cited concept, the region the evidence line tested
+    offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
+    head = f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}"
+    return _panel(image_uint8, neurons, head, size, unfamiliar_note(explanation),
+                  evidence_line(explanation.faithfulness), explanation.removed_ink)
+
+
+def render_versus_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int = 384):
+    """The contrast's panel (``--versus``): where the neurons that tell the class from the other one fired,
+    headed 'A rather than B (q%)'; None without a contrast that cites a neuron (off, skipped, none positive).
+    It carries no input check: that check tested the class's concepts, not these."""
+    versus = explanation.extra.get("versus") or {}
+    if not versus.get("neurons") or not explanation.versus_neurons:
+        return None
+    head = f"{explanation.predicted_class} rather than {versus['class']} ({percent(versus['probability'])})"
+    return _panel(image_uint8, explanation.versus_neurons, head, size, unfamiliar_note(explanation))
+
+
+def overlay_image(image_uint8: np.ndarray, explanation: Explanation, size: int = 384):
+    """What ``--overlay`` saves: the class's panel, and the contrast's to its right when there is one."""
+    panels = [p for p in (render_overlay(image_uint8, explanation, size),
+                          render_versus_overlay(image_uint8, explanation, size)) if p is not None]
+    if len(panels) == 1:
+        return panels[0]
+    gap = 12
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap, max(p.height for p in panels)), "white")
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (panels[0].width + gap, 0))
+    return canvas
+
+
+def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], size: int) -> np.ndarray:
+    """(size, size, 3) float: the sketch tinted by the neurons' heat maps (see :func:`render_overlay`)."""
     base = np.asarray(Image.fromarray(image_uint8).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
-    if neurons:
-        # each concept on its own scale, so that a quiet concept stays visible beside a loud one
-        heats = torch.tensor(evidence.peak_normalised(np.stack([n.heatmap for n in neurons])),
-                             dtype=torch.float32).clamp(0, 1)                                  # (k, H, W)
-        # each token takes the colour of its strongest concept; ties go to the higher-ranked one
-        which = (heats * 1e4).round().argmax(0)
-        colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(neurons))], dtype=torch.float32)
-        low = torch.cat([colours[which].permute(2, 0, 1), heats.amax(0, keepdim=True)])[None]  # (1, 4, H, W)
-        up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
-        colour, strength = up[:3].permute(1, 2, 0).numpy(), up[3:].permute(1, 2, 0).numpy()
-        ink = 1.0 - base.mean(-1, keepdims=True) / 255.0
-        alpha = strength * (0.3 + 0.6 * ink)  # strokes take the colour, paper a tint
-        base = base * (1 - alpha) + colour * alpha
-    if explanation.removed_ink is not None:
-        base = np.where(outline(explanation.removed_ink, size)[..., None], np.float32(REMOVED_RGB), base)
+    if not neurons:
+        return base
+    # each concept on its own scale, so that a quiet concept stays visible beside a loud one
+    heats = torch.tensor(evidence.peak_normalised(np.stack([n.heatmap for n in neurons])),
+                         dtype=torch.float32).clamp(0, 1)                                  # (k, H, W)
+    # each token takes the colour of its strongest concept; ties go to the higher-ranked one
+    which = (heats * 1e4).round().argmax(0)
+    colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(neurons))], dtype=torch.float32)
+    low = torch.cat([colours[which].permute(2, 0, 1), heats.amax(0, keepdim=True)])[None]  # (1, 4, H, W)
+    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
+    colour, strength = up[:3].permute(1, 2, 0).numpy(), up[3:].permute(1, 2, 0).numpy()
+    ink = 1.0 - base.mean(-1, keepdims=True) / 255.0
+    alpha = strength * (0.3 + 0.6 * ink)  # strokes take the colour, paper a tint
+    return base * (1 - alpha) + colour * alpha
+
+
+def _panel(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], head: str, size: int, note: str | None,
+           check: str | None = None, removed_ink: np.ndarray | None = None):
+    """One overlay panel: the tinted sketch, then the warning, the head line, one legend line per neuron
+    (its colour, name, share and id) and the input check's line."""
+    base = _tinted(image_uint8, neurons, size)
+    if removed_ink is not None:
+        base = np.where(outline(removed_ink, size)[..., None], np.float32(REMOVED_RGB), base)
     font = ImageFont.load_default()
-    line, note = 16, unfamiliar_note(explanation)
-    head = 2 + (2 * line if note else 0)  # the warning takes two lines above the legend
-    check, rather = evidence_line(explanation.faithfulness), versus_line(explanation)
-    canvas = Image.new("RGB", (size, size + head + line * (len(neurons) + 1 + bool(check) + bool(rather)) + 8),
-                       "white")
+    line = 16
+    top = 2 + (2 * line if note else 0)  # the warning takes two lines above the legend
+    canvas = Image.new("RGB", (size, size + top + line * (len(neurons) + 1 + bool(check)) + 8), "white")
     canvas.paste(Image.fromarray(base.clip(0, 255).astype(np.uint8)), (0, 0))
     draw = ImageDraw.Draw(canvas)
     if note:
         cut = note.index(";") + 1
         draw.text((4, size + 2), note[:cut], fill=(200, 0, 0), font=font)
         draw.text((4, size + 2 + line), note[cut:].strip(), fill=(200, 0, 0), font=font)
-    offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
-    draw.text((4, size + head), f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}",
-              fill="black", font=font)
+    draw.text((4, size + top), fit_text(draw, head, font, size - 8), fill="black", font=font)
     for k, n in enumerate(neurons):
-        y = size + head + line * (k + 1)
+        y = size + top + line * (k + 1)
         draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
         share = f" ({percent(n.share)}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
         label = fit_text(draw, n.name or n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)
     if check:
-        y = size + head + line * (len(neurons) + 1)
+        y = size + top + line * (len(neurons) + 1)
         left = 4
-        if explanation.removed_ink is not None:
+        if removed_ink is not None:
             draw.rectangle([4, y + 2, 14, y + 12], outline=REMOVED_RGB, width=2)
             left = 20
         draw.text((left, y), fit_text(draw, check, font, size - left - 4), fill=(90, 90, 90), font=font)
-    if rather:
-        y = size + head + line * (len(neurons) + 1 + bool(check))
-        draw.text((4, y), fit_text(draw, rather, font, size - 8), fill="black", font=font)
     return canvas
-
-
-def versus_line(explanation: Explanation) -> str | None:
-    """The contrast in one legend line ('rather than X (2%): dots, spokes'), or None without one (``--versus``
-    off, skipped, or no neuron cited). Its concepts are named, not mapped: the heat maps are the class's."""
-    versus = explanation.extra.get("versus") or {}
-    if not versus.get("neurons"):
-        return None
-    names = list(dict.fromkeys(n["name"] or n["concept"] for n in versus["neurons"]))  # once each, in order
-    return f"rather than {versus['class']} ({percent(versus['probability'])}): {', '.join(names)}"
 
 
 def outline(mask: np.ndarray, size: int) -> np.ndarray:
@@ -753,5 +780,5 @@ def evidence_line(faith: dict) -> str | None:
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:
     """Render the overlay and write it atomically as PNG, marked (:data:`OVERLAY_MARK`) as this tool's output."""
-    return artifacts.atomic_write_bytes(path, png_bytes(render_overlay(image_uint8, explanation),
+    return artifacts.atomic_write_bytes(path, png_bytes(overlay_image(image_uint8, explanation),
                                                         text=dict([OVERLAY_MARK])))

@@ -5,7 +5,8 @@ Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from 
 * ``GET /``: the drawing page (``static/draw.html``): a canvas for mouse, touch and pen,
   undo, clear, stroke width and an upload button; after each stroke it posts the canvas;
 * ``POST /explain``: body = PNG or JPEG bytes; answers the ``why_did_you --json`` object, plus
-  ``familiarity``/``unfamiliar`` and ``overlay_png`` (the heat overlay, base64 PNG);
+  ``familiarity``/``unfamiliar``, ``overlay_png`` (the heat overlay, base64 PNG) and
+  ``versus_overlay_png`` (the contrast's panel, or null);
   a bad body is a 400 with ``{"error": "..."}``, a body over ``MAX_BODY`` bytes a 413;
 * ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
   sprites), read-only, refusing any path that leaves ``REPORT_DIR`` (``/atlas`` redirects
@@ -102,9 +103,9 @@ class Explainer:
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
         out["n_classes"] = len(self.models.class_names)  # the page shows the chance rate, 1 / n_classes
-        # zlib level 1: ~5 ms instead of ~13 ms per overlay here (demo size), for a somewhat larger body
-        out["overlay_png"] = base64.b64encode(png_bytes(explain.render_overlay(image, exp), compress_level=1)
-                                              ).decode("ascii")
+        out["overlay_png"] = _png64(explain.render_overlay(image, exp))
+        versus = explain.render_versus_overlay(image, exp)  # the contrast's panel, shown under its sentence
+        out["versus_overlay_png"] = _png64(versus) if versus is not None else None
         return out
 
     def work(self, stop: threading.Event, poll_s: float = 0.5) -> None:
@@ -136,6 +137,12 @@ class Explainer:
             except queue.Empty:
                 return
             done.set_exception(Stopping("the server is stopping"))
+
+
+def _png64(image) -> str:
+    """A PIL image as base64 PNG text; zlib level 1: ~5 ms instead of ~13 ms per overlay here (demo size), for
+    a somewhat larger body."""
+    return base64.b64encode(png_bytes(image, compress_level=1)).decode("ascii")
 
 
 def not_an_image(payload: bytes, content_type: str = "") -> str:

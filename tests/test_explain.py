@@ -147,15 +147,29 @@ def test_the_llm_is_asked_about_the_contrast_too(ckpts, test_images, tmp_path):
     assert f"rather than '{other}'" in backend.text and exp.extra["versus"]["neurons"][0]["concept"] in backend.text
 
 
-def test_the_overlay_legend_names_the_contrast_in_one_more_line(ckpts, test_images, tmp_path):
+def test_the_overlay_maps_the_contrast_in_its_own_panel(ckpts, test_images, tmp_path):
+    """--versus --overlay: the class's panel as before, and beside it where the contrast's neurons fired."""
     images, _ = test_images
     plain, contrasted = (_explain(images[:1], ckpts, tmp_path, input_check=False, versus=v)[0] for v in ("", "runner_up"))
-    line = explain.versus_line(contrasted)
-    names = {n["name"] or n["concept"] for n in contrasted.extra["versus"]["neurons"]}
-    assert line.startswith(f"rather than {contrasted.extra['versus']['class']} (") and all(n in line for n in names)
-    assert explain.versus_line(plain) is None
-    heights = [explain.render_overlay(images[0], e).height for e in (plain, contrasted)]
-    assert heights[1] == heights[0] + 16  # one legend line more, nothing else moved
+    size = 96
+    assert explain.render_versus_overlay(images[0], plain, size) is None
+    assert explain.overlay_image(images[0], plain, size).size == explain.render_overlay(images[0], plain, size).size
+    left = np.asarray(explain.render_overlay(images[0], contrasted, size))
+    assert np.array_equal(left, np.asarray(explain.render_overlay(images[0], plain, size)))  # the class's panel unchanged
+    ids = [n["neuron_id"] for n in contrasted.extra["versus"]["neurons"]]
+    assert ids and [n.neuron_id for n in contrasted.versus_neurons] == ids
+    right = np.asarray(explain.render_versus_overlay(images[0], contrasted, size))
+    # the panel is the class's renderer run on the contrast's neurons: same tint when the neurons are the same
+    as_plain = replace(contrasted, neurons=contrasted.versus_neurons, faithfulness={}, removed_ink=None)
+    assert np.array_equal(right[:size], np.asarray(explain.render_overlay(images[0], as_plain, size))[:size])
+    if ids != [n.neuron_id for n in plain.neurons]:
+        assert not np.array_equal(right[:size], left[:size])  # other neurons, other heat
+    both = np.asarray(explain.overlay_image(images[0], contrasted, size))
+    assert both.shape[1] == 2 * size + 12 and np.array_equal(both[:left.shape[0], :size], left)
+    assert np.array_equal(both[:right.shape[0], size + 12:], right)
+    # a contrast that was skipped (the predicted class itself) draws no second panel
+    skipped = _explain(images[:1], ckpts, tmp_path, input_check=False, versus=plain.predicted_class)[0]
+    assert "skipped" in skipped.extra["versus"] and explain.render_versus_overlay(images[0], skipped, size) is None
 
 
 def test_the_runner_up_is_never_the_predicted_class_even_on_a_tie():

@@ -15,7 +15,8 @@ from selfexplain.errors import UserError
 from selfexplain.imaging import png_bytes
 
 CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
-            "bias", "error", "faithfulness", "sentence", "familiarity", "unfamiliar", "overlay_png"}
+            "bias", "error", "faithfulness", "sentence", "familiarity", "unfamiliar", "overlay_png",
+            "versus_overlay_png"}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_good_png_answers_the_json_contract(server, sketches):
     assert versus["class"] == out["top5"][1]["class"]
     cited = sum(n["contribution"] for n in versus["neurons"])
     assert cited + versus["others"] + versus["bias"] + versus["error"] == pytest.approx(versus["margin"], abs=1e-3)
+    panel = Image.open(io.BytesIO(base64.b64decode(out["versus_overlay_png"])))  # where those neurons fired
+    assert panel.format == "PNG" and panel.width == overlay.width
 
 
 @pytest.mark.parametrize("body, reason", [(b"", "empty"), (b"hello, not an image", "PNG"),

@@ -57,6 +57,7 @@ def test_drawing_strokes_shows_the_explanation(url):
             top5: document.querySelectorAll('#top5 li').length,
             links: [...document.querySelectorAll('#concepts a')].map(a => a.getAttribute('href')),
             overlay: document.getElementById('overlay').naturalWidth,
+            versus_overlay: document.getElementById('versus_overlay').naturalWidth,
             ink: (() => { const c = document.getElementById('pad'), d = c.getContext('2d')
                           .getImageData(0, 0, c.width, c.height).data; let n = 0;
                           for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; })(),
@@ -72,7 +73,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert all(text == f"part{h.split('-')[-1]}" and title.startswith(f"offline: {text} (train AUROC")
                    for (text, title), h in zip(names, page["links"]))
         assert browser.evaluate("document.getElementById('names').textContent").startswith("Names from the statistics")
-        assert page["overlay"] > 0 and page["ink"] > 500
+        assert page["overlay"] > 0 and page["versus_overlay"] > 0 and page["ink"] > 500
         # why this class rather than the runner-up, in the page's words
         top5 = browser.evaluate("[...document.querySelectorAll('#top5 li')].map(li => li.firstChild.textContent.trim())")
         versus = browser.evaluate("document.getElementById('versus').textContent")
@@ -84,6 +85,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         browser.evaluate("document.getElementById('clear').click()")
         assert browser.evaluate("document.getElementById('prediction').textContent") == ""
         assert browser.evaluate("document.getElementById('versus').textContent") == ""
+        assert not browser.evaluate("document.getElementById('versus_overlay').getAttribute('src')")
 
 
 def test_an_answer_that_arrives_after_clear_is_not_shown(url):
