@@ -325,9 +325,10 @@ class Explanation:
     extra: dict = field(default_factory=dict)  # e.g. true_class, top_active, overlay, llm_sentence
     removed_ink: np.ndarray | None = field(default=None, repr=False)  # (S, S) bool: the input check's cited mask
     versus_neurons: list[CitedNeuron] | None = field(default=None, repr=False)  # the contrast's, with heat maps
+    sketch: np.ndarray | None = field(default=None, repr=False)  # (S, S) uint8: the input as the model saw it
 
     def to_dict(self, heatmaps: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink", "versus_neurons")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink", "versus_neurons", "sketch")}
         out["faithfulness"] = {**dict.fromkeys(FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
@@ -335,6 +336,14 @@ class Explanation:
                           for n in self.neurons]
         out.update(self.extra)
         return out
+
+    def overlay(self, size: int = 384) -> Image.Image:
+        """The ``--overlay`` picture as a PIL RGB image (a notebook shows it inline; ``.save(path)`` writes it):
+        the cited concepts' heat maps on the sketch, and the contrast's panel beside them with ``versus``."""
+        if self.sketch is None:
+            raise UserError("this explanation holds no sketch to draw on: make it with explain_images or explain_one "
+                            "given the image")
+        return overlay_image(self.sketch, self, size)
 
     def to_json(self, heatmaps: bool = False) -> str:
         """One line of JSON text (the CLI prints one per image); :meth:`to_dict` gives the dict."""
@@ -548,7 +557,7 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
         others=float(contrib.sum()) - sum(n.contribution for n in cited), bias=float(models.bias[pred]),
         error=float(analysis.error[b, pred]),
         faithfulness=faith, sentence=blank or compose_sentence(cls, prob, cited, names),
-        extra=extra, removed_ink=removed, versus_neurons=versus_cited)
+        extra=extra, removed_ink=removed, versus_neurons=versus_cited, sketch=image)
 
 
 def require_own_report(models: Models, report_dir: str | Path) -> None:

@@ -167,6 +167,11 @@ def test_the_overlay_maps_the_contrast_in_its_own_panel(ckpts, test_images, tmp_
     both = np.asarray(explain.overlay_image(images[0], contrasted, size))
     assert both.shape[1] == 2 * size + 12 and np.array_equal(both[:left.shape[0], :size], left)
     assert np.array_equal(both[:right.shape[0], size + 12:], right)
+    # a notebook gets the same picture from the explanation itself (the sketch it was made from is kept)
+    assert np.array_equal(np.asarray(contrasted.overlay(size)), both)
+    assert "sketch" not in contrasted.to_dict()
+    with pytest.raises(UserError, match="no sketch"):
+        replace(contrasted, sketch=None).overlay()
     # a contrast that was skipped (the predicted class itself) draws no second panel
     skipped = _explain(images[:1], ckpts, tmp_path, input_check=False, versus=plain.predicted_class)[0]
     assert "skipped" in skipped.extra["versus"] and explain.render_versus_overlay(images[0], skipped, size) is None
