@@ -28,7 +28,7 @@ REPORT_DIR = artifacts.REPORT_DIR             # the atlas the concept links poin
 CACHE_DIR = artifacts.CACHE_DIR               # decoded images (the familiarity calibration reads validation)
 OUT = "assets/draw_page.png"                  # where the screenshot goes
 WIDTH = 1100                                  # browser viewport width, CSS pixels
-HEIGHT = 1150                                 # browser viewport height, CSS pixels (the whole answer fits)
+HEIGHT = 1300                                 # browser viewport height, CSS pixels (the whole answer fits)
 DEVICE = "auto"                               # auto | cpu | cuda
 
 

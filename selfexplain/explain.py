@@ -34,6 +34,8 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import numbers
 import os
@@ -328,7 +330,8 @@ class Explanation:
     sketch: np.ndarray | None = field(default=None, repr=False)  # (S, S) uint8: the input as the model saw it
 
     def to_dict(self, heatmaps: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("neurons", "extra", "removed_ink", "versus_neurons", "sketch")}
+        kept = [f.name for f in fields(self) if f.name not in ("neurons", "extra", "removed_ink", "versus_neurons", "sketch")]
+        out = {k: copy.deepcopy(getattr(self, k)) for k in kept}  # as asdict copies, without the arrays left out
         out["faithfulness"] = {**dict.fromkeys(FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
                               if heatmaps or k != "heatmap"},
@@ -667,7 +670,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     neurons = explanation.neurons[:max_concepts]  # None: every cited concept, the region the evidence line tested
     offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
     head = f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}"
-    return _panel(image_uint8, neurons, head, size, unfamiliar_note(explanation),
+    return _panel(image_uint8, neurons, list(range(len(neurons))), head, size, unfamiliar_note(explanation),
                   evidence_line(explanation.faithfulness), explanation.removed_ink)
 
 
@@ -678,8 +681,19 @@ def render_versus_overlay(image_uint8: np.ndarray, explanation: Explanation, siz
     versus = explanation.extra.get("versus") or {}
     if not versus.get("neurons") or not explanation.versus_neurons:
         return None
-    head = f"{explanation.predicted_class} rather than {versus['class']} ({percent(versus['probability'])})"
-    return _panel(image_uint8, explanation.versus_neurons, head, size, unfamiliar_note(explanation))
+    offline = " · named offline" if any(n.offline for n in explanation.versus_neurons) else ""
+    head = f"rather than {versus['class']} ({percent(versus['probability'])}){offline}"  # the class's panel names A
+    return _panel(image_uint8, explanation.versus_neurons, versus_palette(explanation), head, size,
+                  unfamiliar_note(explanation))
+
+
+def versus_palette(explanation: Explanation) -> list[int]:
+    """The contrast panel's :data:`PALETTE` index per cited neuron: a neuron the class's panel also shows keeps its
+    colour there, the others take colours that panel does not use, so one colour names one neuron in both."""
+    shown = {n.neuron_id: k for k, n in enumerate(explanation.neurons)}
+    free = (k for k in itertools.count(len(explanation.neurons)) if k % len(PALETTE) not in shown.values())
+    return [shown[n.neuron_id] if n.neuron_id in shown else next(free) % len(PALETTE)
+            for n in explanation.versus_neurons or []]
 
 
 def overlay_image(image_uint8: np.ndarray, explanation: Explanation, size: int = 384):
@@ -695,7 +709,7 @@ def overlay_image(image_uint8: np.ndarray, explanation: Explanation, size: int =
     return canvas
 
 
-def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], size: int) -> np.ndarray:
+def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], colour_ids: Sequence[int], size: int) -> np.ndarray:
     """(size, size, 3) float: the sketch tinted by the neurons' heat maps (see :func:`render_overlay`)."""
     base = np.asarray(Image.fromarray(image_uint8).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
     if not neurons:
@@ -705,7 +719,7 @@ def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], size: int) 
                          dtype=torch.float32).clamp(0, 1)                                  # (k, H, W)
     # each token takes the colour of its strongest concept; ties go to the higher-ranked one
     which = (heats * 1e4).round().argmax(0)
-    colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in range(len(neurons))], dtype=torch.float32)
+    colours = torch.tensor([PALETTE[i % len(PALETTE)] for i in colour_ids], dtype=torch.float32)
     low = torch.cat([colours[which].permute(2, 0, 1), heats.amax(0, keepdim=True)])[None]  # (1, 4, H, W)
     up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
     colour, strength = up[:3].permute(1, 2, 0).numpy(), up[3:].permute(1, 2, 0).numpy()
@@ -714,11 +728,11 @@ def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], size: int) 
     return base * (1 - alpha) + colour * alpha
 
 
-def _panel(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], head: str, size: int, note: str | None,
-           check: str | None = None, removed_ink: np.ndarray | None = None):
+def _panel(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], colour_ids: Sequence[int], head: str, size: int,
+           note: str | None, check: str | None = None, removed_ink: np.ndarray | None = None):
     """One overlay panel: the tinted sketch, then the warning, the head line, one legend line per neuron
-    (its colour, name, share and id) and the input check's line."""
-    base = _tinted(image_uint8, neurons, size)
+    (its colour, :data:`PALETTE` index ``colour_ids[k]``, name, share and id) and the input check's line."""
+    base = _tinted(image_uint8, neurons, colour_ids, size)
     if removed_ink is not None:
         base = np.where(outline(removed_ink, size)[..., None], np.float32(REMOVED_RGB), base)
     font = ImageFont.load_default()
@@ -734,7 +748,7 @@ def _panel(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], head: str, s
     draw.text((4, size + top), fit_text(draw, head, font, size - 8), fill="black", font=font)
     for k, n in enumerate(neurons):
         y = size + top + line * (k + 1)
-        draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[k % len(PALETTE)])
+        draw.rectangle([4, y + 2, 14, y + 12], fill=PALETTE[colour_ids[k] % len(PALETTE)])
         share = f" ({percent(n.share)}, #{n.neuron_id})"  # the id tells apart neurons that share a concept
         label = fit_text(draw, n.name or n.concept, font, size - 24 - draw.textlength(share, font=font))
         draw.text((20, y), label + share, fill="black", font=font)

@@ -6,7 +6,7 @@ Routes (stdlib :mod:`http.server`, one thread per request, nothing fetched from 
   undo, clear, stroke width and an upload button; after each stroke it posts the canvas;
 * ``POST /explain``: body = PNG or JPEG bytes; answers the ``why_did_you --json`` object, plus
   ``familiarity``/``unfamiliar``, ``overlay_png`` (the heat overlay, base64 PNG) and
-  ``versus_overlay_png`` (the contrast's panel, or null);
+  ``versus_overlay_png`` (the contrast's panel, or null) with ``versus_palette`` (its colours);
   a bad body is a 400 with ``{"error": "..."}``, a body over ``MAX_BODY`` bytes a 413;
 * ``GET /atlas/<path>``: ``REPORT_DIR``'s files (the atlas ``index.html``, thumbs,
   sprites), read-only, refusing any path that leaves ``REPORT_DIR`` (``/atlas`` redirects
@@ -58,6 +58,7 @@ ATLAS_FILES = (artifacts.INDEX_HTML, f"{artifacts.THUMBS_DIR}/", f"{artifacts.SP
 REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
 MAX_UPLOAD_SIDE = 4096                  # longest side of an uploaded PNG: a 200 KB 8192x4880 one took 0.7 GB to decode
 DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): decoding memory stays bounded
+OVERLAY_SIZE = 288                      # px of each overlay panel: the page shows two side by side, ~245 CSS px each
 
 
 class Stopping(Exception):
@@ -103,9 +104,10 @@ class Explainer:
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
         out["n_classes"] = len(self.models.class_names)  # the page shows the chance rate, 1 / n_classes
-        out["overlay_png"] = _png64(explain.render_overlay(image, exp))
-        versus = explain.render_versus_overlay(image, exp)  # the contrast's panel, shown under its sentence
+        out["overlay_png"] = _png64(explain.render_overlay(image, exp, OVERLAY_SIZE))
+        versus = explain.render_versus_overlay(image, exp, OVERLAY_SIZE)  # the contrast's, beside it on the page
         out["versus_overlay_png"] = _png64(versus) if versus is not None else None
+        out["versus_palette"] = explain.versus_palette(exp)  # its colours: the page's list shows the same swatches
         return out
 
     def work(self, stop: threading.Event, poll_s: float = 0.5) -> None:

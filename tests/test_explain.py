@@ -159,11 +159,23 @@ def test_the_overlay_maps_the_contrast_in_its_own_panel(ckpts, test_images, tmp_
     ids = [n["neuron_id"] for n in contrasted.extra["versus"]["neurons"]]
     assert ids and [n.neuron_id for n in contrasted.versus_neurons] == ids
     right = np.asarray(explain.render_versus_overlay(images[0], contrasted, size))
-    # the panel is the class's renderer run on the contrast's neurons: same tint when the neurons are the same
-    as_plain = replace(contrasted, neurons=contrasted.versus_neurons, faithfulness={}, removed_ink=None)
-    assert np.array_equal(right[:size], np.asarray(explain.render_overlay(images[0], as_plain, size))[:size])
-    if ids != [n.neuron_id for n in plain.neurons]:
+    # one colour is one neuron in both panels: a neuron the class's panel shows keeps its colour, the rest take
+    # colours that panel does not use
+    palette, shown = explain.versus_palette(contrasted), [n.neuron_id for n in contrasted.neurons]
+    assert len(set(palette)) == len(palette) == len(ids)
+    for neuron, colour in zip(ids, palette):
+        assert colour == shown.index(neuron) if neuron in shown else colour not in range(len(shown))
+    # the tint is the contrast's neurons' heat in those colours, and the legend's swatches say so (one row each,
+    # under the head line "rather than B (q%)")
+    tinted = explain._tinted(images[0], contrasted.versus_neurons, palette, size).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(right[:size], tinted)
+    assert right.shape[0] == size + 2 + 16 * (len(ids) + 1) + 8  # no input-check line: it tested the class's
+    swatches = [tuple(right[size + 2 + 16 * (k + 1) + 7, 9]) for k in range(len(ids))]
+    assert swatches == [explain.PALETTE[c] for c in palette]
+    if ids != shown:
         assert not np.array_equal(right[:size], left[:size])  # other neurons, other heat
+    warned = replace(contrasted, extra={**contrasted.extra, "unfamiliar": True, "familiarity": 1.0})
+    assert explain.render_versus_overlay(images[0], warned, size).height == right.shape[0] + 32  # the warning too
     both = np.asarray(explain.overlay_image(images[0], contrasted, size))
     assert both.shape[1] == 2 * size + 12 and np.array_equal(both[:left.shape[0], :size], left)
     assert np.array_equal(both[:right.shape[0], size + 12:], right)

@@ -16,7 +16,7 @@ from selfexplain.imaging import png_bytes
 
 CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
             "bias", "error", "faithfulness", "sentence", "familiarity", "unfamiliar", "overlay_png",
-            "versus_overlay_png"}
+            "versus_overlay_png", "versus_palette"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_good_png_answers_the_json_contract(server, sketches):
     assert cited + versus["others"] + versus["bias"] + versus["error"] == pytest.approx(versus["margin"], abs=1e-3)
     panel = Image.open(io.BytesIO(base64.b64decode(out["versus_overlay_png"])))  # where those neurons fired
     assert panel.format == "PNG" and panel.width == overlay.width
+    assert len(out["versus_palette"]) == len(versus["neurons"])  # the page's swatches for that panel
 
 
 @pytest.mark.parametrize("body, reason", [(b"", "empty"), (b"hello, not an image", "PNG"),

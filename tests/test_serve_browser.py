@@ -78,6 +78,8 @@ def test_drawing_strokes_shows_the_explanation(url):
         top5 = browser.evaluate("[...document.querySelectorAll('#top5 li')].map(li => li.firstChild.textContent.trim())")
         versus = browser.evaluate("document.getElementById('versus').textContent")
         assert versus.startswith(f"{top5[0]} rather than {top5[1]} (")
+        listed = browser.evaluate("[...document.querySelectorAll('#versus_concepts li')].length")
+        assert listed >= 1 and page["versus_overlay"] > 0  # the contrast's concepts, listed with their swatches
         # undo removes the last stroke and explains again; clear empties the page
         count = browser.evaluate("Number(document.body.dataset.explained)")
         browser.evaluate("document.getElementById('undo').click()")
@@ -86,6 +88,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert browser.evaluate("document.getElementById('prediction').textContent") == ""
         assert browser.evaluate("document.getElementById('versus').textContent") == ""
         assert not browser.evaluate("document.getElementById('versus_overlay').getAttribute('src')")
+        assert browser.evaluate("document.getElementById('versus_concepts').innerHTML") == ""
 
 
 def test_an_answer_that_arrives_after_clear_is_not_shown(url):
