@@ -676,7 +676,7 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
 
 def render_versus_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int = 384):
     """The contrast's panel (``--versus``): where the neurons that tell the class from the other one fired,
-    headed 'A rather than B (q%)'; None without a contrast that cites a neuron (off, skipped, none positive).
+    headed 'rather than B (q%)'; None without a contrast that cites a neuron (off, skipped, none positive).
     It carries no input check: that check tested the class's concepts, not these."""
     versus = explanation.extra.get("versus") or {}
     if not versus.get("neurons") or not explanation.versus_neurons:
