@@ -215,12 +215,35 @@ def cli(**overrides) -> int:
 
 def shell_argv(argv: list[str]) -> list[str]:
     """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images); so does
-    ``--image a.png``, with a space (it read "--image is given twice")."""
+    ``--image a.png``, with a space (it read "--image is given twice"), and ``--json True`` as ``--json=True``
+    (it explained an image named True)."""
+    argv = _join_values(argv)
     images = [a for a in argv if not a.startswith("-")]
     if not images or any(a.lower().startswith("--image=") for a in argv):
         return argv  # nothing bare, or both forms: the parser names the stray argument
     rest = [a for a in argv if a.startswith("-") and a.lower() != "--image"]
     return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]
+
+
+def _join_values(argv: list[str]) -> list[str]:
+    """``--flag VALUE`` as ``--flag=VALUE`` where VALUE is a yes/no word or a number (never an image's name)."""
+    out = []
+    for arg in argv:
+        flag = out[-1] if out else ""
+        if flag.startswith("--") and "=" not in flag and flag.lower() != "--image" and _looks_like_a_value(arg):
+            out[-1] = f"{flag}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _looks_like_a_value(arg: str) -> bool:
+    """True, false, yes, no, none or a number: a setting's value, not an image name."""
+    try:
+        float(arg)
+        return True
+    except ValueError:
+        return arg.lower() in ("true", "false", "yes", "no", "none")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def missing_message(path: Path, producer: str | None) -> str:
         inside = sorted(p.name for p in Path(path).glob("*.pt"))
         return (f"{path} is a folder, not a file" +
                 (f": did you mean {Path(path) / inside[0]}? ({', '.join(inside)} there)" if inside else ""))
-    return f"{path} not found{hint}"
+    where = "" if Path(path).is_absolute() else f" (from {Path.cwd()})"  # a notebook elsewhere reads runs/ there
+    return f"{path} not found{where}{hint}"
 
 
 # ----------------------------------------------------------------------------- JSONL

@@ -75,9 +75,10 @@ class MostActive:
 
     def __post_init__(self):
         if not _is_int(self.n) or not _is_number(self.percentile):  # "99" or 2.5 was a TypeError deep inside
-            raise UserError(f"need an integer N and a number PERCENTILE, got {self.n!r}, {self.percentile!r}")
+            raise UserError(f"need an integer TOP_ACTIVE (N) and a number PERCENTILE, got {self.n!r}, "
+                            f"{self.percentile!r}")
         if not 0 <= self.percentile <= 100 or self.n < 1:
-            raise UserError(f"need 0 <= PERCENTILE <= 100 and N >= 1, got {self.percentile}, {self.n}")
+            raise UserError(f"need 0 <= PERCENTILE <= 100 and TOP_ACTIVE (N) >= 1, got {self.percentile}, {self.n}")
         if self.agg not in AGGS:
             raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {self.agg!r}")
 
@@ -330,7 +331,8 @@ class Explanation:
     sketch: np.ndarray | None = field(default=None, repr=False)  # (S, S) uint8: the input as the model saw it
 
     def to_dict(self, heatmaps: bool = False) -> dict:
-        kept = [f.name for f in fields(self) if f.name not in ("neurons", "extra", "removed_ink", "versus_neurons", "sketch")]
+        left_out = ("neurons", "extra", "removed_ink", "versus_neurons", "sketch")
+        kept = [f.name for f in fields(self) if f.name not in left_out]
         out = {k: copy.deepcopy(getattr(self, k)) for k in kept}  # as asdict copies, without the arrays left out
         out["faithfulness"] = {**dict.fromkeys(FAITHFULNESS_KEYS), **self.faithfulness}  # null: not run
         out["neurons"] = [{**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(n).items()
@@ -577,6 +579,9 @@ def require_own_report(models: Models, report_dir: str | Path) -> None:
                         "(and sae_summary_to_llm.py) for these models")
 
 
+NO_VERDICT = {"familiarity": None, "unfamiliar": None}  # the familiarity keys when no judge ran (FAMILIARITY off)
+
+
 def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLASSIFIER_CKPT,
                    sae_ckpt: str | Path = artifacts.SAE_CKPT, report_dir: str | Path = artifacts.REPORT_DIR,
                    device: str | torch.device = "auto", batch_size: int = 64,
@@ -587,7 +592,8 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     ``settings`` are the fields of :class:`ExplainSettings` (``n_cite``, ``n_random``,
     ``seed``, ``active``, ``input_check``, ``ink_share``, ``versus``). ``judge(analysis, uint8 batch)`` returns one dict per image that
     goes into the explanation as is (the familiarity calibration's ``judge`` adds
-    ``familiarity`` and ``unfamiliar``), so checks of the input reuse the same forward pass.
+    ``familiarity`` and ``unfamiliar``), so checks of the input reuse the same forward pass; without one those
+    two keys are None (the JSON's null: no verdict was made).
     """
     if batch_size < 1:
         raise UserError(f"need BATCH_SIZE >= 1, got {batch_size}")
@@ -601,7 +607,7 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     for start in range(0, len(images), batch_size):
         batch, names = to_uint8(images[start:start + batch_size], models.image_size)
         analysis = analyse(models, batch)
-        verdicts = judge(analysis, batch) if judge is not None else [{}] * len(batch)
+        verdicts = judge(analysis, batch) if judge is not None else [NO_VERDICT] * len(batch)
         for b in range(len(batch)):
             exp = explain_one(models, analysis, b, names[b], concepts, options, start + b, batch[b], short_names)
             exp.extra.update(verdicts[b])
@@ -668,8 +674,11 @@ def render_overlay(image_uint8: np.ndarray, explanation: Explanation, size: int 
     Returns a PIL RGB image (:func:`overlay_image` adds the contrast's panel beside it).
     """
     neurons = explanation.neurons[:max_concepts]  # None: every cited concept, the region the evidence line tested
+    if explanation.extra.get("blank"):  # as the text says: no ink, so no concept's heat to show
+        neurons = []
     offline = " · concepts named offline, from statistics" if any(n.offline for n in neurons) else ""
-    head = f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}"
+    blank = ": a blank page, no concept explains the guess" if explanation.extra.get("blank") else ""
+    head = f"{explanation.predicted_class} ({percent(explanation.probability)}){offline}{blank}"
     return _panel(image_uint8, neurons, list(range(len(neurons))), head, size, unfamiliar_note(explanation),
                   evidence_line(explanation.faithfulness), explanation.removed_ink)
 
@@ -709,7 +718,8 @@ def overlay_image(image_uint8: np.ndarray, explanation: Explanation, size: int =
     return canvas
 
 
-def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], colour_ids: Sequence[int], size: int) -> np.ndarray:
+def _tinted(image_uint8: np.ndarray, neurons: Sequence[CitedNeuron], colour_ids: Sequence[int],
+            size: int) -> np.ndarray:
     """(size, size, 3) float: the sketch tinted by the neurons' heat maps (see :func:`render_overlay`)."""
     base = np.asarray(Image.fromarray(image_uint8).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
     if not neurons:

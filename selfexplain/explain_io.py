@@ -203,6 +203,9 @@ def test_image(k_text: str, models: Models, cache_dir: str | Path, report_dir: s
 
 
 # ----------------------------------------------------------------------------- overlays
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")  # refused for OVERLAY (PNG only)
+
+
 def overlay_paths(overlay: str | Path, names: Sequence[str], also_keep: Sequence[str] = ()) -> list[Path]:
     """OVERLAY for each image: itself for one image; for several, ``<OVERLAY stem>_<label>.png``;
     an existing folder (or a path ending in ``/``) gets ``<folder>/<label>_why.png`` for each (the
@@ -219,6 +222,8 @@ def overlay_paths(overlay: str | Path, names: Sequence[str], also_keep: Sequence
     if out.is_dir() or str(overlay).endswith(("/", "\\")):  # a folder: one file per image inside it
         paths = [out / f"{label}_why.png" for label in _unique_labels(names)]
     else:
+        if out.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # why.jpg written as why.png surprised; JPEG would lose the mark
+            raise UserError(f"OVERLAY is written as PNG: name it {out.with_suffix('.png').name}, not {out.name}")
         if out.suffix.lower() != ".png":
             out = out.with_suffix(".png")
         paths = ([out] if len(names) == 1 else
@@ -229,7 +234,7 @@ def overlay_paths(overlay: str | Path, names: Sequence[str], also_keep: Sequence
 
 def refuse_overwriting_inputs(paths: Sequence[Path], names: Sequence[str]) -> None:
     """A UserError when an overlay would replace one of the input images (``--image=a.png --overlay=a.png``
-    wrote the overlay over the sketch; so did ``--overlay=a.jpg``, saved as ``a.png``). Files are compared as
+    wrote the overlay over the sketch; so did ``--overlay=a``, saved as ``a.png``). Files are compared as
     the file system sees them (device and inode), not by name: on a case-insensitive volume (macOS, a USB stick)
     ``--image=A.PNG --overlay=a`` names the input, which :meth:`Path.resolve` does not show."""
     inputs = {_file_id(Path(n)) for n in names if Path(n).is_file()}

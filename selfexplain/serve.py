@@ -58,7 +58,7 @@ ATLAS_FILES = (artifacts.INDEX_HTML, f"{artifacts.THUMBS_DIR}/", f"{artifacts.SP
 REQUEST_TIMEOUT = 30.0                  # seconds a client may stall mid-request before its connection closes
 MAX_UPLOAD_SIDE = 4096                  # longest side of an uploaded PNG: a 200 KB 8192x4880 one took 0.7 GB to decode
 DECODES_AT_ONCE = 2                     # uploads decoded at the same time (the rest wait): decoding memory stays bounded
-OVERLAY_SIZE = 288                      # px of each overlay panel: the page shows two side by side, ~245 CSS px each
+OVERLAY_SIZE = 288                      # px of each overlay panel (the page shows two, ~245 CSS px each)
 
 
 class Stopping(Exception):
@@ -153,10 +153,18 @@ def not_an_image(payload: bytes, content_type: str = "") -> str:
     for a PNG file)."""
     if not payload:
         return "empty body: send the image's bytes"
-    if content_type in FORM_TYPES:
+    # curl --data-binary sends a file under the urlencoded type too: only a form's body, or a PNG that curl -d
+    # stripped of its line breaks, gets the advice to send the bytes; any other file is simply not an image
+    if content_type == "multipart/form-data" or (content_type in FORM_TYPES and _form_or_mangled(payload)):
         return (f"the body must be a PNG or JPEG image's own bytes, not a form ({content_type}): send the file as "
                 "the body, e.g. curl --data-binary @sketch.png -H 'Content-Type: image/png' URL/explain")
-    return "the body must be a PNG or JPEG image"
+    return "the body must be a PNG or JPEG image (this file is neither)"
+
+
+def _form_or_mangled(payload: bytes) -> bool:
+    """A urlencoded form's ``key=value`` text, or a PNG whose signature lost its line breaks (``curl -d``)."""
+    head = payload[:2048]
+    return head.startswith(PNG_SIGNATURE[:4]) or (b"=" in head and head.isascii() and b"\0" not in head)
 
 
 def atlas_file(report_dir: str | Path, url_path: str) -> Path | None:

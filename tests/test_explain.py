@@ -327,8 +327,10 @@ def test_notebook_inputs_beyond_paths_and_arrays(ckpts, test_images, tmp_path, c
         with pytest.raises(UserError, match=words):
             explain.top_neuron_ids_for_image(bad, device="cpu", **ckpts)
     for n, percentile in [(2.5, 99.0), (True, 99.0), (5, "99")]:
-        with pytest.raises(UserError, match="integer N and a number PERCENTILE"):
+        with pytest.raises(UserError, match=r"integer TOP_ACTIVE \(N\) and a number PERCENTILE"):
             explain.top_neuron_ids_for_image(image, N=n, percentile=percentile, device="cpu", **ckpts)
+    with pytest.raises(UserError, match=r"TOP_ACTIVE \(N\) >= 1, got 99.0, 0"):  # the setting by its name, not N_CITE's
+        explain.top_neuron_ids_for_image(image, N=0, device="cpu", **ckpts)
     with pytest.raises(UserError, match="not a dict"):
         why_did_you.explain_images({"a": image}, **settings)
     three = why_did_you.explain_images(np.stack([image] * 3), input_check=False, familiar=False, **settings)
@@ -444,7 +446,7 @@ def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, imag
     assert api == cli
     bare = why_did_you.explain_image(path, report_dir=str(tmp_path), device=torch.device("cpu"), familiar=False,
                                      **ckpts)
-    assert "familiarity" not in bare.to_dict()
+    assert bare.to_dict()["familiarity"] is None and bare.to_dict()["unfamiliar"] is None  # in the contract, null
 
 
 def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpts, cache_dir, image_dir, tmp_path):
@@ -505,8 +507,8 @@ def test_an_overlay_never_overwrites_an_input_image(ckpts, test_images, tmp_path
     sketch = tmp_path / "sketch.png"
     Image.fromarray(test_images[0][0]).save(sketch)
     original = sketch.read_bytes()
-    # --overlay=sketch.png (or sketch.jpg, saved as sketch.png) wrote the overlay over the user's sketch
-    for overlay in (sketch, tmp_path / "sketch.jpg", tmp_path / "." / "sketch"):
+    # --overlay=sketch.png (or sketch, saved as sketch.png) wrote the overlay over the user's sketch
+    for overlay in (sketch, tmp_path / "." / "sketch"):
         with pytest.raises(UserError, match="would overwrite the input image"):
             why_did_you.main(image=str(sketch), overlay=str(overlay), report_dir=str(tmp_path), device="cpu",
                              fast=True, **ckpts)
@@ -516,6 +518,10 @@ def test_an_overlay_never_overwrites_an_input_image(ckpts, test_images, tmp_path
     with pytest.raises(UserError, match=r"sketch_why\.png would overwrite"):
         explain_io.overlay_paths(f"{tmp_path}/", [str(sketch), str(tmp_path / "sketch_why.png")])
     assert explain_io.overlay_paths(tmp_path / "why.png", [str(sketch)]) == [tmp_path / "why.png"]
+    # another image format is refused before any work, not written as PNG under another name
+    for other in ("why.jpg", "why.JPEG", "sketch.jpg"):
+        with pytest.raises(UserError, match=r"OVERLAY is written as PNG: name it (why|sketch)\.png"):
+            explain_io.overlay_paths(tmp_path / other, [str(sketch)])
 
 
 def test_rerunning_a_folder_into_itself_reads_the_sketches_again_not_its_overlays(ckpts, test_images, tmp_path,
@@ -665,10 +671,15 @@ def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
     assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["a.png", "--image=b.png"]  # refused, not dropped
     # --image with a space, as argparse scripts take it, read "--image is given twice; give it once"
     assert why_did_you.shell_argv(["--image", "a.png", "--json=True"]) == ["--json=True", "--image=a.png"]
+    for value in ("True", "false", "3", "0.5"):  # --json True read "True" as an image named True
+        assert why_did_you.shell_argv(["a.png", "--json", value]) == [f"--json={value}", "--image=a.png"]
+    assert why_did_you.shell_argv(["--fast", "a.png"]) == ["--fast", "--image=a.png"]  # a bare flag, then an image
     assert why_did_you.shell_argv(["--image", "a.png", "b.png"]) == ["--image=['a.png', 'b.png']"]
     out = _cli(ckpts, tmp_path, "--json=True", "--fast=True", *names)
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["image"] for line in out.stdout.splitlines()] == names
+    spaced = _cli(ckpts, tmp_path, names[0], "--json", "True", "--fast", "true")
+    assert spaced.returncode == 0 and json.loads(spaced.stdout)["image"] == names[0]  # one image, as JSON
 
 
 def test_an_unreadable_file_in_a_folder_is_skipped_named_and_exits_1(ckpts, image_dir, tmp_path):
@@ -705,6 +716,10 @@ def test_cli_warns_about_a_blank_page_and_not_about_a_test_sketch(ckpts, image_d
     assert "WARNING: unfamiliar input" in text.stdout
     assert "because of: nothing (a blank page has no ink" in text.stdout and "evidence:" not in text.stdout
     assert (tmp_path / "familiarity.json").is_file()  # calibrated once, then reused
+    # the overlay agrees with the text: the white page untinted (no concept's heat), no legend rows
+    overlay = np.asarray(Image.open(tmp_path / "why.png").convert("RGB"))
+    assert (overlay[:384] == 255).all()
+    assert overlay.shape[0] == 384 + 2 + 32 + 16 + 8  # the unfamiliar warning and the head line only
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "not_an_image"])

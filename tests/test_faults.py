@@ -117,6 +117,14 @@ def test_missing_earlier_stage_names_the_script_to_run(script, missing, first, t
     assert f"run {first} first" in out.stderr and out.stderr.count("\n") == 1
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A notebook outside the repo reads the default runs/... paths from its own folder: the error says so."""
+    monkeypatch.chdir(tmp_path)
+    message = artifacts.missing_message(Path("runs/standard_cnn/best.pt"), "classifier")
+    assert message == f"runs/standard_cnn/best.pt not found (from {tmp_path}); run train_standard_cnn.py first"
+    assert "(from " not in artifacts.missing_message(tmp_path / "best.pt", "classifier")
+
+
 def test_sigkill_during_sae_training_then_resume(tiny_classifier, tmp_path, cache_dir):
     args = [f"--classifier_ckpt={tiny_classifier / 'best.pt'}", f"--out_dir={tmp_path}", "--latent_dim=64",
             "--top_k=4", "--epochs=40", "--min_steps=0", "--tensorboard=False", f"--cache_dir={cache_dir}"]

@@ -104,6 +104,12 @@ def test_a_form_upload_is_told_to_send_the_bytes(server, sketches):
                        (stripped, "application/x-www-form-urlencoded")):
         status, out = request(server, "POST", "/explain", body, {"Content-Type": kind})
         assert status == 400 and "--data-binary" in out["error"] and "\n" not in out["error"]
+    urlencoded = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, out = request(server, "POST", "/explain", b"sketch=a.png&x=1", urlencoded)
+    assert status == 400 and "not a form" in out["error"]  # curl -d 'sketch=...'
+    # a file that is no image, sent as the README says (curl --data-binary: the urlencoded type), is told just that
+    status, out = request(server, "POST", "/explain", b"GIF89a" + bytes(range(256)) * 4, urlencoded)
+    assert status == 400 and out["error"] == "the body must be a PNG or JPEG image (this file is neither)"
     # the image's own bytes under a form's type (urllib's default for a body) are still read
     assert request(server, "POST", "/explain", sketches[0], {"Content-Type": "application/x-www-form-urlencoded"}
                    )[0] == 200
