@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The device the pipeline fixtures train and summarise on (the scripts' DEVICE=auto): a test that recomputes
 # their figures does it here too (a CUDA report checked against a CPU recomputation failed on an H200)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a script a test stops with SIGINT: Ctrl-C acts as in a terminal even where this run was
+    started in the background (``nohup make test &``), which makes every child ignore SIGINT, so Python never
+    raised KeyboardInterrupt and those tests failed there only."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 # The tiny synthetic config every pipeline test shares (64 px, layer4 stride 2 -> 2x2 layer4 map). It pins the
 # quadrants style, which a 2-epoch run on 24 images per class learns; the demo's varied style needs ~35k images (540 steps).

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, ctrl_c_as_in_a_terminal
 
 import sae_summary_to_llm as stage
 from fake_llm_server import FakeLLMServer, Reply
@@ -754,7 +754,8 @@ def test_ctrl_c_keeps_the_answers_of_requests_in_flight(report):
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "sae_summary_to_llm.py"), f"--report_dir={report}", "--backend=openai",
              f"--base_url={srv.openai_url}", "--model=m", "--workers=2"],
-            env={**os.environ, "OPENAI_API_KEY": OPENAI_KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            env={**os.environ, "OPENAI_API_KEY": OPENAI_KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=ctrl_c_as_in_a_terminal)
         deadline = time.monotonic() + 60
         while sum(srv.attempts.values()) < 2:  # both workers have sent their request
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()

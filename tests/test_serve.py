@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ctrl_c_as_in_a_terminal
 from selfexplain import artifacts, data, serve
 from selfexplain.errors import UserError
 from selfexplain.imaging import png_bytes
@@ -309,7 +310,8 @@ def test_why_did_you_serve_answers_from_its_main_thread_and_stops_on_ctrl_c(tiny
     proc = subprocess.Popen([sys.executable, str(root / "why_did_you.py"), "--serve=True", "--port=0", "--device=cpu",
                              f"--classifier_ckpt={tiny_classifier / artifacts.BEST_CLASSIFIER}",
                              f"--sae_ckpt={tiny_sae / artifacts.BEST_SAE}", f"--report_dir={report_dir}",
-                             f"--cache_dir={cache_dir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+                             f"--cache_dir={cache_dir}"], cwd=root, stdout=subprocess.DEVNULL, stderr=log,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         port = bench_explain.wait_for_port(proc, log, timeout_s=120)   # the bench's reader of the start-up line
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
