@@ -329,7 +329,7 @@ def test_notebook_inputs_beyond_paths_and_arrays(ckpts, test_images, tmp_path, c
     for n, percentile in [(2.5, 99.0), (True, 99.0), (5, "99")]:
         with pytest.raises(UserError, match=r"integer TOP_ACTIVE \(N\) and a number PERCENTILE"):
             explain.top_neuron_ids_for_image(image, N=n, percentile=percentile, device="cpu", **ckpts)
-    with pytest.raises(UserError, match=r"TOP_ACTIVE \(N\) >= 1, got 99.0, 0"):  # the setting by its name, not N_CITE's
+    with pytest.raises(UserError, match=r"TOP_ACTIVE \(N\) >= 1, got 99.0, 0"):  # by its CLI name (N is the cited count there)
         explain.top_neuron_ids_for_image(image, N=0, device="cpu", **ckpts)
     with pytest.raises(UserError, match="not a dict"):
         why_did_you.explain_images({"a": image}, **settings)
