@@ -37,7 +37,7 @@ from .synthetic import GENERATOR_VERSION, generate_synthetic
 from .synthetic import spec_style
 
 DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
-CACHE_VERSION = 2  # bump when decoding changes, so old caches are rebuilt
+CACHE_VERSION = 3  # bump when decoding changes, so old caches are rebuilt (3: strokes thickened by measured width)
 
 
 @dataclass

@@ -28,6 +28,7 @@ FLOAT_255_MIN_TOP = 32.0  # float arrays whose top is above this are 0-255 pixel
 MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refused undecoded
 MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 200000 strip would need 40 GB
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
+STROKE_OUT_PX = 1.5  # ... to about this width in output pixels, from their measured width (thicker: left as is)
 
 
 class BadImage(Exception):
@@ -274,18 +275,21 @@ def _high_depth_to_gray(im: Image.Image) -> Image.Image:
 def square_resize(gray: Image.Image, size: int) -> np.ndarray:
     """Pad a grey image to a centred white square, then resize to ``size`` keeping its ink.
 
-    Strokes are thickened first when shrinking by more than ``THICKEN_ABOVE``x, so the
-    thin strokes of a 1111 px sketch survive at 224 or 112 px.
+    Strokes thinner than ``STROKE_OUT_PX`` output pixels are thickened first when shrinking by
+    more than ``THICKEN_ABOVE``x, so the thin strokes of a 1111 px sketch survive at 224 or
+    112 px, while a marker's strokes are left as drawn.
     """
     width, height = gray.size
     side = max(width, height)
     ratio = side / size
     if ratio > THICKEN_ABOVE:
-        # Grow strokes to ~1.5 output pixels (assuming ~3 px source strokes, as in
-        # TU-Berlin): 1111 -> 224 uses k=5, 1111 -> 112 uses k=13. Thinner and they
-        # fade to light grey when averaged; thicker and nearby strokes merge.
-        k = 2 * max(1, round((1.5 * ratio - 3) / 2)) + 1
-        gray = Image.fromarray(_thicken(np.asarray(gray), k), mode="L")
+        # Grow strokes to ~1.5 output pixels from their measured width (TU-Berlin's ~3 px
+        # pen: 1111 -> 224 uses k=5, 1111 -> 112 uses k=13). Thinner and they fade to light
+        # grey when averaged; thicker and nearby strokes merge. A fixed 3 px guess grew a
+        # marker's strokes too: a 64 px sketch upscaled to 1024 px fell from 0.98 to 0.75.
+        k = 2 * max(0, round((STROKE_OUT_PX * ratio - stroke_width(np.asarray(gray))) / 2)) + 1
+        if k > 1:
+            gray = Image.fromarray(_thicken(np.asarray(gray), k), mode="L")
     if width != height:
         canvas = Image.new("L", (side, side), 255)
         canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
@@ -295,6 +299,16 @@ def square_resize(gray: Image.Image, size: int) -> np.ndarray:
     elif side < size:
         gray = gray.resize((size, size), Image.Resampling.LANCZOS)
     return np.array(gray, dtype=np.uint8)
+
+
+def stroke_width(gray: np.ndarray, dark: int = 128) -> float:
+    """The strokes' mean width in pixels: twice the ink area over its edge pixels (a stroke of width w and
+    length L has about w·L ink pixels, 2·L of them on an edge; a 1 px line reads 2). 0 for a blank page."""
+    ink = np.asarray(gray) < dark
+    padded = np.pad(ink, 1)
+    inner = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    edge = int((ink & ~inner).sum())
+    return 2.0 * int(ink.sum()) / edge if edge else 0.0
 
 
 def _thicken(arr: np.ndarray, k: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from hf_fixtures import (PYTHON, TU_BERLIN_FILES, FakeHubServer, bad_image_payloads, closed_port_url, hub_env,
                          make_hf_parquet, make_image_folder, png_bytes, sketch)
-from selfexplain import data
+from selfexplain import data, imaging
 from selfexplain.errors import UserError
 from selfexplain.imaging import BadImage, decode_image
 from selfexplain.sources import describe_source, iter_source, parquet_class_names
@@ -213,6 +213,20 @@ def test_thin_strokes_of_a_1111px_sketch_survive_downscaling(size):
     assert band.min(axis=0).max() < 100  # every column of the stroke keeps a dark pixel
     assert (band < 128).sum(axis=0).max() <= 3  # ... without turning into a thick bar
     assert (image[:c - 8] == 255).mean() > 0.99  # paper stays clean
+
+
+def test_a_markers_strokes_are_not_thickened_when_shrinking(monkeypatch):
+    """Thickening grows strokes thinner than ~1.5 output px, measured, not guessed: a 30 px marker at 1111 px
+    is already 1.7 px at 64 and stays as drawn (a fixed 3 px guess grew it to 3.1 px, and a 64 px sketch
+    upscaled to 1024 px was then read at 0.75 accuracy instead of 0.98)."""
+    marker, pen = sketch(0, 1111, width=30), sketch(0, 1111, width=3)
+    assert imaging.stroke_width(np.asarray(marker.convert("L"))) == pytest.approx(30, rel=0.1)
+    assert imaging.stroke_width(np.asarray(pen.convert("L"))) == pytest.approx(3, rel=0.1)
+    thickened = decode_image(png_bytes(marker), 64), decode_image(png_bytes(pen), 64)
+    monkeypatch.setattr(imaging, "THICKEN_ABOVE", float("inf"))  # plain area averaging
+    as_drawn = decode_image(png_bytes(marker), 64), decode_image(png_bytes(pen), 64)
+    assert np.array_equal(thickened[0], as_drawn[0])       # the marker: left as drawn
+    assert (thickened[1] < 128).sum() > 3 * (as_drawn[1] < 128).sum()  # the thin pen: grown, as before
 
 
 # ----------------------------------------------------------------------------- tu-berlin
