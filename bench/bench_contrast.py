@@ -115,9 +115,9 @@ def evaluate(models: explain.Models, images: np.ndarray, class_parts: list[set],
                       "chance": len(distinguishing) / max(1, len(class_parts[a]))}
             plain = explain.cite(models, analysis, b, (analysis.z_mean[b] * models.lens[:, a]).double(), {}, None,
                                  cfg.N)  # as explain_one cites
-            versus, _ = explain.contrast(models, analysis, b, a, other, {}, None, cfg.N)
-            cited = {"plain": [(n.neuron_id, n.contribution) for n in plain],
-                     "contrast": [(n["neuron_id"], n["contribution"]) for n in versus["neurons"]]}
+            _, versus = explain.contrast(models, analysis, b, a, other, {}, None, cfg.N)
+            cited = {kind: [(n.neuron_id, n.contribution) for n in neurons]
+                     for kind, neurons in (("plain", plain), ("contrast", versus))}
             for kind in cited:
                 record[kind] = evidence_shares(cited[kind], part_of, distinguishing, shared)
             record["cited_parts"] = {kind: {part_of.get(i) for i, _ in pairs} - {None} for kind, pairs in cited.items()}

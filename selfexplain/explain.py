@@ -687,9 +687,9 @@ def render_versus_overlay(image_uint8: np.ndarray, explanation: Explanation, siz
     """The contrast's panel (``--versus``): where the neurons that tell the class from the other one fired,
     headed 'rather than B (q%)'; None without a contrast that cites a neuron (off, skipped, none positive).
     It carries no input check: that check tested the class's concepts, not these."""
-    versus = explanation.extra.get("versus") or {}
-    if not versus.get("neurons") or not explanation.versus_neurons:
+    if not explanation.versus_neurons:  # None without --versus, [] when skipped or none positive
         return None
+    versus = explanation.extra["versus"]
     offline = " · named offline" if any(n.offline for n in explanation.versus_neurons) else ""
     head = f"rather than {versus['class']} ({percent(versus['probability'])}){offline}"  # the class's panel names A
     return _panel(image_uint8, explanation.versus_neurons, versus_palette(explanation), head, size,

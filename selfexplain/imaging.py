@@ -287,9 +287,10 @@ def square_resize(gray: Image.Image, size: int) -> np.ndarray:
         # pen: 1111 -> 224 uses k=5, 1111 -> 112 uses k=13). Thinner and they fade to light
         # grey when averaged; thicker and nearby strokes merge. A fixed 3 px guess grew a
         # marker's strokes too: a 64 px sketch upscaled to 1024 px fell from 0.98 to 0.75.
-        k = 2 * max(0, round((STROKE_OUT_PX * ratio - stroke_width(np.asarray(gray))) / 2)) + 1
+        pixels = np.asarray(gray)
+        k = 2 * max(0, round((STROKE_OUT_PX * ratio - stroke_width(pixels)) / 2)) + 1
         if k > 1:
-            gray = Image.fromarray(_thicken(np.asarray(gray), k), mode="L")
+            gray = Image.fromarray(_thicken(pixels, k), mode="L")
     if width != height:
         canvas = Image.new("L", (side, side), 255)
         canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
