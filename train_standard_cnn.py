@@ -2,8 +2,8 @@
 
 Usage
 -----
-    python train_standard_cnn.py                                  # synthetic sketches, ~2 min on 2 CPU cores
-    python train_standard_cnn.py --epochs=8                       # what `make demo` runs (~2.5 min, test 0.994)
+    python train_standard_cnn.py                                  # synthetic sketches, ~2 min on 2 EPYC cores (Xeon: 4-7)
+    python train_standard_cnn.py --epochs=8                       # what `make demo` runs (~2.5 min on the EPYC, test 0.994)
     python train_standard_cnn.py --dataset=tu-berlin --image_size=224 --epochs=30 --batch_size=128 --lr=3e-3 --pretrained=True
     python train_standard_cnn.py --dataset=folder --data_root=my_sketches
     python train_standard_cnn.py --layer4_stride=2                # torchvision's layer4: 2x2 map at 64 px
@@ -43,7 +43,7 @@ IMAGE_SIZE = 64                # side of the square input (multiple of 32); 224 
 LAYER4_STRIDE = 1              # 1: layer4 map H/16 (4x4 at 64 px, 14x14 at 224); 2: H/32 (torchvision's)
 CACHE_DIR = artifacts.CACHE_DIR  # decoded uint8 image cache, keyed by source and size
 OUT_DIR = artifacts.CLASSIFIER_DIR  # where checkpoints, metrics and logs go
-EPOCHS = 6                     # passes over the training split (~2 min on 2 cores, test 0.990; `make demo` trains 8: 0.994)
+EPOCHS = 6                     # passes over the training split (~2 min on 2 EPYC cores, test 0.990; `make demo` trains 8: 0.994)
 BATCH_SIZE = 64                # images per optimiser micro-batch (per process under DDP)
 ACCUM_STEPS = 1                # micro-batches per optimiser step (gradient accumulation)
 LR = 5e-3                      # peak AdamW learning rate

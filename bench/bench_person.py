@@ -41,6 +41,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_explain import cited_and_random, load_best_parts  # noqa: E402
 from bench.person_sketches import LAYOUTS, PENS, person_set  # noqa: E402
+from bench.run_all import machine  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain  # noqa: E402
 from selfexplain.concept_measures import part_boxes, pointing_game  # noqa: E402
@@ -89,7 +90,7 @@ def table(sketches: list, predicted: np.ndarray, size: int, ckpt_path: str) -> l
     lines = [f"## A person's drawing: second-renderer accuracy ({size} px, `{ckpt_path}`)", "",
              f"{len(sketches) // len(LAYOUTS) // len(CLASS_NAMES)} sketches per class and layout, "
              f"clean shapes drawn at 1111 px by `bench/person_sketches.py` (pens {', '.join(map(str, PENS))} px), "
-             f"decoded to {size} px; chance {1 / len(CLASS_NAMES):.3f}.", "",
+             f"decoded to {size} px; chance {1 / len(CLASS_NAMES):.3f}. Measured on {machine()}.", "",
              "| layout | sketches | accuracy | " + " | ".join(f"pen {p} px" for p in PENS)
              + " | most predicted class (share) |",
              "|---|---:|---:|" + "---:|" * len(PENS) + "---|"]
@@ -174,7 +175,7 @@ def evaluate_agreement(cfg, models: explain.Models, best_part: dict[int, str], s
             cited, sets = cited_and_random(models, analysis, b, cls, cfg, np.random.default_rng([cfg.SEED, start + b]))
             maps = evidence.token_maps(analysis, b, cited).reshape(len(cited), -1)
             record = dict(sketch_agreement(cited, sets, best_part, s.parts, maps, analysis.hw, models.image_size),
-                          layout=s.layout, correct=cls == s.label)
+                          layout=s.layout, pen=s.pen, correct=cls == s.label)
             if cited:
                 drops = evidence.input_deletion(models, s.image, analysis, b, cited, cls, sets, cfg.INK_SHARE)
                 record.update(ink_cited=drops["input_cited_drop"], ink_random=drops["input_random_drop"],
@@ -199,7 +200,7 @@ def summarise_agreement(records: list[dict]) -> dict:
 
 
 def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
-    """Markdown: concept agreement per layout, for the correctly classified sketches, and overall."""
+    """Markdown: concept agreement per layout, per pen, for the correctly classified sketches, and overall."""
     lines = ["", f"Concept agreement of the explanation (`{cfg.SAE_CKPT}`, `{cfg.REPORT_DIR}`): the {cfg.N_CITE} "
              f"cited neurons (top positive contributions to the predicted logit) against {cfg.RANDOM_DRAWS} random "
              "sets of as many active neurons; a neuron stands for its *best part* (stage 3's match on the training "
@@ -211,7 +212,9 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
              "drawn parts covered: cited | random active | pointing: hit | chance | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups = [(layout, [r for r in records if r["layout"] == layout]) for layout in LAYOUTS]
+    groups += [(f"pen {pen} px", [r for r in records if r["pen"] == pen]) for pen in PENS]  # width: what decoding changes
     groups += [("correctly classified", [r for r in records if r["correct"]]), ("all", records)]
+    groups = [(name, rs) for name, rs in groups if rs]  # a small --n_per_class leaves pens undrawn
     for name, rs in groups:
         f = summarise_agreement(rs)
         lines.append(f"| {name} | {f['explained']} | {f['n_cited']:.2f} | {f['part_cited']:.3f} | "

@@ -59,7 +59,8 @@ def main(**overrides) -> None:
         subprocess.run([sys.executable, *BENCHES[name].split()], cwd=ROOT, check=True)
     parts = ["# Benchmark results", "", machine_line(cfg.RUN), "",
              "Each generated table is rewritten by `make bench` (bench/run_all.py); ratios are measured side by side in one "
-             "run. Notes (`bench/results/*_notes.md`: earlier measurements, settings compared by hand) are kept as "
+             "run. A section that names its own machine was measured there (a bench rerun alone on another machine). "
+             "Notes (`bench/results/*_notes.md`: earlier measurements, settings compared by hand) are kept as "
              "written.", ""]
     for name in SECTIONS:
         for path in (ROOT / "bench" / "results" / f"{name}.md", ROOT / "bench" / "results" / f"{name}_notes.md"):

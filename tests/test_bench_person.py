@@ -94,6 +94,10 @@ def test_bench_person_agreement_table(standins):
     assert float(row[6]) == pytest.approx(circles / 3, abs=1e-3)              # 1 of the 3 drawn parts
     ink = _row(text.split("Input-space evidence on the same drawings")[1], "all")
     assert all(np.isfinite(float(x)) for x in ink[1:4])                        # cited, random, CAM drops measured
+    by_pen = _row(text.split("Concept agreement")[1], f"pen {bench_person.PENS[0]} px")
+    assert by_pen[1] == "36"                     # one sketch per class and layout: all drawn with the first pen
+    assert f"| pen {bench_person.PENS[1]} px |" not in text.split("Concept agreement")[1]  # no empty rows
+    assert "Measured on " in text.split("Concept agreement")[0]                # the machine, named
 
 
 def test_bench_person_skips_agreement_without_a_matching_report(standins):

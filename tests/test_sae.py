@@ -278,6 +278,7 @@ def _val_maps(clf_path, cache_dir):
 def test_train_sae_outputs(tiny_sae, tiny_classifier, cache_dir):
     metrics = json.loads((tiny_sae / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert "training 3 epochs (--min_steps=0 trains exactly EPOCHS)" in capsys.readouterr().err  # how to opt out
     assert (tiny_sae / "config.json").is_file() and (tiny_sae / "last_sae.pt").is_file()
     model, clf, fmap = _val_maps(tiny_classifier / "best.pt", cache_dir)
     sae, ckpt = artifacts.load_sae(tiny_sae / "best_sae.pt", clf)
@@ -396,7 +397,7 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
     assert adam_steps and all(s == 3 * steps for s in adam_steps)
 
 
-def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, cache_dir):
+def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, cache_dir, capsys):
     """MIN_STEPS lengthens EPOCHS on a small token set (and only there); the log says so."""
     import train_sae
 
@@ -406,6 +407,7 @@ def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, ca
     per_epoch = artifacts.load_checkpoint(tmp_path / "one" / "last_sae.pt", "sae")["step"]
     metrics = train_sae.main(**cfg, min_steps=2 * per_epoch + 1, out_dir=str(tmp_path / "more"))
     assert metrics["epochs"] == 3 and len(metrics["history"]) == 3
+    assert "training 3 epochs (--min_steps=0 trains exactly EPOCHS)" in capsys.readouterr().err  # how to opt out
     assert artifacts.load_checkpoint(tmp_path / "more" / "last_sae.pt", "sae")["step"] == 3 * per_epoch
     assert artifacts.read_json(tmp_path / "more" / artifacts.CONFIG)["EPOCHS"] == 3  # the effective config: what ran
     assert artifacts.load_checkpoint(tmp_path / "more" / "best_sae.pt", "sae")["config"]["EPOCHS"] == 3  # was 1
