@@ -39,8 +39,8 @@ import sys
 from pathlib import Path
 
 from selfexplain import artifacts, explain, explain_io, familiarity, prompts, serve
-from selfexplain.config import make_config, module_constants, run_cli
-from selfexplain.distributed import exit_on_sigterm, resolve_device
+from selfexplain.config import BOOL_WORDS, make_config, module_constants, require_ranges, run_cli
+from selfexplain.distributed import exit_on_sigterm, resolve_device, set_threads
 from selfexplain.errors import UserError
 from selfexplain.llm_backends import LLMError, make_backend
 from selfexplain.logs import log
@@ -64,6 +64,7 @@ LLM = False                                # add a one-sentence answer from the 
 BACKEND = "auto"                           # auto | replicate | openai | offline (for --llm)
 MODEL = ""                                 # LLM model ('' = the backend's default)
 DEVICE = "auto"                            # auto | cpu | cuda
+NUM_THREADS = 0                            # CPU intra-op threads (0 = torch default; 1 answers faster when other jobs keep the cores busy)
 SEED = 0                                   # seeds the random faithfulness baseline
 CACHE_DIR = artifacts.CACHE_DIR            # decoded image cache (for test:K images)
 DATA_ROOT = ""                             # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
@@ -114,10 +115,10 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     images = explain_io.as_image_list(images)
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
-    require_report_dir(report_dir)
+    require_report_dir(report_dir, classifier_ckpt, sae_ckpt)
     models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir, settings.get("versus", ""))
     inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
-    judge = familiarity.load_or_fit(models, report_dir, cache_dir).judge if familiar else None
+    judge = familiarity.verdict_judge(models, report_dir, cache_dir) if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
                                           models.device, batch_size, judge=judge, **settings)
     for exp, item in zip(explanations, inputs):
@@ -125,11 +126,19 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     return explanations
 
 
-def require_report_dir(report_dir) -> None:
-    """A missing REPORT_DIR is refused: a typo would explain with unnamed neurons and calibrate into a new folder."""
-    if not Path(report_dir).is_dir():
-        raise UserError(f"REPORT_DIR={report_dir} does not exist: run sae_summarize.py first (it writes the concepts "
-                        "and the atlas there), or create the folder to explain with neurons named by id")
+def require_report_dir(report_dir, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT) -> None:
+    """A missing REPORT_DIR is refused: a typo would explain with unnamed neurons and calibrate into a new folder.
+    The message names the first stage to run (after ``make clean`` that is stage 1, not stage 3)."""
+    if Path(report_dir).is_dir():
+        return
+    missing = [stage for stage, path in (("train_standard_cnn.py", classifier_ckpt), ("train_sae.py", sae_ckpt))
+               if not Path(path).is_file()]
+    if missing:
+        raise UserError(f"REPORT_DIR={report_dir} does not exist, nor {'CLASSIFIER_CKPT' if len(missing) == 2 else 'SAE_CKPT'}"
+                        f"={classifier_ckpt if len(missing) == 2 else sae_ckpt}: run {', '.join(missing)} and "
+                        "sae_summarize.py first (make demo runs the stages on the synthetic sketches)")
+    raise UserError(f"REPORT_DIR={report_dir} does not exist: run sae_summarize.py first (it writes the concepts "
+                    "and the atlas there), or create the folder to explain with neurons named by id")
 
 
 def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
@@ -150,7 +159,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     Returns ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``.
     """
     if explain_io.test_entry(pil_or_path) is not None:
-        require_report_dir(report_dir)  # the sketch is saved there: a typo would create a folder
+        require_report_dir(report_dir, classifier_ckpt, sae_ckpt)  # the sketch is saved there: a typo would create a folder
         models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
         pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image
     return explain.top_neuron_ids_for_image(pil_or_path, classifier_ckpt, sae_ckpt, N, percentile, agg, device)
@@ -162,7 +171,9 @@ def main(**overrides) -> list[dict]:
     active = explain.MostActive(cfg.TOP_ACTIVE, cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,
                                        input_check=not cfg.FAST, ink_share=cfg.INK_SHARE, versus=cfg.VERSUS)
-    require_report_dir(cfg.REPORT_DIR)
+    require_ranges(cfg, {"NUM_THREADS": (0, None)})
+    require_report_dir(cfg.REPORT_DIR, cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT)
+    set_threads(cfg.NUM_THREADS)
     if cfg.SERVE:
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
                          cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
@@ -175,7 +186,7 @@ def main(**overrides) -> list[dict]:
         log(f"skipped: {reason}")
     overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs], [n for _, n, _ in skipped])
                 if cfg.OVERLAY else [None] * len(inputs))  # before the model passes: an overlay onto an input is refused
-    judge = familiarity.load_or_fit(models, cfg.REPORT_DIR, cfg.CACHE_DIR).judge if cfg.FAMILIARITY else None
+    judge = familiarity.verdict_judge(models, cfg.REPORT_DIR, cfg.CACHE_DIR) if cfg.FAMILIARITY else None
     explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
                                           **vars(settings))
@@ -238,12 +249,12 @@ def _join_values(argv: list[str]) -> list[str]:
 
 
 def _looks_like_a_value(arg: str) -> bool:
-    """True, false, yes, no, none or a number: a setting's value, not an image name."""
+    """True, false, yes, no, on, off, none or a number: a setting's value, not an image name."""
     try:
         float(arg)
         return True
     except ValueError:
-        return arg.lower() in ("true", "false", "yes", "no", "none")
+        return arg.lower() in ("true", "false", "none", *BOOL_WORDS)
 
 
 if __name__ == "__main__":

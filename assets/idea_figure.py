@@ -33,7 +33,9 @@ def idea_figure(path: Path) -> None:
     exp = explain.explain_images([sketch], CLASSIFIER_CKPT, SAE_CKPT, REPORT_DIR)[0]
     overlay = explain.render_overlay(sketch, exp, size=384, max_concepts=len(exp.neurons))  # the region the check used
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=130, gridspec_kw={"width_ratios": [1, 1.25, 1.6]})
+    aspect = overlay.width / overlay.height  # the legend makes it taller than wide: a square slot left a gap
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), dpi=130, layout="constrained",
+                             gridspec_kw={"width_ratios": [1, aspect, 2.2]})
     axes[0].imshow(sketch, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title(f"input (true: {images.class_names[int(images.labels[idx])]})", fontsize=10)
     axes[1].imshow(overlay)
@@ -55,6 +57,5 @@ def idea_figure(path: Path) -> None:
     ax.set_title(f"predicted {exp.predicted_class} ({exp.probability:.0%}): logit {exp.logit:.2f} = sum of bars",
                  fontsize=10)
     fig.suptitle(textwrap.fill(exp.sentence.replace("offline: ", ""), 160), fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

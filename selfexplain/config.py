@@ -75,6 +75,9 @@ def constant_comments(source: str) -> dict:
     return comments
 
 
+BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False}  # also read as True/False by a yes/no setting
+
+
 def parse_value(text: str) -> Any:
     """Parse a command-line value as a Python literal, else keep it as a string."""
     lowered = text.strip().lower()
@@ -100,6 +103,10 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if value in (0, 1) and isinstance(value, int):  # `--json 1`, as a shell user writes a switch
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
         raise UserError(f"{name} expects True or False, got {value!r}")
     if isinstance(default, int) and not isinstance(value, bool):
         if isinstance(value, int):
@@ -131,6 +138,15 @@ def closest(key: str, names) -> str | None:
     """The name in ``names`` closest to a mistyped ``key`` (for a 'did you mean' hint), else None."""
     close = difflib.get_close_matches(str(key).lower(), list(names), n=1)
     return close[0] if close else None
+
+
+def require_choice(name: str, value: Any, choices) -> None:
+    """A UserError naming the choices (and the closest one) when ``value`` is not one of ``choices``."""
+    if value in choices:
+        return
+    close = closest(value, choices) if isinstance(value, str) else None
+    hint = f"; did you mean '{close}'?" if close else ""
+    raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
 
 
 def make_config(defaults: dict, overrides: dict | None = None) -> Config:

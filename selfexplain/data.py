@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import CACHE_DIR, read_json, remove_path, remove_stale_builds, write_json
+from .config import require_choice
 from .errors import UserError, some
 from .imaging import BadImage, decode_image
 from .logs import log
@@ -60,8 +61,7 @@ class ImageSet:
 
 def dataset_spec(dataset: str, data_root: str | None, image_size: int, **extra) -> dict:
     """The JSON-able description of a dataset that checkpoints record."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown DATASET '{dataset}'; choose one of {', '.join(DATASETS)}")
+    require_choice("DATASET", dataset, DATASETS)
     if image_size < 32 or image_size % 32:
         raise UserError(f"IMAGE_SIZE must be a multiple of 32 and >= 32, got {image_size}")
     spec = {"dataset": dataset, "data_root": data_root, "image_size": int(image_size)}

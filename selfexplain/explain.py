@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import concepts_and_names, report_fingerprint
-from .config import closest, coerce
+from .config import closest, coerce, require_choice
 from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
@@ -79,8 +79,7 @@ class MostActive:
                             f"{self.percentile!r}")
         if not 0 <= self.percentile <= 100 or self.n < 1:
             raise UserError(f"need 0 <= PERCENTILE <= 100 and TOP_ACTIVE (N) >= 1, got {self.percentile}, {self.n}")
-        if self.agg not in AGGS:
-            raise UserError(f"AGG must be one of {', '.join(AGGS)}, got {self.agg!r}")
+        require_choice("AGG", self.agg, AGGS)
 
 
 def _is_int(value) -> bool:

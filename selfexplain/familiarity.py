@@ -198,6 +198,22 @@ def fit(models, cache_dir: str | Path) -> Calibration:
     return calibration
 
 
+def verdict_judge(models, report_dir: str | Path, cache_dir: str | Path):
+    """The calibration's ``judge`` for :func:`explain.explain_images`; None (no verdict, one warning) when the
+    classifier's validation split is too small to calibrate against and no calibration is stored.
+
+    A small dataset is still worth explaining (stage 1 takes 3 images per class); refusing every
+    explanation for want of a reference made users find ``--familiarity=False`` themselves.
+    """
+    stored = Path(report_dir) / FAMILIARITY
+    n_val = len(models.classifier_ckpt["split"]["val"])
+    if n_val < MIN_VAL_IMAGES and not stored.is_file():
+        log(f"warning: no familiarity verdict (familiarity and unfamiliar are null): the classifier's validation "
+            f"split has {n_val} images, the calibration needs at least {MIN_VAL_IMAGES}")
+        return None
+    return load_or_fit(models, report_dir, cache_dir).judge
+
+
 def stored_calibration(path: Path, stored: dict, sae) -> Calibration:
     """:meth:`Calibration.from_json` of ``path``'s object; a field missing or garbled is a UserError."""
     try:

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 from PIL import Image
 
+from .config import require_choice
 from .errors import UserError
 from .logs import log
 from .prompts import OFFLINE_PREFIX, MalformedAnswer, clean_text, ends_inside_think
@@ -591,10 +592,8 @@ def make_backend(name: str = "auto", model: str = "", base_url: str = "", timeou
     image_input : replicate only: ``auto`` (known models), ``image``, ``images`` or ``none``.
     seed : passed to OpenAI-compatible servers, and seeds the jitter.
     """
-    if name not in BACKENDS:
-        raise UserError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if image_input not in IMAGE_INPUTS:
-        raise UserError(f"IMAGE_INPUT must be one of {', '.join(IMAGE_INPUTS)}, got {image_input!r}")
+    require_choice("BACKEND", name, BACKENDS)
+    require_choice("IMAGE_INPUT", image_input, IMAGE_INPUTS)
     if timeout <= 0 or retries < 0 or backoff < 0:
         raise UserError(f"TIMEOUT must be > 0, RETRIES >= 0 and BACKOFF >= 0, got {timeout}, {retries}, {backoff}")
     dotenv = read_dotenv()

@@ -26,6 +26,7 @@ from . import artifacts, data
 from .artifacts import TrainState
 from .distributed import (Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at,
                           main_rank_first, precision_note)
+from .config import require_choice
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
@@ -79,10 +80,8 @@ class SAETrainSettings:
             raise UserError(f"need 0 < TOP_K <= LATENT_DIM, got TOP_K={self.top_k}, LATENT_DIM={self.latent_dim}")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
             raise UserError("BATCH_SIZE must be >= 1, EPOCHS >= 0 and LR > 0")
-        if self.arch not in ARCHS:
-            raise UserError(f"ARCH must be topk or batchtopk, got '{self.arch}'")
-        if self.dead_latents not in DEAD_LATENT_MODES:
-            raise UserError(f"DEAD_LATENTS must be resample, auxk, both or none, got '{self.dead_latents}'")
+        require_choice("ARCH", self.arch, ARCHS)
+        require_choice("DEAD_LATENTS", self.dead_latents, DEAD_LATENT_MODES)
         if self.use_resample and self.arch == "batchtopk":  # revived rows clear θ on many tokens: FVU 0.44 vs 0.03
             raise UserError(f"DEAD_LATENTS={self.dead_latents} resamples, which works with ARCH=topk only: under "
                             "batchtopk the revived latents fire on most tokens (validation FVU 0.44 against 0.03 with "

@@ -34,6 +34,7 @@ import queue
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -67,10 +68,10 @@ class Stopping(Exception):
 
 @dataclass
 class Explainer:
-    """The loaded models, the familiarity calibration and the options every request shares."""
+    """The loaded models, the familiarity judge (None: no verdict) and the options every request shares."""
 
     models: explain.Models
-    calibration: familiarity.Calibration
+    judge: Callable | None
     classifier_ckpt: str
     sae_ckpt: str
     report_dir: str
@@ -99,7 +100,7 @@ class Explainer:
     def answer(self, image) -> dict:
         """One decoded sketch -> the answer object (the model pass, familiarity, the overlay PNG)."""
         exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
-                                     report_dir=self.report_dir, judge=self.calibration.judge, **self.options)[0]
+                                     report_dir=self.report_dir, judge=self.judge, **self.options)[0]
         exp.image = "<upload>"
         out = exp.to_dict()
         out["unfamiliar_note"] = explain.unfamiliar_note(exp)
@@ -346,12 +347,12 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
     try:
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, device), data_root)
         explain.versus_index(models, options["versus"])  # an unknown class fails now, not on every request
-        calibration = familiarity.load_or_fit(models, report_dir, cache_dir)
+        judge = familiarity.verdict_judge(models, report_dir, cache_dir)
     except BaseException:
         server.server_close()
         raise
     server.daemon_threads, server.quiet = True, quiet
-    server.explainer = Explainer(models, calibration, str(classifier_ckpt), str(sae_ckpt), str(report_dir),
+    server.explainer = Explainer(models, judge, str(classifier_ckpt), str(sae_ckpt), str(report_dir),
                                  dict(options, device=models.device))
     return server
 

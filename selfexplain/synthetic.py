@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .config import require_choice
 from .errors import UserError
 
 # Part i is the point (i // 3, i % 3) of AG(2, 3).
@@ -387,7 +388,7 @@ def _layout(class_index: int, image_size: int, canvas: int, factor: int, style: 
         width = max(image_size * rng.uniform(*QUADRANT_STROKE), MIN_STROKE_PX) * factor
         return parts, width, QUADRANT_WOBBLE * canvas
     if style != "varied":
-        raise UserError(f"synthetic style must be one of {', '.join(STYLES)}, got {style!r}")
+        require_choice("SYNTHETIC_STYLE", style, STYLES)
     width = max(image_size * np.exp(rng.uniform(*np.log(STROKE_WIDTH))), MIN_STROKE_PX) * factor
     wobble = rng.uniform(*WOBBLE) * canvas
     return _compose(class_index, canvas, width, wobble, rng), width, wobble

@@ -18,6 +18,27 @@ def test_keys_are_case_insensitive_and_values_parse_as_literals():
     assert cfg.TOP_K == 32 and cfg.LR == 0.5 and cfg.RESUME is True and cfg.ONLY == [1, 2]
 
 
+def test_a_switch_takes_yes_no_on_off_and_1_0_as_a_shell_user_writes_them():
+    for word, value in (("yes", True), ("No", False), ("on", True), ("OFF", False), ("1", True), ("0", False)):
+        assert make_config(DEFAULTS, {"resume": word}).RESUME is value
+    for bad in ("2", "maybe", "0.5"):
+        with pytest.raises(UserError, match="RESUME expects True or False"):
+            make_config(DEFAULTS, {"resume": bad})
+
+
+def test_a_mistyped_choice_names_the_choices_and_the_closest_one():
+    from selfexplain.data import dataset_spec
+    from selfexplain.llm_backends import make_backend
+
+    with pytest.raises(UserError, match=r"BACKEND must be one of auto, replicate, openai, offline, got 'offlne'; "
+                                        r"did you mean 'offline'\?"):
+        make_backend("offlne", "")
+    with pytest.raises(UserError, match=r"DATASET must be one of .*got 'tu_berlin'; did you mean 'tu-berlin'"):
+        dataset_spec("tu_berlin", None, 64)
+    with pytest.raises(UserError, match=r"got 'xyz'$"):  # nothing close: no guess
+        make_backend("xyz", "")
+
+
 def test_string_settings_keep_raw_text():
     assert make_config(DEFAULTS, {"out_dir": "123"}).OUT_DIR == "123"
 

@@ -132,3 +132,30 @@ def test_a_read_only_report_still_gets_a_familiarity_verdict(calibration, models
     fitted = familiarity.load_or_fit(models, tmp_path, cache_dir)
     assert fitted.threshold == pytest.approx(calibration.threshold)
     assert "the calibration is used but not kept" in capsys.readouterr().err
+
+
+def test_a_small_validation_split_explains_without_a_verdict(models, calibration, tmp_path, cache_dir, capsys):
+    """Stage 1 takes 3 images per class; a validation split too small to calibrate against gives no verdict
+    (null, one warning), not a refusal of every explanation; a stored calibration is still used."""
+    from dataclasses import replace
+
+    split = models.classifier_ckpt["split"]
+    small = replace(models, classifier_ckpt={**models.classifier_ckpt, "split": {**split, "val": split["val"][:6]}})
+    assert familiarity.verdict_judge(small, tmp_path, cache_dir) is None
+    assert "no familiarity verdict" in capsys.readouterr().err and not (tmp_path / familiarity.FAMILIARITY).exists()
+    with pytest.raises(UserError, match="needs at least"):  # fitting itself still refuses: no judge from 6 scores
+        familiarity.load_or_fit(small, tmp_path, cache_dir)
+    (tmp_path / familiarity.FAMILIARITY).write_text(json.dumps(calibration.to_json()))
+    assert familiarity.verdict_judge(small, tmp_path, cache_dir) is not None
+
+
+def test_why_did_you_runs_with_a_small_validation_split(tiny_classifier, tiny_sae, cache_dir, tmp_path, monkeypatch,
+                                                        capsys):
+    import why_did_you
+
+    monkeypatch.setattr(familiarity, "MIN_VAL_IMAGES", 10 ** 6)  # every split is "too small"
+    out = why_did_you.main(image="test:0", classifier_ckpt=str(tiny_classifier / artifacts.BEST_CLASSIFIER),
+                           sae_ckpt=str(tiny_sae / artifacts.BEST_SAE), report_dir=str(tmp_path),
+                           cache_dir=str(cache_dir), device="cpu", fast=True)[0]
+    assert (out["familiarity"], out["unfamiliar"]) == (None, None)
+    assert "no familiarity verdict" in capsys.readouterr().err

@@ -281,7 +281,7 @@ def test_requests_still_queued_when_the_server_stops_are_refused(server):
     import queue
     from concurrent.futures import Future
 
-    explainer = serve.Explainer(server.explainer.models, server.explainer.calibration, "", "", "", jobs=queue.Queue())
+    explainer = serve.Explainer(server.explainer.models, server.explainer.judge, "", "", "", jobs=queue.Queue())
     pending = [Future() for _ in range(2)]
     for done in pending:
         explainer.jobs.put((None, done))
