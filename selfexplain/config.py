@@ -78,9 +78,12 @@ def constant_comments(source: str) -> dict:
 BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False}  # also read as True/False by a yes/no setting
 
 
-def parse_value(text: str) -> Any:
-    """Parse a command-line value as a Python literal, else keep it as a string."""
+def parse_value(text: str, switch: bool = False) -> Any:
+    """Parse a command-line value as a Python literal, else keep it as a string; for a ``switch`` (a yes/no
+    setting) yes/no/on/off too, as shell users write them (a notebook's ``fast="no"`` stays refused)."""
     lowered = text.strip().lower()
+    if switch and lowered in BOOL_WORDS:
+        return BOOL_WORDS[lowered]
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):
@@ -105,8 +108,6 @@ def coerce(name: str, value: Any, default: Any) -> Any:
             return value
         if value in (0, 1) and isinstance(value, int):  # `--json 1`, as a shell user writes a switch
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return BOOL_WORDS[value.strip().lower()]
         raise UserError(f"{name} expects True or False, got {value!r}")
     if isinstance(default, int) and not isinstance(value, bool):
         if isinstance(value, int):
@@ -161,7 +162,7 @@ def make_config(defaults: dict, overrides: dict | None = None) -> Config:
             valid = ", ".join(k.lower() for k in defaults)
             raise UserError(f"unknown setting '{key}'; {hint}valid keys: {valid}")
         if isinstance(value, str) and not isinstance(defaults[name], str):
-            value = parse_value(value)
+            value = parse_value(value, switch=isinstance(defaults[name], bool))
         cfg[name] = coerce(name, value, defaults[name])
     return cfg
 

@@ -195,8 +195,10 @@ def test_both_styles_rerender_exactly_and_leave_parts_out(style):
 def test_styles_differ_and_an_unknown_style_is_refused():
     quad, varied = generate_synthetic(1, 48, seed=0), generate_synthetic(1, 48, seed=0, style="varied")
     assert not np.array_equal(quad["images"], varied["images"])
-    with pytest.raises(UserError, match="style"):
+    with pytest.raises(UserError, match="SYNTHETIC_STYLE must be one of .*got 'cubist'"):
         generate_synthetic(1, 48, style="cubist")
+    with pytest.raises(UserError, match="did you mean 'varied'"):
+        generate_synthetic(1, 48, style="varies")
 
 
 def test_fresh_sketches_are_new_drawings_of_the_same_classes_reproducibly():
