@@ -28,7 +28,7 @@ it); the consistency line zeroes the cited neurons in the code, which is true by
 construction and printed only as a check of the arithmetic. Every explanation
 carries a familiarity verdict (the input's percentile among validation sketches, and an
 "unfamiliar" warning when it is unlike them), calibrated once per model pair and stored in
-REPORT_DIR/familiarity.json. With --versus it also explains the margin over another class
+REPORT_DIR/familiarity.json (none with --familiarity=False, or under 20 validation images). With --versus it also explains the margin over another class
 (the runner-up, or one named): a part both classes hold counts for both and cancels, so the
 neurons cited are the ones that tell the two apart.
 """
@@ -131,12 +131,12 @@ def require_report_dir(report_dir, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE
     The message names the first stage to run (after ``make clean`` that is stage 1, not stage 3)."""
     if Path(report_dir).is_dir():
         return
-    missing = [stage for stage, path in (("train_standard_cnn.py", classifier_ckpt), ("train_sae.py", sae_ckpt))
-               if not Path(path).is_file()]
-    if missing:
-        raise UserError(f"REPORT_DIR={report_dir} does not exist, nor {'CLASSIFIER_CKPT' if len(missing) == 2 else 'SAE_CKPT'}"
-                        f"={classifier_ckpt if len(missing) == 2 else sae_ckpt}: run {', '.join(missing)} and "
-                        "sae_summarize.py first (make demo runs the stages on the synthetic sketches)")
+    for name, path, stages in (("CLASSIFIER_CKPT", classifier_ckpt, "train_standard_cnn.py, train_sae.py"),
+                               ("SAE_CKPT", sae_ckpt, "train_sae.py")):  # a new classifier needs a new SAE too
+        if not Path(path).is_file():
+            raise UserError(f"REPORT_DIR={report_dir} does not exist, nor {name} "
+                            f"({artifacts.missing_message(Path(path), None)}): run {stages} and sae_summarize.py "
+                            "first (make demo runs them on the synthetic sketches)")
     raise UserError(f"REPORT_DIR={report_dir} does not exist: run sae_summarize.py first (it writes the concepts "
                     "and the atlas there), or create the folder to explain with neurons named by id")
 
@@ -176,7 +176,8 @@ def main(**overrides) -> list[dict]:
     set_threads(cfg.NUM_THREADS)
     if cfg.SERVE:
         serve.run_server(cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT, cfg.REPORT_DIR, cfg.CACHE_DIR, cfg.HOST, cfg.PORT,
-                         cfg.DEVICE, data_root=cfg.DATA_ROOT, **vars(settings))  # the --json object, as the CLI
+                         cfg.DEVICE, data_root=cfg.DATA_ROOT, familiar=cfg.FAMILIARITY,
+                         **vars(settings))  # the --json object, as the CLI
         return []
     entries = explain_io.image_list(cfg.IMAGE)
     backend = make_backend(cfg.BACKEND, cfg.MODEL) if cfg.LLM else None  # a missing key fails before the work

@@ -4,7 +4,8 @@ Every script keeps its settings as an UPPER_CASE constants block with a short
 comment per line. This module turns that block into a config:
 
 * ``python SCRIPT.py --key=value``: ``key`` is a constant's name, case-insensitive;
-  values parse as Python literals, else as strings.
+  values parse as Python literals, else as strings; a yes/no setting also takes
+  yes/no/on/off and 1/0.
 * ``--config=FILE.yaml`` supplies defaults; command-line keys win.
 * ``main(**overrides)`` takes the same keys, for notebooks.
 * ``--help`` lists every constant with its comment and default.
@@ -80,7 +81,9 @@ BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False}  # also read a
 
 def parse_value(text: str, switch: bool = False) -> Any:
     """Parse a command-line value as a Python literal, else keep it as a string; for a ``switch`` (a yes/no
-    setting) yes/no/on/off too, as shell users write them (a notebook's ``fast="no"`` stays refused)."""
+    setting) yes/no/on/off too, as shell users write them. Strings reach it from the command line, YAML and
+    ``main(**overrides)``; the notebook functions' keyword arguments are checked by :func:`coerce` alone, so
+    ``explain_image(..., input_check="no")`` is still refused."""
     lowered = text.strip().lower()
     if switch and lowered in BOOL_WORDS:
         return BOOL_WORDS[lowered]
@@ -106,9 +109,9 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
-        if value in (0, 1) and isinstance(value, int):  # `--json 1`, as a shell user writes a switch
+        if type(value) is int and value in (0, 1):  # `--json 1`, as a shell user writes a switch
             return bool(value)
-        raise UserError(f"{name} expects True or False, got {value!r}")
+        raise UserError(f"{name} expects True or False (or yes/no, on/off, 1/0), got {value!r}")
     if isinstance(default, int) and not isinstance(value, bool):
         if isinstance(value, int):
             return value

@@ -25,11 +25,13 @@ fitted on the training split, scales and threshold on validation, so test rates 
 
 The calibration lives in ``REPORT_DIR/familiarity.json`` with the fingerprints of the
 classifier and SAE it was computed for; :func:`load_or_fit` refits it when it is missing
-or belongs to other models.
+or belongs to other models. :func:`verdict_judge` (what stage 5 calls) gives no verdict
+instead when the validation split is under ``MIN_VAL_IMAGES`` and nothing matching is stored.
 """
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,20 +200,41 @@ def fit(models, cache_dir: str | Path) -> Calibration:
     return calibration
 
 
-def verdict_judge(models, report_dir: str | Path, cache_dir: str | Path):
-    """The calibration's ``judge`` for :func:`explain.explain_images`; None (no verdict, one warning) when the
-    classifier's validation split is too small to calibrate against and no calibration is stored.
+def verdict_judge(models, report_dir: str | Path, cache_dir: str | Path) -> Callable | None:
+    """The calibration's ``judge`` for :func:`explain.explain_images`, or None (no verdict).
 
-    A small dataset is still worth explaining (stage 1 takes 3 images per class); refusing every
-    explanation for want of a reference made users find ``--familiarity=False`` themselves.
+    None, with one warning, when the classifier's validation split is too small to calibrate
+    against and REPORT_DIR holds no calibration for these models (a leftover one for other models
+    cannot be refitted). A small dataset is still worth explaining (stage 1 takes 3 images per
+    class): refusing every explanation made users find ``--familiarity=False`` themselves.
+
+    Parameters
+    ----------
+    models : explain.Models
+    report_dir, cache_dir : stage 3's report (where the calibration is stored) and the image cache.
     """
-    stored = Path(report_dir) / FAMILIARITY
+    require_own_report(models, report_dir)  # never refit, nor explain with, another SAE's report
     n_val = len(models.classifier_ckpt["split"]["val"])
-    if n_val < MIN_VAL_IMAGES and not stored.is_file():
+    if n_val < MIN_VAL_IMAGES and stored_for(models, report_dir) is None:
         log(f"warning: no familiarity verdict (familiarity and unfamiliar are null): the classifier's validation "
-            f"split has {n_val} images, the calibration needs at least {MIN_VAL_IMAGES}")
+            f"split has {n_val} images, the calibration needs at least {MIN_VAL_IMAGES} (--familiarity=False "
+            "skips it without this warning)")
         return None
     return load_or_fit(models, report_dir, cache_dir).judge
+
+
+def stored_for(models, report_dir: str | Path) -> dict | None:
+    """REPORT_DIR's stored calibration object when it was fitted for these models by this version, else None
+    (missing, or stale: another classifier, SAE or score); a file that is not a JSON object is a UserError."""
+    path = Path(report_dir) / FAMILIARITY
+    if not path.is_file():
+        return None
+    stored = read_json(path)
+    if not isinstance(stored, dict):  # a list or a number was an AttributeError's traceback
+        raise UserError(f"{path} is not a familiarity calibration (a JSON object); delete it and rerun")
+    want = (CALIBRATION_VERSION, models.classifier_ckpt["fingerprint"], models.sae_ckpt["fingerprint"])
+    got = (stored.get("version"), stored.get("classifier_fingerprint"), stored.get("sae_fingerprint"))
+    return stored if got == want else None
 
 
 def stored_calibration(path: Path, stored: dict, sae) -> Calibration:
@@ -231,13 +254,10 @@ def load_or_fit(models, report_dir: str | Path, cache_dir: str | Path) -> Calibr
     """
     require_own_report(models, report_dir)  # never refit another SAE's report for these models
     path = Path(report_dir) / FAMILIARITY
-    want = (CALIBRATION_VERSION, models.classifier_ckpt["fingerprint"], models.sae_ckpt["fingerprint"])
+    stored = stored_for(models, report_dir)
+    if stored is not None:
+        return stored_calibration(path, stored, models.sae)
     if path.is_file():
-        stored = read_json(path)
-        if not isinstance(stored, dict):  # a list or a number was an AttributeError's traceback
-            raise UserError(f"{path} is not a familiarity calibration (a JSON object); delete it and rerun")
-        if (stored.get("version"), stored.get("classifier_fingerprint"), stored.get("sae_fingerprint")) == want:
-            return stored_calibration(path, stored, models.sae)
         log(f"{path} belongs to other models or an older score: refitting")
     log("calibrating the familiarity score on the validation split (once per model pair)")
     calibration = fit(models, cache_dir)

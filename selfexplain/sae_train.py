@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data
 from .artifacts import TrainState
+from .config import require_choice
 from .distributed import (Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at,
                           main_rank_first, precision_note)
-from .config import require_choice
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map

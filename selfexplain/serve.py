@@ -334,12 +334,13 @@ def bind(host: str, port: int) -> ThreadingHTTPServer:
 
 def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
                 port: int = 8000, device: str = "auto", quiet: bool = False, data_root: str = "",
-                **options) -> ThreadingHTTPServer:
+                familiar: bool = True, **options) -> ThreadingHTTPServer:
     """Load the models and the familiarity calibration once; return the bound (not yet serving) server.
 
     ``options`` go to :func:`explain.explain_images` on every request (e.g. ``n_cite``); the page always
     shows a contrast (``versus``: the runner-up unless another class is given);
-    ``data_root``: where the classifier's data is now, if it moved (the calibration reads it).
+    ``data_root``: where the classifier's data is now, if it moved (the calibration reads it);
+    ``familiar=False`` gives no familiarity verdict (``--familiarity=False``).
     """
     options = {**options, "versus": options.get("versus") or explain.VERSUS_RUNNER_UP}
     explain.ExplainSettings.from_kwargs(options)  # a wrong name fails now, not as a 400 on every request
@@ -347,7 +348,8 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
     try:
         models = explain.relocated(explain.load_models(classifier_ckpt, sae_ckpt, device), data_root)
         explain.versus_index(models, options["versus"])  # an unknown class fails now, not on every request
-        judge = familiarity.verdict_judge(models, report_dir, cache_dir)
+        explain.require_own_report(models, report_dir)  # another SAE's report fails now, not on every request
+        judge = familiarity.verdict_judge(models, report_dir, cache_dir) if familiar else None
     except BaseException:
         server.server_close()
         raise
@@ -358,10 +360,11 @@ def make_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir:
 
 
 def run_server(classifier_ckpt: str, sae_ckpt: str, report_dir: str, cache_dir: str, host: str = "127.0.0.1",
-               port: int = 8000, device: str = "auto", data_root: str = "", **options) -> None:
+               port: int = 8000, device: str = "auto", data_root: str = "", familiar: bool = True,
+               **options) -> None:
     """Serve the draw-and-explain page until Ctrl-C or SIGTERM (``why_did_you.py --serve=True``)."""
     server = make_server(classifier_ckpt, sae_ckpt, report_dir, cache_dir, host, port, device, data_root=data_root,
-                         **options)
+                         familiar=familiar, **options)
     server.explainer.jobs = queue.Queue()
     http_thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     http_thread.start()

@@ -37,6 +37,12 @@ def test_a_mistyped_choice_names_the_choices_and_the_closest_one():
         dataset_spec("tu_berlin", None, 64)
     with pytest.raises(UserError, match=r"got 'xyz'$"):  # nothing close: no guess
         make_backend("xyz", "")
+    import train_sae
+
+    with pytest.raises(UserError, match=r"ARCH must be one of topk, batchtopk, got 'BatchTopK'; did you mean "):
+        train_sae.main(arch="BatchTopK")  # refused before any checkpoint is read
+    with pytest.raises(UserError, match=r"DEAD_LATENTS must be one of .*did you mean 'auxk'"):
+        train_sae.main(dead_latents="auxK")
 
 
 def test_string_settings_keep_raw_text():

@@ -436,12 +436,15 @@ def test_a_missing_report_dir_is_refused_before_anything_is_written(ckpts, image
     assert not typo.exists()
     # after `make clean` nothing exists: name the first stage to run, not stage 3 (then 2, then 1)
     gone = dict(classifier_ckpt=str(tmp_path / "runs" / "best.pt"), sae_ckpt=str(tmp_path / "runs" / "best_sae.pt"))
-    with pytest.raises(UserError, match=r"nor CLASSIFIER_CKPT=.*: run train_standard_cnn.py, train_sae.py and "
-                                        r"sae_summarize.py first \(make demo"):
-        why_did_you.main(image=str(image_dir / "sketch_0.png"), report_dir=str(typo), **gone)
-    with pytest.raises(UserError, match=r"nor SAE_CKPT=.*: run train_sae.py and sae_summarize.py first"):
-        why_did_you.main(image=str(image_dir / "sketch_0.png"), report_dir=str(typo),
-                         **{**gone, "classifier_ckpt": ckpts["classifier_ckpt"]})
+    run = dict(image=str(image_dir / "sketch_0.png"), report_dir=str(typo))
+    with pytest.raises(UserError, match=r"nor CLASSIFIER_CKPT \(.*best.pt not found\): run train_standard_cnn.py, "
+                                        r"train_sae.py and sae_summarize.py first \(make demo"):
+        why_did_you.main(**run, **gone)
+    with pytest.raises(UserError, match=r"nor CLASSIFIER_CKPT .*: run train_standard_cnn.py, train_sae.py"):
+        why_did_you.main(**run, **{**gone, "sae_ckpt": ckpts["sae_ckpt"]})  # the SAE of an old classifier: retrain
+    with pytest.raises(UserError, match=r"nor SAE_CKPT \(.*best_sae.pt not found\): run train_sae.py and "
+                                        r"sae_summarize.py first"):
+        why_did_you.main(**run, **{**gone, "classifier_ckpt": ckpts["classifier_ckpt"]})
 
 
 def test_notebook_explain_image_gives_the_cli_json_object(ckpts, cache_dir, image_dir, tmp_path):
@@ -900,6 +903,7 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
                          (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)
+
 
 def test_num_threads_is_checked_and_set_before_the_models_run(ckpts, image_dir, tmp_path, monkeypatch):
     """Stage 5 takes NUM_THREADS like stages 1-3 (with both cores busy, one thread answered in 0.78 s against

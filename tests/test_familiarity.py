@@ -145,6 +145,9 @@ def test_a_small_validation_split_explains_without_a_verdict(models, calibration
     assert "no familiarity verdict" in capsys.readouterr().err and not (tmp_path / familiarity.FAMILIARITY).exists()
     with pytest.raises(UserError, match="needs at least"):  # fitting itself still refuses: no judge from 6 scores
         familiarity.load_or_fit(small, tmp_path, cache_dir)
+    stale = {**calibration.to_json(), "sae_fingerprint": "another sae"}  # left by a report's earlier models
+    (tmp_path / familiarity.FAMILIARITY).write_text(json.dumps(stale))
+    assert familiarity.verdict_judge(small, tmp_path, cache_dir) is None  # not a refit that must refuse
     (tmp_path / familiarity.FAMILIARITY).write_text(json.dumps(calibration.to_json()))
     assert familiarity.verdict_judge(small, tmp_path, cache_dir) is not None
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import ctrl_c_as_in_a_terminal
-from selfexplain import artifacts, data, serve
+from selfexplain import artifacts, data, familiarity, serve
 from selfexplain.errors import UserError
-from selfexplain.imaging import png_bytes
+from selfexplain.imaging import decode_image, png_bytes
 
 CONTRACT = {"image", "predicted_class", "predicted_index", "probability", "top5", "logit", "neurons", "others",
             "bias", "error", "faithfulness", "sentence", "familiarity", "unfamiliar", "overlay_png",
@@ -353,6 +353,28 @@ def test_an_unknown_versus_class_fails_at_start_not_on_every_request(tiny_classi
     with pytest.raises(UserError, match="VERSUS must be"):
         serve.make_server(str(tiny_classifier / "best.pt"), str(tiny_sae / "best_sae.pt"), str(tmp_path),
                           str(cache_dir), port=0, quiet=True, versus="no such class")
+
+
+def test_without_a_verdict_the_page_answers_null_and_another_sae_report_still_fails_at_start(
+        tiny_classifier, tiny_sae, cache_dir, sketches, tmp_path, monkeypatch):
+    """--familiarity=False (and a validation split too small to calibrate) serve answers without a verdict; the
+    report check that the calibration used to make still refuses another SAE's report before serving."""
+    clf, sae = str(tiny_classifier / artifacts.BEST_CLASSIFIER), str(tiny_sae / artifacts.BEST_SAE)
+    srv = serve.make_server(clf, sae, str(tmp_path), str(cache_dir), port=0, device="cpu", quiet=True, familiar=False)
+    try:
+        assert srv.explainer.judge is None and not (tmp_path / artifacts.FAMILIARITY).exists()
+        out = srv.explainer.answer(decode_image(sketches[0], 64))
+        assert (out["familiarity"], out["unfamiliar"], out["unfamiliar_note"]) == (None, None, None)
+    finally:
+        srv.server_close()
+    other = tmp_path / "other"
+    other.mkdir()
+    artifacts.write_json(other / artifacts.SUMMARY, {"sae_fingerprint": "another sae"})
+    monkeypatch.setattr(familiarity, "MIN_VAL_IMAGES", 10 ** 6)  # no calibration is fitted to check it
+    for familiar in (True, False):
+        with pytest.raises(UserError, match="another SAE"):
+            serve.make_server(clf, sae, str(other), str(cache_dir), port=0, device="cpu", quiet=True,
+                              familiar=familiar)
 
 
 def test_a_taken_port_is_a_one_line_error_before_any_model_loads(server, tmp_path):
