@@ -212,7 +212,7 @@ def agreement_table(cfg, records: list[dict], n_described: int) -> list[str]:
              "drawn parts covered: cited | random active | pointing: hit | chance | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups = [(layout, [r for r in records if r["layout"] == layout]) for layout in LAYOUTS]
-    groups += [(f"pen {pen} px", [r for r in records if r["pen"] == pen]) for pen in PENS]  # width: what decoding changes
+    groups += [(f"pen {pen} px", [r for r in records if r["pen"] == pen]) for pen in PENS]  # what decoding acts on
     groups += [("correctly classified", [r for r in records if r["correct"]]), ("all", records)]
     groups = [(name, rs) for name, rs in groups if rs]  # a small --n_per_class leaves pens undrawn
     for name, rs in groups:
