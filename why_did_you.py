@@ -28,9 +28,10 @@ it); the consistency line zeroes the cited neurons in the code, which is true by
 construction and printed only as a check of the arithmetic. Every explanation
 carries a familiarity verdict (the input's percentile among validation sketches, and an
 "unfamiliar" warning when it is unlike them), calibrated once per model pair and stored in
-REPORT_DIR/familiarity.json (none with --familiarity=False, or under 20 validation images). With --versus it also explains the margin over another class
-(the runner-up, or one named): a part both classes hold counts for both and cancels, so the
-neurons cited are the ones that tell the two apart.
+REPORT_DIR/familiarity.json (none with --familiarity=False, or under 20 validation images).
+With --versus it also explains the margin over another class (the runner-up, or one
+named): a part both classes hold counts for both and cancels, so the neurons cited are the
+ones that tell the two apart.
 """
 from __future__ import annotations
 
