@@ -324,13 +324,25 @@ def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> 
     n = n_train // world_size // s.batch_size
     n = n if s.max_batches <= 0 else min(s.max_batches, n)
     if n < s.accum_steps:
+        fits = n_train // world_size // s.accum_steps  # the largest BATCH_SIZE that makes one step
+        advice = ("raise MAX_BATCHES to ACCUM_STEPS or more" if 0 < s.max_batches < s.accum_steps else
+                  f"lower --batch_size to {fits} or less (--batch_size={few_steps_batch_size(fits)} makes about four "
+                  "steps per epoch)" if fits >= 2 else "add images or lower ACCUM_STEPS")
         raise UserError(f"the training split has {n_train} images ({world_size} process(es), MAX_BATCHES="
                         f"{s.max_batches}): too few for one optimiser step of BATCH_SIZE={s.batch_size} x "
-                        f"ACCUM_STEPS={s.accum_steps}")
+                        f"ACCUM_STEPS={s.accum_steps}; {advice}")
     return n
 
 
 FEW_STEPS = 20  # optimiser steps per epoch below which the log suggests a smaller BATCH_SIZE
+
+
+def few_steps_batch_size(fits: int) -> int:
+    """A power-of-two BATCH_SIZE (at least 2: BatchNorm) that makes about four steps of ``fits`` images."""
+    size = 2
+    while size * 2 * 4 <= fits:
+        size *= 2
+    return size
 
 
 def steps_note(n_train: int, batches_per_epoch: int, s: ClassifierTrainSettings, world_size: int) -> str:

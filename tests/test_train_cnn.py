@@ -477,6 +477,18 @@ def test_the_log_gives_steps_per_epoch_and_the_images_full_batches_leave_out():
     assert note == "90 optimiser steps per epoch (BATCH_SIZE=64 x ACCUM_STEPS=1)"
 
 
+def test_too_few_images_for_one_step_says_which_batch_size_fits():
+    """3 classes x 15 images leave 33 for training: BATCH_SIZE=64 makes no step; the error names a size that does."""
+    with pytest.raises(UserError, match=r"too few for one optimiser step of BATCH_SIZE=64 x ACCUM_STEPS=1; lower "
+                                        r"--batch_size to 33 or less \(--batch_size=8 makes about four steps"):
+        ct.epoch_batches(33, ct.ClassifierTrainSettings("run", batch_size=64), 1)
+    assert 33 // ct.few_steps_batch_size(33) == 4 and ct.few_steps_batch_size(3) == 2
+    with pytest.raises(UserError, match="add images or lower ACCUM_STEPS"):
+        ct.epoch_batches(3, ct.ClassifierTrainSettings("run", batch_size=4, accum_steps=2), 1)
+    with pytest.raises(UserError, match="raise MAX_BATCHES to ACCUM_STEPS or more"):
+        ct.epoch_batches(5760, ct.ClassifierTrainSettings("run", batch_size=64, accum_steps=4, max_batches=2), 1)
+
+
 def test_a_cached_folder_still_names_its_unreadable_images(tmp_path, capsys):
     import train_standard_cnn as stage1
     from hf_fixtures import make_image_folder
