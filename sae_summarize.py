@@ -111,6 +111,8 @@ def main(**overrides) -> dict:
             f"threshold on {len(indices)} training images (a class preference needs {report.MIN_SUPPORT} of one "
             f"class): lowered to {quantile:.4g} so that about {len(indices) * (1 - quantile):.0f} are (at least "
             f"{summarize.QUANTILE_FLOOR}; --min_on_images=0 keeps it)")
+    if note := report.thin_classes_note(labels, imageset.class_names):
+        log(note)
     cfg = Config({**cfg, "QUANTILE": quantile})  # the effective value: config.json and summary.json record what ran
     run = dict(batch_size=cfg.BATCH_SIZE, amp=cfg.AMP)
     acts = summarize.collect(inputs, indices, **run, cache_mb=cfg.FEATURE_CACHE_MB)

@@ -326,7 +326,7 @@ def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> 
     if n < s.accum_steps:
         fits = n_train // world_size // s.accum_steps  # the largest BATCH_SIZE that makes one step
         advice = ("raise MAX_BATCHES to ACCUM_STEPS or more" if 0 < s.max_batches < s.accum_steps else
-                  f"lower --batch_size to {fits} or less (--batch_size={few_steps_batch_size(fits)} makes about four "
+                  f"lower --batch_size to {fits} or less (--batch_size={data.few_steps_batch_size(fits)} makes about four "
                   "steps per epoch)" if fits >= 2 else "add images or lower ACCUM_STEPS")
         raise UserError(f"the training split has {n_train} images ({world_size} process(es), MAX_BATCHES="
                         f"{s.max_batches}): too few for one optimiser step of BATCH_SIZE={s.batch_size} x "
@@ -335,14 +335,7 @@ def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> 
 
 
 FEW_STEPS = 20  # optimiser steps per epoch below which the log suggests a smaller BATCH_SIZE
-
-
-def few_steps_batch_size(fits: int) -> int:
-    """A power-of-two BATCH_SIZE (at least 2: BatchNorm) that makes about four steps of ``fits`` images."""
-    size = 2
-    while size * 2 * 4 <= fits:
-        size *= 2
-    return size
+SMALL_SPLIT = 100  # val/test images below which the final accuracies are given as counts too
 
 
 def steps_note(n_train: int, batches_per_epoch: int, s: ClassifierTrainSettings, world_size: int) -> str:
@@ -353,8 +346,9 @@ def steps_note(n_train: int, batches_per_epoch: int, s: ClassifierTrainSettings,
     if n_train - used > 0.1 * n_train:
         why = f"MAX_BATCHES={s.max_batches}" if s.max_batches > 0 else "full batches only"
         note += f"; {n_train - used} of {n_train} training images sit out each epoch ({why})"
-    if steps < FEW_STEPS:
-        note += "; few steps: a smaller --batch_size learns more per epoch"
+    if steps < FEW_STEPS:  # at BATCH_SIZE 2 (BatchNorm's floor) only more epochs help
+        note += ("; few steps: a smaller --batch_size learns more per epoch" if s.batch_size > 2 else
+                 "; few steps: more --epochs (or more images) let it learn more")
     return note
 
 
@@ -466,9 +460,17 @@ def finish(run: ClassifierData, state: TrainState, settings: ClassifierTrainSett
                "world_size": runtime.world_size, "device": str(runtime.device)}
     if runtime.is_main:
         artifacts.write_json(out / artifacts.METRICS, metrics)
-    runtime.log(f"best epoch {ckpt['epoch']}: val_acc {val['accuracy']:.4f} test_acc {test['accuracy']:.4f} "
-                f"-> {out / artifacts.BEST_CLASSIFIER}")
+    runtime.log(f"best epoch {ckpt['epoch']}: val_acc {accuracy_text(val['accuracy'], len(split['val']))} "
+                f"test_acc {accuracy_text(test['accuracy'], len(split['test']))} -> {out / artifacts.BEST_CLASSIFIER}")
     return metrics
+
+
+def accuracy_text(accuracy: float, n_images: int) -> str:
+    """``0.9944``, or ``0.5000 (1 of 2 images)`` on a split under SMALL_SPLIT images: four decimals of two
+    images read like a measurement."""
+    if n_images >= SMALL_SPLIT:
+        return f"{accuracy:.4f}"
+    return f"{accuracy:.4f} ({round(accuracy * n_images)} of {n_images} images)"
 
 
 def _log_tensorboard(writer, row: dict, val: dict, epoch: int) -> None:

@@ -359,6 +359,15 @@ def standardise_ink(ink: torch.Tensor, prep: dict) -> torch.Tensor:
     return (ink - prep["mean"]) / prep["std"]
 
 
+def few_steps_batch_size(fits: int) -> int:
+    """A power-of-two batch size, at least 2 (BatchNorm; an SAE's tokens too), that makes about four steps
+    of ``fits`` items: the advice of a refusal that the data cannot fill one batch (stages 1 and 2)."""
+    size = 2
+    while size * 2 * 4 <= fits:
+        size *= 2
+    return size
+
+
 def batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,
             shuffle: bool = False, seed: int = 0, drop_last: bool = False,
             start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:

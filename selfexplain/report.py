@@ -134,6 +134,18 @@ def _rounded(x) -> float | None:
 MIN_SUPPORT = 5  # images of its top class above τ before a neuron's class preference counts as clear
 
 
+def thin_classes_note(labels: np.ndarray, class_names: list[str]) -> str | None:
+    """A log line naming the classes with under MIN_SUPPORT summarised images (no neuron can be labelled
+    typical of them: "no clear class preference" there is arithmetic, not a finding), else None."""
+    counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+    thin = [f"{name} ({n})" for name, n in zip(class_names, counts) if n < MIN_SUPPORT]
+    if not thin:
+        return None
+    return (f"{len(thin)} of {len(class_names)} classes have under {MIN_SUPPORT} training images here: "
+            f"{', '.join(thin[:8])}{' ...' if len(thin) > 8 else ''}; no neuron can be labelled typical of them "
+            "(a class preference needs that many images of the class above the threshold)")
+
+
 def has_clear_class(rec: dict, weak_pmi: float = 0.5) -> bool:
     """A live neuron whose most specific class reaches PMI ``weak_pmi`` on at least ``MIN_SUPPORT`` images.
 

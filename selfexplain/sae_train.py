@@ -178,8 +178,10 @@ def steps_per_epoch(store: TokenStore, batch_size: int, runtime: Runtime) -> int
                                 runtime).item())  # the same figure on every rank: the same error everywhere
     if fewest < batch_size:
         where = " per process" if runtime.world_size == 1 else f" of the smallest of {runtime.world_size} processes' shares"
-        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {fewest} training tokens{where}: lower "
-                        "--batch_size" + (" or use fewer processes" if runtime.world_size > 1 else ""))
+        advice = (f"lower --batch_size to {fewest} or less (--batch_size={data.few_steps_batch_size(fewest)} makes "
+                  "about four steps per epoch)" if fewest >= 2 else "add images")
+        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {fewest} training tokens{where}: {advice}"
+                        + (" or use fewer processes" if runtime.world_size > 1 else ""))
     return fewest // batch_size
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import unicodedata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -120,7 +121,20 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     if not class_names:
         raise UserError(f"DATA_ROOT={root} has no class sub-folders with images "
                         f"(expected DATA_ROOT/<class name>/*.png, extensions {', '.join(IMAGE_EXTENSIONS)})")
+    _refuse_look_alike_names(class_names, root)
     return files, labels, class_names
+
+
+def _refuse_look_alike_names(class_names: list[str], root: Path) -> None:
+    """Two class folders whose names differ only in Unicode form ('café' typed, 'café' from macOS: NFC and NFD)
+    print alike everywhere: the classifier would split one class in two and --versus pick one by its bytes."""
+    seen: dict[str, str] = {}
+    for name in class_names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            raise UserError(f"DATA_ROOT={root} has two class folders named {name!r} and {seen[key]!r}: the same name "
+                            "in two Unicode forms (NFC and NFD); merge or rename one")
+        seen[key] = name
 
 
 def _damaged(rel: str, exc: BaseException, dataset: str, where: str = "") -> UserError:

@@ -595,3 +595,17 @@ def test_best_sae_is_the_epoch_with_the_lowest_validation_fvu(tiny_classifier, t
     assert artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")["epoch"] == 3
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["best_epoch"] == 2 and metrics["val_fvu"] == 0.3
+
+
+def test_too_few_tokens_for_a_batch_names_a_batch_size_that_fits():
+    from types import SimpleNamespace
+
+    from selfexplain.distributed import Runtime
+
+    cpu = Runtime(torch.device("cpu"))
+    with pytest.raises(UserError, match=r"BATCH_SIZE=512 is larger than the 128 training tokens per process: lower "
+                                        r"--batch_size to 128 or less \(--batch_size=32 makes about four steps"):
+        st.steps_per_epoch(SimpleNamespace(n_tokens=128), 512, cpu)  # 2 classes x 6 images at 64 px
+    assert st.steps_per_epoch(SimpleNamespace(n_tokens=128), 32, cpu) == 4
+    with pytest.raises(UserError, match=r"the 0 training tokens per process: add images$"):
+        st.steps_per_epoch(SimpleNamespace(n_tokens=0), 512, cpu)

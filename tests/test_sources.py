@@ -440,3 +440,12 @@ def test_stage_1_records_the_data_folder_as_an_absolute_path(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cfg = make_config(module_constants(vars(train_standard_cnn)), {"dataset": "parquet", "data_root": "mine"})
     assert train_standard_cnn.build_spec(cfg)["data_root"] == str(tmp_path / "mine")
+
+
+def test_class_folders_named_alike_in_two_unicode_forms_are_refused(tmp_path):
+    """'café' typed (NFC) and 'café' from a Mac (NFD) print alike: two classes of one name split the class."""
+    make_image_folder(tmp_path, ["caf\u00e9", "cafe\u0301", "tea"], n_per_class=3, clutter=False)
+    with pytest.raises(UserError, match="two class folders named .*the same name in two Unicode forms"):
+        describe_source("folder", str(tmp_path))
+    make_image_folder(tmp_path / "ok", ["caf\u00e9", "tea"], n_per_class=3, clutter=False)
+    assert describe_source("folder", str(tmp_path / "ok"))["class_names"] == ["caf\u00e9", "tea"]

@@ -402,3 +402,12 @@ def test_quantile_is_lowered_so_that_small_data_keeps_class_statistics():
     assert summarize.effective_quantile(0.99, 160, 0) == 0.99                   # MIN_ON_IMAGES=0: kept
     assert summarize.effective_quantile(0.99, 21, 20) == summarize.QUANTILE_FLOOR == 0.8  # not 0.05: "on" stays rare
     assert summarize.effective_quantile(0.7, 160, 20) == 0.7                    # never raised
+
+
+def test_classes_too_thin_for_a_class_preference_are_named():
+    """On 2 classes x 4 training images no neuron can be 'typical of' a class: the log says so, it is not a finding."""
+    from selfexplain import report as report_module
+
+    note = report_module.thin_classes_note(np.array([0, 0, 0, 0, 1, 1, 1, 1, 1]), ["hot dog", "café"])
+    assert note.startswith("1 of 2 classes have under 5 training images here: hot dog (4);")
+    assert report_module.thin_classes_note(np.repeat([0, 1], 5), ["a", "b"]) is None

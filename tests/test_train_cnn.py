@@ -482,7 +482,10 @@ def test_too_few_images_for_one_step_says_which_batch_size_fits():
     with pytest.raises(UserError, match=r"too few for one optimiser step of BATCH_SIZE=64 x ACCUM_STEPS=1; lower "
                                         r"--batch_size to 33 or less \(--batch_size=8 makes about four steps"):
         ct.epoch_batches(33, ct.ClassifierTrainSettings("run", batch_size=64), 1)
-    assert 33 // ct.few_steps_batch_size(33) == 4 and ct.few_steps_batch_size(3) == 2
+    assert 33 // data.few_steps_batch_size(33) == 4 and data.few_steps_batch_size(3) == 2
+    tiny = ct.ClassifierTrainSettings("run", batch_size=2)  # BatchNorm's floor: advise epochs, not a smaller batch
+    assert ct.steps_note(8, ct.epoch_batches(8, tiny, 1), tiny, 1).endswith("few steps: more --epochs (or more images) "
+                                                                          "let it learn more")
     with pytest.raises(UserError, match="add images or lower ACCUM_STEPS"):
         ct.epoch_batches(3, ct.ClassifierTrainSettings("run", batch_size=4, accum_steps=2), 1)
     with pytest.raises(UserError, match="raise MAX_BATCHES to ACCUM_STEPS or more"):
@@ -595,3 +598,8 @@ def test_accumulated_micro_batches_skip_the_ddp_all_reduce():
                    prep={"mean": 0.0, "std": 1.0}, runtime=Runtime(device=torch.device("cpu")), state=state,
                    total_steps=10, generator=torch.Generator().manual_seed(0))
     assert model.calls == [1, 1, 2, 2] and state.step == 2  # micro-batches 1 and 3 ran locally; 2 steps taken
+
+
+def test_accuracy_on_a_small_split_is_given_as_a_count_too():
+    assert ct.accuracy_text(0.5, 2) == "0.5000 (1 of 2 images)"  # not a measurement to four decimals
+    assert ct.accuracy_text(0.99444, 720) == "0.9944"
