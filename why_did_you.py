@@ -65,7 +65,7 @@ LLM = False                                # add a one-sentence answer from the 
 BACKEND = "auto"                           # auto | replicate | openai | offline (for --llm)
 MODEL = ""                                 # LLM model ('' = the backend's default)
 DEVICE = "auto"                            # auto | cpu | cuda
-NUM_THREADS = 0                            # CPU intra-op threads (0 = torch default; 1 answers faster when other jobs keep the cores busy)
+NUM_THREADS = 0                            # CPU intra-op threads (0 = torch default; 1 is faster on busy cores)
 SEED = 0                                   # seeds the random faithfulness baseline
 CACHE_DIR = artifacts.CACHE_DIR            # decoded image cache (for test:K images)
 DATA_ROOT = ""                             # the classifier's data, if it moved since stage 1 ('' = where stage 1 read it; the same images are required)
@@ -160,7 +160,7 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     Returns ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``.
     """
     if explain_io.test_entry(pil_or_path) is not None:
-        require_report_dir(report_dir, classifier_ckpt, sae_ckpt)  # the sketch is saved there: a typo would create a folder
+        require_report_dir(report_dir, classifier_ckpt, sae_ckpt)  # the sketch is saved there: no typo'd folder
         models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)
         pil_or_path = explain_io.read_input(pil_or_path, models, cache_dir, report_dir).image
     return explain.top_neuron_ids_for_image(pil_or_path, classifier_ckpt, sae_ckpt, N, percentile, agg, device)

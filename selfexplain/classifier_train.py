@@ -325,9 +325,10 @@ def epoch_batches(n_train: int, s: ClassifierTrainSettings, world_size: int) -> 
     n = n if s.max_batches <= 0 else min(s.max_batches, n)
     if n < s.accum_steps:
         fits = n_train // world_size // s.accum_steps  # the largest BATCH_SIZE that makes one step
-        advice = ("raise MAX_BATCHES to ACCUM_STEPS or more" if 0 < s.max_batches < s.accum_steps else
-                  f"lower --batch_size to {fits} or less (--batch_size={data.few_steps_batch_size(fits)} makes about four "
-                  "steps per epoch)" if fits >= 2 else "add images or lower ACCUM_STEPS")
+        advice = (f"lower --batch_size to {fits} or less (--batch_size={data.few_steps_batch_size(fits)} makes "
+                  "about four steps per epoch)" if fits >= 2 else "add images or lower ACCUM_STEPS")
+        if 0 < s.max_batches < s.accum_steps:
+            advice = "raise MAX_BATCHES to ACCUM_STEPS or more"
         raise UserError(f"the training split has {n_train} images ({world_size} process(es), MAX_BATCHES="
                         f"{s.max_batches}): too few for one optimiser step of BATCH_SIZE={s.batch_size} x "
                         f"ACCUM_STEPS={s.accum_steps}; {advice}")

@@ -206,14 +206,14 @@ def verdict_judge(models, report_dir: str | Path, cache_dir: str | Path) -> Call
     None, with one warning, when the classifier's validation split is too small to calibrate
     against and REPORT_DIR holds no calibration for these models (a leftover one for other models
     cannot be refitted). A small dataset is still worth explaining (stage 1 takes 3 images per
-    class): refusing every explanation made users find ``--familiarity=False`` themselves.
+    class): refusing every explanation made users find ``--familiarity=False`` themselves. The
+    caller has checked that REPORT_DIR is these models' (``explain.require_own_report``).
 
     Parameters
     ----------
     models : explain.Models
     report_dir, cache_dir : stage 3's report (where the calibration is stored) and the image cache.
     """
-    require_own_report(models, report_dir)  # never refit, nor explain with, another SAE's report
     n_val = len(models.classifier_ckpt["split"]["val"])
     if n_val < MIN_VAL_IMAGES and stored_for(models, report_dir) is None:
         log(f"warning: no familiarity verdict (familiarity and unfamiliar are null): the classifier's validation "
