@@ -105,8 +105,7 @@ def main(**overrides) -> dict:
     with main_rank_first(runtime):  # one download and one decode under DDP; the other ranks read the cache
         imageset = data.load_dataset(resumed["dataset"] if resumed else spec, cfg.CACHE_DIR, progress=runtime.is_main)
     if imageset.skipped:
-        named = ", ".join(item["source"] for item in imageset.skipped[:5]) + (", ..." if len(imageset.skipped) > 5 else "")
-        runtime.log(f"skipped {len(imageset.skipped)} unreadable images: {named} (all listed in metrics.json)")
+        runtime.log(data.skipped_note(imageset))
     if cfg.EPOCHS == 0:  # cache-only run: decode the data, train nothing
         runtime.log(f"EPOCHS=0: {len(imageset)} images cached in {cfg.CACHE_DIR}; nothing trained")
         cleanup(runtime)

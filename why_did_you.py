@@ -228,13 +228,17 @@ def cli(**overrides) -> int:
 
 def shell_argv(argv: list[str]) -> list[str]:
     """``why_did_you.py a.png [b.png ...]`` reads as ``--image=...`` (bare names are the images); so does
-    ``--image a.png``, with a space (it read "--image is given twice"), and ``--json True`` as ``--json=True``
-    (it explained an image named True)."""
+    ``--image a.png``, with a space (it read "--image is given twice"), ``--image=a.png b.png`` as both images
+    (b.png was "arguments look like --key=value"), and ``--json True`` as ``--json=True`` (it explained an
+    image named True)."""
     argv = _join_values(argv)
     images = [a for a in argv if not a.startswith("-")]
-    if not images or any(a.lower().startswith("--image=") for a in argv):
-        return argv  # nothing bare, or both forms: the parser names the stray argument
-    rest = [a for a in argv if a.startswith("-") and a.lower() != "--image"]
+    given = [a for a in argv if a.lower().startswith("--image=")]
+    if not images or len(given) > 1 or (given and given[0].partition("=")[2].lstrip().startswith("[")):
+        return argv  # nothing bare, or a list beside bare names: the parser names the stray argument
+    # --image=a.png b.png: both, in the order given
+    images = [a.partition("=")[2] if a in given else a for a in argv if a in given or not a.startswith("-")]
+    rest = [a for a in argv if a.startswith("-") and a.lower() != "--image" and a not in given]
     return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]
 
 

@@ -144,6 +144,25 @@ def closest(key: str, names) -> str | None:
     return close[0] if close else None
 
 
+CHOICES: dict[str, tuple] = {}  # setting name -> its values, registered by the module that owns them
+
+
+def register_choices(name: str, choices) -> tuple:
+    """Record that setting ``name`` takes one of ``choices`` (:func:`make_config` then reads it case-blind,
+    as it reads the keys: ``--arch=BatchTopK`` is ``batchtopk``); returns ``choices`` as a tuple."""
+    CHOICES[name] = tuple(choices)
+    return CHOICES[name]
+
+
+def canonical_choice(name: str, value: Any, choices) -> Any:
+    """``value``, or the one choice it spells in other case; else the UserError of :func:`require_choice`."""
+    if isinstance(value, str) and value not in choices:
+        folded = [c for c in choices if isinstance(c, str) and c.casefold() == value.strip().casefold()]
+        value = folded[0] if len(folded) == 1 else value
+    require_choice(name, value, choices)
+    return value
+
+
 def require_choice(name: str, value: Any, choices) -> None:
     """A UserError naming the choices (and the closest one) when ``value`` is not one of ``choices``."""
     if value in choices:
@@ -167,6 +186,8 @@ def make_config(defaults: dict, overrides: dict | None = None) -> Config:
         if isinstance(value, str) and not isinstance(defaults[name], str):
             value = parse_value(value, switch=isinstance(defaults[name], bool))
         cfg[name] = coerce(name, value, defaults[name])
+        if name in CHOICES:  # checked as given, before any work (a default is the script's own)
+            cfg[name] = canonical_choice(name, cfg[name], CHOICES[name])
     return cfg
 
 

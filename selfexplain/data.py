@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import CACHE_DIR, read_json, remove_path, remove_stale_builds, write_json
-from .config import require_choice
+from .config import register_choices, require_choice
 from .errors import UserError, some
 from .imaging import BadImage, decode_image
 from .logs import log
@@ -37,7 +37,7 @@ from .sources import describe_source, iter_source
 from .synthetic import GENERATOR_VERSION, generate_synthetic
 from .synthetic import spec_style
 
-DATASETS = ("synthetic", "tu-berlin", "parquet", "folder")
+DATASETS = register_choices("DATASET", ("synthetic", "tu-berlin", "parquet", "folder"))
 CACHE_VERSION = 3  # bump when decoding changes, so old caches are rebuilt (3: strokes thickened by measured width)
 
 
@@ -54,6 +54,7 @@ class ImageSet:
     origins: list | None = None  # synthetic only: per image (class_index, sample_index), for synthetic.rerender
     skipped: list[dict] = field(default_factory=list)  # [{"source", "reason"}]
     spec: dict = field(default_factory=dict)
+    decoded_now: bool = False  # this call decoded the files (and logged each one skipped); else read the cache
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -99,7 +100,7 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
         source = None
     else:
         try:
-            source = describe_source(spec["dataset"], spec["data_root"])
+            source = describe_source(spec["dataset"], spec["data_root"], notes="items_digest" not in spec)
         except UserError as exc:
             if "items_digest" not in spec:  # stage 1's own settings: the message says it all
                 raise
@@ -111,14 +112,27 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
     key_src["version"] = CACHE_VERSION
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"{spec['dataset']}-{spec['image_size']}px-{key}"
-    if not (folder / "meta.json").is_file():
+    decoded_now = not (folder / "meta.json").is_file()
+    if decoded_now:
         _build_cache(spec, source, folder, progress)
         if source is not None:  # synthetic caches of other settings are not older versions
             _note_older_caches(folder)
     imageset = _open_cache(folder, spec)
+    imageset.decoded_now = decoded_now
     if source is not None:
         _check_items(imageset, spec, source)
     return imageset
+
+
+def skipped_note(imageset: ImageSet, shown: int = 5) -> str:
+    """One line on the files a folder's decoding skipped: named when read from the cache, counted only
+    when this run decoded them (each was logged with its reason as it was met)."""
+    n = len(imageset.skipped)
+    head = f"skipped {n} unreadable image{'s' if n != 1 else ''}"
+    if imageset.decoded_now:
+        return f"{head} (named above; all listed in metrics.json)"
+    named = ", ".join(f"{item['source']} ({item['reason']})" for item in imageset.skipped[:shown])
+    return f"{head}: {named}{', ...' if n > shown else ''} (all listed in metrics.json)"
 
 
 def _note_older_caches(folder: Path) -> None:

@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import artifacts, evidence
 from .concepts import concepts_and_names, report_fingerprint
-from .config import closest, coerce, require_choice
+from .config import closest, coerce, register_choices, require_choice
 from .data import model_input, relocate
 from .distributed import resolve_device
 from .errors import UserError
@@ -59,7 +59,7 @@ from .prompts import OFFLINE_PREFIX, concept_name, percent
 from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 from .stats import describe_map
 
-AGGS = ("max", "mean", "sum")  # how a neuron's per-token code becomes one score per image
+AGGS = register_choices("AGG", ("max", "mean", "sum"))  # how a neuron's per-token code becomes one score per image
 MODEL_CACHE_SIZE = 2  # model pairs kept per process (a notebook may switch between two runs)
 _MODEL_CACHE: dict = {}
 
@@ -354,7 +354,8 @@ class Explanation:
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
 
-FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop") + evidence.INPUT_CHECK_KEYS  # the JSON's, in order
+FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop", "random_is_cited") + evidence.INPUT_CHECK_KEYS  # in order
+NO_RANDOM_SET = "none to draw (every active neuron is cited)"  # the random baseline's words when random_is_cited
 
 
 BLANK_ABOVE = 245  # an input with no pixel darker than this has no ink: nothing for a concept to explain
@@ -435,12 +436,14 @@ def faithfulness(models: Models, analysis: Analysis, b: int, pred: int, cited_id
     Returns the ``faithfulness`` fields and the ink the input check removed (None without it).
     """
     if not cited_ids:
-        return {"code_cited_drop": 0.0, "code_random_drop": 0.0}, None
+        return {"code_cited_drop": 0.0, "code_random_drop": 0.0, "random_is_cited": False}, None
     active_ids = torch.nonzero(analysis.z_mean[b] > 0).flatten().cpu().numpy()
     random_sets = random_active_sets(active_ids, len(cited_ids), n_random, rng)
     ablated = ablated_logits(models, analysis, b, [[], cited_ids] + random_sets, pred)
     out = {"code_cited_drop": float(ablated[0] - ablated[1]),
-           "code_random_drop": float(np.mean(ablated[0] - ablated[2:])) if random_sets else 0.0}
+           "code_random_drop": float(np.mean(ablated[0] - ablated[2:])) if random_sets else 0.0,
+           # every active neuron cited: each "random" set is the cited set, so both drops match and say nothing
+           "random_is_cited": bool(len(active_ids) <= len(cited_ids))}
     if image is None:
         return out, None
     drops, removed = evidence.input_deletion(models, image, analysis, b, cited_ids, pred, random_sets, ink_share,
@@ -806,8 +809,9 @@ def evidence_line(faith: dict) -> str | None:
     if "input_cited_drop" not in faith:
         return None
     pixels = f", CAM pixels -{faith['cam_pixels_drop']:.2f}" if faith.get("cam_pixels_drop") is not None else ""
+    random = "random: all cited" if faith.get("random_is_cited") else f"random -{faith['input_random_drop']:.2f}"
     return (f"ink {faith['ink_removed']:.0%} removed: logit -{faith['input_cited_drop']:.2f} "
-            f"(random -{faith['input_random_drop']:.2f}, CAM cells -{faith['cam_drop']:.2f}{pixels})")
+            f"({random}, CAM cells -{faith['cam_drop']:.2f}{pixels})")
 
 
 def save_overlay(image_uint8: np.ndarray, explanation: Explanation, path: str | Path) -> Path:

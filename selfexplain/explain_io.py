@@ -25,7 +25,7 @@ from PIL import Image
 from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError, some
-from .explain import OVERLAY_MARK, Explanation, Models, to_uint8, unfamiliar_note
+from .explain import NO_RANDOM_SET, OVERLAY_MARK, Explanation, Models, to_uint8, unfamiliar_note
 from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes, png_text
 from .logs import log
 from .prompts import concept_name, percent
@@ -297,11 +297,11 @@ def format_text(exp: Explanation) -> str:
     if "input_cited_drop" in f:
         lines.append(f"evidence: whiting out {f['ink_removed']:.0%} of the ink where the cited concepts fire lowers "
                      f"the logit by {f['input_cited_drop']:.3f}; the same ink where random active neurons fire: "
-                     f"{f['input_random_drop']:.3f}; where CAM's cells are highest: {f['cam_drop']:.3f}"
+                     f"{random_drop_words(f, 'input_random_drop')}; where CAM's cells are highest: {f['cam_drop']:.3f}"
                      + (f"; CAM under the same pixel rule: {f['cam_pixels_drop']:.3f}" if "cam_pixels_drop" in f else ""))
     lines.append(f"consistency (true by construction): zeroing the cited neurons in the code lowers the logit by "
                  f"{f.get('code_cited_drop', 0.0):.3f}; as many random active neurons: "
-                 f"{f.get('code_random_drop', 0.0):.3f}")
+                 f"{random_drop_words(f, 'code_random_drop')}")
     active = exp.extra.get("top_active")
     if active:
         listed = ", ".join(f"#{i} {s:.2f}" for i, s in zip(active["neuron_ids"], active["scores"]))
@@ -310,6 +310,11 @@ def format_text(exp: Explanation) -> str:
     if exp.extra.get("llm_sentence") and exp.extra["llm_sentence"] != exp.sentence:  # offline echoes the sentence
         lines.append(f"LLM: {exp.extra['llm_sentence']}")  # it answers for the class: before the contrast
     return "\n".join(lines + versus_lines(exp.extra.get("versus")))
+
+
+def random_drop_words(faith: dict, key: str) -> str:
+    """A random baseline's drop as text, or why there is none (every active neuron cited: the sets match)."""
+    return NO_RANDOM_SET if faith.get("random_is_cited") else f"{faith.get(key, 0.0):.3f}"
 
 
 def versus_lines(versus: dict | None) -> list[str]:

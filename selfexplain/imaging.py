@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import UserError
+from .logs import log
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folders are searched for
 FLOAT_ONE_MAX = 1.5       # float arrays up to this are 0-1 pixels (cubic resampling overshoots 1 a little)
@@ -29,6 +30,7 @@ MAX_PIXELS = 40_000_000  # larger than any sane sketch; bigger headers are refus
 MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 200000 strip would need 40 GB
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
 STROKE_OUT_PX = 1.5  # ... to about this width in output pixels, from their measured width (thicker: left as is)
+WIDE_ASPECT = 3.0  # a user's image whose long side is over this many times its short one is noted (it reads small)
 
 
 class BadImage(Exception):
@@ -99,9 +101,29 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         if not payload.is_file():
             raise UserError(f"image not found: {payload}")
     try:
-        return decode_image(payload, image_size)
+        sketch = decode_image(payload, image_size)
     except BadImage as exc:
         raise UserError(f"cannot read image {name}: {exc}") from None
+    note = aspect_note(payload, name)
+    if note:
+        log(note)
+    return sketch
+
+
+def aspect_note(payload: Path | Image.Image, name: str) -> str | None:
+    """A note when an image is over :data:`WIDE_ASPECT`: 1: it is padded to a square as in training (no
+    crop, no stretch), so the drawing fills only a strip of the model's input and reads smaller."""
+    if isinstance(payload, Image.Image):
+        width, height = payload.size
+    else:
+        with Image.open(payload) as im:  # the header only: decode_image has read the file once already
+            width, height = im.size
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio <= WIDE_ASPECT:
+        return None
+    return (f"note: {name} is {width}x{height} ({ratio:.1f}:1): padded to a square as in training, the drawing "
+            f"fills {1 / ratio:.0%} of the input's {'height' if width > height else 'width'}; "
+            "crop it closer to the drawing for a larger sketch")
 
 
 def user_path(text: str | os.PathLike) -> Path:

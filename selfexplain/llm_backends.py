@@ -40,12 +40,12 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 from PIL import Image
 
-from .config import require_choice
+from .config import register_choices, require_choice
 from .errors import UserError
 from .logs import log
 from .prompts import OFFLINE_PREFIX, MalformedAnswer, clean_text, ends_inside_think
 
-BACKENDS = ("auto", "replicate", "openai", "offline")
+BACKENDS = register_choices("BACKEND", ("auto", "replicate", "openai", "offline"))
 POLL_INTERVAL = 0.5  # seconds between replicate polls (at most a tenth of the timeout)
 OPENAI_MAX_TOKENS = 200  # room for a short answer
 REASONING_MAX_TOKENS = 4000  # reasoning models spend hidden tokens before the answer, from the same budget
@@ -79,7 +79,7 @@ REPLICATE_INPUTS = {
     "yorickvp/llava-13b": ("image", ""),
     "yorickvp/llava-v1.6-34b": ("image", ""),
 }
-IMAGE_INPUTS = ("auto", "image", "images", "none")
+IMAGE_INPUTS = register_choices("IMAGE_INPUT", ("auto", "image", "images", "none"))
 NO_KEY = "no-key"  # sent to local OpenAI-compatible servers, which ignore the key
 _SECRET_PATTERNS = [re.compile(r"r8_[A-Za-z0-9]{16,}"), re.compile(r"sk-[A-Za-z0-9_\-]{16,}")]
 

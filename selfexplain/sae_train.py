@@ -24,14 +24,15 @@ from tqdm.auto import tqdm
 
 from . import artifacts, data
 from .artifacts import TrainState
-from .config import require_choice
+from .config import register_choices, require_choice
 from .distributed import (Runtime, all_reduce_min, all_reduce_sum, amp_dtype, barrier, broadcast, lr_at,
                           main_rank_first, precision_note)
 from .errors import UserError
 from .features import TokenStore, cache_tokens, standardization
 from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
 
-DEAD_LATENT_MODES = ("resample", "auxk", "both", "none")
+DEAD_LATENT_MODES = register_choices("DEAD_LATENTS", ("resample", "auxk", "both", "none"))
+register_choices("ARCH", ARCHS)  # sae.py owns the rules; the setting is stage 2's
 DEAD_MIN_FIRES = 10  # dead is counted over splits of at least this many average-rate firings per latent
 TOKEN_CACHE_DIR = "sae_tokens"  # inside CACHE_DIR: token caches too big for TOKEN_RAM_GB, reused by later runs
 

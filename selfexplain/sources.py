@@ -48,7 +48,7 @@ def _arrow():
 
 
 # ----------------------------------------------------------------------------- describing
-def describe_source(dataset: str, data_root: str | None) -> dict:
+def describe_source(dataset: str, data_root: str | None, notes: bool = True) -> dict:
     """Resolve a dataset to a JSON-able description that :func:`iter_source` reads.
 
     Parameters
@@ -57,6 +57,9 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
         ``'tu-berlin'`` (downloaded when missing), ``'parquet'`` or ``'folder'``.
     data_root : str | None
         The folder holding the data; ``None`` means ``data/<dataset>``.
+    notes : bool
+        Log the class folders left out (stage 1 decides the classes; later stages re-read the
+        same folder and would repeat it).
 
     Returns
     -------
@@ -75,7 +78,7 @@ def describe_source(dataset: str, data_root: str | None) -> dict:
             f"does not exist (DATASET={dataset} reads a folder)"
         raise UserError(f"DATA_ROOT={root} {what}")
     if dataset == "folder":
-        files, labels, class_names = _scan_image_folder(root)
+        files, labels, class_names = _scan_image_folder(root, notes)
         num_items = len(files)
     else:
         files = _find_parquet(root)
@@ -106,14 +109,15 @@ def _find_parquet(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.parquet") if p.is_file() and _visible(p, root))
 
 
-def _scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+def _scan_image_folder(root: Path, notes: bool = True) -> tuple[list[Path], list[int], list[str]]:
     """Class folders (sorted) and their images, found recursively inside each class."""
     class_names, files, labels = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in folder.rglob("*")
                         if is_image_file(p) and _visible(p, root))
         if not images:  # an empty class would break stratified splits: leave it out
-            log(f"class folder {folder.name}/ has no images: left out")
+            if notes:
+                log(f"class folder {folder.name}/ has no images: left out")
             continue
         labels += [len(class_names)] * len(images)
         class_names.append(folder.name)

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .config import require_choice
+from .config import register_choices, require_choice
 from .errors import UserError
 
 # Part i is the point (i // 3, i % 3) of AG(2, 3).
@@ -78,7 +78,8 @@ PART_GAP = 0.02  # blank kept between two parts' boxes, fraction of the image
 PLACE_TRIES = 24  # random spots tried for a part before it is shrunk
 SHRINK = 0.85  # a part that finds no room is scaled by this and tried again
 STROKE_WIDTH = (0.012, 0.05)  # stroke width, fraction of the image size (log-uniform): thin pen to marker
-STYLES = ("quadrants", "varied")  # quadrants: the quick toy (tests); varied: how people draw (the demo, issue 16)
+# quadrants: the quick toy (tests); varied: how people draw (the demo, issue 16)
+STYLES = register_choices("SYNTHETIC_STYLE", ("quadrants", "varied"))
 LEGACY_STYLE = "quadrants"  # what a spec without "style" was drawn in (and the renderers' default); the demo uses varied
 QUADRANT_PART_SIZE = (0.36, 0.44)  # quadrants style: longest side of a class part, fraction of the image
 QUADRANT_DISTRACTOR_SIZE = (0.22, 0.30)  # quadrants style: the distractor's longest side

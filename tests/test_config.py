@@ -39,10 +39,30 @@ def test_a_mistyped_choice_names_the_choices_and_the_closest_one():
         make_backend("xyz", "")
     import train_sae
 
-    with pytest.raises(UserError, match=r"ARCH must be one of topk, batchtopk, got 'BatchTopK'; did you mean "):
-        train_sae.main(arch="BatchTopK")  # refused before any checkpoint is read
+    with pytest.raises(UserError, match=r"ARCH must be one of topk, batchtopk, got 'batchtop'; did you mean "):
+        train_sae.main(arch="batchtop")  # refused before any checkpoint is read
     with pytest.raises(UserError, match=r"DEAD_LATENTS must be one of .*did you mean 'auxk'"):
-        train_sae.main(dead_latents="auxK")
+        train_sae.main(dead_latents="aux_k")
+
+
+def test_a_choice_in_other_case_is_read_as_that_choice():
+    """Keys were case-blind and values not: --arch=BatchTopK (the paper's spelling) was refused."""
+    import sae_summary_to_llm
+    import train_sae
+    import train_standard_cnn
+    import why_did_you
+
+    for script, key, typed, meant in ((train_sae, "arch", "BatchTopK", "batchtopk"),
+                                      (train_sae, "dead_latents", "AuxK", "auxk"),
+                                      (train_standard_cnn, "dataset", "Synthetic", "synthetic"),
+                                      (train_standard_cnn, "synthetic_style", "VARIED", "varied"),
+                                      (sae_summary_to_llm, "backend", "OpenAI", "openai"),
+                                      (sae_summary_to_llm, "image_input", "None", "none"),
+                                      (why_did_you, "agg", "Max", "max")):
+        cfg = make_config(module_constants(vars(script)), {key: typed})
+        assert cfg[key.upper()] == meant, (script.__name__, key)
+    with pytest.raises(UserError, match=r"ARCH must be one of topk, batchtopk, got 'batch'"):  # still checked
+        make_config(module_constants(vars(train_sae)), {"ARCH": "batch"})
 
 
 def test_string_settings_keep_raw_text():

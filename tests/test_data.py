@@ -77,6 +77,23 @@ def test_user_image_errors_are_one_line(tmp_path):
         load_user_image(tmp_path / "x.png", 64)
 
 
+def test_a_long_strip_of_an_image_is_noted_and_a_sketch_is_not(tmp_path, capsys):
+    """A 4:1 photo of a drawing is padded to a square (as in training): the user is told it reads smaller."""
+    from PIL import Image, ImageDraw
+    wide = Image.new("L", (400, 100), 255)
+    ImageDraw.Draw(wide).line((20, 50, 380, 50), fill=0, width=4)
+    wide.save(tmp_path / "wide.png")
+    sketch = load_user_image(tmp_path / "wide.png", 64)
+    assert "wide.png is 400x100 (4.0:1): padded to a square as in training, the drawing fills 25% of the " \
+           "input's height" in capsys.readouterr().err
+    assert (sketch[:20] == 255).all() and (sketch[28:36] < 255).any()  # letterboxed: white above, ink in the middle
+    load_user_image(wide.rotate(90, expand=True), 64, name="tall")
+    assert "tall is 100x400 (4.0:1): padded to a square as in training, the drawing fills 25% of the input's width" \
+        in capsys.readouterr().err
+    load_user_image(Image.new("L", (300, 100), 255), 64)  # 3:1 and squarer: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def _interrupt_after_writing(real):
     """Wrap a cache writer so it writes its files, then raises KeyboardInterrupt (Ctrl-C)."""
     def writer(*args):
@@ -232,3 +249,20 @@ def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
     assert all(images.class_names[label] == name.split("/")[0] for label, name in zip(images.labels, images.names))
     assert "class 'a' has no readable images: left out" in err
     assert "class folder zz_empty_class/ has no images: left out" in err
+    # later stages re-read the folder through the checkpoint's spec: the notice is stage 1's, not repeated
+    again = data.load_dataset(images.spec, tmp_path / "cache", progress=False)
+    assert again.class_names == ["b", "c"] and "has no images" not in capsys.readouterr().err
+
+
+def test_a_skipped_file_is_named_once_per_run(tmp_path, capsys):
+    make_image_folder(tmp_path / "src", ["a", "b"], n_per_class=3, clutter=False)
+    (tmp_path / "src" / "a" / "broken.png").write_text("junk")
+    spec = data.dataset_spec("folder", str(tmp_path / "src"), 64)
+    decoded = data.load_dataset(spec, tmp_path / "cache", progress=False)
+    err = capsys.readouterr().err
+    assert decoded.decoded_now and err.count("a/broken.png") == 1  # named as it was met, with its reason
+    assert data.skipped_note(decoded) == "skipped 1 unreadable image (named above; all listed in metrics.json)"
+    cached = data.load_dataset(spec, tmp_path / "cache", progress=False)  # a rerun reads the cache: no decode lines
+    assert not cached.decoded_now and "broken" not in capsys.readouterr().err
+    assert data.skipped_note(cached) == ("skipped 1 unreadable image: a/broken.png (not an image) "
+                                         "(all listed in metrics.json)")

@@ -246,9 +246,31 @@ def test_code_space_check_is_the_arithmetic_and_the_input_check_is_reported(ckpt
     for e in fast:  # the JSON keeps one schema: the input check's fields are null when it did not run
         stored = json.loads(e.to_json())["faithfulness"]
         assert set(evidence.INPUT_CHECK_KEYS) <= set(stored) and stored["input_cited_drop"] is None
-        assert list(stored)[:2] == ["code_cited_drop", "code_random_drop"]  # the README's order
+        assert list(stored)[:3] == ["code_cited_drop", "code_random_drop", "random_is_cited"]  # the README's order
     checked = next(e for e in exps if e.neurons).faithfulness
-    assert set(checked) - {"code_cited_drop", "code_random_drop"} == set(evidence.INPUT_CHECK_KEYS)  # one schema
+    assert set(checked) - {"code_cited_drop", "code_random_drop", "random_is_cited"} == set(evidence.INPUT_CHECK_KEYS)
+    assert checked["random_is_cited"] is False  # a sketch fires more neurons than the three cited
+
+
+def test_when_every_active_neuron_is_cited_there_is_no_random_baseline(ckpts, test_images, tmp_path):
+    """Citing all active neurons (a blank page did) makes each random set the cited set: the drops match and
+    the output says there was no baseline, instead of printing two equal numbers as a comparison."""
+    images, _ = test_images
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    analysis = explain.analyse(models, np.stack(images[:1]))
+    active = [int(i) for i in torch.nonzero(analysis.z_mean[0] > 0).flatten()]
+    pred = int(analysis.logits[0].argmax())
+    f, _ = explain.faithfulness(models, analysis, 0, pred, active, np.random.default_rng(0), 8)
+    assert f["random_is_cited"] is True
+    assert f["code_random_drop"] == pytest.approx(f["code_cited_drop"], abs=1e-5)  # the sets are the same
+    f_fewer, _ = explain.faithfulness(models, analysis, 0, pred, active[:-1], np.random.default_rng(0), 8)
+    assert f_fewer["random_is_cited"] is False  # one active neuron left out: the random sets can differ
+    e = _explain(images[:1], ckpts, tmp_path, n_cite=3)[0]
+    assert e.faithfulness["random_is_cited"] is False and explain.NO_RANDOM_SET not in explain_io.format_text(e)
+    every = replace(e, faithfulness={**e.faithfulness, "random_is_cited": True})
+    text = explain_io.format_text(every)
+    assert text.count(explain.NO_RANDOM_SET) == 2  # the evidence line and the consistency line
+    assert "random: all cited" in explain.evidence_line(every.faithfulness)
 
 
 def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
@@ -679,7 +701,10 @@ def test_cli_json_for_a_folder_is_one_line_per_image(ckpts, image_dir, tmp_path)
 def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
     names = sorted(str(p) for p in image_dir.iterdir())[:2]
     assert why_did_you.shell_argv(["--json=True", names[0]]) == ["--json=True", f"--image={names[0]}"]
-    assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["a.png", "--image=b.png"]  # refused, not dropped
+    # both forms: every image, in order (the bare one read "arguments look like --key=value")
+    assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["--image=['a.png', 'b.png']"]
+    assert why_did_you.shell_argv(["--image=b.png", "c.png", "--fast"]) == ["--fast", "--image=['b.png', 'c.png']"]
+    assert why_did_you.shell_argv(["--image=[a.png,b.png]", "c.png"]) == ["--image=[a.png,b.png]", "c.png"]  # refused
     # --image with a space, as argparse scripts take it, read "--image is given twice; give it once"
     assert why_did_you.shell_argv(["--image", "a.png", "--json=True"]) == ["--json=True", "--image=a.png"]
     for value in ("True", "false", "3", "0.5", "yes", "Off"):  # --json True read "True" as an image named True

@@ -500,10 +500,10 @@ def test_a_cached_folder_still_names_its_unreadable_images(tmp_path, capsys):
     (tmp_path / "src" / "a" / "broken.png").write_text("junk")
     run = dict(TINY_CNN, dataset="folder", data_root=str(tmp_path / "src"), epochs=0, out_dir=str(tmp_path / "run"),
                cache_dir=str(tmp_path / "cache"))
-    stage1.main(**run)  # builds the cache: the decoder names it
-    capsys.readouterr()
+    stage1.main(**run)  # builds the cache: the decoder names it, once
+    assert capsys.readouterr().err.count("a/broken.png") == 1
     stage1.main(**run)  # reads the cache: the run's log still names it
-    assert "skipped 1 unreadable images: a/broken.png (all listed in metrics.json)" in capsys.readouterr().err
+    assert "skipped 1 unreadable image: a/broken.png (not an image) (all listed" in capsys.readouterr().err
 
 
 def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
