@@ -78,6 +78,7 @@ RESUME = False                 # continue from OUT_DIR/last_sae.pt
 OVERWRITE = False              # replace an earlier run in OUT_DIR (without it, or RESUME, an earlier run is refused)
 TENSORBOARD = True             # write TensorBoard logs to OUT_DIR/tb
 SEED = 0                       # seeds init, batch order and resampling
+INIT = "random"                # random | channels (latent i < C starts as channel i; needs M >= C; README "INIT")
 
 
 def main(**overrides) -> dict:
@@ -93,6 +94,7 @@ def main(**overrides) -> dict:
     settings.config["WORLD_SIZE"] = runtime.world_size  # fixes the steps per epoch: a resume must match it
     set_threads(cfg.NUM_THREADS)
     model, clf_ckpt = artifacts.load_classifier(cfg.CLASSIFIER_CKPT, runtime.device)
+    st.check_start(settings, model.feature_dim)
     clf_ckpt["dataset"] = data.relocate(clf_ckpt["dataset"], cfg.DATA_ROOT)
     out_dir = dict(resume=cfg.RESUME, overwrite=cfg.OVERWRITE)
     artifacts.prepare_out_dir(cfg.OUT_DIR, artifacts.SAE_OUTPUTS, **out_dir, clear=False)  # refuse now, clear later

@@ -234,7 +234,7 @@ def shell_argv(argv: list[str]) -> list[str]:
     argv = _join_values(argv)
     images = [a for a in argv if not a.startswith("-")]
     given = [a for a in argv if a.lower().startswith("--image=")]
-    if not images or len(given) > 1 or (given and given[0].partition("=")[2].lstrip().startswith("[")):
+    if not images or len(given) > 1 or (given and explain_io.is_list_text(given[0].partition("=")[2])):
         return argv  # nothing bare, or a list beside bare names: the parser names the stray argument
     # --image=a.png b.png: both, in the order given
     images = [a.partition("=")[2] if a in given else a for a in argv if a in given or not a.startswith("-")]

@@ -88,7 +88,9 @@ def relocate(spec: dict, data_root: str) -> dict:
 
 # ----------------------------------------------------------------------------- cache
 def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress: bool = True) -> ImageSet:
-    """Load a dataset through its on-disk cache, building the cache on first use."""
+    """Load a dataset through its on-disk cache, building the cache on first use.
+
+    ``progress`` shows the decoding bar and stage 1's notes on the folder (False on the other DDP ranks)."""
     if spec["dataset"] == "synthetic":
         recorded = spec.get("generator_version", GENERATOR_VERSION)
         if recorded != GENERATOR_VERSION:
@@ -100,7 +102,8 @@ def load_dataset(spec: dict, cache_dir: str | os.PathLike = CACHE_DIR, progress:
         source = None
     else:
         try:
-            source = describe_source(spec["dataset"], spec["data_root"], notes="items_digest" not in spec)
+            # the class folders left out are stage 1's to say (and rank 0's: progress), not every stage's
+            source = describe_source(spec["dataset"], spec["data_root"], notes=progress and "items_digest" not in spec)
         except UserError as exc:
             if "items_digest" not in spec:  # stage 1's own settings: the message says it all
                 raise

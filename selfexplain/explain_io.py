@@ -48,7 +48,7 @@ class ImageInput:
 def image_list(image: str | Sequence[str]) -> list[str]:
     """IMAGE as given -> a list of entries: files, every image of a folder, the files a pattern
     (``*``, ``?``, ``[...]``, ``**``) matches, or test:K."""
-    if isinstance(image, str) and _is_list_text(image):
+    if isinstance(image, str) and is_list_text(image):
         image = _parse_list(image.strip())
     entries = image if isinstance(image, (list, tuple)) else [image]
     if not entries:
@@ -95,7 +95,8 @@ def _without_overlays(files: list[str]) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in marked], [f for f in files if f in marked]
 
 
-def _is_list_text(text: str) -> bool:
+def is_list_text(text: str) -> bool:
+    """``[a.png, b.png]``: a list of images, unless a file of that very name exists."""
     text = text.strip()
     return text.startswith("[") and text.endswith("]") and not Path(text).exists()
 
@@ -299,7 +300,8 @@ def format_text(exp: Explanation) -> str:
                      f"the logit by {f['input_cited_drop']:.3f}; the same ink where random active neurons fire: "
                      f"{random_drop_words(f, 'input_random_drop')}; where CAM's cells are highest: {f['cam_drop']:.3f}"
                      + (f"; CAM under the same pixel rule: {f['cam_pixels_drop']:.3f}" if "cam_pixels_drop" in f else ""))
-    lines.append(f"consistency (true by construction): zeroing the cited neurons in the code lowers the logit by "
+    lines.append("consistency: no neuron is cited, so there is nothing to zero in the code" if not exp.neurons else
+                 f"consistency (true by construction): zeroing the cited neurons in the code lowers the logit by "
                  f"{f.get('code_cited_drop', 0.0):.3f}; as many random active neurons: "
                  f"{random_drop_words(f, 'code_random_drop')}")
     active = exp.extra.get("top_active")

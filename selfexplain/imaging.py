@@ -115,9 +115,12 @@ def aspect_note(payload: Path | Image.Image, name: str) -> str | None:
     crop, no stretch), so the drawing fills only a strip of the model's input and reads smaller."""
     if isinstance(payload, Image.Image):
         width, height = payload.size
+        turned = _exif_orientation(payload) >= 5
     else:
         with Image.open(payload) as im:  # the header only: decode_image has read the file once already
-            width, height = im.size
+            (width, height), turned = im.size, _exif_orientation(im) >= 5
+    if turned:  # EXIF orientations 5-8 turn the picture a quarter: decode_image reads it the other way round
+        width, height = height, width
     ratio = max(width, height) / max(1, min(width, height))
     if ratio <= WIDE_ASPECT:
         return None

@@ -33,6 +33,7 @@ from .sae import ARCHS, TopKEncode, TopKSAE, fvu_loss, tokens_to_map
 
 DEAD_LATENT_MODES = register_choices("DEAD_LATENTS", ("resample", "auxk", "both", "none"))
 register_choices("ARCH", ARCHS)  # sae.py owns the rules; the setting is stage 2's
+INITS = register_choices("INIT", ("random", "channels"))  # how the dictionary starts (TopKSAE.start_at_channels_)
 DEAD_MIN_FIRES = 10  # dead is counted over splits of at least this many average-rate firings per latent
 TOKEN_CACHE_DIR = "sae_tokens"  # inside CACHE_DIR: token caches too big for TOKEN_RAM_GB, reused by later runs
 
@@ -67,6 +68,7 @@ class SAETrainSettings:
     amp: str = "auto"              # encoder matmul autocast mode
     tensorboard: bool = True       # TensorBoard logs in out_dir/tb
     seed: int = 0                  # init, batch order and resampling
+    init: str = "random"           # random | channels (latent i < C starts as channel i; needs M >= C)
     config: dict = field(default_factory=dict)  # the effective config, recorded in checkpoints
 
     @classmethod
@@ -83,6 +85,7 @@ class SAETrainSettings:
             raise UserError("BATCH_SIZE must be >= 1, EPOCHS >= 0 and LR > 0")
         require_choice("ARCH", self.arch, ARCHS)
         require_choice("DEAD_LATENTS", self.dead_latents, DEAD_LATENT_MODES)
+        require_choice("INIT", self.init, INITS)
         if self.use_resample and self.arch == "batchtopk":  # revived rows clear θ on many tokens: FVU 0.44 vs 0.03
             raise UserError(f"DEAD_LATENTS={self.dead_latents} resamples, which works with ARCH=topk only: under "
                             "batchtopk the revived latents fire on most tokens (validation FVU 0.44 against 0.03 with "
@@ -434,10 +437,19 @@ def replicas_agree(sae: TopKSAE, runtime: Runtime) -> bool:
 
 
 # ----------------------------------------------------------------------------- the loop
+def check_start(settings: SAETrainSettings, channels: int) -> None:
+    """Refuse INIT=channels for fewer latents than the classifier's channels, before the token pass."""
+    if settings.init == "channels" and settings.latent_dim < channels:
+        raise UserError(f"INIT=channels starts latent i as channel i: it needs LATENT_DIM >= the classifier's "
+                        f"{channels} channels, got {settings.latent_dim} (use INIT=random)")
+
+
 def new_sae(tokens: SplitTokens, settings: SAETrainSettings, device) -> tuple[TopKSAE, torch.Tensor]:
     """A fresh SAE (seeded: identical on every rank) with the training μ, σ; and its usage EMA."""
     torch.manual_seed(settings.seed)
     sae = TopKSAE(tokens.train.tokens.shape[1], settings.latent_dim, settings.top_k, settings.arch).to(device)
+    if settings.init == "channels":
+        sae.start_at_channels_()
     sae.mu.copy_(tokens.mu)
     sae.sigma.copy_(tokens.sigma)
     return sae, torch.full((settings.latent_dim,), settings.top_k / settings.latent_dim, device=device)

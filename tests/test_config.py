@@ -47,20 +47,19 @@ def test_a_mistyped_choice_names_the_choices_and_the_closest_one():
 
 def test_a_choice_in_other_case_is_read_as_that_choice():
     """Keys were case-blind and values not: --arch=BatchTopK (the paper's spelling) was refused."""
-    import sae_summary_to_llm
     import train_sae
-    import train_standard_cnn
-    import why_did_you
 
-    for script, key, typed, meant in ((train_sae, "arch", "BatchTopK", "batchtopk"),
-                                      (train_sae, "dead_latents", "AuxK", "auxk"),
-                                      (train_standard_cnn, "dataset", "Synthetic", "synthetic"),
-                                      (train_standard_cnn, "synthetic_style", "VARIED", "varied"),
-                                      (sae_summary_to_llm, "backend", "OpenAI", "openai"),
-                                      (sae_summary_to_llm, "image_input", "None", "none"),
-                                      (why_did_you, "agg", "Max", "max")):
-        cfg = make_config(module_constants(vars(script)), {key: typed})
-        assert cfg[key.upper()] == meant, (script.__name__, key)
+    cases = {"train_sae": (("arch", "BatchTopK", "batchtopk"), ("dead_latents", "AuxK", "auxk"),
+                           ("init", "Channels", "channels")),
+             "train_standard_cnn": (("dataset", "Synthetic", "synthetic"), ("synthetic_style", "VARIED", "varied")),
+             "sae_summary_to_llm": (("backend", "OpenAI", "openai"), ("image_input", "None", "none")),
+             "why_did_you": (("agg", "Max", "max"),)}
+    for script, settings in cases.items():  # each script alone: its own imports must register its choices
+        code = (f"import {script} as s; from selfexplain.config import make_config, module_constants; "
+                f"print([make_config(module_constants(vars(s)), {{k: v}})[k.upper()] for k, v, _ in {settings!r}])")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == repr([meant for _, _, meant in settings]), script
     with pytest.raises(UserError, match=r"ARCH must be one of topk, batchtopk, got 'batch'"):  # still checked
         make_config(module_constants(vars(train_sae)), {"ARCH": "batch"})
 

@@ -92,6 +92,11 @@ def test_a_long_strip_of_an_image_is_noted_and_a_sketch_is_not(tmp_path, capsys)
         in capsys.readouterr().err
     load_user_image(Image.new("L", (300, 100), 255), 64)  # 3:1 and squarer: nothing to say
     assert capsys.readouterr().err == ""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo stored on its side: decoded upright, so it is tall
+    wide.save(tmp_path / "turned.jpg", exif=exif)
+    load_user_image(tmp_path / "turned.jpg", 64)
+    assert "turned.jpg is 100x400 (4.0:1)" in capsys.readouterr().err
 
 
 def _interrupt_after_writing(real):
@@ -242,7 +247,9 @@ def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
         if stale.suffix.lower() != ".png":
             stale.unlink()
     spec = data.dataset_spec("folder", str(tmp_path / "src"), 64)
-    images = data.load_dataset(spec, tmp_path / "cache", progress=False)
+    assert data.load_dataset(spec, tmp_path / "other_cache", progress=False).class_names == ["b", "c"]
+    assert "zz_empty_class" not in capsys.readouterr().err  # a DDP rank other than 0: rank 0 says it
+    images = data.load_dataset(spec, tmp_path / "cache", progress=True)
     err = capsys.readouterr().err
     assert images.class_names == ["b", "c"] and sorted(set(images.labels.tolist())) == [0, 1]
     assert [n.split("/")[0] for n in images.names] == ["b"] * 3 + ["c"] * 3

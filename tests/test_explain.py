@@ -265,12 +265,18 @@ def test_when_every_active_neuron_is_cited_there_is_no_random_baseline(ckpts, te
     assert f["code_random_drop"] == pytest.approx(f["code_cited_drop"], abs=1e-5)  # the sets are the same
     f_fewer, _ = explain.faithfulness(models, analysis, 0, pred, active[:-1], np.random.default_rng(0), 8)
     assert f_fewer["random_is_cited"] is False  # one active neuron left out: the random sets can differ
+    on_ink, _ = explain.faithfulness(models, analysis, 0, pred, active, np.random.default_rng(0), 8, image=images[0])
+    assert on_ink["random_is_cited"] is True  # the input check whites out the same ink for "random" and cited
+    assert on_ink["input_random_drop"] == pytest.approx(on_ink["input_cited_drop"], abs=1e-4)
+    assert "random: all cited" in explain.evidence_line(on_ink)
     e = _explain(images[:1], ckpts, tmp_path, n_cite=3)[0]
     assert e.faithfulness["random_is_cited"] is False and explain.NO_RANDOM_SET not in explain_io.format_text(e)
     every = replace(e, faithfulness={**e.faithfulness, "random_is_cited": True})
     text = explain_io.format_text(every)
     assert text.count(explain.NO_RANDOM_SET) == 2  # the evidence line and the consistency line
-    assert "random: all cited" in explain.evidence_line(every.faithfulness)
+    none_cited = replace(e, neurons=[], faithfulness={"code_cited_drop": 0.0, "code_random_drop": 0.0,
+                                                      "random_is_cited": False})
+    assert "consistency: no neuron is cited, so there is nothing to zero" in explain_io.format_text(none_cited)
 
 
 def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
@@ -705,6 +711,7 @@ def test_bare_image_names_on_the_command_line(ckpts, image_dir, tmp_path):
     assert why_did_you.shell_argv(["a.png", "--image=b.png"]) == ["--image=['a.png', 'b.png']"]
     assert why_did_you.shell_argv(["--image=b.png", "c.png", "--fast"]) == ["--fast", "--image=['b.png', 'c.png']"]
     assert why_did_you.shell_argv(["--image=[a.png,b.png]", "c.png"]) == ["--image=[a.png,b.png]", "c.png"]  # refused
+    assert why_did_you.shell_argv(["--image=[draft].png", "c.png"]) == ["--image=['[draft].png', 'c.png']"]  # a name
     # --image with a space, as argparse scripts take it, read "--image is given twice; give it once"
     assert why_did_you.shell_argv(["--image", "a.png", "--json=True"]) == ["--json=True", "--image=a.png"]
     for value in ("True", "false", "3", "0.5", "yes", "Off"):  # --json True read "True" as an image named True

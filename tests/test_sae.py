@@ -415,6 +415,44 @@ def test_small_token_sets_train_at_least_min_steps(tiny_classifier, tmp_path, ca
     assert enough["epochs"] == 1  # already makes MIN_STEPS: EPOCHS is kept
 
 
+def test_a_channel_start_puts_each_latent_on_its_channel(seed):
+    sae = TopKSAE(16, 24, 4)
+    random_part = sae.D[:, 16:].clone()
+    sae.start_at_channels_()
+    assert torch.equal(sae.D[:, :16], torch.eye(16)) and torch.equal(sae.D[:, 16:], random_part)  # the rest random
+    x = torch.randn(50, 16)
+    # at the start latent i reads channel i alone (ReLU'd, at the encoder's scale) and writes it back
+    assert torch.allclose(sae.dense_code(x)[:, :16], torch.relu(x) * sae_module.ENCODER_INIT_SCALE)
+    z = torch.zeros(1, 24)
+    z[0, 3] = 2.0
+    assert torch.allclose(sae.decode(z)[0], 2.0 * torch.eye(16)[3])
+    with pytest.raises(ValueError, match="M >= C"):
+        TopKSAE(16, 8, 4).start_at_channels_()
+
+
+def test_init_channels_trains_from_the_channels_and_is_recorded(tiny_classifier, tmp_path, cache_dir, monkeypatch):
+    import train_sae
+
+    cfg = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), cache_dir=str(cache_dir), top_k=4, batch_size=256,
+               epochs=1, min_steps=0, tensorboard=False, init="Channels")  # any case, as the other choices
+    with pytest.raises(UserError, match="INIT=channels .* needs LATENT_DIM >= the classifier's 512 channels, got 64"):
+        train_sae.main(**cfg, latent_dim=64, out_dir=str(tmp_path / "few"))
+    assert not (tmp_path / "few" / "last_sae.pt").exists()
+    starts, real = [], st.new_sae
+
+    def recording(*args):
+        sae, usage = real(*args)
+        starts.append(sae.D.detach().clone())
+        return sae, usage
+
+    monkeypatch.setattr(st, "new_sae", recording)
+    metrics = train_sae.main(**cfg, latent_dim=512, out_dir=str(tmp_path / "run"))
+    assert torch.equal(starts[0], torch.eye(512))
+    ckpt = artifacts.load_checkpoint(tmp_path / "run" / "best_sae.pt", "sae")
+    assert ckpt["config"]["INIT"] == "channels" and np.isfinite(metrics["val_fvu"]) and metrics["val_fvu"] < 1
+    assert not torch.equal(ckpt["state"]["D"], torch.eye(512))  # it trained away from the start
+
+
 def test_tokens_spill_to_a_memmap(tiny_classifier, tmp_path, cache_dir):
     import train_sae
 
