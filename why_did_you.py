@@ -36,6 +36,7 @@ ones that tell the two apart.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,14 +133,16 @@ def require_report_dir(report_dir, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE
     The message names the first stage to run (after ``make clean`` that is stage 1, not stage 3)."""
     if Path(report_dir).is_dir():
         return
+    elsewhere = "" if Path(report_dir).is_absolute() else \
+        f" (read from the working folder {Path.cwd()}; from elsewhere, pass absolute paths)"
     for name, path, stages in (("CLASSIFIER_CKPT", classifier_ckpt, "train_standard_cnn.py, train_sae.py"),
                                ("SAE_CKPT", sae_ckpt, "train_sae.py")):  # a new classifier needs a new SAE too
         if not Path(path).is_file():
-            raise UserError(f"REPORT_DIR={report_dir} does not exist, nor {name} "
+            raise UserError(f"REPORT_DIR={report_dir} does not exist{elsewhere}, nor {name} "
                             f"({artifacts.missing_message(Path(path), None)}): run {stages} and sae_summarize.py "
                             "first (make demo runs them on the synthetic sketches)")
-    raise UserError(f"REPORT_DIR={report_dir} does not exist: run sae_summarize.py first (it writes the concepts "
-                    "and the atlas there), or create the folder to explain with neurons named by id")
+    raise UserError(f"REPORT_DIR={report_dir} does not exist{elsewhere}: run sae_summarize.py first (it writes the "
+                    "concepts and the atlas there), or create the folder to explain with neurons named by id")
 
 
 def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
@@ -168,6 +171,10 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
 
 # ----------------------------------------------------------------------------- main
 def main(**overrides) -> list[dict]:
+    image = next((v for k, v in overrides.items() if str(k).lower() == "image"), None)
+    if image is not None and not isinstance(image, (str, os.PathLike, list, tuple)):  # it read an array as a pattern
+        raise UserError(f"main(image=...) takes file paths or 'test:K'; for a {type(image).__name__} call "
+                        "why_did_you.explain_image(image) (explain_images for several)")
     cfg = make_config(module_constants(globals()), overrides)
     active = explain.MostActive(cfg.TOP_ACTIVE, cfg.PERCENTILE, cfg.AGG)  # bad values fail before any model loads
     settings = explain.ExplainSettings(n_cite=cfg.N, n_random=cfg.RANDOM_DRAWS, seed=cfg.SEED, active=active,

@@ -46,12 +46,27 @@ class Config(dict):
 
 
 def module_constants(namespace: dict) -> dict:
-    """The UPPER_CASE, JSON-able constants of a script's global namespace, in order."""
+    """The UPPER_CASE, JSON-able constants of a script's global namespace, in order: those the script assigns
+    itself (an imported table such as ``BOOL_WORDS`` is no setting, though --help listed it as one)."""
+    own = _assigned_names(namespace.get("__file__"))
     out = {}
     for name, value in namespace.items():
-        if name.isupper() and not name.startswith("_") and _is_plain(value):
+        if name.isupper() and not name.startswith("_") and _is_plain(value) and (own is None or name in own):
             out[name] = value
     return out
+
+
+def _assigned_names(path: str | None) -> set[str] | None:
+    """Names a module's source assigns at its top level (None when there is no readable source)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8")) if path else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if tree is None:
+        return None
+    return {target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name)}
 
 
 def _is_plain(value: Any) -> bool:
@@ -123,6 +138,10 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     elif isinstance(default, str):
         if isinstance(value, bool):  # `--overlay why.png` (a space, not =) left a bare --overlay
             raise UserError(f"{name} needs a value: --{name.lower()}=VALUE (with '=', not a space)")
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, (str, int, float, list, tuple)):  # str() of an array made a 'file name'
+            raise UserError(f"{name} expects text (a string or a path), got a {type(value).__name__}")
         return value if isinstance(value, str) else str(value)
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):

@@ -219,6 +219,8 @@ def _build_cache(spec: dict, source: dict | None, folder: Path, progress: bool) 
     interrupted; ones left by killed processes are removed by the next build.
     """
     remove_stale_builds(folder.parent)
+    if progress:  # a notebook in another folder builds a second cache where it runs: say where
+        log(f"building the image cache in {folder.resolve()} (CACHE_DIR; later runs read it)")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -39,6 +39,7 @@ import itertools
 import json
 import numbers
 import os
+import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,6 +61,7 @@ from .sae import TopKSAE, bias_logits, logit_lens, tokens_to_map
 from .stats import describe_map
 
 AGGS = register_choices("AGG", ("max", "mean", "sum"))  # how a neuron's per-token code becomes one score per image
+MIN_OVERLAY, MAX_OVERLAY = 64, 4096  # Explanation.overlay(size): the panel's side in pixels
 MODEL_CACHE_SIZE = 2  # model pairs kept per process (a notebook may switch between two runs)
 _MODEL_CACHE: dict = {}
 
@@ -96,7 +98,7 @@ class ExplainSettings:
 
     n_cite: int = 5                    # neurons cited as the reasons for the prediction
     n_random: int = 8                  # random active-neuron sets for the faithfulness baseline
-    seed: int = 0                      # seeds those draws, together with the image's index
+    seed: int = 0                      # seeds those draws, together with the sketch's pixels
     active: MostActive | None = None   # also record the most active neurons in extra["top_active"]
     input_check: bool = True           # white out the cited concepts' ink and rerun (False: the fast path)
     ink_share: float = evidence.INK_SHARE  # share of the sketch's ink the input-space check removes
@@ -229,8 +231,11 @@ def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
-    """A (H, W) or channels-first (C, H, W) tensor as the (H, W[, C]) array it holds."""
+    """A (H, W) or channels-first (C, H, W) tensor as the (H, W[, C]) array it holds; a batch of one,
+    (1, C, H, W), as its image (a DataLoader's single sample)."""
     array = tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
     if array.ndim == 3 and array.shape[0] in (1, 3, 4):
         array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
     elif array.ndim != 2:
@@ -347,6 +352,8 @@ class Explanation:
         if self.sketch is None:
             raise UserError("this explanation holds no sketch to draw on: make it with explain_images or explain_one "
                             "given the image")
+        if not _is_int(size) or not MIN_OVERLAY <= size <= MAX_OVERLAY:  # 0 was a raw ValueError, 'big' a TypeError
+            raise UserError(f"overlay size is a side in pixels from {MIN_OVERLAY} to {MAX_OVERLAY}, got {size!r}")
         return overlay_image(self.sketch, self, size)
 
     def to_json(self, heatmaps: bool = False) -> str:
@@ -533,15 +540,17 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     ``concepts`` name the cited neurons; ``names`` (short ones, :func:`concepts.concepts_and_names`) name them
     in the sentence.
 
-    ``index`` (default ``b``) seeds the random draws with ``settings.seed``, so an image
-    gets the same draws whatever batch it lands in. With ``image`` (its uint8 sketch) and
-    ``settings.input_check``, the faithfulness block gains the input-space evidence.
+    The random draws are seeded by ``settings.seed`` and the sketch's pixels (``image``; without it ``index``,
+    default ``b``), so an image gets the same draws, and the same explanation, wherever it stands in a list or
+    batch. With ``image`` (its uint8 sketch) and ``settings.input_check``, the faithfulness block gains the
+    input-space evidence.
     """
     probs, pred = analysis.probs[b], int(analysis.logits[b].argmax())
     contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
     cited = cite(models, analysis, b, contrib, concepts, names, settings.n_cite)
     cited_ids = [n.neuron_id for n in cited]
-    rng = np.random.default_rng([settings.seed, b if index is None else index])
+    place = b if index is None else index
+    rng = np.random.default_rng([settings.seed, place if image is None else zlib.crc32(image.tobytes())])
     extra, versus_cited = {}, None
     if settings.active is not None:
         ids, scores, threshold = most_active(analysis, b, settings.active)

@@ -64,6 +64,22 @@ def test_a_choice_in_other_case_is_read_as_that_choice():
         make_config(module_constants(vars(train_sae)), {"ARCH": "batch"})
 
 
+def test_settings_are_the_constants_a_script_assigns_itself():
+    """why_did_you imports config.BOOL_WORDS: --help listed it and main(bool_words=[]) was a type error."""
+    import why_did_you
+
+    assert "BOOL_WORDS" not in module_constants(vars(why_did_you)) and "IMAGE" in module_constants(vars(why_did_you))
+    with pytest.raises(UserError, match="unknown setting 'bool_words'"):
+        why_did_you.main(bool_words=[])
+    assert "BOOL_WORDS" in module_constants({"BOOL_WORDS": {}})  # no source file (a notebook's globals): all of them
+
+
+def test_a_text_setting_refuses_an_object_that_is_not_text(tmp_path):
+    assert make_config(DEFAULTS, {"out_dir": tmp_path}).OUT_DIR == str(tmp_path)  # a Path is text
+    with pytest.raises(UserError, match="OUT_DIR expects text \\(a string or a path\\), got a dict"):
+        make_config(DEFAULTS, {"out_dir": {"a": 1}})
+
+
 def test_string_settings_keep_raw_text():
     assert make_config(DEFAULTS, {"out_dir": "123"}).OUT_DIR == "123"
 

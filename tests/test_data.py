@@ -251,6 +251,7 @@ def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
     assert "zz_empty_class" not in capsys.readouterr().err  # a DDP rank other than 0: rank 0 says it
     images = data.load_dataset(spec, tmp_path / "cache", progress=True)
     err = capsys.readouterr().err
+    assert f"building the image cache in {(tmp_path / 'cache').resolve()}" in err  # where, for a notebook elsewhere
     assert images.class_names == ["b", "c"] and sorted(set(images.labels.tolist())) == [0, 1]
     assert [n.split("/")[0] for n in images.names] == ["b"] * 3 + ["c"] * 3
     assert all(images.class_names[label] == name.split("/")[0] for label, name in zip(images.labels, images.names))

@@ -3,6 +3,7 @@ import itertools
 from dataclasses import replace
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +291,12 @@ def test_batch_matches_single_image(ckpts, test_images, image_dir, tmp_path):
     whole = _explain(images[:4], ckpts, tmp_path, batch_size=4)
     halves = _explain(images[:4], ckpts, tmp_path, batch_size=2)
     assert [e.faithfulness for e in halves] == [pytest.approx(e.faithfulness, rel=1e-5, abs=1e-6) for e in whole]
+    # ... nor on its place in the list: one image, one explanation (seeded by its index, test:0 six times over
+    # read random baselines from 0.42 to 1.58)
+    again = _explain([images[2], images[0], images[2]], ckpts, tmp_path)
+    assert again[0].faithfulness == pytest.approx(again[2].faithfulness, rel=1e-5, abs=1e-6)
+    assert again[1].faithfulness == pytest.approx(whole[0].faithfulness, rel=1e-5, abs=1e-6)
+    assert again[0].faithfulness == pytest.approx(whole[2].faithfulness, rel=1e-5, abs=1e-6)
     from_file = explain.explain_image(image_dir / "sketch_0.png", report_dir=str(tmp_path), device="cpu", **ckpts)
     assert from_file.image.endswith("sketch_0.png") and from_file.predicted_index == batch[0].predicted_index
 
@@ -520,6 +527,34 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
     for wrong in ({"n_cite": "three"}, {"ink_share": "0.2"}, {"n_random": None}, {"input_check": "no"}):
         with pytest.raises(UserError, match=f"{next(iter(wrong))} expects"):  # not a TypeError from deep inside
             why_did_you.explain_image(path, **kw, **wrong)
+
+
+def test_notebook_walkthrough_findings(ckpts, cache_dir, test_images, tmp_path, monkeypatch):
+    """What a notebook user met: an array given to main() read as a file pattern; a batch-of-one tensor refused;
+    overlay(size=0) a raw ValueError; each test:K reloading the dataset (~0.1 s); a relative REPORT_DIR missing
+    from another working folder told them to retrain."""
+    kw = dict(report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", **ckpts)
+    image = test_images[0][1]
+    with pytest.raises(UserError, match=r"main\(image=...\) takes file paths or 'test:K'; for a ndarray call "
+                                        r"why_did_you.explain_image\(image\)"):
+        why_did_you.main(image=image, **kw)
+    batch_of_one = torch.from_numpy(image.astype(np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    exp = why_did_you.explain_image(batch_of_one, familiar=False, **kw)
+    assert exp.predicted_index == why_did_you.explain_image(image, familiar=False, **kw).predicted_index
+    for size in (0, "big", 10 ** 6):
+        with pytest.raises(UserError, match="overlay size is a side in pixels from 64 to 4096"):
+            exp.overlay(size)
+    assert exp.overlay(128).size[1] >= 128
+    loads = []
+    real = explain_io.load_dataset
+    monkeypatch.setattr(explain_io, "load_dataset", lambda *a, **k: loads.append(1) or real(*a, **k))
+    explain_io._LAST_DATASET.clear()
+    got = why_did_you.explain_images([f"test:{k}" for k in range(4)], familiar=False, input_check=False, **kw)
+    assert len(got) == 4 and len(loads) == 1  # one load for the list, not one per image
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"REPORT_DIR=neuron_report does not exist \\(read from the working folder "
+                                        f"{re.escape(str(tmp_path))}; from elsewhere, pass absolute paths\\)"):
+        why_did_you.main(image="test:0", report_dir="neuron_report", **{k: v for k, v in kw.items() if k != "report_dir"})
 
 
 def test_overlays_of_images_with_the_same_name_do_not_overwrite_each_other(ckpts, test_images, tmp_path):
