@@ -181,8 +181,9 @@ def name_after_input(exp: Explanation, item: ImageInput) -> None:
 
 
 def test_entry(entry) -> str | None:
-    """The K of a ``test:K`` entry (a file of that name wins), else None."""
-    test = _TEST_ENTRY.match(str(entry)) if isinstance(entry, (str, Path)) else None
+    """The K of a ``test:K`` entry (a file of that name wins; spaces around it are dropped, as the shell drops
+    them), else None."""
+    test = _TEST_ENTRY.match(str(entry).strip()) if isinstance(entry, (str, Path)) else None
     return test.group(1) if test and not Path(entry).exists() else None
 
 

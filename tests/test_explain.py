@@ -551,6 +551,7 @@ def test_notebook_walkthrough_findings(ckpts, cache_dir, test_images, tmp_path, 
     explain_io._LAST_DATASET.clear()
     got = why_did_you.explain_images([f"test:{k}" for k in range(4)], familiar=False, input_check=False, **kw)
     assert len(got) == 4 and len(loads) == 1  # one load for the list, not one per image
+    assert explain_io.test_entry(" test:2 ") == "2"  # was "image not found:  test:2"
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=f"REPORT_DIR=neuron_report does not exist \\(read from the working folder "
                                         f"{re.escape(str(tmp_path))}; from elsewhere, pass absolute paths\\)"):
