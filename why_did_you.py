@@ -239,11 +239,11 @@ def shell_argv(argv: list[str]) -> list[str]:
     (b.png was "arguments look like --key=value"), and ``--json True`` as ``--json=True`` (it explained an
     image named True)."""
     argv = _join_values(argv)
-    images = [a for a in argv if not a.startswith("-")]
     given = [a for a in argv if a.lower().startswith("--image=")]
-    if not images or len(given) > 1 or (given and explain_io.is_list_text(given[0].partition("=")[2])):
+    if not any(not a.startswith("-") for a in argv) or len(given) > 1 or \
+            (given and explain_io.is_list_text(given[0].partition("=")[2])):
         return argv  # nothing bare, or a list beside bare names: the parser names the stray argument
-    # --image=a.png b.png: both, in the order given
+    # the bare names, and --image=a.png beside them (a.png b.png: both), in the order given
     images = [a.partition("=")[2] if a in given else a for a in argv if a in given or not a.startswith("-")]
     rest = [a for a in argv if a.startswith("-") and a.lower() != "--image" and a not in given]
     return rest + [f"--image={images[0]}" if len(images) == 1 else f"--image={images!r}"]

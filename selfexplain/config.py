@@ -58,11 +58,11 @@ def module_constants(namespace: dict) -> dict:
 
 def _assigned_names(path: str | None) -> set[str] | None:
     """Names a module's source assigns at its top level (None when there is no readable source)."""
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8")) if path else None
-    except (OSError, SyntaxError, ValueError):
+    if not path:
         return None
-    if tree is None:
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
         return None
     return {target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
             for target in (node.targets if isinstance(node, ast.Assign) else [node.target])

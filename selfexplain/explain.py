@@ -549,8 +549,8 @@ def explain_one(models: Models, analysis: Analysis, b: int, name: str, concepts:
     contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
     cited = cite(models, analysis, b, contrib, concepts, names, settings.n_cite)
     cited_ids = [n.neuron_id for n in cited]
-    place = b if index is None else index
-    rng = np.random.default_rng([settings.seed, place if image is None else zlib.crc32(image.tobytes())])
+    draws_key = zlib.crc32(image.tobytes()) if image is not None else (b if index is None else index)
+    rng = np.random.default_rng([settings.seed, draws_key])
     extra, versus_cited = {}, None
     if settings.active is not None:
         ids, scores, threshold = most_active(analysis, b, settings.active)
