@@ -107,19 +107,21 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
 
     The notebook API. An image is a path, ``"test:K"`` (the K-th test image of the classifier's
     dataset, with its true class), a PIL image, or an array (:func:`selfexplain.imaging.array_to_sketch`);
-    one image alone is also taken. A bad image is a UserError, not skipped. ``exp.to_json()`` is
+    one image alone is also taken, and a folder or a pattern (``"sketches/*.png"``) stands for its image
+    files, as with ``--image``. A bad image is a UserError, not skipped; so is an empty list. ``exp.to_json()`` is
     the ``--json=True`` object, with the familiarity verdict (``familiar=False`` skips it; the
     calibration is fitted once per model pair into ``report_dir``) and the most-active list
     (TOP_ACTIVE, PERCENTILE, AGG defaults). ``settings`` are
     :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
     ``input_check``, ``ink_share``, ``active``, ``versus``).
     """
-    images = explain_io.as_image_list(images)
+    images = explain_io.expand_paths(explain_io.as_image_list(images))
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir, classifier_ckpt, sae_ckpt)
     models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir, settings.get("versus", ""))
-    inputs = [explain_io.read_input(item, models, cache_dir, report_dir) for item in images]
+    places = range(len(images)) if len(images) > 1 else [None] * len(images)  # names <array 0>, <array 1>, ...
+    inputs = [explain_io.read_input(item, models, cache_dir, report_dir, place) for item, place in zip(images, places)]
     judge = familiarity.verdict_judge(models, report_dir, cache_dir) if familiar else None
     explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
                                           models.device, batch_size, judge=judge, **settings)

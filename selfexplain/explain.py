@@ -210,24 +210,32 @@ class Analysis:
     hw: tuple[int, int]
 
 
-def to_uint8(images: Sequence, image_size: int) -> tuple[np.ndarray, list[str]]:
+def to_uint8(images: Sequence, image_size: int, first: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Paths, PIL images, arrays (:func:`imaging.array_to_sketch`) or tensors -> a uint8 batch
     (B, S, S) and display names. A tensor is read channels-first, as torchvision gives one:
-    (H, W) or (C, H, W) with C in 1, 3, 4 (values 0-1 or 0-255, not normalised)."""
+    (H, W) or (C, H, W) with C in 1, 3, 4 (values 0-1 or 0-255, not normalised). With ``first``, the
+    k-th array or PIL image is named by its place in the caller's list, ``<array {first + k}>``."""
     arrays, names = [], []
-    for item in images:
+    for k, item in enumerate(images):
         if isinstance(item, torch.Tensor):
             item = tensor_to_array(item)
         if isinstance(item, np.ndarray):
-            arrays.append(array_to_sketch(item, image_size))
-            names.append("<array>")
+            names.append(unnamed("<array>", None if first is None else first + k))
+            arrays.append(array_to_sketch(item, image_size, names[-1]))
         elif isinstance(item, (str, os.PathLike, Image.Image)):
-            arrays.append(load_user_image(item, image_size))
-            names.append("<PIL image>" if isinstance(item, Image.Image) else os.fspath(item))
+            is_pil = isinstance(item, Image.Image)
+            names.append(unnamed("<PIL image>", None if first is None else first + k) if is_pil else os.fspath(item))
+            arrays.append(load_user_image(item, image_size, names[-1] if is_pil else ""))
         else:
             raise UserError(f"an image is a file path, 'test:K', a PIL image, a numpy array or a tensor; got "
                             f"{type(item).__name__}")
     return np.stack(arrays), names
+
+
+def unnamed(kind: str, place: int | None) -> str:
+    """The name of an image that has none (``<array>``, ``<PIL image>``): with its place in a list of several,
+    ``<array 2>``, so that several arrays' explanations and notes tell apart."""
+    return kind if place is None else f"{kind[:-1]} {place}>"
 
 
 def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
@@ -360,9 +368,19 @@ class Explanation:
         """One line of JSON text (the CLI prints one per image); :meth:`to_dict` gives the dict."""
         return json.dumps(self.to_dict(heatmaps), ensure_ascii=False)
 
+    def __repr__(self) -> str:
+        # the dataclass's own repr printed every field (~2,900 characters for one image); the sentence says it all
+        cited = ", ".join(f"{n.neuron_id} ({percent(n.share)})" for n in self.neurons)
+        return (f"Explanation(image={self.image!r}, predicted={self.predicted_class!r} {percent(self.probability)}, "
+                f"cited=[{cited}]): {self.sentence}")
+
+    def _repr_png_(self) -> bytes | None:
+        """What a notebook shows for a bare ``exp``: the overlay (without a sketch, the text repr)."""
+        return png_bytes(overlay_image(self.sketch, self)) if self.sketch is not None else None
+
 
 FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop", "random_is_cited") + evidence.INPUT_CHECK_KEYS  # in order
-NO_RANDOM_SET = "none to draw (every active neuron is cited)"  # the random baseline's words when random_is_cited
+NO_RANDOM_SET = "none to draw (every active neuron is cited)"  # the random baseline's words (draw.html too: tested)
 
 
 BLANK_ABOVE = 245  # an input with no pixel darker than this has no ink: nothing for a concept to explain
@@ -616,7 +634,8 @@ def explain_images(images: Sequence, classifier_ckpt: str | Path = artifacts.CLA
     concepts, short_names = concepts_and_names(report_dir, models.sae_ckpt["fingerprint"])  # of this SAE only
     out = []
     for start in range(0, len(images), batch_size):
-        batch, names = to_uint8(images[start:start + batch_size], models.image_size)
+        place = start if len(images) > 1 else None  # several arrays: <array 0>, <array 1>, ...
+        batch, names = to_uint8(images[start:start + batch_size], models.image_size, place)
         analysis = analyse(models, batch)
         verdicts = judge(analysis, batch) if judge is not None else [NO_VERDICT] * len(batch)
         for b in range(len(batch)):

@@ -163,13 +163,30 @@ def as_image_list(images) -> list:
     return [images] if one else list(images)
 
 
-def read_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path) -> ImageInput:
+def expand_paths(images: list) -> list:
+    """The notebook's list with each folder and file pattern (``"sketches/*.png"``) replaced by the image
+    files it holds, sorted, as ``--image`` reads them; any other entry is kept as it is. An empty list,
+    or a pattern that matches no image, is a UserError (a notebook's glob that found nothing)."""
+    if not images:
+        raise UserError("no images given (an empty list: did a glob find nothing?)")
+    out = []
+    for item in images:
+        text = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+        path = Path(text).expanduser() if text is not None else None
+        many = path is not None and (path.is_dir() or (not path.exists() and glob.has_magic(text)))
+        out += image_list(text) if many else [item]
+    return out
+
+
+def read_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path,
+               place: int | None = None) -> ImageInput:
     """One image decoded: ``test:K`` (with its class), a path, a PIL image or an array (the
-    notebook's) by :func:`explain.to_uint8`; a bad one is a UserError."""
+    notebook's) by :func:`explain.to_uint8`; a bad one is a UserError. ``place``: its index in a list
+    of several, which names an array or PIL image (``<array 2>``)."""
     k_text = test_entry(item)
     if k_text is not None:
         return test_image(k_text, models, cache_dir, report_dir)
-    batch, names = to_uint8([item], models.image_size)
+    batch, names = to_uint8([item], models.image_size, place)
     return ImageInput(names[0], batch[0])
 
 

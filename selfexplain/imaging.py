@@ -31,6 +31,7 @@ MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 20000
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
 STROKE_OUT_PX = 1.5  # ... to about this width in output pixels, from their measured width (thicker: left as is)
 WIDE_ASPECT = 3.0  # a user's image whose long side is over this many times its short one is noted (it reads small)
+DARK_SHARE = 0.5  # more of a sketch dark than this is noted as light-on-dark (the demo's ink: 8%, at most 21%)
 
 
 class BadImage(Exception):
@@ -104,10 +105,20 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         sketch = decode_image(payload, image_size)
     except BadImage as exc:
         raise UserError(f"cannot read image {name}: {exc}") from None
-    note = aspect_note(payload, name)
-    if note:
-        log(note)
+    for note in (aspect_note(payload, name), dark_note(sketch, name)):
+        if note:
+            log(note)
     return sketch
+
+
+def dark_note(sketch: np.ndarray, name: str) -> str | None:
+    """A note when most of a decoded sketch is dark: the models read dark strokes on white paper, so light
+    strokes on a dark background (a chalkboard, an MNIST-style array) are explained as a blot of ink."""
+    dark = float((np.asarray(sketch) < 128).mean())
+    if dark <= DARK_SHARE:
+        return None
+    return (f"note: {name} is {dark:.0%} dark: the models read dark strokes on white paper; if it is light strokes "
+            "on a dark background, invert it (255 - array, or PIL.ImageOps.invert)")
 
 
 def aspect_note(payload: Path | Image.Image, name: str) -> str | None:
@@ -142,26 +153,36 @@ def user_path(text: str | os.PathLike) -> Path:
     return Path(text).expanduser()
 
 
-def array_to_sketch(array: np.ndarray, image_size: int) -> np.ndarray:
+def array_to_sketch(array: np.ndarray, image_size: int, name: str = "<array>") -> np.ndarray:
     """An array as a model input (the notebook's third kind of image).
 
     A uint8 ``(S, S)`` array at the model's size is taken as is, like the cache's images.
     Any other grey ``(H, W)`` or colour ``(H, W, 3|4)`` array is read as the picture it
-    holds, through :func:`decode_image` (padded, resized; white paper, dark ink). Floats are
+    holds, through :func:`decode_image` (padded, resized; white paper, dark ink). A boolean
+    ``(H, W)`` mask is ink where it holds its less common value. Floats are
     0-1 when their largest value is at most 1.5, 0-255 when it is above 32 (resampling
     overshoot is clipped); integers are 0-255, or 0-65535 when any value is above 255. NaN,
     infinity, floats that fit neither scale (a normalised tensor), negative integers and
-    integers above 65535 are a UserError, as are other shapes.
+    integers above 65535 are a UserError, as are other shapes; notes and errors call it ``name``.
     """
     if array.dtype == np.uint8 and array.shape == (image_size, image_size):
         return array
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
+    if array.dtype == bool and array.ndim == 2:
+        array = _mask_to_grey(array)
     numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     if not numeric or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
                         f"ink), got {array.dtype} {array.shape}")
-    return load_user_image(Image.fromarray(_to_uint8_values(array)), image_size, name="<array>")
+    return load_user_image(Image.fromarray(_to_uint8_values(array)), image_size, name=name)
+
+
+def _mask_to_grey(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask as white paper and black ink. Masks have no convention (``a < 128`` marks the ink,
+    ``a > 128`` the paper), so the more common value is the paper: a sketch is mostly paper."""
+    ink = mask if mask.sum() * 2 < mask.size else ~mask
+    return np.where(ink, 0, 255).astype(np.uint8)
 
 
 def _to_uint8_values(array: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Stage 5: exact decomposition, faithfulness, top neurons, caching, concepts and the CLI."""
+import io
 import itertools
 from dataclasses import replace
 import json
@@ -522,8 +523,8 @@ def test_notebook_explain_images_takes_test_k_and_mixed_inputs_like_the_cli(ckpt
         explain.ExplainSettings.from_kwargs({"active": "max"})
     with pytest.raises(UserError, match="need N >= 1"):  # N=0 cited nothing, then said no neuron stood out
         why_did_you.explain_image(path, **kw, n_cite=0)
-    with pytest.raises(UserError, match=r"is a folder: pass its image files"):  # was "image not found"
-        why_did_you.explain_images(os.path.dirname(path), **kw)
+    with pytest.raises(UserError, match=r"is a folder: pass its image files"):  # the package's own call: one image
+        explain.explain_image(os.path.dirname(path), kw["classifier_ckpt"], kw["sae_ckpt"], kw["report_dir"], "cpu")
     for wrong in ({"n_cite": "three"}, {"ink_share": "0.2"}, {"n_random": None}, {"input_check": "no"}):
         with pytest.raises(UserError, match=f"{next(iter(wrong))} expects"):  # not a TypeError from deep inside
             why_did_you.explain_image(path, **kw, **wrong)
@@ -949,6 +950,8 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
     for k, got in enumerate(batch):
         assert np.abs(got.astype(int) - expected).max() <= 2, k  # rounding of the CMYK and 16-bit round trips
     assert names == ["<PIL image>"] * len(pil) + ["<array>"] * len(arrays)
+    _, names = explain.to_uint8(pil[:1] + arrays[:2], 64, first=3)  # in a list of several: named by place
+    assert names == ["<PIL image 3>", "<array 4>", "<array 5>"]
     at_size = np.full((64, 64), 255, np.uint8)  # the model's own size: taken as is, like the cache's images
     assert (explain.to_uint8([at_size], 64)[0][0] == at_size).all()
     overshoot = grey.astype(np.float32)
@@ -962,7 +965,7 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
                                  picture.convert("LAB")], 64)
     for k, got in enumerate(batch):
         assert np.abs(got.astype(int) - expected).max() <= 2, f"extra {k}"
-    for bad, message in [(Image.new("L", (0, 0)), "<PIL image>: empty"), (np.zeros((64, 64), bool), "white paper"),
+    for bad, message in [(Image.new("L", (0, 0)), "<PIL image>: empty"), (np.zeros((64, 64, 3), bool), "white paper"),
                          (np.zeros((64, 64, 2), np.uint8), "shaped"), (np.full((8, 8), np.nan), "NaN"),
                          (np.full((8, 8), np.inf), "infinite"), (np.full((8, 8), -1), "outside 0-65535"),
                          (np.full((8, 8), 2 ** 32, np.int64), "outside 0-65535"),
@@ -971,6 +974,35 @@ def test_pictures_in_any_pil_mode_or_array_form_read_like_the_file(tmp_path):
                          (np.zeros((0, 0), np.float32), "<array>: empty")]:
         with pytest.raises(UserError, match=message):
             explain.to_uint8([bad], 64)
+
+
+def test_notebook_folders_patterns_masks_and_names_of_several_arrays(ckpts, cache_dir, image_dir, tmp_path, capsys):
+    """Session 20's notebook nits: a pattern or a folder read as one missing file, an empty list explained
+    nothing silently, boolean masks were refused, several arrays were all '<array>', an inverted sketch
+    had no hint, and repr(exp) printed ~2,900 characters."""
+    kw = dict(report_dir=str(tmp_path), cache_dir=str(cache_dir), device="cpu", familiar=False, **ckpts)
+    files = sorted(str(p) for p in image_dir.glob("*.png"))
+    assert len(files) >= 2
+    by_pattern = why_did_you.explain_images(str(image_dir / "*.png"), **kw)
+    by_folder = why_did_you.explain_images([image_dir], **kw)
+    assert [e.image for e in by_pattern] == [e.image for e in by_folder] == files
+    assert [e.logit for e in by_folder] == pytest.approx([e.logit for e in why_did_you.explain_images(files, **kw)])
+    for nothing, says in [([], "no images given"), (str(image_dir / "*.jpg"), "no image file .* matches")]:
+        with pytest.raises(UserError, match=says):
+            why_did_you.explain_images(nothing, **kw)
+    grey = np.asarray(Image.open(files[0]).convert("L").resize((100, 100)))
+    ink = grey < 128
+    masks = why_did_you.explain_images([ink, ~ink, grey], **kw)  # the more common value is paper, either way
+    assert [e.image for e in masks] == ["<array 0>", "<array 1>", "<array 2>"]
+    assert masks[0].logit == pytest.approx(masks[1].logit)  # one drawing, either polarity of mask
+    capsys.readouterr()
+    why_did_you.explain_images([grey, 255 - grey], **kw)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "dark strokes on white paper" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: <array 1> is ") and "invert it" in notes[0]
+    exp = masks[2]
+    assert len(repr(exp)) < 400 and exp.sentence in repr(exp) and repr(exp).startswith("Explanation(image='<array 2>'")
+    assert Image.open(io.BytesIO(exp._repr_png_())).size == exp.overlay().size  # a notebook shows the overlay
+    assert replace(exp, sketch=None)._repr_png_() is None  # nothing to draw: the text repr
 
 
 def test_num_threads_is_checked_and_set_before_the_models_run(ckpts, image_dir, tmp_path, monkeypatch):

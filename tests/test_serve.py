@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ctrl_c_as_in_a_terminal
-from selfexplain import artifacts, data, familiarity, serve
+from selfexplain import artifacts, data, explain, familiarity, serve
 from selfexplain.errors import UserError
 from selfexplain.imaging import decode_image, png_bytes
 
@@ -146,6 +146,7 @@ def test_page_is_self_contained(server):
     html = page.decode()
     assert status == 200 and "<canvas" in html and "/explain" in html
     assert "http://" not in html and "https://" not in html  # no CDN: nothing to fetch
+    assert explain.NO_RANDOM_SET in html  # the page's words for "no random set" are the text's and the overlay's
 
 
 def test_atlas_files_are_served_and_contained(server):
