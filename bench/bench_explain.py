@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
+from bench.run_all import machine  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
 from selfexplain.imaging import png_bytes  # noqa: E402
@@ -386,7 +387,7 @@ def write_results(cfg, models, lat, fig, plots, trained, size) -> None:
     lines = ["## Stage 5: explanation latency and evidence", "",
              f"{what}: ResNet-18 at {size} px, SAE M={sae.n_latents}, K={sae.k}; CPU, {torch.get_num_threads()} "
              f"threads, fp32, warm, per-image median over {cfg.ITERS} images in each of {cfg.ROUNDS} alternating "
-             f"rounds; load average at the end {_load()}.", "",
+             f"rounds; load average at the end {_load()}. Measured on {machine()}.", "",
              "| per image | ms (median round) | ms (best round) |", "|---|---|---|"]
     lines += [f"| {name} | {med * 1e3:.1f} | {best * 1e3:.1f} |" for name, (med, best) in lat.items()]
     lines += ["", f"Target <= 100 ms per image with the input check: "
