@@ -115,15 +115,14 @@ def explain_images(images, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, r
     :class:`selfexplain.explain.ExplainSettings` fields (``n_cite``, ``n_random``, ``seed``,
     ``input_check``, ``ink_share``, ``active``, ``versus``).
     """
-    images = explain_io.expand_paths(explain_io.as_image_list(images))
+    entries = explain_io.expand_paths(explain_io.as_image_list(images))
     settings.setdefault("active", explain.MostActive(TOP_ACTIVE, PERCENTILE, AGG))
     explain.ExplainSettings.from_kwargs(settings)  # a wrong name fails before any model loads
     require_report_dir(report_dir, classifier_ckpt, sae_ckpt)
     models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir, settings.get("versus", ""))
-    places = range(len(images)) if len(images) > 1 else [None] * len(images)  # names <array 0>, <array 1>, ...
-    inputs = [explain_io.read_input(item, models, cache_dir, report_dir, place) for item, place in zip(images, places)]
+    inputs = explain_io.read_inputs(entries, models, cache_dir, report_dir)
     judge = familiarity.verdict_judge(models, report_dir, cache_dir) if familiar else None
-    explanations = explain.explain_images([item.image for item in inputs], classifier_ckpt, sae_ckpt, report_dir,
+    explanations = explain.explain_images(explain_io.as_batch(inputs), classifier_ckpt, sae_ckpt, report_dir,
                                           models.device, batch_size, judge=judge, **settings)
     for exp, item in zip(explanations, inputs):
         explain_io.name_after_input(exp, item)
@@ -151,7 +150,11 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
                   device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, data_root: str = DATA_ROOT,
                   **settings) -> explain.Explanation:
     """Explain one image (path, ``"test:K"``, PIL image or array) as the command line does:
-    :func:`explain_images` of one."""
+    :func:`explain_images` of one. A folder or pattern of several images is refused (explain_images takes it)."""
+    several = len(explain_io.expand_paths([pil_or_path]))
+    if several > 1:
+        raise UserError(f"{pil_or_path} holds {several} images and explain_image explains one: "
+                        f"explain_images({str(pil_or_path)!r}) explains them all")
     return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
                           familiar=familiar, data_root=data_root, **settings)[0]
 

@@ -34,7 +34,9 @@ SAE's own maths (:mod:`selfexplain.sae`): ``encode_topk``, ``decode_sparse``,
 """
 from __future__ import annotations
 
+import base64
 import copy
+import html
 import itertools
 import json
 import numbers
@@ -214,7 +216,11 @@ def to_uint8(images: Sequence, image_size: int, first: int | None = None) -> tup
     """Paths, PIL images, arrays (:func:`imaging.array_to_sketch`) or tensors -> a uint8 batch
     (B, S, S) and display names. A tensor is read channels-first, as torchvision gives one:
     (H, W) or (C, H, W) with C in 1, 3, 4 (values 0-1 or 0-255, not normalised). With ``first``, the
-    k-th array or PIL image is named by its place in the caller's list, ``<array {first + k}>``."""
+    k-th array or PIL image is named by its place in the caller's list, ``<array {first + k}>``. A whole
+    (B, S, S) uint8 array at the model's size is a batch already decoded (:func:`why_did_you.explain_images`
+    passes its inputs so): taken as is, without a second round of notes."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (image_size, image_size):
+        return images, [unnamed("<array>", None if first is None else first + k) for k in range(len(images))]
     arrays, names = [], []
     for k, item in enumerate(images):
         if isinstance(item, torch.Tensor):
@@ -370,13 +376,24 @@ class Explanation:
 
     def __repr__(self) -> str:
         # the dataclass's own repr printed every field (~2,900 characters for one image); the sentence says it all
-        cited = ", ".join(f"{n.neuron_id} ({percent(n.share)})" for n in self.neurons)
+        cited = "" if self.extra.get("blank") else ", ".join(f"{n.neuron_id} ({percent(n.share)})" for n in self.neurons)
         return (f"Explanation(image={self.image!r}, predicted={self.predicted_class!r} {percent(self.probability)}, "
                 f"cited=[{cited}]): {self.sentence}")
 
-    def _repr_png_(self) -> bytes | None:
-        """What a notebook shows for a bare ``exp``: the overlay (without a sketch, the text repr)."""
-        return png_bytes(overlay_image(self.sketch, self)) if self.sketch is not None else None
+    def _repr_html_(self) -> str | None:
+        """What Jupyter shows for a bare ``exp``: the overlay with the sentence under it (without a sketch, or
+        if drawing fails, the text repr)."""
+        if self.sketch is None:
+            return None
+        try:
+            picture = base64.b64encode(png_bytes(overlay_image(self.sketch, self, NOTEBOOK_OVERLAY))).decode()
+        except Exception:  # noqa: BLE001 - a display hook must not raise: Jupyter would print a traceback instead
+            return None
+        return (f'<figure style="margin:0"><img src="data:image/png;base64,{picture}" alt="{html.escape(self.image)}">'
+                f"<figcaption>{html.escape(self.image)}: {html.escape(self.sentence)}</figcaption></figure>")
+
+
+NOTEBOOK_OVERLAY = 288  # px per panel of a notebook's inline overlay (~50 KB of PNG kept in the .ipynb)
 
 
 FAITHFULNESS_KEYS = ("code_cited_drop", "code_random_drop", "random_is_cited") + evidence.INPUT_CHECK_KEYS  # in order

@@ -27,7 +27,7 @@ from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError, some
 from .explain import NO_RANDOM_SET, OVERLAY_MARK, Explanation, Models, to_uint8, unfamiliar_note
-from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes, png_text
+from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes, png_text, user_path
 from .logs import log
 from .prompts import concept_name, percent
 from .stats import describe_map
@@ -163,19 +163,31 @@ def as_image_list(images) -> list:
     return [images] if one else list(images)
 
 
-def expand_paths(images: list) -> list:
+def expand_paths(images: list) -> list[tuple[object, int | None]]:
     """The notebook's list with each folder and file pattern (``"sketches/*.png"``) replaced by the image
-    files it holds, sorted, as ``--image`` reads them; any other entry is kept as it is. An empty list,
-    or a pattern that matches no image, is a UserError (a notebook's glob that found nothing)."""
+    files it holds, sorted, as ``--image`` lists them; any other entry is kept as it is. Returns (entry, its
+    index in ``images``, or None for a list of one: what names an array or PIL image, ``<array 2>``). An
+    empty list, or a pattern that matches no image, is a UserError (a notebook's glob that found nothing)."""
     if not images:
         raise UserError("no images given (an empty list: did a glob find nothing?)")
     out = []
-    for item in images:
-        text = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-        path = Path(text).expanduser() if text is not None else None
-        many = path is not None and (path.is_dir() or (not path.exists() and glob.has_magic(text)))
-        out += image_list(text) if many else [item]
+    for place, item in enumerate(images):
+        path = user_path(item) if isinstance(item, (str, os.PathLike)) else None
+        many = path is not None and (path.is_dir() or (not path.exists() and glob.has_magic(str(path))))
+        out += [(entry, None) for entry in image_list(str(path))] if many else \
+            [(item, place if len(images) > 1 else None)]
     return out
+
+
+def read_inputs(entries: list[tuple[object, int | None]], models: Models, cache_dir: str | Path,
+                report_dir: str | Path) -> list[ImageInput]:
+    """:func:`expand_paths`' entries decoded, in order (a bad one is a UserError)."""
+    return [read_input(item, models, cache_dir, report_dir, place) for item, place in entries]
+
+
+def as_batch(inputs: list[ImageInput]) -> np.ndarray:
+    """The inputs as one (B, S, S) uint8 batch, which :func:`explain.to_uint8` takes as is."""
+    return np.stack([item.image for item in inputs])
 
 
 def read_input(item, models: Models, cache_dir: str | Path, report_dir: str | Path,

@@ -97,42 +97,50 @@ def load_user_image(path_or_pil: str | Path | Image.Image, image_size: int, name
         payload = user_path(path_or_pil)
         name = name or os.fspath(path_or_pil)
         if payload.is_dir():
-            raise UserError(f"{payload} is a folder: pass its image files, e.g. sorted(Path(folder).glob('*.png')) "
-                            f"(why_did_you.py --image=FOLDER reads a folder)")
+            raise UserError(f"{payload} is a folder: pass its image files (why_did_you.explain_images(folder) and "
+                            f"why_did_you.py --image=FOLDER read a folder)")
         if not payload.is_file():
             raise UserError(f"image not found: {payload}")
     try:
         sketch = decode_image(payload, image_size)
     except BadImage as exc:
         raise UserError(f"cannot read image {name}: {exc}") from None
-    for note in (aspect_note(payload, name), dark_note(sketch, name)):
+    width, height = picture_size(payload)
+    for note in (aspect_note(width, height, name), dark_note(sketch, name, _aspect(width, height))):
         if note:
             log(note)
     return sketch
 
 
-def dark_note(sketch: np.ndarray, name: str) -> str | None:
-    """A note when most of a decoded sketch is dark: the models read dark strokes on white paper, so light
-    strokes on a dark background (a chalkboard, an MNIST-style array) are explained as a blot of ink."""
-    dark = float((np.asarray(sketch) < 128).mean())
+def picture_size(payload: Path | Image.Image) -> tuple[int, int]:
+    """(width, height) of a picture as :func:`decode_image` reads it: EXIF orientations 5-8 turn it a quarter."""
+    if isinstance(payload, Image.Image):
+        (width, height), turned = payload.size, _exif_orientation(payload) >= 5
+    else:
+        with Image.open(payload) as im:  # the header only: decode_image has read the file once already
+            (width, height), turned = im.size, _exif_orientation(im) >= 5
+    return (height, width) if turned else (width, height)
+
+
+def _aspect(width: int, height: int) -> float:
+    return max(width, height) / max(1, min(width, height))
+
+
+def dark_note(sketch: np.ndarray, name: str, aspect: float = 1.0) -> str | None:
+    """A note when most of a picture is dark: the models read dark strokes on white paper, so light strokes
+    on a dark background (a chalkboard, an MNIST-style array) are explained as a blot of ink. The share is
+    of the picture's own area: a picture ``aspect``:1 fills 1/aspect of the square, the rest is white padding."""
+    dark = min(1.0, float((np.asarray(sketch) < 128).mean()) * aspect)
     if dark <= DARK_SHARE:
         return None
     return (f"note: {name} is {dark:.0%} dark: the models read dark strokes on white paper; if it is light strokes "
             "on a dark background, invert it (255 - array, or PIL.ImageOps.invert)")
 
 
-def aspect_note(payload: Path | Image.Image, name: str) -> str | None:
-    """A note when an image is over :data:`WIDE_ASPECT`: 1: it is padded to a square as in training (no
+def aspect_note(width: int, height: int, name: str) -> str | None:
+    """A note when a picture is over :data:`WIDE_ASPECT`: 1: it is padded to a square as in training (no
     crop, no stretch), so the drawing fills only a strip of the model's input and reads smaller."""
-    if isinstance(payload, Image.Image):
-        width, height = payload.size
-        turned = _exif_orientation(payload) >= 5
-    else:
-        with Image.open(payload) as im:  # the header only: decode_image has read the file once already
-            (width, height), turned = im.size, _exif_orientation(im) >= 5
-    if turned:  # EXIF orientations 5-8 turn the picture a quarter: decode_image reads it the other way round
-        width, height = height, width
-    ratio = max(width, height) / max(1, min(width, height))
+    ratio = _aspect(width, height)
     if ratio <= WIDE_ASPECT:
         return None
     return (f"note: {name} is {width}x{height} ({ratio:.1f}:1): padded to a square as in training, the drawing "
@@ -166,23 +174,30 @@ def array_to_sketch(array: np.ndarray, image_size: int, name: str = "<array>") -
     integers above 65535 are a UserError, as are other shapes; notes and errors call it ``name``.
     """
     if array.dtype == np.uint8 and array.shape == (image_size, image_size):
+        note = dark_note(array, name)
+        if note:
+            log(note)
         return array
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.dtype == bool and array.ndim == 2:
-        array = _mask_to_grey(array)
+        array = _mask_to_grey(array, name)
     numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     if not numeric or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
-                        f"ink), got {array.dtype} {array.shape}")
+                        f"ink), or a boolean (H, W) mask, got {array.dtype} {array.shape}")
     return load_user_image(Image.fromarray(_to_uint8_values(array)), image_size, name=name)
 
 
-def _mask_to_grey(mask: np.ndarray) -> np.ndarray:
+def _mask_to_grey(mask: np.ndarray, name: str) -> np.ndarray:
     """A boolean mask as white paper and black ink. Masks have no convention (``a < 128`` marks the ink,
-    ``a > 128`` the paper), so the more common value is the paper: a sketch is mostly paper."""
-    ink = mask if mask.sum() * 2 < mask.size else ~mask
-    return np.where(ink, 0, 255).astype(np.uint8)
+    ``a > 128`` the paper), so the less common value is the ink (a sketch is mostly paper); a note says
+    when that is False, so a filled silhouette read the wrong way round is seen."""
+    ink_is_true = mask.sum() * 2 < mask.size
+    if not ink_is_true and mask.any():
+        log(f"note: {name} is a boolean mask, {mask.mean():.0%} True: read with False as the ink (the less common "
+            "value); pass ~mask if True marks the ink")
+    return np.where(mask if ink_is_true else ~mask, 0, 255).astype(np.uint8)
 
 
 def _to_uint8_values(array: np.ndarray) -> np.ndarray:

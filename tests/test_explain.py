@@ -1,4 +1,6 @@
 """Stage 5: exact decomposition, faithfulness, top neurons, caching, concepts and the CLI."""
+import base64
+import html
 import io
 import itertools
 from dataclasses import replace
@@ -996,13 +998,29 @@ def test_notebook_folders_patterns_masks_and_names_of_several_arrays(ckpts, cach
     assert [e.image for e in masks] == ["<array 0>", "<array 1>", "<array 2>"]
     assert masks[0].logit == pytest.approx(masks[1].logit)  # one drawing, either polarity of mask
     capsys.readouterr()
-    why_did_you.explain_images([grey, 255 - grey], **kw)
+    wide = np.full((100, 200), 255, np.uint8)
+    wide[:, 50:150] = grey  # a 2:1 picture: the square's padding is white, the picture itself inverted below
+    at_size = np.asarray(Image.fromarray(grey).resize((64, 64)))  # the model's size: taken as is, noted all the same
+    why_did_you.explain_images([grey, 255 - grey, 255 - wide, 255 - at_size, ink], **kw)
     notes = [line for line in capsys.readouterr().err.splitlines() if "dark strokes on white paper" in line]
-    assert len(notes) == 1 and notes[0].startswith("note: <array 1> is ") and "invert it" in notes[0]
+    assert [n.split(" is ")[0] for n in notes] == ["note: <array 1>", "note: <array 2>", "note: <array 3>"]
+    assert all("invert it" in n for n in notes)  # the mask <array 4> (True: the ink) gets neither note
+    why_did_you.explain_images(~ink, **kw)  # True marks the paper: said, so a filled silhouette read wrong is seen
+    assert "is a boolean mask" in capsys.readouterr().err
+    named = why_did_you.explain_images([image_dir, grey], **kw)  # places count in the caller's list, not after a folder
+    assert [e.image for e in named] == files + ["<array 1>"]
+    with pytest.raises(UserError, match=rf"holds {len(files)} images and explain_image explains one: explain_images"):
+        why_did_you.explain_image(str(image_dir / "*.png"), **kw)
+    assert why_did_you.explain_image(f"file://{files[0]}", **kw).image == f"file://{files[0]}"
+    assert [e.image for e in why_did_you.explain_images(f"file://{image_dir}", **kw)] == files
     exp = masks[2]
     assert len(repr(exp)) < 400 and exp.sentence in repr(exp) and repr(exp).startswith("Explanation(image='<array 2>'")
-    assert Image.open(io.BytesIO(exp._repr_png_())).size == exp.overlay().size  # a notebook shows the overlay
-    assert replace(exp, sketch=None)._repr_png_() is None  # nothing to draw: the text repr
+    page = exp._repr_html_()  # what Jupyter shows: the overlay and the sentence under it
+    picture = Image.open(io.BytesIO(base64.b64decode(re.search(r'base64,([^"]+)"', page).group(1))))
+    assert picture.size == exp.overlay(explain.NOTEBOOK_OVERLAY).size and html.escape(exp.sentence) in page
+    assert replace(exp, sketch=None)._repr_html_() is None  # nothing to draw: the text repr
+    blank = why_did_you.explain_image(np.full((64, 64), 255, np.uint8), **kw)
+    assert "cited=[])" in repr(blank) and "blank page" in repr(blank)  # as the sentence: no concept explains it
 
 
 def test_num_threads_is_checked_and_set_before_the_models_run(ckpts, image_dir, tmp_path, monkeypatch):
