@@ -31,7 +31,7 @@ MAX_SIDE = 8192  # longest side: the image is padded to a square, so a 1 x 20000
 THICKEN_ABOVE = 3.0  # thicken strokes before downscaling by more than this factor
 STROKE_OUT_PX = 1.5  # ... to about this width in output pixels, from their measured width (thicker: left as is)
 WIDE_ASPECT = 3.0  # a user's image whose long side is over this many times its short one is noted (it reads small)
-DARK_SHARE = 0.5  # more of a sketch dark than this is noted as light-on-dark (the demo's ink: 8%, at most 21%)
+DARK_SHARE = 0.5  # a picture more than this share dark is noted as light-on-dark (the demo's ink: 8%, at most 21%)
 
 
 class BadImage(Exception):
