@@ -151,11 +151,11 @@ def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKP
                   **settings) -> explain.Explanation:
     """Explain one image (path, ``"test:K"``, PIL image or array) as the command line does:
     :func:`explain_images` of one. A folder or pattern of several images is refused (explain_images takes it)."""
-    several = len(explain_io.expand_paths([pil_or_path]))
-    if several > 1:
-        raise UserError(f"{pil_or_path} holds {several} images and explain_image explains one: "
+    entries = explain_io.expand_paths([pil_or_path])  # listed once: its one entry is what explain_images reads
+    if len(entries) > 1:
+        raise UserError(f"{pil_or_path} holds {len(entries)} images and explain_image explains one: "
                         f"explain_images({str(pil_or_path)!r}) explains them all")
-    return explain_images([pil_or_path], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
+    return explain_images([entries[0][0]], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
                           familiar=familiar, data_root=data_root, **settings)[0]
 
 

@@ -223,15 +223,18 @@ def to_uint8(images: Sequence, image_size: int, first: int | None = None) -> tup
         return images, [unnamed("<array>", None if first is None else first + k) for k in range(len(images))]
     arrays, names = [], []
     for k, item in enumerate(images):
+        place = None if first is None else first + k
         if isinstance(item, torch.Tensor):
             item = tensor_to_array(item)
         if isinstance(item, np.ndarray):
-            names.append(unnamed("<array>", None if first is None else first + k))
+            names.append(unnamed("<array>", place))
             arrays.append(array_to_sketch(item, image_size, names[-1]))
-        elif isinstance(item, (str, os.PathLike, Image.Image)):
-            is_pil = isinstance(item, Image.Image)
-            names.append(unnamed("<PIL image>", None if first is None else first + k) if is_pil else os.fspath(item))
-            arrays.append(load_user_image(item, image_size, names[-1] if is_pil else ""))
+        elif isinstance(item, Image.Image):
+            names.append(unnamed("<PIL image>", place))
+            arrays.append(load_user_image(item, image_size, names[-1]))
+        elif isinstance(item, (str, os.PathLike)):
+            names.append(os.fspath(item))
+            arrays.append(load_user_image(item, image_size))
         else:
             raise UserError(f"an image is a file path, 'test:K', a PIL image, a numpy array or a tensor; got "
                             f"{type(item).__name__}")
