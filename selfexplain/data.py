@@ -373,6 +373,16 @@ def model_input(batch_uint8: torch.Tensor, prep: dict, device: torch.device | st
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def uint8_tensor(images_uint8: np.ndarray) -> torch.Tensor:
+    """A uint8 array as a tensor for :func:`model_input`, without a copy when it can be shared.
+
+    A read-only array (a memmap, ``np.load(mmap_mode="r")``, the image cache) is copied:
+    torch cannot wrap one without a warning that writes through it are undefined.
+    """
+    array = np.ascontiguousarray(images_uint8)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def standardise_ink(ink: torch.Tensor, prep: dict) -> torch.Tensor:
     """Ink (darkness in [0, 1], paper 0) -> the classifier's input scale (``prep``'s mean and std)."""
     return (ink - prep["mean"]) / prep["std"]

@@ -261,7 +261,7 @@ def pixel_scores(token_scores: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def class_scores(models, images_uint8: np.ndarray, cls: int) -> tuple[np.ndarray, np.ndarray]:
     """One batched forward of the whole classifier: class ``cls``'s (logits (N,), probabilities (N,))."""
-    x = data.model_input(torch.from_numpy(np.ascontiguousarray(images_uint8)),
+    x = data.model_input(data.uint8_tensor(images_uint8),
                          models.classifier_ckpt["preprocess"], models.device)
     logits = models.classifier(x).float()
     return logits[:, cls].cpu().numpy(), logits.softmax(-1)[:, cls].cpu().numpy()

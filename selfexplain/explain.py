@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import artifacts, evidence
 from .concepts import concepts_and_names, report_fingerprint
 from .config import closest, coerce, register_choices, require_choice
-from .data import model_input, relocate
+from .data import model_input, relocate, uint8_tensor
 from .distributed import resolve_device
 from .errors import UserError
 from .imaging import array_to_sketch, load_user_image, png_bytes
@@ -270,7 +270,7 @@ def decode_to_map(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, b: 
 def analyse(models: Models, batch_uint8: np.ndarray) -> Analysis:
     """One fp32 pass: classifier features and logits, SAE code, reconstruction error."""
     clf, sae = models.classifier, models.sae
-    x = model_input(torch.from_numpy(np.ascontiguousarray(batch_uint8)), models.classifier_ckpt["preprocess"],
+    x = model_input(uint8_tensor(batch_uint8), models.classifier_ckpt["preprocess"],
                     models.device)
     fmap = clf.features(x).float()
     logits = clf.head(fmap).float()

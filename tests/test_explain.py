@@ -1033,3 +1033,22 @@ def test_num_threads_is_checked_and_set_before_the_models_run(ckpts, image_dir, 
     assert calls == [1]
     with pytest.raises(UserError, match="^NUM_THREADS must be >= 0, got -1"):
         why_did_you.main(**run, num_threads=-1)
+
+
+def test_a_read_only_array_is_explained_without_torchs_writability_warning(ckpts, test_images, tmp_path):
+    """A memmap (``np.load(mmap_mode="r")``, the image cache) explains as its writable copy does, and without
+    torch's "The given NumPy array is not writable" UserWarning (once per process: so a fresh one, -W error)."""
+    np.save(tmp_path / "batch.npy", np.stack(test_images[0][:2]))
+    script = f"""
+import json, numpy as np
+from selfexplain import explain
+kw = dict(device="cpu", report_dir={str(tmp_path)!r}, input_check=True, **{ckpts!r})
+mapped = np.load({str(tmp_path / "batch.npy")!r}, mmap_mode="r")
+assert not mapped.flags.writeable
+got = [e.to_dict() | {{"image": ""}} for e in explain.explain_images(mapped, **kw)]
+want = [e.to_dict() | {{"image": ""}} for e in explain.explain_images(np.array(mapped), **kw)]
+assert json.dumps(got) == json.dumps(want)
+"""
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr[-2000:]
