@@ -69,7 +69,8 @@ def image_list(image: str | Sequence[str]) -> list[str]:
             found = sorted(m for m in glob.glob(str(path), recursive=True) if is_image_file(Path(m)))
             found, marked = _without_overlays(found)
             if not found:  # as a folder: its image files only (a notes.txt beside them is no input)
-                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}" + _only(marked))
+                raise UserError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) matches {entry}"
+                                + (", and no file has that name" if "[" in entry else "") + _only(marked))
         else:
             found, marked = [entry], []  # a file named on its own is explained, an overlay too
         out += found

@@ -689,6 +689,11 @@ def test_image_lists_keep_file_names_that_contain_commas(ckpts, test_images, tmp
     assert explain_io.image_list(str(nested / "**" / "[bc].*")) == [str(nested / r) for r in ("cat/deeper/b.png", "dog/c.jpg")]
     with pytest.raises(UserError, match=r"no image file .* matches .*\*\.gif"):
         explain_io.image_list(str(nested / "*.gif"))
+    bracketed = tmp_path / "scan[1].png"  # a literal name that looks like a pattern: both readings, in one line
+    with pytest.raises(UserError, match=r"matches .*scan\[1\]\.png, and no file has that name$"):
+        explain_io.image_list(str(bracketed))
+    Image.fromarray(test_images[0][0]).save(bracketed)
+    assert explain_io.image_list(str(bracketed)) == [str(bracketed)]  # an existing name is a file, not a pattern
     assert explain_io.image_list(str(nested / "dog" / "*")) == [str(nested / "dog/c.jpg")]  # not notes.txt
     for nothing in ("[]", [], "", "  "):
         with pytest.raises(UserError, match="no image given"):
