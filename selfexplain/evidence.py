@@ -178,16 +178,22 @@ def ink_attribution(models, image_uint8: np.ndarray, objective: Callable[[torch.
 
     Whiting out a pixel sets its ink to 0, so ``gradient × ink`` is, to first order, how
     much of objective d its removal takes away. ``objective`` maps the classifier's layer4
-    maps of ``copies`` identical copies of the sketch (D, C, H, W) to (D,); one batched
-    forward and backward serve all D (faster here than one backward per objective).
+    maps of ``copies`` identical copies of the sketch (D, C, H, W) to (D,), objective d
+    reading copy d only. One forward of the sketch, autograd through the objectives alone,
+    then one batched backward through the classifier for all D
+    (:meth:`~selfexplain.model.SketchResNet.input_gradients`: the same gradients as autograd
+    on D copies, without their D-copy forward).
     """
+    clf, prep = models.classifier, models.classifier_ckpt["preprocess"]
+    ink = torch.from_numpy(ink_of(image_uint8).astype(np.float32)).to(models.device)[None, None]
+    fmap, trace = clf.traced_features(data.standardise_ink(ink, prep))
     # inference_mode(False): a caller inside torch.inference_mode (a notebook) still gets gradients here
     with torch.inference_mode(False), torch.enable_grad():
-        ink = torch.from_numpy(ink_of(image_uint8).astype(np.float32)).to(models.device)
-        ink = ink[None, None].repeat(copies, 1, 1, 1).requires_grad_(True)
-        fmap = models.classifier.features(data.standardise_ink(ink, models.classifier_ckpt["preprocess"])).float()
-        grad, = torch.autograd.grad(objective(fmap).sum(), ink)
-    return (grad * ink).clamp_min(0)[:, 0].detach().cpu().numpy().astype(np.float64)
+        copied = fmap.float().expand(copies, -1, -1, -1).clone().requires_grad_(True)
+        grad_map, = torch.autograd.grad(objective(copied).sum(), copied)
+    slope = data.standardise_ink(torch.ones(()), prep) - data.standardise_ink(torch.zeros(()), prep)  # ∂x/∂ink
+    grad = clf.input_gradients(trace, grad_map.to(fmap.dtype)) * slope
+    return (grad * ink).clamp_min(0)[:, 0].cpu().numpy().astype(np.float64)
 
 
 def set_activation_pixels(models, image_uint8: np.ndarray, neuron_sets: Sequence[Sequence[int]],

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
+from torch.nn.grad import conv2d_input
 
 from .errors import UserError
 
@@ -61,6 +63,63 @@ class SketchResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    # ------------------------------------------------------------------ input gradients, many objectives at once
+    @torch.no_grad()
+    def traced_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """:meth:`features` of one input (1, 1, S, S) in eval mode, and the trace :meth:`input_gradients` needs:
+        each ReLU's on-mask, the max-pool's indices and each conv's input shape."""
+        conv, bn, _, pool = self.stem
+        stem = _bn(bn, conv(x))
+        on = stem > 0
+        pooled, where = F.max_pool2d(stem.relu(), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                     pool.ceil_mode, return_indices=True)
+        trace, h = [(x.shape, on, stem.shape, where)], pooled
+        for block in (*self.layer1, *self.layer2, *self.layer3, *self.layer4):
+            inner = _bn(block.bn1, block.conv1(h))
+            shortcut = h if block.downsample is None else _bn(block.downsample[1], block.downsample[0](h))
+            out = _bn(block.bn2, block.conv2(inner.relu())) + shortcut
+            trace.append((block, h.shape, inner > 0, inner.shape, out > 0))
+            h = out.relu()
+        return h, trace
+
+    @torch.no_grad()
+    def input_gradients(self, trace: list, grad_map: torch.Tensor) -> torch.Tensor:
+        """∂⟨grad_map[d], features(x)⟩/∂x for D cotangents (D, 512, H, W) at once: (D, 1, S, S).
+
+        The map from x to layer4 is linear once its ReLU masks and pooling choices are fixed
+        (eval mode), so one forward (:meth:`traced_features`) serves every objective; each
+        layer's backward is its transposed conv. Equal to autograd on D copies of x (to fp32
+        rounding) without running the D-copy forward, and faster on CPU (bench_explain).
+        """
+        g = grad_map
+        for block, in_shape, inner_on, inner_shape, out_on in reversed(trace[1:]):
+            g = g * out_on
+            inner = _conv_input(block.conv2, g * _bn_scale(block.bn2), inner_shape) * inner_on
+            main = _conv_input(block.conv1, inner * _bn_scale(block.bn1), in_shape)
+            g = main + (g if block.downsample is None else
+                        _conv_input(block.downsample[0], g * _bn_scale(block.downsample[1]), in_shape))
+        in_shape, on, stem_shape, where = trace[0]
+        d, c = g.shape[:2]  # max-pool windows overlap: a pixel that wins two windows gets both gradients
+        unpooled = g.new_zeros(d, c, stem_shape[2] * stem_shape[3]).scatter_add_(
+            2, where.flatten(2).expand(d, c, -1), g.flatten(2)).view(d, c, *stem_shape[2:])
+        return _conv_input(self.stem[0], unpooled * on * _bn_scale(self.stem[1]), in_shape)
+
+
+def _bn(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm with its running statistics, whatever the module's mode."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Eval-mode BatchNorm's slope per channel, (1, C, 1, 1)."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[None, :, None, None]
+
+
+def _conv_input(conv: nn.Conv2d, grad_out: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
+    """A bias-free conv's backward to its input for a batch of cotangents (the transposed conv)."""
+    return conv2d_input((grad_out.shape[0], *in_shape[1:]), conv.weight, grad_out, conv.stride, conv.padding,
+                        conv.dilation, conv.groups)
 
 
 def _imagenet_state_dict() -> dict:

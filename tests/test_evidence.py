@@ -9,6 +9,7 @@ import torch
 
 from selfexplain import data, evidence, explain, synthetic
 from selfexplain.errors import UserError
+from selfexplain.model import SketchResNet
 
 
 # ----------------------------------------------------------------------------- constructed cases (no model)
@@ -236,6 +237,29 @@ def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
         edited = explain.analyse(models, evidence.delete_ink(images[b], masks))
         summed = edited.z_sum[:, ids].sum(1)
         assert summed[0] < summed[1]                  # the ranked ink carried more of the set than random ink
+
+
+@pytest.mark.parametrize("stride,size", [(1, 64), (2, 64), (1, 56)])
+def test_one_traced_forward_gives_autogrades_input_gradients_for_many_objectives(stride, size):
+    """input_gradients (one forward, transposed convs) against autograd through D copies, on a ResNet whose
+    BatchNorms hold non-trivial running statistics; the module's train mode does not change the trace."""
+    torch.manual_seed(stride)
+    net = SketchResNet(num_classes=5, layer4_stride=stride)
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 1, size, size)
+    net.train()                                       # the trace reads running statistics in either mode
+    fmap, trace = net.traced_features(x)
+    net.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(fmap.numpy(), net.features(x).numpy(), rtol=1e-5, atol=1e-5)
+    cotangents = torch.randn(3, *fmap.shape[1:])
+    copies = x.repeat(3, 1, 1, 1).requires_grad_(True)
+    want, = torch.autograd.grad((net.features(copies) * cotangents).sum(), copies)
+    got = net.input_gradients(trace, cotangents)
+    assert got.shape == want.shape and want.abs().max() > 0
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_pixel_attribution_works_inside_inference_mode(tiny):
