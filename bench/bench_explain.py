@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from bench.plot_explain import plot_counterfactuals, plot_curves  # noqa: E402
 from bench.run_all import machine  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from selfexplain import artifacts, data, evidence, explain, synthetic  # noqa: E402
+from selfexplain import artifacts, data, evidence, explain, stats, synthetic  # noqa: E402
 from selfexplain.imaging import png_bytes  # noqa: E402
 from selfexplain.logs import log  # noqa: E402
 from selfexplain.config import make_config, module_constants, run_cli  # noqa: E402
@@ -75,6 +75,7 @@ OUT = "bench/results/explain.md"              # markdown written here (merged in
 PLOTS = "bench"                               # explain_curves.png and explain_counterfactuals.png go here
 
 _PAGE_REQUEST = "page request: POST /explain (PNG in, JSON + overlay out)"   # the latency row of the page
+_AUTOGRAD_CHECK = "explain + input check, attribution by autograd through D copies (before; reference)"
 
 
 def standins(cfg, folder: Path) -> tuple[Path, Path, np.ndarray]:
@@ -119,7 +120,18 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
         regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE, pixels)
         out["curves"] = evidence.region_curves(image, regions, evidence.cam_map(models, analysis, b, cls),
                                                lambda ims: evidence.class_scores(models, ims, cls)[0], rng)
+        out["alone"] = regions_alone(models, image, regions, cls, float(analysis.logits[b, cls]))
+        out["alone"]["code"] = (analysis.z_mean[b, cited] * models.lens[cited, cls]).cpu().numpy()  # by rank
     return out
+
+
+def regions_alone(models, image, regions: np.ndarray, cls: int, logit0: float) -> dict[str, np.ndarray]:
+    """Per cited concept, by its rank in the explanation: the class logit with only its region on a blank page
+    (``insert``: what it is worth alone) and the logit's drop with only its region whited out (``delete``: what
+    the sketch loses without it), one batched forward. Tells apart what the curves' orders mix."""
+    logits = evidence.class_scores(models, np.concatenate([evidence.insert_ink(image, regions),
+                                                           evidence.delete_ink(image, regions)]), cls)[0]
+    return {"insert": logits[:len(regions)], "delete": logit0 - logits[len(regions):]}
 
 
 def class_pixel_drops(models, image, analysis, b: int, cls: int, ink_share: float) -> dict[str, float]:
@@ -200,9 +212,42 @@ def summarise(records: list[dict], pairs: list[dict]) -> dict:
                                   for o in evidence.ORDERS}
             out[f"{kind}_mean"] = {o: np.mean([getattr(c, kind)[o][:steps] for c in curves], 0) for o in evidence.ORDERS}
         out["ink_final"] = float(np.mean([c.ink["explanation"][-1] for c in curves]))
+        out["order_gap"] = {kind: paired_mean_interval([evidence.auc(getattr(c, kind)["explanation"])
+                                                        - evidence.auc(getattr(c, kind)["random order"]) for c in curves])
+                            for kind in ("deletion", "insertion")}
+        out["alone"] = alone_by_rank([r for r in records if "alone" in r])
     if pairs:
         out["cf"] = counterfactual_figures(pairs)
     return out
+
+
+def paired_mean_interval(differences, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-image differences with its 95% bootstrap interval over images: (mean, low, high)."""
+    diff = np.asarray(differences, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+    low, high = np.percentile(diff[draws].mean(1), [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two short vectors (ties at their average rank); 0 when one is flat."""
+    ra, rb = (stats.average_ranks(np.asarray(v, dtype=np.float64)[:, None])[:, 0] for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 and ra.std() > 0 and rb.std() > 0 else 0.0
+
+
+def alone_by_rank(records: list[dict]) -> dict:
+    """Means over images of :func:`regions_alone` per rank (images citing fewer concepts count for their ranks),
+    with the blank page's and the whole sketch's class logit for scale."""
+    ranks = max(len(r["alone"]["insert"]) for r in records)
+    at = lambda key, k: [r["alone"][key][k] for r in records if len(r["alone"][key]) > k]  # noqa: E731
+    # does the explanation's code-space order say which region matters more in the input? chance: 0
+    agreement = {key: paired_mean_interval([rank_correlation(r["alone"]["code"], r["alone"][key]) for r in records])
+                 for key in ("insert", "delete")}
+    return {"insert": [float(np.mean(at("insert", k))) for k in range(ranks)],
+            "delete": [float(np.mean(at("delete", k))) for k in range(ranks)],
+            "n": [len(at("insert", k)) for k in range(ranks)], "rank_correlation": agreement,
+            "blank": float(np.mean([r["curves"].insertion["explanation"][0] for r in records])),
+            "whole": float(np.mean([r["curves"].deletion["explanation"][0] for r in records]))}
 
 
 def counterfactual_figures(pairs: list[dict]) -> dict:
@@ -301,17 +346,46 @@ def latency(cfg, models, clf, sae, images, post=None) -> dict:
     def bare(image):
         models.classifier(data.model_input(torch.from_numpy(image[None]), prep))
 
+    checked = lambda im: explain.explain_image(im, **kw, input_check=True, ink_share=cfg.INK_SHARE)  # noqa: E731
+
+    def checked_by_autograd(im):
+        with swapped(evidence, "ink_attribution", autograd_ink_attribution):
+            checked(im)
+
     sides = {"bare forward": lambda: timed(bare, items),
              "explain, fast (no input check)": lambda: timed(
                  lambda im: explain.explain_image(im, **kw, input_check=False), items),
-             "explain + input check": lambda: timed(
-                 lambda im: explain.explain_image(im, **kw, input_check=True, ink_share=cfg.INK_SHARE), items)}
+             "explain + input check": lambda: timed(checked, items),
+             _AUTOGRAD_CHECK: lambda: timed(checked_by_autograd, items)}
     out = alternating_rounds(sides, cfg.ROUNDS)
     if post is not None:
         # after the in-process sides, not among them: the server process's OpenMP workers, spinning after each
         # request, slowed the in-process sides when the rounds alternated
         out.update(alternating_rounds({_PAGE_REQUEST: lambda: timed(post, items)}, cfg.ROUNDS))
     return out
+
+
+@contextlib.contextmanager
+def swapped(module, name: str, replacement):
+    """``module.name`` replaced for the duration of the block (the timed reference path below)."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def autograd_ink_attribution(models, image_uint8, objective, copies: int) -> np.ndarray:
+    """The input check's pixel attribution as it was before ``SketchResNet.input_gradients``: autograd through
+    ``copies`` identical copies of the sketch (a D-copy forward and backward). Same values to fp32 rounding; kept
+    here only as the timed reference of the latency table."""
+    with torch.inference_mode(False), torch.enable_grad():
+        ink = torch.from_numpy(evidence.ink_of(image_uint8).astype(np.float32)).to(models.device)
+        ink = ink[None, None].repeat(copies, 1, 1, 1).requires_grad_(True)
+        fmap = models.classifier.features(data.standardise_ink(ink, models.classifier_ckpt["preprocess"])).float()
+        grad, = torch.autograd.grad(objective(fmap).sum(), ink)
+    return (grad * ink).clamp_min(0)[:, 0].detach().cpu().numpy().astype(np.float64)
 
 
 def alternating_rounds(sides: dict, rounds: int) -> dict:
@@ -391,7 +465,10 @@ def write_results(cfg, models, lat, fig, plots, trained, size) -> None:
              "| per image | ms (median round) | ms (best round) |", "|---|---|---|"]
     lines += [f"| {name} | {med * 1e3:.1f} | {best * 1e3:.1f} |" for name, (med, best) in lat.items()]
     lines += ["", f"Target <= 100 ms per image with the input check: "
-              f"**{_verdict(lat['explain + input check'][0] <= 0.1)}**."]
+              f"**{_verdict(lat['explain + input check'][0] <= 0.1)}**. The input check's pixel attribution runs one "
+              f"forward and a batched backward for all its objectives (`SketchResNet.input_gradients`); by autograd "
+              f"through as many copies of the sketch, the same figures take "
+              f"{lat[_AUTOGRAD_CHECK][0] / lat['explain + input check'][0]:.2f}x as long (median rounds, this run)."]
     if _PAGE_REQUEST in lat:
         lines += [f"The page's request (`why_did_you.py --serve=True`: the sketch posted as PNG over a kept-alive "
                   f"local HTTP connection; the client's PNG encode, decode, explanation with the input check, "
@@ -404,6 +481,28 @@ def write_results(cfg, models, lat, fig, plots, trained, size) -> None:
     if fig:
         lines += evidence_lines(cfg, fig, plots)
     write_section(cfg.OUT, lines)
+
+
+def order_lines(fig: dict) -> list[str]:
+    """The explanation's order against a random order of the same regions, and each region alone by rank."""
+    if "order_gap" not in fig:
+        return []
+    gap, alone = fig["order_gap"], fig["alone"]
+    fmt = lambda g: f"{g[0]:+.3f} ({g[1]:+.3f}, {g[2]:+.3f})"  # noqa: E731
+    lines = [f"Explanation minus random order, mean over images with its 95% bootstrap interval: deletion AUC "
+             f"{fmt(gap['deletion'])}, insertion AUC {fmt(gap['insertion'])}. Each cited concept's region alone, "
+             f"by its rank in the explanation (class logit: {alone['whole']:.3f} for the whole sketch, "
+             f"{alone['blank']:.3f} for a blank page):", "",
+             "| rank | images | logit with only this region on a blank page | logit drop with only this region "
+             "whited out |", "|---|---|---|---|"]
+    lines += [f"| {k + 1} | {n} | {ins:.3f} | {dele:.3f} |"
+              for k, (n, ins, dele) in enumerate(zip(alone["n"], alone["insert"], alone["delete"]))]
+    agree = alone["rank_correlation"]
+    return lines + ["", "Within an image, the rank correlation (Spearman) of the cited concepts' code-space "
+                    f"contributions with their region's drop: {fmt(agree['delete'])}; with their region's logit "
+                    f"alone on a blank page: {fmt(agree['insert'])} (mean over images, 95% bootstrap interval; "
+                    "chance 0). The regions overlap (together they hold the share of the ink above, not five "
+                    "times 20%), so whiting out one also takes ink the other concepts fire on.", ""]
 
 
 def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
@@ -438,7 +537,7 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
                   "AUC of the class logit over the steps:", "",
                   "| order | deletion AUC (lower = better) | insertion AUC (higher = better) |", "|---|---|---|"]
         lines += [f"| {o} | {fig['deletion_auc'][o]:.3f} | {fig['insertion_auc'][o]:.3f} |" for o in evidence.ORDERS]
-        lines += [""]
+        lines += [""] + order_lines(fig)
     if "cf" in fig:
         cf = fig["cf"]
         lines += [f"Counterfactuals: {cf['pairs']} (image, part) re-renders with the part left out "
