@@ -27,7 +27,7 @@ from .artifacts import atomic_write_bytes
 from .data import load_dataset
 from .errors import UserError, some
 from .explain import NO_RANDOM_SET, OVERLAY_MARK, Explanation, Models, to_uint8, unfamiliar_note
-from .imaging import IMAGE_EXTENSIONS, is_image_file, png_bytes, png_text, user_path
+from .imaging import IMAGE_EXTENSIONS, is_image_file, mask_to_grey, png_bytes, png_text, user_path
 from .logs import log
 from .prompts import concept_name, percent
 from .stats import describe_map
@@ -161,6 +161,10 @@ def as_image_list(images) -> list:
         log(f"warning: a {images.shape} array is read as {images.shape[0]} grey images; for one colour image "
             "pass it as (H, W, C): np.moveaxis(array, 0, -1)")
     one = isinstance(images, (str, os.PathLike, Image.Image)) or picture  # a (B, S, S) stack is B images
+    if isinstance(images, np.ndarray) and images.dtype == bool and images.ndim == 3 and not one:
+        # masks of one source share a convention: the stack's less common value is the ink in every frame (a
+        # frame decided alone flipped where its drawing filled most of it)
+        images = mask_to_grey(images, f"the {images.shape} stack")
     return [images] if one else list(images)
 
 

@@ -181,7 +181,7 @@ def array_to_sketch(array: np.ndarray, image_size: int, name: str = "<array>") -
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.dtype == bool and array.ndim == 2:
-        array = _mask_to_grey(array, name)
+        array = mask_to_grey(array, name)
     numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     if not numeric or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise UserError(f"array input must be numbers shaped (H, W), (H, W, 3) or (H, W, 4) (white paper, dark "
@@ -189,10 +189,11 @@ def array_to_sketch(array: np.ndarray, image_size: int, name: str = "<array>") -
     return load_user_image(Image.fromarray(_to_uint8_values(array)), image_size, name=name)
 
 
-def _mask_to_grey(mask: np.ndarray, name: str) -> np.ndarray:
-    """A boolean mask as white paper and black ink. Masks have no convention (``a < 128`` marks the ink,
-    ``a > 128`` the paper), so the less common value is the ink (a sketch is mostly paper); a note says
-    when that is False, so a filled silhouette read the wrong way round is seen."""
+def mask_to_grey(mask: np.ndarray, name: str) -> np.ndarray:
+    """A boolean mask (or a (B, H, W) stack of them, one polarity for all) as white paper and black ink.
+    Masks have no convention (``a < 128`` marks the ink, ``a > 128`` the paper), so the less common value
+    is the ink (a sketch is mostly paper); a note says when that is False, so a filled silhouette read the
+    wrong way round is seen."""
     ink_is_true = mask.sum() * 2 < mask.size
     if not ink_is_true and mask.any():
         log(f"note: {name} is a boolean mask, {mask.mean():.0%} True: read with False as the ink (the less common "

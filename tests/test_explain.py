@@ -1012,6 +1012,12 @@ def test_notebook_folders_patterns_masks_and_names_of_several_arrays(ckpts, cach
     assert all("invert it" in n for n in notes)  # the mask <array 4> (True: the ink) gets neither note
     why_did_you.explain_images(~ink, **kw)  # True marks the paper: said, so a filled silhouette read wrong is seen
     assert "is a boolean mask" in capsys.readouterr().err
+    filled = np.zeros_like(ink)
+    filled[5:95, 5:95] = True  # one frame mostly ink (a filled shape): alone, it would read True as the paper
+    stack = why_did_you.explain_images(np.stack([ink, filled, ink]), **kw)
+    as_drawn = why_did_you.explain_images([np.where(f, 0, 255).astype(np.uint8) for f in (ink, filled)], **kw)
+    assert [e.logit for e in stack[:2]] == pytest.approx([e.logit for e in as_drawn])  # True: the ink, every frame
+    assert "is a boolean mask" not in capsys.readouterr().err  # the stack is mostly False: no flip to note
     named = why_did_you.explain_images([image_dir, grey], **kw)  # places count in the caller's list, not after a folder
     assert [e.image for e in named] == files + ["<array 1>"]
     with pytest.raises(UserError, match=rf"holds {len(files)} images and explain_image explains one: explain_images"):
