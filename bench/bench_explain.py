@@ -483,7 +483,7 @@ def write_results(cfg, models, lat, fig, plots, trained, size) -> None:
     write_section(cfg.OUT, lines)
 
 
-def order_lines(fig: dict) -> list[str]:
+def order_lines(cfg, fig: dict) -> list[str]:
     """The explanation's order against a random order of the same regions, and each region alone by rank."""
     if "order_gap" not in fig:
         return []
@@ -501,8 +501,8 @@ def order_lines(fig: dict) -> list[str]:
     return lines + ["", "Within an image, the rank correlation (Spearman) of the cited concepts' code-space "
                     f"contributions with their region's drop: {fmt(agree['delete'])}; with their region's logit "
                     f"alone on a blank page: {fmt(agree['insert'])} (mean over images, 95% bootstrap interval; "
-                    "chance 0). The regions overlap (together they hold the share of the ink above, not five "
-                    "times 20%), so whiting out one also takes ink the other concepts fire on.", ""]
+                    f"chance 0). The regions overlap (together they hold the share of the ink above, not {cfg.N_CITE} "
+                    f"x {cfg.REGION_SHARE:.0%}), so whiting out one also takes ink the other concepts fire on.", ""]
 
 
 def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
@@ -537,7 +537,7 @@ def evidence_lines(cfg, fig: dict, plots: list[Path]) -> list[str]:
                   "AUC of the class logit over the steps:", "",
                   "| order | deletion AUC (lower = better) | insertion AUC (higher = better) |", "|---|---|---|"]
         lines += [f"| {o} | {fig['deletion_auc'][o]:.3f} | {fig['insertion_auc'][o]:.3f} |" for o in evidence.ORDERS]
-        lines += [""] + order_lines(fig)
+        lines += [""] + order_lines(cfg, fig)
     if "cf" in fig:
         cf = fig["cf"]
         lines += [f"Counterfactuals: {cf['pairs']} (image, part) re-renders with the part left out "

@@ -69,6 +69,8 @@ class SketchResNet(nn.Module):
     def traced_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """:meth:`features` of one input (1, 1, S, S) in eval mode, and the trace :meth:`input_gradients` needs:
         each ReLU's on-mask, the max-pool's indices and each conv's input shape."""
+        if x.shape[0] != 1:
+            raise ValueError(f"traced_features takes one input, (1, C, S, S); got {tuple(x.shape)}")
         conv, bn, _, pool = self.stem
         stem = _bn(bn, conv(x))
         on = stem > 0

@@ -240,7 +240,7 @@ def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
 
 
 @pytest.mark.parametrize("stride,size", [(1, 64), (2, 64), (1, 56)])
-def test_one_traced_forward_gives_autogrades_input_gradients_for_many_objectives(stride, size):
+def test_one_traced_forward_gives_autograds_input_gradients_for_many_objectives(stride, size):
     """input_gradients (one forward, transposed convs) against autograd through D copies, on a ResNet whose
     BatchNorms hold non-trivial running statistics; the module's train mode does not change the trace."""
     torch.manual_seed(stride)

@@ -1060,6 +1060,6 @@ got = [e.to_dict() | {{"image": ""}} for e in explain.explain_images(mapped, **k
 want = [e.to_dict() | {{"image": ""}} for e in explain.explain_images(np.array(mapped), **kw)]
 assert json.dumps(got) == json.dumps(want)
 """
-    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, "-W", "error:The given NumPy array is not writable", "-c", script], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stderr[-2000:]
