@@ -239,27 +239,35 @@ def test_pixel_attribution_finds_the_ink_that_carries_the_neurons(tiny):
         assert summed[0] < summed[1]                  # the ranked ink carried more of the set than random ink
 
 
-@pytest.mark.parametrize("stride,size", [(1, 64), (2, 64), (1, 56)])
-def test_one_traced_forward_gives_autograds_input_gradients_for_many_objectives(stride, size):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here (bench/gpu_check.sh runs it on one)")
+
+
+@pytest.mark.parametrize("stride,size,device", [(1, 64, "cpu"), (2, 64, "cpu"), (1, 56, "cpu"),
+                                                pytest.param(1, 64, "cuda", marks=CUDA)])
+def test_one_traced_forward_gives_autograds_input_gradients_for_many_objectives(stride, size, device, monkeypatch):
     """input_gradients (one forward, transposed convs) against autograd through D copies, on a ResNet whose
     BatchNorms hold non-trivial running statistics; the module's train mode does not change the trace."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # on a GPU: both sides in full fp32
     torch.manual_seed(stride)
     net = SketchResNet(num_classes=5, layer4_stride=stride)
     for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 2.0)
         bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.2, 0.2)
-    x = torch.randn(1, 1, size, size)
+    net = net.to(device)
+    x = torch.randn(1, 1, size, size, device=device)
     net.train()                                       # the trace reads running statistics in either mode
     fmap, trace = net.traced_features(x)
     net.eval()
     with torch.no_grad():
-        np.testing.assert_allclose(fmap.numpy(), net.features(x).numpy(), rtol=1e-5, atol=1e-5)
-    cotangents = torch.randn(3, *fmap.shape[1:])
+        np.testing.assert_allclose(fmap.cpu().numpy(), net.features(x).cpu().numpy(), rtol=1e-5, atol=1e-5)
+    cotangents = torch.randn(3, *fmap.shape[1:], device=device)
     copies = x.repeat(3, 1, 1, 1).requires_grad_(True)
     want, = torch.autograd.grad((net.features(copies) * cotangents).sum(), copies)
     got = net.input_gradients(trace, cotangents)
-    assert got.shape == want.shape and want.abs().max() > 0
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert got.shape == want.shape and got.device == want.device and want.abs().max() > 0
+    np.testing.assert_allclose(got.cpu().numpy(), want.cpu().numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="one input"):
+        net.traced_features(x.repeat(2, 1, 1, 1))
 
 
 def test_pixel_attribution_works_inside_inference_mode(tiny):
