@@ -6,6 +6,8 @@ reconstruction between the two. ``layer4_stride`` sets s: 2 is torchvision's Res
 (s = 32: a 2x2 map at 64 px, 7x7 at 224), 1 keeps layer4 at layer3's resolution (s = 16:
 4x4 at 64 px, 14x14 at 224), the "CAM-friendly" ResNet, so a latent can say where it fires.
 Stride changes no weight shape; the checkpoint's ``arch`` dict records it.
+``traced_features`` / ``input_gradients`` give ∂/∂x of many objectives of A from one forward
+(the transposed convs of that forward), for stage 5's pixel attribution.
 """
 from __future__ import annotations
 
