@@ -150,9 +150,13 @@ def as_image_list(images) -> list:
     (C, H, W) tensor (C 1, 3 or 4) alone is one image; a (B, H, W) array and a (B, C, H, W)
     tensor are B images (so is a (B, H, W) tensor unless B is 1, 3 or 4: pass grey stacks as
     (B, 1, H, W)). A (3, H, W) array is three grey images, not one colour image (numpy's colour
-    axis is last): a warning says so. A boolean (B, H, W) stack gets one ink polarity for all its frames."""
+    axis is last): a warning says so. A boolean (B, H, W) stack (array, or tensor (B, [1,] H, W)) gets one ink
+    polarity for all its frames."""
     if isinstance(images, torch.Tensor):  # channels first: (3, H, W) is one colour image; grey stacks are (B, 1, H, W)
         one = images.ndim == 2 or (images.ndim == 3 and images.shape[0] in (1, 3, 4))
+        if images.dtype == torch.bool and not one and (images.ndim == 3 or images.shape[1] == 1):  # masks' stack
+            stack = images.detach().cpu().numpy().reshape(len(images), *images.shape[-2:])
+            return list(mask_to_grey(stack, f"the {tuple(images.shape)} stack"))
         return [images] if one else list(images)
     if isinstance(images, dict):
         raise UserError("images are a list of paths, PIL images or arrays, not a dict")

@@ -1017,6 +1017,8 @@ def test_notebook_folders_patterns_masks_and_names_of_several_arrays(ckpts, cach
     stack = why_did_you.explain_images(np.stack([ink, filled, ink]), **kw)
     as_drawn = why_did_you.explain_images([np.where(f, 0, 255).astype(np.uint8) for f in (ink, filled)], **kw)
     assert [e.logit for e in stack[:2]] == pytest.approx([e.logit for e in as_drawn])  # True: the ink, every frame
+    as_tensor = torch.from_numpy(np.stack([ink, filled, ink]))[:, None]  # (B, 1, H, W) bool, as a DataLoader gives
+    assert [e.logit for e in why_did_you.explain_images(as_tensor, **kw)] == pytest.approx([e.logit for e in stack])
     assert "is a boolean mask" not in capsys.readouterr().err  # the stack is mostly False: no flip to note
     named = why_did_you.explain_images([image_dir, grey], **kw)  # places count in the caller's list, not after a folder
     assert [e.image for e in named] == files + ["<array 1>"]
