@@ -112,16 +112,17 @@ def image_evidence(models, image, analysis, b, index, cfg) -> dict:
     cls = int(analysis.logits[b].argmax())
     rng = np.random.default_rng([cfg.SEED, index])
     cited, sets = cited_and_random(models, analysis, b, cls, cfg, rng)
+    code = analysis.z_mean[b, cited] * models.lens[cited, cls]  # the cited contributions, in the explanation's order
     out = {"deletion": evidence.input_deletion(models, image, analysis, b, cited, cls, sets, cfg.INK_SHARE),
-           "code_cited": float((analysis.z_mean[b, cited] * models.lens[cited, cls]).sum())}
+           "code_cited": float(code.sum())}
     out["deletion"].update(class_pixel_drops(models, image, analysis, b, cls, cfg.INK_SHARE))
     if len(cited) >= 2:
         pixels = evidence.set_activation_pixels(models, image, [[i] for i in cited]) if evidence.PIXEL_MAPS else None
         regions = evidence.concept_regions(image, evidence.token_maps(analysis, b, cited), cfg.REGION_SHARE, pixels)
         out["curves"] = evidence.region_curves(image, regions, evidence.cam_map(models, analysis, b, cls),
                                                lambda ims: evidence.class_scores(models, ims, cls)[0], rng)
-        out["alone"] = regions_alone(models, image, regions, cls, float(analysis.logits[b, cls]))
-        out["alone"]["code"] = (analysis.z_mean[b, cited] * models.lens[cited, cls]).cpu().numpy()  # by rank
+        out["alone"] = regions_alone(models, image, regions, cls, float(analysis.logits[b, cls])) | {
+            "code": code.cpu().numpy()}
     return out
 
 
