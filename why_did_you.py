@@ -201,7 +201,8 @@ def main(**overrides) -> list[dict]:
     overlays = (explain_io.overlay_paths(cfg.OVERLAY, [item.name for item in inputs], [n for _, n, _ in skipped])
                 if cfg.OVERLAY else [None] * len(inputs))  # before the model passes: an overlay onto an input is refused
     judge = familiarity.verdict_judge(models, cfg.REPORT_DIR, cfg.CACHE_DIR) if cfg.FAMILIARITY else None
-    explanations = explain.explain_images([item.image for item in inputs], cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
+    batch = explain_io.as_batch(inputs) if inputs else []  # decoded (and noted) once: no second dark note
+    explanations = explain.explain_images(batch, cfg.CLASSIFIER_CKPT, cfg.SAE_CKPT,
                                           cfg.REPORT_DIR, models.device, cfg.BATCH_SIZE, judge=judge,
                                           **vars(settings))
     results = []

@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 from . import artifacts, explain, familiarity
 from .distributed import sigterm_interrupts
 from .errors import UserError
-from .imaging import BadImage, decode_image, png_bytes
+from .imaging import BadImage, dark_note, decode_image, png_bytes
 from .logs import log
 
 MAX_BODY = 4 * 1024 * 1024              # bytes per upload; larger bodies get a 413
@@ -99,7 +99,10 @@ class Explainer:
 
     def answer(self, image) -> dict:
         """One decoded sketch -> the answer object (the model pass, familiarity, the overlay PNG)."""
-        exp = explain.explain_images([image], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
+        note = dark_note(image, "<upload>")  # named as the page's answers are; the batch below is not noted again
+        if note:
+            log(note)
+        exp = explain.explain_images(image[None], classifier_ckpt=self.classifier_ckpt, sae_ckpt=self.sae_ckpt,
                                      report_dir=self.report_dir, judge=self.judge, **self.options)[0]
         exp.image = "<upload>"
         out = exp.to_dict()

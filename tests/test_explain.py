@@ -109,6 +109,19 @@ def test_a_neuron_both_classes_count_alike_is_cited_for_the_class_but_not_for_th
     assert top not in [n["neuron_id"] for n in again.extra["versus"]["neurons"]]  # but no reason for the contrast
 
 
+def test_the_command_line_notes_a_dark_image_once_under_its_file_name(ckpts, test_images, tmp_path, capsys):
+    """Walkthrough (session 23): main() decoded each file, then explain_images read the decoded square again
+    and printed a second note, '<array> is 73% dark' (another share: the padded square's)."""
+    images, _ = test_images
+    dark, light = tmp_path / "dark.png", tmp_path / "light.png"
+    Image.fromarray(255 - images[0]).resize((128, 96)).save(dark)  # not the model's size: decoded, padded
+    Image.fromarray(images[1]).save(light)
+    capsys.readouterr()
+    why_did_you.main(image=[str(dark), str(light)], report_dir=str(tmp_path), device="cpu", fast=True, **ckpts)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "dark strokes on white paper" in line]
+    assert [n.split(" is ")[0] for n in notes] == [f"note: {dark}"]
+
+
 def test_versus_a_named_class_and_its_errors(ckpts, test_images, tmp_path, capsys):
     images, _ = test_images
     models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")

@@ -431,3 +431,12 @@ def test_a_client_that_hangs_up_is_one_log_line_not_a_traceback(server, capsys):
     except ValueError:
         server.handle_error(None, ("10.0.0.7", 5000))  # anything else keeps socketserver's traceback
     assert "ValueError: a real bug" in capsys.readouterr().err
+
+
+def test_a_dark_upload_is_noted_once_under_its_own_name(server, sketches, capsys):
+    """Walkthrough (session 23): the server logged the note as '<array>', from a second decode of the upload."""
+    dark = 255 - np.asarray(Image.open(io.BytesIO(sketches[0])).convert("L"))
+    capsys.readouterr()
+    status, _ = request(server, "POST", "/explain", png_bytes(dark), {"Content-Type": "image/png"})
+    notes = [line for line in capsys.readouterr().err.splitlines() if "dark strokes on white paper" in line]
+    assert status == 200 and len(notes) == 1 and notes[0].startswith("note: <upload> is ")
