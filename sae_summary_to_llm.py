@@ -27,9 +27,10 @@ is written as it arrives; Ctrl-C stops new requests and keeps the answers of tho
 (a second Ctrl-C quits at once without them).
 A second run on the same REPORT_DIR is refused while one is writing. Neurons that still fail are listed at the end and the exit code is 1; a run whose
 first neurons all fail stops early (exit 2): 3 refusals, a bad token, unknown model or exhausted
-quota, 8 failures that are not a busy server's (timeouts, 429, 503): the server is down or BASE_URL is
-not its API, or 16 busy failures (rerun later).
-llm_config.json records what was asked (ASKED: backend, model, server). Dead neurons
+quota, a server that cannot be reached at all, 8 failures that are not a busy server's (timeouts, 429,
+503): BASE_URL is not its API, or 16 busy failures (rerun later).
+llm_config.json records what made the answers (ASKED: backend, model, server); llm_summary.json what the
+last run asked and what failed. Dead neurons
 are skipped unless ONLY names them. Logic: selfexplain/concepts.py.
 """
 from __future__ import annotations
@@ -101,12 +102,8 @@ def main(**overrides) -> int:
             todo = [n for n in chosen if n["neuron_id"] not in done]
             asked = todo[:cfg.LIMIT]  # a batch of the unanswered (LIMIT None: all): reruns go on
             later, todo = len(todo) - len(asked), asked
-            artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
-                                             "ASKED": {"backend": backend.name, "model": backend.model,
-                                                       "base_url": backend.base_url}},
-                                            report_dir, artifacts.LLM_CONFIG)  # what the '' and auto settings became
             images = "on" if backend.accepts_images and cfg.IMAGES else "off"
-            log(f"backend {backend.name} ({backend.model}): {len(todo)} neurons to ask, "
+            log(f"backend {backend_label(backend)}: {len(todo)} neurons to ask, "
                 f"{len(chosen) - len(todo) - later} already answered, "
                 + (f"{later} left for later runs (LIMIT={cfg.LIMIT}), " if later else "")
                 + f"{n_dead} dead skipped, images {images}")
@@ -120,6 +117,8 @@ def main(**overrides) -> int:
                 now = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
                                             offline)
                 answered = sum(n["neuron_id"] in now for n in todo)
+                if answered or not todo:  # the settings that made the answers on disk; a run that made none keeps
+                    save_asked(cfg, backend, report_dir)  # the last one's (llm_summary.json says what it tried)
     finally:
         if todo is not None:  # the run got as far as choosing what to ask
             try:
@@ -135,6 +134,19 @@ def main(**overrides) -> int:
         log(f"{len(failures)} neurons failed (rerun to retry them): {sorted(failures)}")
         return 1
     return 0
+
+
+def backend_label(backend) -> str:
+    """``openai (gpt-4o-mini)``; the offline backend's model is its name: ``offline`` once."""
+    return backend.name if backend.model in ("", backend.name) else f"{backend.name} ({backend.model})"
+
+
+def save_asked(cfg, backend, report_dir: Path) -> None:
+    """``llm_config.json``: the effective settings, and ``ASKED``, what the '' and auto settings became."""
+    artifacts.save_effective_config({**cfg, "BASE_URL": public_url(cfg.BASE_URL),
+                                     "ASKED": {"backend": backend.name, "model": backend.model,
+                                               "base_url": backend.base_url}},
+                                    report_dir, artifacts.LLM_CONFIG)
 
 
 def stop_reason(exc: BaseException) -> str:

@@ -333,6 +333,7 @@ def _failure(future: Future) -> Exception | None:
 
 REFUSALS_BEFORE_STOP = 3  # a 4xx for this many neurons and no answer yet: the request is wrong, not the neuron
 FAILURES_BEFORE_STOP = 8  # this many failures, not of a busy server, and no answer yet: the server is down or wrong
+_DOWN = "down"  # ask_all's stop for a server that answers nothing, worded once the requests in flight are counted
 BUSY_BEFORE_STOP = 16  # this many busy failures (timeouts, 429, 503) and no answer yet: come back later
 
 
@@ -340,7 +341,7 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     """Ask every neuron on ``workers`` threads; each answer is appended to ``out`` as it arrives.
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
-    unknown model), or a client error (400, 422: say, a model that takes no images) on the
+    unknown model, a server that cannot be reached: :attr:`LLMError.unreachable`), or a client error (400, 422: say, a model that takes no images) on the
     first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or ``FAILURES_BEFORE_STOP``
     failures that are not of a busy server (:attr:`LLMError.busy`: timeouts, rate limits,
     overload) with none answered (a server that is down or answers garbage: each neuron costs
@@ -371,11 +372,12 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
             refused += not answered and 400 <= status < 500 and status not in RETRY_STATUSES  # 429 is not a refusal
             broken += not answered and not getattr(exc, "busy", False)  # LLMError.busy: timeouts, 429, 503...
             busy += not answered and getattr(exc, "busy", False)
-            if fatal is None and (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP):
+            if fatal is None and getattr(exc, "unreachable", False):
+                fatal = f"{backend.name}: {failures[nid]}: is the server up, and is BASE_URL right?"
+            elif fatal is None and (getattr(exc, "fatal", False) or refused >= REFUSALS_BEFORE_STOP):
                 fatal = f"{backend.name} refused the requests ({failures[nid]})"
-            elif fatal is None and broken >= FAILURES_BEFORE_STOP:
-                fatal = (f"{backend.name}: {broken} neurons failed and none was answered (the last: "
-                         f"{failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
+            elif fatal is None and broken >= FAILURES_BEFORE_STOP:  # worded below: those in flight fail too
+                fatal = _DOWN
             elif fatal is None and busy >= BUSY_BEFORE_STOP:  # each busy neuron costs its retries and their waits
                 fatal = (f"{backend.name}: the server was busy (timeouts, rate limits) for {busy} neurons and "
                          f"answered none (the last: {failures[nid]}); rerun later, or with fewer WORKERS")
@@ -389,6 +391,9 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if fatal is _DOWN:
+        fatal = (f"{backend.name}: {len(failures)} neurons failed and none was answered (the last: "
+                 f"{failures[nid]}); check that the server is up and BASE_URL and MODEL are right")
     if fatal:
         error = UserError(f"{fatal}; answers so far are kept, rerun to resume")
         error.failures = failures  # the neurons that failed before the stop, for llm_summary.json

@@ -87,12 +87,13 @@ _SECRET_PATTERNS = [re.compile(r"r8_[A-Za-z0-9]{16,}"), re.compile(r"sk-[A-Za-z0
 # ----------------------------------------------------------------------------- errors
 class LLMError(Exception):
     """A request that failed for good. ``fatal``: every later request would fail too;
-    ``slow``: it ran out of time; :attr:`busy`: the server is busy (slow, rate limits,
-    overloaded), not wrong."""
+    ``slow``: it ran out of time; ``unreachable``: no connection was made (nothing listens there, an
+    unknown host; fatal too); :attr:`busy`: the server is busy (slow, rate limits, overloaded), not wrong."""
 
-    def __init__(self, message: str, status: int | None = None, fatal: bool = False, slow: bool = False):
+    def __init__(self, message: str, status: int | None = None, fatal: bool = False, slow: bool = False,
+                 unreachable: bool = False):
         super().__init__(message)
-        self.status, self.fatal, self.slow = status, fatal, slow
+        self.status, self.fatal, self.slow, self.unreachable = status, fatal or unreachable, slow, unreachable
 
     @property
     def busy(self) -> bool:
@@ -101,6 +102,16 @@ class LLMError(Exception):
 
 class TransientError(LLMError):
     """Failed this time in a way no client retries (a replicate prediction failed or ran out of time)."""
+
+
+def _lost_connection(base_url: str, exc: BaseException) -> LLMError:
+    """A request that failed below HTTP (after the client's retries): ``unreachable`` when no connection was
+    made (a ConnectError of httpx, or of the httpx fork the openai client wraps), else a lost connection that a
+    later request may not meet."""
+    for error in (exc, exc.__cause__):  # openai raises APIConnectionError from its HTTP library's error
+        if error is not None and any(k.__name__ == "ConnectError" for k in type(error).__mro__):
+            return LLMError(f"cannot connect to {base_url} ({error or type(error).__name__})", unreachable=True)
+    return LLMError(f"connection lost: {exc.__cause__ or exc}")
 
 
 def _status_error(status: int, detail: str) -> LLMError:
@@ -228,7 +239,7 @@ class Backend:
                 if attempt < self.retries:
                     time.sleep(self._backoff(attempt))
             except LLMError as exc:
-                raise LLMError(self.scrub(str(exc)), exc.status, exc.fatal, exc.slow) from None
+                raise LLMError(self.scrub(str(exc)), exc.status, exc.fatal, exc.slow, exc.unreachable) from None
         raise LLMError(self.scrub(f"gave up after {self.retries + 1} attempts: {last}"),
                        getattr(last, "status", None), slow=getattr(last, "slow", False)) from None
 
@@ -297,16 +308,27 @@ class OpenAIBackend(Backend):
         """The model a self-hosted server (vLLM, llama.cpp, Ollama) serves, when it lists one."""
         if "api.openai.com" in str(self.client.base_url):
             return ""
+        import openai  # lazy: see __init__
+
         try:
             names = [m.id for m in self.client.models.list()]
-        except Exception as exc:  # noqa: BLE001  any failure: fall back to the default name
-            log(f"could not list models at {self.base_url} ({type(exc).__name__}); asking for "
-                f"{DEFAULT_MODELS[('openai', self.accepts_images)]}: set MODEL to the name this server serves")
-            return ""
+        except openai.APIConnectionError as exc:  # a timeout too: a slow server may still answer the chats
+            error = _lost_connection(self.base_url, exc)
+            if error.unreachable:  # nothing will answer: say so now, not after 8 neurons' retries
+                raise UserError(f"openai: {error}: is the server up, and is BASE_URL right?") from None
+            return self._unlisted(type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001  no listing (a 404, a proxy): fall back to the default name
+            return self._unlisted(type(exc).__name__)
         if len(names) > 1:  # picking one at random would surprise: ask instead
             listed = ", ".join(names[:8])
             raise UserError(f"{self.base_url} serves several models; set MODEL to one of: {listed}")
         return names[0] if names else ""
+
+    def _unlisted(self, why: str) -> str:
+        """No model list (a 404, a proxy, a timeout): the default name, with a note on how to set MODEL."""
+        log(f"could not list models at {self.base_url} ({why}); asking for "
+            f"{DEFAULT_MODELS[('openai', self.accepts_images)]}: set MODEL to the name this server serves")
+        return ""
 
     def sampling(self) -> dict:
         """The length and sampling parameters this model takes.
@@ -362,7 +384,7 @@ class OpenAIBackend(Backend):
             except openai.APITimeoutError:
                 raise LLMError(f"timed out after {self.timeout:g}s ({self.retries + 1} tries)", slow=True) from None
             except openai.APIConnectionError as exc:
-                raise LLMError(f"connection error: {exc}") from None
+                raise _lost_connection(self.base_url, exc) from None
             except openai.APIStatusError as exc:
                 if not self._refuse(exc, sent):
                     raise self._http_error(exc) from None
@@ -469,7 +491,7 @@ class ReplicateBackend(Backend):
         except httpx.TimeoutException:  # httpx retries connecting, not waiting: ask again ourselves
             raise TransientError(f"timed out after {self.timeout:g}s", slow=True) from None
         except httpx.TransportError as exc:
-            raise LLMError(f"connection error: {type(exc).__name__}: {exc}") from None
+            raise _lost_connection(self.base_url, exc) from None
         except ValueError as exc:  # JSON that is not a prediction
             raise MalformedAnswer(f"unreadable response: {exc}") from None
 

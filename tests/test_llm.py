@@ -169,7 +169,8 @@ def test_offline_answers_every_live_neuron_and_reruns_ask_nothing(report, capsys
     assert sorted(got) == LIVE  # the dead neuron is skipped
     assert all(r["backend"] == "offline" and r["answer"].startswith("offline: ") for r in got.values())
     assert got[0]["answer"] == "offline: strokes typical of wheel/bicycle, lower left"
-    assert "1 dead skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 dead skipped" in err and "backend offline: 5 neurons to ask" in err  # not "offline (offline)"
     before = (report / "llm_output.jsonl").read_bytes()
     assert stage.main(report_dir=str(report), backend="offline") == 0
     assert (report / "llm_output.jsonl").read_bytes() == before
@@ -377,20 +378,40 @@ def test_the_same_client_error_for_the_first_neurons_stops_the_run(api, report, 
     assert answers(report) == {}
 
 
-@pytest.mark.parametrize("reply", ["html", "down"])
-def test_a_server_that_never_answers_stops_the_run_early(reply, report, monkeypatch, waits):
-    """Down, or a page that is not the API: each neuron would cost its retries, so the run stops, saying where to look."""
+def test_a_server_that_answers_no_api_stops_the_run_early_and_counts_what_failed(report, monkeypatch, waits, capsys):
+    """A page that is not the API: each neuron would cost its retries, so the run stops, saying where to look;
+    the count is of every neuron that failed, those in flight at the stop too (it said 8 after listing 10)."""
     monkeypatch.setattr(concepts, "FAILURES_BEFORE_STOP", 2)  # the tiny report has 5 live neurons (the real rule: 8)
-    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     with FakeLLMServer(script=lambda *_: Reply(kind="html", text="Please sign in")) as srv:
-        with pytest.raises(UserError, match=r"2 neurons failed and none was answered .*"
-                                            + ("text, not JSON.*Please sign in" if reply == "html" else "onnection")
-                                            + r".*check that the server is up"):
-            run_openai(report, srv, monkeypatch, workers=1, retries=0, model="m",
-                       **({"base_url": url} if reply == "down" else {}))
-        if reply == "html":
-            assert concepts.FAILURES_BEFORE_STOP <= sum(srv.attempts.values()) < len(LIVE)  # + one in flight at most
+        with pytest.raises(UserError, match=r"\d neurons failed and none was answered .*text, not JSON.*Please sign in"
+                                            r".*check that the server is up") as stopped:
+            run_openai(report, srv, monkeypatch, workers=2, retries=0, model="m")
+        assert concepts.FAILURES_BEFORE_STOP <= sum(srv.attempts.values()) < len(LIVE)  # + those in flight at most
+    listed = [line for line in capsys.readouterr().err.splitlines() if ": failed: " in line]
+    assert str(stopped.value).startswith(f"openai: {len(listed)} neurons failed")
     assert answers(report) == {}
+
+
+@pytest.mark.parametrize("model", ["m", ""])
+def test_a_server_nothing_listens_on_stops_at_the_first_request(model, report, monkeypatch, waits):
+    """Nothing at BASE_URL: every request would fail alike, so the first says so (it took 8 neurons' retries,
+    33 s, and said 'connection error: Connection error.'); without MODEL the model listing finds it, before any
+    neuron is asked. No answer made, so llm_config.json is not claimed by this server."""
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with pytest.raises(UserError, match=r"^openai: cannot connect to http://127\.0\.0\.1:\d+/v1/ \(.*\): is the "
+                                        r"server up, and is BASE_URL right\?") as stopped:
+        monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+        stage.main(report_dir=str(report), backend="openai", base_url=url, workers=1, retries=0, model=model)
+    assert "\n" not in str(stopped.value) and "Connection error." not in str(stopped.value)
+    assert not (report / "llm_config.json").exists() and answers(report) == {}
+
+
+def test_replicate_at_an_address_nothing_listens_on_stops_at_the_first_request(report, monkeypatch, waits):
+    monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_TOKEN)
+    monkeypatch.setenv("REPLICATE_API_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match=r"^replicate: cannot connect to http://127\.0\.0\.1:\d+ .*is the server up"):
+        stage.main(report_dir=str(report), backend="replicate", workers=1, retries=0)
+    assert not (report / "llm_config.json").exists() and answers(report) == {}
 
 
 def test_a_busy_server_fails_neurons_and_never_stops_the_run(report, monkeypatch, waits):
@@ -422,9 +443,10 @@ def test_a_password_in_base_url_is_never_shown_or_stored(report, monkeypatch, ca
         url = srv.openai_url.replace("://", "://user:s3cret@")
         with pytest.raises(UserError, match="404") as refused:
             run_openai(report, srv, monkeypatch, workers=1, retries=0, base_url=url)  # no MODEL: lists models
-    stored = (report / "llm_config.json").read_text()
+    stored = (report / "llm_summary.json").read_text()  # llm_config.json: only from a run that made answers
     assert "s3cret" not in str(refused.value) + stored + "".join(capsys.readouterr())
-    assert json.loads(stored)["ASKED"]["base_url"] == srv.openai_url.rstrip("/") + "/"
+    assert json.loads(stored)["base_url"] == srv.openai_url.rstrip("/") + "/"
+    assert not (report / "llm_config.json").exists()
 
 
 def free_port() -> int:
@@ -565,6 +587,7 @@ def test_offline_answers_are_replaced_by_a_real_backend(report, monkeypatch):
         assert run_openai(report, srv, monkeypatch) == 0
     got = answers(report)  # the latest answer per neuron, all from the LLM now
     assert sorted(got) == LIVE and {r["backend"] for r in got.values()} == {"openai"}
+    assert json.loads((report / "llm_config.json").read_text())["ASKED"]["backend"] == "openai"
     assert concepts.load_concepts(report)[0] == "shape number 0"
 
 
