@@ -122,8 +122,9 @@ def main(**overrides) -> dict:
     if cfg.RESUME:
         last = Path(cfg.OUT_DIR) / artifacts.LAST_SAE
         state, usage_ema = st.restore(last, sae, optimizer, settings, clf_ckpt["fingerprint"], runtime)
-        runtime.log(f"resumed from {last} after epoch {state.epoch}")
     settings = st.lengthened(settings, steps, runtime)
+    if cfg.RESUME:  # after MIN_STEPS has lengthened EPOCHS, as the run's saved config records it
+        runtime.log(state.resumed_note(last, settings.epochs))
     if runtime.is_main:  # effective: the EPOCHS that MIN_STEPS made (the log says so), replayable with --config
         save_effective_config({**cfg, "EPOCHS": settings.epochs}, cfg.OUT_DIR)
     result = st.fit(sae, optimizer, usage_ema, model.head, tokens, state, settings, runtime)

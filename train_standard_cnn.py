@@ -122,7 +122,7 @@ def main(**overrides) -> dict:
     scaler = ct.make_grad_scaler(runtime.device, cfg.AMP)
     if resumed:
         state, split, prep = ct.restore(resumed, model, optimizer, scaler)
-        runtime.log(f"resumed from {last} after epoch {state.epoch}")
+        runtime.log(state.resumed_note(last, cfg.EPOCHS))
         before = resumed.get("config", {}).get("SYNTHETIC_FRESH", False)
         if imageset.origins and bool(before) != bool(cfg.SYNTHETIC_FRESH):
             runtime.log(f"note: the run so far trained with SYNTHETIC_FRESH={before}; "

@@ -480,14 +480,22 @@ def remove_path(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def schedule_changes(saved_config: dict, current: dict) -> list[tuple[str, str]]:
+    """The settings that change the steps per epoch since a run was saved, as (what it was trained with, the
+    flag that restores it): the learning-rate schedule counts steps, so a larger BATCH_SIZE (or more processes)
+    resumed past its total and trained every epoch at lr 0. A key the saved config lacks (an older run) is
+    not compared."""
+    changed = [(k, saved_config[k]) for k, v in current.items() if k in saved_config and saved_config[k] != v]
+    # WORLD_SIZE (recorded by the scripts, no flag): the processes share each step's batches
+    return [(f"{old} process(es)", f"torchrun --nproc_per_node={old}") if k == "WORLD_SIZE"
+            else (f"--{k.lower()}={old}", f"--{k.lower()}={old}") for k, old in changed]
+
+
 def require_same_schedule(path: str | os.PathLike, saved_config: dict, current: dict) -> None:
-    """Refuse to resume with settings that change the steps per epoch: the learning-rate schedule
-    counts steps, so a larger BATCH_SIZE (or more processes) resumed past its total and trained
-    every epoch at lr 0. A key the saved config lacks (an older run) is not compared."""
-    changed = {k: (saved_config[k], v) for k, v in current.items() if k in saved_config and saved_config[k] != v}
-    if changed:  # WORLD_SIZE (recorded by the scripts, no flag): the processes share each step's batches
-        was = ", ".join(f"{old} process(es) (torchrun --nproc_per_node={old})" if k == "WORLD_SIZE"
-                        else f"--{k.lower()}={old}" for k, (old, _) in changed.items())
+    """Refuse to resume with settings that change the steps per epoch (:func:`schedule_changes`)."""
+    changed = schedule_changes(saved_config, current)
+    if changed:
+        was = ", ".join(f"{what} ({flag})" if what != flag else what for what, flag in changed)
         raise UserError(f"{path} was trained with {was}, which set its learning-rate schedule: resume with the same "
                         "values, or start a new run with --overwrite=True")
 
@@ -528,6 +536,7 @@ class TrainState:
     epoch: int = 0                                      # last finished epoch
     step: int = 0                                       # optimiser steps taken
     history: list[dict] = field(default_factory=list)   # one row of figures per finished epoch
+    planned: int | None = None                          # a resumed run's EPOCHS so far (its config's; not saved twice)
 
     def to_checkpoint(self) -> dict:
         """The fields a ``last`` checkpoint stores (``epoch`` is stored by the checkpoint itself)."""
@@ -535,7 +544,18 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "TrainState":
-        return cls(best=ckpt["best"], epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]))
+        return cls(best=ckpt["best"], epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]),
+                   planned=(ckpt.get("config") or {}).get("EPOCHS"))
+
+    def resumed_note(self, path: str | os.PathLike, epochs: int) -> str:
+        """The log line of a resume. A changed EPOCHS is said: the learning-rate schedule spans EPOCHS, so
+        the rate is recomputed (a longer run goes back up the decay) and nothing else would show it."""
+        line = f"resumed from {path} after epoch {self.epoch}"
+        if self.planned is None or self.planned == epochs:
+            return line
+        left = (f"{epochs - self.epoch} more epoch(s)" if epochs > self.epoch else "nothing is left to train")
+        return (f"{line} of EPOCHS={self.planned}; now EPOCHS={epochs}: the learning-rate schedule is recomputed "
+                f"over {epochs} epochs, {left} (resume with --epochs={self.planned} to keep it)")
 
 
 # ----------------------------------------------------------------------------- label decoder

@@ -242,7 +242,8 @@ SCHEDULE_KEYS = ("BATCH_SIZE", "ACCUM_STEPS", "MAX_BATCHES", "WORLD_SIZE")  # wh
 
 def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dict | None = None,
                  moved_to: str = "") -> dict:
-    """Load ``last.pt`` to resume; refuse it when the current settings name other data or another stride.
+    """Load ``last.pt`` to resume; refuse it when the current settings name other data, another stride or
+    other steps per epoch (the learning-rate schedule), naming every flag to resume with in one message.
 
     The dataset and split come from the checkpoint: training on with the same split but
     other images would silently mix two datasets. The stride changes no weight shape, so
@@ -252,25 +253,29 @@ def resume_point(path: str | Path, spec: dict, layer4_stride: int, schedule: dic
     """
     artifacts.require_resumable(path)
     ckpt = artifacts.load_checkpoint(path, "classifier")
-    saved_stride = ckpt["arch"].get("layer4_stride", 2)
-    if saved_stride != layer4_stride:
-        raise UserError(f"{path} was trained with LAYER4_STRIDE={saved_stride}; resume with "
-                        f"--layer4_stride={saved_stride} or start a new run with --overwrite=True")
-    saved = ckpt["dataset"]
+    saved, differ = ckpt["dataset"], []  # every setting that must change, named in one message
     had, want = _data_identity(saved), _data_identity(spec)
     if had != want:
         if _data_flags(saved) == _data_flags(spec):  # nothing a flag can change (the synthetic generator's version)
-            differ = sorted(k for k in {**had, **want} if had.get(k) != want.get(k))
-            raise UserError(f"{path} was trained on data that differs from this code's in {', '.join(differ)}; "
+            changed = sorted(k for k in {**had, **want} if had.get(k) != want.get(k))
+            raise UserError(f"{path} was trained on data that differs from this code's in {', '.join(changed)}; "
                             "start a new run with --overwrite=True")
-        raise UserError(f"{path} was trained on {_describe(saved)} but the settings name {_describe(spec)}; "
-                        f"resume with {_data_flags(saved)}, or start a new run with --overwrite=True")
+        differ.append((f"on {_describe(saved)} but the settings name {_describe(spec)}", _data_flags(saved)))
+    saved_stride = ckpt["arch"].get("layer4_stride", 2)
+    if saved_stride != layer4_stride:
+        differ.append((f"with LAYER4_STRIDE={saved_stride}", f"--layer4_stride={saved_stride}"))
+    changes = artifacts.schedule_changes(ckpt.get("config") or {}, schedule or {})
+    if changes:
+        differ.append((f"with {', '.join(what for what, _ in changes)}, which set its learning-rate schedule",
+                       " ".join(flag for _, flag in changes)))
+    if differ:
+        raise UserError(f"{path} was trained {'; and '.join(what for what, _ in differ)}; resume with "
+                        f"{' '.join(flag for _, flag in differ)}, or start a new run with --overwrite=True")
     if moved_to and str(Path(moved_to).resolve()) != str(Path(saved.get("data_root") or moved_to).resolve()):
         if "items_digest" not in saved:  # no record of its images: another folder could not be checked
             raise UserError(f"{path} predates the record of which images it was trained on, so it resumes only "
                             f"from {saved.get('data_root')}; start a new run with --overwrite=True to use {moved_to}")
         ckpt["dataset"] = data.relocate(saved, moved_to)
-    artifacts.require_same_schedule(path, ckpt.get("config") or {}, schedule or {})
     return ckpt
 
 

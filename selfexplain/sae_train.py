@@ -519,7 +519,7 @@ def lengthened(settings: SAETrainSettings, n_steps: int, runtime: Runtime) -> SA
     if settings.epochs == 0 or settings.epochs * n_steps >= settings.min_steps:
         return settings
     epochs = math.ceil(settings.min_steps / n_steps)
-    runtime.log(f"EPOCHS={settings.epochs} make {settings.epochs * n_steps} steps of {n_steps} per epoch, fewer than "
+    runtime.log(f"EPOCHS={settings.epochs} make {settings.epochs * n_steps} steps ({n_steps} per epoch), fewer than "
                 f"MIN_STEPS={settings.min_steps}: training {epochs} epochs (--min_steps=0 trains exactly EPOCHS)")
     return replace(settings, epochs=epochs, config={**settings.config, "EPOCHS": epochs})  # checkpoints: what ran
 

@@ -361,7 +361,7 @@ def test_missing_classifier_is_a_clear_error(tmp_path):
         train_sae.main(classifier_ckpt=str(tmp_path / "nope.pt"), out_dir=str(tmp_path), tensorboard=False)
 
 
-def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_dir):
+def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_dir, capsys):
     import train_sae
 
     cfg = dict(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path), cache_dir=str(cache_dir),
@@ -386,7 +386,10 @@ def test_resume_continues_epochs_and_optimizer(tiny_classifier, tmp_path, cache_
             train_sae.main(**{**cfg, "latent_dim": 64}, epochs=3, resume=True)
         with pytest.raises(UserError, match="trained with --batch_size=128, which set its learning-rate schedule"):
             train_sae.main(**{**cfg, "batch_size": 512}, epochs=3, resume=True)  # trained on at lr 0 before
-    metrics = train_sae.main(**cfg, epochs=3, resume=True)
+    capsys.readouterr()
+    metrics = train_sae.main(**cfg, epochs=3, resume=True)  # a longer run: said, since the schedule spans EPOCHS
+    assert "after epoch 2 of EPOCHS=2; now EPOCHS=3: the learning-rate schedule is recomputed over 3 epochs, 1 more " \
+           "epoch(s) (resume with --epochs=2 to keep it)" in capsys.readouterr().err
     last = artifacts.load_checkpoint(tmp_path / "last_sae.pt", "sae")
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
     assert metrics["history"][:2] == first["history"]

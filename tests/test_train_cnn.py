@@ -111,7 +111,8 @@ def test_a_resume_with_another_number_of_processes_is_refused(tiny_classifier, t
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
-    assert "was trained with 1 process(es) (torchrun --nproc_per_node=1)" in out.stderr
+    assert "was trained with 1 process(es), which set its learning-rate schedule; resume with torchrun " \
+           "--nproc_per_node=1" in out.stderr
     with pytest.raises(UserError, match=r"trained with --batch_size=64, 2 process\(es\)"):
         artifacts.require_same_schedule("x", {"BATCH_SIZE": 64, "WORLD_SIZE": 2}, {"BATCH_SIZE": 32, "WORLD_SIZE": 1})
     artifacts.require_same_schedule("x", {"BATCH_SIZE": 64}, {"BATCH_SIZE": 64, "WORLD_SIZE": 4})  # older: no record
@@ -305,6 +306,13 @@ def test_resume_refuses_other_data(tiny_classifier, tmp_path, cache_dir):
     for other in (dict(batch_size=64), dict(accum_steps=2), dict(max_batches=1)):  # steps per epoch: lr went to 0
         with pytest.raises(UserError, match="which set its learning-rate schedule"):
             stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, **other))
+    # every setting to change in one message (a walkthrough took three tries, one flag each)
+    with pytest.raises(UserError, match=r"trained on synthetic .* but the settings name synthetic .* 96 px.*; and with "
+                                        r"LAYER4_STRIDE=\d; and with --batch_size=\d+, which set its learning-rate "
+                                        r"schedule; resume with --dataset=synthetic --image_size=64 .* "
+                                        r"--layer4_stride=\d --batch_size=\d+, or start a new run"):
+        stage1.main(**dict(TINY_CNN, out_dir=str(run), cache_dir=str(cache_dir), resume=True, image_size=96,
+                           layer4_stride=3 - TINY_CNN.get("layer4_stride", 2), batch_size=64))
 
 
 def test_too_few_images_for_a_validation_split_is_refused(tmp_path, cache_dir):
@@ -518,8 +526,12 @@ def test_a_run_resumes_where_its_image_folder_moved(tmp_path, capsys):
     run = dict(TINY_CNN, dataset="folder", data_root=str(tmp_path / "src"), epochs=1, batch_size=8,
                out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
     stage1.main(**run)
+    capsys.readouterr()
     stage1.main(**{**run, "data_root": "", "epochs": 2, "resume": True})  # the folder it was trained on
     assert artifacts.load_checkpoint(tmp_path / "run" / "last.pt", "classifier")["epoch"] == 2
+    assert "after epoch 1 of EPOCHS=1; now EPOCHS=2: the learning-rate schedule is recomputed" in capsys.readouterr().err
+    stage1.main(**{**run, "data_root": "", "epochs": 2, "resume": True})  # a finished run, the same EPOCHS: said plainly
+    assert "resumed from" in (err := capsys.readouterr().err) and "EPOCHS" not in err.split("resumed from")[1][:150]
     shutil.move(tmp_path / "src", tmp_path / "moved")
     with pytest.raises(UserError, match="pass --data_root=WHERE_IT_IS_NOW"):
         stage1.main(**{**run, "data_root": "", "epochs": 3, "resume": True})
