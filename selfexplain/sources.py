@@ -73,10 +73,7 @@ def describe_source(dataset: str, data_root: str | None, notes: bool = True) -> 
     if dataset == "tu-berlin":
         root = ensure_tu_berlin(str(root))
     elif not root.is_dir():
-        holder = root.parent if dataset == "parquet" else root.parent.parent  # folder: DATA_ROOT/<class>/<image>
-        what = f"is a file; DATASET={dataset} reads a folder: give {holder}" if root.is_file() else \
-            f"does not exist (DATASET={dataset} reads a folder)"
-        raise UserError(f"DATA_ROOT={root} {what}")
+        raise UserError(f"DATA_ROOT={root} {_not_a_folder(root, dataset)}")
     if dataset == "folder":
         files, labels, class_names = _scan_image_folder(root, notes)
         num_items = len(files)
@@ -109,6 +106,19 @@ def _find_parquet(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.parquet") if p.is_file() and _visible(p, root))
 
 
+def _not_a_folder(root: Path, dataset: str) -> str:
+    """Why DATA_ROOT is not a folder; a data file names the folder that holds it (a shard's, or an image's
+    DATA_ROOT/<class>/<image>), any other file only what is read (README.md suggested /tmp)."""
+    if not root.is_file():
+        return f"does not exist (DATASET={dataset} reads a folder)"
+    if dataset == "parquet" and root.suffix.lower() == ".parquet":
+        return f"is a file; DATASET=parquet reads a folder: give {root.parent}"
+    if dataset == "folder" and is_image_file(root):
+        return f"is a file; DATASET=folder reads a folder: give {root.parent.parent}"
+    layout = "*.parquet shards" if dataset == "parquet" else "one sub-folder of images per class"
+    return f"is a file; DATASET={dataset} reads a folder of {layout}"
+
+
 def _scan_image_folder(root: Path, notes: bool = True) -> tuple[list[Path], list[int], list[str]]:
     """Class folders (sorted) and their images, found recursively inside each class."""
     class_names, files, labels = [], [], []
@@ -125,6 +135,10 @@ def _scan_image_folder(root: Path, notes: bool = True) -> tuple[list[Path], list
     if not class_names:
         raise UserError(f"DATA_ROOT={root} has no class sub-folders with images "
                         f"(expected DATA_ROOT/<class name>/*.png, extensions {', '.join(IMAGE_EXTENSIONS)})")
+    loose = [p.name for p in root.iterdir() if is_image_file(p) and not p.name.startswith(".")]
+    if loose and notes:  # in no class: a user who put them there expected them read
+        log(f"{len(loose)} image(s) directly in DATA_ROOT ({some(sorted(loose))}) are in no class folder: left out "
+            "(DATA_ROOT/<class name>/*.png)")
     _refuse_look_alike_names(class_names, root)
     return files, labels, class_names
 

@@ -246,6 +246,7 @@ def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
     for stale in (tmp_path / "src" / "a").glob("*.*"):
         if stale.suffix.lower() != ".png":
             stale.unlink()
+    (tmp_path / "src" / "loose.png").write_bytes((tmp_path / "src" / "b" / "002.PNG").read_bytes())  # in no class
     spec = data.dataset_spec("folder", str(tmp_path / "src"), 64)
     assert data.load_dataset(spec, tmp_path / "other_cache", progress=False).class_names == ["b", "c"]
     assert "zz_empty_class" not in capsys.readouterr().err  # a DDP rank other than 0: rank 0 says it
@@ -257,6 +258,7 @@ def test_a_class_without_readable_images_is_left_out_and_said(tmp_path, capsys):
     assert all(images.class_names[label] == name.split("/")[0] for label, name in zip(images.labels, images.names))
     assert "class 'a' has no readable images: left out" in err
     assert "class folder zz_empty_class/ has no images: left out" in err
+    assert "1 image(s) directly in DATA_ROOT (loose.png) are in no class folder: left out" in err
     # later stages re-read the folder through the checkpoint's spec: the notice is stage 1's, not repeated
     again = data.load_dataset(images.spec, tmp_path / "cache", progress=False)
     assert again.class_names == ["b", "c"] and "has no images" not in capsys.readouterr().err

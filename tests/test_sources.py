@@ -330,6 +330,10 @@ def test_an_image_file_given_for_a_folder_dataset_names_the_classes_folder(tmp_p
     with pytest.raises(UserError, match="000.png is a file; DATASET=folder reads a folder: give "
                                         + re.escape(str((tmp_path / "data").resolve()))):
         describe_source("folder", str(tmp_path / "data" / "a" / "000.png"))
+    (tmp_path / "README.md").write_text("not data")  # any other file: no folder guessed (it suggested /tmp's parent)
+    for dataset, layout in (("folder", "one sub-folder of images per class"), ("parquet", r"\*.parquet shards")):
+        with pytest.raises(UserError, match=f"README.md is a file; DATASET={dataset} reads a folder of {layout}$"):
+            describe_source(dataset, str(tmp_path / "README.md"))
 
 
 # ----------------------------------------------------------------------------- layouts a download must not join
