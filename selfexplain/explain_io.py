@@ -331,6 +331,9 @@ def format_text(exp: Explanation) -> str:
     note = unfamiliar_note(exp)
     if note:
         lines.append(f"WARNING: {note}")
+    elif exp.extra.get("familiarity") is not None:  # the verdict is said either way, not only when it warns
+        lines.append(f"familiarity: more familiar than {exp.extra['familiarity']:.0f}% of validation sketches "
+                     f"(flagged under 1%)")
     kinds = {n.offline for n in exp.neurons}
     mixed = kinds == {True, False}  # then each offline name is starred, as in the sentence
     offline = (" (* offline label, from statistics)" if mixed else

@@ -815,7 +815,10 @@ def test_cli_warns_about_a_blank_page_and_not_about_a_test_sketch(ckpts, image_d
     assert records[str(blank)]["blank"] is True and "blank" not in records[str(image_dir / "sketch_0.png")]
     assert records[str(blank)]["faithfulness"]["input_cited_drop"] is None  # no ink to white out: not run
     text = _cli(ckpts, tmp_path, f"--image={blank}", f"--overlay={tmp_path / 'why.png'}")
-    assert "WARNING: unfamiliar input" in text.stdout
+    assert "WARNING: unfamiliar input" in text.stdout and "familiarity:" not in text.stdout
+    sketch = _cli(ckpts, tmp_path, f"--image={image_dir / 'sketch_0.png'}")  # the verdict is said when it is familiar too
+    pct = records[str(image_dir / "sketch_0.png")]["familiarity"]
+    assert f"familiarity: more familiar than {pct:.0f}% of validation sketches (flagged under 1%)" in sketch.stdout
     assert "because of: nothing (a blank page has no ink" in text.stdout and "evidence:" not in text.stdout
     assert (tmp_path / "familiarity.json").is_file()  # calibrated once, then reused
     # the overlay agrees with the text: the white page untinted (no concept's heat), no legend rows
