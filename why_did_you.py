@@ -165,8 +165,24 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     """The image's most active SAE neurons: :func:`selfexplain.explain.top_neuron_ids_for_image`,
     which also takes ``"test:K"`` here (saved as ``report_dir/test_images/test_K.png``, as the CLI does).
 
-    Returns ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``.
+    Parameters
+    ----------
+    pil_or_path : one image: a path, ``"test:K"``, a PIL image, an array or a tensor (a folder or a pattern of
+        several is refused: call it per image, or :func:`explain_images` for them all).
+    N : at most this many neurons (TOP_ACTIVE).
+    percentile : a neuron is listed when its score reaches this percentile of the image's M scores (PERCENTILE).
+    agg : ``max`` | ``mean`` | ``sum`` over the image's tokens of each neuron's sparse code (AGG).
+
+    Returns
+    -------
+    ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``: the neurons' ids, highest score first,
+    their scores, the percentile's value, the predicted class and its probability, and the top 5 classes.
     """
+    entries = explain_io.expand_paths([pil_or_path])
+    if len(entries) > 1:
+        raise UserError(f"{pil_or_path} holds {len(entries)} images and top_neuron_ids_for_image reads one: "
+                        "call it per image, or explain_images for them all")
+    pil_or_path = entries[0][0]
     if explain_io.test_entry(pil_or_path) is not None:
         require_report_dir(report_dir, classifier_ckpt, sae_ckpt)  # the sketch is saved there: no typo'd folder
         models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)

@@ -373,6 +373,10 @@ def test_notebook_inputs_beyond_paths_and_arrays(ckpts, test_images, tmp_path, c
     same(explain.top_neuron_ids_for_image(entry, device="cpu", **ckpts), want)
     with pytest.raises(UserError, match="REPORT_DIR"):  # test:K saves the sketch there: a typo is refused
         why_did_you.top_neuron_ids_for_image("test:0", device="cpu", report_dir=str(tmp_path / "typo"), **ckpts)
+    Image.fromarray(image).save(tmp_path / "y.png")  # a pattern of two read 'image not found: *.png'
+    with pytest.raises(UserError, match=r"\*\.png holds 2 images and top_neuron_ids_for_image reads one"):
+        why_did_you.top_neuron_ids_for_image(str(tmp_path / "*.png"), **settings)
+    same(why_did_you.top_neuron_ids_for_image(str(tmp_path / "x*.png"), **settings), want)  # a pattern of one
     for bad, words in [("https://example.com/x.png", "is a URL"), (b"\x89PNG", "got bytes"),
                        (None, "got NoneType"), (torch.zeros(2, 5, 8, 8), "tensor image must be")]:
         with pytest.raises(UserError, match=words):
