@@ -80,6 +80,8 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert versus.startswith(f"{top5[0]} rather than {top5[1]} (")
         listed = browser.evaluate("[...document.querySelectorAll('#versus_concepts li')].length")
         assert listed >= 1 and page["versus_overlay"] > 0  # the contrast's concepts, listed with their swatches
+        head = browser.evaluate("(h => h.hidden ? '' : h.textContent)(document.getElementById('versus_head'))")
+        assert head.startswith(f"Rather than {top5[1]} because of")  # its own heading: not a second 'Because of'
         # undo removes the last stroke and explains again; clear empties the page
         count = browser.evaluate("Number(document.body.dataset.explained)")
         browser.evaluate("document.getElementById('undo').click()")
@@ -89,6 +91,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert browser.evaluate("document.getElementById('versus').textContent") == ""
         assert not browser.evaluate("document.getElementById('versus_overlay').getAttribute('src')")
         assert browser.evaluate("document.getElementById('versus_concepts').innerHTML") == ""
+        assert browser.evaluate("document.getElementById('versus_head').hidden")
 
 
 def test_an_answer_that_arrives_after_clear_is_not_shown(url):
