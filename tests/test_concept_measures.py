@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfexplain import baselines, concept_measures as cm
+from selfexplain import baselines, concept_measures as cm, stats
 from selfexplain.sae import TopKSAE, tokens_of
 
 PARTS = ["a", "b"]
@@ -324,3 +324,38 @@ def test_a_part_without_a_unit_on_train_is_scored_by_no_measure():
     versus = cm.versus_best_baseline({"sae": sae, "other": other}, present, n_boot=50)
     means = [r.to_dict()["mean_test_auroc"] for r in (sae.selection, other.selection)]
     assert versus["difference"] == pytest.approx(means[0] - means[1])
+
+
+def test_the_baseline_to_beat_is_picked_on_the_training_split_not_the_scored_one():
+    """Mutation-found gap (session 23): picking it by test AUROC passed, because in every fixture the same code
+    led on both splits. Here A leads on train and B on test: A must be the one compared."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    present = rng.random((60, 1)) < 0.5
+    good, poor = present + rng.normal(0, 0.3, present.shape), present + rng.normal(0, 1.5, present.shape)
+
+    def report(code, train_auroc, test_scores):
+        return SimpleNamespace(code=code, selection=SimpleNamespace(train_auroc=np.array([train_auroc])),
+                               unit_scores=test_scores)
+
+    reports = {"sae": report("sae", 0.9, good), "a": report("A", 0.95, poor), "b": report("B", 0.80, good)}
+    out = cm.versus_best_baseline(reports, present, n_boot=50)
+    assert out["baseline"] == "A" and out["difference"] > 0  # against the train-chosen A; against B it is 0
+
+
+def test_the_paired_interval_is_the_central_95_percent_of_the_resampled_differences():
+    """Mutation-found gap (session 23): a 90% interval labelled 95% passed both interval tests. The resamples
+    are the documented ones (images drawn with replacement by default_rng(seed), the same draw for both codes)."""
+    rng = np.random.default_rng(3)
+    present = rng.random((80, 2)) < 0.5
+    a, b = present + rng.normal(0, 0.8, present.shape), present + rng.normal(0, 1.0, present.shape)
+    out = cm.paired_auroc_difference(a, b, present, n_boot=300, seed=7)
+    draws = np.random.default_rng(7)
+    diffs = []
+    for _ in range(300):
+        rows = draws.integers(0, 80, 80)
+        diffs.append(np.nanmean(np.diag(stats.auroc(a[rows], present[rows])))
+                     - np.nanmean(np.diag(stats.auroc(b[rows], present[rows]))))
+    assert (out["low"], out["high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert np.mean(np.asarray(diffs) < out["low"]) == pytest.approx(0.025, abs=0.01)

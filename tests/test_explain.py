@@ -1085,3 +1085,22 @@ assert json.dumps(got) == json.dumps(want)
     run = subprocess.run([sys.executable, "-W", "error:The given NumPy array is not writable", "-c", script], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_code_space_random_baseline_is_the_mean_over_its_random_sets(ckpts, test_images):
+    """Mutation-found gap (session 23): the best random set's drop in place of the mean passed, since only
+    cited >= random was checked. Each set's drop is its neurons' closed-form contributions (the head is linear)."""
+    images, _ = test_images
+    models = explain.load_models(ckpts["classifier_ckpt"], ckpts["sae_ckpt"], "cpu")
+    analysis = explain.analyse(models, np.stack(images[:4]))
+    for b in range(4):
+        pred = int(analysis.probs[b].argmax())
+        contrib = (analysis.z_mean[b] * models.lens[:, pred]).double()
+        active = torch.nonzero(analysis.z_mean[b] > 0).flatten().numpy()
+        cited = [int(i) for i in torch.argsort(contrib, descending=True)[:3]]
+        out, _ = explain.faithfulness(models, analysis, b, pred, cited, np.random.default_rng(b), n_random=8)
+        sets = explain.random_active_sets(active, 3, 8, np.random.default_rng(b))  # the same draws
+        per_set = [float(contrib[torch.as_tensor(s)].sum()) for s in sets]
+        assert len(set(per_set)) > 1  # the sets differ: mean, max and min tell apart
+        assert out["code_random_drop"] == pytest.approx(np.mean(per_set), abs=1e-3)
+        assert out["code_cited_drop"] == pytest.approx(float(contrib[cited].sum()), abs=1e-3)

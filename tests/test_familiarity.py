@@ -162,3 +162,17 @@ def test_why_did_you_runs_with_a_small_validation_split(tiny_classifier, tiny_sa
                            cache_dir=str(cache_dir), device="cpu", fast=True)[0]
     assert (out["familiarity"], out["unfamiliar"]) == (None, None)
     assert "no familiarity verdict" in capsys.readouterr().err
+
+
+def test_the_sae_error_signal_is_measured_in_standardised_units(calibration, models):
+    """Mutation-found gap (session 23): the error undivided by σ passed every test, though it lets the
+    high-variance channels decide the signal (and so which inputs are flagged)."""
+    batch = strange_images(3, models.image_size)["salt and pepper"]
+    x = data.model_input(torch.from_numpy(batch), models.classifier_ckpt["preprocess"])
+    with torch.no_grad():
+        fmap = models.classifier.features(x).float()
+        error = (fmap - models.sae.reconstruct_map(fmap)) / models.sae.sigma.view(1, -1, 1, 1)
+    by_hand = error.pow(2).mean(dim=(1, 2, 3)).double().numpy()
+    signals = calibration.signals(explain.analyse(models, batch), batch)
+    assert signals["sae_error"] == pytest.approx(by_hand, rel=1e-4)
+    assert not np.allclose(models.sae.sigma.numpy(), models.sae.sigma.numpy().mean())  # σ differs by channel here

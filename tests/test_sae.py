@@ -650,3 +650,59 @@ def test_too_few_tokens_for_a_batch_names_a_batch_size_that_fits():
     assert st.steps_per_epoch(SimpleNamespace(n_tokens=128), 32, cpu) == 4
     with pytest.raises(UserError, match=r"the 0 training tokens per process: add images$"):
         st.steps_per_epoch(SimpleNamespace(n_tokens=0), 512, cpu)
+
+
+# ----------------------------------------------------------------------------- gaps a mutation run found (session 23)
+def test_codes_are_never_negative_even_where_every_pre_activation_is(seed):
+    """Dropping the ReLU after Top-K passed every test: their biases kept all pre-activations positive."""
+    for arch in ("topk", "batchtopk"):
+        sae = TopKSAE(4, 6, k=4, arch=arch)
+        x = torch.randn(5, 4)
+        with torch.no_grad():
+            sae.b_e.fill_(-10.0)  # every pre-activation negative: nothing fires
+        recon, values, _ = sae(x)
+        assert torch.count_nonzero(sae.encode(x)) == 0 and (values >= 0).all()
+        assert torch.allclose(recon, sae.b_d.expand_as(recon))  # the reconstruction is the bias alone
+        with torch.no_grad():
+            sae.W_e.zero_()
+            sae.b_e.copy_(torch.tensor([1.0, 2.0, -1.0, -2.0, -3.0, -4.0]))  # 2 positive among the top 4
+        assert (torch.count_nonzero(sae.encode(x), dim=1) == 2).all()
+        values, _, _, _ = TopKEncode.apply(x, sae.W_e, sae.b_e, 4, 0, torch.zeros(6, dtype=torch.bool), None, 0)
+        assert (values >= 0).all() and (torch.count_nonzero(values, dim=1) == 2).all()  # training's code too
+
+
+def test_fvu_is_against_each_channels_own_mean():
+    """FVU's denominator is the variance around each channel's mean: predicting that mean explains nothing
+    (1.0). Around the grand mean (a mutation that passed: standardised tokens hide it) this read 0.024."""
+    x = torch.tensor([[0.0, 10.0], [2.0, 10.0]])
+    assert fvu_loss(x, x.mean(0).expand_as(x)).item() == pytest.approx(1.0)
+    assert fvu_loss(x, x).item() == 0.0
+
+
+def test_auxk_reconstructs_the_residual_without_the_decoder_bias(seed):
+    """AuxK's dead latents fit the residual x - x̂, which has no bias in it: adding b_d there (a mutation that
+    passed) pulls b_d towards the residual and misreports train_aux_loss."""
+    sae = TopKSAE(3, 4, k=1)
+    with torch.no_grad():
+        sae.b_d.copy_(torch.tensor([5.0, -4.0, 3.0]))  # large: with it, the aux loss would be far off
+        sae.b_e.copy_(torch.tensor([3.0, 0.0, 0.0, 0.5]))  # latent 0 wins every token; 3 is dead, positive
+    x = torch.randn(8, 3)
+    dead = torch.tensor([False, False, False, True])
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        recon = sae.b_d + pre[:, :1].clamp_min(0) * sae.D[:, 0]
+        want = fvu_loss(x - recon, pre[:, 3:].clamp_min(0) * sae.D[:, 3])
+    out = st.train_step(sae, torch.optim.SGD(sae.parameters(), lr=0.0), x, dead=dead, k_aux=1, aux_coef=1.0)
+    assert out["aux_loss"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_batchtopk_threshold_starts_at_the_first_batch_so_a_short_run_keeps_about_k(tiny_classifier, tmp_path,
+                                                                                     cache_dir):
+    """θ's running mean starts as the first batch's smallest kept code (weight 1/(step + 1)): started from 0 at
+    the EMA's 1% (a mutation that passed), a short run's θ stays near 0 and inference keeps up to 4K per token."""
+    import train_sae
+
+    metrics = train_sae.main(classifier_ckpt=str(tiny_classifier / "best.pt"), out_dir=str(tmp_path),
+                             cache_dir=str(cache_dir), latent_dim=32, top_k=4, arch="batchtopk", epochs=1,
+                             min_steps=0, batch_size=128, tensorboard=False)
+    assert 2.0 <= metrics["val_l0"] <= 6.0  # K = 4 on average
