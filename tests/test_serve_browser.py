@@ -63,6 +63,10 @@ def test_drawing_strokes_shows_the_explanation(url):
                           for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; })(),
         })""")
         assert page["top5"] == 5
+        # the familiarity verdict is said either way: the warning when flagged, else how familiar it is
+        flagged, familiar = browser.evaluate("[document.getElementById('warning').className === 'on', "
+                                             "document.getElementById('familiar').textContent]")
+        assert flagged != familiar.startswith("Familiarity: more familiar than ")
         assert browser.evaluate("document.getElementById('chance').textContent").startswith("(chance ")
         pct = re.search(r"const pct=(.*?);  //", serve.PAGE.read_text()).group(1)  # the page's own formatter
         assert browser.evaluate(f"[0.996, 0.9999, 1, 0.46, 0.083, 0.0004, 0].map({pct})") == \
@@ -92,6 +96,7 @@ def test_drawing_strokes_shows_the_explanation(url):
         assert not browser.evaluate("document.getElementById('versus_overlay').getAttribute('src')")
         assert browser.evaluate("document.getElementById('versus_concepts').innerHTML") == ""
         assert browser.evaluate("document.getElementById('versus_head').hidden")
+        assert browser.evaluate("document.getElementById('familiar').textContent") == ""
 
 
 def test_an_answer_that_arrives_after_clear_is_not_shown(url):
