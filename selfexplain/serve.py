@@ -21,7 +21,7 @@ Models load once, when the server is made, and every model pass is serialised, s
 concurrent requests are safe (each request's explanation owns its own tensors). Under
 :func:`run_server` (``why_did_you.py --serve=True``) the passes run on the main thread, the
 one that loaded the models, and the HTTP handlers only parse and answer: a second thread
-running torch next to the main thread's idle OpenMP pool took ~35% longer per explanation
+running torch next to the main thread's idle OpenMP pool took 30-33% longer per request (99 ms against 74.5-76.4)
 here (2 cores), which the page's 100 ms budget cannot spare. :func:`make_server` alone
 (tests, embedding) runs the passes in the handler threads under a lock.
 """
