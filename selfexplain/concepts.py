@@ -341,8 +341,8 @@ def ask_all(backend: Backend, neurons: list[dict], question: Question, out: Answ
     """Ask every neuron on ``workers`` threads; each answer is appended to ``out`` as it arrives.
 
     Returns ``{neuron_id: error}`` for the neurons that failed. A fatal error (bad token,
-    unknown model, a server that cannot be reached: :attr:`LLMError.unreachable`), or a client error (400, 422: say, a model that takes no images) on the
-    first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or ``FAILURES_BEFORE_STOP``
+    unknown model, a server that cannot be reached: :attr:`LLMError.unreachable`), or a client
+    error (400, 422: say, a model that takes no images) on the first ``REFUSALS_BEFORE_STOP`` neurons with no answer between, or ``FAILURES_BEFORE_STOP``
     failures that are not of a busy server (:attr:`LLMError.busy`: timeouts, rate limits,
     overload) with none answered (a server that is down or answers garbage: each neuron costs
     its retries), or ``BUSY_BEFORE_STOP`` busy failures with none answered, stops submitting and
