@@ -81,7 +81,7 @@ def check_config(cfg) -> None:
     if cfg.CF_IMAGES < 0 or cfg.NMF_TOKENS < 1 or cfg.NMF_ITERS < 1 or cfg.NMF_CODE_ITERS < 1:
         raise UserError("need CF_IMAGES >= 0, NMF_TOKENS >= 1, NMF_ITERS >= 1 and NMF_CODE_ITERS >= 1")
     require_ranges(cfg, {"SEED": (0, None), "TOP_CLASSES": (1, None), "ANTI_CLASSES": (0, None), "HEAT_ALPHA": (0, 1),
-                         "NUM_THREADS": (0, None)})
+                         "NUM_THREADS": (0, None), "MAX_PER_CLASS": (0, None)})  # -3 summarised every image
     if not isinstance(cfg.BASELINES, (list, tuple)) or set(cfg.BASELINES) - set(baselines.BASELINES):
         raise UserError(f"BASELINES must be a list of {', '.join(baselines.BASELINES)}, got {cfg.BASELINES}")
 

@@ -85,6 +85,12 @@ def percent(p: float, digits: int = 0) -> str:
     return text
 
 
+def share(p: float) -> str:
+    """A share of images as the atlas prints it: 2 decimals under 1%, else 1 (0.00052 -> "0.05%", 0.372 ->
+    "37.2%"), so one card, its summary and the prompt give one number (they read 0.05% and 0.1%)."""
+    return percent(p, 2 if p < 0.01 else 1)
+
+
 def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]],
                versus: dict | None = None) -> str:
     """Stage 5's user message: the prediction and its cited ``(concept, share of the evidence)``; with
@@ -126,7 +132,13 @@ _THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
 _CLOSE_THINK = re.compile(r"</think>", re.I)
 _FENCE = re.compile(r"^\s*```[\w+-]*\s*$", re.M)  # a code fence line, with its language tag ("```text")
 _PREFIX = re.compile(r"^(final answer|answer|concept|label|this neuron detects|neuron)\s*[:\-–]\s*"
-                     r"|^(the concept is|the neuron detects|it detects)\s*[:\-–]?\s*", re.I)
+                     r"|^(the concept is|the neuron detects|it detects)\s*[:\-–]?\s*"
+                     r"|^(i think|i believe)\s+(?:(?:it|this)(?: is|'s)\s+)?"
+                     r"|^(?:this|the) neuron (?:appears|seems) to (?:detect|respond to|fire on)\s+"
+                     r"|^(?:it|this) (?:appears|seems) to (?:be|detect)\s+", re.I)
+# a reply that talks before it names: "Sure! Looking at the statistics, this neuron detects "a wheel". Let me know..."
+_CHATTY = re.compile(r"^(sure|certainly|of course|okay|ok|great|here|looking at|based on|from the)\b", re.I)
+_QUOTED = re.compile(r"[\"“]([^\"“”]+)[\"”]")
 _LABELLED = re.compile(r"^(final answer|answer|concept|label)\s*[:\-–]\s*\S", re.I)  # "**Answer:** wheel"
 _REFUSAL = re.compile(r"^(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i'?m unable|i am unable|as an ai|"
                       r"as a (large )?language model|unfortunately)", re.I)
@@ -174,8 +186,10 @@ def _clean_line(line: str) -> str:
 
 
 def is_unclear(answer: str) -> bool:
-    """True for the model's "no consistent concept" reply: not a name to cite a neuron by."""
-    return answer.strip().strip(".\"'!").strip().lower() == UNCLEAR
+    """True for the model's "no consistent concept" reply, alone or with a reason ("unclear - the images vary"):
+    not a name to cite a neuron by. "unclear boundaries" names something."""
+    text = answer.strip().strip(".\"'!").strip().lower()
+    return text == UNCLEAR or re.match(rf"{UNCLEAR}\s*[-–—:;,(.]", text) is not None
 
 
 def parse_concept(raw: str, max_words: int = 12) -> str:
@@ -191,14 +205,28 @@ def parse_concept(raw: str, max_words: int = 12) -> str:
     lines = [(bare, clean) for bare, clean in lines if clean]
     labelled = next((clean for bare, clean in lines if _LABELLED.match(bare)), None)  # "## Analysis ... Answer: x"
     # else the first line that is not a lead-in ("Here is the concept:" above the answer)
-    line = labelled or next((clean for k, (bare, clean) in enumerate(lines)
-                             if not (bare.endswith(":") and k + 1 < len(lines))), "")
+    bare, line = next(((b, c) for b, c in lines if c == labelled), None) if labelled else \
+        next(((b, c) for k, (b, c) in enumerate(lines) if not (b.endswith(":") and k + 1 < len(lines))), ("", ""))
+    line = _named_in_prose(bare, line, max_words)
     words = line.split()
     if len(words) > max_words:
         line = " ".join(words[:max_words]).rstrip(".;:,!-–")
     letters = sum(ch.isalpha() for ch in line)
     if letters < 2 or letters < 0.4 * len(line.replace(" ", "")) or _REFUSAL.match(line):
         raise MalformedAnswer(f"unusable answer {strip_controls(raw)[:80]!r}")
+    return line
+
+
+def _named_in_prose(bare: str, line: str, max_words: int) -> str:
+    """The concept of a reply that wraps it in prose: its quoted span when the line opens with it, runs past
+    ``max_words`` or opens with small talk ("Sure! ... detects "a wheel". Let me know"); small talk with no
+    quote is a :class:`MalformedAnswer` (asked again; kept cut to 12 words, it read "Sure! Looking at the ...")."""
+    chatty, quoted = _CHATTY.match(bare), _QUOTED.search(bare)
+    if quoted and 0 < len(quoted.group(1).split()) <= max_words and (
+            chatty or len(line.split()) > max_words or bare.lstrip()[:1] in "\"“"):
+        return _clean_line(quoted.group(1))
+    if chatty and len(line.split()) > max_words:
+        raise MalformedAnswer(f"a sentence, not a concept of at most {max_words} words: {strip_controls(bare)[:80]!r}")
     return line
 
 
@@ -220,7 +248,20 @@ def _examples_line(neuron: dict, attached: Sequence[dict]) -> str:
     listed = "; ".join(f"{i + 1}. {_class_name(e)} ({_fmt(e.get('activation'), '.2f')})"
                        for i, e in enumerate(attached))
     return (f"The attached image{'s show' if len(attached) > 1 else ' shows'} its strongest sketches "
-            f"(in this order; left to right, top to bottom when tiled): {listed}.")
+            f"(in this order; left to right, top to bottom when tiled): {listed}. Each sketch is drawn in black; "
+            "the red tint over it marks where the neuron fires (not part of the drawing).")
+
+
+def _share(p) -> str:
+    return "?" if p is None else share(p)
+
+
+def _firings(entry: dict, n_on) -> str:
+    """A class's part of the strongly-on sketches: counted ("56 of 58"), or, in a report without counts, the
+    Laplace-smoothed share stage 3 computes PMI from (56 of 58 reads 81% there with 12 classes)."""
+    if entry.get("count") is not None and n_on:
+        return f"{int(entry['count'])} of {int(n_on)} strongly-on sketches"
+    return f"{_fmt(entry.get('p_class_given_on'), '.0f', 100)}% of its strongly-on sketches (smoothed)"
 
 
 def _strong_rule(neuron: dict) -> str:
@@ -228,6 +269,9 @@ def _strong_rule(neuron: dict) -> str:
     quantile, threshold = neuron.get("quantile"), neuron.get("threshold")
     if quantile is None or threshold is None:
         return "per-image max above the neuron's own threshold"
+    if threshold <= 0:  # it fires on fewer images than the quantile leaves: "strongly on" is "on at all"
+        return (f"per-image max above 0: its {_fmt(quantile, '.3g', 100)}th percentile over images is 0, since it "
+                f"fires on fewer than {_fmt(1 - quantile, '.3g', 100)}% of sketches, so here strongly on means on at all")
     # .3g: a QUANTILE lowered on small data (0.875) reads 87.5th and 12.5%, not 88th and 12%
     return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.3g', 100)}th "
             f"percentile over images, so about {_fmt(1 - quantile, '.3g', 100)}% of sketches by definition")
@@ -239,17 +283,18 @@ def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = 
     ``attached`` are the ``top_examples`` entries whose thumbnails go with the message, in
     order; the message tells the model what each shows.
     """
-    tops = [f"- {_class_name(c)}: PMI {_fmt(c.get('pmi'), '+.2f')}; {_fmt(c.get('p_class_given_on'), '.0f', 100)}%; "
-            f"lens {_fmt(c.get('lens'), '+.2f')}" for c in neuron.get("top_classes", [])[:5]]
+    tops = [f"- {_class_name(c)}: PMI {_fmt(c.get('pmi'), '+.2f')}; {_firings(c, neuron.get('n_on'))}; "
+            f"lens {_fmt(c.get('lens'), '+.2f')}" for c in neuron.get("top_classes", [])[:5]
+            if (c.get("pmi") or 0) > 0]  # a class it fires for less often than chance is not one it fires for
     antis = [f"- {_class_name(c)}: PMI {_fmt(c.get('pmi'), '+.2f')}" for c in neuron.get("anti_classes", [])[:3]]
     where = neuron.get("where") or {}
     return load_prompt("concept_user").format(
         neuron_id=neuron["neuron_id"],
-        image_frequency=_fmt(neuron.get("image_frequency"), ".1f", 100) + "%",
+        image_frequency=_share(neuron.get("image_frequency")),
         strong_rule=_strong_rule(neuron),
-        frequency=_fmt(neuron.get("frequency"), ".2f", 100) + "%",
+        frequency=_share(neuron.get("frequency")),
         mean_on=_fmt(neuron.get("mean_on_activation"), ".3g"),
-        top_classes="\n".join(tops) or "- none",
+        top_classes="\n".join(tops) or "- none above chance",
         anti_classes="\n".join(antis) or "- none",
         where=strip_controls(where.get("description") or "anywhere"),
         auto_summary=strip_controls(neuron.get("auto_summary") or "none"),

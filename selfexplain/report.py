@@ -164,7 +164,7 @@ def auto_summary(rec: dict, weak_pmi: float = 0.5) -> str:
     """One honest sentence from a record's statistics ("weak/unclear" when they say little)."""
     if rec["dead"]:
         return "Dead: never active in the Top-K code on the summarised images."
-    freq = f"Active on {prompts.percent(rec['image_frequency'], 1)} of images"  # not "0.0%" for a live neuron
+    freq = f"Active on {prompts.share(rec['image_frequency'])} of images"  # as the card prints it; never "0.0%"
     top, names = rec["top_classes"], clear_classes(rec, weak_pmi)
     if not names:
         few = top and top[0]["pmi"] >= weak_pmi and rec.get("n_on", MIN_SUPPORT) < MIN_SUPPORT

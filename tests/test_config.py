@@ -200,6 +200,7 @@ def test_a_reader_that_leaves_the_pipe_gets_no_traceback():
     ("train_sae", {"seed": -1}), ("train_sae", {"threshold_rate": 5.0}), ("train_sae", {"auxk_coef": -1.0}),
     ("train_sae", {"warmup_fraction": 2.0}), ("sae_summarize", {"top_classes": -1}),
     ("sae_summarize", {"anti_classes": -2}), ("sae_summarize", {"heat_alpha": 5.0}),
+    ("sae_summarize", {"max_per_class": -3}),  # session 23: it summarised every image
 ])
 def test_out_of_range_settings_are_one_line_errors_naming_them(script, bad, tmp_path):
     """A negative SEED was a traceback after the token pass; TOP_CLASSES=-1 a Python slice; HEAT_ALPHA=5 a

@@ -125,6 +125,12 @@ TOKENS = {"openai": OPENAI_KEY, "replicate": REPLICATE_TOKEN}
     ("Here is the concept:\nround wheel", "round wheel"),  # a lead-in line
     ('The concept is "round wheel".', "round wheel"),
     ("## Analysis\nThe strokes are circular.\n**Answer:** round wheel", "round wheel"),  # the labelled line wins
+    # session 23: prose around the concept was kept, cut to 12 words ('Sure! Looking at the statistics ... "a')
+    ('Sure! Looking at the statistics and the sketches, this neuron detects "a round circle outline with spokes". '
+     "Let me know if you need more.", "a round circle outline with spokes"),
+    ('"circle outline" — it fires on round shapes in the centre', "circle outline"),
+    ("This neuron appears to detect round circular outlines.", "round circular outlines"),
+    ("I think it is a spoked wheel", "a spoked wheel"),
 ])
 def test_parse_concept_cleans_answers(raw, concept):
     assert prompts.parse_concept(raw, max_words=12) == concept
@@ -132,7 +138,9 @@ def test_parse_concept_cleans_answers(raw, concept):
 
 @pytest.mark.parametrize("raw", ["", "  \n ", "!!! ??? ...", "12345 678", "I'm sorry, I can't help with that.",
                                  "Unfortunately I cannot see any images.", "As a language model, I cannot view images.",
-                                 "<think>circles, maybe wheels, or"])
+                                 "<think>circles, maybe wheels, or",
+                                 "Sure! Looking at the sketches, this neuron seems to respond mostly to circles and round "
+                                 "shapes drawn anywhere."])  # small talk with no quoted concept: asked again
 def test_parse_concept_rejects_garbage(raw):
     with pytest.raises(prompts.MalformedAnswer):
         prompts.parse_concept(raw)
@@ -141,8 +149,10 @@ def test_parse_concept_rejects_garbage(raw):
 def test_prompt_names_classes_and_examples(report):
     neuron = read_jsonl(report / "neurons.jsonl")[0]
     text = prompts.neuron_prompt(neuron, max_words=12, attached=neuron["top_examples"][:2])
-    assert "Neuron #0" in text and "- wheel: PMI +2.00; 40%; lens +0.80" in text and "lower left" in text
+    assert "Neuron #0" in text and "- wheel: PMI +2.00; 40% of its strongly-on sketches (smoothed); lens +0.80" in text
+    assert "lower left" in text
     assert "1. wheel (3.00); 2. bicycle (2.00)." in text  # the attached images, in order
+    assert "the red tint over it marks where the neuron fires (not part of the drawing)" in text  # the thumbnails' overlay
     assert "12 words" in prompts.system_prompt(12)
 
 
@@ -258,7 +268,7 @@ def test_openai_success_sends_stats_and_images(report, monkeypatch):
     assert all(e["images"] == 2 for e in chats)  # two real PNGs as data: URLs per neuron
     assert chats[0]["system"] == prompts.system_prompt(12)
     text3 = next(e["text"] for e in chats if e["neuron_id"] == 3)
-    assert "- sun: PMI +2.00; 40%; lens +0.80" in text3 and "fish" in text3  # class names decoded
+    assert "- sun: PMI +2.00; 40% of its strongly-on sketches (smoothed); lens +0.80" in text3 and "fish" in text3
     config = json.loads((report / "llm_config.json").read_text())  # which server answered, whatever set it
     assert config["ASKED"] == {"backend": "openai", "model": "fake-vision-1", "base_url": srv.openai_url.rstrip("/") + "/"}
     assert json.loads((report / "llm_summary.json").read_text())["base_url"] == config["ASKED"]["base_url"]
@@ -752,6 +762,7 @@ def test_an_unclear_answer_is_kept_but_never_cited_as_the_concept(report):
     artifacts.append_jsonl(report / "llm_output.jsonl", {"neuron_id": 0, "answer": "Unclear.", "backend": "openai",
                                                          "model": "m", "sae_fingerprint": SAE_FP})
     assert prompts.is_unclear("Unclear.") and not prompts.is_unclear("unclear stroke blob")
+    assert prompts.is_unclear("unclear - the images vary") and prompts.is_unclear("Unclear (mixed strokes)")
     assert concepts.load_concepts(report, SAE_FP)[0] == "fires on wheel"  # the statistics summary stays
 
 
@@ -821,6 +832,33 @@ def test_prompt_carries_the_real_image_frequency_and_the_threshold_rule():
     lowered = prompts.neuron_prompt({**neuron, "quantile": 0.875})  # QUANTILE lowered on small data
     assert "87.5th percentile" in lowered and "about 12.5% of sketches by definition" in lowered
     assert "probability 99.6%." in prompts.why_prompt("triangle", 0.996, [("circle", 0.5)])  # not "100%"
+
+
+def test_prompt_states_what_a_rare_neuron_and_its_classes_are_without_contradiction():
+    """Session 23: a neuron whose 99th percentile is 0 was 'strongly on ... about 1% of sketches by definition'
+    for '0.05%' beside 'fires at all on 0.1%' (the same 3 images); each class's share was Laplace-smoothed
+    (56 of 58 read 81%) and classes below chance were listed among those it fires for."""
+    rare = {"neuron_id": 0, "image_frequency": 3 / 5760, "frequency": 3 / 5760, "quantile": 0.99, "threshold": 0.0,
+            "mean_on_activation": 1.0, "n_on": 3}
+    text = prompts.neuron_prompt(rare)
+    assert "fires at all on 0.05% of training sketches" in text and "for 0.05% of all" in text
+    assert "by definition" not in text and "strongly on means on at all" in text
+    common = {"neuron_id": 1, "image_frequency": 0.372, "frequency": 58 / 5760, "quantile": 0.99, "threshold": 1.5,
+              "mean_on_activation": 2.0, "n_on": 58, "top_classes": [
+                  {"class": "triangle-arc-dots", "pmi": 2.28, "p_class_given_on": 0.81, "count": 56, "lens": 0.5},
+                  {"class": "zigzag-arc-spiral", "pmi": -0.67, "p_class_given_on": 0.04, "count": 2, "lens": 0.1}]}
+    text = prompts.neuron_prompt(common)
+    assert "- triangle-arc-dots: PMI +2.28; 56 of 58 strongly-on sketches; lens +0.50" in text
+    assert "zigzag-arc-spiral" not in text  # below chance: not a class it fires for
+    assert "- none above chance" in prompts.neuron_prompt({**common, "top_classes": common["top_classes"][1:]})
+
+
+def test_the_atlas_summary_gives_a_rare_neurons_share_as_its_card_does():
+    from selfexplain import report as report_module
+
+    rec = {"dead": False, "image_frequency": 3 / 5760, "top_classes": [], "n_on": 3,
+           "where": {"description": "centre"}}
+    assert report_module.auto_summary(rec).startswith("Active on 0.05% of images")  # the card's 'active 0.05%'
 
 
 # ----------------------------------------------------------------------------- session 14: a walkthrough's findings
