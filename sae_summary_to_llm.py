@@ -21,7 +21,8 @@ version: --model=yorickvp/llava-13b:VERSION_ID.
 
 A rerun resumes: a neuron is asked again only when its latest answer was made for another
 SAE (summary.json's sae_fingerprint), another prompt, backend or model (an offline run never
-replaces a real LLM's answer). The file is only appended to: superseded lines stay on disk and
+replaces a real LLM's answer); REDO=True asks again anyway (with ONLY=[...], just those neurons:
+a bad answer is replaced by the next). The file is only appended to: superseded lines stay on disk and
 readers set them aside (PRUNE=True first drops the lines made for another SAE). Each answer
 is written as it arrives; Ctrl-C stops new requests and keeps the answers of those in flight
 (a second Ctrl-C quits at once without them).
@@ -61,6 +62,7 @@ LIMIT = None  # ask at most this many neurons with no answer yet (the first in n
 MAX_WORDS = 12  # longest concept kept, in words
 SEED = 0  # seeds the backoff jitter; sent to OpenAI-compatible servers as `seed`
 PRUNE = False  # first drop the answers made for another SAE from llm_output.jsonl (readers set them aside anyway)
+REDO = False  # ask again neurons already answered by this backend and model (a bad answer; with ONLY: just those)
 
 
 def check_config(cfg) -> None:
@@ -97,8 +99,8 @@ def main(**overrides) -> int:
                 log(f"pruned {out.prune(question.sae_fingerprint)} answers made for another SAE from {out.path}")
             offline = ({n["neuron_id"]: concepts.offline_answer(n, cfg.MAX_WORDS) for n in chosen}
                        if backend.name == "offline" else None)
-            done = concepts.answered_ids(out.records(), backend, question.sae_fingerprint, prompts.prompt_version(),
-                                         offline)
+            done = set() if cfg.REDO else concepts.answered_ids(out.records(), backend, question.sae_fingerprint,
+                                                                  prompts.prompt_version(), offline)
             todo = [n for n in chosen if n["neuron_id"] not in done]
             asked = todo[:cfg.LIMIT]  # a batch of the unanswered (LIMIT None: all): reruns go on
             later, todo = len(todo) - len(asked), asked

@@ -340,6 +340,24 @@ def test_openai_client_reads_retry_after_ms_and_http_dates(form, report, monkeyp
     assert any(abs(w - wait) < 2.0 for w in waits), waits
 
 
+def test_redo_asks_an_answered_neuron_again_and_its_new_answer_wins(report, monkeypatch):
+    """Session 23: a bad answer could only be replaced by editing the append-only file or changing the model."""
+    replies = {"n": 0}
+
+    def script(_, nid, attempt):
+        replies["n"] += 1
+        return Reply(text=f"shape {nid} take {replies['n']}")
+
+    with FakeLLMServer(script=script) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[1, 3]) == 0
+        assert run_openai(report, srv, monkeypatch, only=[1, 3]) == 0  # answered: nothing asked
+        assert sum(srv.attempts.values()) == 2
+        assert run_openai(report, srv, monkeypatch, only=[3], redo=True) == 0
+        assert srv.attempts[("openai", 3)] == 2 and srv.attempts[("openai", 1)] == 1
+    got = answers(report)
+    assert got[3]["answer"] == "shape 3 take 3" and got[1]["answer"].startswith("shape 1 take")
+
+
 @pytest.mark.parametrize("status", [408, 409])
 def test_request_timeout_and_conflict_are_retried(status, report, monkeypatch, waits):
     def script(_, nid, attempt):
