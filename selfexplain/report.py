@@ -350,7 +350,8 @@ def write_index_html(report_dir: str | Path) -> Path:
             "n_neurons": len(cards), "n_dead": sum(c["dead"] for c in cards),
             "n_concepts": sum(1 for c in cards if c.get("concept")), "n_stale": n_stale, "headline": headline,
             "held_out": held_out_table(_dict(summary.get("concept_measures"))),
-            "part_auroc": prompts.PART_AUROC}  # a best part below this is not what the neuron means
+            "part_auroc": prompts.PART_AUROC,  # a best part below this is not what the neuron means
+            "n_images": _number(summary.get("n_images"))}  # what "dead" was judged on (MAX_PER_CLASS samples)
     payload = script_json({"meta": meta, "neurons": cards})
     html = ATLAS_TEMPLATE.read_text(encoding="utf-8").replace(ATLAS_PLACEHOLDER, payload)
     return atomic_write_bytes(report_dir / INDEX_HTML, html.encode("utf-8"))

@@ -211,6 +211,11 @@ def test_class_filter_keeps_neurons_that_favour_the_class_and_chips_say_which(tm
                          " s.dispatchEvent(new Event('input')); })()")
         weak = browser.evaluate("[...document.querySelectorAll('#neuron-1 .chip.weak')].map(c => c.textContent)")
         concept = browser.evaluate("document.querySelector('#neuron-3 .concept').textContent")
+        browser.evaluate("(() => { const d = document.getElementById('dead'); d.checked = true;"
+                         " d.dispatchEvent(new Event('change')); d.dispatchEvent(new Event('input')); })()")
+        dead = browser.evaluate("(c => c ? c.textContent : '')(document.querySelector('#neuron-4 .stats'))")
+    # dead on what was summarised: MAX_PER_CLASS samples (it read 'never on in the training images')
+    assert dead == "never on in the 10 summarised training images"
     assert sorted(shown) == [0, 2]  # neurons 0 and 2 favour car (PMI 1.2); 1 only met one; 4 is dead
     assert weak == ["car PMI -1.07"]
     assert concept == "zigzag (train AUROC 0.97), lower left offline"  # the backend named once
