@@ -411,7 +411,7 @@ class OpenAIBackend(Backend):
             refusal = getattr(message, "refusal", None)
             raise MalformedAnswer(f"the model refused: {refusal}" if refusal else
                                   "the answer was cut at the token limit before any text" if finish == "length" else
-                                  "no answer in the response")
+                                  f"the model answered with empty text (finish_reason {finish})")
         return content
 
     def _long_answers(self) -> None:

@@ -340,6 +340,13 @@ def test_openai_client_reads_retry_after_ms_and_http_dates(form, report, monkeyp
     assert any(abs(w - wait) < 2.0 for w in waits), waits
 
 
+def test_an_empty_answer_says_it_was_empty(report, monkeypatch, capsys, waits):
+    """It read 'no answer in the response' though the server had sent a choice, only with empty text."""
+    with FakeLLMServer(script=lambda *_: Reply(text="")) as srv:
+        assert run_openai(report, srv, monkeypatch, only=[1], retries=0, model="m") == 1
+    assert "the model answered with empty text (finish_reason stop)" in capsys.readouterr().err
+
+
 def test_redo_asks_an_answered_neuron_again_and_its_new_answer_wins(report, monkeypatch):
     """Session 23: a bad answer could only be replaced by editing the append-only file or changing the model."""
     replies = {"n": 0}
