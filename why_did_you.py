@@ -146,16 +146,22 @@ def require_report_dir(report_dir, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE
                     "concepts and the atlas there), or create the folder to explain with neurons named by id")
 
 
+def _one_image(pil_or_path, refusal: str):
+    """The one image ``pil_or_path`` names (a folder or pattern of one: its file); a folder or pattern of several
+    is a UserError ending in ``refusal``. Listed once: its one entry is what the caller reads."""
+    entries = explain_io.expand_paths([pil_or_path])
+    if len(entries) > 1:
+        raise UserError(f"{pil_or_path} holds {len(entries)} images and {refusal}")
+    return entries[0][0]
+
+
 def explain_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_ckpt=SAE_CKPT, report_dir=REPORT_DIR,
                   device=DEVICE, cache_dir=CACHE_DIR, familiar: bool = FAMILIARITY, data_root: str = DATA_ROOT,
                   **settings) -> explain.Explanation:
     """Explain one image (path, ``"test:K"``, PIL image or array) as the command line does:
     :func:`explain_images` of one. A folder or pattern of several images is refused (explain_images takes it)."""
-    entries = explain_io.expand_paths([pil_or_path])  # listed once: its one entry is what explain_images reads
-    if len(entries) > 1:
-        raise UserError(f"{pil_or_path} holds {len(entries)} images and explain_image explains one: "
-                        f"explain_images({str(pil_or_path)!r}) explains them all")
-    return explain_images([entries[0][0]], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
+    one = _one_image(pil_or_path, f"explain_image explains one: explain_images({str(pil_or_path)!r}) explains them all")
+    return explain_images([one], classifier_ckpt, sae_ckpt, report_dir, device, cache_dir=cache_dir,
                           familiar=familiar, data_root=data_root, **settings)[0]
 
 
@@ -178,11 +184,8 @@ def top_neuron_ids_for_image(pil_or_path, classifier_ckpt=CLASSIFIER_CKPT, sae_c
     ``(ids, scores, threshold, predicted_class, predicted_prob, top5)``: the neurons' ids, highest score first,
     their scores, the percentile's value, the predicted class and its probability, and the top 5 classes.
     """
-    entries = explain_io.expand_paths([pil_or_path])
-    if len(entries) > 1:
-        raise UserError(f"{pil_or_path} holds {len(entries)} images and top_neuron_ids_for_image reads one: "
-                        "call it per image, or explain_images for them all")
-    pil_or_path = entries[0][0]
+    pil_or_path = _one_image(pil_or_path, "top_neuron_ids_for_image reads one: call it per image, or explain_images "
+                                          "for them all")
     if explain_io.test_entry(pil_or_path) is not None:
         require_report_dir(report_dir, classifier_ckpt, sae_ckpt)  # the sketch is saved there: no typo'd folder
         models = _models(classifier_ckpt, sae_ckpt, device, data_root, report_dir)

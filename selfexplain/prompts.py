@@ -85,10 +85,10 @@ def percent(p: float, digits: int = 0) -> str:
     return text
 
 
-def share(p: float) -> str:
+def share(p: float | None) -> str:
     """A share of images as the atlas prints it: 2 decimals under 1%, else 1 (0.00052 -> "0.05%", 0.372 ->
-    "37.2%"), so one card, its summary and the prompt give one number (they read 0.05% and 0.1%)."""
-    return percent(p, 2 if p < 0.01 else 1)
+    "37.2%"), so one card, its summary and the prompt give one number (they read 0.05% and 0.1%); "?" for None."""
+    return "?" if p is None else percent(p, 2 if p < 0.01 else 1)
 
 
 def why_prompt(predicted_class: str, probability: float, cited: Sequence[tuple[str, float]],
@@ -203,10 +203,10 @@ def parse_concept(raw: str, max_words: int = 12) -> str:
     text = clean_text(raw)
     lines = [(_bare(ln), _clean_line(ln)) for ln in text.splitlines()]
     lines = [(bare, clean) for bare, clean in lines if clean]
-    labelled = next((clean for bare, clean in lines if _LABELLED.match(bare)), None)  # "## Analysis ... Answer: x"
+    labelled = next(((bare, clean) for bare, clean in lines if _LABELLED.match(bare)), None)  # "## ... Answer: x"
     # else the first line that is not a lead-in ("Here is the concept:" above the answer)
-    bare, line = next(((b, c) for b, c in lines if c == labelled), None) if labelled else \
-        next(((b, c) for k, (b, c) in enumerate(lines) if not (b.endswith(":") and k + 1 < len(lines))), ("", ""))
+    bare, line = labelled or next(((bare, clean) for k, (bare, clean) in enumerate(lines)
+                                   if not (bare.endswith(":") and k + 1 < len(lines))), ("", ""))
     line = _named_in_prose(bare, line, max_words)
     words = line.split()
     if len(words) > max_words:
@@ -252,10 +252,6 @@ def _examples_line(neuron: dict, attached: Sequence[dict]) -> str:
             "the red tint over it marks where the neuron fires (not part of the drawing).")
 
 
-def _share(p) -> str:
-    return "?" if p is None else share(p)
-
-
 def _firings(entry: dict, n_on) -> str:
     """A class's part of the strongly-on sketches: counted ("56 of 58"), or, in a report without counts, the
     Laplace-smoothed share stage 3 computes PMI from (56 of 58 reads 81% there with 12 classes)."""
@@ -271,7 +267,8 @@ def _strong_rule(neuron: dict) -> str:
         return "per-image max above the neuron's own threshold"
     if threshold <= 0:  # it fires on fewer images than the quantile leaves: "strongly on" is "on at all"
         return (f"per-image max above 0: its {_fmt(quantile, '.3g', 100)}th percentile over images is 0, since it "
-                f"fires on fewer than {_fmt(1 - quantile, '.3g', 100)}% of sketches, so here strongly on means on at all")
+                f"fires on fewer than {_fmt(1 - quantile, '.3g', 100)}% of sketches, "
+                "so here strongly on means on at all")
     # .3g: a QUANTILE lowered on small data (0.875) reads 87.5th and 12.5%, not 88th and 12%
     return (f"per-image max above {_fmt(threshold, '.3g')}, the neuron's {_fmt(quantile, '.3g', 100)}th "
             f"percentile over images, so about {_fmt(1 - quantile, '.3g', 100)}% of sketches by definition")
@@ -290,9 +287,9 @@ def neuron_prompt(neuron: dict, max_words: int = 12, attached: Sequence[dict] = 
     where = neuron.get("where") or {}
     return load_prompt("concept_user").format(
         neuron_id=neuron["neuron_id"],
-        image_frequency=_share(neuron.get("image_frequency")),
+        image_frequency=share(neuron.get("image_frequency")),
         strong_rule=_strong_rule(neuron),
-        frequency=_share(neuron.get("frequency")),
+        frequency=share(neuron.get("frequency")),
         mean_on=_fmt(neuron.get("mean_on_activation"), ".3g"),
         top_classes="\n".join(tops) or "- none above chance",
         anti_classes="\n".join(antis) or "- none",
